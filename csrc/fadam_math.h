@@ -1,0 +1,124 @@
+// The FAdam per-element math, written once for every C++ backend.
+//
+// [note: FAdam math lives here]
+// The CPU kernel (csrc/cpu/, with T = float and T = at::vec::Vectorized<float>) and the CUDA kernels
+// (csrc/cuda/, T = float) both call these functions, so there is one definition of the algorithm in
+// C++, as PyTorch keeps one `adam_math` for all its fused Adam functors. The Triton kernels mirror it
+// in one @triton.jit helper (triton_kernels/). The algorithm is SPEC.md section 1:
+//
+//   t     = t + 1                                   (done by the caller before phase A)
+//   b2hat = beta2 (1 - beta2^(t-1)) / (1 - beta2^t)  Adafactor-style bias correction, 0 at t = 1
+//   f     = b2hat f + (1 - b2hat) g^2
+//   d     = f^p + eps^(2p)
+//   ghat  = g / d,                 s1 = max(1, RMS(ghat) / clip)
+//   m     = beta1 m + (1 - beta1) ghat / s1
+//   w     = theta / d,             s2 = max(1, RMS(w) / clip)
+//   theta = theta - lr (m + weight_decay w / s2)
+//
+// Precision: every element is loaded from its storage dtype (float32 / bfloat16 / float16) into
+// float32 and all element math is float32 ("opmath", as ATen's opmath_t). Step scalars (b2hat, the
+// clip scales) are float64 and rounded to float32 once per tensor. Sums of squares for the two RMS
+// values accumulate in float64: with eps = 1e-30 and an always-zero gradient, w is about 1e29 and
+// w^2 = 1e58 overflows float32 (max 3.4e38) but not float64 (max 1.8e308).
+//
+// Phase A and phase B both call fim_update() and fisher_denom() on the same inputs, so the f (and
+// hence the ghat) that phase A reduces is bit for bit the f that phase B stores. The CPU build uses
+// -ffp-contract=off so the scalar tail and the vector body round alike; nvcc compiles both phases'
+// calls from this one inline definition.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace fadam {
+
+// Chunk size of the multi-tensor kernels and the layout of the phase-A partial sums (see
+// fadam_ops.cpp). 65536 elements is PyTorch's MultiTensorApply chunk: large enough that a block's
+// fixed cost is amortised, small enough that a 64K-element tensor (256 KiB of float32 per operand)
+// is re-read from L2 by the block that does both phases on it.
+constexpr int64_t kDefaultChunkSize = 65536;
+
+// sqrt and pow for the value type T. Specialised here for float (host and device); the CPU kernel
+// specialises it for at::vec::Vectorized<float>.
+template <typename T>
+struct Prim;
+
+template <>
+struct Prim<float> {
+  C10_HOST_DEVICE static inline float sqrt(float x) {
+    return ::sqrtf(x);
+  }
+  C10_HOST_DEVICE static inline float pow(float x, float p) {
+    return ::powf(x, p);
+  }
+};
+
+// Adafactor-style bias correction of the FIM EMA, in float64. `t` is the step count after the
+// increment (t >= 1): 0 at t = 1 (so f = g^2 exactly), tending to beta2 as t grows.
+C10_HOST_DEVICE inline double b2hat_of(double beta2, double t) {
+  const double num = 1.0 - ::pow(beta2, t - 1.0);
+  const double den = 1.0 - ::pow(beta2, t);
+  return beta2 * num / den;
+}
+
+// 1 / max(1, RMS / clip) from a float64 sum of squares. clip <= 0 turns clipping off (SPEC: clip=None
+// or 0 means s = 1), and so does an empty tensor (RMS of nothing is not 0/0 = NaN here).
+C10_HOST_DEVICE inline double clip_inv_scale(double sumsq, int64_t numel, double clip) {
+  if (!(clip > 0.0) || numel == 0) {
+    return 1.0;
+  }
+  const double s = ::sqrt(sumsq / static_cast<double>(numel)) / clip;
+  // A NaN sum only happens on a step that is skipped as a whole (SPEC section 5); 1.0 keeps the
+  // discarded arithmetic tame.
+  return s > 1.0 ? 1.0 / s : 1.0;
+}
+
+// Per-tensor coefficients: float32, computed once per tensor from float64 step scalars.
+struct FimCoeffs {
+  float b2hat;            // beta2-hat of this tensor's step
+  float one_minus_b2hat;  // 1 - b2hat, rounded from float64 (not 1.0f - b2hat)
+};
+
+C10_HOST_DEVICE inline FimCoeffs fim_coeffs(double beta2, double step) {
+  const double b = b2hat_of(beta2, step);
+  return {static_cast<float>(b), static_cast<float>(1.0 - b)};
+}
+
+// f = b2hat f + (1 - b2hat) g^2
+template <typename T>
+C10_HOST_DEVICE inline T fim_update(T f, T g, T b2hat, T one_minus_b2hat) {
+  return b2hat * f + one_minus_b2hat * (g * g);
+}
+
+// d = f^p + eps^(2p); kSqrt selects the p = 0.5 path (sqrt is exact and much cheaper than pow).
+// eps_p is eps^(2p), computed on the host in float64.
+template <bool kSqrt, typename T>
+C10_HOST_DEVICE inline T fisher_denom(T f, T p, T eps_p) {
+  if constexpr (kSqrt) {
+    return Prim<T>::sqrt(f) + eps_p;
+  } else {
+    return Prim<T>::pow(f, p) + eps_p;
+  }
+}
+
+// Phase B, one element: momentum of the clipped natural gradient, then the parameter update with
+// the clipped natural weight decay. inv_s1 / inv_s2 are 1 / s from clip_inv_scale().
+template <typename T>
+C10_HOST_DEVICE inline void fadam_update(
+    T& theta,
+    T& m,
+    T ghat,
+    T w,
+    T beta1,
+    T one_minus_beta1,
+    T inv_s1,
+    T inv_s2,
+    T lr,
+    T weight_decay) {
+  m = beta1 * m + one_minus_beta1 * (ghat * inv_s1);
+  theta = theta - lr * (m + weight_decay * (w * inv_s2));
+}
+
+}  // namespace fadam

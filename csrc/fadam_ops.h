@@ -1,0 +1,115 @@
+// Shared host-side pieces of the two FAdam ops: the partial-sum layout and the input checks that
+// every backend's launcher runs before touching memory. Kernels assume what these checks establish.
+//
+// [note: the two-phase op contract]  (SPEC.md section 3; schemas in fadam_ops.cpp)
+// One call of each op covers one (device, dtype) group of tensors.
+//
+// partials: float64 [n_slots, 2]. Tensor i owns nchunks(i) = max(1, ceil(numel_i / chunk_size))
+//   consecutive slots, in list order (slot_offsets() below); slot (i, c) holds
+//   (sum ghat^2, sum w^2) over chunk c of tensor i. Phase A writes them; phase B of a block adds up
+//   its tensor's slots in slot order, so the total does not depend on scheduling: deterministic.
+//   A distributed wrapper may replace a tensor's slots between the phases (e.g. all-reduced totals
+//   in the first slot and zeros after it): phase B only ever adds them up.
+// fuse_one_chunk: when true, a tensor with nchunks == 1 is done entirely in phase B (both phases
+//   in one block, the data re-read from cache: one HBM pass); phase A then leaves its slot unwritten
+//   and reads only its gradient, for the non-finite check. A sharded wrapper passes false.
+// skip: float32, one element. Phase A stores 1 into it when a gradient holds a NaN or inf (it never
+//   stores 0: the caller zeroes it, or seeds it with GradScaler's found_inf). Phase B is a no-op
+//   when skip != 0, so a non-finite gradient leaves parameters and state bit-identical.
+// steps: float32 0-dim tensors on the parameters' device, already incremented for this step (t >= 1).
+// grad_scale: optional float32 one-element tensor; gradients are divided by it in registers (never
+//   written back). maximize negates the gradient in registers too.
+// lr: the float `lr`, unless `lr_tensor` (float32 or float64, one element, on the device) is given.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace fadam {
+
+inline int64_t nchunks_of(int64_t numel, int64_t chunk_size) {
+  return numel <= chunk_size ? 1 : (numel + chunk_size - 1) / chunk_size;
+}
+
+// offsets[i] is the first slot of tensor i; offsets[n] is the number of slots.
+inline std::vector<int64_t> slot_offsets(at::TensorList tensors, int64_t chunk_size) {
+  std::vector<int64_t> offsets(tensors.size() + 1, 0);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    offsets[i + 1] = offsets[i] + nchunks_of(tensors[i].numel(), chunk_size);
+  }
+  return offsets;
+}
+
+// Checks shared by phase A and phase B of every backend. `moms` may be empty (phase A reads no
+// momentum). The messages name the list and the index, since the Python layer has already checked
+// the user-facing shapes and names (fadam_fused/optimizer.py); these guard direct op calls.
+inline void check_group(
+    const char* op,
+    c10::DeviceType device_type,
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList fims,
+    at::TensorList moms,
+    at::TensorList steps,
+    const at::Tensor& partials,
+    const at::Tensor& skip,
+    const c10::optional<at::Tensor>& grad_scale,
+    int64_t chunk_size) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && fims.size() == n && steps.size() == n, op,
+              ": params, grads, fims and steps must have the same length, got ", n, ", ",
+              grads.size(), ", ", fims.size(), ", ", steps.size());
+  TORCH_CHECK(moms.empty() || moms.size() == n, op, ": momentums must have one tensor per param");
+  TORCH_CHECK(chunk_size > 0, op, ": chunk_size must be positive, got ", chunk_size);
+  TORCH_CHECK(skip.device().type() == device_type && skip.scalar_type() == at::kFloat &&
+                  skip.numel() == 1,
+              op, ": skip must be a one-element float32 tensor on the params' device");
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->device().type() == device_type &&
+                    grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1,
+                op, ": grad_scale must be a one-element float32 tensor on the params' device");
+  }
+  TORCH_CHECK(partials.device().type() == device_type && partials.scalar_type() == at::kDouble &&
+                  partials.dim() == 2 && partials.size(1) == 2 && partials.is_contiguous(),
+              op, ": partials must be a contiguous float64 [n_slots, 2] tensor on the device");
+  if (n == 0) {
+    return;
+  }
+  const auto device = params[0].device();
+  const auto dtype = params[0].scalar_type();
+  TORCH_CHECK(device.type() == device_type, op, ": params must be on ", device_type, ", got ",
+              device);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": params must be float32, bfloat16 or float16, got ", dtype);
+  int64_t n_slots = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    TORCH_CHECK(p.device() == device && p.scalar_type() == dtype, op, ": params[", i,
+                "] must share the device and dtype of params[0] (", device, ", ", dtype, ")");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i,
+                "] must be dense and non-overlapping");
+    auto same_layout = [&](const at::Tensor& t, const char* name, at::ScalarType want) {
+      TORCH_CHECK(t.device() == device && t.scalar_type() == want && t.sizes() == p.sizes() &&
+                      t.strides() == p.strides(),
+                  op, ": ", name, "[", i, "] must be a ", want, " tensor on ", device,
+                  " with the sizes and strides of params[", i, "]");
+    };
+    same_layout(grads[i], "grads", dtype);
+    same_layout(fims[i], "fims", at::kFloat);
+    if (!moms.empty()) {
+      same_layout(moms[i], "momentums", at::kFloat);
+    }
+    TORCH_CHECK(steps[i].device() == device && steps[i].scalar_type() == at::kFloat &&
+                    steps[i].numel() == 1,
+                op, ": steps[", i, "] must be a one-element float32 tensor on ", device);
+    n_slots += nchunks_of(p.numel(), chunk_size);
+  }
+  TORCH_CHECK(partials.size(0) == n_slots, op, ": partials must have ", n_slots,
+              " rows for chunk_size ", chunk_size, ", got ", partials.size(0));
+  TORCH_CHECK(skip.device() == device, op, ": skip must be on ", device);
+}
+
+}  // namespace fadam

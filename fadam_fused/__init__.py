@@ -1,0 +1,14 @@
+"""fadam_fused: fused CUDA, Triton and CPU kernels for the FAdam optimizer (Hwang 2024).
+
+    from fadam_fused import FAdam
+    opt = FAdam(model.parameters(), lr=1e-3)   # drop-in for torch.optim.AdamW
+
+See SPEC.md for the algorithm and the contract, README.md for building and benchmarking.
+"""
+
+from . import reference
+from .backends import BACKENDS
+from .optimizer import FAdam, fadam
+
+__all__ = ["FAdam", "fadam", "reference", "BACKENDS"]
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""The fused backends and the one helper that chooses among them.
+
+Every fused backend implements the same two ops (SPEC section 3; the argument contract is
+[note: the two-phase op contract] in csrc/fadam_ops.h):
+
+    phase_a(params, grads, fims, steps, partials, skip, grad_scale, *,
+            beta2, eps, p, maximize, chunk_size, fuse_one_chunk)
+    phase_b(params, grads, fims, momentums, steps, partials, skip, grad_scale, lr_tensor, *,
+            lr, beta1, beta2, eps, p, clip, weight_decay, maximize, chunk_size, fuse_one_chunk)
+
+"cpu" and "cuda" are the C++ kernels behind torch.ops.fadam_fused.fadam_phase_{a,b} (one schema,
+two dispatch keys); "triton" is torch.ops.fadam_fused.triton_phase_{a,b}, registered with
+torch.library.triton_op in fadam_fused.triton_kernels. "reference" is not a fused backend: it is the
+oracle of fadam_fused.reference, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedBackend:
+    name: str
+    phase_a: Callable[..., None]
+    phase_b: Callable[..., None]
+    # Elements per chunk: the partial-sum layout (csrc/fadam_ops.h) and the unit of work of one
+    # block / program / parallel_for task.
+    chunk_size: int
+
+
+def _cxx_backend(name: str) -> FusedBackend:
+    from . import ops  # registers the fake kernels
+
+    return FusedBackend(name, ops.phase_a, ops.phase_b, chunk_size=65536)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    """fadam_fused.triton_kernels, or the reason it cannot be imported."""
+    try:
+        from . import triton_kernels
+    except ImportError as exc:
+        return None, f"Triton is not usable here ({exc}); install it with `pip install triton`"
+    return triton_kernels, None
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None when backend `name` can run on `device`; otherwise why not and how to fix it."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"backend='cpu' runs on CPU tensors, but this parameter is on {device}"
+        return _ext.load_error() if not _ext.has_kernel("CPU") else None
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"backend='cuda' runs on CUDA tensors, but this parameter is on {device}"
+        if _ext.load_error() is not None:
+            return _ext.load_error()
+        if not _ext.has_kernel("CUDA"):
+            return ("fadam_fused._C was built without CUDA kernels (no CUDA toolkit at build time, "
+                    "or FADAM_SKIP_CUDA=1). Rebuild with CUDA_HOME set (or FORCE_CUDA=1): "
+                    "`pip install --no-build-isolation -e .`")
+        return None
+    if name == "triton":
+        module, reason = _triton_module()
+        if module is None:
+            return reason
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return (f"backend='triton' needs CUDA tensors (this parameter is on {device}); CPU tensors "
+                "run only in Triton's interpreter, with TRITON_INTERPRET=1 set before Triton is "
+                "imported")
+    raise ValueError(f"Invalid backend: {name!r}; expected None or one of {BACKENDS}")
+
+
+def resolve(requested: str | None, device: torch.device) -> str:
+    """The backend that runs a step on `device`: `requested`, or the fastest available one.
+
+    An explicit request that cannot run raises a RuntimeError saying why and how to fix it.
+    """
+    if requested is not None:
+        reason = unavailable_reason(requested, device)
+        if reason is not None:
+            raise RuntimeError(f"FAdam backend={requested!r} cannot run: {reason}")
+        return requested
+    if device.type == "cuda":
+        order = ("cuda", "triton", "reference")
+    elif device.type == "cpu":
+        order = ("cpu", "reference")
+    else:
+        order = ("reference",)
+    return next(name for name in order if unavailable_reason(name, device) is None)
+
+
+@functools.lru_cache(maxsize=None)
+def fused(name: str) -> FusedBackend:
+    if name in ("cpu", "cuda"):
+        return _cxx_backend(name)
+    if name == "triton":
+        module, reason = _triton_module()
+        if module is None:
+            raise RuntimeError(reason)
+        return FusedBackend("triton", module.phase_a, module.phase_b, chunk_size=module.CHUNK_SIZE)
+    raise ValueError(f"{name!r} is not a fused backend")

@@ -1,0 +1,376 @@
+"""FAdam: the drop-in torch.optim.Optimizer, its functional core, and the step runner.
+
+The layout follows torch/optim/adam.py: ``__init__`` validates and builds ``defaults``,
+``_init_group`` creates state lazily, ``step`` hands the tensors to one functional ``fadam(...)``,
+which runs each (device, dtype) bucket on the backend chosen by ``backends.resolve``.
+
+One thing differs from Adam: a step is two phases (SPEC section 3), and the non-finite skip covers
+the whole step (SPEC section 5), so *every* bucket of *every* param group runs phase A before any
+bucket runs phase B. ``_StepRunner`` holds the buckets between the phases.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from . import backends, reference
+
+__all__ = ["FAdam", "fadam"]
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _validate_hyperparameters(lr, betas, eps, clip, weight_decay, p, backend) -> None:
+    """torch.optim's ValueError messages, plus FAdam's clip, p and backend."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    elif not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if clip is not None and not 0.0 <= clip:
+        raise ValueError(f"Invalid clip value: {clip}; use None or 0 to turn clipping off")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not 0.0 < p:
+        raise ValueError(f"Invalid p value: {p}; the FIM exponent p must be > 0 (0.5 = square root)")
+    if backend is not None and backend not in backends.BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; expected None or one of {backends.BACKENDS}")
+
+
+class FAdam(Optimizer):
+    r"""FAdam (Hwang 2024): Adam as a natural gradient optimizer, with fused kernels.
+
+    .. math::
+        t &\leftarrow t + 1, \qquad
+        \hat\beta_2 = \beta_2 \frac{1 - \beta_2^{t-1}}{1 - \beta_2^{t}} \\
+        f &\leftarrow \hat\beta_2 f + (1 - \hat\beta_2)\, g^2, \qquad d = f^{p} + \epsilon^{2p} \\
+        \hat g &= g / d, \qquad m \leftarrow \beta_1 m + (1 - \beta_1)\,
+            \frac{\hat g}{\max(1, \mathrm{RMS}(\hat g) / c)} \\
+        w &= \theta / d, \qquad \theta \leftarrow \theta - \eta \left(m + \lambda\,
+            \frac{w}{\max(1, \mathrm{RMS}(w) / c)}\right)
+
+    RMS is over all elements of one parameter tensor. The momentum is not bias-corrected; the FIM
+    starts at 1 and its EMA is bias-corrected Adafactor-style (so ``f = g^2`` after step 1).
+
+    Args:
+        params: parameters or param groups (dicts), as for any torch.optim optimizer.
+        lr (float or Tensor, default 1e-3): learning rate :math:`\eta`.
+        betas (tuple, default (0.9, 0.999)): momentum and FIM EMA coefficients.
+        eps (float, default 1e-8): :math:`\epsilon`. The paper recommends 1e-15 for LLM-scale
+            models; values down to 1e-30 are safe (the RMS sums are float64).
+        clip (float or None, default 1.0): :math:`c`, the RMS clip threshold; None or 0 turns the
+            clipping of the natural gradient and of the weight decay off.
+        weight_decay (float, default 1e-3): :math:`\lambda`, applied as a natural gradient.
+        p (float, default 0.5): the FIM exponent; 0.5 divides by the square root like Adam.
+        maximize (bool, default False): maximize the objective (the gradient is negated in the
+            kernel; ``p.grad`` is never changed).
+        backend (str or None, default None): ``"cuda"``, ``"triton"``, ``"cpu"`` (fused C++),
+            ``"reference"`` (the plain-PyTorch oracle), or None to pick the fastest available for
+            each device. The group stores this request, never the resolved choice, so a checkpoint
+            moves between machines.
+
+    State per parameter: ``step`` (float32 0-dim tensor on the parameter's device), ``momentum``
+    and ``fim`` (float32 whatever the parameter dtype: with beta2 = 0.999 a bfloat16 FIM cannot
+    move, as 0.999 f rounds back to f).
+
+    Non-finite gradients: if any gradient of a step holds a NaN or inf, the whole step is skipped
+    on the device (parameters, state and step counts are left bit-identical) and
+    :attr:`skipped_steps`, a float32 0-dim tensor on the first parameter's device, goes up by one.
+    Reading it is the only sync; the step itself never syncs. It is not part of ``state_dict``.
+    With a ``torch.amp.GradScaler``, its ``found_inf`` also skips the step and its scale is
+    divided out in the kernel.
+    """
+
+    # GradScaler.step sets `grad_scale` and `found_inf` on the optimizer instead of unscaling
+    # the gradients itself, as it does for torch's fused Adam.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        clip: float | None = 1.0,
+        weight_decay: float = 1e-3,
+        p: float = 0.5,
+        *,
+        maximize: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        _validate_hyperparameters(lr, betas, eps, clip, weight_decay, p, backend)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, clip=clip, weight_decay=weight_decay,
+                        p=p, maximize=maximize, backend=backend)
+        self.skipped_steps: Tensor | None = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_hyperparameters(group["lr"], group["betas"], group["eps"], group["clip"],
+                                  group["weight_decay"], group["p"], group["backend"])
+        for i, param in enumerate(group["params"]):
+            if param.is_complex():
+                del self.param_groups[-1]
+                raise ValueError(
+                    f"FAdam does not support complex parameters: {_param_name(group, i)} is "
+                    f"{param.dtype}. Optimize torch.view_as_real(param) instead.")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("skipped_steps", None)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("backend", None)
+            group.setdefault("clip", 1.0)
+            group.setdefault("p", 0.5)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state_dict from any backend and device, keeping float32 state.
+
+        torch.optim casts floating state to the parameter's dtype, which would round a bfloat16
+        parameter's float32 FIM to bfloat16 (SPEC section 4). The saved tensors are re-read here
+        at full precision onto each parameter's device. Checkpoints of the public FAdam
+        implementations (keys ``momentum`` and ``fim``, an integer or per-group ``step``) load too.
+        """
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            for saved_id, param in zip(saved_group["params"], group["params"]):
+                saved = saved_state.get(saved_id)
+                if not saved:
+                    continue
+                state = self.state[param]
+                for key in ("momentum", "fim"):
+                    if key in saved:
+                        state[key] = saved[key].to(device=param.device, dtype=torch.float32,
+                                                   copy=True)
+                step = saved.get("step", saved_group.get("step", 0))
+                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
+
+    def _init_group(self, group, params, grads, momentums, fims, steps) -> None:
+        """Collects the group's tensors that have gradients, creating missing state lazily."""
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            state = self.state[param]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                state["momentum"] = torch.zeros_like(param, dtype=torch.float32,
+                                                     memory_format=torch.preserve_format)
+                state["fim"] = torch.ones_like(param, dtype=torch.float32,
+                                               memory_format=torch.preserve_format)
+            params.append(param)
+            grads.append(param.grad)
+            momentums.append(state["momentum"])
+            fims.append(state["fim"])
+            steps.append(state["step"])
+
+    def _check_grads(self) -> None:
+        """Every error a step can raise, raised before anything is modified (state included)."""
+        for group in self.param_groups:
+            for i, param in enumerate(group["params"]):
+                grad = param.grad
+                if grad is None:
+                    continue
+                name = _param_name(group, i)
+                if grad.is_sparse:
+                    raise RuntimeError(f"FAdam does not support sparse gradients: {name} has a "
+                                       f"{grad.layout} gradient. Use a dense gradient (e.g. "
+                                       "nn.Embedding(sparse=False)).")
+                if grad.shape != param.shape:
+                    raise RuntimeError(f"The gradient of {name} has shape {tuple(grad.shape)} but "
+                                       f"the parameter has shape {tuple(param.shape)}.")
+                if grad.dtype != param.dtype:
+                    raise RuntimeError(f"The gradient of {name} is {grad.dtype} but the parameter "
+                                       f"is {param.dtype}; cast the gradient to the parameter's dtype.")
+                if grad.device != param.device:
+                    raise RuntimeError(f"The gradient of {name} is on {grad.device} but the "
+                                       f"parameter is on {param.device}; move it to the parameter's device.")
+                if group["backend"] not in (None, "reference") and param.dtype not in _FUSED_DTYPES:
+                    raise RuntimeError(f"FAdam backend={group['backend']!r} supports float32, bfloat16 "
+                                       f"and float16 parameters, but {name} is {param.dtype}; "
+                                       "use backend=None or 'reference'.")
+                backends.resolve(group["backend"], param.device)  # raises if it cannot run there
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        runner = _StepRunner(grad_scale=getattr(self, "grad_scale", None),
+                             found_inf=getattr(self, "found_inf", None))
+        for group in self.param_groups:
+            params, grads, momentums, fims, steps = [], [], [], [], []
+            self._init_group(group, params, grads, momentums, fims, steps)
+            beta1, beta2 = group["betas"]
+            runner.add(params, grads, momentums, fims, steps, lr=group["lr"], beta1=beta1,
+                       beta2=beta2, eps=group["eps"], clip=group["clip"],
+                       weight_decay=group["weight_decay"], p=group["p"],
+                       maximize=group["maximize"], backend=group["backend"])
+        skip = runner.run()
+        if skip is not None:
+            if self.skipped_steps is None:
+                self.skipped_steps = torch.zeros((), dtype=torch.float32, device=skip.device)
+            self.skipped_steps.add_(skip)
+        return loss
+
+
+def _param_name(group: dict[str, Any], index: int) -> str:
+    names = group.get("param_names")
+    if names is not None:
+        return f"parameter {names[index]!r}"
+    return f"parameter {index} of its param group (shape {tuple(group['params'][index].shape)})"
+
+
+def _buckets(tensorlists: list[list[Tensor]]) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
+    """Groups parallel tensor lists by the (device, dtype) of the first list (the params)."""
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensorlists)
+    return {key: lists for key, (lists, _) in grouped.items()}
+
+
+class _StepRunner:
+    """One optimizer step over any number of tensor lists: all phase A, then all phase B.
+
+    The skip flag is one float32 0-dim tensor per device; phase A of every bucket raises it, and
+    flags of several devices are combined before any phase B, so a NaN on one device also skips
+    the others. Steps are incremented before phase A and decremented by the flag afterwards, as
+    torch's fused Adam does with found_inf, so a skipped step leaves them bit-identical.
+    """
+
+    def __init__(self, grad_scale: Tensor | None = None, found_inf: Tensor | None = None):
+        self.grad_scale = grad_scale
+        self.found_inf = found_inf
+        self.skip: dict[torch.device, Tensor] = {}
+        self.buckets: list[tuple[str, dict[str, Any], list[list[Tensor]]]] = []
+
+    def _on(self, value: Tensor | None, device: torch.device) -> Tensor | None:
+        if value is None or value.device == device:
+            return value
+        return value.to(device, non_blocking=True)
+
+    def _skip_flag(self, device: torch.device) -> Tensor:
+        if device not in self.skip:
+            if self.found_inf is None:
+                self.skip[device] = torch.zeros((), dtype=torch.float32, device=device)
+            else:
+                found = self._on(self.found_inf, device).reshape(())
+                self.skip[device] = (found != 0).to(torch.float32)
+        return self.skip[device]
+
+    def add(self, params, grads, momentums, fims, steps, *, lr, beta1, beta2, eps, clip,
+            weight_decay, p, maximize, backend) -> None:
+        if not params:
+            return
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip=clip,
+                     weight_decay=weight_decay, p=p, maximize=maximize)
+        for (device, dtype), lists in _buckets([params, grads, momentums, fims, steps]).items():
+            name = backends.resolve(backend, device)
+            if dtype not in _FUSED_DTYPES:
+                name = "reference"  # float64 parameters: only the oracle computes in float64
+            self.buckets.append((name, hyper, lists))
+
+    def run(self) -> Tensor | None:
+        """Runs the step; returns the skip flag of the first device (None if nothing ran)."""
+        if not self.buckets:
+            return None
+        phase_b = []
+        for name, hyper, lists in self.buckets:
+            params, grads, momentums, fims, steps = lists
+            device = params[0].device
+            skip = self._skip_flag(device)
+            grad_scale = self._on(self.grad_scale, device)
+            torch._foreach_add_(steps, 1)
+            if name == "reference":
+                skip.copy_(torch.maximum(skip, reference.nonfinite_flag(grads)))
+                phase_b.append((name, hyper, lists, skip, grad_scale, None, None))
+                continue
+            impl = backends.fused(name)
+            n_slots = sum(max(1, math.ceil(t.numel() / impl.chunk_size)) for t in params)
+            partials = torch.empty((n_slots, 2), dtype=torch.float64, device=device)
+            impl.phase_a(params, grads, fims, steps, partials, skip, grad_scale,
+                         beta2=hyper["beta2"], eps=hyper["eps"], p=hyper["p"],
+                         maximize=hyper["maximize"], chunk_size=impl.chunk_size,
+                         fuse_one_chunk=True)
+            phase_b.append((name, hyper, lists, skip, grad_scale, impl, partials))
+
+        self._combine_devices()
+
+        for name, hyper, lists, skip, grad_scale, impl, partials in phase_b:
+            params, grads, momentums, fims, steps = lists
+            lr = hyper["lr"]
+            if impl is None:
+                for param, grad, m, f, step in zip(params, grads, momentums, fims, steps):
+                    reference.update_tensor(param, grad, m, f, step, skip, grad_scale=grad_scale,
+                                            **hyper)
+            else:
+                lr_tensor = self._on(lr, params[0].device) if isinstance(lr, Tensor) else None
+                impl.phase_b(params, grads, fims, momentums, steps, partials, skip, grad_scale,
+                             lr_tensor, lr=0.0 if lr_tensor is not None else float(lr),
+                             beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"],
+                             p=hyper["p"], clip=float(hyper["clip"] or 0.0),
+                             weight_decay=hyper["weight_decay"], maximize=hyper["maximize"],
+                             chunk_size=impl.chunk_size, fuse_one_chunk=True)
+            torch._foreach_add_(steps, skip, alpha=-1)
+        return next(iter(self.skip.values()))
+
+    def _combine_devices(self) -> None:
+        if len(self.skip) < 2:
+            return
+        devices = list(self.skip)
+        total = torch.stack([self._on(self.skip[d], devices[0]) for d in devices]).amax()
+        for d in devices:
+            self.skip[d].copy_(total, non_blocking=True)
+
+
+def fadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentums: list[Tensor],
+    fims: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip: float | None,
+    weight_decay: float,
+    p: float,
+    maximize: bool,
+    backend: str | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor | None:
+    """Functional FAdam: one step over parallel tensor lists; see :class:`FAdam` for the math.
+
+    ``state_steps`` are float32 0-dim tensors on each parameter's device; momentums and fims are
+    float32. Returns the skip flag (a 0-dim float32 tensor, 1 if the step was skipped because a
+    gradient was not finite), or None for empty lists.
+    """
+    runner = _StepRunner(grad_scale=grad_scale, found_inf=found_inf)
+    runner.add(params, grads, momentums, fims, state_steps, lr=lr, beta1=beta1, beta2=beta2,
+               eps=eps, clip=clip, weight_decay=weight_decay, p=p, maximize=maximize,
+               backend=backend)
+    return runner.run()

@@ -1,0 +1,148 @@
+r"""The correctness oracle: FAdam in plain PyTorch, one tensor at a time, written for clarity.
+
+Every fused backend is tested against this file. It is never optimised.
+
+The algorithm (Hwang 2024, "FAdam: Adam is a natural gradient optimizer using diagonal empirical
+Fisher information", Algorithm 1; SPEC.md section 1). For each parameter tensor :math:`\theta` with
+gradient :math:`g`, step count :math:`t` (0 before the first step), momentum :math:`m` (init 0) and
+diagonal empirical Fisher :math:`f` (init 1):
+
+.. math::
+    t &\leftarrow t + 1 \\
+    \hat\beta_2 &= \beta_2 \frac{1 - \beta_2^{t-1}}{1 - \beta_2^{t}}
+        \quad\text{(Adafactor-style bias correction; 0 at } t = 1\text{)} \\
+    f &\leftarrow \hat\beta_2 f + (1 - \hat\beta_2)\, g^2 \\
+    d &= f^{p} + \epsilon^{2p} \\
+    \hat g &= g / d, \qquad s_1 = \max(1, \mathrm{RMS}(\hat g) / c) \\
+    m &\leftarrow \beta_1 m + (1 - \beta_1)\, \hat g / s_1 \\
+    w &= \theta / d, \qquad s_2 = \max(1, \mathrm{RMS}(w) / c) \\
+    \theta &\leftarrow \theta - \eta\, (m + \lambda\, w / s_2)
+
+with :math:`\mathrm{RMS}(x) = \sqrt{\mathrm{mean}(x^2)}` over all elements of the tensor, clip
+:math:`c` (``clip=None`` or 0: :math:`s_1 = s_2 = 1`), learning rate :math:`\eta` and weight decay
+:math:`\lambda`. ``maximize=True`` negates :math:`g` (out of place).
+
+Precision: math in float32 (``upcast=False``, the precision the fused kernels promise) or float64
+(``upcast=True``, the ground truth the tests measure everything against), whatever the storage
+dtype; step scalars in float64; sums of squares in float64 (with ``eps=1e-30`` and a zero gradient
+:math:`w \approx 10^{29}` and :math:`w^2` overflows float32).
+
+Non-finite gradients (SPEC section 5): if any gradient of the step holds a NaN or inf (or
+``found_inf`` from a GradScaler is set), nothing changes: parameters, state and step counts keep
+their exact values. The decision is a device tensor, never a host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def nonfinite_flag(grads: list[Tensor], found_inf: Tensor | None = None) -> Tensor:
+    """A float32 0-dim tensor: 1.0 if any gradient is not finite or found_inf is set, else 0.0."""
+    device = grads[0].device if grads else (found_inf.device if found_inf is not None else "cpu")
+    flag = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        flag = torch.maximum(flag, (~torch.isfinite(g)).any().to(device=device, dtype=torch.float32))
+    if found_inf is not None:
+        seen = (found_inf.reshape(()) != 0).to(device=device, dtype=torch.float32)
+        flag = torch.maximum(flag, seen)
+    return flag
+
+
+def b2hat(beta2: float, t: Tensor) -> Tensor:
+    """beta2 (1 - beta2^(t-1)) / (1 - beta2^t) in float64, for the step count t after the increment."""
+    t = t.to(torch.float64)
+    return beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
+
+
+def _clip_scale(x: Tensor, clip: float | None) -> Tensor:
+    """max(1, RMS(x) / clip) in float64; 1 when clipping is off or x is empty."""
+    if not clip or x.numel() == 0:
+        return torch.ones((), dtype=torch.float64, device=x.device)
+    rms = x.to(torch.float64).square().mean().sqrt()
+    return torch.clamp(rms / clip, min=1.0)
+
+
+def update_tensor(
+    param: Tensor,
+    grad: Tensor,
+    momentum: Tensor,
+    fim: Tensor,
+    step: Tensor,
+    skip: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip: float | None,
+    weight_decay: float,
+    p: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    upcast: bool = False,
+) -> None:
+    """One FAdam update of one tensor, in place, unless `skip` (a 0-dim tensor) is nonzero.
+
+    `step` is this tensor's step count already incremented for this step (t >= 1); it is read,
+    not written.
+    """
+    compute = torch.float64 if upcast else torch.float32
+    g = grad.to(compute)
+    if grad_scale is not None:
+        g = g / grad_scale.to(device=g.device, dtype=compute).reshape(())
+    if maximize:
+        g = -g
+    theta = param.to(compute)
+    m = momentum.to(compute)
+    f = fim.to(compute)
+
+    bhat = b2hat(beta2, step.to(g.device)).to(compute)
+    f = bhat * f + (1 - bhat) * g * g
+    d = f**p + eps ** (2 * p)
+    ghat = g / d
+    s1 = _clip_scale(ghat, clip).to(compute)
+    m = beta1 * m + (1 - beta1) * (ghat / s1)
+    w = theta / d
+    s2 = _clip_scale(w, clip).to(compute)
+    lr_t = lr.to(device=g.device, dtype=compute) if isinstance(lr, Tensor) else lr
+    theta = theta - lr_t * (m + weight_decay * (w / s2))
+
+    keep = skip.to(param.device) != 0
+    param.copy_(torch.where(keep, param, theta.to(param.dtype)))
+    momentum.copy_(torch.where(keep, momentum, m.to(momentum.dtype)))
+    fim.copy_(torch.where(keep, fim, f.to(fim.dtype)))
+
+
+def fadam_reference(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentums: list[Tensor],
+    fims: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip: float | None,
+    weight_decay: float,
+    p: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    upcast: bool = False,
+) -> Tensor:
+    """One whole FAdam step over a list of tensors; returns the skip flag (0-dim float32 tensor).
+
+    Steps are incremented (unless the step is skipped); every tensor is updated in place.
+    """
+    skip = nonfinite_flag(grads, found_inf)
+    for param, grad, m, f, step in zip(params, grads, momentums, fims, state_steps, strict=True):
+        t = step + 1
+        update_tensor(param, grad, m, f, t, skip, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                      clip=clip, weight_decay=weight_decay, p=p, maximize=maximize,
+                      grad_scale=grad_scale, upcast=upcast)
+        step.copy_(torch.where(skip.to(step.device) != 0, step, t))
+    return skip

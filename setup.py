@@ -1,0 +1,111 @@
+"""Builds fadam_fused._C: the CPU kernels always, the CUDA kernels when a CUDA toolkit is found.
+
+Environment (the conventions of flash-attention, xformers and torchao):
+  FADAM_SKIP_CUDA=1      build the CPU kernels only, even with a toolkit present.
+  FORCE_CUDA=1           build the CUDA kernels even without a visible GPU (fails if no toolkit).
+  CUDA_HOME              the toolkit root. When unset it is taken from `nvcc -v` (see _cuda_home()).
+  TORCH_CUDA_ARCH_LIST   CUDA archs to build; "8.0;9.0" (A100, H100) when unset.
+  MAX_JOBS               parallel compile jobs (honoured by torch's ninja builder).
+  FADAM_CPU_VEC          "avx2" or "none": the CPU vector ISA. Default: avx2 when this machine has
+                         AVX2 and FMA. The extension is then built for this machine's CPU family,
+                         as a source build is; set "none" to build a portable SSE2 binary.
+"""
+
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _truthy(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_home():
+    """The CUDA toolkit root, or None.
+
+    torch.utils.cpp_extension guesses CUDA_HOME as the parent of the directory holding the first
+    `nvcc` on PATH. Where that `nvcc` is a wrapper script (e.g. /usr/local/bin/nvcc exec'ing
+    /usr/local/cuda-13.0/bin/nvcc) the guess is /usr/local and linking fails, so ask nvcc itself:
+    `nvcc -v` prints `_HERE_=<toolkit>/bin`.
+    """
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    try:
+        out = subprocess.run(
+            ["nvcc", "-v", "-x", "cu", "/dev/null", "-E", "-o", "/dev/null"],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
+    return str(Path(match.group(1)).parent) if match else None
+
+
+def _cpu_has_avx2():
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _extensions():
+    cuda_home = None if _truthy("FADAM_SKIP_CUDA") else _cuda_home()
+    if _truthy("FORCE_CUDA") and cuda_home is None:
+        raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
+    with_cuda = cuda_home is not None
+    if with_cuda:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    # -ffp-contract=off: the vector body and the zero-padded tail of the CPU kernel must round the
+    # same way, and phase A must recompute phase B's f bit for bit (csrc/fadam_math.h).
+    cxx = ["-O3", "-ffp-contract=off", "-fvisibility=hidden",
+           "-Wno-unknown-pragmas"]  # at::vec headers carry CUDA-only `#pragma unroll`
+    vec = os.environ.get("FADAM_CPU_VEC", "avx2" if _cpu_has_avx2() else "none")
+    if vec == "avx2":
+        # Selects at::vec's 256-bit Vectorized<float> (8 lanes) instead of the generic fallback.
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    elif vec != "none":
+        raise RuntimeError(f"FADAM_CPU_VEC must be 'avx2' or 'none', got {vec!r}")
+
+    sources = ["csrc/fadam_ops.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
+    include_dirs = [str(ROOT / "csrc")]
+    if not with_cuda:
+        print("fadam_fused: building the CPU kernels only (no CUDA toolkit, or FADAM_SKIP_CUDA=1)")
+        return [CppExtension("fadam_fused._C", sources, include_dirs=include_dirs,
+                             extra_compile_args={"cxx": cxx})]
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.cu"))
+    # nvcc's defaults keep IEEE division and sqrt (-prec-div=true -prec-sqrt=true): no fast math.
+    nvcc = ["-O3", "-lineinfo", "-DFADAM_WITH_CUDA"]
+    print(f"fadam_fused: building CPU and CUDA kernels (CUDA_HOME={cuda_home}, "
+          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+    return [CUDAExtension("fadam_fused._C", sources, include_dirs=include_dirs,
+                          extra_compile_args={"cxx": cxx + ["-DFADAM_WITH_CUDA"], "nvcc": nvcc})]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    packages=find_packages(include=["fadam_fused", "fadam_fused.*"]) + ["fadam_fused.triton_kernels"],
+    # SPEC section 6: the Triton kernels live in ./triton_kernels and install as
+    # fadam_fused.triton_kernels (a top-level `triton_kernels` would clash with Triton's own).
+    package_dir={"fadam_fused.triton_kernels": "triton_kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+)
