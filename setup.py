@@ -88,7 +88,9 @@ def _extensions():
                              extra_compile_args={"cxx": cxx})]
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.cu"))
     # nvcc's defaults keep IEEE division and sqrt (-prec-div=true -prec-sqrt=true): no fast math.
-    nvcc = ["-O3", "-lineinfo", "-DFADAM_WITH_CUDA"]
+    # --fmad=false: no FMA contraction, as the CPU build's -ffp-contract=off, so phase A and phase B
+    # round fim_update() identically whatever the call site (csrc/cuda/fadam_cuda.cu header).
+    nvcc = ["-O3", "-lineinfo", "--fmad=false", "-DFADAM_WITH_CUDA"]
     print(f"fadam_fused: building CPU and CUDA kernels (CUDA_HOME={cuda_home}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     return [CUDAExtension("fadam_fused._C", sources, include_dirs=include_dirs,

@@ -1,12 +1,13 @@
 """Loads the compiled extension fadam_fused._C once, and remembers why it could not be loaded.
 
-A missing or broken build is reported once, with the original ImportError and how to fix it, and
-the package keeps working on the reference backend (SPEC section 6, build hygiene).
+A missing or broken build is reported once, at import, with the original ImportError and how to
+fix it, and the package keeps working on the reference backend (SPEC section 6, build hygiene).
+The results are plain module constants so that torch.compile reads them instead of tracing the
+import and the dispatcher queries.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -17,20 +18,27 @@ _BUILD_HINT = (
 )
 
 
-@functools.lru_cache(maxsize=None)
-def load_error() -> str | None:
-    """None when fadam_fused._C is loaded, else the reason it is not (warned about once)."""
+def _load() -> str | None:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.fadam_fused.*)
     except ImportError as exc:
-        reason = f"fadam_fused._C could not be imported ({exc}). {_BUILD_HINT}"
-        warnings.warn(f"{reason} Falling back to backend='reference'.", RuntimeWarning, stacklevel=3)
-        return reason
+        return f"fadam_fused._C could not be imported ({exc}). {_BUILD_HINT}"
     return None
+
+
+# None when fadam_fused._C is loaded, else the reason it is not.
+LOAD_ERROR: str | None = _load()
+if LOAD_ERROR is not None:
+    warnings.warn(f"{LOAD_ERROR} Falling back to backend='reference'.", RuntimeWarning, stacklevel=2)
+
+# The dispatch keys ("CPU", "CUDA") the extension has kernels for.
+KERNELS: frozenset[str] = frozenset(
+    key for key in ("CPU", "CUDA")
+    if LOAD_ERROR is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("fadam_fused::fadam_phase_a", key)
+)
 
 
 def has_kernel(dispatch_key: str) -> bool:
     """Whether the extension has kernels for a dispatch key ("CPU" or "CUDA")."""
-    if load_error() is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fadam_fused::fadam_phase_a", dispatch_key)
+    return dispatch_key in KERNELS

@@ -48,10 +48,42 @@ def _cxx_backend(name: str) -> FusedBackend:
 def _triton_module():
     """fadam_fused.triton_kernels, or the reason it cannot be imported."""
     try:
-        from . import triton_kernels
+        try:
+            from . import triton_kernels
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.triton_kernels":
+                raise
+            triton_kernels = _load_source_tree_triton_kernels()
     except ImportError as exc:
         return None, f"Triton is not usable here ({exc}); install it with `pip install triton`"
     return triton_kernels, None
+
+
+def _load_source_tree_triton_kernels():
+    """Imports ../triton_kernels as fadam_fused.triton_kernels (SPEC section 6).
+
+    An installed package has it in place (setup.py's package_dir). In a source checkout whose
+    fadam_fused/ comes first on sys.path (pytest from the repo root, `setup.py build_ext
+    --inplace`), the subpackage is not inside fadam_fused/, so load it from beside it.
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "triton_kernels"
+    name = f"{__package__}.triton_kernels"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    if spec is None or not (root / "__init__.py").exists():
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -61,13 +93,13 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     if name == "cpu":
         if device.type != "cpu":
             return f"backend='cpu' runs on CPU tensors, but this parameter is on {device}"
-        return _ext.load_error() if not _ext.has_kernel("CPU") else None
+        return None if "CPU" in _ext.KERNELS else _ext.LOAD_ERROR
     if name == "cuda":
         if device.type != "cuda":
             return f"backend='cuda' runs on CUDA tensors, but this parameter is on {device}"
-        if _ext.load_error() is not None:
-            return _ext.load_error()
-        if not _ext.has_kernel("CUDA"):
+        if _ext.LOAD_ERROR is not None:
+            return _ext.LOAD_ERROR
+        if "CUDA" not in _ext.KERNELS:
             return ("fadam_fused._C was built without CUDA kernels (no CUDA toolkit at build time, "
                     "or FADAM_SKIP_CUDA=1). Rebuild with CUDA_HOME set (or FORCE_CUDA=1): "
                     "`pip install --no-build-isolation -e .`")
@@ -105,13 +137,19 @@ def resolve(requested: str | None, device: torch.device) -> str:
     return next(name for name in order if unavailable_reason(name, device) is None)
 
 
-@functools.lru_cache(maxsize=None)
+_FUSED: dict[str, FusedBackend] = {}  # a plain dict, which torch.compile reads like a constant
+
+
 def fused(name: str) -> FusedBackend:
-    if name in ("cpu", "cuda"):
-        return _cxx_backend(name)
-    if name == "triton":
-        module, reason = _triton_module()
-        if module is None:
-            raise RuntimeError(reason)
-        return FusedBackend("triton", module.phase_a, module.phase_b, chunk_size=module.CHUNK_SIZE)
-    raise ValueError(f"{name!r} is not a fused backend")
+    if name not in _FUSED:
+        if name in ("cpu", "cuda"):
+            _FUSED[name] = _cxx_backend(name)
+        elif name == "triton":
+            module, reason = _triton_module()
+            if module is None:
+                raise RuntimeError(reason)
+            _FUSED[name] = FusedBackend("triton", module.phase_a, module.phase_b,
+                                        chunk_size=module.CHUNK_SIZE)
+        else:
+            raise ValueError(f"{name!r} is not a fused backend")
+    return _FUSED[name]

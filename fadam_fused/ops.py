@@ -11,14 +11,7 @@ import torch
 
 from . import _ext
 
-_ext.load_error()  # imports fadam_fused._C, which defines the ops
-
-
-def _ops_defined() -> bool:
-    return hasattr(torch.ops.fadam_fused, "fadam_phase_a")
-
-
-if _ops_defined():
+if _ext.LOAD_ERROR is None:  # fadam_fused._C is loaded and has defined the ops
 
     @torch.library.register_fake("fadam_fused::fadam_phase_a")
     def _phase_a_fake(params, grads, fims, steps, partials, skip, grad_scale, *, beta2, eps, p,

@@ -120,14 +120,17 @@ class FAdam(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_hyperparameters(group["lr"], group["betas"], group["eps"], group["clip"],
-                                  group["weight_decay"], group["p"], group["backend"])
-        for i, param in enumerate(group["params"]):
-            if param.is_complex():
-                del self.param_groups[-1]
-                raise ValueError(
-                    f"FAdam does not support complex parameters: {_param_name(group, i)} is "
-                    f"{param.dtype}. Optimize torch.view_as_real(param) instead.")
+        try:  # validated after torch has filled in the defaults, and undone if invalid
+            _validate_hyperparameters(group["lr"], group["betas"], group["eps"], group["clip"],
+                                      group["weight_decay"], group["p"], group["backend"])
+            for i, param in enumerate(group["params"]):
+                if param.is_complex():
+                    raise ValueError(
+                        f"FAdam does not support complex parameters: {_param_name(group, i)} is "
+                        f"{param.dtype}. Optimize torch.view_as_real(param) instead.")
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -244,10 +247,10 @@ def _param_name(group: dict[str, Any], index: int) -> str:
     return f"parameter {index} of its param group (shape {tuple(group['params'][index].shape)})"
 
 
-def _buckets(tensorlists: list[list[Tensor]]) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
-    """Groups parallel tensor lists by the (device, dtype) of the first list (the params)."""
+def _buckets(tensorlists: list[list[Tensor]]) -> list[list[list[Tensor]]]:
+    """Splits parallel tensor lists by the (device, dtype) of the first list (the params)."""
     grouped = Optimizer._group_tensors_by_device_and_dtype(tensorlists)
-    return {key: lists for key, (lists, _) in grouped.items()}
+    return [lists for lists, _ in grouped.values()]
 
 
 class _StepRunner:
@@ -285,9 +288,11 @@ class _StepRunner:
             return
         hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip=clip,
                      weight_decay=weight_decay, p=p, maximize=maximize)
-        for (device, dtype), lists in _buckets([params, grads, momentums, fims, steps]).items():
-            name = backends.resolve(backend, device)
-            if dtype not in _FUSED_DTYPES:
+        for lists in _buckets([params, grads, momentums, fims, steps]):
+            # device and dtype from a tensor: under torch.compile the grouping's keys are not
+            # torch.device objects.
+            name = backends.resolve(backend, lists[0][0].device)
+            if lists[0][0].dtype not in _FUSED_DTYPES:
                 name = "reference"  # float64 parameters: only the oracle computes in float64
             self.buckets.append((name, hyper, lists))
 

@@ -86,9 +86,9 @@ def update_tensor(
     """One FAdam update of one tensor, in place, unless `skip` (a 0-dim tensor) is nonzero.
 
     `step` is this tensor's step count already incremented for this step (t >= 1); it is read,
-    not written.
+    not written. Math is float32, or float64 with `upcast` or a float64 parameter.
     """
-    compute = torch.float64 if upcast else torch.float32
+    compute = torch.float64 if upcast or param.dtype == torch.float64 else torch.float32
     g = grad.to(compute)
     if grad_scale is not None:
         g = g / grad_scale.to(device=g.device, dtype=compute).reshape(())
