@@ -1,0 +1,650 @@
+// CUDA kernels of the two FAdam ops (TORCH_LIBRARY_IMPL(fadam_fused, CUDA)), SPEC.md section 3.
+//
+// Multi-tensor: a launch covers up to kMaxTensors tensors and kMaxBlocks blocks whose tables are
+// passed by value ([note: CUDA multi-tensor plan] in multi_tensor_plan.h, which also says what each
+// block does). One launch per phase per group unless the tables fill.
+//
+// Element math: csrc/fadam_math.h, the header the CPU kernel uses ([note: FAdam math lives here]).
+// Each element is loaded from its storage dtype into float32 and all element math is float32;
+// step scalars (b2hat, grad scale, clip scales, lr) are float64 on the device and rounded to
+// float32 once per block; sums of squares accumulate in float64 (SPEC section 1: w^2 overflows
+// float32 with eps = 1e-30).
+//
+// Thread -> element mapping. A block has kThreads = 512 threads; a thread handles "fragments" of
+// V = 16 / sizeof(scalar_t) consecutive elements (4 for float32, 8 for bf16/fp16: one 128-bit
+// load of the param or grad, one or two of the float32 state), fragment k of a chunk going to
+// thread k % 512. When all pointers of a tensor are 16-byte aligned and chunk_size % V == 0 the
+// full fragments use 128-bit loads and stores; otherwise (and for the ragged last fragment) the
+// same fragments are loaded element by element. Both paths visit the same elements in the same
+// order per thread, so the float64 sums, and hence every output, are bitwise the same whatever the
+// alignment: deterministic for the same values, not just for the same addresses. Padding lanes of
+// a ragged fragment hold g = 0, theta = 0, f = 1 (d = 1 + eps^(2p) > 0), so they add exact zeros.
+//
+// Reductions are deterministic: each thread adds its fragments in order, a warp combines with
+// __shfl_down_sync in a fixed tree, and warp 0 combines the 16 warp sums in a fixed tree. Phase A
+// stores a chunk's (sum ghat^2, sum w^2) into the chunk's slot with a plain store (one writer per
+// slot; no atomics, no cleanup kernel). Phase B sums a tensor's slots with the same fixed tree:
+// thread t adds slots t, t + 512, ... in order. A one-chunk tensor gives the same total through
+// either path (its single slot plus exact zeros), so fuse_one_chunk does not change results.
+//
+// Indexing: a chunk's base pointer is offset by (int64) chunk * chunk_size, so tensors of more
+// than 2^31 elements work; indices inside a chunk are int32 (chunk_size <= 2^30 is checked).
+//
+// Precision flags: setup.py compiles this file with --fmad=false, so fim_update() and the float64
+// sums round each operation separately, as the CPU build does (-ffp-contract=off): phase A and
+// phase B cannot be contracted differently, and CUDA agrees with CPU except for the order of the
+// float64 sums and the last ulp of powf (p != 0.5). The kernels are memory bound (about 12 flops
+// per 40 bytes), so the lost FMAs cost nothing measurable.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cuda/multi_tensor_plan.h"
+#include "fadam_math.h"
+#include "fadam_ops.h"
+
+namespace fadam::cuda {
+namespace {
+
+// 512 threads: PyTorch's multi-tensor block size. A 64K chunk is then 32 fragments per thread
+// (float32) or 16 (bf16), enough loop trips to hide the per-block prologue.
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+// At least 2 resident blocks (1024 threads) per SM: caps registers at 64 per thread. Without it
+// the bf16/fp16 phase-B kernels take 72 registers, which leaves one 512-thread block per SM (25%
+// occupancy) and too few loads in flight to saturate HBM.
+constexpr int kMinBlocks = 2;
+
+// Per-tensor flag bits.
+constexpr uint8_t kFlagFused = 1;    // fuse_one_chunk && nchunks == 1
+constexpr uint8_t kFlagVector = 2;   // all pointers 16-byte aligned and chunk_size % V == 0
+
+// The tables of one launch (structure of arrays: no padding between fields).
+struct Tables {
+  const void* grad[kMaxTensors];
+  void* param[kMaxTensors];
+  float* fim[kMaxTensors];
+  float* mom[kMaxTensors];  // nullptr in phase A
+  const float* step[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t slot0[kMaxTensors];
+  int32_t nchunks[kMaxTensors];
+  int32_t per_block[kMaxTensors];
+  uint8_t flags[kMaxTensors];
+  uint16_t block_tensor[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];
+};
+
+// Launch-wide scalars and device pointers.
+struct Scalars {
+  double* partials;           // [n_slots, 2]
+  float* skip;                // one element
+  const float* grad_scale;    // one element, or nullptr
+  const void* lr_ptr;         // one element, or nullptr (then `lr`)
+  bool lr_is_double;
+  bool maximize;
+  bool clipping;              // clip > 0
+  int64_t chunk_size;
+  double beta2;
+  double clip;
+  float p;
+  float eps_p;                // eps^(2p), from float64 on the host
+  float lr;
+  float beta1;
+  float one_minus_beta1;
+  float weight_decay;
+};
+
+struct Args {
+  Tables t;
+  Scalars s;
+};
+// 32764 bytes is the kernel-parameter limit on Volta+ with CUDA 12.1+ (4096 before).
+static_assert(sizeof(Args) <= 32764, "launch tables exceed the kernel parameter space");
+
+// ---- loads and stores of one fragment ---------------------------------------------------------
+
+template <typename T, int N>
+struct alignas(16) Pack {
+  T v[N];
+};
+
+// Loads a fragment into float32 lanes. kFull: all V elements, with one 128-bit load per 16 bytes
+// (LDG.E.128); otherwise `count` (< V, or V on the unaligned path) element loads, the remaining
+// lanes set to `pad`.
+template <bool kFull, int V, typename T>
+__device__ __forceinline__ void load_frag(float (&out)[V], const T* p, int count, float pad) {
+  constexpr int kPer = 16 / sizeof(T);  // elements per 128-bit piece
+  static_assert(V % kPer == 0, "a fragment is whole 128-bit pieces");
+  if constexpr (kFull) {
+#pragma unroll
+    for (int q = 0; q < V / kPer; ++q) {
+      const Pack<T, kPer> pk = reinterpret_cast<const Pack<T, kPer>*>(p)[q];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        out[q * kPer + j] = static_cast<float>(pk.v[j]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      out[j] = j < count ? static_cast<float>(p[j]) : pad;
+    }
+  }
+}
+
+// Stores a fragment, rounding float32 to T (round to nearest even for bf16 / fp16).
+template <bool kFull, int V, typename T>
+__device__ __forceinline__ void store_frag(T* p, const float (&in)[V], int count) {
+  constexpr int kPer = 16 / sizeof(T);
+  if constexpr (kFull) {
+#pragma unroll
+    for (int q = 0; q < V / kPer; ++q) {
+      Pack<T, kPer> pk;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        pk.v[j] = static_cast<T>(in[q * kPer + j]);
+      }
+      reinterpret_cast<Pack<T, kPer>*>(p)[q] = pk;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (j < count) {
+        p[j] = static_cast<T>(in[j]);
+      }
+    }
+  }
+}
+
+// Calls body(i, count, kFull) for the fragments of this thread in a chunk of n elements, in
+// order. The vector/scalar choice is made once per fragment, so each path is straight-line code
+// (deciding per load and per store kept 8 predicates live and spilled one of them in phase B).
+template <int V, typename Body>
+__device__ __forceinline__ void for_each_frag(int n, bool vec, Body&& body) {
+  for (int i = threadIdx.x * V; i < n; i += kThreads * V) {
+    const int count = min(V, n - i);
+    if (vec && count == V) {
+      body(i, V, std::true_type{});
+    } else {
+      body(i, count, std::false_type{});
+    }
+  }
+}
+
+// ---- deterministic block reductions -----------------------------------------------------------
+
+__device__ __forceinline__ double warp_sum(double x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    x += __shfl_down_sync(0xffffffffu, x, off);
+  }
+  return x;
+}
+
+// Sum of (a, b) over the block in a fixed tree; the result is valid in thread 0. `scratch` holds
+// 2 * kWarps doubles. Ends with a barrier, so scratch may be reused right after.
+__device__ __forceinline__ void block_sum2(double& a, double& b, double* scratch) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (lane == 0) {
+    scratch[warp] = a;
+    scratch[kWarps + warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < kWarps ? scratch[lane] : 0.0;
+    b = lane < kWarps ? scratch[kWarps + lane] : 0.0;
+    a = warp_sum(a);
+    b = warp_sum(b);
+  }
+  __syncthreads();
+}
+
+// ---- per-block scalars ------------------------------------------------------------------------
+
+struct BlockScalars {
+  float b2hat;
+  float one_minus_b2hat;
+  float grad_mul;  // (maximize ? -1 : 1) / grad_scale, in float64 then rounded (as the CPU kernel)
+  float lr;
+  float inv_s1;
+  float inv_s2;
+};
+
+// Thread 0 only. fim_coeffs() runs two float64 pow()s: once per block, not per thread.
+__device__ __forceinline__ void block_prologue(const Args& args, int tensor, BlockScalars& bs) {
+  const Scalars& s = args.s;
+  const FimCoeffs fc = fim_coeffs(s.beta2, static_cast<double>(*args.t.step[tensor]));
+  bs.b2hat = fc.b2hat;
+  bs.one_minus_b2hat = fc.one_minus_b2hat;
+  double mul = s.maximize ? -1.0 : 1.0;
+  if (s.grad_scale != nullptr) {
+    mul /= static_cast<double>(*s.grad_scale);
+  }
+  bs.grad_mul = static_cast<float>(mul);
+  double lr = s.lr;
+  if (s.lr_ptr != nullptr) {
+    lr = s.lr_is_double ? *static_cast<const double*>(s.lr_ptr)
+                        : static_cast<double>(*static_cast<const float*>(s.lr_ptr));
+  }
+  bs.lr = static_cast<float>(lr);
+  bs.inv_s1 = 1.0f;
+  bs.inv_s2 = 1.0f;
+}
+
+// ---- per-chunk loops --------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct ChunkPtrs {
+  scalar_t* param;
+  const scalar_t* grad;
+  float* fim;
+  float* mom;
+  int n;     // elements in the chunk
+  bool vec;  // 128-bit path allowed
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ ChunkPtrs<scalar_t> chunk_ptrs(const Tables& t, int tensor,
+                                                          int64_t chunk, int64_t chunk_size) {
+  const int64_t begin = chunk * chunk_size;  // int64: tensors over 2^31 elements
+  const int64_t left = t.numel[tensor] - begin;
+  ChunkPtrs<scalar_t> c;
+  c.param = static_cast<scalar_t*>(t.param[tensor]) + begin;
+  c.grad = static_cast<const scalar_t*>(t.grad[tensor]) + begin;
+  c.fim = t.fim[tensor] + begin;
+  c.mom = t.mom[tensor] == nullptr ? nullptr : t.mom[tensor] + begin;
+  c.n = static_cast<int>(left < chunk_size ? (left > 0 ? left : 0) : chunk_size);
+  c.vec = (t.flags[tensor] & kFlagVector) != 0;
+  return c;
+}
+
+// Phase-A work on one chunk: float64 sums of ghat^2 and w^2 (per thread, in fragment order) and
+// the non-finite check of the (scaled) gradient.
+template <typename scalar_t, bool kSqrt>
+__device__ __forceinline__ void reduce_chunk(const ChunkPtrs<scalar_t>& c, const BlockScalars& bs,
+                                             float p, float eps_p, double& s1, double& s2,
+                                             bool& bad) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  for_each_frag<V>(c.n, c.vec, [&](int i, int count, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    float g[V], theta[V], f[V];
+    load_frag<kFull>(g, c.grad + i, count, 0.0f);
+    load_frag<kFull>(theta, c.param + i, count, 0.0f);
+    load_frag<kFull>(f, c.fim + i, count, 1.0f);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float gj = g[j] * bs.grad_mul;
+      bad |= !::isfinite(gj);
+      const float fj = fim_update(f[j], gj, bs.b2hat, bs.one_minus_b2hat);
+      const float r = fisher_inv_denom<kSqrt>(fj, p, eps_p);
+      const double ghat = static_cast<double>(gj * r);
+      const double w = static_cast<double>(theta[j] * r);
+      s1 += ghat * ghat;
+      s2 += w * w;
+    }
+  });
+}
+
+// Phase-A work on a fused one-chunk tensor: only the non-finite check (phase B reduces it).
+template <typename scalar_t>
+__device__ __forceinline__ void check_chunk(const ChunkPtrs<scalar_t>& c, const BlockScalars& bs,
+                                            bool& bad) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  for_each_frag<V>(c.n, c.vec, [&](int i, int count, auto full) {
+    float g[V];
+    load_frag<decltype(full)::value>(g, c.grad + i, count, 0.0f);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      bad |= !::isfinite(g[j] * bs.grad_mul);
+    }
+  });
+}
+
+// Phase-B work on one chunk: the new f (same calls as reduce_chunk: bitwise the same f), the
+// momentum and the parameter, stored in place.
+template <typename scalar_t, bool kSqrt>
+__device__ __forceinline__ void update_chunk(const ChunkPtrs<scalar_t>& c, const BlockScalars& bs,
+                                             const Scalars& s) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  for_each_frag<V>(c.n, c.vec, [&](int i, int count, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    float g[V], theta[V], f[V], m[V];
+    load_frag<kFull>(g, c.grad + i, count, 0.0f);
+    load_frag<kFull>(theta, c.param + i, count, 0.0f);
+    load_frag<kFull>(f, c.fim + i, count, 1.0f);
+    load_frag<kFull>(m, c.mom + i, count, 0.0f);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float gj = g[j] * bs.grad_mul;
+      f[j] = fim_update(f[j], gj, bs.b2hat, bs.one_minus_b2hat);
+      const float r = fisher_inv_denom<kSqrt>(f[j], s.p, s.eps_p);
+      fadam_update(theta[j], m[j], gj * r, theta[j] * r, s.beta1, s.one_minus_beta1, bs.inv_s1,
+                   bs.inv_s2, bs.lr, s.weight_decay);
+    }
+    store_frag<kFull>(c.fim + i, f, count);
+    store_frag<kFull>(c.mom + i, m, count);
+    store_frag<kFull>(c.param + i, theta, count);
+  });
+}
+
+// ---- kernels ----------------------------------------------------------------------------------
+
+// __grid_constant__: the tables stay in the kernel parameter bank (indexed constant loads with a
+// block-uniform index) instead of being copied to local memory.
+template <typename scalar_t, bool kSqrt>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(const __grid_constant__ Args args) {
+  __shared__ BlockScalars bs;
+  __shared__ double scratch[2 * kWarps];
+  const int tensor = args.t.block_tensor[blockIdx.x];
+  const int64_t chunk = args.t.block_chunk[blockIdx.x];
+  if (threadIdx.x == 0) {
+    block_prologue(args, tensor, bs);
+  }
+  __syncthreads();
+  const auto c = chunk_ptrs<scalar_t>(args.t, tensor, chunk, args.s.chunk_size);
+  bool bad = false;
+  if (args.t.flags[tensor] & kFlagFused) {
+    check_chunk(c, bs, bad);
+  } else {
+    double s1 = 0.0, s2 = 0.0;
+    reduce_chunk<scalar_t, kSqrt>(c, bs, args.s.p, args.s.eps_p, s1, s2, bad);
+    block_sum2(s1, s2, scratch);
+    if (threadIdx.x == 0) {
+      double* slot = args.s.partials + 2 * (args.t.slot0[tensor] + chunk);
+      slot[0] = s1;
+      slot[1] = s2;
+    }
+  }
+  if (bad) {
+    *args.s.skip = 1.0f;  // every writer stores the same value; 0 is never stored
+  }
+}
+
+template <typename scalar_t, bool kSqrt>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(const __grid_constant__ Args args) {
+  // SPEC section 5: a non-finite gradient anywhere in the group skips the whole step. Phase A ran
+  // earlier on this stream, so *skip is final; the branch is uniform over the block.
+  if (*args.s.skip != 0.0f) {
+    return;
+  }
+  __shared__ BlockScalars bs;
+  __shared__ double scratch[2 * kWarps];
+  const Tables& t = args.t;
+  const Scalars& s = args.s;
+  const int tensor = t.block_tensor[blockIdx.x];
+  const int64_t chunk0 = t.block_chunk[blockIdx.x];
+  const bool fused = (t.flags[tensor] & kFlagFused) != 0;
+  if (threadIdx.x == 0) {
+    block_prologue(args, tensor, bs);
+  }
+  __syncthreads();
+  if (s.clipping) {
+    double s1 = 0.0, s2 = 0.0;
+    if (fused) {
+      // Both phases in this block: the reduce pass brings the chunk into L1/L2 and the update
+      // pass re-reads it from there, one HBM pass, while the chunks of the resident blocks fit in
+      // L2: 264 resident blocks on an H100 (132 SMs x 2) x 12 B x n <= 50 MB holds up to n ~ 16K
+      // elements per tensor (A100: 216 blocks, 40 MB, n ~ 15K). Larger one-chunk tensors (up to
+      // 64K) may miss and cost phase A's 12 B/param again, no more than the unfused path.
+      bool unused = false;
+      reduce_chunk<scalar_t, kSqrt>(chunk_ptrs<scalar_t>(t, tensor, 0, s.chunk_size), bs, s.p,
+                                    s.eps_p, s1, s2, unused);
+    } else {
+      // One 128-bit load per slot: partials is a contiguous [n_slots, 2] float64 tensor from the
+      // caching allocator (512-byte aligned), so every slot is 16-byte aligned.
+      const double2* slots = reinterpret_cast<const double2*>(s.partials) + t.slot0[tensor];
+      for (int k = threadIdx.x; k < t.nchunks[tensor]; k += kThreads) {
+        const double2 v = slots[k];
+        s1 += v.x;
+        s2 += v.y;
+      }
+    }
+    block_sum2(s1, s2, scratch);
+    if (threadIdx.x == 0) {
+      bs.inv_s1 = static_cast<float>(clip_inv_scale(s1, t.numel[tensor], s.clip));
+      bs.inv_s2 = static_cast<float>(clip_inv_scale(s2, t.numel[tensor], s.clip));
+    }
+    __syncthreads();
+  }
+  const int64_t chunk_end = min(chunk0 + t.per_block[tensor], static_cast<int64_t>(t.nchunks[tensor]));
+  for (int64_t chunk = chunk0; chunk < chunk_end; ++chunk) {
+    update_chunk<scalar_t, kSqrt>(chunk_ptrs<scalar_t>(t, tensor, chunk, s.chunk_size), bs, s);
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+template <typename F>
+void dispatch(at::ScalarType dtype, double p, F&& f) {
+  auto with_p = [&]<typename scalar_t>() {
+    if (p == 0.5) {
+      f.template operator()<scalar_t, true>();
+    } else {
+      f.template operator()<scalar_t, false>();
+    }
+  };
+  switch (dtype) {
+    case at::kFloat:
+      return with_p.template operator()<float>();
+    case at::kBFloat16:
+      return with_p.template operator()<c10::BFloat16>();
+    case at::kHalf:
+      return with_p.template operator()<c10::Half>();
+    default:
+      TORCH_CHECK(false, "fadam_fused (CUDA): unsupported dtype ", dtype);
+  }
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+std::vector<int64_t> numels_of(at::TensorList params) {
+  std::vector<int64_t> out;
+  out.reserve(params.size());
+  for (const auto& p : params) {
+    out.push_back(p.numel());
+  }
+  return out;
+}
+
+// Fills the tables of one launch from the plan.
+void fill_tables(Tables& tab, const Launch& launch, at::TensorList params, at::TensorList grads,
+                 at::TensorList fims, at::TensorList moms, at::TensorList steps,
+                 int64_t chunk_size) {
+  const int64_t v = 16 / static_cast<int64_t>(params[0].element_size());
+  for (size_t k = 0; k < launch.tensors.size(); ++k) {
+    const PlanTensor& pt = launch.tensors[k];
+    const auto i = static_cast<size_t>(pt.tensor);
+    tab.param[k] = params[i].data_ptr();
+    tab.grad[k] = grads[i].const_data_ptr();
+    tab.fim[k] = fims[i].data_ptr<float>();
+    tab.mom[k] = moms.empty() ? nullptr : moms[i].data_ptr<float>();
+    tab.step[k] = steps[i].const_data_ptr<float>();
+    tab.numel[k] = params[i].numel();
+    tab.slot0[k] = pt.slot0;
+    tab.nchunks[k] = static_cast<int32_t>(pt.nchunks);
+    tab.per_block[k] = static_cast<int32_t>(pt.per_block);
+    const bool vec = chunk_size % v == 0 && aligned16(tab.param[k]) && aligned16(tab.grad[k]) &&
+                     aligned16(tab.fim[k]) && (tab.mom[k] == nullptr || aligned16(tab.mom[k]));
+    tab.flags[k] = static_cast<uint8_t>((pt.fused ? kFlagFused : 0) | (vec ? kFlagVector : 0));
+  }
+  for (size_t b = 0; b < launch.blocks.size(); ++b) {
+    tab.block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
+    tab.block_chunk[b] = launch.blocks[b].chunk;
+  }
+}
+
+void check_same_device(const char* op, const at::Tensor& t, const char* name,
+                       const at::Device& device) {
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+}
+
+void phase_a_cuda(at::TensorList params, at::TensorList grads, at::TensorList fims,
+                  at::TensorList steps, at::Tensor partials, at::Tensor skip,
+                  const c10::optional<at::Tensor>& grad_scale, double beta2, double eps, double p,
+                  bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
+  constexpr const char* op = "fadam_phase_a";
+  check_group(op, c10::DeviceType::CUDA, params, grads, fims, {}, steps, partials, skip,
+              grad_scale, chunk_size);
+  if (params.empty()) {
+    return;
+  }
+  const at::Device device = params[0].device();
+  check_same_device(op, partials, "partials", device);
+  if (grad_scale.has_value()) {
+    check_same_device(op, *grad_scale, "grad_scale", device);
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  const auto plan = make_plan(numels_of(params), chunk_size, fuse_one_chunk, Phase::A);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  Args args{};
+  Scalars& s = args.s;
+  s.partials = partials.data_ptr<double>();
+  s.skip = skip.data_ptr<float>();
+  s.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
+  s.maximize = maximize;
+  s.chunk_size = chunk_size;
+  s.beta2 = beta2;
+  s.p = static_cast<float>(p);
+  s.eps_p = static_cast<float>(std::pow(eps, 2.0 * p));
+  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
+    for (const Launch& launch : plan) {
+      fill_tables(args.t, launch, params, grads, fims, {}, steps, chunk_size);
+      fadam_phase_a_kernel<scalar_t, kSqrt>
+          <<<static_cast<unsigned>(launch.blocks.size()), kThreads, 0, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+void phase_b_cuda(at::TensorList params, at::TensorList grads, at::TensorList fims,
+                  at::TensorList moms, at::TensorList steps, const at::Tensor& partials,
+                  const at::Tensor& skip, const c10::optional<at::Tensor>& grad_scale,
+                  const c10::optional<at::Tensor>& lr_tensor, double lr, double beta1,
+                  double beta2, double eps, double p, double clip, double weight_decay,
+                  bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
+  constexpr const char* op = "fadam_phase_b";
+  check_group(op, c10::DeviceType::CUDA, params, grads, fims, moms, steps, partials, skip,
+              grad_scale, chunk_size);
+  TORCH_CHECK(moms.size() == params.size(), op, ": one momentum per param is required");
+  if (params.empty()) {
+    return;
+  }
+  const at::Device device = params[0].device();
+  check_same_device(op, partials, "partials", device);
+  if (grad_scale.has_value()) {
+    check_same_device(op, *grad_scale, "grad_scale", device);
+  }
+  if (lr_tensor.has_value()) {
+    check_same_device(op, *lr_tensor, "lr_tensor", device);
+    TORCH_CHECK(lr_tensor->numel() == 1 && (lr_tensor->scalar_type() == at::kFloat ||
+                                            lr_tensor->scalar_type() == at::kDouble),
+                op, ": lr_tensor must be a one-element float32 or float64 tensor");
+  }
+  TORCH_CHECK(aligned16(partials.const_data_ptr()), op,
+              ": partials must be 16-byte aligned (slots are read as one 128-bit load)");
+  const c10::cuda::CUDAGuard guard(device);
+  const auto plan = make_plan(numels_of(params), chunk_size, fuse_one_chunk, Phase::B);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  Args args{};
+  Scalars& s = args.s;
+  s.partials = const_cast<double*>(partials.const_data_ptr<double>());  // read only in phase B
+  s.skip = const_cast<float*>(skip.const_data_ptr<float>());            // read only in phase B
+  s.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
+  s.lr_ptr = lr_tensor.has_value() ? lr_tensor->const_data_ptr() : nullptr;
+  s.lr_is_double = lr_tensor.has_value() && lr_tensor->scalar_type() == at::kDouble;
+  s.maximize = maximize;
+  s.clipping = clip > 0.0;
+  s.chunk_size = chunk_size;
+  s.beta2 = beta2;
+  s.clip = clip;
+  s.p = static_cast<float>(p);
+  s.eps_p = static_cast<float>(std::pow(eps, 2.0 * p));
+  s.lr = static_cast<float>(lr);
+  s.beta1 = static_cast<float>(beta1);
+  // As the CPU kernel: 1 - beta1 from the float32 beta1, in float64, rounded once.
+  s.one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(s.beta1));
+  s.weight_decay = static_cast<float>(weight_decay);
+  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
+    for (const Launch& launch : plan) {
+      fill_tables(args.t, launch, params, grads, fims, moms, steps, chunk_size);
+      fadam_phase_b_kernel<scalar_t, kSqrt>
+          <<<static_cast<unsigned>(launch.blocks.size()), kThreads, 0, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+// ---- the plan as an op, for tests (tests/test_cuda_build.py) -----------------------------------
+
+// One row per block, in launch order:
+//   (launch, local tensor index, tensor index, first chunk, end chunk (exclusive), kind, slot0).
+at::Tensor cuda_plan(std::vector<int64_t> numels, int64_t chunk_size, bool fuse_one_chunk,
+                     std::string phase, int64_t max_tensors, int64_t max_blocks) {
+  TORCH_CHECK(phase == "a" || phase == "b", "cuda_plan: phase must be 'a' or 'b', got ", phase);
+  const Phase ph = phase == "a" ? Phase::A : Phase::B;
+  const auto plan = make_plan(numels, chunk_size, fuse_one_chunk, ph,
+                              max_tensors < 0 ? kMaxTensors : max_tensors,
+                              max_blocks < 0 ? kMaxBlocks : max_blocks);
+  int64_t rows = 0;
+  for (const auto& l : plan) {
+    rows += static_cast<int64_t>(l.blocks.size());
+  }
+  at::Tensor out = at::empty({rows, 7}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (size_t li = 0; li < plan.size(); ++li) {
+    for (const PlanBlock& b : plan[li].blocks) {
+      const PlanTensor& t = plan[li].tensors[b.local];
+      const BlockKind kind = ph == Phase::A ? (t.fused ? BlockKind::kCheckOnly : BlockKind::kReduce)
+                                            : (t.fused ? BlockKind::kFused : BlockKind::kUpdate);
+      *o++ = static_cast<int64_t>(li);
+      *o++ = b.local;
+      *o++ = t.tensor;
+      *o++ = b.chunk;
+      *o++ = std::min<int64_t>(b.chunk + t.per_block, t.nchunks);
+      *o++ = static_cast<int64_t>(kind);
+      *o++ = t.slot0;
+    }
+  }
+  return out;
+}
+
+std::vector<int64_t> cuda_plan_limits() {
+  return {kMaxTensors, kMaxBlocks, kMaxPhaseBBlocksPerTensor, kThreads};
+}
+
+}  // namespace
+}  // namespace fadam::cuda
+
+TORCH_LIBRARY_FRAGMENT(fadam_fused, m) {
+  // Host-only planning, exposed for tests; exists only in builds with the CUDA kernels.
+  m.def(
+      "cuda_plan(int[] numels, int chunk_size, bool fuse_one_chunk, str phase, "
+      "int max_tensors=-1, int max_blocks=-1) -> Tensor",
+      &fadam::cuda::cuda_plan);
+  // (max tensors per launch, max blocks per launch, max phase-B blocks per tensor, threads/block)
+  m.def("cuda_plan_limits() -> int[]", &fadam::cuda::cuda_plan_limits);
+}
+
+TORCH_LIBRARY_IMPL(fadam_fused, CUDA, m) {
+  m.impl("fadam_phase_a", &fadam::cuda::phase_a_cuda);
+  m.impl("fadam_phase_b", &fadam::cuda::phase_b_cuda);
+}
