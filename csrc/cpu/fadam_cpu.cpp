@@ -75,8 +75,10 @@ struct SumSq {
     const __m256 x = v;
     const at::vec::Vectorized<double> a(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
     const at::vec::Vectorized<double> b(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
-    lo = lo + a * a;
-    hi = hi + b * b;
+    // Explicit FMAs (not contraction, which -ffp-contract=off forbids): one rounding per
+    // square-and-add, the same on every run.
+    lo = at::vec::fmadd(a, a, lo);
+    hi = at::vec::fmadd(b, b, hi);
   }
   inline double total() const {
     alignas(64) double t[8];
