@@ -1,0 +1,241 @@
+"""Ahead-of-time compilation of the Triton kernels for GPU targets, without a GPU.
+
+Each specialization is described by the launch arguments the host code (triton_kernels/_ops.py)
+passes; the signature and the alignment attributes are derived from them with Triton's own
+specialization function, so what is compiled here is what the JIT would compile at that launch.
+`ptxas -v` (bundled with the triton wheel) then reports registers and spills.
+
+Run as a script to print the register / spill table of every specialization:
+    .venv/bin/python tests/_triton_compile.py [--all]
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ARCHS = (80, 90)
+
+
+def _tk():
+    from _triton_helpers import triton_kernels
+
+    return triton_kernels()
+
+
+@functools.lru_cache(maxsize=None)
+def _tl_dtypes():
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def launch_args(phase, dtype=torch.float32, aligned=True, sqrt=True, gscale=False, lr=None,
+                table=True):
+    """The argument dict of one launch, as _ops.py builds it (CPU tensors stand in for device
+    tensors: only their dtype and 16-byte alignment matter to the specialization)."""
+    tk = _tk()
+    ops = tk._ops
+    t32 = lambda: torch.zeros(4, dtype=torch.float32)  # noqa: E731
+    if table:
+        operands = dict(meta=torch.zeros(64, dtype=torch.int64), n_tensors=300, p_in=None,
+                        g_in=None, f_in=None, step_in=None, numel_in=0, slot_in=0)
+        if phase == "B":
+            operands["m_in"] = None
+    else:
+        x = lambda dt: torch.zeros(64, dtype=dt)  # noqa: E731
+        operands = dict(meta=None, n_tensors=0, p_in=x(dtype), g_in=x(dtype),
+                        f_in=x(torch.float32), step_in=torch.zeros((), dtype=torch.float32),
+                        numel_in=4097, slot_in=3)
+        if phase == "B":
+            operands["m_in"] = x(torch.float32)
+    common = dict(partials=torch.zeros(8, 2, dtype=torch.float64), skip=t32(),
+                  gscale=t32() if gscale else None)
+    consts = dict(DTYPE=_tl_dtypes()[dtype], HAS_GSCALE=gscale, SQRT=sqrt,
+                  ALIGNED=aligned and table, TABLE=table, INTERPRET=False, BLOCK=ops.BLOCK)
+    if phase == "A":
+        scalars = dict(beta2=0.999, p=0.5, eps_p=1e-8, sign=1.0, chunk_size=ops.CHUNK_SIZE,
+                       fuse_one_chunk=True)
+        return dict(**operands, **common, **scalars, **consts), tk._kernels._phase_a_kernel
+    scalars = dict(lr=1e-3, beta1=0.9, omb1=0.1, beta2=0.999, eps_p=1e-8, p=0.5, clip=1.0, wd=1e-3,
+                   sign=1.0, chunk_size=ops.CHUNK_SIZE, fuse_one_chunk=True)
+    lr_ptr = None if lr is None else torch.zeros(1, dtype=lr)
+    return (dict(**operands, **common, lr_ptr=lr_ptr, **scalars, **consts, HAS_LR=lr is not None,
+                 SLOT_BLOCK=ops.SLOT_BLOCK), tk._kernels._phase_b_kernel)
+
+
+def _source(kernel, args):
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    fn = getattr(kernel, "fn", kernel)  # the JITFunction behind an InterpretedFunction
+    if not isinstance(fn, triton.runtime.JITFunction):
+        fn = triton.runtime.JITFunction(fn)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        name, value = param.name, args[param.name]
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+            continue
+        if param.annotation_type:
+            signature[name] = param.annotation_type
+            continue
+        specialize = not param.do_not_specialize
+        ty, attr = native_specialize_impl(BaseBackend, value, False, specialize, specialize)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = value
+        elif attr:
+            attrs[(i,)] = BaseBackend.parse_attr(attr)
+    return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                     attrs=attrs)
+
+
+def _triton_bin(name):
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+@functools.lru_cache(maxsize=None)
+def compile_ptx(phase, arch, **spec):
+    """PTX of one specialization for sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    args, kernel = launch_args(phase, **spec)
+    src = _source(kernel, args)
+    tk = _tk()
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": tk._ops.NUM_WARPS})
+    return compiled.asm["ptx"]
+
+
+@functools.lru_cache(maxsize=None)
+def ptxas_stats(phase, arch, **spec):
+    """(registers, spill store bytes, spill load bytes, ptxas -v text) of one specialization."""
+    ptx = compile_ptx(phase, arch, **spec)
+    # Triton targets sm_90a on Hopper (the arch-specific feature set); ptxas needs the same name.
+    gpu = re.search(r"^\.target (sm_\w+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        out = subprocess.run([str(_triton_bin("ptxas")), "-v", f"--gpu-name={gpu}",
+                              str(path), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return regs, int(spill.group(1)), int(spill.group(2)), text
+
+
+def specializations(full=False):
+    """(phase, spec) pairs the optimizer can launch. `full`: the whole product. Otherwise a
+    covering set: every dtype x alignment of both kernels on the default hyperparameters (p = 0.5,
+    no GradScaler, float lr, eager table path), plus the heaviest variant of each kernel (pow path,
+    grad_scale, float64 lr tensor) per dtype width, plus the per-tensor (traced) path."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    out = []
+    if full:
+        for phase in "AB":
+            lrs = (None,) if phase == "A" else (None, torch.float32, torch.float64)
+            for dt, al, sq, gs, lr, tb in itertools.product(dtypes, (True, False), (True, False),
+                                                            (False, True), lrs, (True, False)):
+                if al and not tb:
+                    continue  # the traced path leaves alignment to Triton's own specialization
+                spec = dict(dtype=dt, aligned=al, sqrt=sq, gscale=gs, table=tb)
+                if phase == "B":
+                    spec["lr"] = lr
+                out.append((phase, spec))
+        return out
+    for phase in "AB":
+        for dt, al in itertools.product(dtypes, (True, False)):
+            out.append((phase, dict(dtype=dt, aligned=al)))
+        heavy = dict(sqrt=False, gscale=True, **({"lr": torch.float64} if phase == "B" else {}))
+        for dt in (torch.float32, torch.bfloat16):
+            out.append((phase, dict(dtype=dt, aligned=True, **heavy)))
+        out.append((phase, dict(dtype=torch.float32, aligned=False, table=False, **heavy)))
+    return out
+
+
+def describe(phase, spec):
+    parts = [f"phase_{phase.lower()}", str(spec.get("dtype", torch.float32)).replace("torch.", "")]
+    parts.append("aligned" if spec.get("aligned", True) and spec.get("table", True) else "unaligned")
+    if not spec.get("sqrt", True):
+        parts.append("pow")
+    if spec.get("gscale"):
+        parts.append("grad_scale")
+    if spec.get("lr") is not None:
+        parts.append("lr_" + str(spec["lr"]).replace("torch.", ""))
+    if not spec.get("table", True):
+        parts.append("per-tensor")
+    return " ".join(parts)
+
+
+def _key_spec(spec):
+    return dict(spec)
+
+
+def has_v4_loads(ptx):
+    """128-bit (or wider) global loads: ld.global.v4.b32 / .v4.f32, or .v2.b64."""
+    return re.search(r"ld\.global(\.\w+)*\.(v4|v8)\.|ld\.global(\.\w+)*\.v2\.(b|f|u|s)64", ptx) is not None
+
+
+def ci_specializations():
+    """The set the test compiles (kept small for CI: about 10 s per arch on a warm cache, 25 s
+    cold): the default launch of both kernels in float32 aligned (the 128-bit load check) and
+    float16 unaligned, the heaviest variant (pow path, grad_scale, float64 lr tensor) in bfloat16,
+    and the per-tensor (torch.compile) launch. Between them every constexpr takes each of its
+    values; the script's --all compiles the whole product."""
+    out = []
+    for phase in "AB":
+        heavy = dict(sqrt=False, gscale=True, **({"lr": torch.float64} if phase == "B" else {}))
+        out += [(phase, dict(dtype=torch.float32, aligned=True)),
+                (phase, dict(dtype=torch.float16, aligned=False)),
+                (phase, dict(dtype=torch.bfloat16, aligned=True, **heavy)),
+                (phase, dict(dtype=torch.float32, aligned=False, table=False, **heavy))]
+    return out
+
+
+def _main(argv):
+    sys.path.insert(0, str(Path(__file__).parent))
+    full = "--all" in argv or os.environ.get("FADAM_TRITON_COMPILE_ALL") == "1"
+    archs = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--arch=")] or list(ARCHS)
+    specs = specializations(full) if full or "--json" not in argv else ci_specializations()
+    if "--json" in argv:
+        rows = []
+        for arch in archs:
+            for phase, spec in specs:
+                regs, st, ld, _ = ptxas_stats(phase, arch, **_key_spec(spec))
+                rows.append(dict(arch=arch, kernel=describe(phase, spec), registers=regs,
+                                 spill_stores=st, spill_loads=ld,
+                                 dtype=str(spec.get("dtype", torch.float32)).replace("torch.", ""),
+                                 aligned=spec.get("aligned", True) and spec.get("table", True),
+                                 v4_loads=has_v4_loads(compile_ptx(phase, arch, **_key_spec(spec)))))
+        print(json.dumps(rows))
+        return
+    print("| kernel / specialization | " + " | ".join(f"sm_{a} regs | sm_{a} spill st/ld (B)"
+                                                    for a in archs) + " | 128-bit loads |")
+    print("|---|" + "---|---|" * len(archs) + "---|")
+    for phase, spec in specs:
+        cells = []
+        for arch in archs:
+            regs, st, ld, _ = ptxas_stats(phase, arch, **_key_spec(spec))
+            cells += [str(regs), f"{st}/{ld}"]
+        v4 = has_v4_loads(compile_ptx(phase, archs[-1], **_key_spec(spec)))
+        print(f"| {describe(phase, spec)} | " + " | ".join(cells) + f" | {'yes' if v4 else 'no'} |")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -1,0 +1,421 @@
+"""The FAdam Triton kernels: one @triton.jit helper per piece of the per-element math, and the two
+multi-tensor kernels of the two-phase step (SPEC.md section 3).
+
+[note: FAdam math lives here] (csrc/fadam_math.h) is the C++ twin of the helpers below; they mirror
+it function for function (`_fim_update` = fim_update, `_fisher_denom` = fisher_denom,
+`_fadam_update` = fadam_update, `_fim_coeffs` = fim_coeffs, `_clip_inv_scale` = clip_inv_scale).
+Both phases call the same helpers on the same inputs, so the f (and ghat, w) that phase A reduces is
+the f that phase B stores, instruction for instruction.
+
+Precision (STYLE.md point 4): every element is loaded from its storage dtype (float32 / bfloat16 /
+float16 parameters and gradients, float32 fim and momentum) and converted to float32 on load; all
+element math is float32 ("opmath"). Division and sqrt are the IEEE round-to-nearest forms
+(tl.div_rn, tl.sqrt_rn): Triton's `/` and tl.sqrt on float32 lower to the approximate PTX
+div.full.f32 / sqrt.approx.f32, which would differ from the C++ kernels by ulps. Step scalars
+(b2hat, the clip scales) are float64, rounded to float32 once per program. Sums of squares
+accumulate in float64: with eps = 1e-30 and an always-zero gradient w is about 1e29 and w^2 = 1e58
+overflows float32 (max 3.4e38).
+
+Work decomposition. A group's tensors are cut into chunks of `chunk_size` elements; one program
+(CTA) owns one (tensor, chunk) pair, found through a block map. In the eager path (TABLE=True) the
+program reads its tensor's addresses, numel and first partial-sum slot from one int64 metadata
+tensor (host-built, cached on the device: see _ops.py), so one launch covers any number of
+tensors. Under torch.compile tracing there are no addresses (FakeTensors), so the host calls the same
+kernel per tensor with the tensors themselves as arguments (TABLE=False, program id = chunk).
+
+Inside a program the chunk is walked in tiles of BLOCK elements: full tiles unmasked, then one
+masked tail tile. The split matters on the GPU: a masked load is only vectorised when the mask is
+known constant over 4 lanes, which a runtime numel never is, so an all-masked loop would issue
+32-bit loads. With ALIGNED (every address 16-byte aligned and chunk_size * itemsize a multiple of
+16, checked on the host) the full tiles compile to 128-bit ld.global.v4 loads.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# Largest finite float32; |g| <= this is false exactly for inf, -inf and NaN (every comparison with
+# NaN is false). A comparison is not folded away by the compiler the way `g * 0` could be under
+# fast-math flags, and it costs one FSETP per element.
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+# Row layout of the metadata tensor of each kernel: row r, tensor t is meta[r * n_tensors + t];
+# the block map follows the rows, one int64 per program: (tensor index << 32) | chunk index.
+A_P, A_G, A_F, A_STEP, A_NUMEL, A_SLOT, A_ROWS = (tl.constexpr(i) for i in range(7))
+B_P, B_G, B_F, B_M, B_STEP, B_NUMEL, B_SLOT, B_ROWS = (tl.constexpr(i) for i in range(8))
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-element math: mirrors csrc/fadam_math.h.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pow64(x, y, INTERPRET: tl.constexpr):
+    """x ** y in float64 (x >= 0). On the GPU, libdevice's __nv_pow (as ::pow in fadam_math.h);
+    Triton's interpreter has no libdevice, so there exp2(y log2 x) in numpy float64 (pow(x, 0) = 1
+    kept explicitly: 0 * log2(0) would be NaN)."""
+    if INTERPRET:
+        r = tl.where(y == 0.0, 1.0, tl.exp2(y * tl.log2(x)))
+    else:
+        r = libdevice.pow(x, y)
+    return r
+
+
+@triton.jit
+def _fim_coeffs(step_ptr, beta2, INTERPRET: tl.constexpr):
+    """(b2hat, 1 - b2hat) as float32 from the float64 Adafactor correction of this tensor's step
+    t >= 1 (already incremented), read from the device: 0 at t = 1, tending to beta2."""
+    t = tl.load(step_ptr).to(tl.float64)
+    b = tl.full([], beta2, tl.float64)
+    num = 1.0 - _pow64(b, t - 1.0, INTERPRET)
+    den = 1.0 - _pow64(b, t, INTERPRET)
+    bh = b * num / den
+    return bh.to(tl.float32), (1.0 - bh).to(tl.float32)
+
+
+@triton.jit
+def _fim_update(f, g, b2hat, omb2):
+    """f = b2hat f + (1 - b2hat) g^2"""
+    return b2hat * f + omb2 * (g * g)
+
+
+@triton.jit
+def _fisher_denom(f, p, eps_p, SQRT: tl.constexpr, INTERPRET: tl.constexpr):
+    """d = f^p + eps^(2p); SQRT is the p = 0.5 path (IEEE sqrt, far cheaper than powf)."""
+    if SQRT:
+        fp = tl.sqrt_rn(f)
+    elif INTERPRET:
+        fp = tl.exp2(p * tl.log2(f.to(tl.float64))).to(tl.float32)
+    else:
+        fp = libdevice.pow(f, p)
+    return fp + eps_p
+
+
+@triton.jit
+def _fadam_update(theta, m, ghat, w, beta1, omb1, inv_s1, inv_s2, lr, wd):
+    """m = beta1 m + (1 - beta1) ghat / s1;  theta = theta - lr (m + wd w / s2)"""
+    m = beta1 * m + omb1 * (ghat * inv_s1)
+    theta = theta - lr * (m + wd * (w * inv_s2))
+    return theta, m
+
+
+@triton.jit
+def _clip_inv_scale(sumsq, numel, clip):
+    """1 / max(1, sqrt(sumsq / numel) / clip) in float64. The caller only asks when clip > 0 and
+    numel > 0 (otherwise the scale is 1). A NaN sum (a step that is skipped anyway) gives 1."""
+    s = tl.sqrt(sumsq / numel.to(tl.float64)) / clip
+    return tl.where(s > 1.0, 1.0 / s, 1.0)
+
+
+@triton.jit
+def _grad_mul(gscale_ptr, sign, HAS_GSCALE: tl.constexpr):
+    """The factor every gradient element is multiplied by: (maximize ? -1 : 1) / grad_scale,
+    formed in float64 and rounded once to float32, as the CPU kernel's make_consts does."""
+    mul = tl.full([], sign, tl.float64)
+    if HAS_GSCALE:
+        mul = mul / tl.load(gscale_ptr).to(tl.float64)
+    return mul.to(tl.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles and chunks. Pointers arrive already offset to the chunk's first element; `n` (int32) is
+# the chunk's element count; offsets inside a chunk fit int32 (chunk_size < 2^31).
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _reduce_tile(p_ptr, g_ptr, f_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
+                 SQRT: tl.constexpr, INTERPRET: tl.constexpr, MASKED: tl.constexpr):
+    """Phase A on one tile: float64 ghat^2 and w^2 and a non-finite flag per lane."""
+    if MASKED:
+        mask = o < n
+        g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + o, mask=mask, other=1.0)
+        th = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + o).to(tl.float32)
+        f = tl.load(f_ptr + o)
+        th = tl.load(p_ptr + o).to(tl.float32)
+    g = g * gmul
+    f = _fim_update(f, g, b2hat, omb2)
+    d = _fisher_denom(f, p, eps_p, SQRT, INTERPRET)
+    ghat = tl.div_rn(g, d).to(tl.float64)
+    w = tl.div_rn(th, d).to(tl.float64)
+    g2 = ghat * ghat
+    w2 = w * w
+    bad = (~(tl.abs(g) <= _FLT_MAX)).to(tl.int32)
+    if MASKED:
+        # Lanes past the end hold g = 0, f = 1, theta = 0: harmless, but zero them explicitly so
+        # no choice of eps (eps^(2p) may round to 0 in float32) can leak a NaN into the sums.
+        g2 = tl.where(mask, g2, 0.0)
+        w2 = tl.where(mask, w2, 0.0)
+    return g2, w2, bad
+
+
+@triton.jit
+def _reduce_chunk(p_ptr, g_ptr, f_ptr, n, b2hat, omb2, p, eps_p, gmul,
+                  SQRT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+    """(sum ghat^2, sum w^2) in float64 and max non-finite flag over one chunk."""
+    offs = tl.arange(0, BLOCK)
+    acc_g = tl.zeros([BLOCK], tl.float64)
+    acc_w = tl.zeros([BLOCK], tl.float64)
+    bad = tl.zeros([BLOCK], tl.int32)
+    n_full = (n // BLOCK) * BLOCK
+    for k in range(0, n_full, BLOCK):
+        g2, w2, b = _reduce_tile(p_ptr, g_ptr, f_ptr, k + offs, n, b2hat, omb2, p, eps_p, gmul,
+                                 SQRT, INTERPRET, False)
+        acc_g += g2
+        acc_w += w2
+        bad = tl.maximum(bad, b)
+    if n_full < n:
+        g2, w2, b = _reduce_tile(p_ptr, g_ptr, f_ptr, n_full + offs, n, b2hat, omb2, p, eps_p,
+                                 gmul, SQRT, INTERPRET, True)
+        acc_g += g2
+        acc_w += w2
+        bad = tl.maximum(bad, b)
+    # tl.sum is a fixed tree over lanes and warps: the same order every run (deterministic).
+    return tl.sum(acc_g, axis=0), tl.sum(acc_w, axis=0), tl.max(bad, axis=0)
+
+
+@triton.jit
+def _check_chunk(g_ptr, n, gmul, BLOCK: tl.constexpr):
+    """Non-finite flag of one chunk's gradient: phase A of a tensor that phase B does alone."""
+    offs = tl.arange(0, BLOCK)
+    bad = tl.zeros([BLOCK], tl.int32)
+    n_full = (n // BLOCK) * BLOCK
+    for k in range(0, n_full, BLOCK):
+        g = tl.load(g_ptr + k + offs).to(tl.float32) * gmul
+        bad = tl.maximum(bad, (~(tl.abs(g) <= _FLT_MAX)).to(tl.int32))
+    if n_full < n:
+        o = n_full + offs
+        g = tl.load(g_ptr + o, mask=o < n, other=0.0).to(tl.float32) * gmul
+        bad = tl.maximum(bad, (~(tl.abs(g) <= _FLT_MAX)).to(tl.int32))
+    return tl.max(bad, axis=0)
+
+
+@triton.jit
+def _to_storage(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """float32 -> the parameter's storage dtype, rounding to nearest even as torch's .to() does.
+    On the GPU that is the plain cast (cvt.rn.bf16.f32 / cvt.rn.f16.f32). Triton 3.8's interpreter
+    truncates float32 -> bfloat16 instead (its create_fp_trunc passes no rounding mode), so there
+    the rounding is done by hand on the bits: add 0x7FFF plus the lowest kept bit, keep the top 16
+    (inputs are finite here: a step with a non-finite gradient is skipped)."""
+    if INTERPRET and DTYPE == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        y = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(DTYPE)
+    return y
+
+
+@triton.jit
+def _update_tile(p_ptr, g_ptr, f_ptr, m_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
+                 beta1, omb1, inv_s1, inv_s2, lr, wd,
+                 SQRT: tl.constexpr, INTERPRET: tl.constexpr, MASKED: tl.constexpr):
+    """Phase B on one tile: the new f, m and theta, stored in their storage dtypes."""
+    if MASKED:
+        mask = o < n
+        g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + o, mask=mask, other=1.0)
+        m = tl.load(m_ptr + o, mask=mask, other=0.0)
+        th = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + o).to(tl.float32)
+        f = tl.load(f_ptr + o)
+        m = tl.load(m_ptr + o)
+        th = tl.load(p_ptr + o).to(tl.float32)
+    g = g * gmul
+    f = _fim_update(f, g, b2hat, omb2)
+    d = _fisher_denom(f, p, eps_p, SQRT, INTERPRET)
+    ghat = tl.div_rn(g, d)
+    w = tl.div_rn(th, d)
+    th, m = _fadam_update(th, m, ghat, w, beta1, omb1, inv_s1, inv_s2, lr, wd)
+    th = _to_storage(th, p_ptr.dtype.element_ty, INTERPRET)
+    if MASKED:
+        tl.store(f_ptr + o, f, mask=mask)
+        tl.store(m_ptr + o, m, mask=mask)
+        tl.store(p_ptr + o, th, mask=mask)
+    else:
+        tl.store(f_ptr + o, f)
+        tl.store(m_ptr + o, m)
+        tl.store(p_ptr + o, th)
+
+
+@triton.jit
+def _update_chunk(p_ptr, g_ptr, f_ptr, m_ptr, n, b2hat, omb2, p, eps_p, gmul,
+                  beta1, omb1, inv_s1, inv_s2, lr, wd,
+                  SQRT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    n_full = (n // BLOCK) * BLOCK
+    for k in range(0, n_full, BLOCK):
+        _update_tile(p_ptr, g_ptr, f_ptr, m_ptr, k + offs, n, b2hat, omb2, p, eps_p, gmul,
+                     beta1, omb1, inv_s1, inv_s2, lr, wd, SQRT, INTERPRET, False)
+    if n_full < n:
+        _update_tile(p_ptr, g_ptr, f_ptr, m_ptr, n_full + offs, n, b2hat, omb2, p, eps_p, gmul,
+                     beta1, omb1, inv_s1, inv_s2, lr, wd, SQRT, INTERPRET, True)
+
+
+@triton.jit
+def _sum_slots(partials, first, nslots, SLOT_BLOCK: tl.constexpr):
+    """This tensor's (sum ghat^2, sum w^2): its `nslots` slots from row `first` of partials.
+    Lane j adds slots j, j + SLOT_BLOCK, ... in order, then a fixed tree: deterministic, and every
+    program of the tensor gets the same bits."""
+    offs = tl.arange(0, SLOT_BLOCK)
+    acc_g = tl.zeros([SLOT_BLOCK], tl.float64)
+    acc_w = tl.zeros([SLOT_BLOCK], tl.float64)
+    for k in range(0, nslots, SLOT_BLOCK):
+        o = k + offs
+        mask = o < nslots
+        row = (first + o) * 2
+        acc_g += tl.load(partials + row, mask=mask, other=0.0)
+        acc_w += tl.load(partials + row + 1, mask=mask, other=0.0)
+    return tl.sum(acc_g, axis=0), tl.sum(acc_w, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two kernels. Argument conventions:
+#   TABLE=True:  meta (int64 [ROWS * n_tensors + n_programs]) holds addresses, numels, slots and
+#                the block map; the *_in arguments are None.
+#   TABLE=False: meta is None; the *_in arguments are this one tensor's operands, numel and first
+#                slot; the program id is the chunk index.
+# Scalars: beta2 and clip are float64 (b2hat and the clip scales are float64 step scalars; a float32
+# 0.999 is 0.99900001287 and would shift b2hat); the element-math scalars are float32.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pointer(meta, row, n_tensors, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = tl.load(meta + row * n_tensors + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+# n_tensors, numel_in and slot_in are not specialised (Triton would otherwise compile separate
+# variants for the value 1 and for multiples of 16 of each): they only index tables and bound loops.
+@triton.jit(do_not_specialize=["n_tensors", "numel_in", "slot_in"])
+def _phase_a_kernel(
+    meta, n_tensors,
+    p_in, g_in, f_in, step_in, numel_in, slot_in,
+    partials, skip, gscale,
+    beta2: tl.float64, p, eps_p, sign, chunk_size, fuse_one_chunk,
+    DTYPE: tl.constexpr, HAS_GSCALE: tl.constexpr, SQRT: tl.constexpr, ALIGNED: tl.constexpr,
+    TABLE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if TABLE:
+        blk = tl.load(meta + A_ROWS * n_tensors + pid)
+        t = blk >> 32
+        c = blk & 0xFFFFFFFF
+        p_ptr = _pointer(meta, A_P, n_tensors, t, DTYPE, ALIGNED)
+        g_ptr = _pointer(meta, A_G, n_tensors, t, DTYPE, ALIGNED)
+        f_ptr = _pointer(meta, A_F, n_tensors, t, tl.float32, ALIGNED)
+        step_ptr = _pointer(meta, A_STEP, n_tensors, t, tl.float32, False)
+        numel = tl.load(meta + A_NUMEL * n_tensors + t)
+        slot = tl.load(meta + A_SLOT * n_tensors + t)
+    else:
+        c = pid.to(tl.int64)
+        p_ptr = p_in
+        g_ptr = g_in
+        f_ptr = f_in
+        step_ptr = step_in
+        numel = numel_in
+        slot = slot_in
+    # 64-bit chunk start: a tensor may hold more than 2^31 elements.
+    start = c * chunk_size
+    n = tl.minimum(numel - start, chunk_size).to(tl.int32)
+    p_ptr += start
+    g_ptr += start
+    f_ptr += start
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        f_ptr = tl.multiple_of(f_ptr, 16)
+    gmul = _grad_mul(gscale, sign, HAS_GSCALE)
+    if (numel <= chunk_size) & fuse_one_chunk:
+        # Phase B does this tensor alone; phase A only looks for non-finite gradients.
+        bad = _check_chunk(g_ptr, n, gmul, BLOCK)
+    else:
+        b2hat, omb2 = _fim_coeffs(step_ptr, beta2, INTERPRET)
+        sum_g, sum_w, bad = _reduce_chunk(p_ptr, g_ptr, f_ptr, n, b2hat, omb2, p, eps_p, gmul,
+                                          SQRT, INTERPRET, BLOCK)
+        row = (slot + c) * 2
+        tl.store(partials + row, sum_g)
+        tl.store(partials + row + 1, sum_w)
+    # Only ever 1.0, from any number of programs: a benign race, no atomics needed.
+    if bad != 0:
+        tl.store(skip, 1.0)
+
+
+@triton.jit(do_not_specialize=["n_tensors", "numel_in", "slot_in"])
+def _phase_b_kernel(
+    meta, n_tensors,
+    p_in, g_in, f_in, m_in, step_in, numel_in, slot_in,
+    partials, skip, gscale, lr_ptr,
+    lr, beta1, omb1, beta2: tl.float64, eps_p, p, clip: tl.float64, wd, sign,
+    chunk_size, fuse_one_chunk,
+    DTYPE: tl.constexpr, HAS_GSCALE: tl.constexpr, HAS_LR: tl.constexpr, SQRT: tl.constexpr,
+    ALIGNED: tl.constexpr, TABLE: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK: tl.constexpr, SLOT_BLOCK: tl.constexpr,
+):
+    # A non-finite gradient anywhere in the step (or GradScaler's found_inf): change nothing.
+    if tl.load(skip) == 0.0:
+        pid = tl.program_id(0)
+        if TABLE:
+            blk = tl.load(meta + B_ROWS * n_tensors + pid)
+            t = blk >> 32
+            c = blk & 0xFFFFFFFF
+            p_ptr = _pointer(meta, B_P, n_tensors, t, DTYPE, ALIGNED)
+            g_ptr = _pointer(meta, B_G, n_tensors, t, DTYPE, ALIGNED)
+            f_ptr = _pointer(meta, B_F, n_tensors, t, tl.float32, ALIGNED)
+            m_ptr = _pointer(meta, B_M, n_tensors, t, tl.float32, ALIGNED)
+            step_ptr = _pointer(meta, B_STEP, n_tensors, t, tl.float32, False)
+            numel = tl.load(meta + B_NUMEL * n_tensors + t)
+            slot = tl.load(meta + B_SLOT * n_tensors + t)
+        else:
+            c = pid.to(tl.int64)
+            p_ptr = p_in
+            g_ptr = g_in
+            f_ptr = f_in
+            m_ptr = m_in
+            step_ptr = step_in
+            numel = numel_in
+            slot = slot_in
+        start = c * chunk_size
+        n = tl.minimum(numel - start, chunk_size).to(tl.int32)
+        p_ptr += start
+        g_ptr += start
+        f_ptr += start
+        m_ptr += start
+        if ALIGNED:
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            f_ptr = tl.multiple_of(f_ptr, 16)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+        gmul = _grad_mul(gscale, sign, HAS_GSCALE)
+        b2hat, omb2 = _fim_coeffs(step_ptr, beta2, INTERPRET)
+        if HAS_LR:
+            lr_v = tl.load(lr_ptr).to(tl.float32)
+        else:
+            lr_v = lr
+        inv_s1 = tl.full([], 1.0, tl.float64)
+        inv_s2 = tl.full([], 1.0, tl.float64)
+        if clip > 0.0:
+            if (numel <= chunk_size) & fuse_one_chunk:
+                # One-chunk tensor done in this one program: phase A's reduction first, then the
+                # update re-reads the same chunk (at most chunk_size elements, so from L2 while
+                # the group's working set fits it).
+                sum_g, sum_w, _bad = _reduce_chunk(p_ptr, g_ptr, f_ptr, n, b2hat, omb2, p, eps_p,
+                                                   gmul, SQRT, INTERPRET, BLOCK)
+            else:
+                nslots = tl.maximum((numel + chunk_size - 1) // chunk_size, 1)
+                sum_g, sum_w = _sum_slots(partials, slot, nslots, SLOT_BLOCK)
+            inv_s1 = _clip_inv_scale(sum_g, numel, clip)
+            inv_s2 = _clip_inv_scale(sum_w, numel, clip)
+        _update_chunk(p_ptr, g_ptr, f_ptr, m_ptr, n, b2hat, omb2, p, eps_p, gmul,
+                      beta1, omb1, inv_s1.to(tl.float32), inv_s2.to(tl.float32), lr_v, wd,
+                      SQRT, INTERPRET, BLOCK)
