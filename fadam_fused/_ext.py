@@ -38,7 +38,3 @@ KERNELS: frozenset[str] = frozenset(
     and torch._C._dispatch_has_kernel_for_dispatch_key("fadam_fused::fadam_phase_a", key)
 )
 
-
-def has_kernel(dispatch_key: str) -> bool:
-    """Whether the extension has kernels for a dispatch key ("CPU" or "CUDA")."""
-    return dispatch_key in KERNELS
