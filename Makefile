@@ -21,14 +21,15 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -na
 
 .PHONY: test bench bench-quick build clean
 
-test: $(BUILT)
+# The bench requirements too: tests/test_bench_smoke.py runs the benchmark and the example.
+test: $(BUILT) $(BENCH_DEPS)
 	$(PY) -m pytest -q -rs tests
 
 bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) bench/step_bench.py --csv bench/results/step_bench.csv --json bench/results/step_bench.json --plot bench/results/step_bench.png
 
 bench-quick: $(BUILT) $(BENCH_DEPS)
-	$(PY) bench/step_bench.py --quick
+	$(PY) bench/step_bench.py --quick --plot bench/results/step_bench_quick.png
 
 build: $(BUILT)
 

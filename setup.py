@@ -71,7 +71,10 @@ def _extensions():
 
     # -ffp-contract=off: the vector body and the zero-padded tail of the CPU kernel must round the
     # same way, and phase A must recompute phase B's f bit for bit (csrc/fadam_math.h).
-    cxx = ["-O3", "-ffp-contract=off", "-fvisibility=hidden",
+    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` (ATen/ParallelOpenMP.h) that
+    # compiles into this library; without the flag it runs on one thread. The libgomp.so.1 it
+    # links resolves to the one torch has already loaded.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden",
            "-Wno-unknown-pragmas"]  # at::vec headers carry CUDA-only `#pragma unroll`
     vec = os.environ.get("FADAM_CPU_VEC", "avx2" if _cpu_has_avx2() else "none")
     if vec == "avx2":
@@ -85,7 +88,7 @@ def _extensions():
     if not with_cuda:
         print("fadam_fused: building the CPU kernels only (no CUDA toolkit, or FADAM_SKIP_CUDA=1)")
         return [CppExtension("fadam_fused._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx})]
+                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.cu"))
     # nvcc's defaults keep IEEE division and sqrt (-prec-div=true -prec-sqrt=true): no fast math.
     # --fmad=false: no FMA contraction, as the CPU build's -ffp-contract=off, so phase A and phase B
@@ -94,7 +97,8 @@ def _extensions():
     print(f"fadam_fused: building CPU and CUDA kernels (CUDA_HOME={cuda_home}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     return [CUDAExtension("fadam_fused._C", sources, include_dirs=include_dirs,
-                          extra_compile_args={"cxx": cxx + ["-DFADAM_WITH_CUDA"], "nvcc": nvcc})]
+                          extra_compile_args={"cxx": cxx + ["-DFADAM_WITH_CUDA"], "nvcc": nvcc},
+                          extra_link_args=["-fopenmp"])]
 
 
 def _build_ext():

@@ -1,0 +1,216 @@
+"""Output of bench/step_bench.py: the stdout table, CSV, JSON and the PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any
+
+from . import rows as rows_mod
+from .workloads import Workload
+
+# CSV columns, in order. Environment columns are repeated on every line so one CSV line stands on
+# its own when files from several machines are concatenated.
+META_COLUMNS = ("date", "device", "device_name", "threads", "torch", "triton", "python", "fadam_fused")
+RESULT_COLUMNS = ("workload", "kind", "n_params", "n_tensors", "dtype", "row", "status", "median_ms",
+                  "p20_ms", "p80_ms", "n_samples", "rounds", "bytes_per_param", "gbps",
+                  "time_vs_adam_fused", "paired_vs_adam_fused_median", "reason")
+
+
+def header(meta: dict[str, Any]) -> str:
+    load = meta.get("loadavg_start")
+    load_s = f", load avg {load[0]:.2f}" if load else ""
+    llc = f", LLC {meta['llc']}" if meta.get("llc") else ""
+    return (f"fadam_fused step benchmark: {meta['device']} ({meta['device_name']}{llc}), "
+            f"{meta['threads']} threads, torch {meta['torch']}, triton {meta.get('triton')}, "
+            f"python {meta['python']}, {meta['date']}{load_s}\n"
+            f"timing: {meta['timing']}, {meta['warmup']}; times in ms per step; "
+            f"x adam-fused = median time / torch-adam-fused's median time (lower is faster); "
+            f"paired = median over rounds of the same ratio within one round (robust to drift)")
+
+
+def _fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x" if x >= 0.1 else f"{x:.2g}x"
+
+
+def _fmt_ms(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+
+
+def table(w: Workload, results: list[dict[str, Any]]) -> str:
+    from .traffic import bytes_per_param
+    n, dtype = w.n_params, results[0]["dtype"] if results else "float32"
+    import torch
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    working = n * (2 * size + 8)  # p + g + m + v (FAdam state float32)
+    lines = [f"\n== {w.name} ({w.kind}): {n / 1e6:.2f}M params in {w.n_tensors} tensors, {dtype}, "
+             f"p+g+m+v {working / 1e9:.2f} GB; {w.note}",
+             f"   bytes/param model: adam {bytes_per_param('adam', w.numels, getattr(torch, dtype)):.1f}, "
+             f"fadam {bytes_per_param('fadam', w.numels, getattr(torch, dtype)):.1f}"]
+    head = (f"{'row':<24} {'median':>9} {'p20':>9} {'p80':>9} {'n':>4} {'B/param':>7} {'GB/s':>7} "
+            f"{'x adam-fused':>12} {'paired':>7}")
+    lines += [head, "-" * len(head)]
+    for r in results:
+        if r["status"] != "ok":
+            lines.append(f"{r['row']:<24} not run ({r['status']}): {r['reason']}")
+            continue
+        ratio, pr = r.get("time_vs_adam_fused"), r.get("paired_vs_adam_fused")
+        lines.append(f"{r['row']:<24} {_fmt_ms(r['median_ms']):>9} {_fmt_ms(r['p20_ms']):>9} "
+                     f"{_fmt_ms(r['p80_ms']):>9} {r['n_samples']:>4} {r['bytes_per_param']:>7.1f} "
+                     f"{r['gbps']:>7.1f} {(f'{_fmt_ratio(ratio)}' if ratio else '-'):>12} "
+                     f"{(f'{_fmt_ratio(pr[1])}' if pr else '-'):>7}")
+    return "\n".join(lines)
+
+
+def summary_text(summ: dict[str, Any], results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"\nfinished in {meta.get('elapsed_s')} s"
+             + (f"; load avg {meta['loadavg_end'][0]:.2f} at the end" if meta.get("loadavg_end") else "")]
+    for name, e in summ.items():
+        parts = [f"{name} on {e['workload']}:"]
+        if "time_vs_adam_fused" in e:
+            pr = e.get("paired_vs_adam_fused")
+            paired = f", per-round paired {_fmt_ratio(pr[1])} [p20 {pr[0]:.2f}, p80 {pr[2]:.2f}]" if pr else ""
+            parts.append(f"{_fmt_ratio(e['time_vs_adam_fused'])} torch-adam-fused's time{paired} "
+                         f"(target <= 1.5x; memory-bound expectation "
+                         f"{e['memory_bound_expectation']:.2f}x);")
+        if "speedup_vs_pytorch_optimizer" in e:
+            ps = e.get("paired_speedup_vs_pytorch_optimizer")
+            paired = f", per-round paired {ps[1]:.1f}x [p20 {ps[0]:.1f}, p80 {ps[2]:.1f}]" if ps else ""
+            parts.append(f"{e['speedup_vs_pytorch_optimizer']:.1f}x faster than pytorch_optimizer-fadam"
+                         f"{paired} (target >= 8x)")
+        lines.append(" ".join(parts))
+    skipped = sorted({(r["row"], r["status"], r["reason"]) for r in results if r["status"] != "ok"})
+    seen = set()
+    for row, status, reason in skipped:
+        if row not in seen:
+            seen.add(row)
+            lines.append(f"not run: {row} ({status}): {reason}")
+    return "\n".join(lines)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    return v
+
+
+def write_csv(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(META_COLUMNS + RESULT_COLUMNS)
+        for r in results:
+            flat = dict(r, paired_vs_adam_fused_median=(r.get("paired_vs_adam_fused") or [None] * 3)[1])
+            w.writerow([meta.get(c) for c in META_COLUMNS] + [_clean(flat.get(c, "")) for c in RESULT_COLUMNS])
+
+
+def write_json(path: str, meta: dict[str, Any], results: list[dict[str, Any]], summ: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": [{k: _clean(v) for k, v in r.items()} for r in results],
+                   "summary": summ}, f, indent=1)
+        f.write("\n")
+
+
+def plot(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """One panel per sweep (step time vs parameters, vs tensor count), log-log, p20-p80 bars;
+    a bar chart of the default workload when no sweep ran."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display here or in CI
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r["status"] == "ok"]
+    panels = [k for k in ("size", "count") if any(r["kind"] == k for r in ok)]
+    if not panels:
+        panels = ["default"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    for ax, kind in zip(axes[0], panels):
+        data = [r for r in ok if r["kind"] == kind]
+        if kind == "default":
+            names = [r["row"] for r in data]
+            ax.barh(names, [r["median_ms"] for r in data],
+                    xerr=[[r["median_ms"] - r["p20_ms"] for r in data],
+                          [r["p80_ms"] - r["median_ms"] for r in data]])
+            ax.set_xscale("log")
+            ax.set_xlabel("ms per step (median, p20-p80)")
+            ax.set_title(data[0]["workload"] if data else "default")
+            continue
+        for name in rows_mod.ROW_NAMES:
+            pts = sorted((r for r in data if r["row"] == name),
+                         key=lambda r: r["n_params"] if kind == "size" else r["n_tensors"])
+            if not pts:
+                continue
+            xs = [p["n_params"] if kind == "size" else p["n_tensors"] for p in pts]
+            ys = [p["median_ms"] for p in pts]
+            err = [[p["median_ms"] - p["p20_ms"] for p in pts], [p["p80_ms"] - p["median_ms"] for p in pts]]
+            style = "-" if name.startswith("fadam") else "--"
+            ax.errorbar(xs, ys, yerr=err, fmt=style + "o", ms=3, capsize=2, label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_ylabel("ms per step (median, p20-p80)")
+        if kind == "size":
+            ax.set_xlabel("parameters (LLM-shaped list)")
+            ax.set_title("step time vs size")
+        else:
+            total = data[0]["n_params"] if data else 0
+            ax.set_xlabel(f"tensors ({total / 1e6:.1f}M parameters in total)")
+            ax.set_title("step time vs tensor count")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{meta['device']} {meta['device_name']}, {meta['threads']} threads, "
+                 f"torch {meta['torch']}, {meta['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """README tables from a results JSON: the default workload in full, then one table per sweep
+    (median ms per row and point). `python -m bench.report bench/results/step_bench.json`."""
+    out = [f"{meta['device']} ({meta['device_name']}, LLC {meta.get('llc')}), {meta['threads']} threads, "
+           f"torch {meta['torch']}, python {meta['python']}, {meta['date']}, load average "
+           f"{(meta.get('loadavg_start') or [float('nan')])[0]:.1f} at the start"]
+    default = [r for r in results if r["kind"] == "default"]
+    if default:
+        r0 = default[0]
+        out += ["", f"Default workload `{r0['workload']}`: {r0['n_params'] / 1e6:.1f}M {r0['dtype']} params "
+                    f"in {r0['n_tensors']} tensors.", "",
+                "| row | median ms | p20 | p80 | B/param | GB/s | x adam-fused | paired |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in default:
+            if r["status"] != "ok":
+                out.append(f"| {r['row']} | not run: {r['reason']} | | | | | | |")
+                continue
+            ratio, pr = r.get("time_vs_adam_fused"), r.get("paired_vs_adam_fused")
+            out.append(f"| {r['row']} | {_fmt_ms(r['median_ms'])} | {_fmt_ms(r['p20_ms'])} | "
+                       f"{_fmt_ms(r['p80_ms'])} | {r['bytes_per_param']:.1f} | {r['gbps']:.1f} | "
+                       f"{f'{_fmt_ratio(ratio)}' if ratio else '-'} | {f'{_fmt_ratio(pr[1])}' if pr else '-'} |")
+    for kind, title in (("size", "Size sweep"), ("count", "Tensor-count sweep")):
+        data = [r for r in results if r["kind"] == kind and r["status"] == "ok"]
+        if not data:
+            continue
+        points = list(dict.fromkeys(r["workload"] for r in data))
+        names = [n for n in rows_mod.ROW_NAMES if any(r["row"] == n for r in data)]
+        by = {(r["workload"], r["row"]): r for r in data}
+        out += ["", f"{title}: median ms per step (x adam-fused)", "",
+                "| row | " + " | ".join(points) + " |", "| --- |" + " ---: |" * len(points)]
+        for n in names:
+            cells = []
+            for p in points:
+                r = by.get((p, n))
+                ratio = r.get("time_vs_adam_fused") if r else None
+                cells.append(f"{_fmt_ms(r['median_ms'])} ({_fmt_ratio(ratio)})" if r and ratio else
+                             (_fmt_ms(r["median_ms"]) if r else "-"))
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    with open(sys.argv[1]) as f:
+        doc = json.load(f)
+    print(markdown(doc["meta"], doc["results"]))

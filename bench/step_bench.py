@@ -1,0 +1,567 @@
+"""Time one optimizer step per implementation, side by side in one process (issue 5).
+
+    .venv/bin/python bench/step_bench.py                     # default CPU/GPU run, ~5 min on CPU
+    .venv/bin/python bench/step_bench.py --quick             # < 2 min on CPU
+    .venv/bin/python bench/step_bench.py --csv out.csv --json out.json --plot out.png
+
+How a workload is measured:
+
+1. One parameter list is generated (fixed seed) and one gradient list (fixed seed). Each row gets
+   its own *copy of the parameters* (steps mutate them) but they all *share the gradient tensors*:
+   no row writes p.grad (torch's Adam does not without maximize, FAdam never does: SPEC section 1,
+   pytorch_optimizer does not without maximize) and we check that with a float64 checksum after
+   each row's warmup. Sharing saves 4 B/param per row: 6 CPU rows of the 64M default then need
+   6 x 12 B + 4 B = 76 B/param = 4.9 GB instead of 6.1 GB.
+2. Each row runs 4 warmup steps (2 for rows slower than 50 ms per step) so lazy state
+   initialisation and the t=1 special case (b2hat = 0) are never timed; the last warmup step is
+   timed and gives the estimate the scheduler uses.
+3. Rounds: every round runs every row once, in an order rotated by one each round, so drift
+   (other jobs on the machine, thermal, page cache) falls on every row alike. Within a round a row
+   takes `Timer.blocked_autorange` samples for its share of the time budget; rows 5-30x slower than
+   fused (forloop, reference, pytorch_optimizer) take part in fewer rounds (at least 3), so the
+   default run stays under ~10 minutes.
+4. Statistics over all samples of a row: median, p20, p80 (each sample is the mean step time of a
+   block of back-to-back steps; blocked_autorange sizes blocks so timer overhead is < 0.01%).
+
+Parameters persist across steps and rounds (like training), so a workload that fits in cache is
+timed with warm caches: that is the "beat 1.43x where tensors fit in cache" case of issue 2. In a
+real training step, forward and backward evict the optimizer's data between steps, so for small
+models the large-workload figures are the realistic ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.benchmark import Timer
+
+if __package__ in (None, ""):  # run as `python bench/step_bench.py`: make `bench` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import report, rows as rows_mod, traffic, workloads  # noqa: E402
+
+WARMUP_NOTE = "4 warmup steps per row before timing (2 for rows slower than 50 ms/step)"
+MIN_ROUNDS = 3  # fewest rounds a slow row takes part in: p20/p80 need at least 3 samples
+
+# Time budgets (seconds of timing per workload, shared by its runnable rows) and round counts.
+# Default CPU run: 90 s for the main workload + 9 sweep points x 15 s = 225 s of timing, plus
+# ~1 min of setup and warmup (2 steps of 0.5-1.5 s for the slow rows at 64M params): ~5 min on an
+# idle machine. With builds and tests sharing the 2 cores, a first version with 120 s + 9 x 20 s
+# took 10 min (the slow rows ran 5-10x slower), hence these figures.
+# --quick: 25 s + 4 x 6 s of timing plus setup: ~1.5 min idle.
+BUDGETS = {
+    False: dict(default=90.0, sweep=15.0, rounds_default=24, rounds_sweep=8),
+    True: dict(default=25.0, sweep=6.0, rounds_default=10, rounds_sweep=4),
+}
+# Many short rounds rather than a few long ones: with other jobs on the machine the step time of
+# the fast rows swung 3x within seconds, so each row's slot in a round is kept to ~0.5 s (90 s /
+# 6 rows / 24 rounds) and rows compared in one round see the same conditions. Each round costs a
+# fast row one extra untimed step (~35-100 ms at 64M params).
+SIZE_SWEEP_D = {False: [64, 128, 256, 512, 1024], True: [64, 256]}
+COUNT_SWEEP_N = {False: [1, 64, 1024, 16384], True: [1, 4096]}
+
+
+# --------------------------------------------------------------------------------------------
+# Timers: one interface, torch.utils.benchmark.Timer on CPU, CUDA events on GPU.
+
+
+class CpuTimer:
+    # Steps slower than this are timed one at a time: 50 ms is 5e4x the ~1 us timer overhead.
+    SLOW_STEP_S = 0.05
+
+    def __init__(self, opt: torch.optim.Optimizer, threads: int):
+        # num_threads must be passed: Timer defaults to 1 thread, which would time a different
+        # machine than the one the user trains on.
+        self.timer = Timer(stmt="opt.step()", globals={"opt": opt}, num_threads=threads)
+
+    def _once(self) -> float:
+        """One timed step. Timer._timeit is the inner call of Timer.timeit / blocked_autorange
+        without their extra warmup steps; fall back to the public API if it ever goes away."""
+        if hasattr(self.timer, "_timeit"):
+            return self.timer._timeit(1)
+        return self.timer.blocked_autorange(min_run_time=0).times[-1]
+
+    def warmup(self) -> float:
+        """4 warmup steps for fast rows, 2 for slow ones; returns the time of the last one.
+
+        The first step allocates the state (and is FAdam's t=1 special case, b2hat = 0), so it is
+        never a sample. Slow rows (0.4-2 s per step at 64M params on 2 cores, 10x that when other
+        jobs share the cores) get one more warmup step only, to keep the run inside its budget."""
+        first = self._once()
+        if first >= self.SLOW_STEP_S:
+            return self._once()
+        return self.timer.timeit(number=1).median  # 2 warmup steps + 1 timed
+
+    def sample(self, min_run_time: float, step_s: float) -> list[float]:
+        """Per-step times of blocks of steps, until min_run_time is spent (at least one block)."""
+        if step_s >= self.SLOW_STEP_S:
+            # blocked_autorange would choose 1 step per block here anyway (timer overhead ~1 us is
+            # < 1e-4 of a 50 ms step), after one untimed estimate step per call: timing single
+            # steps directly halves the cost of the slow rows (0.4-20 s per step at 64M params).
+            times = [self._once()]
+            while sum(times) < min_run_time:
+                times.append(self._once())
+            return times
+        return list(self.timer.blocked_autorange(min_run_time=min_run_time).times)
+
+
+class CudaEventTimer:
+    """The GPU time of blocks of back-to-back steps, between two CUDA events.
+
+    Steps are enqueued without syncs, so a step whose host-side launch work is slower than its
+    kernels is measured at its launch rate, which is what a training loop sees."""
+
+    BLOCK_S = 2e-3  # >= 2 ms per block: event resolution (~0.5 us) is then < 0.05% of a sample
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt = opt
+
+    def _block(self, number: int) -> float:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            self.opt.step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / number
+
+    def warmup(self) -> float:
+        self._block(2)
+        return self._block(1)
+
+    def sample(self, min_run_time: float, step_s: float) -> list[float]:
+        number = max(1, math.ceil(self.BLOCK_S / step_s))
+        times, total = [], 0.0
+        while not times or total < min_run_time:
+            t = self._block(number)
+            times.append(t)
+            total += t * number
+        return times
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors, memory, environment
+
+
+def make_params(workload: workloads.Workload, device, dtype, seed: int) -> list[torch.Tensor]:
+    """LLM-like init: N(0, 0.02^2), the GPT-2 / LLaMA default for weights."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [(torch.randn(s, generator=gen, device=device) * 0.02).to(dtype) for s in workload.shapes]
+
+
+def make_grads(workload: workloads.Workload, device, dtype, seed: int) -> list[torch.Tensor]:
+    """N(0, 0.01^2): g*g ~ 1e-4 stays far from float32 denormals (< 1.2e-38) in every EMA, so no
+    row hits the slow denormal path; every grad is finite (no row skips its step)."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    return [(torch.randn(s, generator=gen, device=device) * 0.01).to(dtype) for s in workload.shapes]
+
+
+def checksum(tensors: list[torch.Tensor]) -> float:
+    return float(sum(torch.sum(t, dtype=torch.float64) for t in tensors if t.numel()))
+
+
+def state_bytes(row: rows_mod.Row, dtype: torch.dtype) -> int:
+    """Bytes of optimizer state per parameter: 2 tensors, param dtype for Adam, float32 for FAdam."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * (size if row.family == "adam" else 4)
+
+
+def peak_bytes_estimate(n_params: int, rows: list[rows_mod.Row], dtype: torch.dtype) -> int:
+    """Shared grads + the master copy + per row (params + state), + 16 B/param of transients
+    (pytorch_optimizer's foreach path allocates a few full-size temporaries per step)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    per_param = 2 * size + sum(size + state_bytes(r, dtype) for r in rows) + 16
+    return n_params * per_param
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not block the run
+
+
+def gpu_default_workload(device: torch.device, rows: list[rows_mod.Row], dtype) -> workloads.Workload:
+    """~1B params, or as many as fit in 60% of free GPU memory next to every row's copy."""
+    per_param = peak_bytes_estimate(1, rows, dtype)
+    fit = 0.6 * available_memory(device) / per_param
+    return workloads.llm_workload(min(workloads.GPU_DEFAULT_PARAMS, fit), workloads.GPU_DEFAULT_D_MODEL)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def last_level_cache() -> str | None:
+    base = "/sys/devices/system/cpu/cpu0/cache"
+
+    def read(path: str) -> str:
+        with open(path) as f:
+            return f.read().strip()
+
+    try:
+        levels = [d for d in os.listdir(base) if d.startswith("index")]
+        best = max(levels, key=lambda d: int(read(f"{base}/{d}/level")))
+        return read(f"{base}/{best}/size")
+    except (OSError, ValueError):
+        return None
+
+
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "device": device.type,
+        "device_name": cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu_model": cpu_model(),
+        "llc": last_level_cache(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except Exception:
+        meta["triton"] = None
+    try:
+        import fadam_fused
+        meta["fadam_fused"] = fadam_fused.__version__
+    except Exception:
+        meta["fadam_fused"] = None
+    try:
+        from importlib.metadata import version
+        meta["pytorch_optimizer"] = version("pytorch_optimizer")
+    except Exception:
+        meta["pytorch_optimizer"] = None
+    if device.type == "cuda":
+        meta["cuda"] = torch.version.cuda
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduling and the measurement loop
+
+
+def plan_rounds(estimates: dict[str, float], budget: float, rounds: int) -> dict[str, tuple[set[int], float]]:
+    """Per row: the rounds it takes part in and its min_run_time per round.
+
+    Each row gets an equal share of `budget`. A round costs a fast row one untimed step (the
+    block-size estimate of blocked_autorange, which also re-warms after the other rows) plus its
+    samples, and a slow row (CpuTimer.SLOW_STEP_S) one timed step. A row whose share cannot pay for
+    every round takes part in fewer, evenly spread rounds (at least MIN_ROUNDS); the others fill
+    their share with more samples per round."""
+    share = budget / max(1, len(estimates))
+    plan = {}
+    for name, t in estimates.items():
+        cost = t if t >= CpuTimer.SLOW_STEP_S else 2 * t
+        k = rounds if cost * rounds <= share else max(MIN_ROUNDS, min(rounds, int(share // cost)))
+        min_run_time = max(0.0, share / k - t)
+        plan[name] = ({round(i * rounds / k) for i in range(k)}, min_run_time)
+    return plan
+
+
+def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device: torch.device,
+                 dtype: torch.dtype, threads: int, budget: float, rounds: int, seed: int,
+                 progress=None) -> list[dict[str, Any]]:
+    """Time every row on `workload`; one result dict per row (unavailable rows included)."""
+    results: dict[str, dict[str, Any]] = {}
+    numels = workload.numels
+    base = dict(workload=workload.name, kind=workload.kind, n_params=workload.n_params,
+                n_tensors=workload.n_tensors, dtype=str(dtype).replace("torch.", ""))
+    for row in rows:
+        chunk = row.chunk_size()
+        bpp = traffic.bytes_per_param(row.family, numels, dtype, dtype, chunk)
+        results[row.name] = dict(base, row=row.name, status="ok", reason="", bytes_per_param=bpp,
+                                 model_bytes=traffic.model_bytes(row.family, numels, dtype, dtype, chunk))
+
+    runnable = []
+    for row in rows:
+        reason = row.unavailable(device)
+        if reason is not None:
+            results[row.name].update(status="unavailable", reason=reason)
+        else:
+            runnable.append(row)
+
+    need = peak_bytes_estimate(workload.n_params, runnable, dtype)
+    have = available_memory(device)
+    if need > 0.9 * have:
+        raise SystemExit(f"{workload.name}: needs ~{need / 2**30:.1f} GiB for {len(runnable)} rows, "
+                         f"{have / 2**30:.1f} GiB available; pick fewer rows with --rows")
+
+    master = make_params(workload, device, dtype, seed)
+    grads = make_grads(workload, device, dtype, seed)
+    grad_sum = checksum(grads)
+    biggest = max(range(len(numels)), key=numels.__getitem__) if numels else None
+    live: dict[str, tuple[Any, Any]] = {}  # name -> (optimizer, timer)
+    estimates: dict[str, float] = {}
+    for row in runnable:
+        t0 = time.perf_counter()  # bookkeeping only (setup_s in the JSON), not a measurement
+        try:
+            params = [torch.nn.Parameter(m.clone()) for m in master]
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt = row.make(params)
+            timer = CpuTimer(opt, threads) if device.type == "cpu" else CudaEventTimer(opt)
+            estimates[row.name] = timer.warmup()
+            if checksum(grads) != grad_sum:
+                raise RuntimeError("the step wrote into p.grad (shared between rows); not timed")
+            if biggest is not None and torch.equal(params[biggest], master[biggest]):
+                raise RuntimeError("the warmup steps left the largest parameter unchanged: the step did nothing")
+            live[row.name] = (opt, timer)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            results[row.name].update(status="error", reason=f"{type(exc).__name__}: {msg}"[:300])
+            estimates.pop(row.name, None)
+            if checksum(grads) != grad_sum:  # restore the shared grads for the next rows
+                for g, fresh in zip(grads, make_grads(workload, device, dtype, seed)):
+                    g.copy_(fresh)
+        finally:
+            params = opt = timer = None  # noqa: F841  (drop references before the next row)
+        results[row.name]["setup_s"] = round(time.perf_counter() - t0, 2)
+        if progress is not None:
+            progress.update(1)
+    del master
+    gc.collect()
+
+    samples: dict[str, list[float]] = {name: [] for name in live}
+    spent = {name: 0.0 for name in live}
+    round_medians: dict[str, list[float | None]] = {name: [None] * rounds for name in live}
+    plan = plan_rounds(estimates, budget, rounds)
+    share = budget / max(1, len(live))
+    order = list(live)
+    for r in range(rounds):
+        shift = r % max(1, len(order))
+        for name in order[shift:] + order[:shift]:
+            joins, _ = plan[name]
+            if r not in joins:
+                continue
+            # Re-plan from what this row really cost so far: when other jobs slow the machine
+            # down 2-5x mid-run, the remaining rounds shrink instead of the run overrunning.
+            left = sum(1 for j in joins if j >= r)
+            t = float(np.median(samples[name])) if samples[name] else estimates[name]
+            min_run_time = max(0.0, (share - spent[name]) / left - t)
+            t0 = time.perf_counter()
+            got = live[name][1].sample(min_run_time, t)
+            spent[name] += time.perf_counter() - t0
+            samples[name].extend(got)
+            round_medians[name][r] = float(np.median(got)) * 1e3
+        if progress is not None:
+            progress.update(1)
+
+    for name, times in samples.items():
+        p20, med, p80 = np.percentile(np.asarray(times) * 1e3, [20, 50, 80])
+        res = results[name]
+        res.update(median_ms=float(med), p20_ms=float(p20), p80_ms=float(p80), n_samples=len(times),
+                   gbps=res["model_bytes"] / (med / 1e3) / 1e9, rounds=len(plan[name][0]),
+                   timed_s=round(spent[name], 2), round_medians_ms=round_medians[name])
+    base = results.get(rows_mod.BASELINE, {})
+    for res in results.values():
+        if "median_ms" in res and base.get("median_ms"):
+            res["time_vs_adam_fused"] = res["median_ms"] / base["median_ms"]
+            res["paired_vs_adam_fused"] = paired_ratio(res, base)
+
+    live.clear()
+    del grads
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return [results[r.name] for r in rows]
+
+
+def paired_ratio(res: dict[str, Any], base: dict[str, Any]) -> list[float] | None:
+    """[p20, median, p80] of the per-round ratio of this row's median step time to the baseline's
+    in the same round. Rows of one round run seconds apart, so when other jobs slow the machine
+    down for a while both sides of a ratio see it: this is the drift-robust figure (None when the
+    two rows shared fewer than 3 rounds)."""
+    pairs = [a / b for a, b in zip(res.get("round_medians_ms", []), base.get("round_medians_ms", []))
+             if a is not None and b]
+    if len(pairs) < MIN_ROUNDS:
+        return None
+    return [float(x) for x in np.percentile(pairs, [20, 50, 80])]
+
+
+def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 2's CPU targets on the default workload: fadam-cpu <= 1.5x torch-adam-fused's time,
+    and >= 8x faster than pytorch_optimizer-fadam."""
+    by = {(r["kind"], r["row"]): r for r in results}
+    out: dict[str, Any] = {}
+    for fused in ("fadam-cpu", "fadam-cuda", "fadam-triton"):
+        mine, adam, po = by.get(("default", fused)), by.get(("default", "torch-adam-fused")), \
+            by.get(("default", "pytorch_optimizer-fadam"))
+        if not mine or "median_ms" not in mine:
+            continue
+        entry: dict[str, Any] = {"workload": mine["workload"]}
+        if adam and "median_ms" in adam:
+            entry["time_vs_adam_fused"] = mine["median_ms"] / adam["median_ms"]
+            entry["paired_vs_adam_fused"] = mine.get("paired_vs_adam_fused")
+            entry["memory_bound_expectation"] = mine["bytes_per_param"] / adam["bytes_per_param"]
+        if po and "median_ms" in po:
+            entry["speedup_vs_pytorch_optimizer"] = po["median_ms"] / mine["median_ms"]
+            inverse = paired_ratio(po, mine)  # pytorch_optimizer's time / ours, per round
+            entry["paired_speedup_vs_pytorch_optimizer"] = inverse
+        out[fused] = entry
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class _NoProgress:
+    """The part of tqdm's interface main() uses, doing nothing but printing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def write(self, s):
+        print(s, flush=True)
+
+    def close(self):
+        pass
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"),
+                    default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="default: cuda if available, else cpu")
+    ap.add_argument("--quick", action="store_true", help="smaller budgets and sweeps (< 2 min on CPU)")
+    ap.add_argument("--workloads", default="default,size,count",
+                    help="comma list of: default (LLM-shaped), size (size sweep), count "
+                         "(tensor-count sweep); default: all three")
+    ap.add_argument("--rows", default="", help=f"comma list of rows (default: all): "
+                                              f"{', '.join(rows_mod.ROW_NAMES)}")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="param and grad dtype (FAdam state stays float32)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--budget-scale", type=float, default=1.0,
+                    help="multiply every time budget (e.g. 3 for final figures)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--csv", metavar="PATH")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--plot", metavar="PATH", help="PNG: step time vs size / tensor count")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def build_workloads(args, device, rows) -> list[workloads.Workload]:
+    kinds = [k.strip() for k in args.workloads.split(",") if k.strip()]
+    unknown = set(kinds) - {"default", "size", "count", "tiny"}
+    if unknown:
+        raise SystemExit(f"unknown workload kind(s) {sorted(unknown)}; use default, size, count")
+    dtype = getattr(torch, args.dtype)
+    out = []
+    if "tiny" in kinds:  # 75K params: for tests/test_bench_smoke.py, not for figures
+        out.append(workloads.tiny_workload())
+    if "default" in kinds:
+        if device.type == "cuda":
+            out.append(gpu_default_workload(device, rows, dtype))
+        else:
+            out.append(workloads.llm_workload(workloads.CPU_DEFAULT_PARAMS, workloads.CPU_DEFAULT_D_MODEL))
+    if "size" in kinds:
+        ds = SIZE_SWEEP_D[args.quick]
+        if device.type == "cuda":
+            ds = ds + [2048]  # GPUs have the memory for 270M params and need it to saturate
+        out += workloads.size_sweep(ds)
+    if "count" in kinds:
+        out += workloads.count_sweep(COUNT_SWEEP_N[args.quick])
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    dtype = getattr(torch, args.dtype)
+    rows = rows_mod.select([r.strip() for r in args.rows.split(",") if r.strip()])
+    works = build_workloads(args, device, rows)
+    b = BUDGETS[args.quick]
+    meta = environment(device, threads)
+    meta.update(quick=args.quick, budget_scale=args.budget_scale, argv=sys.argv[1:], seed=args.seed,
+                timing=("torch.utils.benchmark.Timer.blocked_autorange" if device.type == "cpu"
+                        else "CUDA events"), warmup=WARMUP_NOTE)
+    print(report.header(meta), flush=True)
+    load = meta["loadavg_start"]
+    if device.type == "cpu" and load and load[0] > 0.5 + (os.cpu_count() or 1) - threads:
+        # With more runnable threads than cores, an OpenMP barrier waits for a descheduled thread
+        # for a whole time slice (ms): here that made a 1.5 s reference step take 7-20 s and
+        # fused Adam's p80 10x its p20. Small workloads and many-op rows suffer most.
+        print(f"WARNING: 1-minute load average {load[0]:.1f} on {os.cpu_count()} cores with {threads} "
+              "threads here: other jobs share (or just shared) the CPU, so these figures may be "
+              "noisy; compare the loadavg_end in the JSON, and rerun on an idle machine for "
+              "published numbers", flush=True)
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # requirements-bench.txt not installed: run without a progress bar
+        tqdm = _NoProgress
+    units = sum(len(rows) + (b["rounds_default"] if w.kind == "default" else b["rounds_sweep"])
+                for w in works)
+    progress = tqdm(total=units, desc="step_bench", unit="step", file=sys.stderr, dynamic_ncols=True,
+                    disable=True if args.no_progress else None)
+    started = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    for w in works:
+        progress.set_postfix_str(w.name)
+        default = w.kind == "default"
+        budget = (b["default"] if default else b["sweep"]) * args.budget_scale
+        rounds = b["rounds_default"] if default else b["rounds_sweep"]
+        res = run_workload(w, rows, device, dtype, threads, budget, rounds, args.seed, progress)
+        results += res
+        progress.write(report.table(w, res))
+    progress.close()
+    meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+    meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    summ = summary(results)
+    print(report.summary_text(summ, results, meta), flush=True)
+    if args.csv:
+        report.write_csv(args.csv, meta, results)
+    if args.json:
+        report.write_json(args.json, meta, results, summ)
+    if args.plot:
+        report.plot(args.plot, meta, results)
+    for path in (args.csv, args.json, args.plot):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

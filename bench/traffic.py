@@ -1,0 +1,90 @@
+"""Bytes moved per parameter per optimizer step: the SPEC section 3 traffic model.
+
+The model counts the memory traffic a fused kernel *must* have, so effective GB/s = model bytes /
+step time is comparable across rows of one family. Unfused rows (foreach, forloop, the reference,
+pytorch_optimizer) really move several times more bytes (every elementwise op is its own pass); the
+model still counts only the fused minimum for them, which is why their GB/s is low.
+
+Per element, with P = parameter bytes, G = gradient bytes, S = bytes of one state element:
+
+  Adam (torch.optim.Adam, any implementation)
+      read g, m, v, theta; write m, v, theta              = G + 2P + 4S   (fp32: 4 + 8 + 16 = 28 B)
+      torch's Adam keeps m and v in the parameter dtype, so S = P (bf16: 2 + 4 + 8 = 14 B).
+
+  FAdam, tensor of more than one chunk (phase A and B are separate passes over memory)
+      phase A: read g, f, theta                           = G + S + P
+      phase B: read g, f, m, theta; write f, m, theta     = G + 4S + 2P
+      total                                               = 2G + 5S + 3P  (fp32: 40 B)
+      FAdam's state is float32 whatever the parameter dtype (SPEC section 4), so S = 4
+      (bf16 params and grads: 4 + 20 + 6 = 30 B).
+
+  FAdam, one-chunk tensor (numel <= chunk size, 65536 on CPU): both phases run in one task and
+  phase B re-reads from cache, so the SPEC's minimum is Adam's G + 4S + 2P = 28 B. Our kernels read
+  g once more in phase A for the non-finite check (SPEC section 5) before the fused pass, so we
+  count                                                   = 2G + 4S + 2P  (fp32: 32 B)
+
+A workload's bytes/param is the numel-weighted mean over its tensors, so an LLM-shaped list (nearly
+all parameters in big matrices) sits near 40 B and a list of many small tensors near 32 B.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+# Elements per chunk of the fused CPU kernels (fadam_fused.backends: chunk_size=65536, the
+# partial-sum layout of csrc/fadam_ops.h). Used when the backend cannot be asked (not importable,
+# or a row that is not a fused backend but is modelled like one).
+DEFAULT_CHUNK_SIZE = 65536
+
+FADAM_STATE_DTYPE = torch.float32  # SPEC section 4: momentum and fim are float32 for every dtype
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def adam_bytes_per_element(param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None) -> int:
+    """G + 2P + 4S with S = P (torch's Adam stores exp_avg / exp_avg_sq in the param dtype)."""
+    p = _size(param_dtype)
+    g = _size(grad_dtype or param_dtype)
+    s = p
+    return g + 2 * p + 4 * s
+
+
+def fadam_bytes_per_element(numel: int, param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None,
+                            chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
+    """2G + 5S + 3P for multi-chunk tensors, 2G + 4S + 2P for one-chunk ones, S = 4 (float32)."""
+    p = _size(param_dtype)
+    g = _size(grad_dtype or param_dtype)
+    s = _size(FADAM_STATE_DTYPE)
+    if numel <= chunk_size:
+        return 2 * g + 4 * s + 2 * p
+    return 2 * g + 5 * s + 3 * p
+
+
+def model_bytes(family: str, numels: Iterable[int], param_dtype: torch.dtype,
+                grad_dtype: torch.dtype | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
+    """Total bytes one step moves for a list of tensor sizes; family is "adam" or "fadam"."""
+    total = 0
+    for n in numels:
+        if n == 0:
+            continue  # an empty tensor moves nothing
+        if family == "adam":
+            total += n * adam_bytes_per_element(param_dtype, grad_dtype)
+        elif family == "fadam":
+            total += n * fadam_bytes_per_element(n, param_dtype, grad_dtype, chunk_size)
+        else:
+            raise ValueError(f"unknown traffic family {family!r}; expected 'adam' or 'fadam'")
+    return total
+
+
+def bytes_per_param(family: str, numels: Sequence[int], param_dtype: torch.dtype,
+                    grad_dtype: torch.dtype | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
+    """The numel-weighted mean of the model over a workload (nan for an empty workload)."""
+    n = sum(numels)
+    if n == 0:
+        return math.nan
+    return model_bytes(family, numels, param_dtype, grad_dtype, chunk_size) / n

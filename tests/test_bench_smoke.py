@@ -1,0 +1,130 @@
+"""Smoke test of the benchmark machinery and the training example (fast; no timing assertions).
+
+Runs bench/step_bench.py on its tiny workload with a couple of rows, and checks the CSV / JSON
+fields and the bytes-per-param traffic model (SPEC section 3). The figures themselves come from
+`make bench`, not from here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import report, rows, step_bench, traffic, workloads  # noqa: E402
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+def test_traffic_model_per_element():
+    # SPEC section 3: Adam 28 B/param in float32; exact FAdam 40 B for multi-chunk tensors; one-chunk
+    # tensors 28 B in the SPEC plus our phase-A re-read of g for the non-finite check = 32 B.
+    assert traffic.adam_bytes_per_element(F32) == 28
+    assert traffic.fadam_bytes_per_element(65537, F32) == 40
+    assert traffic.fadam_bytes_per_element(65536, F32) == 32
+    assert traffic.fadam_bytes_per_element(1, F32) == 32
+    # bf16 / fp16 params and grads are 2 bytes; torch's Adam keeps its state in the param dtype,
+    # FAdam keeps float32 state (SPEC section 4).
+    assert traffic.adam_bytes_per_element(BF16) == 2 + 2 * 2 + 4 * 2
+    assert traffic.fadam_bytes_per_element(10**6, BF16) == 2 * 2 + 5 * 4 + 3 * 2  # 30
+    assert traffic.fadam_bytes_per_element(100, F16) == 2 * 2 + 4 * 4 + 2 * 2     # 24
+    # The chunk size of the backend sets the one-chunk threshold.
+    assert traffic.fadam_bytes_per_element(5000, F32, chunk_size=4096) == 40
+
+
+def test_traffic_model_weighted_over_a_workload():
+    numels = [70000, 4096, 300, 0]  # one multi-chunk, two one-chunk, one empty (moves nothing)
+    total = 70000 * 40 + (4096 + 300) * 32
+    assert traffic.model_bytes("fadam", numels, F32) == total
+    assert traffic.bytes_per_param("fadam", numels, F32) == pytest.approx(total / sum(numels))
+    assert traffic.bytes_per_param("adam", numels, F32) == pytest.approx(28.0)
+    assert math.isnan(traffic.bytes_per_param("adam", [], F32))
+    # The CPU default workload is LLM-shaped, bigger than a 480 MiB LLC, and nearly all multi-chunk.
+    w = workloads.llm_workload(workloads.CPU_DEFAULT_PARAMS, workloads.CPU_DEFAULT_D_MODEL)
+    assert 60e6 < w.n_params < 70e6
+    assert w.n_params * 16 > 480 * 2**20
+    assert 39.9 < traffic.bytes_per_param("fadam", w.numels, F32) <= 40.0
+
+
+def test_rows_have_the_issue_names_and_gpu_rows_say_why_not():
+    assert rows.ROW_NAMES == ("fadam-cpu", "fadam-reference", "fadam-triton", "fadam-cuda",
+                              "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop",
+                              "pytorch_optimizer-fadam")
+    by = {r.name: r for r in rows.all_rows()}
+    for name in ("fadam-triton", "fadam-cuda"):
+        reason = by[name].unavailable(torch.device("cpu"))
+        assert reason and "GPU" in reason
+
+
+def test_plan_rounds_gives_slow_rows_fewer_rounds():
+    plan = step_bench.plan_rounds({"fast": 0.01, "slow": 5.0}, budget=20.0, rounds=9)
+    assert len(plan["fast"][0]) == 9 and plan["fast"][1] > 0
+    assert len(plan["slow"][0]) == step_bench.MIN_ROUNDS and plan["slow"][1] == 0.0
+    assert plan["slow"][0] <= set(range(9))
+
+
+def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # requirements-bench.txt
+    wanted = ["torch-adam-fused", "torch-adam-foreach", "fadam-cpu", "fadam-cuda"]
+    csv_path, json_path, png = tmp_path / "r.csv", tmp_path / "r.json", tmp_path / "r.png"
+    step_bench.main(["--device", "cpu", "--quick", "--workloads", "tiny", "--rows", ",".join(wanted),
+                     "--budget-scale", "0.02", "--no-progress", "--csv", str(csv_path),
+                     "--json", str(json_path), "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert "torch-adam-fused" in out and "x adam-fused" in out
+
+    data = json.loads(json_path.read_text())
+    meta = data["meta"]
+    for key in ("device", "device_name", "threads", "torch", "triton", "python", "date", "cpu_model"):
+        assert key in meta
+    assert meta["device"] == "cpu" and meta["threads"] == torch.get_num_threads()
+    res = {r["row"]: r for r in data["results"]}
+    assert list(res) == [n for n in rows.ROW_NAMES if n in wanted]  # issue order, none dropped
+
+    w = workloads.tiny_workload()
+    assert res["fadam-cuda"]["status"] == "unavailable" and "GPU" in res["fadam-cuda"]["reason"]
+    timed = [r for r in res.values() if r["status"] == "ok"]
+    assert {"torch-adam-fused", "torch-adam-foreach"} <= {r["row"] for r in timed}
+    for r in timed:
+        assert r["n_params"] == w.n_params and r["n_tensors"] == w.n_tensors
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["n_samples"] >= step_bench.MIN_ROUNDS
+        family = "adam" if r["row"].startswith("torch-adam") else "fadam"
+        assert r["bytes_per_param"] == pytest.approx(traffic.bytes_per_param(family, w.numels, F32))
+        assert r["gbps"] == pytest.approx(r["model_bytes"] / (r["median_ms"] / 1e3) / 1e9)
+    assert res["torch-adam-fused"]["time_vs_adam_fused"] == pytest.approx(1.0)
+    assert res["torch-adam-fused"]["paired_vs_adam_fused"] == pytest.approx([1.0, 1.0, 1.0])
+    assert len(res["torch-adam-fused"]["round_medians_ms"]) == step_bench.BUDGETS[True]["rounds_default"]
+    # tiny = one 70000-element tensor (40 B) + one-chunk tensors (32 B)
+    one = sum(n for n in w.numels if n <= 65536)
+    assert res["torch-adam-fused"]["bytes_per_param"] == pytest.approx(28.0)
+    expected = (70000 * 40 + one * 32) / w.n_params
+    assert traffic.bytes_per_param("fadam", w.numels, F32) == pytest.approx(expected)
+
+    with open(csv_path, newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == len(wanted)
+    assert set(report.META_COLUMNS + report.RESULT_COLUMNS) <= set(lines[0])
+    assert {line["row"] for line in lines} == set(wanted)
+    assert png.stat().st_size > 1000
+
+
+def test_training_example_runs_a_few_steps(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import train_char_lm
+
+    png = tmp_path / "loss.png"
+    train_char_lm.main(["--steps", "3", "--eval-every", "3", "--batch", "4", "--context", "32",
+                        "--eval-batches", "1", "--sample-chars", "8", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert "adamw" in out and "fadam" in out and "final validation loss" in out
+    assert png.stat().st_size > 1000
