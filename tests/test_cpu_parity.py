@@ -18,15 +18,20 @@ CASES = [
     ("p0.75", {}, {"lr": 1e-2, "p": 0.75}, {}),
     ("wd0.1-betas", {}, {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99)}, {}),
     ("no-grad", {"no_grad": (1, 3)}, {"lr": 1e-2}, {}),
-    # Larger than one 65536-element chunk: exercises phase-A slots and the multi-chunk sums.
-    ("multi-chunk", {"shapes": [(3, 65536 + 17), (131072,), (7,)]}, {"lr": 1e-2}, {}),
+    # Larger than one chunk (shrunk to 4096 below): phase-A slots and the multi-chunk sums.
+    ("multi-chunk", {"shapes": [(3, 4096 + 17), (8192,), (4096,), (7,)]}, {"lr": 1e-2},
+     {"chunk": 4096}),
+    ("multi-chunk-clip-none", {"shapes": [(3, 4096 + 17), (7,)]}, {"lr": 1e-2, "clip": None},
+     {"chunk": 4096}),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_cpu_matches_oracle(case, dtype):
-    _, problem_kw, hyper, _ = case
+def test_cpu_matches_oracle(case, dtype, cpu_chunk):
+    _, problem_kw, hyper, extra = case
+    if "chunk" in extra:
+        cpu_chunk(extra["chunk"])
     problem = make_problem(dtype=dtype, steps=10, **problem_kw)
     fast, _, _ = run_optimizer(problem, "cpu", **hyper)
     ref64 = run_oracle64(problem, **hyper)
@@ -81,7 +86,8 @@ def test_tiny_eps_with_zero_gradient_stays_finite(backend, eps):
     assert not torch.equal(params[2].detach(), problem.init[2])
 
 
-def test_deterministic_bitwise():
+def test_deterministic_bitwise(cpu_chunk):
+    cpu_chunk(65536)
     problem = make_problem(shapes=[(200_000,), (4097,), (3, 70_000)], steps=4)
     a, _, _ = run_optimizer(problem, "cpu", lr=1e-2)
     b, _, _ = run_optimizer(problem, "cpu", lr=1e-2)
@@ -90,7 +96,8 @@ def test_deterministic_bitwise():
             assert torch.equal(x, y)
 
 
-def test_thread_count_does_not_change_bits():
+def test_thread_count_does_not_change_bits(cpu_chunk):
+    cpu_chunk(65536)
     problem = make_problem(shapes=[(300_000,), (65536 * 2 + 5,), (9,)], steps=3)
     threads = torch.get_num_threads()
     try:

@@ -359,40 +359,34 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
   const auto offsets = slot_offsets(params, chunk_size);
   const Consts consts = make_consts(eps, p, maximize, grad_scale);
   const double* slots = partials.const_data_ptr<double>();
-  const size_t n = params.size();
   const bool clipping = clip > 0.0;
 
   dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
-    // Per-tensor clip scales first: one-chunk tensors reduce here (both phases in one pass over
-    // cache-hot data), the others add up their phase-A slots in slot order.
-    std::vector<float> inv_s1(n, 1.0f), inv_s2(n, 1.0f);
-    if (clipping) {
-      at::parallel_for(0, static_cast<int64_t>(n), 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) {
-          const int64_t nch = offsets[i + 1] - offsets[i];
-          double sums[2] = {0.0, 0.0};
-          if (fuse_one_chunk && nch == 1) {
-            reduce_chunk<scalar_t, kSqrt>(ptrs[i], 0, ptrs[i].numel, consts, true, sums);
-          } else {
-            for (int64_t s = offsets[i]; s < offsets[i + 1]; ++s) {
-              sums[0] += slots[2 * s];
-              sums[1] += slots[2 * s + 1];
-            }
-          }
-          inv_s1[i] = static_cast<float>(clip_inv_scale(sums[0], ptrs[i].numel, clip));
-          inv_s2[i] = static_cast<float>(clip_inv_scale(sums[1], ptrs[i].numel, clip));
-        }
-      });
-    }
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
         const Item it = items[k];
         const TensorPtrs& t = ptrs[it.tensor];
+        const int64_t first = offsets[it.tensor], last = offsets[it.tensor + 1];
+        double sums[2] = {0.0, 0.0};
+        if (clipping && fuse_one_chunk && last - first == 1) {
+          // Both phases in one task: the reduction pulls the tensor into cache and the update
+          // below re-reads it from there, so DRAM sees g, f, theta once (SPEC section 3).
+          reduce_chunk<scalar_t, kSqrt>(t, 0, t.numel, consts, true, sums);
+        } else if (clipping) {
+          // The tensor's phase-A slots in slot order: every chunk of the tensor gets the same
+          // bits (a few hundred additions at most: chunks are 2^20 elements on the CPU).
+          for (int64_t s = first; s < last; ++s) {
+            sums[0] += slots[2 * s];
+            sums[1] += slots[2 * s + 1];
+          }
+        }
+        const auto inv_s1 = static_cast<float>(clip_inv_scale(sums[0], t.numel, clip));
+        const auto inv_s2 = static_cast<float>(clip_inv_scale(sums[1], t.numel, clip));
         const int64_t begin = it.chunk * chunk_size;
         const int64_t end = std::min(t.numel, begin + chunk_size);
-        update_chunk<scalar_t, kSqrt>(t, begin, end, consts, inv_s1[it.tensor],
-                                      inv_s2[it.tensor], static_cast<float>(lr),
-                                      static_cast<float>(beta1), static_cast<float>(weight_decay));
+        update_chunk<scalar_t, kSqrt>(t, begin, end, consts, inv_s1, inv_s2,
+                                      static_cast<float>(lr), static_cast<float>(beta1),
+                                      static_cast<float>(weight_decay));
       }
     });
   });
