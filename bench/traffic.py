@@ -18,8 +18,8 @@ Per element, with P = parameter bytes, G = gradient bytes, S = bytes of one stat
       FAdam's state is float32 whatever the parameter dtype (SPEC section 4), so S = 4
       (bf16 params and grads: 4 + 20 + 6 = 30 B).
 
-  FAdam, one-chunk tensor (numel <= chunk size, 65536 on CPU): both phases run in one task and
-  phase B re-reads from cache, so the SPEC's minimum is Adam's G + 4S + 2P = 28 B. Our kernels read
+  FAdam, one-chunk tensor (numel <= the backend chunk size: 2^20 on CPU, 65536 on GPUs): both
+  phases run in one task (one block) and phase B re-reads from cache, so the SPEC's minimum is Adam's G + 4S + 2P = 28 B. Our kernels read
   g once more in phase A for the non-finite check (SPEC section 5) before the fused pass, so we
   count                                                   = 2G + 4S + 2P  (fp32: 32 B)
 
@@ -34,9 +34,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-# Elements per chunk of the fused CPU kernels (fadam_fused.backends: chunk_size=65536, the
-# partial-sum layout of csrc/fadam_ops.h). Used when the backend cannot be asked (not importable,
-# or a row that is not a fused backend but is modelled like one).
+# Elements per chunk when the backend cannot be asked (not importable, or a row that is not a
+# fused backend but is modelled like one): the GPU kernels' 65536. The CPU backend reports its
+# own 2^20 (fadam_fused.backends._CHUNK_SIZE).
 DEFAULT_CHUNK_SIZE = 65536
 
 FADAM_STATE_DTYPE = torch.float32  # SPEC section 4: momentum and fim are float32 for every dtype
