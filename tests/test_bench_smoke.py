@@ -98,7 +98,9 @@ def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["n_samples"] >= step_bench.MIN_ROUNDS
         family = "adam" if r["row"].startswith("torch-adam") else "fadam"
-        assert r["bytes_per_param"] == pytest.approx(traffic.bytes_per_param(family, w.numels, F32))
+        chunk = next(row for row in rows.all_rows() if row.name == r["row"]).chunk_size()
+        assert r["bytes_per_param"] == pytest.approx(
+            traffic.bytes_per_param(family, w.numels, F32, chunk_size=chunk))
         assert r["gbps"] == pytest.approx(r["model_bytes"] / (r["median_ms"] / 1e3) / 1e9)
     assert res["torch-adam-fused"]["time_vs_adam_fused"] == pytest.approx(1.0)
     assert res["torch-adam-fused"]["paired_vs_adam_fused"] == pytest.approx([1.0, 1.0, 1.0])
