@@ -112,4 +112,28 @@ inline void check_group(
   TORCH_CHECK(skip.device() == device, op, ": skip must be on ", device);
 }
 
+// Calls f.template operator()<scalar_t, kSqrt>() for the storage dtype and p: every kernel of every
+// backend is instantiated per (float32 / bfloat16 / float16, p == 0.5). check_group() has already
+// restricted the dtype to these three.
+template <typename F>
+void dispatch(at::ScalarType dtype, double p, F&& f) {
+  auto with_p = [&]<typename scalar_t>() {
+    if (p == 0.5) {
+      f.template operator()<scalar_t, true>();
+    } else {
+      f.template operator()<scalar_t, false>();
+    }
+  };
+  switch (dtype) {
+    case at::kFloat:
+      return with_p.template operator()<float>();
+    case at::kBFloat16:
+      return with_p.template operator()<at::BFloat16>();
+    case at::kHalf:
+      return with_p.template operator()<at::Half>();
+    default:
+      TORCH_CHECK(false, "fadam_fused: unsupported dtype ", dtype);
+  }
+}
+
 }  // namespace fadam

@@ -88,6 +88,30 @@ def test_phase_b_is_a_no_op_when_skip_is_set():
     assert all(torch.equal(a, b) for a, b in zip(before, params + fims + moms))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("p", [0.5, 0.75])
+def test_fuse_one_chunk_does_not_change_bits(dtype, p):
+    # A fused one-chunk tensor is reduced and updated in one task, with r = 1/d kept from the
+    # reduction ([note: CPU fused one-chunk tensors]); unfused, phase A writes its slot and phase
+    # B recomputes r. Same sums, same r, same products: the same bits. 64 = CHUNK exactly, 17 and
+    # 33 leave ragged vector tails (8 or 16 float lanes).
+    shapes = ((300,), (64,), (17,), (33,), (1,), (0,))
+    runs = []
+    for fuse in (True, False):
+        params, grads, fims, moms, steps, partials = _group(dtype, shapes=shapes)
+        skip = torch.zeros(())
+        a = {**_a_kwargs(fuse), "p": p}
+        b = {**_b_kwargs(fuse), "p": p}
+        torch.ops.fadam_fused.fadam_phase_a(params, grads, fims, steps, partials, skip, None, **a)
+        torch.ops.fadam_fused.fadam_phase_b(params, grads, fims, moms, steps, partials, skip, None,
+                                            None, **b)
+        assert float(skip) == 0.0
+        runs.append(params + fims + moms)
+    for x, y in zip(*runs):
+        assert torch.equal(x.view(torch.uint8) if x.numel() else x,
+                           y.view(torch.uint8) if y.numel() else y)
+
+
 def test_phase_a_raises_skip_on_nonfinite_in_a_fused_one_chunk_tensor():
     params, grads, fims, _, steps, partials = _group(shapes=((300,), (5, 7)))
     grads[1][2, 3] = float("inf")

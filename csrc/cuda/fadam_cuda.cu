@@ -429,27 +429,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(con
 
 // ---- host side --------------------------------------------------------------------------------
 
-template <typename F>
-void dispatch(at::ScalarType dtype, double p, F&& f) {
-  auto with_p = [&]<typename scalar_t>() {
-    if (p == 0.5) {
-      f.template operator()<scalar_t, true>();
-    } else {
-      f.template operator()<scalar_t, false>();
-    }
-  };
-  switch (dtype) {
-    case at::kFloat:
-      return with_p.template operator()<float>();
-    case at::kBFloat16:
-      return with_p.template operator()<c10::BFloat16>();
-    case at::kHalf:
-      return with_p.template operator()<c10::Half>();
-    default:
-      TORCH_CHECK(false, "fadam_fused (CUDA): unsupported dtype ", dtype);
-  }
-}
-
 bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
