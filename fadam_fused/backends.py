@@ -27,6 +27,33 @@ from . import _ext
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
+# Parameter dtypes of the fused kernels; float64 (and anything else) runs on the reference backend.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of the dims is contiguous, so a fused kernel can
+    walk the storage as numel consecutive elements (its operands then share strides). False for
+    strided views such as ``w[:, ::2]``."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def unfusable_reason(param: torch.Tensor) -> str | None:
+    """None if the fused kernels can update `param`; otherwise what stands in the way."""
+    if param.dtype not in FUSED_DTYPES:
+        return f"is {param.dtype} (the fused kernels take float32, bfloat16 and float16)"
+    if not is_dense(param):
+        return (f"is a strided view (shape {tuple(param.shape)}, strides {tuple(param.stride())}), "
+                "not dense")
+    return None
+
 
 @dataclasses.dataclass(frozen=True)
 class FusedBackend:

@@ -22,8 +22,6 @@ from . import backends, reference
 
 __all__ = ["FAdam", "fadam"]
 
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def _validate_hyperparameters(lr, betas, eps, clip, weight_decay, p, backend) -> None:
     """torch.optim's ValueError messages, plus FAdam's clip, p and backend."""
@@ -151,19 +149,33 @@ class FAdam(Optimizer):
         """
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        pairs = [(saved_group, group, i, saved_id, param)
+                 for saved_group, group in zip(saved_groups, self.param_groups)
+                 for i, (saved_id, param) in enumerate(zip(saved_group["params"], group["params"]))]
+        # torch.optim checks only the group sizes; a checkpoint of another model (or another
+        # parameter order) must fail here, by name, before anything is loaded.
+        for _, group, i, saved_id, param in pairs:
+            for key in ("momentum", "fim"):
+                saved = saved_state.get(saved_id, {}).get(key)
+                if isinstance(saved, Tensor) and saved.shape != param.shape:
+                    raise ValueError(
+                        f"Cannot load this FAdam state_dict: the saved {key!r} of "
+                        f"{_param_name(group, i)} has shape {tuple(saved.shape)}, but the "
+                        f"parameter has shape {tuple(param.shape)}. Was it saved for another "
+                        "model, or with the parameters in another order?")
         super().load_state_dict(state_dict)
-        for saved_group, group in zip(saved_groups, self.param_groups):
-            for saved_id, param in zip(saved_group["params"], group["params"]):
-                saved = saved_state.get(saved_id)
-                if not saved:
-                    continue
-                state = self.state[param]
-                for key in ("momentum", "fim"):
-                    if key in saved:
-                        state[key] = saved[key].to(device=param.device, dtype=torch.float32,
-                                                   copy=True)
-                step = saved.get("step", saved_group.get("step", 0))
-                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
+        for saved_group, _, _, saved_id, param in pairs:
+            saved = saved_state.get(saved_id)
+            if not saved:
+                continue
+            state = self.state[param]
+            for key in ("momentum", "fim"):
+                if key in saved:
+                    # float32 and the parameter's own layout (a checkpoint of a contiguous
+                    # state loads into a channels_last parameter's optimizer).
+                    state[key] = torch.empty_like(param, dtype=torch.float32).copy_(saved[key])
+            step = saved.get("step", saved_group.get("step", 0))
+            state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
 
     def _init_group(self, group, params, grads, momentums, fims, steps) -> None:
         """Collects the group's tensors that have gradients, creating missing state lazily."""
@@ -204,11 +216,14 @@ class FAdam(Optimizer):
                 if grad.device != param.device:
                     raise RuntimeError(f"The gradient of {name} is on {grad.device} but the "
                                        f"parameter is on {param.device}; move it to the parameter's device.")
-                if group["backend"] not in (None, "reference") and param.dtype not in _FUSED_DTYPES:
-                    raise RuntimeError(f"FAdam backend={group['backend']!r} supports float32, bfloat16 "
-                                       f"and float16 parameters, but {name} is {param.dtype}; "
-                                       "use backend=None or 'reference'.")
                 backends.resolve(group["backend"], param.device)  # raises if it cannot run there
+                if group["backend"] not in (None, "reference"):
+                    why = backends.unfusable_reason(param)
+                    if why is not None:
+                        raise RuntimeError(
+                            f"FAdam backend={group['backend']!r} cannot update {name}: it {why}. "
+                            "Use backend=None or 'reference' (backend=None runs such parameters "
+                            "on the reference backend and the others fused).")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -292,8 +307,29 @@ class _StepRunner:
             # device and dtype from a tensor: under torch.compile the grouping's keys are not
             # torch.device objects.
             name = backends.resolve(backend, lists[0][0].device)
-            if lists[0][0].dtype not in _FUSED_DTYPES:
-                name = "reference"  # float64 parameters: only the oracle computes in float64
+            if name == "reference":
+                self.buckets.append((name, hyper, lists))
+                continue
+            # float64 parameters and strided views run on the oracle (backend=None only: the
+            # optimizer has refused them, by name, for an explicit fused backend).
+            fusable = [backends.unfusable_reason(p) is None for p in lists[0]]
+            if not all(fusable):
+                if backend is not None:
+                    i = fusable.index(False)
+                    raise RuntimeError(f"FAdam backend={backend!r} cannot update params[{i}]: it "
+                                       f"{backends.unfusable_reason(lists[0][i])}; use "
+                                       "backend=None or 'reference'.")
+                self.buckets.append(("reference", hyper,
+                                     [[t for t, ok in zip(lst, fusable) if not ok] for lst in lists]))
+                lists = [[t for t, ok in zip(lst, fusable) if ok] for lst in lists]
+                if not lists[0]:
+                    continue
+            # The kernels walk a parameter, its gradient and its state in one memory order. The
+            # state is created (and loaded) in the parameter's layout; a gradient in another
+            # layout (p.grad = g.t().contiguous().t(), or a channels_last parameter with a
+            # contiguous gradient) is copied into it: a step's worth of extra traffic, no sync.
+            lists[1] = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+                        for p, g in zip(lists[0], lists[1])]
             self.buckets.append((name, hyper, lists))
 
     def run(self) -> Tensor | None:

@@ -213,6 +213,82 @@ def test_bad_gradient_raises_and_changes_nothing(backend, case):
     assert all(torch.equal(x, y) for x, y in zip(before, _full_state(opt, [good, bad])))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_in_another_layout_gives_the_same_step(backend):
+    # torch's .grad setter accepts a gradient whose strides differ from the parameter's; the
+    # fused kernels get a copy in the parameter's layout. The step counter must not move on an
+    # error either (it used to be incremented before the kernel refused the strides).
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(40, 33, generator=gen)
+    grads = [torch.randn(40, 33, generator=gen) for _ in range(3)]
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    oa, ob = FAdam([a], lr=1e-2, backend=backend), FAdam([b], lr=1e-2, backend=backend)
+    for g in grads:
+        a.grad = g.clone()
+        b.grad = g.t().contiguous().t()  # same values, column-major strides
+        assert b.grad.stride() != b.stride()
+        oa.step()
+        ob.step()
+    assert torch.equal(a, b)
+    for key in ("momentum", "fim", "step"):
+        assert torch.equal(oa.state[a][key], ob.state[b][key])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_parameter_and_state(backend):
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(2, 3, 5, 7, generator=gen)
+    grads = [torch.randn(2, 3, 5, 7, generator=gen) for _ in range(3)]
+    a = torch.nn.Parameter(init.clone())
+    b = torch.nn.Parameter(init.clone().to(memory_format=torch.channels_last))
+    oa, ob = FAdam([a], lr=1e-2, backend=backend), FAdam([b], lr=1e-2, backend=backend)
+    for g in grads:
+        a.grad = g.clone()
+        b.grad = g.clone()  # contiguous gradient of a channels_last parameter
+        oa.step()
+        ob.step()
+    assert ob.state[b]["fim"].stride() == b.stride()
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # A contiguous saved state loads into the channels_last layout.
+    sd = ob.state_dict()
+    sd["state"][0] = {k: v.contiguous() for k, v in sd["state"][0].items()}
+    oc = FAdam([b], lr=1e-2, backend=backend)
+    oc.load_state_dict(sd)
+    assert oc.state[b]["momentum"].stride() == b.stride()
+    torch.testing.assert_close(oc.state[b]["momentum"], ob.state[b]["momentum"], atol=0, rtol=0)
+
+
+def test_strided_view_parameter_runs_on_the_oracle_or_is_refused_by_name():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 16, generator=gen)
+    view = torch.nn.Parameter(base[:, ::2])  # strides (16, 2): not dense
+    dense = torch.nn.Parameter(base[:, ::2].contiguous())
+    g = torch.randn(16, 8, generator=gen)
+    view.grad, dense.grad = g.clone(), g.clone()
+    FAdam([view], lr=1e-2).step()  # backend=None: the reference backend takes it
+    FAdam([dense], lr=1e-2, backend="reference").step()
+    assert torch.equal(view, dense)
+    explicit = FAdam([("enc.weight", view)], lr=1e-2, backend="cpu")
+    before = view.detach().clone()
+    with pytest.raises(RuntimeError, match=r"backend='cpu' cannot update parameter 'enc.weight'.*"
+                                           r"strided view"):
+        explicit.step()
+    assert torch.equal(view, before) and len(explicit.state) == 0
+
+
+def test_load_state_dict_of_another_model_is_refused_by_name_and_loads_nothing():
+    src = FAdam([torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))])
+    for p in src.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    src.step()
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(5))
+    dst = FAdam([("enc.weight", a), ("dec.weight", b)], lr=0.5)
+    with pytest.raises(ValueError, match=r"'momentum' of parameter 'dec.weight' has shape \(3,\), "
+                                         r"but the parameter has shape \(5,\)"):
+        dst.load_state_dict(src.state_dict())
+    assert len(dst.state) == 0 and dst.param_groups[0]["lr"] == 0.5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a gradient on another device needs a GPU")
 def test_gradient_on_another_device_raises_and_changes_nothing():
     p = torch.nn.Parameter(torch.randn(4, device="cuda"))

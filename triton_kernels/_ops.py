@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _kernels as K
+from ..backends import is_dense
 
 # [note: Triton tuning constants]
 # CHUNK_SIZE = 65536 elements per program, as the C++ kernels (csrc/fadam_math.h
@@ -125,19 +126,6 @@ def _check_common(op, params, grads, fims, moms, steps, partials, skip, grad_sca
                            "TRITON_INTERPRET=1 before Triton is imported, or use backend='cpu'")
 
 
-def _dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: some permutation of the dims is contiguous, so the kernel can
-    walk the storage as numel consecutive elements (operands must then share strides)."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _check_tensors(op, params, grads, fims, moms, steps, chunk_size):
     """Per-tensor checks, run when a metadata table is built (a cache hit has the same addresses
     and numels, so only the dtypes/strides of re-allocated tensors could differ, and those come
@@ -150,7 +138,7 @@ def _check_tensors(op, params, grads, fims, moms, steps, chunk_size):
         if p.device != device or p.dtype != dtype:
             raise ValueError(f"{op}: params[{i}] must share the device and dtype of params[0] "
                              f"({device}, {dtype})")
-        if not _dense(p):
+        if not is_dense(p):
             raise ValueError(f"{op}: params[{i}] must be dense and non-overlapping")
         for name, lst, want in (("grads", grads, dtype), ("fims", fims, torch.float32),
                                 ("momentums", moms, torch.float32)):
