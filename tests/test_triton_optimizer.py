@@ -71,3 +71,15 @@ def test_state_dict_between_triton_and_cpu(first, second):
         opt2.step()
     for x, y in zip(params, full[-1].params):
         torch.testing.assert_close(x.detach(), y, atol=1e-6, rtol=1e-5)
+
+
+def test_triton_two_param_groups_and_lr_schedule():
+    # Per-group hyperparameters (clip, p, weight decay) and an lr changed before every step,
+    # through the optimizer; 70000 elements make two 64K chunks (phase-A slots).
+    problem = make_problem(shapes=SHAPES, steps=4)
+    groups = [([0, 2, 4], {"lr": 3e-2, "clip": 2.0}), ([1, 3], {"weight_decay": 0.0, "p": 0.75})]
+    fast, _, _ = run_optimizer(problem, "triton", groups=groups)
+    assert_trajectories_close(fast, run_oracle64(problem, groups=groups))
+    schedule = lambda k: 1e-2 / (1 + k)  # noqa: E731
+    fast, _, _ = run_optimizer(problem, "triton", lr_schedule=schedule)
+    assert_trajectories_close(fast, run_oracle64(problem, lr_schedule=schedule))
