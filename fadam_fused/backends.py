@@ -35,6 +35,8 @@ def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: some permutation of the dims is contiguous, so a fused kernel can
     walk the storage as numel consecutive elements (its operands then share strides). False for
     strided views such as ``w[:, ::2]``."""
+    if t.is_contiguous():  # the common case, decided in C++: ~0.1 us against ~3 us below
+        return True
     expected = 1
     for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
         if size == 1:

