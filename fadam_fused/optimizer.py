@@ -28,6 +28,8 @@ def _validate_hyperparameters(lr, betas, eps, clip, weight_decay, p, backend) ->
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+        if not lr.is_floating_point():
+            raise ValueError(f"Tensor lr must be a floating-point tensor, got {lr.dtype}")
     elif not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
@@ -378,7 +380,13 @@ class _StepRunner:
                     reference.update_tensor(param, grad, m, f, step, skip, grad_scale=grad_scale,
                                             **hyper)
             else:
-                lr_tensor = self._on(lr, params[0].device) if isinstance(lr, Tensor) else None
+                lr_tensor = None
+                if isinstance(lr, Tensor):
+                    # The kernels read float32 or float64 (an lr in bfloat16 is converted here, on
+                    # the device: no sync).
+                    lr_tensor = lr.to(device=params[0].device, non_blocking=True,
+                                      dtype=torch.float64 if lr.dtype == torch.float64
+                                      else torch.float32)
                 impl.phase_b(params, grads, fims, momentums, steps, partials, skip, grad_scale,
                              lr_tensor, lr=0.0 if lr_tensor is not None else float(lr),
                              beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"],

@@ -18,6 +18,11 @@ CASES = [
     ("p0.75", {}, {"lr": 1e-2, "p": 0.75}, {}),
     ("wd0.1-betas", {}, {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99)}, {}),
     ("no-grad", {"no_grad": (1, 3)}, {"lr": 1e-2}, {}),
+    # At t = 1 (b2hat = 0) the zero-padded lanes of a ragged vector tail get f = 0, so
+    # d = eps^(2p): 0 with eps = 0, and 1e-40 (1 / d = inf in float32) with p = 1, eps = 1e-20.
+    # Padding must not reach the RMS sums (0 * inf = NaN silently turned clipping off).
+    ("eps0", {}, {"lr": 1e-2, "eps": 0.0}, {}),
+    ("p1-eps1e-20", {}, {"lr": 1e-2, "p": 1.0, "eps": 1e-20}, {}),
     # Larger than one chunk (shrunk to 4096 below): phase-A slots and the multi-chunk sums.
     ("multi-chunk", {"shapes": [(3, 4096 + 17), (8192,), (4096,), (7,)]}, {"lr": 1e-2},
      {"chunk": 4096}),

@@ -164,6 +164,22 @@ def test_invalid_hyperparameters(kwargs, match):
         FAdam([torch.nn.Parameter(torch.ones(2))], **kwargs)
 
 
+def test_tensor_lr_must_be_floating_point():
+    with pytest.raises(ValueError, match="Tensor lr must be a floating-point tensor, got torch.int64"):
+        FAdam([torch.nn.Parameter(torch.ones(2))], lr=torch.tensor(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_tensor_lr_is_read_as_float32(backend):
+    # The kernels read a float32 or float64 lr; a bfloat16 one is converted on the device.
+    problem = make_problem(shapes=[(4097,), (3, 5)], steps=3)
+    lr = torch.tensor(2.0**-6, dtype=torch.bfloat16)  # exact in bfloat16
+    a, _, _ = run_optimizer(problem, backend, lr=lr)
+    b, _, _ = run_optimizer(problem, backend, lr=2.0**-6)
+    for x, y in zip(a[-1].params + a[-1].momentum, b[-1].params + b[-1].momentum):
+        assert torch.equal(x, y)
+
+
 def test_invalid_group_hyperparameters_in_add_param_group():
     opt = FAdam([torch.nn.Parameter(torch.ones(2))])
     with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):

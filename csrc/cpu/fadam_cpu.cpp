@@ -160,8 +160,9 @@ inline void for_each_vector(int64_t begin, int64_t end, Body body) {
 
 // One group of lanes at element offset `i` of tensor `t`, `count` <= kLanes valid lanes. kF / kM
 // say whether f / m are loaded (and stored): each loop touches only the operands it needs.
-// Padded lanes hold g = 0, f = 1, theta = 0, m = 0: d = 1 + eps_p > 0, so they add exact zeros to
-// both sums even with eps = 0, and their results are never stored.
+// Padded lanes hold g = 0, f = 1, theta = 0, m = 0. Their results are never stored, and
+// reduce_chunk() keeps them out of the sums: at t = 1 (b2hat = 0) their new f is 0, d = eps^(2p)
+// may be 0 or a float32 denormal, and 0 * (1 / d) = 0 * inf = NaN.
 template <typename scalar_t, bool kF, bool kM>
 struct Lanes {
   fVec g, theta, f{1.f}, m{0.f};
@@ -250,8 +251,13 @@ inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const 
     }
     const fVec f = fim_update(x.f, x.g, b2hat, omb2);
     const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
-    s_ghat.add(x.g * r);
-    s_w.add(x.theta * r);
+    fVec ghat = x.g * r, w = x.theta * r;
+    if (count < kLanes) {  // the ragged tail: padded lanes add nothing (see Lanes)
+      ghat = fVec::set(zero, ghat, count);
+      w = fVec::set(zero, w, count);
+    }
+    s_ghat.add(ghat);
+    s_w.add(w);
     if constexpr (kKeep) {
       f.store(t.fim + i, count);
       r.store(rbuf + (i - begin));  // rbuf holds whole vectors: the padded lanes land there too

@@ -18,7 +18,9 @@
 // same fragments are loaded element by element. Both paths visit the same elements in the same
 // order per thread, so the float64 sums, and hence every output, are bitwise the same whatever the
 // alignment: deterministic for the same values, not just for the same addresses. Padding lanes of
-// a ragged fragment hold g = 0, theta = 0, f = 1 (d = 1 + eps^(2p) > 0), so they add exact zeros.
+// a ragged fragment hold g = 0, theta = 0, f = 1 and are kept out of the sums: at t = 1
+// (b2hat = 0) their new f is 0, so d = eps^(2p) may be 0 or a float32 denormal and
+// 0 * (1 / d) = NaN would turn clipping off for the whole tensor.
 //
 // Reductions are deterministic: each thread adds its fragments in order, a warp combines with
 // __shfl_down_sync in a fixed tree, and warp 0 combines the 16 warp sums in a fixed tree. Phase A
@@ -292,10 +294,12 @@ __device__ __forceinline__ void reduce_chunk(const ChunkPtrs<scalar_t>& c, const
       bad |= !::isfinite(gj);
       const float fj = fim_update(f[j], gj, bs.b2hat, bs.one_minus_b2hat);
       const float r = fisher_inv_denom<kSqrt>(fj, p, eps_p);
-      const double ghat = static_cast<double>(gj * r);
-      const double w = static_cast<double>(theta[j] * r);
-      s1 += ghat * ghat;
-      s2 += w * w;
+      if (kFull || j < count) {  // not the padding of a ragged fragment (see the file header)
+        const double ghat = static_cast<double>(gj * r);
+        const double w = static_cast<double>(theta[j] * r);
+        s1 += ghat * ghat;
+        s2 += w * w;
+      }
     }
   });
 }
