@@ -165,7 +165,12 @@ class FAdam(Optimizer):
                         f"{_param_name(group, i)} has shape {tuple(saved.shape)}, but the "
                         f"parameter has shape {tuple(param.shape)}. Was it saved for another "
                         "model, or with the parameters in another order?")
+        # The backend is where this process runs the step, not a training hyperparameter: the
+        # optimizer's own request stays (a backend="cuda" checkpoint loads on a CPU machine).
+        requested = [group["backend"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, backend in zip(self.param_groups, requested):
+            group["backend"] = backend
         for saved_group, _, _, saved_id, param in pairs:
             saved = saved_state.get(saved_id)
             if not saved:
@@ -246,11 +251,17 @@ class FAdam(Optimizer):
                        beta2=beta2, eps=group["eps"], clip=group["clip"],
                        weight_decay=group["weight_decay"], p=group["p"],
                        maximize=group["maximize"], backend=group["backend"])
-        skip = runner.run()
-        if skip is not None:
+        skips = runner.run()
+        if skips:
             if self.skipped_steps is None:
-                self.skipped_steps = torch.zeros((), dtype=torch.float32, device=skip.device)
-            self.skipped_steps.add_(skip)
+                first = next(iter(skips.values()))
+                self.skipped_steps = torch.zeros((), dtype=torch.float32, device=first.device)
+            # The flags of all devices are equal (_combine_devices); take the one already on
+            # the counter's device when this step has one there.
+            flag = skips.get(self.skipped_steps.device)
+            if flag is None:
+                flag = next(iter(skips.values())).to(self.skipped_steps.device)
+            self.skipped_steps.add_(flag)
         return loss
 
 
@@ -297,10 +308,14 @@ class _StepRunner:
         self.skip: dict[torch.device, Tensor] = {}
         self.buckets: list[tuple[str, dict[str, Any], list[list[Tensor]]]] = []
 
-    def _on(self, value: Tensor | None, device: torch.device) -> Tensor | None:
+    @staticmethod
+    def _on(value: Tensor | None, device: torch.device) -> Tensor | None:
+        """`value` on `device`. Asynchronous towards an accelerator; towards the CPU it waits,
+        since a CPU kernel reads the value on the host right away (non_blocking=True there
+        returned a pinned tensor still being filled, and a CUDA NaN flag read as 0)."""
         if value is None or value.device == device:
             return value
-        return value.to(device, non_blocking=True)
+        return value.to(device, non_blocking=device.type != "cpu")
 
     def _skip_flag(self, device: torch.device) -> Tensor:
         if device not in self.skip:
@@ -346,10 +361,11 @@ class _StepRunner:
                         for p, g in zip(lists[0], lists[1])]
             self.buckets.append((name, hyper, lists))
 
-    def run(self) -> Tensor | None:
-        """Runs the step; returns the skip flag of the first device (None if nothing ran)."""
+    def run(self) -> dict[torch.device, Tensor]:
+        """Runs the step; returns the skip flag of every device (all equal; empty if nothing
+        ran)."""
         if not self.buckets:
-            return None
+            return {}
         phase_b = []
         for name, hyper, lists in self.buckets:
             params, grads, momentums, fims, steps = lists
@@ -381,7 +397,12 @@ class _StepRunner:
                                             **hyper)
             else:
                 lr_tensor = None
-                if isinstance(lr, Tensor):
+                if isinstance(lr, Tensor) and lr.device.type == "cpu" and params[0].device.type != "cpu":
+                    # A CPU lr with accelerator parameters (e.g. a checkpoint loaded with
+                    # map_location="cpu"): read on the host, as torch's fused Adam does; no device
+                    # sync, and no pageable host-to-device copy in every step.
+                    lr = float(lr)  # sync-ok: a CPU tensor
+                elif isinstance(lr, Tensor):
                     # The kernels read float32 or float64 (an lr in bfloat16 is converted here, on
                     # the device: no sync).
                     lr_tensor = lr.to(device=params[0].device, non_blocking=True,
@@ -394,15 +415,18 @@ class _StepRunner:
                              weight_decay=hyper["weight_decay"], maximize=hyper["maximize"],
                              chunk_size=impl.chunk_size, fuse_one_chunk=True)
             torch._foreach_add_(steps, skip, alpha=-1)
-        return next(iter(self.skip.values()))
+        return self.skip
 
     def _combine_devices(self) -> None:
+        """One NaN anywhere skips the step everywhere. Combined on an accelerator when there is
+        one; a CPU bucket next to a GPU one must wait for the GPU's flag (its kernel reads it on
+        the host), the only sync of a step, and only in that mix."""
         if len(self.skip) < 2:
             return
-        devices = list(self.skip)
+        devices = sorted(self.skip, key=lambda d: d.type == "cpu")
         total = torch.stack([self._on(self.skip[d], devices[0]) for d in devices]).amax()
         for d in devices:
-            self.skip[d].copy_(total, non_blocking=True)
+            self.skip[d].copy_(self._on(total, d))
 
 
 def fadam(
@@ -434,4 +458,5 @@ def fadam(
     runner.add(params, grads, momentums, fims, state_steps, lr=lr, beta1=beta1, beta2=beta2,
                eps=eps, clip=clip, weight_decay=weight_decay, p=p, maximize=maximize,
                backend=backend)
-    return runner.run()
+    skips = runner.run()
+    return next(iter(skips.values())) if skips else None

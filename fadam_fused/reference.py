@@ -106,7 +106,8 @@ def update_tensor(
     m = beta1 * m + (1 - beta1) * (ghat / s1)
     w = theta / d
     s2 = _clip_scale(w, clip).to(compute)
-    lr_t = lr.to(device=g.device, dtype=compute) if isinstance(lr, Tensor) else lr
+    # reshape(()): an lr of shape (1,) must not broadcast a 0-dim parameter to (1,).
+    lr_t = lr.to(device=g.device, dtype=compute).reshape(()) if isinstance(lr, Tensor) else lr
     theta = theta - lr_t * (m + weight_decay * (w / s2))
 
     keep = skip.to(param.device) != 0
