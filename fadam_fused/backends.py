@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Callable
 
 import torch
@@ -145,10 +144,17 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
         module, reason = _triton_module()
         if module is None:
             return reason
+        # Triton decided when the kernels were defined whether they are compiled or interpreted
+        # (TRITON_INTERPRET=1 at import): compiled kernels take CUDA tensors, interpreted ones
+        # CPU tensors (the interpreter would copy CUDA tensors to the host, but the metadata
+        # table holds device addresses).
+        interpreted = module._ops._INTERPRET
+        if device.type == ("cpu" if interpreted else "cuda"):
+            return None
         if device.type == "cuda":
-            return None
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-            return None
+            return ("backend='triton' runs in Triton's interpreter in this process "
+                    "(TRITON_INTERPRET=1 was set when Triton was imported), which takes CPU "
+                    "tensors only; unset it to run the compiled kernels on CUDA tensors")
         return (f"backend='triton' needs CUDA tensors (this parameter is on {device}); CPU tensors "
                 "run only in Triton's interpreter, with TRITON_INTERPRET=1 set before Triton is "
                 "imported")

@@ -397,7 +397,8 @@ class _StepRunner:
                                             **hyper)
             else:
                 lr_tensor = None
-                if isinstance(lr, Tensor) and lr.device.type == "cpu" and params[0].device.type != "cpu":
+                on_host = isinstance(lr, Tensor) and lr.device.type == "cpu"
+                if on_host and params[0].device.type != "cpu":
                     # A CPU lr with accelerator parameters (e.g. a checkpoint loaded with
                     # map_location="cpu"): read on the host, as torch's fused Adam does; no device
                     # sync, and no pageable host-to-device copy in every step.

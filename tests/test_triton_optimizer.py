@@ -83,3 +83,17 @@ def test_triton_two_param_groups_and_lr_schedule():
     schedule = lambda k: 1e-2 / (1 + k)  # noqa: E731
     fast, _, _ = run_optimizer(problem, "triton", lr_schedule=schedule)
     assert_trajectories_close(fast, run_oracle64(problem, lr_schedule=schedule))
+
+
+def test_interpreted_kernels_refuse_cuda_tensors():
+    # The metadata table holds device addresses, which the interpreter (it copies tensor
+    # arguments to the host) cannot follow: interpreted kernels take CPU tensors only.
+    from fadam_fused.triton_kernels import _ops
+
+    cuda_reason = backends.unavailable_reason("triton", torch.device("cuda"))
+    cpu_reason = backends.unavailable_reason("triton", torch.device("cpu"))
+    if _ops._INTERPRET:
+        assert cpu_reason is None
+        assert "interpreter" in cuda_reason and "TRITON_INTERPRET" in cuda_reason
+    else:
+        assert cuda_reason is None and "CUDA tensors" in cpu_reason

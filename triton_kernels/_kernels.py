@@ -323,7 +323,7 @@ def _phase_a_kernel(
         g_ptr = g_in
         f_ptr = f_in
         step_ptr = step_in
-        numel = numel_in
+        numel = numel_in.to(tl.int64)  # i32 below 2^31: numel + chunk_size - 1 would wrap
         slot = slot_in
     # 64-bit chunk start: a tensor may hold more than 2^31 elements.
     start = c * chunk_size
@@ -383,7 +383,7 @@ def _phase_b_kernel(
             f_ptr = f_in
             m_ptr = m_in
             step_ptr = step_in
-            numel = numel_in
+            numel = numel_in.to(tl.int64)  # i32 below 2^31: numel + chunk_size - 1 would wrap
             slot = slot_in
         start = c * chunk_size
         n = tl.minimum(numel - start, chunk_size).to(tl.int32)

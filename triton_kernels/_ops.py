@@ -22,6 +22,7 @@ which of them each kernel writes. A compiled step is meant to be captured in a C
 from __future__ import annotations
 
 import collections
+import contextlib
 import struct
 import threading
 from typing import Optional
@@ -55,9 +56,12 @@ NUM_WARPS = 4
 # Slots summed per iteration of phase B's slot reduction: 2 float64 per thread with 128 threads; a
 # 100M-element tensor (1526 slots at 64K) takes 6 iterations.
 SLOT_BLOCK = 256
-# Metadata tables kept per process (keyed by every address they hold): enough for a few optimizers
-# x param groups x dtypes x 2 phases; the oldest is dropped first.
-_CACHE_ENTRIES = 64
+# Metadata tables kept per process (keyed by every address they hold), the oldest dropped first:
+# 2 per (param group, dtype) bucket and step, so 256 holds 128 buckets (e.g. layer-wise lr decay
+# over 48 layers x decay / no decay) without rebuilding every table in every step. A CUDA graph
+# that captured a Triton step reads its tables at replay: keep the number of buckets of all
+# live optimizers under 128 there (the "cuda" backend passes its tables by value instead).
+_CACHE_ENTRIES = 256
 
 
 def _interpreting() -> bool:
@@ -223,6 +227,13 @@ def _table(phase, lists, numels, device, dtype, chunk_size, fuse, check):
     return entry
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device and stream: make it the parameters' device,
+    as the C++ launchers do with a CUDAGuard (a model on cuda:1 without set_device(1) would
+    otherwise run on cuda:0, unordered with cuda:1's backward and the metadata copy)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _is_traced(tensors) -> bool:
     """True under torch.compile / make_fx tracing: the tensors have no storage to point at."""
     from torch._subclasses.fake_tensor import is_fake
@@ -286,18 +297,19 @@ def triton_phase_a(
                                **{**consts, "TABLE": False, "ALIGNED": False})
             slot += nch
         return
-    numels = [t.numel() for t in params]
-    table = _table("A", (params, grads, fims, steps), numels, params[0].device, dtype, chunk_size,
-                   bool(fuse_one_chunk),
-                   lambda: _check_tensors(op, params, grads, fims, None, steps, chunk_size))
-    if partials.size(0) != table.n_slots:
-        raise ValueError(f"{op}: partials must have {table.n_slots} rows for chunk_size "
-                         f"{chunk_size}, got {partials.size(0)}")
-    if table.n_programs == 0:
-        return
-    kernel[(table.n_programs,)](table.meta, len(params), None, None, None, None, 0, 0,
-                                partials, skip, grad_scale, **scalars, ALIGNED=table.aligned,
-                                **consts)
+    with _on_device(params[0].device):  # (traced launches are emitted and guarded by Inductor)
+        numels = [t.numel() for t in params]
+        table = _table("A", (params, grads, fims, steps), numels, params[0].device, dtype,
+                       chunk_size, bool(fuse_one_chunk),
+                       lambda: _check_tensors(op, params, grads, fims, None, steps, chunk_size))
+        if partials.size(0) != table.n_slots:
+            raise ValueError(f"{op}: partials must have {table.n_slots} rows for chunk_size "
+                             f"{chunk_size}, got {partials.size(0)}")
+        if table.n_programs == 0:
+            return
+        kernel[(table.n_programs,)](table.meta, len(params), None, None, None, None, 0, 0,
+                                    partials, skip, grad_scale, **scalars, ALIGNED=table.aligned,
+                                    **consts)
 
 
 @torch.library.triton_op("fadam_fused::triton_phase_b",
@@ -338,18 +350,20 @@ def triton_phase_b(
                                **{**consts, "TABLE": False, "ALIGNED": False})
             slot += nch
         return
-    numels = [t.numel() for t in params]
-    table = _table("B", (params, grads, fims, momentums, steps), numels, params[0].device, dtype,
-                   chunk_size, bool(fuse_one_chunk),
-                   lambda: _check_tensors(op, params, grads, fims, momentums, steps, chunk_size))
-    if partials.size(0) != table.n_slots:
-        raise ValueError(f"{op}: partials must have {table.n_slots} rows for chunk_size "
-                         f"{chunk_size}, got {partials.size(0)}")
-    if table.n_programs == 0:
-        return
-    kernel[(table.n_programs,)](table.meta, len(params), None, None, None, None, None, 0, 0,
-                                partials, skip, grad_scale, lr_tensor, **scalars,
-                                ALIGNED=table.aligned, **consts)
+    with _on_device(params[0].device):  # (traced launches are emitted and guarded by Inductor)
+        numels = [t.numel() for t in params]
+        table = _table("B", (params, grads, fims, momentums, steps), numels, params[0].device,
+                       dtype, chunk_size, bool(fuse_one_chunk),
+                       lambda: _check_tensors(op, params, grads, fims, momentums, steps,
+                                              chunk_size))
+        if partials.size(0) != table.n_slots:
+            raise ValueError(f"{op}: partials must have {table.n_slots} rows for chunk_size "
+                             f"{chunk_size}, got {partials.size(0)}")
+        if table.n_programs == 0:
+            return
+        kernel[(table.n_programs,)](table.meta, len(params), None, None, None, None, None, 0, 0,
+                                    partials, skip, grad_scale, lr_tensor, **scalars,
+                                    ALIGNED=table.aligned, **consts)
 
 
 def phase_a(params, grads, fims, steps, partials, skip, grad_scale, *, beta2, eps, p, maximize,

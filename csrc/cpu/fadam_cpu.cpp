@@ -319,8 +319,9 @@ inline void update_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const 
 }
 
 // Phase B of [begin, end) of a fused one-chunk tensor after reduce_chunk<..., kKeep = true>: f
-// is already stored and r = 1/d comes from rbuf[i] (indexed from the tensor's start), so this pass reads g, theta, r and m and writes m, theta.
-// ghat = g * r and w = theta * r are the products update_chunk forms: the same bits.
+// is already stored and r = 1/d comes from rbuf[i] (indexed from the tensor's start), so this
+// pass reads g, theta, r and m and writes m and theta. ghat = g * r and w = theta * r are the
+// products update_chunk forms: the same bits.
 template <typename scalar_t>
 inline void update_kept_range(const TensorPtrs& t, int64_t begin, int64_t end, const float* rbuf,
                               const Consts& c, const UpdateConsts& u) {
@@ -334,8 +335,9 @@ inline void update_kept_range(const TensorPtrs& t, int64_t begin, int64_t end, c
   });
 }
 
-// Per-thread scratch of the fused tensors ([note: CPU fused one-chunk tensors]): r for up to one chunk (2^20 floats, 4 MiB), kept
-// across steps so a step allocates nothing (thread_local: one per worker of the thread pool).
+// Per-thread scratch of the fused tensors ([note: CPU fused one-chunk tensors]): r for up to one
+// chunk (2^20 floats, 4 MiB), kept across steps so a step allocates nothing (thread_local: one
+// per worker of the thread pool).
 float* kept_buffer(int64_t numel) {
   thread_local std::vector<float> buf;
   const auto need = static_cast<size_t>((numel + kLanes - 1) / kLanes * kLanes);
