@@ -9,7 +9,9 @@
 //   (sum ghat^2, sum w^2) over chunk c of tensor i. Phase A writes them; phase B of a block adds up
 //   its tensor's slots in slot order, so the total does not depend on scheduling: deterministic.
 //   A distributed wrapper may replace a tensor's slots between the phases (e.g. all-reduced totals
-//   in the first slot and zeros after it): phase B only ever adds them up.
+//   in the first slot and zeros after it): phase B only ever adds them up. Phase B divides the
+//   total by the local numel, so a sharded parameter's wrapper scales the all-reduced sums by
+//   local_numel / global_numel to get the RMS of the whole logical tensor (SPEC section 7).
 // fuse_one_chunk: when true, a tensor with nchunks == 1 is done entirely in phase B (both phases
 //   in one block, the data re-read from cache: one HBM pass); phase A then leaves its slot unwritten
 //   and reads only its gradient, for the non-finite check. A sharded wrapper passes false.

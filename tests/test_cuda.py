@@ -140,6 +140,36 @@ def test_many_multi_chunk_tensors_split_over_launches():
     assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2))
 
 
+@pytest.fixture
+def cuda_chunk(monkeypatch):
+    """Sets the CUDA backend's chunk size (65536 by default) for one test."""
+    def set_chunk(chunk):
+        monkeypatch.setitem(backends._CHUNK_SIZE, "cuda", chunk)
+        monkeypatch.setattr(backends, "_FUSED", {})
+    return set_chunk
+
+
+@pytest.mark.parametrize("chunk", [256, 250], ids=["chunk256", "chunk250-scalar-path"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tensor_straddling_launches_and_blocks_of_two_chunks(chunk, dtype, cuda_chunk):
+    # 300001 elements in chunks of 256: 1172 chunks. Phase A needs a block per chunk, more than
+    # the 1024 of one launch, so the tensor straddles two launches (new local index, same global
+    # slots); phase B caps a tensor at 1024 blocks, so each block updates 2 chunks after summing
+    # all 1172 slots (tests/test_cuda_build.py checks this plan on the host). 250 is not a
+    # multiple of the 4 / 8 elements of a 128-bit fragment: every tensor takes the scalar path.
+    cuda_chunk(chunk)
+    rows = torch.ops.fadam_fused.cuda_plan([300_001], chunk, True, "a", -1, -1)
+    assert set(rows[:, 0].tolist()) == {0, 1}
+    rows = torch.ops.fadam_fused.cuda_plan([300_001], chunk, True, "b", -1, -1)
+    assert (rows[:, 4] - rows[:, 3]).max() == 2
+    problem = make_problem(shapes=[(300_001,), (5, 7), (3, 1000)], dtype=dtype, steps=4)
+    fast, _, _ = run_on(problem, "cuda", lr=1e-2, clip=0.5)
+    ref64 = run_oracle64(problem, lr=1e-2, clip=0.5)
+    same = None if dtype == torch.float32 else run_optimizer(problem, "reference", lr=1e-2,
+                                                             clip=0.5)[0]
+    assert_trajectories_close(fast, ref64, same, dtype)
+
+
 def test_two_param_groups_and_lr_schedule():
     problem = make_problem(steps=12)
     groups = [([0, 2, 4], {"lr": 3e-2, "clip": 2.0}), ([1, 3], {"weight_decay": 0.0, "p": 0.75})]
@@ -386,7 +416,8 @@ def test_cuda_graph_capture_and_replay(dtype):
 @pytest.mark.parametrize("where", [0, 1, 2], ids=["multi-chunk", "one-chunk", "tiny"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nonfinite_gradient_skips_the_step_bit_identically(bad, where, dtype):
-    problem = make_problem(shapes=[(200_000,), (4097,), (3,)], dtype=dtype, steps=3)
+    # 200003 = 3 * 65536 + 3395: the last chunk ends in a ragged fragment (3395 % 8 = 3).
+    problem = make_problem(shapes=[(200_003,), (4097,), (3,)], dtype=dtype, steps=3)
     _, params, opt = run_on(problem, "cuda", lr=1e-2)
     before = _snapshot_cpu(params, opt.state)
     skipped_before = float(opt.skipped_steps)
@@ -409,10 +440,14 @@ def test_grad_scaler_matches_unscaled():
     model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(), torch.nn.Linear(300, 5)).to(DEV)
     ref = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(32, 64, device=DEV), torch.randn(32, 5, device=DEV)
-    opt = FAdam(model.parameters(), lr=1e-2, backend="cuda")
+    # FAdam's ghat barely sees a gradient scale (g / (|g| + eps)), but w = theta / d does: with
+    # weight_decay 0.1 and clipping off, a scale that were not divided out would shrink the
+    # decay 4096x and move the parameters far beyond the tolerance.
+    hyper = dict(lr=1e-2, weight_decay=0.1, clip=None, backend="cuda")
+    opt = FAdam(model.parameters(), **hyper)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
     ref_params = [torch.nn.Parameter(t.clone()) for t in ref]
-    ref_opt = FAdam(ref_params, lr=1e-2, backend="cuda")
+    ref_opt = FAdam(ref_params, **hyper)
     for _ in range(5):
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -440,6 +475,7 @@ def test_grad_scaler_found_inf_skips():
     opt.found_inf = torch.tensor(1.0, device=DEV)
     opt.step()
     del opt.grad_scale, opt.found_inf
+    assert float(opt.skipped_steps) == 1.0
     assert torch.equal(param.detach(), before)
     for k, v in state.items():
         assert torch.equal(opt.state[param][k], v)
