@@ -77,6 +77,8 @@ _CPU_VEC_FLAGS = {
 
 
 def _extensions():
+    if _truthy("FADAM_SKIP_CUDA") and _truthy("FORCE_CUDA"):
+        raise RuntimeError("FORCE_CUDA=1 and FADAM_SKIP_CUDA=1 ask for opposite builds: unset one")
     cuda_home = None if _truthy("FADAM_SKIP_CUDA") else _cuda_home()
     if _truthy("FORCE_CUDA") and cuda_home is None:
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")

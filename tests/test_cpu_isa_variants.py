@@ -38,7 +38,9 @@ def _build(variant: str, root: Path) -> Path:
                         ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, dest / name)
-    env = {**os.environ, "FADAM_SKIP_CUDA": "1", "FADAM_CPU_VEC": variant, "MAX_JOBS": "1"}
+    # CPU only: .ci/run exports FORCE_CUDA=1 for the main build, which this one must not inherit.
+    env = {k: v for k, v in os.environ.items() if k != "FORCE_CUDA"}
+    env.update(FADAM_SKIP_CUDA="1", FADAM_CPU_VEC=variant, MAX_JOBS="1")
     out = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dest, env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"FADAM_CPU_VEC={variant} build failed:\n{out.stderr[-4000:]}"
