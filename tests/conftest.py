@@ -5,10 +5,20 @@ import pytest
 from fadam_fused import backends
 
 
+def _chunk_setter(monkeypatch, backend):
+    def set_chunk(chunk):
+        monkeypatch.setitem(backends._CHUNK_SIZE, backend, chunk)
+        monkeypatch.setattr(backends, "_FUSED", {})
+    return set_chunk
+
+
 @pytest.fixture
 def cpu_chunk(monkeypatch):
     """Sets the CPU backend's chunk size (2^20 by default) for one test."""
-    def set_chunk(chunk):
-        monkeypatch.setitem(backends._CHUNK_SIZE, "cpu", chunk)
-        monkeypatch.setattr(backends, "_FUSED", {})
-    return set_chunk
+    return _chunk_setter(monkeypatch, "cpu")
+
+
+@pytest.fixture
+def cuda_chunk(monkeypatch):
+    """Sets the CUDA backend's chunk size (65536 by default) for one test."""
+    return _chunk_setter(monkeypatch, "cuda")

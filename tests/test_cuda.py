@@ -140,15 +140,6 @@ def test_many_multi_chunk_tensors_split_over_launches():
     assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2))
 
 
-@pytest.fixture
-def cuda_chunk(monkeypatch):
-    """Sets the CUDA backend's chunk size (65536 by default) for one test."""
-    def set_chunk(chunk):
-        monkeypatch.setitem(backends._CHUNK_SIZE, "cuda", chunk)
-        monkeypatch.setattr(backends, "_FUSED", {})
-    return set_chunk
-
-
 @pytest.mark.parametrize("chunk", [256, 250], ids=["chunk256", "chunk250-scalar-path"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_tensor_straddling_launches_and_blocks_of_two_chunks(chunk, dtype, cuda_chunk):

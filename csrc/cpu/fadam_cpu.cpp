@@ -20,6 +20,7 @@
 
 #include <array>
 #include <atomic>
+#include <utility>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -67,52 +68,46 @@ inline void store_float(scalar_t* ptr, fVec v) {
 
 // Float64 sums of squares, one accumulator per float lane, added in element order. Squaring in
 // float32 would overflow for |x| > 1.8e19, which eps = 1e-20 reaches (csrc/fadam_math.h).
-struct SumSq {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+using dVec = at::vec::Vectorized<double>;
+
+// The low and high halves of a float vector, widened to float64 vectors.
+inline std::pair<dVec, dVec> widen(fVec v) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // 16 float lanes widened as two halves of 8 doubles, as the AVX2 path below.
-  at::vec::Vectorized<double> lo{0.0}, hi{0.0};
+  const __m512 x = v;
+  return {dVec(_mm512_cvtps_pd(_mm512_castps512_ps256(x))),
+          dVec(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))))};
+#else
+  const __m256 x = v;
+  return {dVec(_mm256_cvtps_pd(_mm256_castps256_ps128(x))),
+          dVec(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)))};
+#endif
+}
+
+struct SumSq {
+  // Widening in registers: the generic path below (store + scalar loop) made phase A
+  // compute-bound, 44 ms against 18 ms for 32M float32 elements on one core (AVX2).
+  dVec lo{0.0}, hi{0.0};
   inline void add(fVec v) {
-    const __m512 x = v;
-    const at::vec::Vectorized<double> a(_mm512_cvtps_pd(_mm512_castps512_ps256(x)));
-    const at::vec::Vectorized<double> b(
-        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
-    lo = at::vec::fmadd(a, a, lo);
-    hi = at::vec::fmadd(b, b, hi);
-  }
-  inline double total() const {
-    alignas(64) double t[16];
-    lo.store(t);
-    hi.store(t + 8);
-    double s = 0.0;
-    for (double x : t) {
-      s += x;
-    }
-    return s;
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  // Widening with the two halves of the register: the generic path below (store + scalar loop)
-  // made phase A compute-bound, 44 ms against 18 ms for 32M float32 elements on one core.
-  at::vec::Vectorized<double> lo{0.0}, hi{0.0};
-  inline void add(fVec v) {
-    const __m256 x = v;
-    const at::vec::Vectorized<double> a(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
-    const at::vec::Vectorized<double> b(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+    const auto [a, b] = widen(v);
     // Explicit FMAs (not contraction, which -ffp-contract=off forbids): one rounding per
     // square-and-add, the same on every run.
     lo = at::vec::fmadd(a, a, lo);
     hi = at::vec::fmadd(b, b, hi);
   }
   inline double total() const {
-    alignas(64) double t[8];
+    alignas(64) double t[2 * dVec::size()];
     lo.store(t);
-    hi.store(t + 4);
+    hi.store(t + dVec::size());
     double s = 0.0;
     for (double x : t) {
       s += x;
     }
     return s;
   }
+};
 #else
+struct SumSq {
   std::array<double, kLanes> lane{};
   inline void add(fVec v) {
     alignas(64) float t[kLanes];
@@ -128,8 +123,8 @@ struct SumSq {
     }
     return s;
   }
-#endif
 };
+#endif
 
 // Step scalars shared by the whole launch, as float32 lanes.
 struct Consts {
