@@ -61,7 +61,8 @@ def launch_args(phase, dtype=torch.float32, aligned=True, sqrt=True, gscale=Fals
     common = dict(partials=torch.zeros(8, 2, dtype=torch.float64), skip=t32(),
                   gscale=t32() if gscale else None)
     consts = dict(DTYPE=_tl_dtypes()[dtype], HAS_GSCALE=gscale, SQRT=sqrt,
-                  ALIGNED=aligned and table, TABLE=table, INTERPRET=False, BLOCK=ops.BLOCK)
+                  ALIGNED=aligned and table, TABLE=table, INTERPRET=False,
+                  BLOCK=ops.block_for(0.5 if sqrt else 0.75))
     if phase == "A":
         scalars = dict(beta2=0.999, p=0.5, eps_p=1e-8, sign=1.0, chunk_size=ops.CHUNK_SIZE,
                        fuse_one_chunk=True)

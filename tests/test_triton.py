@@ -370,25 +370,29 @@ def test_launch_count_independent_of_tensor_count(monkeypatch):
 def _compile_report(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(Path(__file__).with_name("_triton_compile.py")),
-                          "--json", f"--arch={arch}"],
+                          "--json", "--all", f"--arch={arch}"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_kernels_compile_for_sm80_sm90_without_spills():
-    """Each specialization compiles for sm_80 and sm_90 (Triton's compiler, no GPU), and the
-    bundled `ptxas -v` reports no spill stores; the aligned float32 path uses 128-bit loads.
-    Compilation runs in subprocesses (the kernels here are interpreter functions), one per arch
-    in parallel; FADAM_TRITON_COMPILE_ALL=1 compiles the full specialization product."""
+    """Every specialization the optimizer can launch (the whole product: 144 per arch) compiles
+    for sm_80 and sm_90 (Triton's compiler, no GPU), and the bundled `ptxas -v` reports no spill
+    stores; the aligned float32 path of p = 0.5 (the default) uses 128-bit loads. The p != 0.5
+    path calls libdevice's accurate powf, a real function call whose saved registers spilled
+    8-16 bytes in 3 specializations with 512-element tiles; it takes 256-element tiles (2 floats,
+    a 64-bit load, per thread) instead: see POW_BLOCK in triton_kernels/_ops.py. Compilation runs
+    in subprocesses (the kernels here are interpreter functions), one per arch in parallel:
+    about 2 minutes."""
     with ThreadPoolExecutor(2) as pool:
         reports = list(pool.map(_compile_report, (80, 90)))
     for report in reports:
-        assert report, "no specialization compiled"
+        assert len(report) == 144, f"{len(report)} specializations compiled, expected 144"
         for row in report:
             assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
             assert row["registers"] <= 128, row
-            if row["dtype"] == "float32" and row["aligned"]:
+            if row["dtype"] == "float32" and row["aligned"] and "pow" not in row["kernel"]:
                 assert row["v4_loads"], f"no 128-bit loads in the aligned float32 path: {row}"
 
 

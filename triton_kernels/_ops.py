@@ -49,9 +49,19 @@ CHUNK_SIZE = 65536
 # tile. From the ptxas register counts (README.md), since no GPU was available to sweep: BLOCK =
 # 1024 needed 90-128 registers (phase A's two float64 accumulator vectors are 8 lanes x 2 registers
 # each per thread) and spilled 8 bytes in phase B's bf16 pow variant on sm_80, i.e. at most 4 CTAs
-# = 16 warps per SM; BLOCK = 512 needs 54-72 registers, no spills, 8 CTAs = 32 warps per SM, twice
-# the loads in flight for a bandwidth-bound kernel.
+# = 16 warps per SM; BLOCK = 512 needs 54-72 registers, 8 CTAs = 32 warps per SM, twice the loads
+# in flight for a bandwidth-bound kernel. The p != 0.5 path calls libdevice's accurate powf, a
+# real function call: the registers it saves spilled 8-16 bytes in 3 of the 144 specializations
+# per arch at 512 (tests/_triton_compile.py --all), and 2 warps x 256 spilled too (the same 4
+# floats per thread). POW_BLOCK = 256 on 4 warps: 2 floats (a 64-bit load) per thread, no spill;
+# p = 0.5, the default, keeps 512 and its 128-bit loads.
 BLOCK = 512
+POW_BLOCK = 256
+
+
+def block_for(p: float) -> int:
+    """Elements per tile for the FIM exponent p: BLOCK on the sqrt path, POW_BLOCK otherwise."""
+    return BLOCK if p == 0.5 else POW_BLOCK
 NUM_WARPS = 4
 # Slots summed per iteration of phase B's slot reduction: 2 float64 per thread with 128 threads; a
 # 100M-element tensor (1526 slots at 64K) takes 6 iterations.
@@ -284,7 +294,7 @@ def triton_phase_a(
                    sign=-1.0 if maximize else 1.0, chunk_size=chunk_size,
                    fuse_one_chunk=bool(fuse_one_chunk))
     consts = dict(DTYPE=_tl_dtype(dtype), HAS_GSCALE=grad_scale is not None, SQRT=(p == 0.5),
-                  TABLE=True, INTERPRET=_INTERPRET, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                  TABLE=True, INTERPRET=_INTERPRET, BLOCK=block_for(p), num_warps=NUM_WARPS)
     kernel = wrap_triton(K._phase_a_kernel)
     if _FORCE_PER_TENSOR or _is_traced(params):
         slot = 0
@@ -337,7 +347,8 @@ def triton_phase_b(
                    fuse_one_chunk=bool(fuse_one_chunk))
     consts = dict(DTYPE=_tl_dtype(dtype), HAS_GSCALE=grad_scale is not None,
                   HAS_LR=lr_tensor is not None, SQRT=(p == 0.5), TABLE=True,
-                  INTERPRET=_INTERPRET, BLOCK=BLOCK, SLOT_BLOCK=SLOT_BLOCK, num_warps=NUM_WARPS)
+                  INTERPRET=_INTERPRET, BLOCK=block_for(p), SLOT_BLOCK=SLOT_BLOCK,
+                  num_warps=NUM_WARPS)
     kernel = wrap_triton(K._phase_b_kernel)
     if _FORCE_PER_TENSOR or _is_traced(params):
         slot = 0
