@@ -260,7 +260,7 @@ class FAdam(Optimizer):
             # the counter's device when this step has one there.
             flag = skips.get(self.skipped_steps.device)
             if flag is None:
-                flag = next(iter(skips.values())).to(self.skipped_steps.device)
+                flag = _StepRunner._on(next(iter(skips.values())), self.skipped_steps.device)
             self.skipped_steps.add_(flag)
         return loss
 
@@ -404,11 +404,11 @@ class _StepRunner:
                     # sync, and no pageable host-to-device copy in every step.
                     lr = float(lr)  # sync-ok: a CPU tensor
                 elif isinstance(lr, Tensor):
-                    # The kernels read float32 or float64 (an lr in bfloat16 is converted here, on
-                    # the device: no sync).
-                    lr_tensor = lr.to(device=params[0].device, non_blocking=True,
-                                      dtype=torch.float64 if lr.dtype == torch.float64
-                                      else torch.float32)
+                    # The kernels read float32 or float64 (an lr in bfloat16 is converted on its
+                    # own device, then moved like every other step input).
+                    if lr.dtype not in (torch.float32, torch.float64):
+                        lr = lr.float()
+                    lr_tensor = self._on(lr, params[0].device)
                 impl.phase_b(params, grads, fims, momentums, steps, partials, skip, grad_scale,
                              lr_tensor, lr=0.0 if lr_tensor is not None else float(lr),
                              beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"],

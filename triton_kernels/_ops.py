@@ -57,11 +57,6 @@ CHUNK_SIZE = 65536
 # p = 0.5, the default, keeps 512 and its 128-bit loads.
 BLOCK = 512
 POW_BLOCK = 256
-
-
-def block_for(p: float) -> int:
-    """Elements per tile for the FIM exponent p: BLOCK on the sqrt path, POW_BLOCK otherwise."""
-    return BLOCK if p == 0.5 else POW_BLOCK
 NUM_WARPS = 4
 # Slots summed per iteration of phase B's slot reduction: 2 float64 per thread with 128 threads; a
 # 100M-element tensor (1526 slots at 64K) takes 6 iterations.
@@ -72,6 +67,11 @@ SLOT_BLOCK = 256
 # that captured a Triton step reads its tables at replay: keep the number of buckets of all
 # live optimizers under 128 there (the "cuda" backend passes its tables by value instead).
 _CACHE_ENTRIES = 256
+
+
+def block_for(p: float) -> int:
+    """Elements per tile for the FIM exponent p: BLOCK on the sqrt path, POW_BLOCK otherwise."""
+    return BLOCK if p == 0.5 else POW_BLOCK
 
 
 def _interpreting() -> bool:

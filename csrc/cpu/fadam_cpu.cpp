@@ -313,14 +313,14 @@ inline void update_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const 
   });
 }
 
-// Phase B of [begin, end) of a fused one-chunk tensor after reduce_chunk<..., kKeep = true>: f
-// is already stored and r = 1/d comes from rbuf[i] (indexed from the tensor's start), so this
-// pass reads g, theta, r and m and writes m and theta. ghat = g * r and w = theta * r are the
-// products update_chunk forms: the same bits.
+// Phase B of a fused one-chunk tensor after reduce_chunk<..., kKeep = true> over the whole
+// tensor: f is already stored and r = 1/d comes from rbuf, so this pass reads g, theta, r and m
+// and writes m and theta. ghat = g * r and w = theta * r are the products update_chunk forms:
+// the same bits.
 template <typename scalar_t>
-inline void update_kept_range(const TensorPtrs& t, int64_t begin, int64_t end, const float* rbuf,
-                              const Consts& c, const UpdateConsts& u) {
-  for_each_vector(begin, end, [&](int64_t i, int64_t count) {
+inline void update_kept_chunk(const TensorPtrs& t, const float* rbuf, const Consts& c,
+                              const UpdateConsts& u) {
+  for_each_vector(0, t.numel, [&](int64_t i, int64_t count) {
     Lanes<scalar_t, /*kF=*/false, /*kM=*/true> x;
     x.load(t, i, count, c);
     const fVec r = fVec::loadu(rbuf + i);
@@ -348,17 +348,13 @@ struct Item {
   int64_t cost;  // bytes the item moves: the scheduling weight
 };
 
-// The (tensor, chunk) items of one phase for the tensors i with keep(i), heaviest first.
-// `cost(numel, fused)` is the bytes an item of `numel` elements moves; `fused` says that the
-// tensor is one chunk done in one task.
-template <typename Cost, typename Keep>
+// The (tensor, chunk) items of one phase, heaviest first. `cost(numel, fused)` is the bytes an
+// item of `numel` elements moves; `fused` says that the tensor is one chunk done in one task.
+template <typename Cost>
 std::vector<Item> make_items(at::TensorList params, int64_t chunk_size, bool fuse_one_chunk,
-                             Cost cost, Keep keep) {
+                             Cost cost) {
   std::vector<Item> items;
   for (const auto i : c10::irange(params.size())) {
-    if (!keep(i)) {
-      continue;
-    }
     const int64_t numel = params[i].numel();
     const int64_t n = nchunks_of(numel, chunk_size);
     for (int64_t c = 0; c < n; ++c) {
@@ -426,7 +422,7 @@ void phase_a_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
   const int64_t gsize = params[0].element_size();
   const auto items = make_items(params, chunk_size, fuse_one_chunk, [&](int64_t len, bool fused) {
     return len * (fused ? gsize : 2 * gsize + 4);
-  }, [](size_t) { return true; });
+  });
   const auto ptrs = make_ptrs(params, grads, fims, {}, steps, beta2);
   const auto offsets = slot_offsets(params, chunk_size);
   const Consts consts = make_consts(eps, p, maximize, grad_scale);
@@ -482,7 +478,7 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
   const int64_t esize = params[0].element_size();
   const auto items = make_items(params, chunk_size, fuse_one_chunk, [&](int64_t len, bool f) {
     return len * (4 * esize + 16 + (f && clipping ? 2 * esize + 4 : 0));
-  }, [](size_t) { return true; });
+  });
   const auto ptrs = make_ptrs(params, grads, fims, moms, steps, beta2);
   const Consts consts = make_consts(eps, p, maximize, grad_scale);
   const double* slots = partials.const_data_ptr<double>();
@@ -500,7 +496,7 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
       if (clipping && fused(it.tensor)) {
         float* rbuf = kept_buffer(t.numel);
         reduce_chunk<scalar_t, kSqrt, /*kKeep=*/true>(t, 0, t.numel, consts, sums, rbuf);
-        update_kept_range<scalar_t>(t, 0, t.numel, rbuf, consts, update_consts(t, sums));
+        update_kept_chunk<scalar_t>(t, rbuf, consts, update_consts(t, sums));
         return;
       }
       if (clipping) {
