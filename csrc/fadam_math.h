@@ -19,7 +19,9 @@
 // float32 and all element math is float32 ("opmath", as ATen's opmath_t). Step scalars (b2hat, the
 // clip scales) are float64 and rounded to float32 once per tensor. Sums of squares for the two RMS
 // values accumulate in float64: with eps = 1e-30 and an always-zero gradient, w is about 1e29 and
-// w^2 = 1e58 overflows float32 (max 3.4e38) but not float64 (max 1.8e308).
+// w^2 = 1e58 overflows float32 (max 3.4e38) but not float64 (max 1.8e308). The CPU kernel sums
+// short blocks in float32 first and redoes in float64 any block that overflowed (SumSq in
+// csrc/cpu/fadam_cpu.cpp: SPEC's "equivalent overflow-safe scheme").
 //
 // Phase A and phase B both call fim_update() and fisher_denom() on the same inputs, so the f (and
 // hence the ghat) that phase A reduces is bit for bit the f that phase B stores. The CPU build uses

@@ -70,7 +70,7 @@ class FAdam(Optimizer):
         lr (float or Tensor, default 1e-3): learning rate :math:`\eta`.
         betas (tuple, default (0.9, 0.999)): momentum and FIM EMA coefficients.
         eps (float, default 1e-8): :math:`\epsilon`. The paper recommends 1e-15 for LLM-scale
-            models; values down to 1e-30 are safe (the RMS sums are float64).
+            models; values down to 1e-30 are safe (the RMS sums are overflow-safe).
         clip (float or None, default 1.0): :math:`c`, the RMS clip threshold; None or 0 turns the
             clipping of the natural gradient and of the weight decay off.
         weight_decay (float, default 1e-3): :math:`\lambda`, applied as a natural gradient.

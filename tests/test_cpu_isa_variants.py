@@ -1,8 +1,8 @@
 """The CPU kernel as other machines build it: FADAM_CPU_VEC=avx2 and FADAM_CPU_VEC=none (issue 2).
 
 `make test` builds the kernel for the machine it runs on (AVX-512 on the Zen 4 CI machine), so
-the AVX2 path (8 float lanes, its own float64 widening in SumSq) and the portable SSE2 path (the
-generic at::vec fallback) would otherwise never be compiled here, let alone checked. This file
+the AVX2 path (8 float lanes, its own float64 widening in WideLanes) and the portable SSE2 path
+(the generic at::vec fallback) would otherwise never be compiled here, let alone checked. This file
 builds both, CPU only, from a copy of the sources in a temporary directory (two builds in
 parallel, about a minute), and runs a short trajectory of each against the float64 oracle in a
 subprocess that imports that copy.
@@ -77,6 +77,11 @@ _CHECK = textwrap.dedent("""
             same = None if dtype == torch.float32 else run_optimizer(problem, "reference",
                                                                      **hyper)[0]
             assert_trajectories_close(fast, run_oracle64(problem, **hyper), same, dtype)
+    # eps = 1e-30 and zero gradients: w^2 ~ 1e60 overflows the float32 block sums, which fall
+    # back to float64 (SumSq, and the portable WideLanes of the "none" build).
+    problem = make_problem(shapes=shapes, steps=6, zero_grad=(1, 3))
+    fast, _, _ = run_optimizer(problem, "cpu", lr=1e-2, eps=1e-30)
+    assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2, eps=1e-30))
     print("ok")
 """)
 

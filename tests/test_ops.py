@@ -71,6 +71,50 @@ def test_phase_a_partials_are_per_chunk_sums_of_the_oracle():
     assert slot == partials.shape[0]
 
 
+def _overflowing_group(fuse):
+    # eps = 1e-30, f = 0 and g = 0 give d = 1e-30 and w = theta / d ~ 1e30: w^2 overflows float32.
+    # Only a few elements do, in two of the 8 blocks of 128 elements (one AVX-512 block is 8
+    # vectors of 16): the CPU kernel sums squares in float32 by blocks and sums a block whose
+    # partial overflowed again in float64 (SumSq in csrc/cpu/fadam_cpu.cpp).
+    params, grads, fims, moms, steps, _ = _group(shapes=((1000,), (7,)))
+    for i in (130, 131, 700):
+        grads[0][i], fims[0][i] = 0.0, 0.0
+    partials = torch.zeros(3, 2, dtype=torch.float64)  # chunk 1000: one slot each, plus slack
+    a = {**_a_kwargs(fuse), "eps": 1e-30, "chunk_size": 1000}
+    b = {**_b_kwargs(fuse), "eps": 1e-30, "chunk_size": 1000}
+    return (params, grads, fims, moms, steps, partials), a, b
+
+
+def test_phase_a_sums_fall_back_to_float64_where_float32_overflows():
+    (params, grads, fims, _, steps, partials), a, _ = _overflowing_group(fuse=False)
+    skip = torch.zeros(())
+    torch.ops.fadam_fused.fadam_phase_a(params, grads, fims, steps, partials[:2], skip, None, **a)
+    assert float(skip) == 0.0
+    for slot, (p, g, f, t) in enumerate(zip(params, grads, fims, steps)):
+        bhat = float(reference.b2hat(0.999, t))
+        d = (bhat * f.double() + (1 - bhat) * g.double() ** 2).sqrt() + 1e-30
+        ghat, w = g.double() / d, p.double() / d
+        expected = torch.stack([ghat.square().sum(), w.square().sum()])
+        assert torch.isfinite(partials[slot]).all()
+        torch.testing.assert_close(partials[slot], expected, rtol=1e-6, atol=0)
+    assert partials[0, 1] > 1e58  # the overflowing squares are in
+
+
+def test_fused_tensor_with_overflowing_squares_matches_unfused_bits():
+    runs = []
+    for fuse in (True, False):
+        (params, grads, fims, moms, steps, partials), a, b = _overflowing_group(fuse)
+        skip = torch.zeros(())
+        torch.ops.fadam_fused.fadam_phase_a(params, grads, fims, steps, partials[:2], skip, None, **a)
+        torch.ops.fadam_fused.fadam_phase_b(params, grads, fims, moms, steps, partials[:2], skip,
+                                            None, None, **b)
+        assert float(skip) == 0.0
+        runs.append(params + fims + moms)
+    for x, y in zip(*runs):
+        assert torch.isfinite(x).all()
+        assert torch.equal(x, y)
+
+
 def test_one_chunk_tensors_leave_their_slot_to_phase_b():
     params, grads, fims, _, steps, partials = _group(shapes=((300,), (5, 7)))
     partials.fill_(-1.0)
