@@ -183,6 +183,10 @@ struct SumSq {
 // Step scalars shared by the whole launch, as float32 lanes.
 struct Consts {
   fVec p, eps_p, grad_mul;
+  // grad_mul is exactly 1 (no maximize, no grad scale): the common case skips the multiply, one
+  // of the 7-8 multiplies per vector that load Zen 4's two FMA pipes in each loop (x * 1 = x,
+  // so the bits are the same either way).
+  bool unit_grad;
 };
 
 struct TensorPtrs {
@@ -247,7 +251,9 @@ struct Lanes {
         m = fVec::loadu(mb);
       }
     }
-    g = g * c.grad_mul;
+    if (!c.unit_grad) {
+      g = g * c.grad_mul;
+    }
   }
 
   // Stores theta, and f and m where loaded (Vectorized::store(ptr, count) stores `count` lanes).
@@ -269,9 +275,10 @@ struct Lanes {
   }
 };
 
-// g * 0 is NaN exactly when g is inf or NaN: one multiply-add per vector detects a non-finite
-// gradient while the data is in registers anyway (SPEC section 5: "for free"); all_zero() reads
-// the accumulator once per chunk.
+// g - g is NaN exactly when g is inf or NaN: a subtract and an add per vector (on the add pipes,
+// which the loops leave idler than the multiply pipes) detect a non-finite gradient while the
+// data is in registers anyway (SPEC section 5: "for free"); all_zero() reads the accumulator
+// once per chunk.
 
 // Phase A of one chunk: (sum ghat^2, sum w^2) over [begin, end) into sums[0..1], by blocks of
 // kBlockVectors vectors in element order (SumSq); returns false if a gradient is not finite. With
@@ -291,7 +298,7 @@ inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const 
     Lanes<scalar_t, /*kF=*/true, /*kM=*/false> x;
     x.load(t, i, count, c);
     if constexpr (!kKeep) {
-      nonfinite = nonfinite + x.g * zero;  // phase B runs only when phase A found none
+      nonfinite = nonfinite + (x.g - x.g);  // phase B runs only when phase A found none
     }
     const fVec f = fim_update(x.f, x.g, b2hat, omb2);
     const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
@@ -338,7 +345,6 @@ inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const 
 // (4 B per float32 element; Lanes::load would read f and theta too).
 template <typename scalar_t>
 inline bool check_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const Consts& c) {
-  const fVec zero(0.f);
   fVec nonfinite(0.f);
   const auto* g = static_cast<const scalar_t*>(t.grad);
   for_each_vector(begin, end, [&](int64_t i, int64_t count) {
@@ -350,7 +356,8 @@ inline bool check_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const C
       std::memcpy(buf, g + i, count * sizeof(scalar_t));
       x = load_float(buf);
     }
-    nonfinite = nonfinite + (x * c.grad_mul) * zero;
+    const fVec v = c.unit_grad ? x : x * c.grad_mul;
+    nonfinite = nonfinite + (v - v);
   });
   return all_zero(nonfinite);
 }
@@ -476,7 +483,7 @@ Consts make_consts(double eps, double p, bool maximize, const c10::optional<at::
     mul /= static_cast<double>(*grad_scale->const_data_ptr<float>());
   }
   return {fVec(static_cast<float>(p)), fVec(static_cast<float>(std::pow(eps, 2.0 * p))),
-          fVec(static_cast<float>(mul))};
+          fVec(static_cast<float>(mul)), static_cast<float>(mul) == 1.0f};
 }
 
 void phase_a_cpu(at::TensorList params, at::TensorList grads, at::TensorList fims,
