@@ -275,15 +275,15 @@ struct Lanes {
   }
 };
 
-// g - g is NaN exactly when g is inf or NaN: a subtract and an add per vector (on the add pipes,
-// which the loops leave idler than the multiply pipes) detect a non-finite gradient while the
-// data is in registers anyway (SPEC section 5: "for free"); all_zero() reads the accumulator
-// once per chunk.
-
 // Phase A of one chunk: (sum ghat^2, sum w^2) over [begin, end) into sums[0..1], by blocks of
 // kBlockVectors vectors in element order (SumSq); returns false if a gradient is not finite. With
 // kKeep (phase B of a fused tensor, [note: CPU fused one-chunk tensors]) it also stores the new f
 // in place and r = 1/d into rbuf[i - begin]; the sums are the same bits either way.
+//
+// Non-finite gradients: g - g is NaN exactly when g is inf or NaN, so a subtract and an add per
+// vector (on the add pipes, which these loops leave idler than the multiply pipes) detect one
+// while the data is in registers anyway (SPEC section 5: "for free"), and all_zero() reads the
+// accumulator once per chunk. check_chunk() does the same on the gradient alone.
 template <typename scalar_t, bool kSqrt, bool kKeep = false>
 inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const Consts& c,
                          double* sums, float* rbuf = nullptr) {
