@@ -299,7 +299,9 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
         chunk = row.chunk_size()
         bpp = traffic.bytes_per_param(row.family, numels, dtype, dtype, chunk)
         results[row.name] = dict(base, row=row.name, status="ok", reason="", bytes_per_param=bpp,
-                                 model_bytes=traffic.model_bytes(row.family, numels, dtype, dtype, chunk))
+                                 model_bytes=traffic.model_bytes(row.family, numels, dtype, dtype, chunk),
+                                 read_bytes_per_param=traffic.bytes_per_param(
+                                     row.family, numels, dtype, dtype, chunk, reads_only=True))
 
     runnable = []
     for row in rows:
@@ -422,6 +424,7 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             entry["time_vs_adam_fused"] = mine["median_ms"] / adam["median_ms"]
             entry["paired_vs_adam_fused"] = mine.get("paired_vs_adam_fused")
             entry["memory_bound_expectation"] = mine["bytes_per_param"] / adam["bytes_per_param"]
+            entry["read_bound_floor"] = mine["read_bytes_per_param"] / adam["read_bytes_per_param"]
         if po and "median_ms" in po:
             entry["speedup_vs_pytorch_optimizer"] = po["median_ms"] / mine["median_ms"]
             inverse = paired_ratio(po, mine)  # pytorch_optimizer's time / ours, per round

@@ -23,6 +23,13 @@ Per element, with P = parameter bytes, G = gradient bytes, S = bytes of one stat
   g once more in phase A for the non-finite check (SPEC section 5) before the fused pass, so we
   count                                                   = 2G + 4S + 2P  (fp32: 32 B)
 
+Reads alone (`reads_only=True`): Adam G + P + 2S (fp32 16 B); FAdam multi-chunk 2G + 3S + 2P
+(28 B), one-chunk 2G + 2S + P (20 B: the check's g, then g, f, theta and m once). On a machine
+whose reads saturate while writes ride along (the 2-core CI VM: about 31 GB/s of reads for any
+access pattern, while fused Adam adds 23 GB/s of writes on top), the ratio of read bytes is the
+floor of FAdam's time over Adam's: 22/16 = 1.375 on the default CPU list, not the 34/28 = 1.21
+of total bytes.
+
 A workload's bytes/param is the numel-weighted mean over its tensors, so an LLM-shaped list (nearly
 all parameters in big matrices) sits near 40 B and a list of many small tensors near 32 B.
 """
@@ -46,45 +53,54 @@ def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def adam_bytes_per_element(param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None) -> int:
-    """G + 2P + 4S with S = P (torch's Adam stores exp_avg / exp_avg_sq in the param dtype)."""
+def adam_bytes_per_element(param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None,
+                           reads_only: bool = False) -> int:
+    """G + 2P + 4S with S = P (torch's Adam stores exp_avg / exp_avg_sq in the param dtype);
+    reads alone G + P + 2S."""
     p = _size(param_dtype)
     g = _size(grad_dtype or param_dtype)
     s = p
+    if reads_only:
+        return g + p + 2 * s
     return g + 2 * p + 4 * s
 
 
 def fadam_bytes_per_element(numel: int, param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None,
-                            chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
-    """2G + 5S + 3P for multi-chunk tensors, 2G + 4S + 2P for one-chunk ones, S = 4 (float32)."""
+                            chunk_size: int = DEFAULT_CHUNK_SIZE, reads_only: bool = False) -> int:
+    """2G + 5S + 3P for multi-chunk tensors, 2G + 4S + 2P for one-chunk ones, S = 4 (float32);
+    reads alone 2G + 3S + 2P and 2G + 2S + P."""
     p = _size(param_dtype)
     g = _size(grad_dtype or param_dtype)
     s = _size(FADAM_STATE_DTYPE)
-    if numel <= chunk_size:
-        return 2 * g + 4 * s + 2 * p
-    return 2 * g + 5 * s + 3 * p
+    one_chunk = numel <= chunk_size
+    if reads_only:
+        return 2 * g + 2 * s + p if one_chunk else 2 * g + 3 * s + 2 * p
+    return 2 * g + 4 * s + 2 * p if one_chunk else 2 * g + 5 * s + 3 * p
 
 
 def model_bytes(family: str, numels: Iterable[int], param_dtype: torch.dtype,
-                grad_dtype: torch.dtype | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
-    """Total bytes one step moves for a list of tensor sizes; family is "adam" or "fadam"."""
+                grad_dtype: torch.dtype | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                reads_only: bool = False) -> int:
+    """Total bytes one step moves (or reads) for a list of tensor sizes; family is "adam" or
+    "fadam"."""
     total = 0
     for n in numels:
         if n == 0:
             continue  # an empty tensor moves nothing
         if family == "adam":
-            total += n * adam_bytes_per_element(param_dtype, grad_dtype)
+            total += n * adam_bytes_per_element(param_dtype, grad_dtype, reads_only)
         elif family == "fadam":
-            total += n * fadam_bytes_per_element(n, param_dtype, grad_dtype, chunk_size)
+            total += n * fadam_bytes_per_element(n, param_dtype, grad_dtype, chunk_size, reads_only)
         else:
             raise ValueError(f"unknown traffic family {family!r}; expected 'adam' or 'fadam'")
     return total
 
 
 def bytes_per_param(family: str, numels: Sequence[int], param_dtype: torch.dtype,
-                    grad_dtype: torch.dtype | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
+                    grad_dtype: torch.dtype | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                    reads_only: bool = False) -> float:
     """The numel-weighted mean of the model over a workload (nan for an empty workload)."""
     n = sum(numels)
     if n == 0:
         return math.nan
-    return model_bytes(family, numels, param_dtype, grad_dtype, chunk_size) / n
+    return model_bytes(family, numels, param_dtype, grad_dtype, chunk_size, reads_only) / n

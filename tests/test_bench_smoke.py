@@ -38,6 +38,13 @@ def test_traffic_model_per_element():
     assert traffic.fadam_bytes_per_element(100, F16) == 2 * 2 + 4 * 4 + 2 * 2     # 24
     # The chunk size of the backend sets the one-chunk threshold.
     assert traffic.fadam_bytes_per_element(5000, F32, chunk_size=4096) == 40
+    # Reads alone: Adam g, m, v, theta; FAdam g, f, theta then g, f, m, theta (multi-chunk), or
+    # the check's g, then g, f, theta, m (one-chunk).
+    assert traffic.adam_bytes_per_element(F32, reads_only=True) == 16
+    assert traffic.fadam_bytes_per_element(65537, F32, reads_only=True) == 28
+    assert traffic.fadam_bytes_per_element(65536, F32, reads_only=True) == 20
+    assert traffic.fadam_bytes_per_element(10**6, BF16, reads_only=True) == 2 * 2 + 3 * 4 + 2 * 2
+    assert traffic.adam_bytes_per_element(BF16, reads_only=True) == 2 + 2 + 2 * 2
 
 
 def test_traffic_model_weighted_over_a_workload():
@@ -52,6 +59,24 @@ def test_traffic_model_weighted_over_a_workload():
     assert 60e6 < w.n_params < 70e6
     assert w.n_params * 16 > 480 * 2**20
     assert 39.9 < traffic.bytes_per_param("fadam", w.numels, F32) <= 40.0
+    # With the CPU's 2^20-element chunks three quarters of it is one-chunk: 34 B, 22 B of reads.
+    cpu = dict(chunk_size=1 << 20)
+    assert traffic.bytes_per_param("fadam", w.numels, F32, **cpu) == pytest.approx(34.0, abs=0.05)
+    assert traffic.bytes_per_param("fadam", w.numels, F32, reads_only=True, **cpu) == \
+        pytest.approx(22.0, abs=0.05)
+
+
+def test_summary_gives_both_traffic_bounds():
+    def row(name, ms, bpp, reads):
+        return dict(kind="default", row=name, workload="llm", status="ok", reason="", median_ms=ms,
+                    bytes_per_param=bpp, read_bytes_per_param=reads, paired_vs_adam_fused=None)
+    results = [row("fadam-cpu", 15.0, 34.0, 22.0), row("torch-adam-fused", 10.0, 28.0, 16.0)]
+    entry = step_bench.summary(results)["fadam-cpu"]
+    assert entry["time_vs_adam_fused"] == pytest.approx(1.5)
+    assert entry["memory_bound_expectation"] == pytest.approx(34 / 28)
+    assert entry["read_bound_floor"] == pytest.approx(22 / 16)
+    text = report.summary_text(step_bench.summary(results), results, {"elapsed_s": 1})
+    assert "memory-bound expectation 1.21x, read-bound floor 1.38x" in text
 
 
 def test_rows_have_the_issue_names_and_gpu_rows_say_why_not():
@@ -102,6 +127,8 @@ def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
         assert r["bytes_per_param"] == pytest.approx(
             traffic.bytes_per_param(family, w.numels, F32, chunk_size=chunk))
         assert r["gbps"] == pytest.approx(r["model_bytes"] / (r["median_ms"] / 1e3) / 1e9)
+        assert r["read_bytes_per_param"] == pytest.approx(
+            traffic.bytes_per_param(family, w.numels, F32, chunk_size=chunk, reads_only=True))
     assert res["torch-adam-fused"]["time_vs_adam_fused"] == pytest.approx(1.0)
     assert res["torch-adam-fused"]["paired_vs_adam_fused"] == pytest.approx([1.0, 1.0, 1.0])
     assert len(res["torch-adam-fused"]["round_medians_ms"]) == step_bench.BUDGETS[True]["rounds_default"]
