@@ -187,6 +187,10 @@ struct Consts {
   // of the 7-8 multiplies per vector that load Zen 4's two FMA pipes in each loop (x * 1 = x,
   // so the bits are the same either way).
   bool unit_grad;
+  // The loaded gradient times grad_mul.
+  inline fVec scale_grad(fVec g) const {
+    return unit_grad ? g : g * grad_mul;
+  }
 };
 
 struct TensorPtrs {
@@ -251,9 +255,7 @@ struct Lanes {
         m = fVec::loadu(mb);
       }
     }
-    if (!c.unit_grad) {
-      g = g * c.grad_mul;
-    }
+    g = c.scale_grad(g);
   }
 
   // Stores theta, and f and m where loaded (Vectorized::store(ptr, count) stores `count` lanes).
@@ -356,7 +358,7 @@ inline bool check_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const C
       std::memcpy(buf, g + i, count * sizeof(scalar_t));
       x = load_float(buf);
     }
-    const fVec v = c.unit_grad ? x : x * c.grad_mul;
+    const fVec v = c.scale_grad(x);
     nonfinite = nonfinite + (v - v);
   });
   return all_zero(nonfinite);
