@@ -77,6 +77,11 @@ def summary_text(summ: dict[str, Any], results: list[dict[str, Any]], meta: dict
                          f"(target <= 1.5x; memory-bound expectation "
                          f"{e['memory_bound_expectation']:.2f}x"
                          + (f", read-bound floor {floor:.2f}x" if floor else "") + ");")
+        by_place = e.get("paired_by_placement")
+        if by_place:
+            parts.append("by CPU placement: " + ", ".join(
+                f"{where} {_fmt_ratio(v['paired'][1]) if v['paired'] else '-'} ({v['rounds']} rounds)"
+                for where, v in by_place.items()) + ";")
         if "speedup_vs_pytorch_optimizer" in e:
             ps = e.get("paired_speedup_vs_pytorch_optimizer")
             paired = f", per-round paired {ps[1]:.1f}x [p20 {ps[0]:.1f}, p80 {ps[2]:.1f}]" if ps else ""

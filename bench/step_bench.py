@@ -48,7 +48,7 @@ from torch.utils.benchmark import Timer
 if __package__ in (None, ""):  # run as `python bench/step_bench.py`: make `bench` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import report, rows as rows_mod, traffic, workloads  # noqa: E402
+from bench import placement, report, rows as rows_mod, traffic, workloads  # noqa: E402
 
 WARMUP_NOTE = "4 warmup steps per row before timing (2 for rows slower than 50 ms/step)"
 MIN_ROUNDS = 3  # fewest rounds a slow row takes part in: p20/p80 need at least 3 samples
@@ -289,8 +289,9 @@ def plan_rounds(estimates: dict[str, float], budget: float, rounds: int) -> dict
 
 def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device: torch.device,
                  dtype: torch.dtype, threads: int, budget: float, rounds: int, seed: int,
-                 progress=None) -> list[dict[str, Any]]:
-    """Time every row on `workload`; one result dict per row (unavailable rows included)."""
+                 progress=None, probe: placement.Probe | None = None) -> list[dict[str, Any]]:
+    """Time every row on `workload`; one result dict per row (unavailable rows included).
+    `probe` measures the CPU placement between samples (bench/placement.py)."""
     results: dict[str, dict[str, Any]] = {}
     numels = workload.numels
     base = dict(workload=workload.name, kind=workload.kind, n_params=workload.n_params,
@@ -355,11 +356,16 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
     samples: dict[str, list[float]] = {name: [] for name in live}
     spent = {name: 0.0 for name in live}
     round_medians: dict[str, list[float | None]] = {name: [None] * rounds for name in live}
+    # Per round: the placement each row's sample ran in, and the latencies before and after it
+    # (the probe between two samples serves as the after of one and the before of the next).
+    round_placement: dict[str, list[str | None]] = {name: [None] * rounds for name in live}
+    round_ns: dict[str, list[list[float | None] | None]] = {name: [None] * rounds for name in live}
     plan = plan_rounds(estimates, budget, rounds)
     share = budget / max(1, len(live))
     order = list(live)
     for r in range(rounds):
         shift = r % max(1, len(order))
+        before = probe() if probe else None
         for name in order[shift:] + order[:shift]:
             joins, _ = plan[name]
             if r not in joins:
@@ -374,6 +380,11 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
             spent[name] += time.perf_counter() - t0
             samples[name].extend(got)
             round_medians[name][r] = float(np.median(got)) * 1e3
+            if probe:
+                after = probe()
+                round_placement[name][r] = placement.label(before, after)
+                round_ns[name][r] = [before, after]
+                before = after
         if progress is not None:
             progress.update(1)
 
@@ -383,6 +394,8 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
         res.update(median_ms=float(med), p20_ms=float(p20), p80_ms=float(p80), n_samples=len(times),
                    gbps=res["model_bytes"] / (med / 1e3) / 1e9, rounds=len(plan[name][0]),
                    timed_s=round(spent[name], 2), round_medians_ms=round_medians[name])
+        if probe:
+            res.update(round_placement=round_placement[name], round_core_to_core_ns=round_ns[name])
     base = results.get(rows_mod.BASELINE, {})
     for res in results.values():
         if "median_ms" in res and base.get("median_ms"):
@@ -425,6 +438,8 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             entry["paired_vs_adam_fused"] = mine.get("paired_vs_adam_fused")
             entry["memory_bound_expectation"] = mine["bytes_per_param"] / adam["bytes_per_param"]
             entry["read_bound_floor"] = mine["read_bytes_per_param"] / adam["read_bytes_per_param"]
+            if "round_placement" in mine and "round_placement" in adam:
+                entry["paired_by_placement"] = placement.paired_by_placement(mine, adam, MIN_ROUNDS)
         if po and "median_ms" in po:
             entry["speedup_vs_pytorch_optimizer"] = po["median_ms"] / mine["median_ms"]
             inverse = paired_ratio(po, mine)  # pytorch_optimizer's time / ours, per round
@@ -539,6 +554,16 @@ def main(argv=None) -> int:
                 for w in works)
     progress = tqdm(total=units, desc="step_bench", unit="step", file=sys.stderr, dynamic_ncols=True,
                     disable=True if args.no_progress else None)
+    probe = None
+    if device.type == "cpu":
+        # Built beside the JSON output (bench/results/ for make bench).
+        out_dir = (os.path.dirname(os.path.abspath(args.json)) if args.json else
+                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+        exe, why = placement.build(out_dir)
+        probe = placement.prober(exe) if exe else None
+        meta["placement_probe"] = (f"{exe}: one-way core-to-core latency around each sample, "
+                                   f"same L3 if <= {placement.SAME_L3_MAX_NS:.0f} ns"
+                                   if exe else f"not measured: {why}")
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     for w in works:
@@ -546,7 +571,8 @@ def main(argv=None) -> int:
         default = w.kind == "default"
         budget = (b["default"] if default else b["sweep"]) * args.budget_scale
         rounds = b["rounds_default"] if default else b["rounds_sweep"]
-        res = run_workload(w, rows, device, dtype, threads, budget, rounds, args.seed, progress)
+        res = run_workload(w, rows, device, dtype, threads, budget, rounds, args.seed, progress,
+                           probe)
         results += res
         progress.write(report.table(w, res))
     progress.close()

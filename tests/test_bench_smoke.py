@@ -13,13 +13,14 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import report, rows, step_bench, traffic, workloads  # noqa: E402
+from bench import placement, report, rows, step_bench, traffic, workloads  # noqa: E402
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -79,6 +80,45 @@ def test_summary_gives_both_traffic_bounds():
     assert "memory-bound expectation 1.21x, read-bound floor 1.38x" in text
 
 
+def test_placement_labels_and_per_placement_ratios():
+    S, C = placement.SAME, placement.CROSS
+    assert placement.label(28.0, 31.0) == S
+    assert placement.label(165.0, 158.0) == C
+    assert placement.label(28.0, 165.0) is None  # moved during the sample
+    assert placement.label(None, 28.0) is None
+    # Five rounds: a round counts for a placement only when both rows' samples ran in it.
+    mine = dict(round_medians_ms=[15.0, 16.0, 30.0, 17.0, None], round_placement=[S, S, C, S, S])
+    base = dict(round_medians_ms=[10.0, 10.0, 15.0, 10.0, 10.0], round_placement=[S, S, C, None, S])
+    by = placement.paired_by_placement(mine, base, min_rounds=2)
+    assert by[S]["rounds"] == 2 and by[S]["paired"][1] == pytest.approx(1.55)
+    assert by[C] == {"rounds": 1, "paired": None}
+
+    def row(name, medians, places):
+        return dict(kind="default", row=name, workload="llm", status="ok", reason="",
+                    median_ms=float(np.median(medians)), bytes_per_param=34.0,
+                    read_bytes_per_param=22.0, paired_vs_adam_fused=None,
+                    round_medians_ms=medians, round_placement=places)
+    results = [row("fadam-cpu", [14.0, 15.0, 16.0, 30.0], [S, S, S, C]),
+               row("torch-adam-fused", [10.0, 10.0, 10.0, 15.0], [S, S, S, C])]
+    summ = step_bench.summary(results)
+    assert summ["fadam-cpu"]["paired_by_placement"][S]["paired"][1] == pytest.approx(1.5)
+    text = report.summary_text(summ, results, {"elapsed_s": 1})
+    assert "by CPU placement: same-l3 1.50x (3 rounds), cross-l3 - (1 rounds);" in text
+
+
+def test_core_to_core_probe_builds_and_measures(tmp_path):
+    exe, why = placement.build(str(tmp_path))
+    assert exe is not None, why
+    built = os.path.getmtime(exe)
+    assert placement.build(str(tmp_path)) == (exe, "")  # up to date: not rebuilt
+    assert os.path.getmtime(exe) == built
+    ns = placement.prober(exe, round_trips=2000)()
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert ns is not None and 1.0 < ns < 100_000.0  # a cache line between two cores
+    else:
+        assert ns is None  # the probe says it needs two CPUs rather than measuring one
+
+
 def test_rows_have_the_issue_names_and_gpu_rows_say_why_not():
     assert rows.ROW_NAMES == ("fadam-cpu", "fadam-reference", "fadam-triton", "fadam-cuda",
                               "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop",
@@ -132,6 +172,15 @@ def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
     assert res["torch-adam-fused"]["time_vs_adam_fused"] == pytest.approx(1.0)
     assert res["torch-adam-fused"]["paired_vs_adam_fused"] == pytest.approx([1.0, 1.0, 1.0])
     assert len(res["torch-adam-fused"]["round_medians_ms"]) == step_bench.BUDGETS[True]["rounds_default"]
+    # The placement probe ran around every sample (bench/placement.py).
+    assert "core-to-core latency" in meta["placement_probe"], meta["placement_probe"]
+    for r in timed:
+        assert len(r["round_placement"]) == len(r["round_medians_ms"])
+        for where, ns, ms in zip(r["round_placement"], r["round_core_to_core_ns"], r["round_medians_ms"]):
+            assert (ns is None) == (ms is None)  # probed exactly around the rounds it ran in
+            assert where in (placement.SAME, placement.CROSS, None)
+            if ns is not None and all(x is not None for x in ns):
+                assert where == placement.label(*ns)
     # tiny = one 70000-element tensor (40 B) + one-chunk tensors (32 B)
     one = sum(n for n in w.numels if n <= 65536)
     assert res["torch-adam-fused"]["bytes_per_param"] == pytest.approx(28.0)
