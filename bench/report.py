@@ -64,6 +64,12 @@ def table(w: Workload, results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _placement_text(by_place: dict[str, Any]) -> str:
+    """"same-l3 1.58x (15 rounds), cross-l3 - (2 rounds)": the paired median per placement."""
+    return ", ".join(f"{where} {_fmt_ratio(v['paired'][1]) if v['paired'] else '-'} ({v['rounds']} rounds)"
+                     for where, v in by_place.items())
+
+
 def summary_text(summ: dict[str, Any], results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"\nfinished in {meta.get('elapsed_s')} s"
              + (f"; load avg {meta['loadavg_end'][0]:.2f} at the end" if meta.get("loadavg_end") else "")]
@@ -77,11 +83,8 @@ def summary_text(summ: dict[str, Any], results: list[dict[str, Any]], meta: dict
                          f"(target <= 1.5x; memory-bound expectation "
                          f"{e['memory_bound_expectation']:.2f}x"
                          + (f", read-bound floor {floor:.2f}x" if floor else "") + ");")
-        by_place = e.get("paired_by_placement")
-        if by_place:
-            parts.append("by CPU placement: " + ", ".join(
-                f"{where} {_fmt_ratio(v['paired'][1]) if v['paired'] else '-'} ({v['rounds']} rounds)"
-                for where, v in by_place.items()) + ";")
+        if e.get("paired_by_placement"):
+            parts.append(f"by CPU placement: {_placement_text(e['paired_by_placement'])};")
         if "speedup_vs_pytorch_optimizer" in e:
             ps = e.get("paired_speedup_vs_pytorch_optimizer")
             paired = f", per-round paired {ps[1]:.1f}x [p20 {ps[0]:.1f}, p80 {ps[2]:.1f}]" if ps else ""
@@ -174,7 +177,8 @@ def plot(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None
     plt.close(fig)
 
 
-def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+def markdown(meta: dict[str, Any], results: list[dict[str, Any]],
+             summ: dict[str, Any] | None = None) -> str:
     """README tables from a results JSON: the default workload in full, then one table per sweep
     (median ms per row and point). `python -m bench.report bench/results/step_bench.json`."""
     out = [f"{meta['device']} ({meta['device_name']}, LLC {meta.get('llc')}), {meta['threads']} threads, "
@@ -195,6 +199,10 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
             out.append(f"| {r['row']} | {_fmt_ms(r['median_ms'])} | {_fmt_ms(r['p20_ms'])} | "
                        f"{_fmt_ms(r['p80_ms'])} | {r['bytes_per_param']:.1f} | {r['gbps']:.1f} | "
                        f"{f'{_fmt_ratio(ratio)}' if ratio else '-'} | {f'{_fmt_ratio(pr[1])}' if pr else '-'} |")
+    for name, e in (summ or {}).items():
+        if e.get("paired_by_placement"):
+            out += ["", f"`{name}` paired by CPU placement (`bench/placement.py`): "
+                        f"{_placement_text(e['paired_by_placement'])}."]
     for kind, title in (("size", "Size sweep"), ("count", "Tensor-count sweep")):
         data = [r for r in results if r["kind"] == kind and r["status"] == "ok"]
         if not data:
@@ -220,4 +228,4 @@ if __name__ == "__main__":
 
     with open(sys.argv[1]) as f:
         doc = json.load(f)
-    print(markdown(doc["meta"], doc["results"]))
+    print(markdown(doc["meta"], doc["results"], doc.get("summary")))

@@ -104,6 +104,11 @@ def test_placement_labels_and_per_placement_ratios():
     assert summ["fadam-cpu"]["paired_by_placement"][S]["paired"][1] == pytest.approx(1.5)
     text = report.summary_text(summ, results, {"elapsed_s": 1})
     assert "by CPU placement: same-l3 1.50x (3 rounds), cross-l3 - (1 rounds);" in text
+    meta = dict(device="cpu", device_name="x", threads=2, torch="t", python="p", date="d")
+    for r in results:
+        r.update(dtype="float32", n_params=1, n_tensors=1, p20_ms=1.0, p80_ms=2.0, gbps=1.0)
+    assert ("`fadam-cpu` paired by CPU placement (`bench/placement.py`): same-l3 1.50x (3 rounds), "
+            "cross-l3 - (1 rounds).") in report.markdown(meta, results, summ)
 
 
 def test_core_to_core_probe_builds_and_measures(tmp_path):
