@@ -7,7 +7,8 @@ ran in (bench/core_to_core.c measures it: the one-way latency of a cache line be
 - same L3, ~28 ns: both threads share one L3 and one memory path. Fused Adam on the 64M-parameter
   LLM list took ~37 ms (49 GB/s of its modelled traffic);
 - across L3s, 160-300 ns: each thread has its own CCD, L3 and memory path. Fused Adam took ~24 ms
-  (73 GB/s), and fadam-cpu's ratio to it was 0.06-0.11 higher than in the same-L3 rounds.
+  (73 GB/s). fadam-cpu's ratio to it was 0.06-0.11 higher than in a shared L3 in in-process
+  A/B runs (one `make bench` run, with 6 cross-L3 rounds, had it 0.03 lower).
 
 One run mixes both, in proportions that change from run to run, so a ratio over all rounds is a
 mixture. The bench labels each row's sample in each round by the latency measured before and
@@ -51,8 +52,8 @@ def build(out_dir: str) -> tuple[str | None, str]:
 
 
 def prober(exe: str, round_trips: int = 20000) -> Probe:
-    """A function that measures the latency now (1-7 ms), or returns None if the probe fails
-    (fewer than two CPUs, no permission to pin threads)."""
+    """A function that measures the latency now (5 ms of pause, then 1-7 ms), or returns None if
+    the probe fails (fewer than two CPUs, no permission to pin threads)."""
     def probe() -> float | None:
         # The benchmarked step's OpenMP threads spin for a while after each parallel region and
         # share the probe's CPUs: on the 2 vCPUs here a single timing started at once read
@@ -89,4 +90,3 @@ def paired_by_placement(res: dict[str, Any], base: dict[str, Any], min_rounds: i
                       "paired": [float(x) for x in np.percentile(pairs, [20, 50, 80])]
                       if len(pairs) >= min_rounds else None}
     return out
-
