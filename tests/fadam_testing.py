@@ -172,3 +172,17 @@ def assert_trajectories_close(fast, ref64, same=None, dtype=torch.float32) -> fl
                     sv = getattr(s, key)[i] if s else None
                     _close(f"{tag} {key}", av, rv, sv, dtype, state=True)
     return worst
+
+
+# Two param groups with their own clip, p and weight decay; then an lr changed before every step.
+TWO_GROUPS = [([0, 2, 4], {"lr": 3e-2, "clip": 2.0}), ([1, 3], {"weight_decay": 0.0, "p": 0.75})]
+
+
+def assert_groups_and_lr_schedule_match_oracle(problem: Problem, run) -> None:
+    """The two-groups run and the lr-schedule run of `run(problem, groups=..., lr_schedule=...)`
+    (run_optimizer with a backend bound, or a device variant) against the float64 oracle."""
+    fast, _, _ = run(problem, groups=TWO_GROUPS)
+    assert_trajectories_close(fast, run_oracle64(problem, groups=TWO_GROUPS))
+    schedule = lambda k: 1e-2 / (1 + k)  # noqa: E731
+    fast, _, _ = run(problem, lr_schedule=schedule)
+    assert_trajectories_close(fast, run_oracle64(problem, lr_schedule=schedule))

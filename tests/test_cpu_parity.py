@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fadam_fused import FAdam
-from fadam_testing import (assert_trajectories_close, make_problem, run_optimizer, run_oracle64)
+from fadam_testing import (assert_groups_and_lr_schedule_match_oracle, assert_trajectories_close,
+                           make_problem, run_optimizer, run_oracle64)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -55,15 +56,8 @@ def test_many_small_tensors(dtype):
 
 
 def test_two_param_groups_and_lr_schedule():
-    problem = make_problem(steps=12)
-    groups = [([0, 2, 4], {"lr": 3e-2, "clip": 2.0}), ([1, 3], {"weight_decay": 0.0, "p": 0.75})]
-    schedule = lambda k: 1e-2 / (1 + k)  # noqa: E731  (changed between every step)
-    fast, _, _ = run_optimizer(problem, "cpu", groups=groups, lr_schedule=None)
-    ref64 = run_oracle64(problem, groups=groups)
-    assert_trajectories_close(fast, ref64)
-    fast, _, _ = run_optimizer(problem, "cpu", lr_schedule=schedule)
-    ref64 = run_oracle64(problem, lr_schedule=schedule)
-    assert_trajectories_close(fast, ref64)
+    assert_groups_and_lr_schedule_match_oracle(
+        make_problem(steps=12), lambda problem, **kw: run_optimizer(problem, "cpu", **kw))
 
 
 def test_tensor_lr_matches_float_lr():

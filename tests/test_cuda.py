@@ -21,8 +21,8 @@ import torch
 
 import fadam_fused.ops  # noqa: F401  (fake kernels)
 from fadam_fused import FAdam, _ext, backends, reference
-from fadam_testing import (Problem, Snapshot, assert_trajectories_close, make_problem,
-                           run_optimizer, run_oracle64)
+from fadam_testing import (Problem, Snapshot, assert_groups_and_lr_schedule_match_oracle,
+                           assert_trajectories_close, make_problem, run_optimizer, run_oracle64)
 from test_cpu_parity import CASES
 
 pytestmark = [
@@ -162,13 +162,8 @@ def test_tensor_straddling_launches_and_blocks_of_two_chunks(chunk, dtype, cuda_
 
 
 def test_two_param_groups_and_lr_schedule():
-    problem = make_problem(steps=12)
-    groups = [([0, 2, 4], {"lr": 3e-2, "clip": 2.0}), ([1, 3], {"weight_decay": 0.0, "p": 0.75})]
-    fast, _, _ = run_on(problem, "cuda", groups=groups)
-    assert_trajectories_close(fast, run_oracle64(problem, groups=groups))
-    schedule = lambda k: 1e-2 / (1 + k)  # noqa: E731
-    fast, _, _ = run_on(problem, "cuda", lr_schedule=schedule)
-    assert_trajectories_close(fast, run_oracle64(problem, lr_schedule=schedule))
+    assert_groups_and_lr_schedule_match_oracle(
+        make_problem(steps=12), lambda problem, **kw: run_on(problem, "cuda", **kw))
 
 
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)

@@ -16,8 +16,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fadam_fused import FAdam, backends  # noqa: E402
-from fadam_testing import (assert_trajectories_close, make_problem, run_optimizer,  # noqa: E402
-                           run_oracle64)
+from fadam_testing import (assert_groups_and_lr_schedule_match_oracle,  # noqa: E402
+                           assert_trajectories_close, make_problem, run_optimizer, run_oracle64)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
@@ -76,13 +76,9 @@ def test_state_dict_between_triton_and_cpu(first, second):
 def test_triton_two_param_groups_and_lr_schedule():
     # Per-group hyperparameters (clip, p, weight decay) and an lr changed before every step,
     # through the optimizer; 70000 elements make two 64K chunks (phase-A slots).
-    problem = make_problem(shapes=SHAPES, steps=4)
-    groups = [([0, 2, 4], {"lr": 3e-2, "clip": 2.0}), ([1, 3], {"weight_decay": 0.0, "p": 0.75})]
-    fast, _, _ = run_optimizer(problem, "triton", groups=groups)
-    assert_trajectories_close(fast, run_oracle64(problem, groups=groups))
-    schedule = lambda k: 1e-2 / (1 + k)  # noqa: E731
-    fast, _, _ = run_optimizer(problem, "triton", lr_schedule=schedule)
-    assert_trajectories_close(fast, run_oracle64(problem, lr_schedule=schedule))
+    assert_groups_and_lr_schedule_match_oracle(
+        make_problem(shapes=SHAPES, steps=4),
+        lambda problem, **kw: run_optimizer(problem, "triton", **kw))
 
 
 def test_interpreted_kernels_refuse_cuda_tensors():
