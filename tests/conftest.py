@@ -14,7 +14,7 @@ def _chunk_setter(monkeypatch, backend):
 
 @pytest.fixture
 def cpu_chunk(monkeypatch):
-    """Sets the CPU backend's chunk size (2^18 by default) for one test."""
+    """Sets the CPU backend's chunk size (2^20 by default) for one test."""
     return _chunk_setter(monkeypatch, "cpu")
 
 

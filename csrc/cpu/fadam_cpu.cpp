@@ -411,7 +411,7 @@ inline void update_kept_chunk(const TensorPtrs& t, const float* rbuf, const Cons
 }
 
 // Per-thread scratch of the fused tensors ([note: CPU fused one-chunk tensors]): r for up to one
-// chunk (2^18 floats, 1 MiB, with the CPU backend's chunk size), kept across steps so a step allocates nothing (thread_local: one
+// chunk (2^20 floats, 4 MiB), kept across steps so a step allocates nothing (thread_local: one
 // per worker of the thread pool).
 float* kept_buffer(int64_t numel) {
   thread_local std::vector<float> buf;
@@ -546,8 +546,8 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
   }
   const auto offsets = slot_offsets(params, chunk_size);
   const bool clipping = clip > 0.0;
-  // [note: CPU fused one-chunk tensors] With clipping, a tensor of one chunk (2^18 elements on
-  // the CPU: fadam_fused/backends.py says why) does both phases in one task of phase B while its data is in cache: a reduction that
+  // [note: CPU fused one-chunk tensors] With clipping, a tensor of one chunk (2^20 elements on
+  // the CPU) does both phases in one task of phase B while its data is in cache: a reduction that
   // streams g, f, theta from memory, stores the new f (final: phase A has decided the skip) and
   // keeps r = 1/d in a per-thread scratch buffer, then an update that re-reads g, theta and r
   // from cache and needs no sqrt or division (0.79 -> 0.63 ns per element on one Zen 4 core).
@@ -581,8 +581,7 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
       }
       if (clipping) {
         // The tensor's phase-A slots in slot order: every chunk of the tensor gets the same
-        // bits (chunks are 2^18 elements on the CPU: 64 slots for the 16M-element embedding of
-        // the bench list, 3815 for a 1e9-element tensor).
+        // bits (a few hundred additions at most: chunks are 2^20 elements on the CPU).
         for (int64_t s = offsets[it.tensor]; s < offsets[it.tensor + 1]; ++s) {
           sums[0] += slots[2 * s];
           sums[1] += slots[2 * s + 1];
