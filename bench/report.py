@@ -78,11 +78,12 @@ def summary_text(summ: dict[str, Any], results: list[dict[str, Any]], meta: dict
         if "time_vs_adam_fused" in e:
             pr = e.get("paired_vs_adam_fused")
             paired = f", per-round paired {_fmt_ratio(pr[1])} [p20 {pr[0]:.2f}, p80 {pr[2]:.2f}]" if pr else ""
-            floor = e.get("read_bound_floor")  # absent from JSON files of earlier releases
+            # Older JSON files name it read_bound_floor, or lack it.
+            reads = e.get("read_bytes_ratio", e.get("read_bound_floor"))
             parts.append(f"{_fmt_ratio(e['time_vs_adam_fused'])} torch-adam-fused's time{paired} "
                          f"(target <= 1.5x; memory-bound expectation "
                          f"{e['memory_bound_expectation']:.2f}x"
-                         + (f", read-bound floor {floor:.2f}x" if floor else "") + ");")
+                         + (f", read-bytes ratio {reads:.2f}x" if reads else "") + ");")
         if e.get("paired_by_placement"):
             parts.append(f"by CPU placement: {_placement_text(e['paired_by_placement'])};")
         if "speedup_vs_pytorch_optimizer" in e:

@@ -437,7 +437,7 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             entry["time_vs_adam_fused"] = mine["median_ms"] / adam["median_ms"]
             entry["paired_vs_adam_fused"] = mine.get("paired_vs_adam_fused")
             entry["memory_bound_expectation"] = mine["bytes_per_param"] / adam["bytes_per_param"]
-            entry["read_bound_floor"] = mine["read_bytes_per_param"] / adam["read_bytes_per_param"]
+            entry["read_bytes_ratio"] = mine["read_bytes_per_param"] / adam["read_bytes_per_param"]
             if "round_placement" in mine and "round_placement" in adam:
                 entry["paired_by_placement"] = placement.paired_by_placement(mine, adam, MIN_ROUNDS)
         if po and "median_ms" in po:
