@@ -67,11 +67,16 @@ def test_traffic_model_weighted_over_a_workload():
         pytest.approx(22.0, abs=0.05)
 
 
+def _default_row(name, median_ms, bpp, reads, **extra):
+    """A timed row of the default workload, with the fields step_bench.summary() reads."""
+    return dict(kind="default", row=name, workload="llm", status="ok", reason="",
+                median_ms=median_ms, bytes_per_param=bpp, read_bytes_per_param=reads,
+                paired_vs_adam_fused=None, **extra)
+
+
 def test_summary_gives_both_traffic_bounds():
-    def row(name, ms, bpp, reads):
-        return dict(kind="default", row=name, workload="llm", status="ok", reason="", median_ms=ms,
-                    bytes_per_param=bpp, read_bytes_per_param=reads, paired_vs_adam_fused=None)
-    results = [row("fadam-cpu", 15.0, 34.0, 22.0), row("torch-adam-fused", 10.0, 28.0, 16.0)]
+    results = [_default_row("fadam-cpu", 15.0, 34.0, 22.0),
+               _default_row("torch-adam-fused", 10.0, 28.0, 16.0)]
     entry = step_bench.summary(results)["fadam-cpu"]
     assert entry["time_vs_adam_fused"] == pytest.approx(1.5)
     assert entry["memory_bound_expectation"] == pytest.approx(34 / 28)
@@ -98,10 +103,8 @@ def test_placement_labels_and_per_placement_ratios():
     assert by[C] == {"rounds": 1, "paired": None}
 
     def row(name, medians, places):
-        return dict(kind="default", row=name, workload="llm", status="ok", reason="",
-                    median_ms=float(np.median(medians)), bytes_per_param=34.0,
-                    read_bytes_per_param=22.0, paired_vs_adam_fused=None,
-                    round_medians_ms=medians, round_placement=places)
+        return _default_row(name, float(np.median(medians)), 34.0, 22.0,
+                            round_medians_ms=medians, round_placement=places)
     results = [row("fadam-cpu", [14.0, 15.0, 16.0, 30.0], [S, S, S, C]),
                row("torch-adam-fused", [10.0, 10.0, 10.0, 15.0], [S, S, S, C])]
     summ = step_bench.summary(results)
