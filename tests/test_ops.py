@@ -164,6 +164,32 @@ def test_phase_a_raises_skip_on_nonfinite_in_a_fused_one_chunk_tensor():
     assert float(skip) == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_phase_a_fused_check_finds_a_nonfinite_gradient_at_every_position(dtype):
+    # The CPU kernel reads a one-chunk gradient as four quarters walked side by side plus a tail
+    # of fewer than 4 vectors (check_chunk): a bad value in any quarter, on a quarter boundary or
+    # in the tail must raise the flag, and a finite gradient must not.
+    numels = (1, 17, 64, 100, 300, 1000)
+    params, grads, fims, _, steps, _ = _group(dtype, shapes=tuple((n,) for n in numels))
+    partials = torch.zeros(len(numels), 2, dtype=torch.float64)
+    kwargs = {**_a_kwargs(), "chunk_size": 4096}  # every tensor is one fused chunk
+
+    def flag():
+        skip = torch.zeros(())
+        torch.ops.fadam_fused.fadam_phase_a(params, grads, fims, steps, partials, skip, None, **kwargs)
+        return float(skip)
+
+    assert flag() == 0.0
+    bads = (float("nan"), float("inf"), -float("inf"))
+    for t, n in enumerate(numels):
+        for i in range(n):
+            saved = grads[t][i].clone()
+            grads[t][i] = bads[i % 3]
+            assert flag() == 1.0, f"numel {n}, element {i}"
+            grads[t][i] = saved
+    assert flag() == 0.0
+
+
 def test_op_checks_name_the_bad_argument():
     params, grads, fims, moms, steps, partials = _group()
     with pytest.raises(RuntimeError, match=r"partials must have 8 rows"):
