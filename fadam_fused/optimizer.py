@@ -415,7 +415,13 @@ class _StepRunner:
                              p=hyper["p"], clip=float(hyper["clip"] or 0.0),
                              weight_decay=hyper["weight_decay"], maximize=hyper["maximize"],
                              chunk_size=impl.chunk_size, fuse_one_chunk=True)
-            torch._foreach_add_(steps, skip, alpha=-1)
+            # Undo the increment of a skipped step. A CPU flag is read on the host with no device
+            # to wait for, and a step that ran (nearly all of them) then saves a foreach over
+            # every step tensor: 1.6 us per tensor on CPU, 0.2 ms for the 128 of the LLM list.
+            # Traced (torch.compile) and on accelerators the subtraction always runs.
+            if (skip.device.type != "cpu" or torch.compiler.is_compiling()
+                    or bool(skip)):  # sync-ok: a CPU tensor
+                torch._foreach_add_(steps, skip, alpha=-1)
         return self.skip
 
     def _combine_devices(self) -> None:
