@@ -285,7 +285,10 @@ def test_phase_a_partials_slot_layout():
         assert float(skip) == 0.0
 
 
-def test_bad_inputs_raise_clear_errors():
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["table", "per-tensor"])
+def test_bad_inputs_raise_clear_errors(per_tensor, monkeypatch):
+    # per-tensor: the launches torch.compile traces, which build no table but check the same.
+    monkeypatch.setattr(TK._ops, "_FORCE_PER_TENSOR", per_tensor)
     shapes = [(10,), (5,)]
     run = Run(make_init(shapes), torch.float32, device=DEVICE)
     g = [t.to(DEVICE) for t in make_grads(shapes, 1, torch.float32)[0]]
@@ -301,6 +304,16 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"grads\[1\] must be a torch.float32"):
         TK.phase_a(run.params, [g[0], g[1].half()], run.fims, run.steps,
                    torch.zeros(2, 2, dtype=torch.float64, device=DEVICE), skip, None, **kw)
+    before = [t.clone() for t in run.params + run.fims + run.moms]
+    kwb = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, p=0.5, clip=1.0, weight_decay=0.0,
+               maximize=False, chunk_size=SMALL_CHUNK, fuse_one_chunk=True)
+    with pytest.raises(ValueError, match="partials must have 2 rows"):
+        TK.phase_b(run.params, g, run.fims, run.moms, run.steps,
+                   torch.zeros(3, 2, dtype=torch.float64, device=DEVICE), skip, None, None, **kwb)
+    with pytest.raises(ValueError, match=r"momentums\[0\] must be a torch.float32"):
+        TK.phase_b(run.params, g, run.fims, [run.moms[0].double(), run.moms[1]], run.steps,
+                   torch.zeros(2, 2, dtype=torch.float64, device=DEVICE), skip, None, None, **kwb)
+    assert all(torch.equal(a, b) for a, b in zip(before, run.params + run.fims + run.moms))
 
 
 def test_op_schemas_declare_mutations_and_empty_group_is_a_no_op():

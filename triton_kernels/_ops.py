@@ -170,6 +170,12 @@ def _check_tensors(op, params, grads, fims, moms, steps, chunk_size):
     return n_slots
 
 
+def _check_slots(op, partials, n_slots, chunk_size):
+    if partials.size(0) != n_slots:
+        raise ValueError(f"{op}: partials must have {n_slots} rows for chunk_size "
+                         f"{chunk_size}, got {partials.size(0)}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Metadata tables.
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +303,10 @@ def triton_phase_a(
                   TABLE=True, INTERPRET=_INTERPRET, BLOCK=block_for(p), num_warps=NUM_WARPS)
     kernel = wrap_triton(K._phase_a_kernel)
     if _FORCE_PER_TENSOR or _is_traced(params):
+        # Traced tensors have no addresses (so no table), but their dtypes, shapes and strides
+        # are known: they get the table path's checks, once per trace.
+        _check_slots(op, partials,
+                     _check_tensors(op, params, grads, fims, None, steps, chunk_size), chunk_size)
         slot = 0
         for i in range(len(params)):
             numel = params[i].numel()
@@ -312,9 +322,7 @@ def triton_phase_a(
         table = _table("A", (params, grads, fims, steps), numels, params[0].device, dtype,
                        chunk_size, bool(fuse_one_chunk),
                        lambda: _check_tensors(op, params, grads, fims, None, steps, chunk_size))
-        if partials.size(0) != table.n_slots:
-            raise ValueError(f"{op}: partials must have {table.n_slots} rows for chunk_size "
-                             f"{chunk_size}, got {partials.size(0)}")
+        _check_slots(op, partials, table.n_slots, chunk_size)
         if table.n_programs == 0:
             return
         kernel[(table.n_programs,)](table.meta, len(params), None, None, None, None, 0, 0,
@@ -351,6 +359,8 @@ def triton_phase_b(
                   num_warps=NUM_WARPS)
     kernel = wrap_triton(K._phase_b_kernel)
     if _FORCE_PER_TENSOR or _is_traced(params):
+        _check_slots(op, partials, _check_tensors(op, params, grads, fims, momentums, steps,
+                                                  chunk_size), chunk_size)
         slot = 0
         for i in range(len(params)):
             numel = params[i].numel()
@@ -367,9 +377,7 @@ def triton_phase_b(
                        dtype, chunk_size, bool(fuse_one_chunk),
                        lambda: _check_tensors(op, params, grads, fims, momentums, steps,
                                               chunk_size))
-        if partials.size(0) != table.n_slots:
-            raise ValueError(f"{op}: partials must have {table.n_slots} rows for chunk_size "
-                             f"{chunk_size}, got {partials.size(0)}")
+        _check_slots(op, partials, table.n_slots, chunk_size)
         if table.n_programs == 0:
             return
         kernel[(table.n_programs,)](table.meta, len(params), None, None, None, None, None, 0, 0,
