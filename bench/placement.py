@@ -34,14 +34,16 @@ SAME, CROSS = "same-l3", "cross-l3"
 Probe = Callable[[], "float | None"]
 
 
-def build(out_dir: str) -> tuple[str | None, str]:
-    """Compiles core_to_core.c into out_dir (once, and again when the source is newer).
-    Returns (path to the binary, "") or (None, why it could not be built)."""
-    exe = os.path.join(out_dir, "core_to_core")
-    if os.path.exists(exe) and os.path.getmtime(exe) >= os.path.getmtime(SOURCE):
+def build(out_dir: str, source: str = SOURCE,
+          flags: tuple[str, ...] = ("-O2", "-pthread")) -> tuple[str | None, str]:
+    """Compiles a C program of bench/ (core_to_core.c unless told) into out_dir, once, and again
+    when the source is newer. Returns (path to the binary, "") or (None, why it could not be
+    built)."""
+    exe = os.path.join(out_dir, os.path.splitext(os.path.basename(source))[0])
+    if os.path.exists(exe) and os.path.getmtime(exe) >= os.path.getmtime(source):
         return exe, ""
     os.makedirs(out_dir, exist_ok=True)
-    cmd = [os.environ.get("CC", "cc"), "-O2", "-pthread", SOURCE, "-o", exe]
+    cmd = [os.environ.get("CC", "cc"), *flags, source, "-o", exe]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -20,7 +20,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import placement, report, rows, step_bench, traffic, workloads  # noqa: E402
+from bench import access_pattern, placement, report, rows, step_bench, traffic, workloads  # noqa: E402
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -129,6 +129,21 @@ def test_core_to_core_probe_builds_and_measures(tmp_path):
         assert ns is not None and 1.0 < ns < 100_000.0  # a cache line between two cores
     else:
         assert ns is None  # the probe says it needs two CPUs rather than measuring one
+
+
+@pytest.mark.parametrize("chunk", [4096, 1 << 20])
+def test_access_pattern_model_builds_runs_and_counts_the_traffic_model(tmp_path, chunk):
+    # A small list with tensors on both sides of the chunk: the model's items must move the bytes
+    # bench/traffic.py counts for the kernel (one-chunk 32 B, multi-chunk 40 B, Adam 28 B).
+    numels = [3, 4096, 5000, 70000]
+    r = access_pattern.run(numels, threads=2, rounds=3, chunk_size=chunk, out_dir=str(tmp_path))
+    assert r["adam_bytes_per_param"] == pytest.approx(
+        traffic.bytes_per_param("adam", numels, F32), abs=1e-3)
+    assert r["fadam_bytes_per_param"] == pytest.approx(
+        traffic.bytes_per_param("fadam", numels, F32, chunk_size=chunk), abs=1e-3)
+    assert 0 < r["phase_a_ms"] < r["fadam_ms"]
+    assert r["adam_ms"] > 0 and r["ratio_p20"] <= r["ratio"] <= r["ratio_p80"]
+    assert r["ratio_no_check"] > 0
 
 
 def test_rows_have_the_issue_names_and_gpu_rows_say_why_not():
