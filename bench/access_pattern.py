@@ -25,10 +25,12 @@ import os
 import subprocess
 import sys
 
+import torch
+
 if __package__ in (None, ""):  # run as `python bench/access_pattern.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import placement, workloads  # noqa: E402
+from bench import placement, rows, workloads  # noqa: E402
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "access_pattern.c")
 # -ffast-math lets the compiler vectorise the float sums of the model's reductions (their
@@ -36,16 +38,6 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "access_patter
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 FIELDS = ("adam_ms", "fadam_ms", "phase_a_ms", "ratio", "ratio_p20", "ratio_p80",
           "ratio_no_check", "adam_bytes_per_param", "fadam_bytes_per_param")
-
-
-def cpu_chunk_size() -> int:
-    """The CPU kernel's chunk (fadam_fused.backends), or its documented 2^20 when the package
-    is not importable."""
-    try:
-        from fadam_fused import backends
-    except ImportError:
-        return 1 << 20
-    return backends._CHUNK_SIZE["cpu"]
 
 
 def run(numels: list[int], threads: int, rounds: int, chunk_size: int, out_dir: str) -> dict:
@@ -70,14 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(SOURCE), "results"),
                     help="where the binary is built (default bench/results)")
     args = ap.parse_args(argv)
-    threads = args.threads
-    if threads is None:
-        import torch
-
-        threads = torch.get_num_threads()
+    # The model's one-chunk threshold is the kernel's, as the bench's fadam-cpu row reports it.
+    row = rows.select(["fadam-cpu"])[0]
+    why = row.unavailable(torch.device("cpu"))
+    if why:
+        raise SystemExit(f"fadam-cpu cannot run here, so its chunk size is unknown: {why}")
+    threads = args.threads or torch.get_num_threads()
     w = workloads.llm_workload(workloads.CPU_DEFAULT_PARAMS, workloads.CPU_DEFAULT_D_MODEL)
     numels = [math.prod(s) for s in w.shapes]
-    chunk = cpu_chunk_size()
+    chunk = row.chunk_size()
     print(f"{w.name}: {sum(numels) / 1e6:.2f}M float32 params in {len(numels)} tensors, "
           f"{threads} threads, chunk {chunk}, {args.rounds} rounds per run")
     for _ in range(args.repeats):
