@@ -143,7 +143,7 @@ def test_access_pattern_model_builds_runs_and_counts_the_traffic_model(tmp_path,
         traffic.bytes_per_param("fadam", numels, F32, chunk_size=chunk), abs=1e-3)
     assert 0 < r["phase_a_ms"] < r["fadam_ms"]
     assert r["adam_ms"] > 0 and r["ratio_p20"] <= r["ratio"] <= r["ratio_p80"]
-    assert r["ratio_no_check"] > 0
+    assert r["ratio_no_check"] > 0 and r["ratio_two_pass"] > 0
 
 
 def test_rows_have_the_issue_names_and_gpu_rows_say_why_not():
