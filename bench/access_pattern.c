@@ -296,8 +296,9 @@ int main(int argc, char** argv) {
   }
   const double r_med = quantile(ratio, rounds, 0.5), r_20 = quantile(ratio, rounds, 0.2),
                r_80 = quantile(ratio, rounds, 0.8);
-  printf("%.4f %.4f %.4f %.4f %.4f %.4f %.4f %.4f %.3f %.3f\n", quantile(t_adam, rounds, 0.5) * 1e3,
-         quantile(t_fadam, rounds, 0.5) * 1e3, quantile(t_a, rounds, 0.5) * 1e3, r_med, r_20, r_80,
+  printf("%.4f %.4f %.4f %.4f %.4f %.4f %.4f %.4f %.3f %.3f\n",
+         quantile(t_adam, rounds, 0.5) * 1e3, quantile(t_fadam, rounds, 0.5) * 1e3,
+         quantile(t_a, rounds, 0.5) * 1e3, r_med, r_20, r_80,
          quantile(ratio_no_check, rounds, 0.5), quantile(ratio_two_pass, rounds, 0.5),
          adam_bytes / total, fadam_bytes / total);
   return 0;

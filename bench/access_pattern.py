@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"access pattern: adam {r['adam_ms']:.1f} ms, fadam {r['fadam_ms']:.1f} ms "
               f"(phase A {r['phase_a_ms']:.1f}), paired ratio {r['ratio']:.2f}x "
               f"[p20 {r['ratio_p20']:.2f}, p80 {r['ratio_p80']:.2f}], without the gradient "
-              f"check {r['ratio_no_check']:.2f}x, two-pass {r['ratio_two_pass']:.2f}x; DRAM bytes/param "
-              f"{r['adam_bytes_per_param']:.1f} vs {r['fadam_bytes_per_param']:.1f}")
+              f"check {r['ratio_no_check']:.2f}x, two-pass {r['ratio_two_pass']:.2f}x; DRAM "
+              f"bytes/param {r['adam_bytes_per_param']:.1f} vs {r['fadam_bytes_per_param']:.1f}")
 
 
 if __name__ == "__main__":
