@@ -10,6 +10,10 @@ Environment (the conventions of flash-attention, xformers and torchao):
                          machine has (avx512: AVX-512 F/BW/VL/DQ; avx2: AVX2 and FMA). The
                          extension is then built for this machine's CPU family, as a source build
                          is; set "avx2" or "none" (SSE2) to build a binary for older CPUs.
+  FADAM_HIP_CPU          test builds only: the HIP-CPU folder (e.g. ../shared/third_party/hip-cpu).
+                         Also builds fadam_fused._C_cuda_emulated, the CUDA kernels compiled for
+                         the CPU, which backend="cuda" runs on CPU tensors when
+                         FADAM_CUDA_EMULATE=1 (csrc/cuda/launch.h). Users' builds leave it unset.
 """
 
 import os
@@ -65,15 +69,37 @@ def _cpu_vec_default():
 
 # Compiler flags per FADAM_CPU_VEC: they select at::vec's Vectorized<float> (16 lanes with AVX-512,
 # 8 with AVX2) instead of its generic fallback. The AVX-512 flags are those of torch's own AVX512
-# CPU capability build. On the Zen 4 CI machine, one thread, data in cache, avx512 against avx2:
-# reduction 0.56 -> 0.43 ns per element, update 0.48 -> 0.39 ns; torch's fused Adam, the
-# benchmark baseline, runs its own AVX-512 kernel there.
+# CPU capability build. AVX-512 takes ~0.8x the time of AVX2 per element, in cache
+# (bench/NOTES.md); torch's fused Adam, the benchmark baseline, runs its own AVX-512 kernel.
 _CPU_VEC_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "none": [],
 }
+
+
+def _emulated_cuda_extension(CppExtension, include_dirs):
+    """fadam_fused._C_cuda_emulated when FADAM_HIP_CPU names the HIP-CPU folder, else None.
+
+    csrc/cuda/fadam_cuda.cu compiled by the C++ compiler with HIP-CPU's headers: the CUDA kernels
+    and their host code, run on CPU tensors under FADAM_CUDA_EMULATE=1 (a test build).
+    """
+    hip = os.environ.get("FADAM_HIP_CPU")
+    if not hip:
+        return None
+    hip_include = Path(hip).resolve() / "include"
+    if not (hip_include / "hip" / "hip_runtime.h").exists():
+        raise RuntimeError(f"FADAM_HIP_CPU={hip!r} is not a HIP-CPU folder (no include/hip/hip_runtime.h)")
+    print(f"fadam_fused: building the emulated CUDA kernels with HIP-CPU ({hip_include.parent})")
+    # -O1: -O2 builds take longer for no test-time gain worth it (the build must stay short in CI);
+    # -ffp-contract=off as the real builds (no FMA contraction, setup.py's CPU and nvcc flags);
+    # -w: HIP-CPU's headers warn a lot.
+    return CppExtension(
+        "fadam_fused._C_cuda_emulated", ["csrc/cuda/fadam_cuda_emulated.cpp"],
+        include_dirs=include_dirs + [str(hip_include)],
+        extra_compile_args={"cxx": ["-std=c++20", "-O1", "-ffp-contract=off", "-w"]},
+        extra_link_args=["-pthread"])
 
 
 def _extensions():
@@ -104,10 +130,12 @@ def _extensions():
 
     sources = ["csrc/fadam_ops.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
     include_dirs = [str(ROOT / "csrc")]
+    emulated = _emulated_cuda_extension(CppExtension, include_dirs)
+    extras = [] if emulated is None else [emulated]
     if not with_cuda:
         print("fadam_fused: building the CPU kernels only (no CUDA toolkit, or FADAM_SKIP_CUDA=1)")
         return [CppExtension("fadam_fused._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])] + extras
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.cu"))
     # nvcc's defaults keep IEEE division and sqrt (-prec-div=true -prec-sqrt=true): no fast math.
     # --fmad=false: no FMA contraction, as the CPU build's -ffp-contract=off, so phase A and phase B
@@ -117,7 +145,7 @@ def _extensions():
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     return [CUDAExtension("fadam_fused._C", sources, include_dirs=include_dirs,
                           extra_compile_args={"cxx": cxx + ["-DFADAM_WITH_CUDA"], "nvcc": nvcc},
-                          extra_link_args=["-fopenmp"])]
+                          extra_link_args=["-fopenmp"])] + extras
 
 
 def _build_ext():
@@ -128,8 +156,8 @@ def _build_ext():
 
 setup(
     packages=find_packages(include=["fadam_fused", "fadam_fused.*"]) + ["fadam_fused.triton_kernels"],
-    # SPEC section 6: the Triton kernels live in ./triton_kernels and install as
-    # fadam_fused.triton_kernels (a top-level `triton_kernels` would clash with Triton's own).
+    # The Triton kernels live in ./triton_kernels and install as fadam_fused.triton_kernels (a
+    # top-level `triton_kernels` would clash with Triton's own).
     package_dir={"fadam_fused.triton_kernels": "triton_kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},

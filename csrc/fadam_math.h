@@ -4,7 +4,7 @@
 // The CPU kernel (csrc/cpu/, with T = float and T = at::vec::Vectorized<float>) and the CUDA kernels
 // (csrc/cuda/, T = float) both call these functions, so there is one definition of the algorithm in
 // C++, as PyTorch keeps one `adam_math` for all its fused Adam functors. The Triton kernels mirror it
-// in one @triton.jit helper (triton_kernels/). The algorithm is SPEC.md section 1:
+// in one @triton.jit helper (triton_kernels/). The algorithm (docs/design.md section 1):
 //
 //   t     = t + 1                                   (done by the caller before phase A)
 //   b2hat = beta2 (1 - beta2^(t-1)) / (1 - beta2^t)  Adafactor-style bias correction, 0 at t = 1
@@ -21,7 +21,7 @@
 // values accumulate in float64: with eps = 1e-30 and an always-zero gradient, w is about 1e29 and
 // w^2 = 1e58 overflows float32 (max 3.4e38) but not float64 (max 1.8e308). The CPU kernel sums
 // short blocks in float32 first and redoes in float64 any block that overflowed (SumSq in
-// csrc/cpu/fadam_cpu.cpp: SPEC's "equivalent overflow-safe scheme").
+// csrc/cpu/fadam_cpu.cpp: an overflow-safe equivalent, docs/design.md section 5).
 //
 // Phase A and phase B both call fim_update() and fisher_denom() on the same inputs, so the f (and
 // hence the ghat) that phase A reduces is bit for bit the f that phase B stores. The CPU build uses
@@ -31,16 +31,11 @@
 
 #include <c10/macros/Macros.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
 namespace fadam {
-
-// Chunk size of the multi-tensor kernels and the layout of the phase-A partial sums (see
-// fadam_ops.cpp). 65536 elements is PyTorch's MultiTensorApply chunk: large enough that a block's
-// fixed cost is amortised, small enough that a 64K-element tensor (256 KiB of float32 per operand)
-// is re-read from L2 by the block that does both phases on it.
-constexpr int64_t kDefaultChunkSize = 65536;
 
 // sqrt and pow for the value type T. Specialised here for float (host and device); the CPU kernel
 // specialises it for at::vec::Vectorized<float>.
@@ -65,16 +60,42 @@ C10_HOST_DEVICE inline double b2hat_of(double beta2, double t) {
   return beta2 * num / den;
 }
 
-// 1 / max(1, RMS / clip) from a float64 sum of squares. clip <= 0 turns clipping off (SPEC: clip=None
+// 1 / max(1, RMS / clip) from a float64 sum of squares. clip <= 0 turns clipping off (clip=None
 // or 0 means s = 1), and so does an empty tensor (RMS of nothing is not 0/0 = NaN here).
+// A sum that is not finite (NaN or inf) comes from a non-finite parameter (a non-finite gradient
+// skips the step before phase B uses the sums): it counts as s = inf, so 1/s = 0 and that tensor's
+// clipped weight decay is 0 for the step while the NaN stays in its own element (NaN * 0 = NaN),
+// on every backend and in the reference (docs/design.md section 6). `!(x <= DBL_MAX)` is the
+// finiteness test for a sum of squares (never -inf) that nvcc and g++ compile alike.
 C10_HOST_DEVICE inline double clip_inv_scale(double sumsq, int64_t numel, double clip) {
   if (!(clip > 0.0) || numel == 0) {
     return 1.0;
   }
+  if (!(sumsq <= DBL_MAX)) {
+    return 0.0;
+  }
   const double s = ::sqrt(sumsq / static_cast<double>(numel)) / clip;
-  // A NaN sum only happens on a step that is skipped as a whole (SPEC section 5); 1.0 keeps the
-  // discarded arithmetic tame.
   return s > 1.0 ? 1.0 / s : 1.0;
+}
+
+// The gradient multiplier: (maximize ? -1 : 1) / grad_scale in float64, rounded to float32 once.
+// grad_scale points at GradScaler's one-element float32 scale, or is nullptr; the CPU launcher
+// calls this on the host, the CUDA kernels once per block (the scale lives on the device).
+C10_HOST_DEVICE inline float grad_mul_of(bool maximize, const float* grad_scale) {
+  double mul = maximize ? -1.0 : 1.0;
+  if (grad_scale != nullptr) {
+    mul /= static_cast<double>(*grad_scale);
+  }
+  return static_cast<float>(mul);
+}
+
+// The step's lr as float32: *lr_ptr (float64 or float32, read where the kernel runs), else `lr`.
+C10_HOST_DEVICE inline float lr_of(const void* lr_ptr, bool is_double, float lr) {
+  if (lr_ptr == nullptr) {
+    return lr;
+  }
+  return is_double ? static_cast<float>(*static_cast<const double*>(lr_ptr))
+                   : *static_cast<const float*>(lr_ptr);
 }
 
 // Per-tensor coefficients: float32, computed once per tensor from float64 step scalars.
@@ -107,8 +128,8 @@ C10_HOST_DEVICE inline T fisher_denom(T f, T p, T eps_p) {
 
 // 1 / d. Both natural quantities share one denominator (ghat = g / d, w = theta / d), so one
 // division and two multiplies replace two divisions: division and sqrt bound the CPU kernel
-// (8-lane AVX2 phase A went from 39 ms to ~25 ms for 32M elements on one core), and the result
-// is within 1 ulp of x / d.
+// (phase A takes ~0.64x the time with two divisions, bench/NOTES.md), and the result is within
+// 1 ulp of x / d.
 template <bool kSqrt, typename T>
 C10_HOST_DEVICE inline T fisher_inv_denom(T f, T p, T eps_p) {
   return T(1.0f) / fisher_denom<kSqrt>(f, p, eps_p);

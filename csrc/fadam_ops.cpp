@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "fadam_ops.h"
+
 // `import fadam_fused._C` loads this library, whose static initialisers register the ops. The
 // module itself is empty (the pattern of pytorch/extension-cpp): everything is reached through
 // torch.ops.fadam_fused.
@@ -15,15 +17,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(fadam_fused, m) {
   // Phase A (read-only on params, grads, fims, steps): per-chunk float64 sums of ghat^2 and w^2
-  // into `partials`, and 1 into `skip` if a gradient is not finite.
-  m.def(
-      "fadam_phase_a(Tensor[] params, Tensor[] grads, Tensor[] fims, Tensor[] steps, "
-      "Tensor(a!) partials, Tensor(b!) skip, Tensor? grad_scale, *, float beta2, float eps, "
-      "float p, bool maximize, int chunk_size, bool fuse_one_chunk) -> ()");
+  // into `partials` (none with clip <= 0), and 1 into `skip` if a gradient is not finite.
+  m.def("fadam_phase_a" FADAM_PHASE_A_SCHEMA);
   // Phase B: unless skip != 0, apply the two clip scales and write fims, momentums and params.
-  m.def(
-      "fadam_phase_b(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] fims, "
-      "Tensor(c!)[] momentums, Tensor[] steps, Tensor partials, Tensor skip, Tensor? grad_scale, "
-      "Tensor? lr_tensor, *, float lr, float beta1, float beta2, float eps, float p, float clip, "
-      "float weight_decay, bool maximize, int chunk_size, bool fuse_one_chunk) -> ()");
+  m.def("fadam_phase_b" FADAM_PHASE_B_SCHEMA);
 }

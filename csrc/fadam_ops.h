@@ -1,7 +1,7 @@
 // Shared host-side pieces of the two FAdam ops: the partial-sum layout and the input checks that
 // every backend's launcher runs before touching memory. Kernels assume what these checks establish.
 //
-// [note: the two-phase op contract]  (SPEC.md section 3; schemas in fadam_ops.cpp)
+// [note: the two-phase op contract]  (docs/design.md section 3; schemas: FADAM_PHASE_A_SCHEMA below)
 // One call of each op covers one (device, dtype) group of tensors.
 //
 // partials: float64 [n_slots, 2]. Tensor i owns nchunks(i) = max(1, ceil(numel_i / chunk_size))
@@ -11,7 +11,11 @@
 //   A distributed wrapper may replace a tensor's slots between the phases (e.g. all-reduced totals
 //   in the first slot and zeros after it): phase B only ever adds them up. Phase B divides the
 //   total by the local numel, so a sharded parameter's wrapper scales the all-reduced sums by
-//   local_numel / global_numel to get the RMS of the whole logical tensor (SPEC section 7).
+//   local_numel / global_numel to get the RMS of the whole logical tensor (docs/design.md
+//   section 7).
+// clip: <= 0 turns clipping off. Phase A then only checks the gradients for non-finite values
+//   (reads g: 4 B/param) and writes no slot; phase B reads no slot (s1 = s2 = 1) and a one-chunk
+//   tensor skips its reduction pass. partials keeps its [n_slots, 2] shape either way.
 // fuse_one_chunk: when true, a tensor with nchunks == 1 is done entirely in phase B (both phases
 //   in one block, the data re-read from cache: one HBM pass); phase A then leaves its slot unwritten
 //   and reads only its gradient, for the non-finite check. A sharded wrapper passes false.
@@ -21,17 +25,36 @@
 // steps: float32 0-dim tensors on the parameters' device, already incremented for this step (t >= 1).
 // grad_scale: optional float32 one-element tensor; gradients are divided by it in registers (never
 //   written back). maximize negates the gradient in registers too.
-// lr: the float `lr`, unless `lr_tensor` (float32 or float64, one element, on the device) is given.
+// lr: the float `lr`, unless `lr_tensor` (float32 or float64, one element, on the params' device)
+//   is given; anything else is refused (step_scalars() below).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <vector>
+
+#include "fadam_math.h"
 
 namespace fadam {
 
+// The argument lists of the two ops, after the op name (string literals, for m.def). Every kernel
+// library defines its ops from these (fadam_ops.cpp: fadam_phase_a/b; the emulated CUDA build:
+// cuda_emulated_phase_a/b).
+#define FADAM_PHASE_A_SCHEMA \
+    "(Tensor[] params, Tensor[] grads, Tensor[] fims, Tensor[] steps, Tensor(a!) partials, " \
+    "Tensor(b!) skip, Tensor? grad_scale, *, float beta2, float eps, float p, float clip, " \
+    "bool maximize, int chunk_size, bool fuse_one_chunk) -> ()"
+#define FADAM_PHASE_B_SCHEMA \
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] fims, Tensor(c!)[] momentums, " \
+    "Tensor[] steps, Tensor partials, Tensor skip, Tensor? grad_scale, Tensor? lr_tensor, *, " \
+    "float lr, float beta1, float beta2, float eps, float p, float clip, float weight_decay, " \
+    "bool maximize, int chunk_size, bool fuse_one_chunk) -> ()"
+
+// Chunks (= partial-sum slots) of a tensor: an empty tensor still owns one slot. The one
+// definition for the CPU kernels, the CUDA plan (cuda/multi_tensor_plan.h) and the checks below.
 inline int64_t nchunks_of(int64_t numel, int64_t chunk_size) {
   return numel <= chunk_size ? 1 : (numel + chunk_size - 1) / chunk_size;
 }
@@ -112,6 +135,61 @@ inline void check_group(
   TORCH_CHECK(partials.size(0) == n_slots, op, ": partials must have ", n_slots,
               " rows for chunk_size ", chunk_size, ", got ", partials.size(0));
   TORCH_CHECK(skip.device() == device, op, ": skip must be on ", device);
+}
+
+// The host step scalars of both phases, prepared once for the CPU and the CUDA launchers so both
+// accept the same inputs and round the same way (the Triton launcher has the Python twin).
+// Device pointers (grad_scale, lr_tensor) are read where the kernel runs: grad_mul_of() and
+// lr_of() in fadam_math.h.
+struct StepScalars {
+  double beta2;
+  double clip;                 // <= 0: clipping off
+  bool clipping;               // clip > 0
+  bool maximize;
+  bool lr_is_double;           // lr_ptr is float64 (else float32)
+  const void* lr_ptr;          // lr_tensor's element, or nullptr: then `lr`
+  const float* grad_scale;     // grad_scale's element, or nullptr
+  float p;
+  float eps_p;                 // eps^(2p), from float64
+  float lr;
+  float beta1;
+  float one_minus_beta1;       // 1 - beta1 from the float32 beta1, in float64, rounded once
+  float weight_decay;
+};
+
+// Phase A passes lr = beta1 = weight_decay = 0 and no lr_tensor (it uses none of them).
+// `device` is the params' device (checked by check_group()).
+inline StepScalars step_scalars(const char* op, const at::Device& device, double beta2, double eps,
+                                double p, double clip, bool maximize,
+                                const c10::optional<at::Tensor>& grad_scale,
+                                const c10::optional<at::Tensor>& lr_tensor = c10::nullopt,
+                                double lr = 0.0, double beta1 = 0.0, double weight_decay = 0.0) {
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->device() == device, op, ": grad_scale must be on ", device, ", got ",
+                grad_scale->device());
+  }
+  if (lr_tensor.has_value()) {
+    const auto dtype = lr_tensor->scalar_type();
+    TORCH_CHECK(lr_tensor->numel() == 1 && (dtype == at::kFloat || dtype == at::kDouble) &&
+                    lr_tensor->device() == device,
+                op, ": lr_tensor must be a one-element float32 or float64 tensor on ", device,
+                ", got ", dtype, " of ", lr_tensor->numel(), " elements on ", lr_tensor->device());
+  }
+  StepScalars s{};
+  s.beta2 = beta2;
+  s.clip = clip;
+  s.clipping = clip > 0.0;
+  s.maximize = maximize;
+  s.lr_ptr = lr_tensor.has_value() ? lr_tensor->const_data_ptr() : nullptr;
+  s.lr_is_double = lr_tensor.has_value() && lr_tensor->scalar_type() == at::kDouble;
+  s.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
+  s.p = static_cast<float>(p);
+  s.eps_p = static_cast<float>(std::pow(eps, 2.0 * p));
+  s.lr = static_cast<float>(lr);
+  s.beta1 = static_cast<float>(beta1);
+  s.one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(s.beta1));
+  s.weight_decay = static_cast<float>(weight_decay);
+  return s;
 }
 
 // Calls f.template operator()<scalar_t, kSqrt>() for the storage dtype and p: every kernel of every

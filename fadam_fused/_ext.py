@@ -1,13 +1,14 @@
 """Loads the compiled extension fadam_fused._C once, and remembers why it could not be loaded.
 
 A missing or broken build is reported once, at import, with the original ImportError and how to
-fix it, and the package keeps working on the reference backend (SPEC section 6, build hygiene).
+fix it, and the package keeps working on the reference backend.
 The results are plain module constants so that torch.compile reads them instead of tracing the
 import and the dispatcher queries.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -38,3 +39,32 @@ KERNELS: frozenset[str] = frozenset(
     and torch._C._dispatch_has_kernel_for_dispatch_key("fadam_fused::fadam_phase_a", key)
 )
 
+
+# FADAM_CUDA_EMULATE=1 (tests only): backend="cuda" runs the CUDA kernels compiled for the CPU
+# with HIP-CPU (fadam_fused._C_cuda_emulated, [note: one CUDA source, two compilers] in
+# csrc/cuda/launch.h) on CPU tensors, as backend="triton" runs Triton's interpreter under
+# TRITON_INTERPRET=1. Read once, at import, like TRITON_INTERPRET.
+CUDA_EMULATE: bool = os.environ.get("FADAM_CUDA_EMULATE", "0").lower() in ("1", "true", "yes", "on")
+
+_EMULATED_HINT = (
+    "Build it with `FADAM_HIP_CPU=../shared/third_party/hip-cpu python setup.py build_ext "
+    "--inplace` (FADAM_HIP_CPU names the HIP-CPU folder; `make test` sets it when the folder "
+    "exists), or unset FADAM_CUDA_EMULATE."
+)
+
+
+def _load_emulated() -> str | None:
+    if LOAD_ERROR is not None:
+        return LOAD_ERROR
+    try:
+        from . import _C_cuda_emulated  # noqa: F401  (registers torch.ops.fadam_fused.cuda_emulated_*)
+    except ImportError as exc:
+        return (f"FADAM_CUDA_EMULATE=1 but fadam_fused._C_cuda_emulated could not be imported "
+                f"({exc}). {_EMULATED_HINT}")
+    return None
+
+
+# None when the emulated CUDA kernels are loaded; else why not (always set without
+# FADAM_CUDA_EMULATE=1: the module is then never imported).
+EMULATED_LOAD_ERROR: str | None = (_load_emulated() if CUDA_EMULATE
+                                   else "FADAM_CUDA_EMULATE is not set")

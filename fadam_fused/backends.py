@@ -77,6 +77,9 @@ _CHUNK_SIZE = {"cuda": 65536, "cpu": 1 << 20}
 def _cxx_backend(name: str) -> FusedBackend:
     from . import ops  # registers the fake kernels
 
+    if name == "cuda" and _ext.CUDA_EMULATE:
+        return FusedBackend(name, ops.emulated_cuda_phase_a, ops.emulated_cuda_phase_b,
+                            chunk_size=_CHUNK_SIZE[name])
     return FusedBackend(name, ops.phase_a, ops.phase_b, chunk_size=_CHUNK_SIZE[name])
 
 
@@ -131,6 +134,11 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
             return f"backend='cpu' runs on CPU tensors, but this parameter is on {device}"
         return None if "CPU" in _ext.KERNELS else _ext.LOAD_ERROR
     if name == "cuda":
+        if _ext.CUDA_EMULATE:  # the CUDA kernels compiled for the CPU (tests)
+            if device.type != "cpu":
+                return (f"backend='cuda' runs the emulated CUDA kernels on CPU tensors in this "
+                        f"process (FADAM_CUDA_EMULATE=1), but this parameter is on {device}")
+            return _ext.EMULATED_LOAD_ERROR
         if device.type != "cuda":
             return f"backend='cuda' runs on CUDA tensors, but this parameter is on {device}"
         if _ext.LOAD_ERROR is not None:

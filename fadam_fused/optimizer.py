@@ -382,7 +382,8 @@ class _StepRunner:
             partials = torch.empty((n_slots, 2), dtype=torch.float64, device=device)
             impl.phase_a(params, grads, fims, steps, partials, skip, grad_scale,
                          beta2=hyper["beta2"], eps=hyper["eps"], p=hyper["p"],
-                         maximize=hyper["maximize"], chunk_size=impl.chunk_size,
+                         clip=float(hyper["clip"] or 0.0), maximize=hyper["maximize"],
+                         chunk_size=impl.chunk_size,
                          fuse_one_chunk=True)
             phase_b.append((name, hyper, lists, skip, grad_scale, impl, partials))
 

@@ -61,6 +61,8 @@ def _clip_scale(x: Tensor, clip: float | None) -> Tensor:
     if not clip or x.numel() == 0:
         return torch.ones((), dtype=torch.float64, device=x.device)
     rms = x.to(torch.float64).square().mean().sqrt()
+    # A non-finite RMS (a NaN or inf parameter) counts as infinite: 1/s = 0 for that tensor.
+    rms = torch.where(torch.isfinite(rms), rms, torch.full_like(rms, float("inf")))
     return torch.clamp(rms / clip, min=1.0)
 
 

@@ -185,7 +185,8 @@ def test_tiny_eps_with_zero_gradient_stays_finite(eps, dtype):
             assert torch.isfinite(t).all()
     same = None if dtype == torch.float32 else run_optimizer(problem, "reference", lr=1e-2, eps=eps)[0]
     assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2, eps=eps), same, dtype)
-    assert not torch.equal(params[2].detach().cpu(), problem.init[2])
+    if dtype == torch.float32:  # a 1e-5 relative decay per step is below a bf16 / fp16 ulp
+        assert not torch.equal(params[2].detach().cpu(), problem.init[2])
 
 
 # ---- determinism --------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ def _direct_group(dtype, shapes, seed=0):
     return params, grads, fims, moms, steps
 
 
-A_KW = dict(beta2=0.999, eps=1e-8, p=0.5, maximize=False, chunk_size=65536)
+A_KW = dict(beta2=0.999, eps=1e-8, p=0.5, clip=0.5, maximize=False, chunk_size=65536)
 B_KW = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, p=0.5, clip=0.5, weight_decay=1e-2,
             maximize=False, chunk_size=65536)
 

@@ -24,7 +24,7 @@ def _group(dtype=torch.float32, shapes=((300,), (5, 7), (64,), (0,)), seed=0):
 
 
 def _a_kwargs(fuse=True):
-    return dict(beta2=0.999, eps=1e-8, p=0.5, maximize=False, chunk_size=CHUNK, fuse_one_chunk=fuse)
+    return dict(beta2=0.999, eps=1e-8, p=0.5, clip=1.0, maximize=False, chunk_size=CHUNK, fuse_one_chunk=fuse)
 
 
 def _b_kwargs(fuse=True):

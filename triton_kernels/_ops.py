@@ -385,9 +385,10 @@ def triton_phase_b(
                                     ALIGNED=table.aligned, **consts)
 
 
-def phase_a(params, grads, fims, steps, partials, skip, grad_scale, *, beta2, eps, p, maximize,
-            chunk_size, fuse_one_chunk):
-    """The backend entry point of phase A ([note: the two-phase op contract])."""
+def phase_a(params, grads, fims, steps, partials, skip, grad_scale, *, beta2, eps, p, clip,
+            maximize, chunk_size, fuse_one_chunk):
+    """The backend entry point of phase A ([note: the two-phase op contract]). The Triton
+    phase A does not take `clip` yet: it always writes the sums, which clip <= 0 ignores."""
     torch.ops.fadam_fused.triton_phase_a(
         params, grads, fims, steps, partials, skip, grad_scale, beta2=beta2, eps=eps, p=p,
         maximize=maximize, chunk_size=chunk_size, fuse_one_chunk=fuse_one_chunk)

@@ -66,11 +66,11 @@ inline void store_float(scalar_t* ptr, fVec v) {
   }
 }
 
-// Sums of squares (SPEC section 1: float64 "or an equivalent overflow-safe scheme"). Each float
+// Sums of squares (float64 or an overflow-safe equivalent, docs/design.md section 5). Each float
 // lane sums kBlockVectors squares in float32, one FMA per vector; flush() then widens that block
 // partial and adds it to float64 lanes, in element order. Widening every square instead (two
-// conversions and two float64 FMAs per vector and sum) made the reduction loop 0.46-0.54 ns per
-// element against 0.29 (one Zen 4 core, in L2): most of phase A's arithmetic.
+// conversions and two float64 FMAs per vector and sum) made the reduction loop 1.6-1.9x slower
+// (in L2; bench/NOTES.md): most of phase A's arithmetic.
 //
 // Overflow: ghat^2 is bounded (|ghat| <= 1 / sqrt(1 - beta2) at p = 0.5) but w^2 is not: with
 // eps = 1e-30 and a zero gradient w is ~1e28 and w^2 overflows float32 (max 3.4e38). A block whose
@@ -184,8 +184,8 @@ struct SumSq {
 struct Consts {
   fVec p, eps_p, grad_mul;
   // grad_mul is exactly 1 (no maximize, no grad scale): the common case skips the multiply, one
-  // of the 7-8 multiplies per vector that load Zen 4's two FMA pipes in each loop (x * 1 = x,
-  // so the bits are the same either way).
+  // of the 7-8 multiplies per vector that load the FMA pipes in each loop (x * 1 = x, so the
+  // bits are the same either way).
   bool unit_grad;
   // The loaded gradient times grad_mul.
   inline fVec scale_grad(fVec g) const {
@@ -284,7 +284,7 @@ struct Lanes {
 //
 // Non-finite gradients: g - g is NaN exactly when g is inf or NaN, so a subtract and an add per
 // vector (on the add pipes, which these loops leave idler than the multiply pipes) detect one
-// while the data is in registers anyway (SPEC section 5: "for free"), and all_zero() reads the
+// while the data is in registers anyway (docs/design.md section 6), and all_zero() reads the
 // accumulator once per chunk. check_chunk() does the same on the gradient alone.
 template <typename scalar_t, bool kSqrt, bool kKeep = false>
 inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const Consts& c,
@@ -343,12 +343,11 @@ inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const 
   return all_zero(nonfinite);
 }
 
-// Phase A of a fused one-chunk tensor: only the non-finite check, so only the gradient is read
-// (4 B per float32 element; Lanes::load would read f and theta too). The chunk is read as
-// kStreams quarters walked side by side: one sequential stream per thread read the 786K-element
-// gradients of the LLM list at 29-41 GB/s on this VM's 2 threads, and four streams took 5-8%
-// less time (in-process A/B, 6 runs; two or eight streams did about as well). The reduction and
-// update loops read 3-4 streams already, and reading a chunk as two halves gained nothing there.
+// Phase A of a fused one-chunk tensor, or of any chunk with clipping off: only the non-finite
+// check, so only the gradient is read (4 B per float32 element; Lanes::load would read f and theta
+// too). The chunk is read as kStreams quarters walked side by side: one sequential stream per
+// thread left read bandwidth unused, and four streams took 5-8% less time (bench/NOTES.md). The
+// reduction and update loops read 3-4 streams already.
 template <typename scalar_t>
 inline bool check_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const Consts& c) {
   constexpr int64_t kStreams = 4;
@@ -385,13 +384,13 @@ inline bool check_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const C
 // The per-element constants of the update.
 struct UpdateConsts {
   fVec beta1, one_minus_beta1, inv_s1, inv_s2, lr, weight_decay;
-  UpdateConsts(float inv1, float inv2, float lr_, float beta1_, float wd)
-      : beta1(beta1_),
-        one_minus_beta1(static_cast<float>(1.0 - static_cast<double>(beta1_))),
+  UpdateConsts(const StepScalars& s, float lr_, float inv1, float inv2)
+      : beta1(s.beta1),
+        one_minus_beta1(s.one_minus_beta1),
         inv_s1(inv1),
         inv_s2(inv2),
         lr(lr_),
-        weight_decay(wd) {}
+        weight_decay(s.weight_decay) {}
 };
 
 // Phase B of one chunk: the new f (the same calls as reduce_chunk, so bitwise the same f), then
@@ -468,10 +467,10 @@ std::vector<Item> make_items(at::TensorList params, int64_t chunk_size, bool fus
 
 // Runs body(item) once for every item, the threads taking the next item as they free up.
 //
-// Static splitting (at::parallel_for over the item list) gave each thread a contiguous run of
-// items, and items differ 100x in cost: on the 64M-parameter LLM list, thread 0 got all 16
-// embedding chunks of phase A and phase A took 17 ms on 2 threads as on 1. Each item writes only
-// its own slot and elements, so which thread runs it changes no bit of the result.
+// Static splitting (at::parallel_for over the item list) gives each thread a contiguous run of
+// items, and items differ 100x in cost: one thread can get every large chunk, and 2 threads then
+// take as long as 1 (bench/NOTES.md). Each item writes only its own slot and elements, so which
+// thread runs it changes no bit of the result.
 template <typename Body>
 void for_each_item(const std::vector<Item>& items, Body body) {
   const auto n = static_cast<int64_t>(items.size());
@@ -497,33 +496,36 @@ std::vector<TensorPtrs> make_ptrs(at::TensorList params, at::TensorList grads, a
   return out;
 }
 
-Consts make_consts(double eps, double p, bool maximize, const c10::optional<at::Tensor>& grad_scale) {
-  double mul = maximize ? -1.0 : 1.0;
-  if (grad_scale.has_value()) {
-    mul /= static_cast<double>(*grad_scale->const_data_ptr<float>());
-  }
-  return {fVec(static_cast<float>(p)), fVec(static_cast<float>(std::pow(eps, 2.0 * p))),
-          fVec(static_cast<float>(mul)), static_cast<float>(mul) == 1.0f};
+Consts make_consts(const StepScalars& s) {
+  const float mul = grad_mul_of(s.maximize, s.grad_scale);
+  return {fVec(s.p), fVec(s.eps_p), fVec(mul), mul == 1.0f};
 }
 
 void phase_a_cpu(at::TensorList params, at::TensorList grads, at::TensorList fims,
                  at::TensorList steps, at::Tensor partials, at::Tensor skip,
                  const c10::optional<at::Tensor>& grad_scale, double beta2, double eps, double p,
-                 bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
-  check_group("fadam_phase_a", c10::DeviceType::CPU, params, grads, fims, {}, steps, partials,
-              skip, grad_scale, chunk_size);
+                 double clip, bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
+  constexpr const char* op = "fadam_phase_a";
+  check_group(op, c10::DeviceType::CPU, params, grads, fims, {}, steps, partials, skip, grad_scale,
+              chunk_size);
   if (params.empty()) {
     return;
   }
-  // Bytes per element: a fused one-chunk tensor only has its gradient checked here (4 B in
-  // float32); the others read g, f and theta (12 B).
+  const StepScalars scalars =
+      step_scalars(op, params[0].device(), beta2, eps, p, clip, maximize, grad_scale);
+  // Only the gradient check (no slot written) for a fused one-chunk tensor, which phase B
+  // reduces, and for every tensor with clipping off.
+  const bool clipping = scalars.clipping;
+  const auto check_only = [&](bool fused) { return fused || !clipping; };
+  // Bytes per element: a checked tensor reads g (4 B in float32); the others read g, f and theta
+  // (12 B).
   const int64_t gsize = params[0].element_size();
   const auto items = make_items(params, chunk_size, fuse_one_chunk, [&](int64_t len, bool fused) {
-    return len * (fused ? gsize : 2 * gsize + 4);
+    return len * (check_only(fused) ? gsize : 2 * gsize + 4);
   });
   const auto ptrs = make_ptrs(params, grads, fims, {}, steps, beta2);
   const auto offsets = slot_offsets(params, chunk_size);
-  const Consts consts = make_consts(eps, p, maximize, grad_scale);
+  const Consts consts = make_consts(scalars);
   double* out = partials.data_ptr<double>();
   std::atomic<bool> any_nonfinite{false};
   dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
@@ -533,7 +535,7 @@ void phase_a_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
       const int64_t end = std::min(t.numel, begin + chunk_size);
       const bool fused = fuse_one_chunk && offsets[it.tensor + 1] - offsets[it.tensor] == 1;
       double* slot = out + 2 * (offsets[it.tensor] + it.chunk);
-      const bool finite = fused ? check_chunk<scalar_t>(t, begin, end, consts)
+      const bool finite = check_only(fused) ? check_chunk<scalar_t>(t, begin, end, consts)
                                 : reduce_chunk<scalar_t, kSqrt>(t, begin, end, consts, slot);
       if (!finite) {
         any_nonfinite.store(true, std::memory_order_relaxed);
@@ -551,25 +553,27 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
                  const c10::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
                  double eps, double p, double clip, double weight_decay, bool maximize,
                  int64_t chunk_size, bool fuse_one_chunk) {
-  check_group("fadam_phase_b", c10::DeviceType::CPU, params, grads, fims, moms, steps, partials,
-              skip, grad_scale, chunk_size);
-  TORCH_CHECK(moms.size() == params.size(), "fadam_phase_b: one momentum per param is required");
-  if (params.empty() || *skip.const_data_ptr<float>() != 0.0f) {
-    return;  // SPEC section 5: a non-finite gradient anywhere skips the whole step.
+  constexpr const char* op = "fadam_phase_b";
+  check_group(op, c10::DeviceType::CPU, params, grads, fims, moms, steps, partials, skip,
+              grad_scale, chunk_size);
+  TORCH_CHECK(moms.size() == params.size(), op, ": one momentum per param is required");
+  if (params.empty()) {
+    return;
   }
-  if (lr_tensor.has_value()) {
-    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->device().is_cpu(),
-                "fadam_phase_b: lr_tensor must be a one-element CPU tensor");
-    lr = lr_tensor->to(at::kDouble).const_data_ptr<double>()[0];
+  const StepScalars scalars = step_scalars(op, params[0].device(), beta2, eps, p, clip, maximize,
+                                           grad_scale, lr_tensor, lr, beta1, weight_decay);
+  if (*skip.const_data_ptr<float>() != 0.0f) {
+    return;  // A non-finite gradient anywhere skips the whole step (docs/design.md section 6).
   }
+  const float lr_f = lr_of(scalars.lr_ptr, scalars.lr_is_double, scalars.lr);
   const auto offsets = slot_offsets(params, chunk_size);
-  const bool clipping = clip > 0.0;
+  const bool clipping = scalars.clipping;
   // [note: CPU fused one-chunk tensors] With clipping, a tensor of one chunk (2^20 elements on
   // the CPU) does both phases in one task of phase B while its data is in cache: a reduction that
   // streams g, f, theta from memory, stores the new f (final: phase A has decided the skip) and
   // keeps r = 1/d in a per-thread scratch buffer, then an update that re-reads g, theta and r
-  // from cache and needs no sqrt or division (0.79 -> 0.63 ns per element on one Zen 4 core).
-  // DRAM sees g, f, theta once (SPEC section 3).
+  // from cache and needs no sqrt or division (0.8x the time of recomputing them, bench/NOTES.md).
+  // DRAM sees g, f, theta once (docs/design.md section 4).
   const auto fused = [&](size_t i) { return fuse_one_chunk && offsets[i + 1] - offsets[i] == 1; };
   // Bytes per element: the update moves 2 G + 2 P + 16 (28 B in float32); a fused tensor is
   // first reduced (another G + P + 4, from cache, at the same arithmetic cost).
@@ -578,13 +582,11 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
     return len * (4 * esize + 16 + (f && clipping ? 2 * esize + 4 : 0));
   });
   const auto ptrs = make_ptrs(params, grads, fims, moms, steps, beta2);
-  const Consts consts = make_consts(eps, p, maximize, grad_scale);
+  const Consts consts = make_consts(scalars);
   const double* slots = partials.const_data_ptr<double>();
   const auto update_consts = [&](const TensorPtrs& t, const double* sums) {
-    return UpdateConsts(static_cast<float>(clip_inv_scale(sums[0], t.numel, clip)),
-                        static_cast<float>(clip_inv_scale(sums[1], t.numel, clip)),
-                        static_cast<float>(lr), static_cast<float>(beta1),
-                        static_cast<float>(weight_decay));
+    return UpdateConsts(scalars, lr_f, static_cast<float>(clip_inv_scale(sums[0], t.numel, clip)),
+                        static_cast<float>(clip_inv_scale(sums[1], t.numel, clip)));
   };
 
   dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {

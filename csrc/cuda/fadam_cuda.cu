@@ -1,4 +1,6 @@
-// CUDA kernels of the two FAdam ops (TORCH_LIBRARY_IMPL(fadam_fused, CUDA)), SPEC.md section 3.
+// CUDA kernels of the two FAdam ops (TORCH_LIBRARY_IMPL(fadam_fused, CUDA)), docs/design.md
+// section 3. The same source also compiles with g++ and HIP-CPU into the emulated test build
+// ([note: one CUDA source, two compilers] in cuda/launch.h, which holds all that differs).
 //
 // Multi-tensor: a launch covers up to kMaxTensors tensors and kMaxBlocks blocks whose tables are
 // passed by value ([note: CUDA multi-tensor plan] in multi_tensor_plan.h, which also says what each
@@ -7,8 +9,11 @@
 // Element math: csrc/fadam_math.h, the header the CPU kernel uses ([note: FAdam math lives here]).
 // Each element is loaded from its storage dtype into float32 and all element math is float32;
 // step scalars (b2hat, grad scale, clip scales, lr) are float64 on the device and rounded to
-// float32 once per block; sums of squares accumulate in float64 (SPEC section 1: w^2 overflows
-// float32 with eps = 1e-30).
+// float32 once per block; sums of squares accumulate in float64 (w^2 overflows float32 with
+// eps = 1e-30: docs/design.md section 5).
+//
+// Clipping off (clip <= 0): phase A only checks every gradient (reads g, writes no slot) and phase
+// B reads no slot and does not reduce one-chunk tensors: 32 B/param for every tensor.
 //
 // Thread -> element mapping. A block has kThreads = 512 threads; a thread handles "fragments" of
 // V = 16 / sizeof(scalar_t) consecutive elements (4 for float32, 8 for bf16/fp16: one 128-bit
@@ -39,9 +44,6 @@
 // per 40 bytes), so the lost FMAs cost nothing measurable.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -55,6 +57,8 @@
 #include "cuda/multi_tensor_plan.h"
 #include "fadam_math.h"
 #include "fadam_ops.h"
+// Last: the emulated build includes HIP-CPU's runtime here, after every torch header.
+#include "cuda/launch.h"
 
 namespace fadam::cuda {
 namespace {
@@ -88,24 +92,11 @@ struct Tables {
   int32_t block_chunk[kMaxBlocks];
 };
 
-// Launch-wide scalars and device pointers.
-struct Scalars {
+// Launch-wide scalars (step_scalars() in fadam_ops.h) and device pointers.
+struct Scalars : StepScalars {
   double* partials;           // [n_slots, 2]
   float* skip;                // one element
-  const float* grad_scale;    // one element, or nullptr
-  const void* lr_ptr;         // one element, or nullptr (then `lr`)
-  bool lr_is_double;
-  bool maximize;
-  bool clipping;              // clip > 0
   int64_t chunk_size;
-  double beta2;
-  double clip;
-  float p;
-  float eps_p;                // eps^(2p), from float64 on the host
-  float lr;
-  float beta1;
-  float one_minus_beta1;
-  float weight_decay;
 };
 
 struct Args {
@@ -233,17 +224,8 @@ __device__ __forceinline__ void block_prologue(const Args& args, int tensor, Blo
   const FimCoeffs fc = fim_coeffs(s.beta2, static_cast<double>(*args.t.step[tensor]));
   bs.b2hat = fc.b2hat;
   bs.one_minus_b2hat = fc.one_minus_b2hat;
-  double mul = s.maximize ? -1.0 : 1.0;
-  if (s.grad_scale != nullptr) {
-    mul /= static_cast<double>(*s.grad_scale);
-  }
-  bs.grad_mul = static_cast<float>(mul);
-  double lr = s.lr;
-  if (s.lr_ptr != nullptr) {
-    lr = s.lr_is_double ? *static_cast<const double*>(s.lr_ptr)
-                        : static_cast<double>(*static_cast<const float*>(s.lr_ptr));
-  }
-  bs.lr = static_cast<float>(lr);
+  bs.grad_mul = grad_mul_of(s.maximize, s.grad_scale);
+  bs.lr = lr_of(s.lr_ptr, s.lr_is_double, s.lr);
   bs.inv_s1 = 1.0f;
   bs.inv_s2 = 1.0f;
 }
@@ -304,7 +286,8 @@ __device__ __forceinline__ void reduce_chunk(const ChunkPtrs<scalar_t>& c, const
   });
 }
 
-// Phase-A work on a fused one-chunk tensor: only the non-finite check (phase B reduces it).
+// Phase-A work on a fused one-chunk tensor, or on any chunk with clipping off: only the
+// non-finite check (phase B reduces a fused tensor; without clipping nothing needs the sums).
 template <typename scalar_t>
 __device__ __forceinline__ void check_chunk(const ChunkPtrs<scalar_t>& c, const BlockScalars& bs,
                                             bool& bad) {
@@ -362,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(con
   __syncthreads();
   const auto c = chunk_ptrs<scalar_t>(args.t, tensor, chunk, args.s.chunk_size);
   bool bad = false;
-  if (args.t.flags[tensor] & kFlagFused) {
+  if (!args.s.clipping || (args.t.flags[tensor] & kFlagFused)) {
     check_chunk(c, bs, bad);
   } else {
     double s1 = 0.0, s2 = 0.0;
@@ -381,8 +364,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(con
 
 template <typename scalar_t, bool kSqrt>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(const __grid_constant__ Args args) {
-  // SPEC section 5: a non-finite gradient anywhere in the group skips the whole step. Phase A ran
-  // earlier on this stream, so *skip is final; the branch is uniform over the block.
+  // A non-finite gradient anywhere in the group skips the whole step (docs/design.md section 6).
+  // Phase A ran earlier on this stream, so *skip is final; the branch is uniform over the block.
   if (*args.s.skip != 0.0f) {
     return;
   }
@@ -481,38 +464,28 @@ void check_same_device(const char* op, const at::Tensor& t, const char* name,
 void phase_a_cuda(at::TensorList params, at::TensorList grads, at::TensorList fims,
                   at::TensorList steps, at::Tensor partials, at::Tensor skip,
                   const c10::optional<at::Tensor>& grad_scale, double beta2, double eps, double p,
-                  bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
+                  double clip, bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
   constexpr const char* op = "fadam_phase_a";
-  check_group(op, c10::DeviceType::CUDA, params, grads, fims, {}, steps, partials, skip,
-              grad_scale, chunk_size);
+  check_group(op, kDeviceType, params, grads, fims, {}, steps, partials, skip, grad_scale,
+              chunk_size);
   if (params.empty()) {
     return;
   }
   const at::Device device = params[0].device();
   check_same_device(op, partials, "partials", device);
-  if (grad_scale.has_value()) {
-    check_same_device(op, *grad_scale, "grad_scale", device);
-  }
-  const c10::cuda::CUDAGuard guard(device);
-  const auto plan = make_plan(numels_of(params), chunk_size, fuse_one_chunk, Phase::A);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-
   Args args{};
-  Scalars& s = args.s;
-  s.partials = partials.data_ptr<double>();
-  s.skip = skip.data_ptr<float>();
-  s.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
-  s.maximize = maximize;
-  s.chunk_size = chunk_size;
-  s.beta2 = beta2;
-  s.p = static_cast<float>(p);
-  s.eps_p = static_cast<float>(std::pow(eps, 2.0 * p));
+  static_cast<StepScalars&>(args.s) =
+      step_scalars(op, device, beta2, eps, p, clip, maximize, grad_scale);
+  args.s.partials = partials.data_ptr<double>();
+  args.s.skip = skip.data_ptr<float>();
+  args.s.chunk_size = chunk_size;
+  const auto plan = make_plan(numels_of(params), chunk_size, fuse_one_chunk, Phase::A);
+  const LaunchScope scope(device);
   dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
     for (const Launch& launch : plan) {
       fill_tables(args.t, launch, params, grads, fims, {}, steps, chunk_size);
-      fadam_phase_a_kernel<scalar_t, kSqrt>
-          <<<static_cast<unsigned>(launch.blocks.size()), kThreads, 0, stream>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      scope.launch(fadam_phase_a_kernel<scalar_t, kSqrt>,
+                   static_cast<unsigned>(launch.blocks.size()), kThreads, args);
     }
   });
 }
@@ -524,54 +497,29 @@ void phase_b_cuda(at::TensorList params, at::TensorList grads, at::TensorList fi
                   double beta2, double eps, double p, double clip, double weight_decay,
                   bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
   constexpr const char* op = "fadam_phase_b";
-  check_group(op, c10::DeviceType::CUDA, params, grads, fims, moms, steps, partials, skip,
-              grad_scale, chunk_size);
+  check_group(op, kDeviceType, params, grads, fims, moms, steps, partials, skip, grad_scale,
+              chunk_size);
   TORCH_CHECK(moms.size() == params.size(), op, ": one momentum per param is required");
   if (params.empty()) {
     return;
   }
   const at::Device device = params[0].device();
   check_same_device(op, partials, "partials", device);
-  if (grad_scale.has_value()) {
-    check_same_device(op, *grad_scale, "grad_scale", device);
-  }
-  if (lr_tensor.has_value()) {
-    check_same_device(op, *lr_tensor, "lr_tensor", device);
-    TORCH_CHECK(lr_tensor->numel() == 1 && (lr_tensor->scalar_type() == at::kFloat ||
-                                            lr_tensor->scalar_type() == at::kDouble),
-                op, ": lr_tensor must be a one-element float32 or float64 tensor");
-  }
   TORCH_CHECK(aligned16(partials.const_data_ptr()), op,
               ": partials must be 16-byte aligned (slots are read as one 128-bit load)");
-  const c10::cuda::CUDAGuard guard(device);
-  const auto plan = make_plan(numels_of(params), chunk_size, fuse_one_chunk, Phase::B);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-
   Args args{};
-  Scalars& s = args.s;
-  s.partials = const_cast<double*>(partials.const_data_ptr<double>());  // read only in phase B
-  s.skip = const_cast<float*>(skip.const_data_ptr<float>());            // read only in phase B
-  s.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
-  s.lr_ptr = lr_tensor.has_value() ? lr_tensor->const_data_ptr() : nullptr;
-  s.lr_is_double = lr_tensor.has_value() && lr_tensor->scalar_type() == at::kDouble;
-  s.maximize = maximize;
-  s.clipping = clip > 0.0;
-  s.chunk_size = chunk_size;
-  s.beta2 = beta2;
-  s.clip = clip;
-  s.p = static_cast<float>(p);
-  s.eps_p = static_cast<float>(std::pow(eps, 2.0 * p));
-  s.lr = static_cast<float>(lr);
-  s.beta1 = static_cast<float>(beta1);
-  // As the CPU kernel: 1 - beta1 from the float32 beta1, in float64, rounded once.
-  s.one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(s.beta1));
-  s.weight_decay = static_cast<float>(weight_decay);
+  static_cast<StepScalars&>(args.s) = step_scalars(op, device, beta2, eps, p, clip, maximize,
+                                                   grad_scale, lr_tensor, lr, beta1, weight_decay);
+  args.s.partials = const_cast<double*>(partials.const_data_ptr<double>());  // read only here
+  args.s.skip = const_cast<float*>(skip.const_data_ptr<float>());            // read only here
+  args.s.chunk_size = chunk_size;
+  const auto plan = make_plan(numels_of(params), chunk_size, fuse_one_chunk, Phase::B);
+  const LaunchScope scope(device);
   dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
     for (const Launch& launch : plan) {
       fill_tables(args.t, launch, params, grads, fims, moms, steps, chunk_size);
-      fadam_phase_b_kernel<scalar_t, kSqrt>
-          <<<static_cast<unsigned>(launch.blocks.size()), kThreads, 0, stream>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      scope.launch(fadam_phase_b_kernel<scalar_t, kSqrt>,
+                   static_cast<unsigned>(launch.blocks.size()), kThreads, args);
     }
   });
 }
@@ -618,16 +566,21 @@ std::vector<int64_t> cuda_plan_limits() {
 }  // namespace fadam::cuda
 
 TORCH_LIBRARY_FRAGMENT(fadam_fused, m) {
-  // Host-only planning, exposed for tests; exists only in builds with the CUDA kernels.
-  m.def(
-      "cuda_plan(int[] numels, int chunk_size, bool fuse_one_chunk, str phase, "
-      "int max_tensors=-1, int max_blocks=-1) -> Tensor",
-      &fadam::cuda::cuda_plan);
+  // Host-only planning, exposed for tests; exists only in builds with the CUDA kernels
+  // (cuda_plan, or cuda_emulated_plan in the emulated build).
+  m.def(FADAM_CUDA_OP("cuda_plan", "cuda_emulated_plan") "(int[] numels, int chunk_size, bool fuse_one_chunk, str phase, "
+        "int max_tensors=-1, int max_blocks=-1) -> Tensor",
+        &fadam::cuda::cuda_plan);
   // (max tensors per launch, max blocks per launch, max phase-B blocks per tensor, threads/block)
-  m.def("cuda_plan_limits() -> int[]", &fadam::cuda::cuda_plan_limits);
+  m.def(FADAM_CUDA_OP("cuda_plan_limits", "cuda_emulated_plan_limits") "() -> int[]", &fadam::cuda::cuda_plan_limits);
+#if defined(FADAM_CUDA_EMULATED)
+  // The emulated ops are ops of their own: fadam_phase_a/b's CPU kernels are csrc/cpu/.
+  m.def("cuda_emulated_phase_a" FADAM_PHASE_A_SCHEMA);
+  m.def("cuda_emulated_phase_b" FADAM_PHASE_B_SCHEMA);
+#endif
 }
 
-TORCH_LIBRARY_IMPL(fadam_fused, CUDA, m) {
-  m.impl("fadam_phase_a", &fadam::cuda::phase_a_cuda);
-  m.impl("fadam_phase_b", &fadam::cuda::phase_b_cuda);
+TORCH_LIBRARY_IMPL(fadam_fused, FADAM_CUDA_DISPATCH_KEY, m) {
+  m.impl(FADAM_CUDA_OP("fadam_phase_a", "cuda_emulated_phase_a"), &fadam::cuda::phase_a_cuda);
+  m.impl(FADAM_CUDA_OP("fadam_phase_b", "cuda_emulated_phase_b"), &fadam::cuda::phase_b_cuda);
 }

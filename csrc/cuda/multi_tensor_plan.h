@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "fadam_ops.h"  // nchunks_of
+
 namespace fadam::cuda {
 
 // Table capacities. CUDA 12.1+ allows 32764 bytes of kernel parameters on Volta and newer (it was
@@ -64,11 +66,6 @@ enum class BlockKind : int64_t {
   kFused = 3,      // phase B: fused one-chunk tensor, reduce and update in one block
 };
 
-inline int64_t plan_nchunks(int64_t numel, int64_t chunk_size) {
-  // Same rule as fadam::nchunks_of (csrc/fadam_ops.h): an empty tensor still owns one slot.
-  return numel <= chunk_size ? 1 : (numel + chunk_size - 1) / chunk_size;
-}
-
 struct PlanTensor {
   int64_t tensor;     // index in the op's tensor lists
   int64_t nchunks;    // chunks (= slots) of the tensor
@@ -102,7 +99,7 @@ inline std::vector<Launch> make_plan(const std::vector<int64_t>& numels, int64_t
   int64_t slot0 = 0;
   for (size_t i = 0; i < numels.size(); ++i) {
     const int64_t numel = numels[i];
-    const int64_t nchunks = plan_nchunks(numel, chunk_size);
+    const int64_t nchunks = nchunks_of(numel, chunk_size);
     TORCH_CHECK(nchunks <= INT32_MAX, "fadam_fused (CUDA): tensor ", i, " has ", numel,
                 " elements: more than 2^31 chunks of ", chunk_size);
     const bool fused = fuse_one_chunk && nchunks == 1;
