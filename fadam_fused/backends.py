@@ -1,6 +1,6 @@
 """The fused backends and the one helper that chooses among them.
 
-Every fused backend implements the same two ops (SPEC section 3; the argument contract is
+Every fused backend implements the same two ops (docs/design.md section 3; the argument contract is
 [note: the two-phase op contract] in csrc/fadam_ops.h):
 
     phase_a(params, grads, fims, steps, partials, skip, grad_scale, *,
@@ -99,7 +99,7 @@ def _triton_module():
 
 
 def _load_source_tree_triton_kernels():
-    """Imports ../triton_kernels as fadam_fused.triton_kernels (SPEC section 6).
+    """Imports ../triton_kernels as fadam_fused.triton_kernels (docs/design.md section 2).
 
     An installed package has it in place (setup.py's package_dir). In a source checkout whose
     fadam_fused/ comes first on sys.path (pytest from the repo root, `setup.py build_ext

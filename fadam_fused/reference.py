@@ -3,7 +3,7 @@ r"""The correctness oracle: FAdam in plain PyTorch, one tensor at a time, writte
 Every fused backend is tested against this file. It is never optimised.
 
 The algorithm (Hwang 2024, "FAdam: Adam is a natural gradient optimizer using diagonal empirical
-Fisher information", Algorithm 1; SPEC.md section 1). For each parameter tensor :math:`\theta` with
+Fisher information", Algorithm 1; docs/design.md section 1). For each parameter tensor :math:`\theta` with
 gradient :math:`g`, step count :math:`t` (0 before the first step), momentum :math:`m` (init 0) and
 diagonal empirical Fisher :math:`f` (init 1):
 
@@ -27,7 +27,7 @@ Precision: math in float32 (``upcast=False``, the precision the fused kernels pr
 dtype; step scalars in float64; sums of squares in float64 (with ``eps=1e-30`` and a zero gradient
 :math:`w \approx 10^{29}` and :math:`w^2` overflows float32).
 
-Non-finite gradients (SPEC section 5): if any gradient of the step holds a NaN or inf (or
+Non-finite gradients (docs/design.md section 6): if any gradient of the step holds a NaN or inf (or
 ``found_inf`` from a GradScaler is set), nothing changes: parameters, state and step counts keep
 their exact values. The decision is a device tensor, never a host sync.
 """

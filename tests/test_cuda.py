@@ -1,12 +1,10 @@
 """backend="cuda" (csrc/cuda/) on a GPU: parity with the oracle, Triton and CPU, CUDA graphs, huge
-tensors, the non-finite skip, state_dict round trips. Skipped without a GPU (issue 4).
+tensors, the non-finite skip, state_dict round trips. Skipped without a GPU
+(tests/test_cuda_emulated.py runs the same kernels on the CPU).
 
-Run them on any machine with an NVIDIA GPU and a CUDA toolkit:
+Run them on any machine with an NVIDIA GPU and a CUDA toolkit with `make gpu-check`.
 
-    FORCE_CUDA=1 make test                    # or: pip install --no-build-isolation -e . && \\
-    .venv/bin/python -m pytest -rs tests/test_cuda.py
-
-Tolerances are those of tests/fadam_testing.py (STYLE.md point 6). Comparisons that must be bitwise
+Tolerances are those of tests/fadam_testing.py. Comparisons that must be bitwise
 (determinism, fuse_one_chunk on/off, aligned vs unaligned storage, graph replay vs eager, skipped
 steps) use torch.equal.
 """

@@ -10,7 +10,8 @@
 //
 //   phase A, tensor of nchunks > 1 (or fuse_one_chunk off): one block per chunk, reduces that chunk
 //     into its slot partials[slot0 + chunk]. Every slot gets exactly one writer, even an empty
-//     tensor's (it writes zeros), so phase B never reads an unwritten slot.
+//     tensor's (it writes zeros), so phase B never reads an unwritten slot. With clipping off the
+//     same blocks only check the gradient and write no slot (phase B then reads none).
 //   phase A, fused one-chunk tensor (fuse_one_chunk, nchunks == 1): one block that only checks the
 //     gradient for non-finite values; its slot is left alone. Empty: no block (nothing to check).
 //   phase B, fused one-chunk tensor: one block, reduce + update (both phases, data re-read from
