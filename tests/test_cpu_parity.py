@@ -134,3 +134,20 @@ def test_float64_params_use_the_oracle_with_auto_backend():
         for x, y in zip(sa.params, sr.params):
             # float64 math, but float32 state by contract (SPEC section 4): float32 tolerance.
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3000,), (100,)], ids=["multi-chunk", "one-chunk"])
+def test_nan_parameter_matches_the_reference(shape, cpu_chunk):
+    # A NaN parameter (not gradient) does not skip the step: its tensor's RMS(w) counts as
+    # infinite, so its clipped weight decay is 0 for the step and the NaN stays in its element.
+    cpu_chunk(1024)
+    problem = make_problem(shapes=[shape, (50,)], steps=3)
+    problem.init[0].view(-1)[7] = float("nan")
+    hyper = dict(lr=1e-2, clip=0.5, weight_decay=0.1)
+    fast, _, _ = run_optimizer(problem, "cpu", **hyper)
+    ref, _, _ = run_optimizer(problem, "reference", **hyper)
+    for a, b in zip(fast, ref):
+        nan = torch.isnan(a.params[0])
+        assert nan.sum() == 1 and nan.view(-1)[7]
+        for x, y in zip(a.params + a.momentum + a.fim, b.params + b.momentum + b.fim):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, equal_nan=True)

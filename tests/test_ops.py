@@ -124,6 +124,38 @@ def test_one_chunk_tensors_leave_their_slot_to_phase_b():
     assert torch.equal(partials[5], torch.tensor([-1.0, -1.0], dtype=torch.float64))  # (5, 7): fused
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_clip_off_phase_a_writes_no_slot_and_still_checks_gradients(fuse):
+    params, grads, fims, moms, steps, partials = _group()
+    partials.fill_(-1.0)
+    a, b = dict(_a_kwargs(fuse), clip=0.0), dict(_b_kwargs(fuse), clip=0.0)
+    skip = torch.zeros(())
+    torch.ops.fadam_fused.fadam_phase_a(params, grads, fims, steps, partials, skip, None, **a)
+    assert float(skip) == 0.0 and (partials == -1.0).all()  # no slot read or written
+    before = [t.clone() for t in params]
+    torch.ops.fadam_fused.fadam_phase_b(params, grads, fims, moms, steps, partials, skip, None,
+                                        None, **b)
+    assert not torch.equal(params[0], before[0])
+    grads[0][299] = float("nan")  # the last element of the last (ragged) chunk
+    torch.ops.fadam_fused.fadam_phase_a(params, grads, fims, steps, partials, skip, None, **a)
+    assert float(skip) == 1.0 and (partials == -1.0).all()
+
+
+@pytest.mark.parametrize("lr_tensor", [torch.tensor(1, dtype=torch.int64), torch.tensor(0.1).half(),
+                                       torch.tensor([0.1, 0.2])],
+                         ids=["int64", "float16", "two-elements"])
+def test_lr_tensor_must_be_one_float32_or_float64_element(lr_tensor):
+    # The rule of the CUDA and Triton launchers too (step_scalars() in csrc/fadam_ops.h); the
+    # optimizer converts other float dtypes before the call. A refused call changes nothing.
+    params, grads, fims, moms, steps, partials = _group()
+    before = [t.clone() for t in params + fims + moms]
+    with pytest.raises(RuntimeError, match="lr_tensor must be a one-element float32 or float64"):
+        torch.ops.fadam_fused.fadam_phase_b(params, grads, fims, moms, steps, partials,
+                                            torch.zeros(()), None, lr_tensor, **_b_kwargs())
+    for x, y in zip(before, params + fims + moms):
+        assert torch.equal(x, y)
+
+
 def test_phase_b_is_a_no_op_when_skip_is_set():
     params, grads, fims, moms, steps, partials = _group()
     before = [t.clone() for t in params + fims + moms]
