@@ -385,7 +385,7 @@ def triton_phase_b(
                                     ALIGNED=table.aligned, **consts)
 
 
-def phase_a(params, grads, fims, steps, partials, skip, grad_scale, *, beta2, eps, p, clip,
+def phase_a(params, grads, fims, steps, partials, skip, grad_scale, *, beta2, eps, p, clip=0.0,
             maximize, chunk_size, fuse_one_chunk):
     """The backend entry point of phase A ([note: the two-phase op contract]). The Triton
     phase A does not take `clip` yet: it always writes the sums, which clip <= 0 ignores."""
