@@ -1,7 +1,7 @@
 """Loads the compiled extension fadam_fused._C once, and remembers why it could not be loaded.
 
 A missing or broken build is reported once, at import, with the original ImportError and how to
-fix it, and the package keeps working on the reference backend (SPEC section 6, build hygiene).
+fix it, and the package keeps working on the reference backend.
 The results are plain module constants so that torch.compile reads them instead of tracing the
 import and the dispatcher queries.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from . import op_contract  # noqa: F401  (defines the ops whose kernels _C registers)
 
 _BUILD_HINT = (
     "Build it with `pip install --no-build-isolation -e .` in the fadam_fused checkout (set "

@@ -3,7 +3,7 @@ r"""The correctness oracle: FAdam in plain PyTorch, one tensor at a time, writte
 Every fused backend is tested against this file. It is never optimised.
 
 The algorithm (Hwang 2024, "FAdam: Adam is a natural gradient optimizer using diagonal empirical
-Fisher information", Algorithm 1; SPEC.md section 1). For each parameter tensor :math:`\theta` with
+Fisher information", Algorithm 1; docs/design.md, section 1). For each parameter tensor :math:`\theta` with
 gradient :math:`g`, step count :math:`t` (0 before the first step), momentum :math:`m` (init 0) and
 diagonal empirical Fisher :math:`f` (init 1):
 
@@ -27,7 +27,7 @@ Precision: math in float32 (``upcast=False``, the precision the fused kernels pr
 dtype; step scalars in float64; sums of squares in float64 (with ``eps=1e-30`` and a zero gradient
 :math:`w \approx 10^{29}` and :math:`w^2` overflows float32).
 
-Non-finite gradients (SPEC section 5): if any gradient of the step holds a NaN or inf (or
+Non-finite gradients (docs/design.md, section 6): if any gradient of the step holds a NaN or inf (or
 ``found_inf`` from a GradScaler is set), nothing changes: parameters, state and step counts keep
 their exact values. The decision is a device tensor, never a host sync.
 """
@@ -57,11 +57,16 @@ def b2hat(beta2: float, t: Tensor) -> Tensor:
 
 
 def _clip_scale(x: Tensor, clip: float | None) -> Tensor:
-    """max(1, RMS(x) / clip) in float64; 1 when clipping is off or x is empty."""
+    """max(1, RMS(x) / clip) in float64; 1 when clipping is off or x is empty.
+
+    A non-finite RMS (a NaN or inf in the parameter behind w) counts as infinite: x / s is then 0
+    for every finite element and the NaN stays in its own element (docs/design.md, section 6).
+    """
     if not clip or x.numel() == 0:
         return torch.ones((), dtype=torch.float64, device=x.device)
     rms = x.to(torch.float64).square().mean().sqrt()
-    return torch.clamp(rms / clip, min=1.0)
+    scale = torch.clamp(rms / clip, min=1.0)
+    return torch.where(torch.isfinite(scale), scale, torch.inf)
 
 
 def update_tensor(

@@ -509,6 +509,7 @@ Consts make_consts(double eps, double p, bool maximize, const c10::optional<at::
 void phase_a_cpu(at::TensorList params, at::TensorList grads, at::TensorList fims,
                  at::TensorList steps, at::Tensor partials, at::Tensor skip,
                  const c10::optional<at::Tensor>& grad_scale, double beta2, double eps, double p,
+                 double clip,
                  bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
   check_group("fadam_phase_a", c10::DeviceType::CPU, params, grads, fims, {}, steps, partials,
               skip, grad_scale, chunk_size);

@@ -481,6 +481,7 @@ void check_same_device(const char* op, const at::Tensor& t, const char* name,
 void phase_a_cuda(at::TensorList params, at::TensorList grads, at::TensorList fims,
                   at::TensorList steps, at::Tensor partials, at::Tensor skip,
                   const c10::optional<at::Tensor>& grad_scale, double beta2, double eps, double p,
+                  double clip,
                   bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
   constexpr const char* op = "fadam_phase_a";
   check_group(op, c10::DeviceType::CUDA, params, grads, fims, {}, steps, partials, skip,
