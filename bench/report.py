@@ -41,28 +41,35 @@ def _fmt_ms(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
 
 
+def _cells(r: dict[str, Any]) -> list[str]:
+    """A timed row's cells, for the stdout table and the markdown one: median, p20, p80, n,
+    B/param, GB/s, x adam-fused, paired."""
+    ratio, pr = r.get("time_vs_adam_fused"), r.get("paired_vs_adam_fused")
+    return [_fmt_ms(r["median_ms"]), _fmt_ms(r["p20_ms"]), _fmt_ms(r["p80_ms"]), str(r["n_samples"]),
+            f"{r['bytes_per_param']:.1f}", f"{r['gbps']:.1f}", _fmt_ratio(ratio) if ratio else "-",
+            _fmt_ratio(pr[1]) if pr else "-"]
+
+
+TABLE_WIDTHS = (9, 9, 9, 4, 7, 7, 12, 7)
+
+
 def table(w: Workload, results: list[dict[str, Any]]) -> str:
-    from .traffic import bytes_per_param
+    """The stdout table of one workload; B/param is each row's own traffic model (its chunk size
+    and clip)."""
     n, dtype = w.n_params, results[0]["dtype"] if results else "float32"
     import torch
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     working = n * (2 * size + 8)  # p + g + m + v (FAdam state float32)
     lines = [f"\n== {w.name} ({w.kind}): {n / 1e6:.2f}M params in {w.n_tensors} tensors, {dtype}, "
-             f"p+g+m+v {working / 1e9:.2f} GB; {w.note}",
-             f"   bytes/param model: adam {bytes_per_param('adam', w.numels, getattr(torch, dtype)):.1f}, "
-             f"fadam {bytes_per_param('fadam', w.numels, getattr(torch, dtype)):.1f}"]
-    head = (f"{'row':<24} {'median':>9} {'p20':>9} {'p80':>9} {'n':>4} {'B/param':>7} {'GB/s':>7} "
-            f"{'x adam-fused':>12} {'paired':>7}")
+             f"p+g+m+v {working / 1e9:.2f} GB; {w.note}"]
+    names = ("median", "p20", "p80", "n", "B/param", "GB/s", "x adam-fused", "paired")
+    head = f"{'row':<24} " + " ".join(c.rjust(w) for c, w in zip(names, TABLE_WIDTHS))
     lines += [head, "-" * len(head)]
     for r in results:
         if r["status"] != "ok":
             lines.append(f"{r['row']:<24} not run ({r['status']}): {r['reason']}")
             continue
-        ratio, pr = r.get("time_vs_adam_fused"), r.get("paired_vs_adam_fused")
-        lines.append(f"{r['row']:<24} {_fmt_ms(r['median_ms']):>9} {_fmt_ms(r['p20_ms']):>9} "
-                     f"{_fmt_ms(r['p80_ms']):>9} {r['n_samples']:>4} {r['bytes_per_param']:>7.1f} "
-                     f"{r['gbps']:>7.1f} {(f'{_fmt_ratio(ratio)}' if ratio else '-'):>12} "
-                     f"{(f'{_fmt_ratio(pr[1])}' if pr else '-'):>7}")
+        lines.append(f"{r['row']:<24} " + " ".join(c.rjust(w) for c, w in zip(_cells(r), TABLE_WIDTHS)))
     return "\n".join(lines)
 
 
@@ -207,10 +214,9 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
             if r["status"] != "ok":
                 out.append(f"| {r['row']} | not run: {r['reason']} | | | | | | |")
                 continue
-            ratio, pr = r.get("time_vs_adam_fused"), r.get("paired_vs_adam_fused")
-            out.append(f"| {r['row']} | {_fmt_ms(r['median_ms'])} | {_fmt_ms(r['p20_ms'])} | "
-                       f"{_fmt_ms(r['p80_ms'])} | {r['bytes_per_param']:.1f} | {r['gbps']:.1f} | "
-                       f"{f'{_fmt_ratio(ratio)}' if ratio else '-'} | {f'{_fmt_ratio(pr[1])}' if pr else '-'} |")
+            cells = _cells(r)
+            del cells[3]  # n: the markdown table leaves it out
+            out.append(f"| {r['row']} | " + " | ".join(cells) + " |")
     clip = clip_lines(results)
     if clip:
         out += [""] + [f"- {line}" for line in clip]
