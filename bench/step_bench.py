@@ -3,8 +3,10 @@
     .venv/bin/python bench/step_bench.py                     # default CPU/GPU run, ~5 min on CPU
     .venv/bin/python bench/step_bench.py --quick             # < 2 min on CPU
     .venv/bin/python bench/step_bench.py --csv out.csv --json out.json --plot out.png
-    # clip=None against clip=1.0, same rounds (count-1 is one multi-chunk 4.2M tensor):
-    .venv/bin/python bench/step_bench.py --workloads default,count --rows fadam-cpu,fadam-cpu-noclip,torch-adam-fused
+
+    # clip=None against clip=1.0 in the same rounds (count-1 is one multi-chunk 4.2M tensor):
+    .venv/bin/python bench/step_bench.py --workloads default,count \
+        --rows fadam-cpu,fadam-cpu-noclip,torch-adam-fused
     # 4096 tensors of 256 elements (the per-tensor cost), FAdam against torch's fused Adam:
     .venv/bin/python bench/step_bench.py --workloads small --rows fadam-cpu,torch-adam-fused
 
@@ -13,9 +15,9 @@ How a workload is measured:
 1. One parameter list is generated (fixed seed) and one gradient list (fixed seed). Each row gets
    its own *copy of the parameters* (steps mutate them) but they all *share the gradient tensors*:
    no row writes p.grad (torch's Adam does not without maximize, FAdam never does: docs/design.md
-   section 2, pytorch_optimizer does not without maximize) and we check that with a float64 checksum after
-   each row's warmup. Sharing saves 4 B/param per row: 6 CPU rows of the 64M default then need
-   6 x 12 B + 4 B = 76 B/param = 4.9 GB instead of 6.1 GB.
+   section 2, pytorch_optimizer does not without maximize) and we check that with a float64
+   checksum after each row's warmup. Sharing saves 4 B/param per row: 6 CPU rows of the 64M
+   default then need 6 x 12 B + 4 B = 76 B/param = 4.9 GB instead of 6.1 GB.
 2. Each row runs 4 warmup steps (2 for rows slower than 50 ms per step) so lazy state
    initialisation and the t=1 special case (b2hat = 0) are never timed; the last warmup step is
    timed and gives the estimate the scheduler uses.
@@ -505,9 +507,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="comma list of: default (LLM-shaped), size (size sweep), count "
                          "(tensor-count sweep), small (4096 tensors of 256 elements); "
                          "default: default,size,count")
+    opt_in = [n for n in rows_mod.ALL_ROW_NAMES if n not in rows_mod.ROW_NAMES]
     ap.add_argument("--rows", default="", help=f"comma list of rows (default: "
-                                              f"{', '.join(rows_mod.ROW_NAMES)}); also "
-                                              f"{', '.join(sorted(set(rows_mod.ALL_ROW_NAMES) - set(rows_mod.ROW_NAMES)))}")
+                                              f"{', '.join(rows_mod.ROW_NAMES)}); also {', '.join(opt_in)}")
     ap.add_argument("--clip", type=parse_clip, default=rows_mod.FADAM_CLIP,
                     help="clip of the fadam_fused rows (default 1.0; none or 0: clipping off). "
                          "pytorch_optimizer-fadam keeps 1.0 (it cannot turn clipping off)")
