@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import backends, reference
+from . import backends, reference, sharded
 
 __all__ = ["FAdam", "fadam"]
 
@@ -218,11 +218,14 @@ class FAdam(Optimizer):
                 if (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype
                         or grad.device != param.device):
                     raise RuntimeError(_grad_mismatch(_param_name(group, i), param, grad))
+                why = sharded.check(_param_name(group, i), param, grad)
+                if why is not None:
+                    raise RuntimeError(why)
                 if (backend, param.device) not in resolved:
                     backends.resolve(backend, param.device)  # raises if it cannot run there
                     resolved.add((backend, param.device))
                 if backend not in (None, "reference"):
-                    why = backends.unfusable_reason(param)
+                    why = backends.unfusable_reason(sharded.local(param))
                     if why is not None:
                         raise RuntimeError(
                             f"FAdam backend={backend!r} cannot update {_param_name(group, i)}: it "
@@ -306,7 +309,8 @@ class _StepRunner:
         self.grad_scale = grad_scale
         self.found_inf = found_inf
         self.skip: dict[torch.device, Tensor] = {}
-        self.buckets: list[tuple[str, dict[str, Any], list[list[Tensor]]]] = []
+        self.buckets: list[tuple[str, dict[str, Any], list[list[Tensor]],
+                                 sharded.Shards | None]] = []
 
     @staticmethod
     def _on(value: Tensor | None, device: torch.device) -> Tensor | None:
@@ -332,12 +336,15 @@ class _StepRunner:
             return
         hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip=clip,
                      weight_decay=weight_decay, p=p, maximize=maximize)
-        for lists in _buckets([params, grads, momentums, fims, steps]):
+        # DTensor parameters come as their local shards, with `shards` saying how they are
+        # sharded ([note: sharded parameters] in sharded.py); plain ones with shards None.
+        for lists, shards in sharded.buckets([params, grads, momentums, fims, steps],
+                                             bool(clip), _buckets):
             # device and dtype from a tensor: under torch.compile the grouping's keys are not
             # torch.device objects.
             name = backends.resolve(backend, lists[0][0].device)
             if name == "reference":
-                self.buckets.append((name, hyper, lists))
+                self.buckets.append((name, hyper, lists, shards))
                 continue
             # float64 parameters and strided views run on the oracle (backend=None only: the
             # optimizer has refused them, by name, for an explicit fused backend).
@@ -349,8 +356,10 @@ class _StepRunner:
                                        f"{backends.unfusable_reason(lists[0][i])}; use "
                                        "backend=None or 'reference'.")
                 self.buckets.append(("reference", hyper,
-                                     [[t for t, ok in zip(lst, fusable) if not ok] for lst in lists]))
+                                     [[t for t, ok in zip(lst, fusable) if not ok] for lst in lists],
+                                     shards and shards.select([not ok for ok in fusable])))
                 lists = [[t for t, ok in zip(lst, fusable) if ok] for lst in lists]
+                shards = shards and shards.select(fusable)
                 if not lists[0]:
                     continue
             # The kernels walk a parameter, its gradient and its state in one memory order. The
@@ -359,7 +368,7 @@ class _StepRunner:
             # contiguous gradient) is copied into it: a step's worth of extra traffic, no sync.
             lists[1] = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
                         for p, g in zip(lists[0], lists[1])]
-            self.buckets.append((name, hyper, lists))
+            self.buckets.append((name, hyper, lists, shards))
 
     def run(self) -> dict[torch.device, Tensor]:
         """Runs the step; returns the skip flag of every device (all equal; empty if nothing
@@ -367,7 +376,7 @@ class _StepRunner:
         if not self.buckets:
             return {}
         phase_b = []
-        for name, hyper, lists in self.buckets:
+        for name, hyper, lists, shards in self.buckets:
             params, grads, momentums, fims, steps = lists
             device = params[0].device
             skip = self._skip_flag(device)
@@ -375,26 +384,41 @@ class _StepRunner:
             torch._foreach_add_(steps, 1)
             if name == "reference":
                 skip.copy_(torch.maximum(skip, reference.nonfinite_flag(grads)))
-                phase_b.append((name, hyper, lists, skip, grad_scale, None, None))
+                if shards is not None and shards.clip:
+                    shards.sums = torch.stack([
+                        reference.square_sums(param, grad, f, step, beta2=hyper["beta2"],
+                                              eps=hyper["eps"], p=hyper["p"],
+                                              maximize=hyper["maximize"], grad_scale=grad_scale)
+                        for param, grad, f, step in zip(params, grads, fims, steps)])
+                phase_b.append((name, hyper, lists, shards, skip, grad_scale, None, None))
                 continue
             impl = backends.fused(name)
             n_slots = sum(max(1, math.ceil(t.numel() / impl.chunk_size)) for t in params)
-            partials = torch.empty((n_slots, 2), dtype=torch.float64, device=device)
+            # A shard's sums leave phase A whatever its size (fuse_one_chunk=False); zeros, as an
+            # empty shard's slot is never written.
+            alloc = torch.empty if shards is None else torch.zeros
+            partials = alloc((n_slots, 2), dtype=torch.float64, device=device)
             impl.phase_a(params, grads, fims, steps, partials, skip, grad_scale,
                          beta2=hyper["beta2"], eps=hyper["eps"], p=hyper["p"],
                          maximize=hyper["maximize"], chunk_size=impl.chunk_size,
-                         fuse_one_chunk=True)
-            phase_b.append((name, hyper, lists, skip, grad_scale, impl, partials))
+                         fuse_one_chunk=shards is None)
+            if shards is not None:
+                shards.partials, shards.chunk_size = partials, impl.chunk_size
+            phase_b.append((name, hyper, lists, shards, skip, grad_scale, impl, partials))
 
         self._combine_devices()
+        # Sharded tensors: their sums and the skip flag, all-reduced over their meshes.
+        sharded.all_reduce([b[3] for b in self.buckets if b[3] is not None], self.skip)
 
-        for name, hyper, lists, skip, grad_scale, impl, partials in phase_b:
+        for name, hyper, lists, shards, skip, grad_scale, impl, partials in phase_b:
             params, grads, momentums, fims, steps = lists
             lr = hyper["lr"]
             if impl is None:
-                for param, grad, m, f, step in zip(params, grads, momentums, fims, steps):
+                for i, (param, grad, m, f, step) in enumerate(
+                        zip(params, grads, momentums, fims, steps)):
+                    whole = shards.reference_args(i) if shards is not None else {}
                     reference.update_tensor(param, grad, m, f, step, skip, grad_scale=grad_scale,
-                                            **hyper)
+                                            **hyper, **whole)
             else:
                 lr_tensor = None
                 on_host = isinstance(lr, Tensor) and lr.device.type == "cpu"
@@ -414,7 +438,7 @@ class _StepRunner:
                              beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"],
                              p=hyper["p"], clip=float(hyper["clip"] or 0.0),
                              weight_decay=hyper["weight_decay"], maximize=hyper["maximize"],
-                             chunk_size=impl.chunk_size, fuse_one_chunk=True)
+                             chunk_size=impl.chunk_size, fuse_one_chunk=shards is None)
             # Undo the increment of a skipped step. A CPU flag is read on the host with no device
             # to wait for, and a step that ran (nearly all of them) then saves a foreach over
             # every step tensor: 1.6 us per tensor on CPU, 0.2 ms for the 128 of the LLM list.

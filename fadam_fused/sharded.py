@@ -1,0 +1,227 @@
+"""Sharded parameters (DTensor: FSDP2, HSDP, tensor parallel): the RMS of the whole logical tensor.
+
+[note: sharded parameters]
+FAdam's clip scales need RMS(ghat) and RMS(w) over every element of a parameter, but a DTensor
+parameter holds one shard per rank. Clipping by the shard's RMS would train another model than one
+process does, so a step over DTensor parameters runs:
+
+1. phase A on each rank's local shards (``to_local()`` of the param, its grad and its DTensor
+   ``momentum`` / ``fim``, placed like the param), every tensor writing its partial sums
+   (``fuse_one_chunk=False``, [note: the two-phase op contract] in csrc/fadam_ops.h);
+2. the per-tensor float64 pairs (sum ghat^2, sum w^2) all-reduced (SUM) over the mesh dims on which
+   the tensor is ``Shard(d)``, never its ``Replicate`` dims, plus the step's non-finite flag over
+   every mesh dim, so a NaN on one rank skips the step on all of them (the flag is 0 or 1, so a
+   SUM > 0 is the MAX). One all-reduce per process group (mesh dim) and step packs everything:
+   a row for the flag, then a row per tensor sharded on that dim. The dims of a mesh are reduced one
+   after another (a sum over several dims is the sum over each in turn). Payload: 16 bytes per
+   sharded tensor per sharded mesh dim, plus 16 per group; with clipping off only the flag row;
+3. phase B on the local shards, with the totals where it reads them: a fused backend adds up a
+   tensor's slots and divides by the local numel, so the first slot gets
+   total * local_numel / global_numel and the others 0; the reference backend gets the totals and
+   the global numel (reference.update_tensor's ``sums`` and ``numel``).
+
+Uneven and empty shards need nothing special: FSDP2 pads dim 0, and a rank whose shard has zero
+rows adds 0 and updates nothing. Nothing here waits on the host for a device: the collectives are
+``dist.all_reduce`` on the default stream (asynchronous towards the host with NCCL; gloo on CPU
+tensors runs them on the host, as it must), and index tensors reach an accelerator through pinned
+memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+if torch.distributed.is_available():
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+else:  # a torch build without distributed: no tensor can be a DTensor
+    dist = None
+    DTensor = ()
+
+
+def is_dtensor(t: Any) -> bool:
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor; any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check(name: str, param: Tensor, grad: Tensor) -> str | None:
+    """None if this DTensor/plain (param, grad) pair can be stepped; otherwise why not (the
+    message of the caller's error, which names the parameter)."""
+    if not (is_dtensor(param) or is_dtensor(grad)):
+        return None
+    if not (is_dtensor(param) and is_dtensor(grad)):
+        kinds = ["a DTensor" if is_dtensor(t) else "a plain tensor" for t in (param, grad)]
+        return (f"{name} is {kinds[0]} but its gradient is {kinds[1]}; a sharded parameter "
+                "needs a DTensor gradient on the same device mesh.")
+    if grad.device_mesh != param.device_mesh:
+        return (f"The gradient of {name} is on device mesh {grad.device_mesh}, but the parameter "
+                f"is on {param.device_mesh}.")
+    if any(pl.is_partial() for pl in param.placements):
+        return (f"{name} has placements {param.placements}: a Partial parameter has no value "
+                "to update until it is reduced; use Shard or Replicate placements.")
+    return None
+
+
+@dataclasses.dataclass
+class Shards:
+    """The sharding of one bucket's local tensors, parallel to its lists, and their sums."""
+
+    device: torch.device
+    global_numels: list[int]
+    local_numels: list[int]
+    # Per tensor: (mesh, mesh dims on which it is sharded), the dims its sums are reduced over.
+    layouts: list[tuple[Any, tuple[int, ...]]]
+    clip: bool  # False: no RMS, only the flag is reduced
+    # Phase A's output: a fused backend's partials [n_slots, 2] and its chunk size, or the
+    # reference's per-tensor sums [n, 2]. After all_reduce, `sums` holds the whole tensors' sums.
+    partials: Tensor | None = None
+    chunk_size: int = 0
+    sums: Tensor | None = None
+
+    def select(self, keep: list[bool]) -> Shards:
+        pick = lambda xs: [x for x, k in zip(xs, keep) if k]  # noqa: E731
+        return Shards(self.device, pick(self.global_numels), pick(self.local_numels), pick(self.layouts),
+                      self.clip)
+
+    def reference_args(self, i: int) -> dict[str, Any]:
+        """reference.update_tensor's `sums` and `numel` for tensor i."""
+        return dict(sums=self.sums[i] if self.clip else None, numel=self.global_numels[i])
+
+
+def buckets(tensorlists: list[list[Tensor]], clip: bool,
+            split: Callable[[list[list[Tensor]]], list[list[list[Tensor]]]]):
+    """Yields (lists, shards) per (device, dtype) bucket: plain tensors with shards None, then the
+    DTensors as their local tensors with their Shards. `split` buckets plain tensor lists."""
+    params = tensorlists[0]
+    is_d = [is_dtensor(p) for p in params]
+    if not any(is_d):
+        for lists in split(tensorlists):
+            yield lists, None
+        return
+    plain = [[t for t, d in zip(lst, is_d) if not d] for lst in tensorlists]
+    if plain[0]:
+        for lists in split(plain):
+            yield lists, None
+    by_key: dict[tuple, tuple[list[list[Tensor]], list]] = {}
+    for i, param in enumerate(params):
+        if not is_d[i]:
+            continue
+        grad = tensorlists[1][i]
+        if grad.placements != param.placements:
+            # e.g. a Partial gradient of a Replicate parameter: one collective for this tensor,
+            # so that it matches its parameter's shard (torch's optimizers redistribute too).
+            grad = grad.redistribute(param.device_mesh, param.placements)
+        local_param = param.to_local()
+        tensors = [local_param, grad.to_local()] + [local(lst[i]) for lst in tensorlists[2:]]
+        mesh = param.device_mesh
+        dims = tuple(d for d, pl in enumerate(param.placements) if pl.is_shard())
+        key = (local_param.device, local_param.dtype)
+        lists, info = by_key.setdefault(key, ([[] for _ in tensorlists], []))
+        for lst, t in zip(lists, tensors):
+            lst.append(t)
+        info.append((param.numel(), local_param.numel(), (mesh, dims)))
+    for lists, info in by_key.values():
+        yield lists, Shards(lists[0][0].device, [g for g, _, _ in info], [n for _, n, _ in info],
+                           [lay for _, _, lay in info], clip)
+
+
+def _index(values: list[int], device: torch.device, dtype=torch.int64) -> Tensor:
+    """A host list as a tensor on `device`, without a host sync (pinned memory, async copy)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _local_sums(shards: Shards) -> Tensor:
+    """[n, 2] float64: each tensor's (sum ghat^2, sum w^2) over its local shard."""
+    if shards.sums is not None:  # the reference backend's
+        return shards.sums
+    parts = shards.partials
+    nchunks = [max(1, math.ceil(n / shards.chunk_size)) for n in shards.local_numels]
+    if all(c == 1 for c in nchunks):
+        return parts
+    # A tensor's slots are consecutive; segment_reduce adds each run in order (deterministic).
+    return torch.segment_reduce(parts, "sum", lengths=_index(nchunks, parts.device), axis=0)
+
+
+def all_reduce(all_shards: list[Shards], skip: dict[torch.device, Tensor]) -> None:
+    """Between the phases: the packed all-reduce of [note: sharded parameters].
+
+    Replaces every Shards' partials (or `sums`) by the whole tensors' sums and sets every flag in
+    `skip` (one per device, all equal) to the flag of every rank of the meshes.
+    """
+    if not all_shards:
+        return
+    device = all_shards[0].device  # where the collectives run (a rank's DTensors share one)
+    sums = [_local_sums(s).to(device) if s.clip else None for s in all_shards]
+
+    # The process groups in first-use order (the same on every rank: the parameter order), and
+    # per group the (bucket, tensor) pairs sharded over it.
+    groups: dict[str, tuple[Any, list[list[int]]]] = {}
+    for b, shards in enumerate(all_shards):
+        for i, (mesh, dims) in enumerate(shards.layouts):
+            for d in range(mesh.ndim):
+                group = mesh.get_group(d)
+                name = group.group_name
+                if name not in groups:
+                    groups[name] = (group, [[] for _ in all_shards])
+                if shards.clip and d in dims:
+                    groups[name][1][b].append(i)
+
+    # The flags of all devices are equal here (the optimizer's _combine_devices).
+    flag = skip[device].to(torch.float64).reshape(1, 1).expand(1, 2)
+    for group, members in groups.values():
+        rows = [flag]
+        for b, idx in enumerate(members):
+            if not idx:
+                continue
+            if len(idx) == sums[b].shape[0]:  # every tensor of the bucket (FSDP2's usual case)
+                rows.append(sums[b])
+            else:
+                rows.append(sums[b].index_select(0, _index(idx, device)))
+        buf = torch.cat(rows)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        flag = buf[:1]
+        offset = 1
+        for b, idx in enumerate(members):
+            if not idx:
+                continue
+            if len(idx) == sums[b].shape[0]:
+                sums[b] = buf[offset:offset + len(idx)]
+            else:
+                sums[b] = sums[b].index_copy(0, _index(idx, device), buf[offset:offset + len(idx)])
+            offset += len(idx)
+
+    skipped = (flag[0, 0] > 0).to(torch.float32)
+    for flag_of_device in skip.values():
+        flag_of_device.copy_(skipped)
+    for shards, total in zip(all_shards, sums):
+        if not shards.clip:
+            continue
+        if shards.partials is None:
+            shards.sums = total.to(shards.sums.device)
+            continue
+        # Phase B divides a tensor's slot total by its local numel: scale the whole tensor's sums
+        # by local / global, put them in the tensor's first slot and zero the others.
+        parts = shards.partials
+        scale = [n / g if g else 0.0 for n, g in zip(shards.local_numels, shards.global_numels)]
+        firsts, slot = [], 0
+        for n in shards.local_numels:
+            firsts.append(slot)
+            slot += max(1, math.ceil(n / shards.chunk_size))
+        scaled = total.to(parts.device) * _index(scale, parts.device, torch.float64)[:, None]
+        if slot == len(firsts):  # one slot per tensor
+            parts.copy_(scaled)
+        else:
+            parts.zero_()
+            parts.index_copy_(0, _index(firsts, parts.device), scaled)
