@@ -2,6 +2,8 @@
 
     torchrun --nproc_per_node 2 tests/sharded_worker.py fsdp_shard0:cpu tp:reference ...
 
+With FADAM_SHARDED_DEVICE=cuda the same scenarios run on one GPU per rank over NCCL.
+
 Each scenario trains a tiny model for STEPS steps with a sharded FAdam and compares every parameter
 and its whole state (gathered with full_tensor()) with a one-process run of the same model, data and
 optimizer that every rank computes itself. Rank 0 prints "PASS <scenario>" per scenario; any failure
@@ -28,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fadam_fused import FAdam, sharded  # noqa: E402
 
 STEPS = 8
+DEVICE = os.environ.get("FADAM_SHARDED_DEVICE", "cpu")
 HYPER = dict(lr=3e-2, clip=0.5, weight_decay=0.1)
 RTOL, ATOL = 1e-5, 1e-7
 
@@ -57,8 +60,10 @@ class TPModel(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.up = nn.Linear(6, 7)
-        self.down = nn.Linear(7, 6)
+        # 8 hidden units: ColwiseParallel's uneven output shards fail in DTensor's matmul here;
+        # `extra` (5 rows on 2 ranks) is the uneven tensor-parallel shard.
+        self.up = nn.Linear(6, 8)
+        self.down = nn.Linear(8, 6)
         self.head = nn.Linear(6, 3)
         self.extra = nn.Parameter(torch.randn(5, 3) * 0.5)
 
@@ -75,12 +80,13 @@ class TPModel(nn.Module):
 
 def data(step: int, rows: int = 8):
     gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(rows, 6, generator=gen) * 2, torch.randn(rows, 3, generator=gen)
+    x, y = torch.randn(rows, 6, generator=gen) * 2, torch.randn(rows, 3, generator=gen)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def make(cls, seed=0):
     torch.manual_seed(seed)
-    return cls()
+    return cls().to(DEVICE)
 
 
 def train(model, opt, steps, start=0, rank=0, world=1):
@@ -181,29 +187,32 @@ def fsdp_shard0(backend, rank, world):
 
 
 def fsdp_chunks(backend, rank, world):
-    """Tensors of several chunks per shard: the CPU chunk set to 4 elements."""
+    """Tensors of several chunks per shard: the C++ backend's chunk set to 4 elements."""
     from fadam_fused import backends
     saved = dict(backends._CHUNK_SIZE)
-    backends._CHUNK_SIZE["cpu"] = 4
+    backends._CHUNK_SIZE[backend] = 4
     backends._FUSED.clear()
     try:
         _compare_dp(_fsdp(), backend, world, rank, f"fsdp Shard(0) 4-element chunks {backend}")
     finally:
+        backends._CHUNK_SIZE.clear()
         backends._CHUNK_SIZE.update(saved)
         backends._FUSED.clear()
 
 
 def fsdp_shard1(backend, rank, world):
     from torch.distributed.tensor import Shard
-    model = _fsdp(placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] > 1 else Shard(0))
-    assert model.c.weight.placements == (Shard(1),), model.c.weight.placements
+    # FSDP2 refuses uneven dim-1 shards: Shard(1) where dim 1 divides evenly (a.weight, 1 x 6).
+    model = _fsdp(placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % world == 0
+                  else Shard(0))
+    assert model.a.weight.placements == (Shard(1),), model.a.weight.placements
     _compare_dp(model, backend, world, rank, f"fsdp Shard(1) {backend}")
 
 
 def hsdp(backend, rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
-    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    mesh = init_device_mesh(DEVICE, (2, world // 2), mesh_dim_names=("replicate", "shard"))
     model = _fsdp(mesh=mesh)
     assert model.c.weight.placements == (Replicate(), Shard(0)), model.c.weight.placements
     _compare_dp(model, backend, world, rank, f"hsdp {backend}")
@@ -214,7 +223,7 @@ def tp(backend, rank, world):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE, (world,))
     model = make(TPModel)
     parallelize_module(model, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
     model.extra = nn.Parameter(distribute_tensor(model.extra.data, mesh, [Shard(0)]))
@@ -288,7 +297,13 @@ def _local_snapshot(model, opt):
 
 
 def triton_fsdp(backend, rank, world):
-    """The Triton kernels (interpreted, CPU tensors) on FSDP2 Shard(0) with empty shards."""
+    """The Triton kernels (interpreted on CPU tensors, or compiled on GPUs) on FSDP2 Shard(0)
+    with empty shards."""
+    from fadam_fused import backends
+    if "fadam_fused.triton_kernels" not in sys.modules:
+        # The kernels beside this fadam_fused/, not those an editable install of another checkout
+        # maps fadam_fused.triton_kernels to (a git worktree sharing one venv).
+        backends._load_source_tree_triton_kernels()
     _compare_dp(_fsdp(), "triton", world, rank, "fsdp Shard(0) triton")
 
 
@@ -359,7 +374,8 @@ def load_two_rank_checkpoint(root, backend):
     opt = FAdam(model.parameters(), **HYPER, backend=backend)
     _load(model, opt, os.path.join(root, f"two-{backend}"), no_dist=True)
     train(model, opt, 4, start=4)
-    return snapshot(model, opt), torch.load(os.path.join(root, f"two-{backend}-final.pt"))
+    return snapshot(model, opt), torch.load(os.path.join(root, f"two-{backend}-final.pt"),
+                                            map_location="cpu")
 
 
 SCENARIOS = {f.__name__: f for f in (fsdp_shard0, fsdp_chunks, fsdp_shard1, hsdp, tp, ddp, zero,
@@ -368,12 +384,15 @@ SCENARIOS = {f.__name__: f for f in (fsdp_shard0, fsdp_chunks, fsdp_shard1, hsdp
 
 def main(argv):
     import torch.distributed as dist
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     for item in argv:
         name, _, backend = item.partition(":")
         try:
-            SCENARIOS[name](backend or "cpu", rank, world)
+            SCENARIOS[name](backend or ("cuda" if DEVICE == "cuda" else "cpu"), rank, world)
             dist.barrier()
         except BaseException:
             print(f"FAIL {item} on rank {rank}:\n{traceback.format_exc()}", flush=True)
