@@ -137,6 +137,34 @@ def assert_clip_binds(cls, backend, ref):
     assert diff > 1e-3, f"clip=0.5 does not bind (largest change {diff})"
 
 
+def with_all_reduce(opt, replacement):
+    """Makes opt.step call `replacement(original, buf, op, group)` for torch.distributed's
+    all_reduce (only inside step: the gradient reduction of DDP or HSDP is left alone)."""
+    step = opt.step
+
+    def patched_step(*args, **kwargs):
+        original = sharded.dist.all_reduce
+        sharded.dist.all_reduce = lambda buf, op, group: replacement(original, buf, op, group)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            sharded.dist.all_reduce = original
+    opt.step = patched_step
+
+
+def all_reduce_shapes(model, opt, rank, world) -> list[tuple[int, ...]]:
+    """The buffer shape of every all-reduce of one more optimizer step."""
+    shapes = []
+
+    def counting(original, buf, op, group):
+        shapes.append(tuple(buf.shape))
+        original(buf, op=op, group=group)
+    with_all_reduce(opt, counting)
+    train(model, opt, 1, start=STEPS, rank=rank, world=world)
+    del opt.step
+    return shapes
+
+
 # -------------------------------------------------------------------------------------------------
 # Scenarios: each takes the backend name.
 
@@ -149,11 +177,16 @@ def _fsdp(mesh=None, placement_fn=None, cls=Tiny):
     return model
 
 
-def _compare_dp(model, backend, world, rank, what, cls=Tiny):
+def _compare_dp(model, backend, world, rank, what, cls=Tiny, collectives=None):
+    """FSDP-style data parallel against one process; then, if given, the expected buffer shapes
+    of the sums' all-reduces in one more step."""
     opt = FAdam(model.parameters(), **HYPER, backend=backend)
     train(model, opt, STEPS, rank=rank, world=world)
     ref = single_run(cls, backend)
     assert_match(snapshot(model, opt), ref, what)
+    if collectives is not None:
+        shapes = all_reduce_shapes(model, opt, rank, world)
+        assert shapes == collectives, f"{what}: all-reduces {shapes}, expected {collectives}"
     return ref
 
 
@@ -164,23 +197,21 @@ def fsdp_shard0(backend, rank, world):
     gathered = [None] * world
     dist.all_gather_object(gathered, a_rows)
     assert [0] in gathered, f"no empty shard: {gathered}"
-    ref = _compare_dp(model, backend, world, rank, f"fsdp Shard(0) {backend}")
+    # One all-reduce per step: the flag row and the 8 tensors' sums.
+    ref = _compare_dp(model, backend, world, rank, f"fsdp Shard(0) {backend}",
+                      collectives=[(9, 2)])
     assert_clip_binds(Tiny, backend, ref)
     # Negative control: without the all-reduce of the sums (each rank clipping by its own
     # shard's sums), the run must not match.
     model = _fsdp()
-    original = sharded.dist.all_reduce
 
-    def flag_only(buf, op, group):  # reduce the flag row only
+    def flag_only(original, buf, op, group):  # reduce the flag row only
         head = buf[:1].clone()
         original(head, op=op, group=group)
         buf[:1].copy_(head)
-    sharded.dist.all_reduce = flag_only
-    try:
-        opt = FAdam(model.parameters(), **HYPER, backend=backend)
-        train(model, opt, STEPS, rank=rank, world=world)
-    finally:
-        sharded.dist.all_reduce = original
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    with_all_reduce(opt, flag_only)
+    train(model, opt, STEPS, rank=rank, world=world)
     got = snapshot(model, opt)
     diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
     assert diff > 1e-3, f"shard-local sums gave the same result ({diff}): the test cannot fail"
@@ -215,7 +246,9 @@ def hsdp(backend, rank, world):
     mesh = init_device_mesh(DEVICE, (2, world // 2), mesh_dim_names=("replicate", "shard"))
     model = _fsdp(mesh=mesh)
     assert model.c.weight.placements == (Replicate(), Shard(0)), model.c.weight.placements
-    _compare_dp(model, backend, world, rank, f"hsdp {backend}")
+    # Two groups: the shard dim carries the flag and the 8 tensors' sums, the replicate dim only
+    # the flag (a NaN in one replica skips the step in all).
+    _compare_dp(model, backend, world, rank, f"hsdp {backend}", collectives=[(1, 2), (9, 2)])
 
 
 def tp(backend, rank, world):
@@ -238,6 +271,11 @@ def tp(backend, rank, world):
     ref = single_run(TPModel, backend)
     assert_match(snapshot(model, opt), ref, f"tensor parallel {backend}")
     assert_clip_binds(TPModel, backend, ref)
+    # One all-reduce: the flag and the sums of the 4 Shard tensors (not down.bias, Replicate).
+    assert all_reduce_shapes(model, opt, 0, 1) == [(5, 2)]
+    # With clipping off there is no RMS: the flag alone.
+    opt = FAdam(model.parameters(), **{**HYPER, "clip": None}, backend=backend)
+    assert all_reduce_shapes(model, opt, 0, 1) == [(1, 2)]
 
 
 def ddp(backend, rank, world):
