@@ -95,6 +95,20 @@ def test_two_rank_checkpoint_loads_on_one_process(two_ranks, backend):
     worker.assert_match(got, want, f"2 ranks -> 1 process {backend}")
 
 
+@needs_dist
+def test_train_fsdp_example_runs():
+    """examples/train_fsdp.py, 2 ranks, a few tiny steps."""
+    script = str(Path(ROOT) / "examples" / "train_fsdp.py")
+    proc = subprocess.run([*TORCHRUN, "--nproc_per_node=2", script, "--steps", "3",
+                           "--eval-every", "3", "--batch", "4", "--context", "16"],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "steps skipped for non-finite gradients: 0" in output, \
+        output[-4000:]
+    assert "returned a view tensor" not in output
+
+
 def _gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
