@@ -180,7 +180,7 @@ class FAdam(Optimizer):
                 if key in saved:
                     # float32 and the parameter's own layout (a checkpoint of a contiguous
                     # state loads into a channels_last parameter's optimizer).
-                    state[key] = torch.empty_like(param, dtype=torch.float32).copy_(saved[key])
+                    state[key] = sharded.state_like(param, saved[key])
             step = saved.get("step", saved_group.get("step", 0))
             state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
 

@@ -71,6 +71,18 @@ def check(name: str, param: Tensor, grad: Tensor) -> str | None:
     return None
 
 
+def state_like(param: Tensor, saved: Tensor) -> Tensor:
+    """`saved` (a loaded momentum or fim) as float32 state of `param`: in the parameter's own
+    layout (a contiguous checkpoint loads into a channels_last parameter's optimizer), and for a
+    DTensor parameter placed like it. A whole plain tensor loaded into a sharded optimizer (every
+    rank read the same full checkpoint) is cut into this rank's shard without communication."""
+    if is_dtensor(param) and not is_dtensor(saved):
+        from torch.distributed.tensor import distribute_tensor
+        whole = saved.to(device=param.device, dtype=torch.float32)
+        return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+    return torch.empty_like(param, dtype=torch.float32).copy_(saved)
+
+
 @dataclasses.dataclass
 class Shards:
     """The sharding of one bucket's local tensors, parallel to its lists, and their sums."""

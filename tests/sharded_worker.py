@@ -168,9 +168,9 @@ def all_reduce_shapes(model, opt, rank, world) -> list[tuple[int, ...]]:
 # -------------------------------------------------------------------------------------------------
 # Scenarios: each takes the backend name.
 
-def _fsdp(mesh=None, placement_fn=None, cls=Tiny):
+def _fsdp(mesh=None, placement_fn=None, cls=Tiny, model=None):
     from torch.distributed.fsdp import fully_shard
-    model = make(cls)
+    model = make(cls) if model is None else model
     for m in model.children():
         fully_shard(m, mesh=mesh, shard_placement_fn=placement_fn)
     fully_shard(model, mesh=mesh, shard_placement_fn=placement_fn)
@@ -386,6 +386,17 @@ def checkpoint(backend, rank, world):
     assert_match(snapshot(model, opt), uninterrupted, f"resumed {backend}", rtol=0, atol=0)
     if rank == 0:
         torch.save(uninterrupted, os.path.join(root, f"two-{backend}-final.pt"))
+
+    # A plain (one-process) optimizer.state_dict() loads into the sharded optimizer, each rank
+    # keeping its shard of the whole tensors.
+    plain_model = make(Tiny)
+    plain_opt = FAdam(plain_model.parameters(), **HYPER, backend=backend)
+    train(plain_model, plain_opt, 4)
+    model = _fsdp(model=copy.deepcopy(plain_model))
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    opt.load_state_dict(plain_opt.state_dict())
+    train(model, opt, 4, start=4, rank=rank, world=world)
+    assert_match(snapshot(model, opt), single_run(Tiny, backend), f"plain -> sharded {backend}")
 
     one = os.path.join(root, f"one-{backend}")
     if os.path.exists(one):
