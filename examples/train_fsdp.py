@@ -1,12 +1,13 @@
 """The char-level language model of train_char_lm.py, sharded with FSDP2 and trained with FAdam.
 
-    torchrun --nproc_per_node 2 examples/train_fsdp.py              # CPU (gloo), or GPUs (nccl)
-    torchrun --nproc_per_node 2 examples/train_fsdp.py --steps 5    # a smoke run
+    torchrun --nproc_per_node 2 examples/train_fsdp.py            # CPU (gloo), or GPUs (nccl)
+    torchrun --nproc_per_node 2 examples/train_fsdp.py --steps 5  # a smoke run
 
-Each rank holds a shard of every parameter and of its FAdam state (momentum, fim) and trains on its
-own batches. FAdam needs nothing FSDP-specific: given DTensor parameters it all-reduces the per-tensor
-sums of squares once per step, so the clipping uses the RMS of every whole tensor and the run
-follows the one-process algorithm (fadam_fused/sharded.py). GPUs are used when every rank has one.
+Each rank holds a shard of every parameter and of its FAdam state (momentum, fim) and trains on
+its own batches. FAdam needs nothing FSDP-specific: given DTensor parameters it all-reduces the
+per-tensor sums of squares once per step, so the clipping uses the RMS of every whole tensor and
+the run follows the one-process algorithm (fadam_fused/sharded.py). GPUs are used when every rank
+has one.
 """
 
 from __future__ import annotations

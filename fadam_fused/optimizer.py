@@ -355,9 +355,10 @@ class _StepRunner:
                     raise RuntimeError(f"FAdam backend={backend!r} cannot update params[{i}]: it "
                                        f"{backends.unfusable_reason(lists[0][i])}; use "
                                        "backend=None or 'reference'.")
+                rest = [not ok for ok in fusable]
                 self.buckets.append(("reference", hyper,
-                                     [[t for t, ok in zip(lst, fusable) if not ok] for lst in lists],
-                                     shards and shards.select([not ok for ok in fusable])))
+                                     [[t for t, r in zip(lst, rest) if r] for lst in lists],
+                                     shards and shards.select(rest)))
                 lists = [[t for t, ok in zip(lst, fusable) if ok] for lst in lists]
                 shards = shards and shards.select(fusable)
                 if not lists[0]:
@@ -384,12 +385,8 @@ class _StepRunner:
             torch._foreach_add_(steps, 1)
             if name == "reference":
                 skip.copy_(torch.maximum(skip, reference.nonfinite_flag(grads)))
-                if shards is not None and shards.clip:
-                    shards.sums = torch.stack([
-                        reference.square_sums(param, grad, f, step, beta2=hyper["beta2"],
-                                              eps=hyper["eps"], p=hyper["p"],
-                                              maximize=hyper["maximize"], grad_scale=grad_scale)
-                        for param, grad, f, step in zip(params, grads, fims, steps)])
+                if shards is not None:
+                    shards.reference_phase_a(lists, hyper, grad_scale)
                 phase_b.append((name, hyper, lists, shards, skip, grad_scale, None, None))
                 continue
             impl = backends.fused(name)

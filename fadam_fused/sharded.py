@@ -36,9 +36,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import reference
+
 if torch.distributed.is_available():
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 else:  # a torch build without distributed: no tensor can be a DTensor
     dist = None
     DTensor = ()
@@ -77,7 +79,6 @@ def state_like(param: Tensor, saved: Tensor) -> Tensor:
     DTensor parameter placed like it. A whole plain tensor loaded into a sharded optimizer (every
     rank read the same full checkpoint) is cut into this rank's shard without communication."""
     if is_dtensor(param) and not is_dtensor(saved):
-        from torch.distributed.tensor import distribute_tensor
         whole = saved.to(device=param.device, dtype=torch.float32)
         return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
     return torch.empty_like(param, dtype=torch.float32).copy_(saved)
@@ -101,8 +102,19 @@ class Shards:
 
     def select(self, keep: list[bool]) -> Shards:
         pick = lambda xs: [x for x, k in zip(xs, keep) if k]  # noqa: E731
-        return Shards(self.device, pick(self.global_numels), pick(self.local_numels), pick(self.layouts),
-                      self.clip)
+        return Shards(self.device, pick(self.global_numels), pick(self.local_numels),
+                      pick(self.layouts), self.clip)
+
+    def reference_phase_a(self, lists: list[list[Tensor]], hyper: dict[str, Any],
+                          grad_scale: Tensor | None) -> None:
+        """The reference backend's phase A: `sums` of every local shard."""
+        if not self.clip:
+            return
+        params, grads, _, fims, steps = lists
+        self.sums = torch.stack([
+            reference.square_sums(param, grad, f, step, beta2=hyper["beta2"], eps=hyper["eps"],
+                                  p=hyper["p"], maximize=hyper["maximize"], grad_scale=grad_scale)
+            for param, grad, f, step in zip(params, grads, fims, steps)])
 
     def reference_args(self, i: int) -> dict[str, Any]:
         """reference.update_tensor's `sums` and `numel` for tensor i."""
@@ -129,8 +141,9 @@ def buckets(tensorlists: list[list[Tensor]], clip: bool,
             continue
         grad = tensorlists[1][i]
         if grad.placements != param.placements:
-            # e.g. a Partial gradient of a Replicate parameter: one collective for this tensor,
-            # so that it matches its parameter's shard (torch's optimizers redistribute too).
+            # The kernels walk a shard of the parameter and the same shard of its gradient.
+            # A Replicate gradient of a Shard parameter (a distribute_tensor weight in a matmul)
+            # becomes a local slice; a Partial one costs one all-reduce of this tensor.
             grad = grad.redistribute(param.device_mesh, param.placements)
         local_param = param.to_local()
         tensors = [local_param, grad.to_local()] + [local(lst[i]) for lst in tensorlists[2:]]
