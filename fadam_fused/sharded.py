@@ -148,7 +148,9 @@ def buckets(tensorlists: list[list[Tensor]], clip: bool,
         local_param = param.to_local()
         tensors = [local_param, grad.to_local()] + [local(lst[i]) for lst in tensorlists[2:]]
         mesh = param.device_mesh
-        dims = tuple(d for d, pl in enumerate(param.placements) if pl.is_shard())
+        # Every placement but Replicate splits the tensor over that dim: Shard, and the
+        # _StridedShard of FSDP2 over tensor parallel (whose is_shard() is False).
+        dims = tuple(d for d, pl in enumerate(param.placements) if not pl.is_replicate())
         key = (local_param.device, local_param.dtype)
         lists, info = by_key.setdefault(key, ([[] for _ in tensorlists], []))
         for lst, t in zip(lists, tensors):

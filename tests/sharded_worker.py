@@ -278,6 +278,46 @@ def tp(backend, rank, world):
     assert all_reduce_shapes(model, opt, 0, 1) == [(1, 2)]
 
 
+def fsdp_tp(backend, rank, world):
+    """2-D: tensor parallel inside, FSDP2 over the data-parallel dim of a (dp, tp) mesh, so a
+    tensor is sharded over both dims and its sums are added over each in turn."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    mesh = init_device_mesh(DEVICE, (2, world // 2), mesh_dim_names=("dp", "tp"))
+    model = make(TPModel)
+    parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    _fsdp(mesh=mesh["dp"], model=model)
+    # up's are (_StridedShard(0), Shard(0)), down.weight (Shard(0), Shard(1)).
+    both = [n for n, p in model.named_parameters()
+            if not any(pl.is_replicate() for pl in p.placements) and len(p.placements) == 2]
+    assert "up.weight" in both and "down.weight" in both, both
+    dp_rank, dp_world = mesh["dp"].get_local_rank(), 2
+    # Two all-reduces, dp then tp: on dp the flag and the 7 tensors' sums, on tp the flag and
+    # up.weight, up.bias and down.weight (down.bias is Replicate on tp).
+    _compare_dp(model, backend, dp_world, dp_rank, f"fsdp + tp {backend}", cls=TPModel,
+                collectives=[(8, 2), (4, 2)])
+
+
+def errors(backend, rank, world):
+    """A DTensor parameter with a plain gradient: an error naming it, and nothing changed."""
+    model = _fsdp()
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    x, y = data(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    model.c.weight.grad = torch.zeros_like(model.c.weight.full_tensor())
+    before = _local_snapshot(model, opt)
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        assert "parameter 4 of its param group" in str(exc) and "plain tensor" in str(exc), exc
+    else:
+        raise AssertionError("a plain gradient of a DTensor parameter was accepted")
+    after = _local_snapshot(model, opt)
+    assert before.keys() == after.keys() and not any(opt.state.values())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def ddp(backend, rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = DDP(make(Tiny))
@@ -427,8 +467,8 @@ def load_two_rank_checkpoint(root, backend):
                                             map_location="cpu")
 
 
-SCENARIOS = {f.__name__: f for f in (fsdp_shard0, fsdp_chunks, fsdp_shard1, hsdp, tp, ddp, zero,
-                                      nonfinite, triton_fsdp, checkpoint)}
+SCENARIOS = {f.__name__: f for f in (fsdp_shard0, fsdp_chunks, fsdp_shard1, hsdp, fsdp_tp, tp,
+                                      ddp, zero, nonfinite, errors, triton_fsdp, checkpoint)}
 
 
 def main(argv):

@@ -2,7 +2,7 @@
 
 Each launch runs several scenarios of tests/sharded_worker.py under torchrun (gloo, CPU tensors),
 since starting processes that import torch costs seconds: one launch of 2 ranks and one of 4 (the
-2-D HSDP mesh). Every scenario compares 8 steps of a sharded FAdam (clip=0.5, checked to bind,
+2-D meshes of HSDP and of FSDP2 over tensor parallel). Every scenario compares 8 steps of a sharded FAdam (clip=0.5, checked to bind,
 weight_decay=0.1) with a one-process run, parameters and whole state, to 1e-5 relative. The GPU
 class runs the same scenarios on NCCL with one GPU per rank.
 """
@@ -38,9 +38,9 @@ def _triton_importable() -> bool:
 
 BACKENDS = ("cpu", "reference")
 TWO_RANKS = ([f"{s}:{b}" for s in ("fsdp_shard0", "fsdp_shard1", "tp", "ddp", "zero", "nonfinite",
-                                    "checkpoint") for b in BACKENDS]
+                                    "errors", "checkpoint") for b in BACKENDS]
              + ["fsdp_chunks:cpu"] + (["triton_fsdp"] if _triton_importable() else []))
-FOUR_RANKS = [f"hsdp:{b}" for b in BACKENDS]
+FOUR_RANKS = [f"{s}:{b}" for s in ("hsdp", "fsdp_tp") for b in BACKENDS]
 
 
 def launch(nproc: int, scenarios: list[str], env: dict[str, str] | None = None,
@@ -81,7 +81,7 @@ def test_two_ranks(two_ranks, scenario):
 
 @needs_dist
 @pytest.mark.parametrize("scenario", FOUR_RANKS)
-def test_hsdp_four_ranks(four_ranks, scenario):
+def test_four_ranks(four_ranks, scenario):
     assert_passed(four_ranks, scenario)
 
 
@@ -113,15 +113,31 @@ def _gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+needs_nccl = pytest.mark.skipif(not torch.distributed.is_available() or
+                                not torch.distributed.is_nccl_available(),
+                                reason="NCCL is not available")
+
+
 @pytest.mark.gpu
+@needs_nccl
 @pytest.mark.skipif(_gpus() < 2, reason=f"needs 2 or more CUDA GPUs for NCCL (found {_gpus()})")
-@pytest.mark.skipif(not torch.distributed.is_available() or
-                    not torch.distributed.is_nccl_available(), reason="NCCL is not available")
 def test_nccl_two_gpus(tmp_path):
+    """The 2-rank scenarios on one GPU per rank over NCCL, cuda and reference backends."""
     scenarios = [f"{s}:{b}" for s in ("fsdp_shard0", "fsdp_shard1", "tp", "ddp", "zero",
-                                      "nonfinite") for b in ("cuda", "reference")]
+                                      "nonfinite", "errors") for b in ("cuda", "reference")]
     scenarios += ["fsdp_chunks:cuda"] + (["triton_fsdp"] if _triton_importable() else [])
     output = launch(2, scenarios, {"FADAM_SHARDED_DEVICE": "cuda", "TRITON_INTERPRET": "0",
                                    "CKPT_DIR": str(tmp_path)})
+    for scenario in scenarios:
+        assert_passed(output, scenario)
+
+
+@pytest.mark.gpu
+@needs_nccl
+@pytest.mark.skipif(_gpus() < 4, reason=f"needs 4 or more CUDA GPUs for NCCL (found {_gpus()})")
+def test_nccl_four_gpus():
+    """The 2-D meshes (HSDP, FSDP2 over tensor parallel) on 4 GPUs over NCCL."""
+    scenarios = [f"{s}:{b}" for s in ("hsdp", "fsdp_tp") for b in ("cuda", "reference")]
+    output = launch(4, scenarios, {"FADAM_SHARDED_DEVICE": "cuda"})
     for scenario in scenarios:
         assert_passed(output, scenario)
