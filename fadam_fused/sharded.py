@@ -8,13 +8,16 @@ process does, so a step over DTensor parameters runs:
 1. phase A on each rank's local shards (``to_local()`` of the param, its grad and its DTensor
    ``momentum`` / ``fim``, placed like the param), every tensor writing its partial sums
    (``fuse_one_chunk=False``, [note: the two-phase op contract] in csrc/fadam_ops.h);
-2. the per-tensor float64 pairs (sum ghat^2, sum w^2) all-reduced (SUM) over the mesh dims on which
-   the tensor is ``Shard(d)``, never its ``Replicate`` dims, plus the step's non-finite flag over
-   every mesh dim, so a NaN on one rank skips the step on all of them (the flag is 0 or 1, so a
-   SUM > 0 is the MAX). One all-reduce per process group (mesh dim) and step packs everything:
-   a row for the flag, then a row per tensor sharded on that dim. The dims of a mesh are reduced one
-   after another (a sum over several dims is the sum over each in turn). Payload: 16 bytes per
-   sharded tensor per sharded mesh dim, plus 16 per group; with clipping off only the flag row;
+2. the per-tensor float64 pairs (sum ghat^2, sum w^2) all-reduced (SUM) over the mesh dims that
+   split the tensor (``Shard(d)``, and the ``_StridedShard`` of FSDP2 over tensor parallel: every
+   placement but ``Replicate``), plus the step's non-finite flag over every mesh dim, so a NaN on
+   one rank skips the step on all of them (the flag is 0 or 1, so a SUM > 0 is the MAX). One
+   all-reduce per process group (mesh dim) and step packs everything: a row for the flag, then a
+   row per tensor split over that dim. The dims of a mesh are reduced one after another (a sum
+   over several dims is the sum over each in turn), in the order the parameters first use them,
+   which is the same on every rank as long as every rank steps the same parameters (FSDP2 and
+   DTensor autograd give every rank a gradient or none). Payload: 16 bytes per tensor per mesh
+   dim that splits it, plus 16 per group; with clipping off the flag row alone;
 3. phase B on the local shards, with the totals where it reads them: a fused backend adds up a
    tensor's slots and divides by the local numel, so the first slot gets
    total * local_numel / global_numel and the others 0; the reference backend gets the totals and
@@ -169,6 +172,12 @@ def _index(values: list[int], device: torch.device, dtype=torch.int64) -> Tensor
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def _current_index(device_type: str) -> int:
+    module = getattr(torch, device_type, None)
+    return module.current_device() if module is not None and hasattr(
+        module, "current_device") else 0
+
+
 def _local_sums(shards: Shards) -> Tensor:
     """[n, 2] float64: each tensor's (sum ghat^2, sum w^2) over its local shard."""
     if shards.sums is not None:  # the reference backend's
@@ -201,13 +210,13 @@ def all_reduce(all_shards: list[Shards], skip: dict[torch.device, Tensor]) -> No
                 group = mesh.get_group(d)
                 name = group.group_name
                 if name not in groups:
-                    groups[name] = (group, [[] for _ in all_shards])
+                    groups[name] = (group, mesh.device_type, [[] for _ in all_shards])
                 if shards.clip and d in dims:
-                    groups[name][1][b].append(i)
+                    groups[name][2][b].append(i)
 
     # The flags of all devices are equal here (the optimizer's _combine_devices).
     flag = skip[device].to(torch.float64).reshape(1, 1).expand(1, 2)
-    for group, members in groups.values():
+    for group, device_type, members in groups.values():
         rows = [flag]
         for b, idx in enumerate(members):
             if not idx:
@@ -217,7 +226,14 @@ def all_reduce(all_shards: list[Shards], skip: dict[torch.device, Tensor]) -> No
             else:
                 rows.append(sums[b].index_select(0, _index(idx, device)))
         buf = torch.cat(rows)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        if device_type != device.type:
+            # FSDP2 with CPUOffloadPolicy: CPU shards, NCCL mesh. The CPU kernels read the
+            # result on the host anyway, so the copy back waits for it.
+            on_mesh = buf.to(torch.device(device_type, _current_index(device_type)))
+            dist.all_reduce(on_mesh, op=dist.ReduceOp.SUM, group=group)
+            buf = on_mesh.to(device)
+        else:
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         flag = buf[:1]
         offset = 1
         for b, idx in enumerate(members):
