@@ -21,6 +21,7 @@ import datetime
 import os
 import sys
 import traceback
+import warnings
 
 import torch
 import torch.nn as nn
@@ -51,6 +52,21 @@ class Tiny(nn.Module):
         h = torch.tanh(self.b(h))
         h = torch.tanh(self.c(h))
         return self.d(h)
+
+
+class TinyMixed(Tiny):
+    """Tiny with a float64 last layer: under backend=None its tensors run on the reference backend
+    and the others fused, two sharded buckets in one step."""
+
+    def __init__(self):
+        super().__init__()
+        self.d.double()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.b(h))
+        h = torch.tanh(self.c(h))
+        return self.d(h.double()).float()
 
 
 class TPModel(nn.Module):
@@ -215,6 +231,13 @@ def fsdp_shard0(backend, rank, world):
     got = snapshot(model, opt)
     diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
     assert diff > 1e-3, f"shard-local sums gave the same result ({diff}): the test cannot fail"
+
+
+def fsdp_mixed_dtypes(backend, rank, world):
+    """float32 parameters fused and float64 ones on the reference backend (backend=None), both
+    sharded: their sums share the one all-reduce."""
+    _compare_dp(_fsdp(cls=TinyMixed), None, world, rank, "fsdp float32 + float64", cls=TinyMixed,
+                collectives=[(9, 2)])
 
 
 def fsdp_chunks(backend, rank, world):
@@ -454,20 +477,25 @@ def save_one_process(root, backend):
     model = make(Tiny)
     opt = FAdam(model.parameters(), **HYPER, backend=backend)
     train(model, opt, 4)
-    dcp.save(_state(model, opt), checkpoint_id=os.path.join(root, f"one-{backend}"), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(_state(model, opt), checkpoint_id=os.path.join(root, f"one-{backend}"),
+                 no_dist=True)
 
 
 def load_two_rank_checkpoint(root, backend):
     """One process: load the 2-rank checkpoint, 4 more steps; returns (got, the 2-rank result)."""
     model = make(Tiny)
     opt = FAdam(model.parameters(), **HYPER, backend=backend)
-    _load(model, opt, os.path.join(root, f"two-{backend}"), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        _load(model, opt, os.path.join(root, f"two-{backend}"), no_dist=True)
     train(model, opt, 4, start=4)
     return snapshot(model, opt), torch.load(os.path.join(root, f"two-{backend}-final.pt"),
                                             map_location="cpu")
 
 
-SCENARIOS = {f.__name__: f for f in (fsdp_shard0, fsdp_chunks, fsdp_shard1, hsdp, fsdp_tp, tp,
+SCENARIOS = {f.__name__: f for f in (fsdp_shard0, fsdp_mixed_dtypes, fsdp_chunks, fsdp_shard1, hsdp, fsdp_tp, tp,
                                       ddp, zero, nonfinite, errors, triton_fsdp, checkpoint)}
 
 

@@ -39,7 +39,7 @@ def _triton_importable() -> bool:
 BACKENDS = ("cpu", "reference")
 TWO_RANKS = ([f"{s}:{b}" for s in ("fsdp_shard0", "fsdp_shard1", "tp", "ddp", "zero", "nonfinite",
                                     "errors", "checkpoint") for b in BACKENDS]
-             + ["fsdp_chunks:cpu"] + (["triton_fsdp"] if _triton_importable() else []))
+             + ["fsdp_chunks:cpu", "fsdp_mixed_dtypes"] + (["triton_fsdp"] if _triton_importable() else []))
 FOUR_RANKS = [f"{s}:{b}" for s in ("hsdp", "fsdp_tp") for b in BACKENDS]
 
 
