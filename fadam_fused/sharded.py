@@ -203,7 +203,7 @@ def all_reduce(all_shards: list[Shards], skip: dict[torch.device, Tensor]) -> No
 
     # The process groups in first-use order (the same on every rank: the parameter order), and
     # per group the (bucket, tensor) pairs sharded over it.
-    groups: dict[str, tuple[Any, list[list[int]]]] = {}
+    groups: dict[str, tuple[Any, str, list[list[int]]]] = {}
     for b, shards in enumerate(all_shards):
         for i, (mesh, dims) in enumerate(shards.layouts):
             for d in range(mesh.ndim):
