@@ -54,11 +54,9 @@ class Row:
         """Chunk size of the fused backend behind a fadam row (its one-chunk threshold)."""
         if self.backend not in FUSED_BACKENDS:
             return traffic.DEFAULT_CHUNK_SIZE
-        try:
-            from fadam_fused import backends
-            return backends.fused(self.backend).chunk_size
-        except Exception:  # not importable: the row is unavailable anyway
-            return traffic.DEFAULT_CHUNK_SIZE
+        from fadam_fused import op_contract
+
+        return op_contract.CHUNK_SIZE[self.backend]
 
     def bytes_per_param(self, numels: list[int], dtype: torch.dtype, reads_only: bool = False) -> float:
         """The traffic model for this row (its family, chunk size and clip), params and grads in

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import backends, op_contract, reference
+from . import backends, op_contract, reference, sharded
 
 __all__ = ["FAdam", "fadam"]
 
@@ -202,7 +202,7 @@ class FAdam(Optimizer):
         try:  # validated after torch has filled in the defaults, and undone if invalid
             _group_hyperparameters(group, read_lr=True)
             for i, param in enumerate(group["params"]):
-                why = _refusal(param, _param_name(group, i))
+                why = _refusal(sharded.local(param), _param_name(group, i))
                 if why is not None:
                     raise ValueError(why)
             _check_no_shared_memory(self.param_groups)
@@ -267,9 +267,7 @@ class FAdam(Optimizer):
                 continue
             state = self.state[param]
             for key in ("momentum", "fim"):
-                # float32 and the parameter's own layout (a checkpoint of a contiguous state
-                # loads into a channels_last parameter's optimizer).
-                state[key] = torch.empty_like(param, dtype=torch.float32).copy_(saved[key])
+                state[key] = sharded.state_like(param, saved[key])
             step = saved.get("step", saved_group.get("step", 0))
             state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
 
@@ -337,6 +335,7 @@ def _check_no_shared_memory(groups: Sequence[dict[str, Any]]) -> None:
     spans: dict[Any, list[tuple[int, int, str]]] = {}
     for group in groups:
         for i, param in enumerate(group["params"]):
+            param = sharded.local(param)
             if param.numel() == 0 or param.device.type == "meta":
                 continue
             start = param.data_ptr()
@@ -394,7 +393,12 @@ class _Validator:
             if (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype
                     or grad.device != param.device):
                 raise RuntimeError(_grad_mismatch(_param_name(group, i), param, grad))
-            if not param.is_contiguous() or param.dtype not in backends.FUSED_DTYPES:
+            if sharded.is_dtensor(param) or sharded.is_dtensor(grad):
+                why = sharded.check(_param_name(group, i), param, grad)
+                if why is not None:
+                    raise RuntimeError(why)
+                self._unusual(group, i, fused_only)
+            elif not param.is_contiguous() or param.dtype not in backends.FUSED_DTYPES:
                 self._unusual(group, i, fused_only)
             device = param.device
             if (backend, device) not in self.resolved:
@@ -416,8 +420,8 @@ class _Validator:
         return hyper, params, kept
 
     def _unusual(self, group: dict[str, Any], i: int, fused_only: bool) -> None:
-        """Parameters off the common path (not contiguous, or not a fused dtype)."""
-        param = group["params"][i]
+        """Parameters off the common path (not contiguous, not a fused dtype, or sharded)."""
+        param = sharded.local(group["params"][i])
         why = _refusal(param, _param_name(group, i))
         if why is not None:
             raise RuntimeError(why)
@@ -457,6 +461,8 @@ class Bucket:
     momentums: list[Tensor] = dataclasses.field(default_factory=list)
     fims: list[Tensor] = dataclasses.field(default_factory=list)
     steps: list[Tensor] = dataclasses.field(default_factory=list)
+    # DTensor parameters' buckets hold their local shards and say how they are sharded.
+    shards: sharded.Shards | None = None
 
     @property
     def device(self) -> torch.device:
@@ -479,14 +485,21 @@ def plan_buckets(hyper: Hyper, backend: str | None, params: Sequence[Tensor],
     """
     buckets: dict[tuple, Bucket] = {}
     for param, grad, state in zip(params, grads, states):
+        whole = None
+        if sharded.is_dtensor(param):  # [note: sharded parameters] in sharded.py
+            whole = param
+            param, grad, state = sharded.localize(param, grad, state)
         device = param.device
         name = backends.resolve(backend, device)
         if name != "reference" and backends.unfusable_reason(param) is not None:
             name = "reference"
-        key = (name, device, param.dtype)
+        key = (name, device, param.dtype, whole is None)
         bucket = buckets.get(key)
         if bucket is None:
-            bucket = buckets[key] = Bucket(name, hyper)
+            shards = None if whole is None else sharded.Shards(device, clip=hyper.clip > 0)
+            bucket = buckets[key] = Bucket(name, hyper, shards=shards)
+        if whole is not None:
+            bucket.shards.add(whole, param.numel())
         # The kernels walk a parameter, its gradient and its state in one memory order. The
         # state is created (and loaded) in the parameter's layout; a gradient in another layout
         # (p.grad = g.t().contiguous().t(), or a channels_last parameter with a contiguous
@@ -550,34 +563,49 @@ def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
     for bucket in buckets:
         skip, h = skips[bucket.device], bucket.hyper
         torch._foreach_add_(bucket.steps, 1)
+        shards = bucket.shards
         if bucket.backend == "reference":
             skip.copy_(torch.maximum(skip, reference.nonfinite_flag(bucket.grads)))
+            if shards is not None:
+                shards.reference_phase_a(bucket.params, bucket.grads, bucket.fims, bucket.steps,
+                                         beta2=h.beta2, eps=h.eps, p=h.p, maximize=h.maximize,
+                                         grad_scale=_on(grad_scale, bucket.device))
             partials.append(None)
             continue
         ops = backends.fused(bucket.backend)
         sums = op_contract.new_partials(bucket.params, ops.chunk_size)
+        if shards is not None:
+            # A shard's sums leave phase A whatever its size (fuse_one_chunk=False); zeros, as
+            # an empty shard's slot is never written.
+            sums.zero_()
+            shards.partials, shards.chunk_size = sums, ops.chunk_size
         ops.phase_a(bucket.params, bucket.grads, bucket.fims, bucket.steps, sums, skip,
                     _on(grad_scale, bucket.device), beta2=h.beta2, eps=h.eps, p=h.p, clip=h.clip,
-                    maximize=h.maximize, chunk_size=ops.chunk_size, fuse_one_chunk=True)
+                    maximize=h.maximize, chunk_size=ops.chunk_size,
+                    fuse_one_chunk=shards is None)
         partials.append(sums)
 
     _combine_devices(skips)
+    # Sharded tensors: their sums and the skip flag, all-reduced over their meshes.
+    sharded.all_reduce([b.shards for b in buckets if b.shards is not None], skips)
 
     for bucket, sums in zip(buckets, partials):
         skip, h = skips[bucket.device], bucket.hyper
         scale = _on(grad_scale, bucket.device)
         if sums is None:
-            for param, grad, m, f, step in zip(bucket.params, bucket.grads, bucket.momentums,
-                                               bucket.fims, bucket.steps):
+            for i, (param, grad, m, f, step) in enumerate(zip(
+                    bucket.params, bucket.grads, bucket.momentums, bucket.fims, bucket.steps)):
+                whole = {} if bucket.shards is None else bucket.shards.reference_args(i)
                 reference.update_tensor(param, grad, m, f, step, skip, grad_scale=scale,
-                                        **dataclasses.asdict(h))
+                                        **dataclasses.asdict(h), **whole)
         else:
             ops = backends.fused(bucket.backend)
             lr_tensor, lr = _lr_args(h.lr, bucket.device)
             ops.phase_b(bucket.params, bucket.grads, bucket.fims, bucket.momentums, bucket.steps,
                         sums, skip, scale, lr_tensor, lr=lr, beta1=h.beta1, beta2=h.beta2,
                         eps=h.eps, p=h.p, clip=h.clip, weight_decay=h.weight_decay,
-                        maximize=h.maximize, chunk_size=ops.chunk_size, fuse_one_chunk=True)
+                        maximize=h.maximize, chunk_size=ops.chunk_size,
+                        fuse_one_chunk=bucket.shards is None)
         # Undo the increment of a skipped step. A CPU flag is read on the host with no device to
         # wait for, and a step that ran (nearly all of them) then saves a foreach over every step
         # tensor. Traced (torch.compile) and on accelerators the subtraction always runs.
