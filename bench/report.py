@@ -14,18 +14,20 @@ from .workloads import Workload
 # CSV columns, in order. Environment columns are repeated on every line so one CSV line stands on
 # its own when files from several machines are concatenated.
 META_COLUMNS = ("date", "device", "device_name", "threads", "torch", "triton", "python", "fadam_fused")
-RESULT_COLUMNS = ("workload", "kind", "n_params", "n_tensors", "dtype", "row", "status", "median_ms",
-                  "p20_ms", "p80_ms", "n_samples", "rounds", "bytes_per_param", "gbps",
-                  "time_vs_adam_fused", "paired_vs_adam_fused_median", "reason")
+RESULT_COLUMNS = ("workload", "kind", "n_params", "n_tensors", "dtype", "row", "clip", "status",
+                  "median_ms", "p20_ms", "p80_ms", "n_samples", "rounds", "bytes_per_param", "gbps",
+                  "time_vs_adam_fused", "paired_vs_adam_fused_median", "paired_vs_clip_on_median",
+                  "reason")
 
 
 def header(meta: dict[str, Any]) -> str:
     load = meta.get("loadavg_start")
     load_s = f", load avg {load[0]:.2f}" if load else ""
     llc = f", LLC {meta['llc']}" if meta.get("llc") else ""
+    clip = f", fadam clip {meta['clip']}" if "clip" in meta else ""
     return (f"fadam_fused step benchmark: {meta['device']} ({meta['device_name']}{llc}), "
             f"{meta['threads']} threads, torch {meta['torch']}, triton {meta.get('triton')}, "
-            f"python {meta['python']}, {meta['date']}{load_s}\n"
+            f"python {meta['python']}, {meta['date']}{load_s}{clip}\n"
             f"timing: {meta['timing']}, {meta['warmup']}; times in ms per step; "
             f"x adam-fused = median time / torch-adam-fused's median time (lower is faster); "
             f"paired = median over rounds of the same ratio within one round (robust to drift)")
@@ -39,35 +41,52 @@ def _fmt_ms(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
 
 
+def _cells(r: dict[str, Any]) -> list[str]:
+    """A timed row's cells, for the stdout table and the markdown one: median, p20, p80, n,
+    B/param, GB/s, x adam-fused, paired."""
+    ratio, pr = r.get("time_vs_adam_fused"), r.get("paired_vs_adam_fused")
+    return [_fmt_ms(r["median_ms"]), _fmt_ms(r["p20_ms"]), _fmt_ms(r["p80_ms"]), str(r["n_samples"]),
+            f"{r['bytes_per_param']:.1f}", f"{r['gbps']:.1f}", _fmt_ratio(ratio) if ratio else "-",
+            _fmt_ratio(pr[1]) if pr else "-"]
+
+
+TABLE_WIDTHS = (9, 9, 9, 4, 7, 7, 12, 7)
+
+
 def table(w: Workload, results: list[dict[str, Any]]) -> str:
-    from .traffic import bytes_per_param
+    """The stdout table of one workload; B/param is each row's own traffic model (its chunk size
+    and clip)."""
     n, dtype = w.n_params, results[0]["dtype"] if results else "float32"
     import torch
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     working = n * (2 * size + 8)  # p + g + m + v (FAdam state float32)
     lines = [f"\n== {w.name} ({w.kind}): {n / 1e6:.2f}M params in {w.n_tensors} tensors, {dtype}, "
-             f"p+g+m+v {working / 1e9:.2f} GB; {w.note}",
-             f"   bytes/param model: adam {bytes_per_param('adam', w.numels, getattr(torch, dtype)):.1f}, "
-             f"fadam {bytes_per_param('fadam', w.numels, getattr(torch, dtype)):.1f}"]
-    head = (f"{'row':<24} {'median':>9} {'p20':>9} {'p80':>9} {'n':>4} {'B/param':>7} {'GB/s':>7} "
-            f"{'x adam-fused':>12} {'paired':>7}")
+             f"p+g+m+v {working / 1e9:.2f} GB; {w.note}"]
+    names = ("median", "p20", "p80", "n", "B/param", "GB/s", "x adam-fused", "paired")
+    head = f"{'row':<24} " + " ".join(c.rjust(w) for c, w in zip(names, TABLE_WIDTHS))
     lines += [head, "-" * len(head)]
     for r in results:
         if r["status"] != "ok":
             lines.append(f"{r['row']:<24} not run ({r['status']}): {r['reason']}")
             continue
-        ratio, pr = r.get("time_vs_adam_fused"), r.get("paired_vs_adam_fused")
-        lines.append(f"{r['row']:<24} {_fmt_ms(r['median_ms']):>9} {_fmt_ms(r['p20_ms']):>9} "
-                     f"{_fmt_ms(r['p80_ms']):>9} {r['n_samples']:>4} {r['bytes_per_param']:>7.1f} "
-                     f"{r['gbps']:>7.1f} {(f'{_fmt_ratio(ratio)}' if ratio else '-'):>12} "
-                     f"{(f'{_fmt_ratio(pr[1])}' if pr else '-'):>7}")
+        lines.append(f"{r['row']:<24} " + " ".join(c.rjust(w) for c, w in zip(_cells(r), TABLE_WIDTHS)))
     return "\n".join(lines)
 
 
-def _placement_text(by_place: dict[str, Any]) -> str:
-    """"same-l3 1.58x (15 rounds), cross-l3 - (2 rounds)": the paired median per placement."""
-    return ", ".join(f"{where} {_fmt_ratio(v['paired'][1]) if v['paired'] else '-'} ({v['rounds']} rounds)"
-                     for where, v in by_place.items())
+def clip_lines(results: list[dict[str, Any]]) -> list[str]:
+    """One line per clip-off row timed next to its clip-on twin: its time over the twin's."""
+    lines = []
+    for r in results:
+        if "time_vs_clip_on" not in r:
+            continue
+        twin = r["row"].removesuffix(rows_mod.NOCLIP)
+        on = next(x for x in results if x["workload"] == r["workload"] and x["row"] == twin)
+        pr = r.get("paired_vs_clip_on")
+        paired = f", per-round paired {_fmt_ratio(pr[1])} [p20 {pr[0]:.2f}, p80 {pr[2]:.2f}]" if pr else ""
+        lines.append(f"clip off on {r['workload']}: {r['row']} takes {_fmt_ratio(r['time_vs_clip_on'])} "
+                     f"{twin}'s time{paired} (bytes/param {r['bytes_per_param']:.1f} against "
+                     f"{on['bytes_per_param']:.1f}: {r['bytes_per_param'] / on['bytes_per_param']:.2f}x)")
+    return lines
 
 
 def summary_text(summ: dict[str, Any], results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -84,14 +103,13 @@ def summary_text(summ: dict[str, Any], results: list[dict[str, Any]], meta: dict
                          f"(target <= 1.5x; memory-bound expectation "
                          f"{e['memory_bound_expectation']:.2f}x"
                          + (f", read-bytes ratio {reads:.2f}x" if reads else "") + ");")
-        if e.get("paired_by_placement"):
-            parts.append(f"by CPU placement: {_placement_text(e['paired_by_placement'])};")
         if "speedup_vs_pytorch_optimizer" in e:
             ps = e.get("paired_speedup_vs_pytorch_optimizer")
             paired = f", per-round paired {ps[1]:.1f}x [p20 {ps[0]:.1f}, p80 {ps[2]:.1f}]" if ps else ""
             parts.append(f"{e['speedup_vs_pytorch_optimizer']:.1f}x faster than pytorch_optimizer-fadam"
                          f"{paired} (target >= 8x)")
         lines.append(" ".join(parts))
+    lines += clip_lines(results)
     skipped = sorted({(r["row"], r["status"], r["reason"]) for r in results if r["status"] != "ok"})
     seen = set()
     for row, status, reason in skipped:
@@ -113,7 +131,8 @@ def write_csv(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) ->
         w = csv.writer(f)
         w.writerow(META_COLUMNS + RESULT_COLUMNS)
         for r in results:
-            flat = dict(r, paired_vs_adam_fused_median=(r.get("paired_vs_adam_fused") or [None] * 3)[1])
+            flat = dict(r, paired_vs_adam_fused_median=(r.get("paired_vs_adam_fused") or [None] * 3)[1],
+                        paired_vs_clip_on_median=(r.get("paired_vs_clip_on") or [None] * 3)[1])
             w.writerow([meta.get(c) for c in META_COLUMNS] + [_clean(flat.get(c, "")) for c in RESULT_COLUMNS])
 
 
@@ -127,7 +146,7 @@ def write_json(path: str, meta: dict[str, Any], results: list[dict[str, Any]], s
 
 def plot(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
     """One panel per sweep (step time vs parameters, vs tensor count), log-log, p20-p80 bars;
-    a bar chart of the default workload when no sweep ran."""
+    a bar chart of the first workload when no sweep ran."""
     import matplotlib
     matplotlib.use("Agg")  # no display here or in CI
     import matplotlib.pyplot as plt
@@ -135,11 +154,11 @@ def plot(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None
     ok = [r for r in results if r["status"] == "ok"]
     panels = [k for k in ("size", "count") if any(r["kind"] == k for r in ok)]
     if not panels:
-        panels = ["default"]
+        panels = [ok[0]["kind"] if ok else "default"]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, kind in zip(axes[0], panels):
         data = [r for r in ok if r["kind"] == kind]
-        if kind == "default":
+        if kind not in ("size", "count"):
             names = [r["row"] for r in data]
             ax.barh(names, [r["median_ms"] for r in data],
                     xerr=[[r["median_ms"] - r["p20_ms"] for r in data],
@@ -148,7 +167,7 @@ def plot(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None
             ax.set_xlabel("ms per step (median, p20-p80)")
             ax.set_title(data[0]["workload"] if data else "default")
             continue
-        for name in rows_mod.ROW_NAMES:
+        for name in rows_mod.ALL_ROW_NAMES:
             pts = sorted((r for r in data if r["row"] == name),
                          key=lambda r: r["n_params"] if kind == "size" else r["n_tensors"])
             if not pts:
@@ -178,8 +197,7 @@ def plot(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None
     plt.close(fig)
 
 
-def markdown(meta: dict[str, Any], results: list[dict[str, Any]],
-             summ: dict[str, Any] | None = None) -> str:
+def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     """README tables from a results JSON: the default workload in full, then one table per sweep
     (median ms per row and point). `python -m bench.report bench/results/step_bench.json`."""
     out = [f"{meta['device']} ({meta['device_name']}, LLC {meta.get('llc')}), {meta['threads']} threads, "
@@ -196,20 +214,19 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]],
             if r["status"] != "ok":
                 out.append(f"| {r['row']} | not run: {r['reason']} | | | | | | |")
                 continue
-            ratio, pr = r.get("time_vs_adam_fused"), r.get("paired_vs_adam_fused")
-            out.append(f"| {r['row']} | {_fmt_ms(r['median_ms'])} | {_fmt_ms(r['p20_ms'])} | "
-                       f"{_fmt_ms(r['p80_ms'])} | {r['bytes_per_param']:.1f} | {r['gbps']:.1f} | "
-                       f"{f'{_fmt_ratio(ratio)}' if ratio else '-'} | {f'{_fmt_ratio(pr[1])}' if pr else '-'} |")
-    for name, e in (summ or {}).items():
-        if e.get("paired_by_placement"):
-            out += ["", f"`{name}` paired by CPU placement (`bench/placement.py`): "
-                        f"{_placement_text(e['paired_by_placement'])}."]
-    for kind, title in (("size", "Size sweep"), ("count", "Tensor-count sweep")):
+            cells = _cells(r)
+            del cells[3]  # n: the markdown table leaves it out
+            out.append(f"| {r['row']} | " + " | ".join(cells) + " |")
+    clip = clip_lines(results)
+    if clip:
+        out += [""] + [f"- {line}" for line in clip]
+    for kind, title in (("size", "Size sweep"), ("count", "Tensor-count sweep"),
+                        ("small", "Many small tensors")):
         data = [r for r in results if r["kind"] == kind and r["status"] == "ok"]
         if not data:
             continue
         points = list(dict.fromkeys(r["workload"] for r in data))
-        names = [n for n in rows_mod.ROW_NAMES if any(r["row"] == n for r in data)]
+        names = [n for n in rows_mod.ALL_ROW_NAMES if any(r["row"] == n for r in data)]
         by = {(r["workload"], r["row"]): r for r in data}
         out += ["", f"{title}: median ms per step (x adam-fused)", "",
                 "| row | " + " | ".join(points) + " |", "| --- |" + " ---: |" * len(points)]
@@ -229,4 +246,4 @@ if __name__ == "__main__":
 
     with open(sys.argv[1]) as f:
         doc = json.load(f)
-    print(markdown(doc["meta"], doc["results"], doc.get("summary")))
+    print(markdown(doc["meta"], doc["results"]))

@@ -1,14 +1,19 @@
-"""The implementations the benchmark compares, one "row" each, under the names issue 5 fixes.
+"""The implementations the benchmark compares, one "row" each.
 
 Every row builds an optimizer over a parameter list with the same hyperparameters where they exist
 (lr 1e-3, betas (0.9, 0.999), eps 1e-8; FAdam rows weight_decay 1e-3 and clip 1.0, the paper's and
-our defaults). A row that cannot run here says why (`unavailable`) instead of disappearing.
+our defaults; `--clip` changes the clip of the fadam_fused rows). A row that cannot run here says
+why (`unavailable`) instead of disappearing.
+
+The `-noclip` rows step with clip=None whatever `--clip` says. They are not in the default set:
+ask for them next to their clip-on twin (`--rows fadam-cpu,fadam-cpu-noclip`) and the run reports
+clip off against clip on from the same rounds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -17,10 +22,17 @@ from . import traffic
 LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
 FADAM_WEIGHT_DECAY, FADAM_CLIP = 1e-3, 1.0
 
+# The default set, in the order tables list them.
 ROW_NAMES = (
     "fadam-cpu", "fadam-reference", "fadam-triton", "fadam-cuda",
     "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop", "pytorch_optimizer-fadam",
 )
+NOCLIP = "-noclip"
+FUSED_BACKENDS = ("cpu", "triton", "cuda")
+# Every row, each -noclip row right after its twin.
+ALL_ROW_NAMES = tuple(n for name in ROW_NAMES for n in
+                      ((name, name + NOCLIP) if name.removeprefix("fadam-") in FUSED_BACKENDS
+                       else (name,)))
 BASELINE = "torch-adam-fused"
 
 
@@ -30,17 +42,27 @@ class Row:
     family: str  # traffic model: "adam" or "fadam" (bench/traffic.py)
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     unavailable: Callable[[torch.device], str | None]
+    backend: str | None = None  # the fadam_fused backend behind the row, if any
+    clip: float | None = None   # FAdam rows: the clip they step with (None: clipping off)
+    twin: str | None = None     # a -noclip row: the row that differs from it only by clip
+
+    @property
+    def clipping(self) -> bool:
+        return self.family == "fadam" and bool(self.clip)
 
     def chunk_size(self) -> int:
         """Chunk size of the fused backend behind a fadam row (its one-chunk threshold)."""
-        backend = {"fadam-cpu": "cpu", "fadam-triton": "triton", "fadam-cuda": "cuda"}.get(self.name)
-        if backend is None:
+        if self.backend not in FUSED_BACKENDS:
             return traffic.DEFAULT_CHUNK_SIZE
-        try:
-            from fadam_fused import backends
-            return backends.fused(backend).chunk_size
-        except Exception:  # not importable: the row is unavailable anyway
-            return traffic.DEFAULT_CHUNK_SIZE
+        from fadam_fused import op_contract
+
+        return op_contract.CHUNK_SIZE[self.backend]
+
+    def bytes_per_param(self, numels: list[int], dtype: torch.dtype, reads_only: bool = False) -> float:
+        """The traffic model for this row (its family, chunk size and clip), params and grads in
+        `dtype`."""
+        return traffic.bytes_per_param(self.family, numels, dtype, dtype, self.chunk_size(),
+                                       reads_only=reads_only, clipping=self.clipping)
 
 
 def _fadam_import_error() -> str | None:
@@ -53,10 +75,10 @@ def _fadam_import_error() -> str | None:
     return None
 
 
-def _fadam_row(name: str, backend: str) -> Row:
+def _fadam_row(name: str, backend: str, clip: float | None, twin: str | None = None) -> Row:
     def make(params):
         from fadam_fused import FAdam
-        return FAdam(params, lr=LR, betas=BETAS, eps=EPS, clip=FADAM_CLIP,
+        return FAdam(params, lr=LR, betas=BETAS, eps=EPS, clip=clip,
                      weight_decay=FADAM_WEIGHT_DECAY, backend=backend)
 
     def unavailable(device):
@@ -72,7 +94,7 @@ def _fadam_row(name: str, backend: str) -> Row:
             return f"GPU-only row; this run is on {device.type}{also}"
         return reason
 
-    return Row(name, "fadam", make, unavailable)
+    return Row(name, "fadam", make, unavailable, backend=backend, clip=clip, twin=twin)
 
 
 def _adam_row(name: str, **kwargs) -> Row:
@@ -87,7 +109,8 @@ def _pytorch_optimizer_row() -> Row:
         import pytorch_optimizer
         # weight_decay 1e-3 to match ours (their default is 0.1; the cost is the same). Left at its
         # defaults otherwise: foreach=None takes their foreach path for dense real grads on CPU
-        # and GPU, and eps_2 = 0.01 adds their RMS(g)-scaled epsilon (one more reduction).
+        # and GPU, and eps_2 = 0.01 adds their RMS(g)-scaled epsilon (one more reduction). Always
+        # clip 1.0: their FAdam refuses clip <= 0 and has no way to turn clipping off.
         return pytorch_optimizer.FAdam(params, lr=LR, betas=BETAS, eps=EPS, clip=FADAM_CLIP,
                                        weight_decay=FADAM_WEIGHT_DECAY, p=0.5)
 
@@ -99,29 +122,32 @@ def _pytorch_optimizer_row() -> Row:
                     "`pip install -r requirements-bench.txt`")
         return None
 
-    return Row("pytorch_optimizer-fadam", "fadam", make, unavailable)
+    return Row("pytorch_optimizer-fadam", "fadam", make, unavailable, clip=FADAM_CLIP)
 
 
-def all_rows() -> list[Row]:
-    rows = [
-        _fadam_row("fadam-cpu", "cpu"),
-        _fadam_row("fadam-reference", "reference"),
-        _fadam_row("fadam-triton", "triton"),
-        _fadam_row("fadam-cuda", "cuda"),
+def all_rows(clip: float | None = FADAM_CLIP) -> list[Row]:
+    """Every row in ALL_ROW_NAMES order; `clip` is the fadam_fused rows' (None or 0: off)."""
+    clip = clip or None
+    rows = []
+    for backend in ("cpu", "reference", "triton", "cuda"):
+        name = f"fadam-{backend}"
+        rows.append(_fadam_row(name, backend, clip))
+        if backend in FUSED_BACKENDS:
+            rows.append(_fadam_row(name + NOCLIP, backend, None, twin=name))
+    rows += [
         _adam_row("torch-adam-fused", fused=True),
         _adam_row("torch-adam-foreach", foreach=True, fused=False),
         _adam_row("torch-adam-forloop", foreach=False, fused=False),
         _pytorch_optimizer_row(),
     ]
-    assert tuple(r.name for r in rows) == ROW_NAMES
+    assert tuple(r.name for r in rows) == ALL_ROW_NAMES
     return rows
 
 
-def select(names: list[str] | None) -> list[Row]:
-    rows = all_rows()
-    if not names:
-        return rows
-    unknown = [n for n in names if n not in ROW_NAMES]
+def select(names: Iterable[str] | None, clip: float | None = FADAM_CLIP) -> list[Row]:
+    """The named rows (the default set ROW_NAMES when none are named), in ALL_ROW_NAMES order."""
+    names = list(names or ROW_NAMES)
+    unknown = [n for n in names if n not in ALL_ROW_NAMES]
     if unknown:
-        raise SystemExit(f"unknown row(s) {unknown}; choose from {', '.join(ROW_NAMES)}")
-    return [r for r in rows if r.name in names]
+        raise SystemExit(f"unknown row(s) {unknown}; choose from {', '.join(ALL_ROW_NAMES)}")
+    return [r for r in all_rows(clip) if r.name in names]

@@ -1,17 +1,23 @@
-"""Time one optimizer step per implementation, side by side in one process (issue 5).
+"""Time one optimizer step per implementation, side by side in one process.
 
     .venv/bin/python bench/step_bench.py                     # default CPU/GPU run, ~5 min on CPU
     .venv/bin/python bench/step_bench.py --quick             # < 2 min on CPU
     .venv/bin/python bench/step_bench.py --csv out.csv --json out.json --plot out.png
 
+    # clip=None against clip=1.0 in the same rounds (count-1 is one multi-chunk 4.2M tensor):
+    .venv/bin/python bench/step_bench.py --workloads default,count \
+        --rows fadam-cpu,fadam-cpu-noclip,torch-adam-fused
+    # 4096 tensors of 256 elements (the per-tensor cost), FAdam against torch's fused Adam:
+    .venv/bin/python bench/step_bench.py --workloads small --rows fadam-cpu,torch-adam-fused
+
 How a workload is measured:
 
 1. One parameter list is generated (fixed seed) and one gradient list (fixed seed). Each row gets
    its own *copy of the parameters* (steps mutate them) but they all *share the gradient tensors*:
-   no row writes p.grad (torch's Adam does not without maximize, FAdam never does: SPEC section 1,
-   pytorch_optimizer does not without maximize) and we check that with a float64 checksum after
-   each row's warmup. Sharing saves 4 B/param per row: 6 CPU rows of the 64M default then need
-   6 x 12 B + 4 B = 76 B/param = 4.9 GB instead of 6.1 GB.
+   no row writes p.grad (torch's Adam does not without maximize, FAdam never does: docs/design.md
+   section 2, pytorch_optimizer does not without maximize) and we check that with a float64
+   checksum after each row's warmup. Sharing saves 4 B/param per row: 6 CPU rows of the 64M
+   default then need 6 x 12 B + 4 B = 76 B/param = 4.9 GB instead of 6.1 GB.
 2. Each row runs 4 warmup steps (2 for rows slower than 50 ms per step) so lazy state
    initialisation and the t=1 special case (b2hat = 0) are never timed; the last warmup step is
    timed and gives the estimate the scheduler uses.
@@ -24,9 +30,12 @@ How a workload is measured:
    block of back-to-back steps; blocked_autorange sizes blocks so timer overhead is < 0.01%).
 
 Parameters persist across steps and rounds (like training), so a workload that fits in cache is
-timed with warm caches: that is the "beat 1.43x where tensors fit in cache" case of issue 2. In a
-real training step, forward and backward evict the optimizer's data between steps, so for small
-models the large-workload figures are the realistic ones.
+timed with warm caches. In a real training step, forward and backward evict the optimizer's data
+between steps, so for small models the large-workload figures are the realistic ones.
+
+With `--clip none` every fadam_fused row steps with clip=None; a `-noclip` row does so whatever
+`--clip` says, and next to its twin (`fadam-cpu-noclip` and `fadam-cpu`) the run reports the
+clip-off / clip-on ratio per round, like the ratio to torch's fused Adam.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,25 +57,24 @@ from torch.utils.benchmark import Timer
 if __package__ in (None, ""):  # run as `python bench/step_bench.py`: make `bench` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import placement, report, rows as rows_mod, traffic, workloads  # noqa: E402
+from bench import report, rows as rows_mod, workloads  # noqa: E402
+
+Probe = Callable[[], Any]  # see run_workload
 
 WARMUP_NOTE = "4 warmup steps per row before timing (2 for rows slower than 50 ms/step)"
 MIN_ROUNDS = 3  # fewest rounds a slow row takes part in: p20/p80 need at least 3 samples
 
-# Time budgets (seconds of timing per workload, shared by its runnable rows) and round counts.
-# Default CPU run: 90 s for the main workload + 9 sweep points x 15 s = 225 s of timing, plus
-# ~1 min of setup and warmup (2 steps of 0.5-1.5 s for the slow rows at 64M params): ~5 min on an
-# idle machine. With builds and tests sharing the 2 cores, a first version with 120 s + 9 x 20 s
-# took 10 min (the slow rows ran 5-10x slower), hence these figures.
-# --quick: 25 s + 4 x 6 s of timing plus setup: ~1.5 min idle.
+# Per workload kind: (seconds of timing, shared by its runnable rows; rounds). The default CPU run,
+# 90 s for the main workload + 9 sweep points x 15 s of timing plus ~1 min of setup and warmup, is
+# meant to take ~5 min on 2 idle cores; --quick (25 s + 4 x 6 s) ~1.5 min.
 BUDGETS = {
-    False: dict(default=90.0, sweep=15.0, rounds_default=24, rounds_sweep=8),
-    True: dict(default=25.0, sweep=6.0, rounds_default=10, rounds_sweep=4),
+    False: {"default": (90.0, 24), "size": (15.0, 8), "count": (15.0, 8), "small": (30.0, 24)},
+    True: {"default": (25.0, 10), "size": (6.0, 4), "count": (6.0, 4), "small": (10.0, 10)},
 }
 # Many short rounds rather than a few long ones: with other jobs on the machine the step time of
-# the fast rows swung 3x within seconds, so each row's slot in a round is kept to ~0.5 s (90 s /
+# the fast rows can swing 3x within seconds, so each row's slot in a round is kept to ~0.5 s (90 s /
 # 6 rows / 24 rounds) and rows compared in one round see the same conditions. Each round costs a
-# fast row one extra untimed step (~35-100 ms at 64M params).
+# fast row one extra untimed step.
 SIZE_SWEEP_D = {False: [64, 128, 256, 512, 1024], True: [64, 256]}
 COUNT_SWEEP_N = {False: [1, 64, 1024, 16384], True: [1, 4096]}
 
@@ -95,8 +103,8 @@ class CpuTimer:
         """4 warmup steps for fast rows, 2 for slow ones; returns the time of the last one.
 
         The first step allocates the state (and is FAdam's t=1 special case, b2hat = 0), so it is
-        never a sample. Slow rows (0.4-2 s per step at 64M params on 2 cores, 10x that when other
-        jobs share the cores) get one more warmup step only, to keep the run inside its budget."""
+        never a sample. Slow rows (seconds per step at 64M params) get one more warmup step only, to
+        keep the run inside its budget."""
         first = self._once()
         if first >= self.SLOW_STEP_S:
             return self._once()
@@ -107,7 +115,7 @@ class CpuTimer:
         if step_s >= self.SLOW_STEP_S:
             # blocked_autorange would choose 1 step per block here anyway (timer overhead ~1 us is
             # < 1e-4 of a 50 ms step), after one untimed estimate step per call: timing single
-            # steps directly halves the cost of the slow rows (0.4-20 s per step at 64M params).
+            # steps directly halves the cost of the slow rows.
             times = [self._once()]
             while sum(times) < min_run_time:
                 times.append(self._once())
@@ -289,20 +297,22 @@ def plan_rounds(estimates: dict[str, float], budget: float, rounds: int) -> dict
 
 def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device: torch.device,
                  dtype: torch.dtype, threads: int, budget: float, rounds: int, seed: int,
-                 progress=None, probe: placement.Probe | None = None) -> list[dict[str, Any]]:
+                 progress=None, probe: Probe | None = None) -> list[dict[str, Any]]:
     """Time every row on `workload`; one result dict per row (unavailable rows included).
-    `probe` measures the CPU placement between samples (bench/placement.py)."""
+
+    `probe`, if given, is called before each round and after each sample; a row's result then
+    holds `round_probe`, per round the values before and after its sample (None where it did
+    not run). bench/experiments/placement.py uses it to label where the CPUs ran."""
     results: dict[str, dict[str, Any]] = {}
     numels = workload.numels
     base = dict(workload=workload.name, kind=workload.kind, n_params=workload.n_params,
                 n_tensors=workload.n_tensors, dtype=str(dtype).replace("torch.", ""))
     for row in rows:
-        chunk = row.chunk_size()
-        bpp = traffic.bytes_per_param(row.family, numels, dtype, dtype, chunk)
-        results[row.name] = dict(base, row=row.name, status="ok", reason="", bytes_per_param=bpp,
-                                 model_bytes=traffic.model_bytes(row.family, numels, dtype, dtype, chunk),
-                                 read_bytes_per_param=traffic.bytes_per_param(
-                                     row.family, numels, dtype, dtype, chunk, reads_only=True))
+        bpp = row.bytes_per_param(numels, dtype)
+        results[row.name] = dict(base, row=row.name, clip=row.clip if row.family == "fadam" else None,
+                                 status="ok", reason="", bytes_per_param=bpp,
+                                 model_bytes=bpp * workload.n_params,
+                                 read_bytes_per_param=row.bytes_per_param(numels, dtype, reads_only=True))
 
     runnable = []
     for row in rows:
@@ -356,10 +366,8 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
     samples: dict[str, list[float]] = {name: [] for name in live}
     spent = {name: 0.0 for name in live}
     round_medians: dict[str, list[float | None]] = {name: [None] * rounds for name in live}
-    # Per round: the placement each row's sample ran in, and the latencies before and after it
-    # (the probe between two samples serves as the after of one and the before of the next).
-    round_placement: dict[str, list[str | None]] = {name: [None] * rounds for name in live}
-    round_ns: dict[str, list[list[float | None] | None]] = {name: [None] * rounds for name in live}
+    # The probe between two samples serves as the after of one and the before of the next.
+    round_probe: dict[str, list[list[Any] | None]] = {name: [None] * rounds for name in live}
     plan = plan_rounds(estimates, budget, rounds)
     share = budget / max(1, len(live))
     order = list(live)
@@ -382,8 +390,7 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
             round_medians[name][r] = float(np.median(got)) * 1e3
             if probe:
                 after = probe()
-                round_placement[name][r] = placement.label(before, after)
-                round_ns[name][r] = [before, after]
+                round_probe[name][r] = [before, after]
                 before = after
         if progress is not None:
             progress.update(1)
@@ -395,12 +402,8 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
                    gbps=res["model_bytes"] / (med / 1e3) / 1e9, rounds=len(plan[name][0]),
                    timed_s=round(spent[name], 2), round_medians_ms=round_medians[name])
         if probe:
-            res.update(round_placement=round_placement[name], round_core_to_core_ns=round_ns[name])
-    base = results.get(rows_mod.BASELINE, {})
-    for res in results.values():
-        if "median_ms" in res and base.get("median_ms"):
-            res["time_vs_adam_fused"] = res["median_ms"] / base["median_ms"]
-            res["paired_vs_adam_fused"] = paired_ratio(res, base)
+            res["round_probe"] = round_probe[name]
+    add_ratios(results, rows)
 
     live.clear()
     del grads
@@ -408,6 +411,18 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return [results[r.name] for r in rows]
+
+
+def add_ratios(results: dict[str, dict[str, Any]], rows: list[rows_mod.Row]) -> None:
+    """Every timed row against torch-adam-fused (`time_vs_adam_fused`, `paired_vs_adam_fused`),
+    and a clip-off row against its clip-on twin (`time_vs_clip_on`, `paired_vs_clip_on`)."""
+    pairs = [(r.name, rows_mod.BASELINE, "adam_fused") for r in rows]
+    pairs += [(r.name, r.twin, "clip_on") for r in rows if r.twin and not r.clipping]
+    for name, ref, suffix in pairs:
+        res, base = results[name], results.get(ref, {})
+        if "median_ms" in res and base.get("median_ms") and (suffix != "clip_on" or base["clip"]):
+            res[f"time_vs_{suffix}"] = res["median_ms"] / base["median_ms"]
+            res[f"paired_vs_{suffix}"] = paired_ratio(res, base)
 
 
 def paired_ratio(res: dict[str, Any], base: dict[str, Any]) -> list[float] | None:
@@ -423,8 +438,8 @@ def paired_ratio(res: dict[str, Any], base: dict[str, Any]) -> list[float] | Non
 
 
 def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Issue 2's CPU targets on the default workload: fadam-cpu <= 1.5x torch-adam-fused's time,
-    and >= 8x faster than pytorch_optimizer-fadam."""
+    """The CPU targets on the default workload: fadam-cpu <= 1.5x torch-adam-fused's time, and
+    >= 8x faster than pytorch_optimizer-fadam (the same entries for the GPU rows)."""
     by = {(r["kind"], r["row"]): r for r in results}
     out: dict[str, Any] = {}
     for fused in ("fadam-cpu", "fadam-cuda", "fadam-triton"):
@@ -438,8 +453,6 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             entry["paired_vs_adam_fused"] = mine.get("paired_vs_adam_fused")
             entry["memory_bound_expectation"] = mine["bytes_per_param"] / adam["bytes_per_param"]
             entry["read_bytes_ratio"] = mine["read_bytes_per_param"] / adam["read_bytes_per_param"]
-            if "round_placement" in mine and "round_placement" in adam:
-                entry["paired_by_placement"] = placement.paired_by_placement(mine, adam, MIN_ROUNDS)
         if po and "median_ms" in po:
             entry["speedup_vs_pytorch_optimizer"] = po["median_ms"] / mine["median_ms"]
             inverse = paired_ratio(po, mine)  # pytorch_optimizer's time / ours, per round
@@ -470,6 +483,19 @@ class _NoProgress:
         pass
 
 
+def parse_clip(text: str) -> float | None:
+    """--clip: a number >= 0, or none / off; 0 and none both mean clipping off (None)."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, none or off") from None
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"clip must be finite and >= 0 (0: off), got {text}")
+    return value or None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -479,9 +505,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smaller budgets and sweeps (< 2 min on CPU)")
     ap.add_argument("--workloads", default="default,size,count",
                     help="comma list of: default (LLM-shaped), size (size sweep), count "
-                         "(tensor-count sweep); default: all three")
-    ap.add_argument("--rows", default="", help=f"comma list of rows (default: all): "
-                                              f"{', '.join(rows_mod.ROW_NAMES)}")
+                         "(tensor-count sweep), small (4096 tensors of 256 elements); "
+                         "default: default,size,count")
+    opt_in = [n for n in rows_mod.ALL_ROW_NAMES if n not in rows_mod.ROW_NAMES]
+    ap.add_argument("--rows", default="", help=f"comma list of rows (default: "
+                                              f"{', '.join(rows_mod.ROW_NAMES)}); also {', '.join(opt_in)}")
+    ap.add_argument("--clip", type=parse_clip, default=rows_mod.FADAM_CLIP,
+                    help="clip of the fadam_fused rows (default 1.0; none or 0: clipping off). "
+                         "pytorch_optimizer-fadam keeps 1.0 (it cannot turn clipping off)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="param and grad dtype (FAdam state stays float32)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -497,9 +528,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_workloads(args, device, rows) -> list[workloads.Workload]:
     kinds = [k.strip() for k in args.workloads.split(",") if k.strip()]
-    unknown = set(kinds) - {"default", "size", "count", "tiny"}
+    unknown = set(kinds) - set(workloads.KINDS) - {"tiny"}
     if unknown:
-        raise SystemExit(f"unknown workload kind(s) {sorted(unknown)}; use default, size, count")
+        raise SystemExit(f"unknown workload kind(s) {sorted(unknown)}; use {', '.join(workloads.KINDS)}")
     dtype = getattr(torch, args.dtype)
     out = []
     if "tiny" in kinds:  # 75K params: for tests/test_bench_smoke.py, not for figures
@@ -516,11 +547,15 @@ def build_workloads(args, device, rows) -> list[workloads.Workload]:
         out += workloads.size_sweep(ds)
     if "count" in kinds:
         out += workloads.count_sweep(COUNT_SWEEP_N[args.quick])
+    if "small" in kinds:
+        out.append(workloads.small_workload())
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace, probe: Probe | None = None
+        ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """Every workload and row `args` names, printed as it goes; returns (meta, results, summary).
+    `probe`: see run_workload."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
@@ -528,19 +563,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     dtype = getattr(torch, args.dtype)
-    rows = rows_mod.select([r.strip() for r in args.rows.split(",") if r.strip()])
+    rows = rows_mod.select([r.strip() for r in args.rows.split(",") if r.strip()], clip=args.clip)
     works = build_workloads(args, device, rows)
-    b = BUDGETS[args.quick]
+    budgets = BUDGETS[args.quick]
     meta = environment(device, threads)
     meta.update(quick=args.quick, budget_scale=args.budget_scale, argv=sys.argv[1:], seed=args.seed,
-                timing=("torch.utils.benchmark.Timer.blocked_autorange" if device.type == "cpu"
-                        else "CUDA events"), warmup=WARMUP_NOTE)
+                clip=args.clip, timing=("torch.utils.benchmark.Timer.blocked_autorange"
+                                        if device.type == "cpu" else "CUDA events"),
+                warmup=WARMUP_NOTE)
     print(report.header(meta), flush=True)
     load = meta["loadavg_start"]
     if device.type == "cpu" and load and load[0] > 0.5 + (os.cpu_count() or 1) - threads:
         # With more runnable threads than cores, an OpenMP barrier waits for a descheduled thread
-        # for a whole time slice (ms): here that made a 1.5 s reference step take 7-20 s and
-        # fused Adam's p80 10x its p20. Small workloads and many-op rows suffer most.
+        # for a whole time slice (ms): that made a 1.5 s reference step take 7-20 s and fused
+        # Adam's p80 10x its p20. Small workloads and many-op rows suffer most.
         print(f"WARNING: 1-minute load average {load[0]:.1f} on {os.cpu_count()} cores with {threads} "
               "threads here: other jobs share (or just shared) the CPU, so these figures may be "
               "noisy; compare the loadavg_end in the JSON, and rerun on an idle machine for "
@@ -550,35 +586,27 @@ def main(argv=None) -> int:
         from tqdm import tqdm
     except ImportError:  # requirements-bench.txt not installed: run without a progress bar
         tqdm = _NoProgress
-    units = sum(len(rows) + (b["rounds_default"] if w.kind == "default" else b["rounds_sweep"])
-                for w in works)
+    units = sum(len(rows) + budgets[w.kind][1] for w in works)
     progress = tqdm(total=units, desc="step_bench", unit="step", file=sys.stderr, dynamic_ncols=True,
                     disable=True if args.no_progress else None)
-    probe = None
-    if device.type == "cpu":
-        # Built beside the JSON output (bench/results/ for make bench).
-        out_dir = (os.path.dirname(os.path.abspath(args.json)) if args.json else
-                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-        exe, why = placement.build(out_dir)
-        probe = placement.prober(exe) if exe else None
-        meta["placement_probe"] = (f"{exe}: one-way core-to-core latency around each sample, "
-                                   f"same L3 if <= {placement.SAME_L3_MAX_NS:.0f} ns"
-                                   if exe else f"not measured: {why}")
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     for w in works:
         progress.set_postfix_str(w.name)
-        default = w.kind == "default"
-        budget = (b["default"] if default else b["sweep"]) * args.budget_scale
-        rounds = b["rounds_default"] if default else b["rounds_sweep"]
-        res = run_workload(w, rows, device, dtype, threads, budget, rounds, args.seed, progress,
-                           probe)
+        budget, rounds = budgets[w.kind]
+        res = run_workload(w, rows, device, dtype, threads, budget * args.budget_scale, rounds,
+                           args.seed, progress, probe)
         results += res
         progress.write(report.table(w, res))
     progress.close()
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    summ = summary(results)
+    return meta, results, summary(results)
+
+
+def write_outputs(args: argparse.Namespace, meta: dict[str, Any], results: list[dict[str, Any]],
+                  summ: dict[str, Any]) -> None:
+    """The closing summary on stdout, then the CSV, JSON and plot `args` asks for."""
     print(report.summary_text(summ, results, meta), flush=True)
     if args.csv:
         report.write_csv(args.csv, meta, results)
@@ -589,6 +617,11 @@ def main(argv=None) -> int:
     for path in (args.csv, args.json, args.plot):
         if path:
             print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    write_outputs(args, *run(args))
     return 0
 
 

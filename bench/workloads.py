@@ -1,4 +1,5 @@
-"""Parameter lists to benchmark: an LLM-shaped default, a sweep over total size, a sweep over count.
+"""Parameter lists to benchmark: an LLM-shaped default, a sweep over total size, a sweep over count,
+and many small tensors.
 
 Only shapes live here; bench/step_bench.py turns them into tensors. Shapes follow a LLaMA-style
 decoder (no biases, RMSNorm weights, SwiGLU MLP with ffn = 8/3 d rounded up to a multiple of 256,
@@ -12,10 +13,15 @@ import dataclasses
 import math
 
 
+# "default" (LLM-shaped), "size" (size sweep), "count" (tensor-count sweep), "small" (many small
+# tensors).
+KINDS = ("default", "size", "count", "small")
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     name: str       # short id used in the table, CSV and JSON, e.g. "llm-64M"
-    kind: str       # "default", "size" (size sweep) or "count" (tensor-count sweep)
+    kind: str       # one of KINDS
     shapes: tuple[tuple[int, ...], ...]
     note: str = ""  # how it was built, for the table header
 
@@ -66,8 +72,8 @@ def llm_workload(target_params: float, d_model: int, vocab: int = 32000, kind: s
 
 
 # CPU default: ~65M float32 parameters (d=512, 14 layers -> 64.1M), so p+g+m+v = 16 B/param is
-# ~1.0 GB, twice the largest last-level cache we expect to meet (480 MiB) and 30x this machine's
-# 32 MiB L3: every step streams from DRAM, which is what issue 2's 1.5x target is about.
+# ~1.0 GB, twice the largest last-level cache we expect to meet (480 MiB): every step streams from
+# DRAM, the case the 1.5x CPU target is about.
 CPU_DEFAULT_PARAMS = 65e6
 CPU_DEFAULT_D_MODEL = 512
 
@@ -81,7 +87,7 @@ def size_sweep(d_models: list[int], n_layers: int = 4) -> list[Workload]:
     """LLM-shaped lists of growing size: 4 layers, vocab 16 d, so params ~ 64 d^2
     (d = 64, 128, 256, 512, 1024 -> 0.33M, 1.3M, 4.5M, 18M, 68M parameters). The small end has only
     one-chunk tensors (d=64: the largest is the 1024 x 64 = 65536-element embedding) and its 5 MB
-    of p+g+m+v fits in this machine's 32 MiB L3; the large end (1.1 GB) streams from DRAM."""
+    of p+g+m+v fits in a 32 MiB L3; the large end (1.1 GB) streams from DRAM."""
     out = []
     for d in d_models:
         shapes = llm_shapes(d, n_layers, vocab=16 * d)
@@ -91,15 +97,21 @@ def size_sweep(d_models: list[int], n_layers: int = 4) -> list[Workload]:
     return out
 
 
+def equal_tensors(n: int, numel: int, kind: str, name: str) -> Workload:
+    """`n` 1-D tensors of `numel` elements each."""
+    return Workload(name=name, kind=kind, shapes=((numel,),) * n, note=f"{n} tensors of {numel} elements")
+
+
 def count_sweep(counts: list[int], total: int = 1 << 22) -> list[Workload]:
     """`total` parameters (4.2M = 67 MB of p+g+m+v) split into N equal 1-D tensors: at N=16384 each
     tensor has 256 elements and per-tensor overhead (Python loops, launches) dominates."""
-    out = []
-    for n in counts:
-        per = max(1, total // n)
-        out.append(Workload(name=f"count-{n}", kind="count", shapes=tuple((per,) for _ in range(n)),
-                            note=f"{n} tensors of {per} elements"))
-    return out
+    return [equal_tensors(n, max(1, total // n), "count", f"count-{n}") for n in counts]
+
+
+def small_workload(n: int = 4096, numel: int = 256) -> Workload:
+    """4096 tensors of 256 elements (1M parameters, 16 MB of p+g+m+v): the step's per-tensor work
+    (validation, planning, tables) against torch's fused Adam, with the data in cache."""
+    return equal_tensors(n, numel, "small", f"small-{n}x{numel}")
 
 
 def tiny_workload() -> Workload:

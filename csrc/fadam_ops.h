@@ -1,7 +1,7 @@
 // Shared host-side pieces of the two FAdam ops: the partial-sum layout and the input checks that
 // every backend's launcher runs before touching memory. Kernels assume what these checks establish.
 //
-// [note: the two-phase op contract]  (docs/design.md section 3; schemas: FADAM_PHASE_A_SCHEMA below)
+// [note: the two-phase op contract]  (docs/design.md section 3; schemas: fadam_fused/op_contract.py)
 // One call of each op covers one (device, dtype) group of tensors.
 //
 // partials: float64 [n_slots, 2]. Tensor i owns nchunks(i) = max(1, ceil(numel_i / chunk_size))
@@ -26,7 +26,7 @@
 // grad_scale: optional float32 one-element tensor; gradients are divided by it in registers (never
 //   written back). maximize negates the gradient in registers too.
 // lr: the float `lr`, unless `lr_tensor` (float32 or float64, one element, on the params' device)
-//   is given; anything else is refused (step_scalars() below).
+//   is given; anything else is refused (host_scalars() below).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -39,19 +39,6 @@
 #include "fadam_math.h"
 
 namespace fadam {
-
-// The argument lists of the two ops, after the op name (string literals, for m.def). Every kernel
-// library defines its ops from these (fadam_ops.cpp: fadam_phase_a/b; the emulated CUDA build:
-// cuda_emulated_phase_a/b).
-#define FADAM_PHASE_A_SCHEMA \
-    "(Tensor[] params, Tensor[] grads, Tensor[] fims, Tensor[] steps, Tensor(a!) partials, " \
-    "Tensor(b!) skip, Tensor? grad_scale, *, float beta2, float eps, float p, float clip, " \
-    "bool maximize, int chunk_size, bool fuse_one_chunk) -> ()"
-#define FADAM_PHASE_B_SCHEMA \
-    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] fims, Tensor(c!)[] momentums, " \
-    "Tensor[] steps, Tensor partials, Tensor skip, Tensor? grad_scale, Tensor? lr_tensor, *, " \
-    "float lr, float beta1, float beta2, float eps, float p, float clip, float weight_decay, " \
-    "bool maximize, int chunk_size, bool fuse_one_chunk) -> ()"
 
 // Chunks (= partial-sum slots) of a tensor: an empty tensor still owns one slot. The one
 // definition for the CPU kernels, the CUDA plan (cuda/multi_tensor_plan.h) and the checks below.
@@ -138,10 +125,10 @@ inline void check_group(
 }
 
 // The host step scalars of both phases, prepared once for the CPU and the CUDA launchers so both
-// accept the same inputs and round the same way (the Triton launcher has the Python twin).
+// accept the same inputs and round the same way (the Triton launcher uses the Python twin, op_contract.host_scalars).
 // Device pointers (grad_scale, lr_tensor) are read where the kernel runs: grad_mul_of() and
 // lr_of() in fadam_math.h.
-struct StepScalars {
+struct HostScalars {
   double beta2;
   double clip;                 // <= 0: clipping off
   bool clipping;               // clip > 0
@@ -159,7 +146,7 @@ struct StepScalars {
 
 // Phase A passes lr = beta1 = weight_decay = 0 and no lr_tensor (it uses none of them).
 // `device` is the params' device (checked by check_group()).
-inline StepScalars step_scalars(const char* op, const at::Device& device, double beta2, double eps,
+inline HostScalars host_scalars(const char* op, const at::Device& device, double beta2, double eps,
                                 double p, double clip, bool maximize,
                                 const c10::optional<at::Tensor>& grad_scale,
                                 const c10::optional<at::Tensor>& lr_tensor = c10::nullopt,
@@ -175,7 +162,7 @@ inline StepScalars step_scalars(const char* op, const at::Device& device, double
                 op, ": lr_tensor must be a one-element float32 or float64 tensor on ", device,
                 ", got ", dtype, " of ", lr_tensor->numel(), " elements on ", lr_tensor->device());
   }
-  StepScalars s{};
+  HostScalars s{};
   s.beta2 = beta2;
   s.clip = clip;
   s.clipping = clip > 0.0;

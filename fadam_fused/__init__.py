@@ -3,7 +3,7 @@
     from fadam_fused import FAdam
     opt = FAdam(model.parameters(), lr=1e-3)   # drop-in for torch.optim.AdamW
 
-See SPEC.md for the algorithm and the contract, README.md for building and benchmarking.
+docs/design.md has the algorithm and the contract; README.md, building and benchmarking.
 """
 
 from . import reference

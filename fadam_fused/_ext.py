@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from . import op_contract  # noqa: F401  (defines the ops whose kernels _C registers)
+
 _BUILD_HINT = (
     "Build it with `pip install --no-build-isolation -e .` in the fadam_fused checkout (set "
     "FORCE_CUDA=1 to include the CUDA kernels without a visible GPU), or run `make test`."
@@ -56,8 +58,9 @@ _EMULATED_HINT = (
 def _load_emulated() -> str | None:
     if LOAD_ERROR is not None:
         return LOAD_ERROR
+    op_contract.define_phase_ops(*op_contract.EMULATED_CUDA_OPS)  # the build registers kernels only
     try:
-        from . import _C_cuda_emulated  # noqa: F401  (registers torch.ops.fadam_fused.cuda_emulated_*)
+        from . import _C_cuda_emulated  # noqa: F401  (kernels of torch.ops.fadam_fused.cuda_emulated_*)
     except ImportError as exc:
         return (f"FADAM_CUDA_EMULATE=1 but fadam_fused._C_cuda_emulated could not be imported "
                 f"({exc}). {_EMULATED_HINT}")

@@ -1,28 +1,22 @@
-"""The fused backends and the one helper that chooses among them.
+"""The backends and the one helper that chooses among them.
 
-Every fused backend implements the same two ops (docs/design.md section 3; the argument contract is
-[note: the two-phase op contract] in csrc/fadam_ops.h):
-
-    phase_a(params, grads, fims, steps, partials, skip, grad_scale, *,
-            beta2, eps, p, maximize, chunk_size, fuse_one_chunk)
-    phase_b(params, grads, fims, momentums, steps, partials, skip, grad_scale, lr_tensor, *,
-            lr, beta1, beta2, eps, p, clip, weight_decay, maximize, chunk_size, fuse_one_chunk)
-
-"cpu" and "cuda" are the C++ kernels behind torch.ops.fadam_fused.fadam_phase_{a,b} (one schema,
-two dispatch keys); "triton" is torch.ops.fadam_fused.triton_phase_{a,b}, registered with
-torch.library.triton_op in fadam_fused.triton_kernels. "reference" is not a fused backend: it is the
-oracle of fadam_fused.reference, one tensor at a time.
+Every fused backend implements the two ops of [note: the two-phase op contract]
+(fadam_fused/op_contract.py): "cpu" and "cuda" are the C++ kernels behind
+torch.ops.fadam_fused.fadam_phase_{a,b} (one schema, two dispatch keys); "triton" is
+torch.ops.fadam_fused.triton_phase_{a,b}, registered with torch.library.triton_op in
+fadam_fused.triton_kernels. "reference" is not a fused backend: it is the oracle of
+fadam_fused.reference, one tensor at a time. Under FADAM_CUDA_EMULATE=1 (tests), "cuda" is
+torch.ops.fadam_fused.cuda_emulated_phase_{a,b}: the CUDA kernels compiled for the CPU, on CPU
+tensors ([note: one CUDA source, two compilers] in csrc/cuda/launch.h).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Callable
 
 import torch
 
-from . import _ext
+from . import _ext, op_contract
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
@@ -56,33 +50,6 @@ def unfusable_reason(param: torch.Tensor) -> str | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class FusedBackend:
-    name: str
-    phase_a: Callable[..., None]
-    phase_b: Callable[..., None]
-    # Elements per chunk: the partial-sum layout (csrc/fadam_ops.h) and the unit of work of one
-    # block / program / parallel_for task.
-    chunk_size: int
-
-
-# Elements per chunk of the C++ kernels.
-# CUDA: 65536, PyTorch's MultiTensorApply chunk: one block's work, and the one-block fusion limit.
-# CPU: 2^20, one parallel_for task. A one-chunk tensor is reduced and updated by one task, its
-# g, f, theta (12 MiB in float32) re-read from L3 instead of DRAM: 32 bytes/param instead of 40.
-# Tests shrink these (tests/test_cpu_parity.py) to put small tensors on the multi-chunk path.
-_CHUNK_SIZE = {"cuda": 65536, "cpu": 1 << 20}
-
-
-def _cxx_backend(name: str) -> FusedBackend:
-    from . import ops  # registers the fake kernels
-
-    if name == "cuda" and _ext.CUDA_EMULATE:
-        return FusedBackend(name, ops.emulated_cuda_phase_a, ops.emulated_cuda_phase_b,
-                            chunk_size=_CHUNK_SIZE[name])
-    return FusedBackend(name, ops.phase_a, ops.phase_b, chunk_size=_CHUNK_SIZE[name])
-
-
 @functools.lru_cache(maxsize=None)
 def _triton_module():
     """fadam_fused.triton_kernels, or the reason it cannot be imported."""
@@ -99,7 +66,7 @@ def _triton_module():
 
 
 def _load_source_tree_triton_kernels():
-    """Imports ../triton_kernels as fadam_fused.triton_kernels (docs/design.md section 2).
+    """Imports ../triton_kernels as fadam_fused.triton_kernels.
 
     An installed package has it in place (setup.py's package_dir). In a source checkout whose
     fadam_fused/ comes first on sys.path (pytest from the repo root, `setup.py build_ext
@@ -188,19 +155,21 @@ def resolve(requested: str | None, device: torch.device) -> str:
     return next(name for name in order if unavailable_reason(name, device) is None)
 
 
-_FUSED: dict[str, FusedBackend] = {}  # a plain dict, which torch.compile reads like a constant
+_FUSED: dict[str, op_contract.PhaseOps] = {}  # a plain dict: torch.compile reads it as a constant
 
 
-def fused(name: str) -> FusedBackend:
+def fused(name: str) -> op_contract.PhaseOps:
+    """The two ops of fused backend `name` (resolve() has checked that it can run)."""
     if name not in _FUSED:
-        if name in ("cpu", "cuda"):
-            _FUSED[name] = _cxx_backend(name)
+        if name == "cuda" and _ext.CUDA_EMULATE:
+            _FUSED[name] = op_contract.phase_ops(name, *op_contract.EMULATED_CUDA_OPS)
+        elif name in ("cpu", "cuda"):
+            _FUSED[name] = op_contract.phase_ops(name, "fadam_phase_a", "fadam_phase_b")
         elif name == "triton":
             module, reason = _triton_module()
             if module is None:
                 raise RuntimeError(reason)
-            _FUSED[name] = FusedBackend("triton", module.phase_a, module.phase_b,
-                                        chunk_size=module.CHUNK_SIZE)
+            _FUSED[name] = op_contract.phase_ops(name, "triton_phase_a", "triton_phase_b")
         else:
             raise ValueError(f"{name!r} is not a fused backend")
     return _FUSED[name]

@@ -1,53 +1,119 @@
 """FAdam: the drop-in torch.optim.Optimizer, its functional core, and the step runner.
 
-The layout follows torch/optim/adam.py: ``__init__`` validates and builds ``defaults``,
-``_init_group`` creates state lazily, ``step`` hands the tensors to one functional ``fadam(...)``,
-which runs each (device, dtype) bucket on the backend chosen by ``backends.resolve``.
+The layout follows torch/optim/adam.py: ``__init__`` validates and builds ``defaults``, ``step``
+hands the tensors to the functional core, which runs each (device, dtype) bucket on the backend
+chosen by ``backends.resolve``.
 
-One thing differs from Adam: a step is two phases (SPEC section 3), and the non-finite skip covers
-the whole step (SPEC section 5), so *every* bucket of *every* param group runs phase A before any
-bucket runs phase B. ``_StepRunner`` holds the buckets between the phases.
+[note: a step is validate, plan, mutate]
+Every error a step can raise is raised before anything changes (docs/design.md, section 2):
+
+1. validate: every group's hyperparameters and every parameter, gradient and state tensor are
+   checked (``_Validator``); nothing is written, not even lazily created state;
+2. plan: missing state is created and the tensors are sorted into ``Bucket``s, one per (group,
+   device, dtype, backend); whether a parameter can be fused is decided here, once;
+3. mutate (``run_step``): step counters, then phase A of *every* bucket, then the flags of all
+   devices are combined, then phase B of every bucket. A step is two phases (docs/design.md,
+   section 3) and the non-finite skip covers the whole step (section 6), so every bucket of every
+   param group runs phase A before any bucket runs phase B.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import backends, reference
+from . import backends, op_contract, reference, sharded
 
 __all__ = ["FAdam", "fadam"]
 
 
-def _validate_hyperparameters(lr, betas, eps, clip, weight_decay, p, backend) -> None:
-    """torch.optim's ValueError messages, plus FAdam's clip, p and backend."""
+# ---- hyperparameters ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """One param group's hyperparameters, as the kernels take them (clip 0 = off)."""
+
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    clip: float
+    weight_decay: float
+    p: float
+    maximize: bool
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate_hyperparameters(lr, betas, eps, clip, weight_decay, p, maximize, backend, *,
+                             read_lr: bool) -> None:
+    """torch.optim's ValueError messages, plus FAdam's clip, p, eps and backend rules.
+
+    ``read_lr``: also check a tensor lr's value (a host read: only at construction, never in a
+    step, where lr may live on a device and reading it would sync).
+    """
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
         if not lr.is_floating_point():
             raise ValueError(f"Tensor lr must be a floating-point tensor, got {lr.dtype}")
-    elif not 0.0 <= lr:
+        if lr.device.type == "meta":
+            raise ValueError("Tensor lr is on the meta device; put it on the CPU or on the "
+                             "parameters' device")
+        if read_lr:
+            value = float(lr)  # sync-ok: construction and add_param_group only
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"Invalid learning rate: {value}")
+    elif not (_is_real(lr) and math.isfinite(lr) and lr >= 0.0):
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not (_is_real(eps) and math.isfinite(eps) and eps > 0.0):
+        raise ValueError(f"Invalid epsilon value: {eps}; eps must be a finite number > 0")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if clip is not None and not 0.0 <= clip:
-        raise ValueError(f"Invalid clip value: {clip}; use None or 0 to turn clipping off")
-    if not 0.0 <= weight_decay:
+    for i, beta in enumerate(betas):
+        if not (_is_real(beta) and 0.0 <= beta < 1.0):
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if clip is not None and not (_is_real(clip) and math.isfinite(clip) and clip >= 0.0):
+        raise ValueError(f"Invalid clip value: {clip}; use a finite number >= 0, or None or 0 "
+                         "to turn clipping off")
+    if not (_is_real(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0.0):
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if not 0.0 < p:
-        raise ValueError(f"Invalid p value: {p}; the FIM exponent p must be > 0 (0.5 = square root)")
+    if not (_is_real(p) and math.isfinite(p) and p > 0.0):
+        raise ValueError(f"Invalid p value: {p}; the FIM exponent p must be a finite number > 0 "
+                         "(0.5 = square root)")
+    # d = f^p + eps^(2p) >= eps^(2p) must stay a normal float32, or a zero gradient divides 0 by
+    # 0 (eps^(2p) rounds to 0) or by a denormal whose inverse overflows.
+    if op_contract.f32(eps ** (2.0 * p)) < torch.finfo(torch.float32).tiny:
+        raise ValueError(
+            f"Invalid epsilon value: {eps} with p={p}: eps**(2p) = {eps ** (2.0 * p):.3g} is below "
+            f"float32's smallest normal number ({torch.finfo(torch.float32).tiny:.3g}), so an "
+            f"all-zero gradient would give NaN; the smallest safe eps for p={p} is "
+            f"{op_contract.smallest_safe_eps(p):.2g}")
+    if not isinstance(maximize, bool):
+        raise ValueError(f"Invalid maximize value: {maximize!r}; expected True or False")
     if backend is not None and backend not in backends.BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r}; expected None or one of {backends.BACKENDS}")
+
+
+def _group_hyperparameters(group: dict[str, Any], *, read_lr: bool) -> Hyper:
+    validate_hyperparameters(group["lr"], group["betas"], group["eps"], group["clip"],
+                             group["weight_decay"], group["p"], group["maximize"],
+                             group["backend"], read_lr=read_lr)
+    beta1, beta2 = group["betas"]
+    return Hyper(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                 clip=float(group["clip"] or 0.0), weight_decay=group["weight_decay"],
+                 p=group["p"], maximize=group["maximize"])
+
+
+# ---- the optimizer ------------------------------------------------------------------------------
 
 
 class FAdam(Optimizer):
@@ -66,11 +132,15 @@ class FAdam(Optimizer):
     starts at 1 and its EMA is bias-corrected Adafactor-style (so ``f = g^2`` after step 1).
 
     Args:
-        params: parameters or param groups (dicts), as for any torch.optim optimizer.
-        lr (float or Tensor, default 1e-3): learning rate :math:`\eta`.
+        params: parameters or param groups (dicts), as for any torch.optim optimizer; named
+            parameters (``model.named_parameters()``) give errors that name them.
+        lr (float or Tensor, default 1e-3): learning rate :math:`\eta`. A 0-dim tensor lets
+            ``torch.compile(opt.step)`` reuse one graph while a scheduler changes it (a float lr
+            is a constant of the compiled graph: every new value recompiles).
         betas (tuple, default (0.9, 0.999)): momentum and FIM EMA coefficients.
         eps (float, default 1e-8): :math:`\epsilon`. The paper recommends 1e-15 for LLM-scale
-            models; values down to 1e-30 are safe (the RMS sums are overflow-safe).
+            models; values down to 1e-30 are safe at p = 0.5 (the RMS sums are overflow-safe).
+            ``eps**(2p)`` must be a normal float32 (>= 1.2e-38); smaller values are refused.
         clip (float or None, default 1.0): :math:`c`, the RMS clip threshold; None or 0 turns the
             clipping of the natural gradient and of the weight decay off.
         weight_decay (float, default 1e-3): :math:`\lambda`, applied as a natural gradient.
@@ -86,12 +156,17 @@ class FAdam(Optimizer):
     and ``fim`` (float32 whatever the parameter dtype: with beta2 = 0.999 a bfloat16 FIM cannot
     move, as 0.999 f rounds back to f).
 
-    Non-finite gradients: if any gradient of a step holds a NaN or inf, the whole step is skipped
-    on the device (parameters, state and step counts are left bit-identical) and
+    Non-finite values: if any gradient of a step holds a NaN or inf, the whole step is skipped on
+    the device (parameters, state and step counts are left bit-identical) and
     :attr:`skipped_steps`, a float32 0-dim tensor on the first parameter's device, goes up by one.
     Reading it is the only sync; the step itself never syncs. It is not part of ``state_dict``.
     With a ``torch.amp.GradScaler``, its ``found_inf`` also skips the step and its scale is
-    divided out in the kernel.
+    divided out in the kernel. A NaN or inf in a *parameter* does not skip the step: with
+    clipping on, that tensor's RMS(w) counts as infinite, so its clipped weight decay is 0 for the
+    step and the NaN stays in its own element.
+
+    ``step()`` plans every param group as :func:`fadam` does, then runs all of them as one step
+    (:func:`run_step`), so a non-finite gradient in any group skips every group.
     """
 
     # GradScaler.step sets `grad_scale` and `found_inf` on the optimizer instead of unscaling
@@ -111,58 +186,73 @@ class FAdam(Optimizer):
         maximize: bool = False,
         backend: str | None = None,
     ) -> None:
-        _validate_hyperparameters(lr, betas, eps, clip, weight_decay, p, backend)
+        validate_hyperparameters(lr, betas, eps, clip, weight_decay, p, maximize, backend,
+                                 read_lr=True)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, clip=clip, weight_decay=weight_decay,
                         p=p, maximize=maximize, backend=backend)
-        self.skipped_steps: Tensor | None = None
         super().__init__(params, defaults)
+        # Made here, not in the first step: a compiled first step must find it (an attribute
+        # created inside a torch.compile'd step is not set on the eager object).
+        first = self.param_groups[0]["params"][0]
+        self.skipped_steps: Tensor = torch.zeros((), dtype=torch.float32, device=first.device)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:  # validated after torch has filled in the defaults, and undone if invalid
-            _validate_hyperparameters(group["lr"], group["betas"], group["eps"], group["clip"],
-                                      group["weight_decay"], group["p"], group["backend"])
+            _group_hyperparameters(group, read_lr=True)
             for i, param in enumerate(group["params"]):
-                if param.is_complex():
-                    raise ValueError(
-                        f"FAdam does not support complex parameters: {_param_name(group, i)} is "
-                        f"{param.dtype}. Optimize torch.view_as_real(param) instead.")
+                why = _refusal(sharded.local(param), _param_name(group, i))
+                if why is not None:
+                    raise ValueError(why)
+            _check_no_shared_memory(self.param_groups)
         except ValueError:
             self.param_groups.pop()
             raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("skipped_steps", None)
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("backend", None)
             group.setdefault("clip", 1.0)
             group.setdefault("p", 0.5)
+        if getattr(self, "skipped_steps", None) is None:
+            first = self.param_groups[0]["params"][0]
+            self.skipped_steps = torch.zeros((), dtype=torch.float32, device=first.device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state_dict from any backend and device, keeping float32 state.
 
         torch.optim casts floating state to the parameter's dtype, which would round a bfloat16
-        parameter's float32 FIM to bfloat16 (SPEC section 4). The saved tensors are re-read here
-        at full precision onto each parameter's device. Checkpoints of the public FAdam
-        implementations (keys ``momentum`` and ``fim``, an integer or per-group ``step``) load too.
+        parameter's float32 FIM to bfloat16 (docs/design.md, section 5). The saved tensors are
+        re-read here at full precision onto each parameter's device. Checkpoints of the public
+        FAdam implementations (keys ``momentum`` and ``fim``, an integer or per-group ``step``)
+        load too. A checkpoint of another model, or with incomplete state, is refused by name
+        before anything is loaded.
         """
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         pairs = [(saved_group, group, i, saved_id, param)
                  for saved_group, group in zip(saved_groups, self.param_groups)
                  for i, (saved_id, param) in enumerate(zip(saved_group["params"], group["params"]))]
-        # torch.optim checks only the group sizes; a checkpoint of another model (or another
-        # parameter order) must fail here, by name, before anything is loaded.
-        for _, group, i, saved_id, param in pairs:
+        for saved_group, group, i, saved_id, param in pairs:
+            saved = saved_state.get(saved_id)
+            if not saved:
+                continue
+            missing = [key for key in ("momentum", "fim") if not isinstance(saved.get(key), Tensor)]
+            if "step" not in saved and "step" not in saved_group:
+                missing.append("step")
+            if missing:
+                raise ValueError(
+                    f"Cannot load this FAdam state_dict: the state of {_param_name(group, i)} "
+                    f"has no {' or '.join(repr(k) for k in missing)} (it has "
+                    f"{sorted(saved)}). Save it from FAdam, or drop the parameter's state.")
             for key in ("momentum", "fim"):
-                saved = saved_state.get(saved_id, {}).get(key)
-                if isinstance(saved, Tensor) and saved.shape != param.shape:
+                if saved[key].shape != param.shape:
                     raise ValueError(
                         f"Cannot load this FAdam state_dict: the saved {key!r} of "
-                        f"{_param_name(group, i)} has shape {tuple(saved.shape)}, but the "
+                        f"{_param_name(group, i)} has shape {tuple(saved[key].shape)}, but the "
                         f"parameter has shape {tuple(param.shape)}. Was it saved for another "
                         "model, or with the parameters in another order?")
         # The backend is where this process runs the step, not a training hyperparameter: the
@@ -177,61 +267,13 @@ class FAdam(Optimizer):
                 continue
             state = self.state[param]
             for key in ("momentum", "fim"):
-                if key in saved:
-                    # float32 and the parameter's own layout (a checkpoint of a contiguous
-                    # state loads into a channels_last parameter's optimizer).
-                    state[key] = torch.empty_like(param, dtype=torch.float32).copy_(saved[key])
+                state[key] = sharded.state_like(param, saved[key])
             step = saved.get("step", saved_group.get("step", 0))
             state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
 
-    def _init_group(self, group, params, grads, momentums, fims, steps) -> None:
-        """Collects the group's tensors that have gradients, creating missing state lazily."""
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            state = self.state[param]
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-                state["momentum"] = torch.zeros_like(param, dtype=torch.float32,
-                                                     memory_format=torch.preserve_format)
-                state["fim"] = torch.ones_like(param, dtype=torch.float32,
-                                               memory_format=torch.preserve_format)
-            params.append(param)
-            grads.append(param.grad)
-            momentums.append(state["momentum"])
-            fims.append(state["fim"])
-            steps.append(state["step"])
-
-    def _check_grads(self) -> None:
-        """Every error a step can raise, raised before anything is modified (state included).
-
-        Runs on every step over every parameter, so the common case is a few attribute compares
-        per parameter (16384 parameters: ~15 ms); messages are built only when raising.
-        """
-        resolved = set()
-        for group in self.param_groups:
-            backend = group["backend"]
-            for i, param in enumerate(group["params"]):
-                grad = param.grad
-                if grad is None:
-                    continue
-                if (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype
-                        or grad.device != param.device):
-                    raise RuntimeError(_grad_mismatch(_param_name(group, i), param, grad))
-                if (backend, param.device) not in resolved:
-                    backends.resolve(backend, param.device)  # raises if it cannot run there
-                    resolved.add((backend, param.device))
-                if backend not in (None, "reference"):
-                    why = backends.unfusable_reason(param)
-                    if why is not None:
-                        raise RuntimeError(
-                            f"FAdam backend={backend!r} cannot update {_param_name(group, i)}: it "
-                            f"{why}. Use backend=None or 'reference' (backend=None runs such "
-                            "parameters on the reference backend and the others fused).")
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        """Performs a single optimization step.
+        """Performs a single optimization step (validate, plan, mutate: see the module doc).
 
         Args:
             closure (Callable, optional): reevaluates the model and returns the loss.
@@ -240,29 +282,74 @@ class FAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_grads()
-        runner = _StepRunner(grad_scale=getattr(self, "grad_scale", None),
-                             found_inf=getattr(self, "found_inf", None))
-        for group in self.param_groups:
-            params, grads, momentums, fims, steps = [], [], [], [], []
-            self._init_group(group, params, grads, momentums, fims, steps)
-            beta1, beta2 = group["betas"]
-            runner.add(params, grads, momentums, fims, steps, lr=group["lr"], beta1=beta1,
-                       beta2=beta2, eps=group["eps"], clip=group["clip"],
-                       weight_decay=group["weight_decay"], p=group["p"],
-                       maximize=group["maximize"], backend=group["backend"])
-        skips = runner.run()
-        if skips:
-            if self.skipped_steps is None:
-                first = next(iter(skips.values()))
-                self.skipped_steps = torch.zeros((), dtype=torch.float32, device=first.device)
-            # The flags of all devices are equal (_combine_devices); take the one already on
-            # the counter's device when this step has one there.
-            flag = skips.get(self.skipped_steps.device)
-            if flag is None:
-                flag = _StepRunner._on(next(iter(skips.values())), self.skipped_steps.device)
-            self.skipped_steps.add_(flag)
+        validator = _Validator()
+        checked = [validator.group(group, [p.grad for p in group["params"]], self.state)
+                   for group in self.param_groups]
+        for param in validator.new_state:
+            _init_state(self.state[param], param)
+        buckets = [bucket for group, (hyper, params, grads) in zip(self.param_groups, checked)
+                   for bucket in plan_buckets(hyper, group["backend"], params, grads,
+                                              [self.state[p] for p in params])]
+        skip = run_step(buckets, grad_scale=getattr(self, "grad_scale", None),
+                        found_inf=getattr(self, "found_inf", None))
+        if skip is not None:
+            self.skipped_steps.add_(_on(skip, self.skipped_steps.device))
         return loss
+
+
+def _init_state(state: dict[str, Any], param: Tensor) -> None:
+    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+    state["momentum"] = torch.zeros_like(param, dtype=torch.float32,
+                                         memory_format=torch.preserve_format)
+    state["fim"] = torch.ones_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def _param_name(group: dict[str, Any], index: int) -> str:
+    names = group.get("param_names")
+    if names is not None:
+        return f"parameter {names[index]!r}"
+    return f"parameter {index} of its param group (shape {tuple(group['params'][index].shape)})"
+
+
+def _refusal(param: Tensor, name: str) -> str | None:
+    """Why no backend can optimize `param` (None if it can be optimized)."""
+    if param.is_complex():
+        return (f"FAdam does not support complex parameters: {name} is {param.dtype}. Optimize "
+                "torch.view_as_real(param) instead.")
+    if not param.is_floating_point():
+        return (f"FAdam optimizes floating-point parameters only: {name} is {param.dtype} "
+                "(torch.optim.Adam refuses it too).")
+    if torch._debug_has_internal_overlap(param) == 1:  # MemOverlap::Yes, e.g. stride 0
+        return (f"FAdam cannot optimize {name}: its elements share memory (shape "
+                f"{tuple(param.shape)}, strides {tuple(param.stride())}, e.g. from expand()). "
+                "Give it memory of its own (.contiguous()).")
+    return None
+
+
+def _check_no_shared_memory(groups: Sequence[dict[str, Any]]) -> None:
+    """Refuses two parameters whose storage overlaps: each would be updated from a stale read of
+    the other, and the fused kernels would race on the shared elements."""
+    spans: dict[Any, list[tuple[int, int, str]]] = {}
+    for group in groups:
+        for i, param in enumerate(group["params"]):
+            param = sharded.local(param)
+            if param.numel() == 0 or param.device.type == "meta":
+                continue
+            start = param.data_ptr()
+            extent = sum((n - 1) * abs(s) for n, s in zip(param.shape, param.stride())) + 1
+            key = (param.device, param.untyped_storage().data_ptr())
+            spans.setdefault(key, []).append(
+                (start, start + extent * param.element_size(), _param_name(group, i)))
+    for items in spans.values():
+        items.sort()
+        for (_, end, name), (start, _, other) in zip(items, items[1:]):
+            if start < end:
+                raise ValueError(f"FAdam cannot optimize {name} and {other}: their storage "
+                                 "overlaps (views of one tensor?). Give each parameter its own "
+                                 "memory, e.g. with .clone()")
 
 
 def _grad_mismatch(name: str, param: Tensor, grad: Tensor) -> str:
@@ -280,161 +367,267 @@ def _grad_mismatch(name: str, param: Tensor, grad: Tensor) -> str:
             f"{param.device}; move it to the parameter's device.")
 
 
-def _param_name(group: dict[str, Any], index: int) -> str:
-    names = group.get("param_names")
-    if names is not None:
-        return f"parameter {names[index]!r}"
-    return f"parameter {index} of its param group (shape {tuple(group['params'][index].shape)})"
+class _Validator:
+    """Checks one step's inputs; raises before anything is written.
 
-
-def _buckets(tensorlists: list[list[Tensor]]) -> list[list[list[Tensor]]]:
-    """Splits parallel tensor lists by the (device, dtype) of the first list (the params)."""
-    grouped = Optimizer._group_tensors_by_device_and_dtype(tensorlists)
-    return [lists for lists, _ in grouped.values()]
-
-
-class _StepRunner:
-    """One optimizer step over any number of tensor lists: all phase A, then all phase B.
-
-    The skip flag is one float32 0-dim tensor per device; phase A of every bucket raises it, and
-    flags of several devices are combined before any phase B, so a NaN on one device also skips
-    the others. Steps are incremented before phase A and decremented by the flag afterwards, as
-    torch's fused Adam does with found_inf, so a skipped step leaves them bit-identical.
+    Runs on every step over every parameter, so the common case is a few attribute compares per
+    parameter; messages are built only when raising.
     """
 
-    def __init__(self, grad_scale: Tensor | None = None, found_inf: Tensor | None = None):
-        self.grad_scale = grad_scale
-        self.found_inf = found_inf
-        self.skip: dict[torch.device, Tensor] = {}
-        self.buckets: list[tuple[str, dict[str, Any], list[list[Tensor]]]] = []
+    def __init__(self) -> None:
+        self.resolved: set[tuple[str | None, torch.device]] = set()
+        self.new_state: list[Tensor] = []  # parameters whose state the plan must create
 
-    @staticmethod
-    def _on(value: Tensor | None, device: torch.device) -> Tensor | None:
-        """`value` on `device`. Asynchronous towards an accelerator; towards the CPU it waits,
-        since a CPU kernel reads the value on the host right away (non_blocking=True there
-        returned a pinned tensor still being filled, and a CUDA NaN flag read as 0)."""
-        if value is None or value.device == device:
-            return value
-        return value.to(device, non_blocking=device.type != "cpu")
-
-    def _skip_flag(self, device: torch.device) -> Tensor:
-        if device not in self.skip:
-            if self.found_inf is None:
-                self.skip[device] = torch.zeros((), dtype=torch.float32, device=device)
-            else:
-                found = self._on(self.found_inf, device).reshape(())
-                self.skip[device] = (found != 0).to(torch.float32)
-        return self.skip[device]
-
-    def add(self, params, grads, momentums, fims, steps, *, lr, beta1, beta2, eps, clip,
-            weight_decay, p, maximize, backend) -> None:
-        if not params:
-            return
-        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip=clip,
-                     weight_decay=weight_decay, p=p, maximize=maximize)
-        for lists in _buckets([params, grads, momentums, fims, steps]):
-            # device and dtype from a tensor: under torch.compile the grouping's keys are not
-            # torch.device objects.
-            name = backends.resolve(backend, lists[0][0].device)
-            if name == "reference":
-                self.buckets.append((name, hyper, lists))
+    def group(self, group: dict[str, Any], grads: Sequence[Tensor | None],
+              state: dict[Tensor, Any]) -> tuple[Hyper, list[Tensor], list[Tensor]]:
+        """The group's hyperparameters, and its parameters that have a gradient (`grads`,
+        parallel to group["params"]) with those gradients, all checked."""
+        hyper = _group_hyperparameters(group, read_lr=False)
+        backend = group["backend"]
+        fused_only = backend not in (None, "reference")
+        lr_device = hyper.lr.device if isinstance(hyper.lr, Tensor) else None
+        params, kept = [], []
+        for i, (param, grad) in enumerate(zip(group["params"], grads)):
+            if grad is None:
                 continue
-            # float64 parameters and strided views run on the oracle (backend=None only: the
-            # optimizer has refused them, by name, for an explicit fused backend).
-            fusable = [backends.unfusable_reason(p) is None for p in lists[0]]
-            if not all(fusable):
-                if backend is not None:
-                    i = fusable.index(False)
-                    raise RuntimeError(f"FAdam backend={backend!r} cannot update params[{i}]: it "
-                                       f"{backends.unfusable_reason(lists[0][i])}; use "
-                                       "backend=None or 'reference'.")
-                self.buckets.append(("reference", hyper,
-                                     [[t for t, ok in zip(lst, fusable) if not ok] for lst in lists]))
-                lists = [[t for t, ok in zip(lst, fusable) if ok] for lst in lists]
-                if not lists[0]:
-                    continue
-            # The kernels walk a parameter, its gradient and its state in one memory order. The
-            # state is created (and loaded) in the parameter's layout; a gradient in another
-            # layout (p.grad = g.t().contiguous().t(), or a channels_last parameter with a
-            # contiguous gradient) is copied into it: a step's worth of extra traffic, no sync.
-            lists[1] = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-                        for p, g in zip(lists[0], lists[1])]
-            self.buckets.append((name, hyper, lists))
-
-    def run(self) -> dict[torch.device, Tensor]:
-        """Runs the step; returns the skip flag of every device (all equal; empty if nothing
-        ran)."""
-        if not self.buckets:
-            return {}
-        phase_b = []
-        for name, hyper, lists in self.buckets:
-            params, grads, momentums, fims, steps = lists
-            device = params[0].device
-            skip = self._skip_flag(device)
-            grad_scale = self._on(self.grad_scale, device)
-            torch._foreach_add_(steps, 1)
-            if name == "reference":
-                skip.copy_(torch.maximum(skip, reference.nonfinite_flag(grads)))
-                phase_b.append((name, hyper, lists, skip, grad_scale, None, None))
-                continue
-            impl = backends.fused(name)
-            n_slots = sum(max(1, math.ceil(t.numel() / impl.chunk_size)) for t in params)
-            partials = torch.empty((n_slots, 2), dtype=torch.float64, device=device)
-            impl.phase_a(params, grads, fims, steps, partials, skip, grad_scale,
-                         beta2=hyper["beta2"], eps=hyper["eps"], p=hyper["p"],
-                         clip=float(hyper["clip"] or 0.0), maximize=hyper["maximize"],
-                         chunk_size=impl.chunk_size,
-                         fuse_one_chunk=True)
-            phase_b.append((name, hyper, lists, skip, grad_scale, impl, partials))
-
-        self._combine_devices()
-
-        for name, hyper, lists, skip, grad_scale, impl, partials in phase_b:
-            params, grads, momentums, fims, steps = lists
-            lr = hyper["lr"]
-            if impl is None:
-                for param, grad, m, f, step in zip(params, grads, momentums, fims, steps):
-                    reference.update_tensor(param, grad, m, f, step, skip, grad_scale=grad_scale,
-                                            **hyper)
+            if (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype
+                    or grad.device != param.device):
+                raise RuntimeError(_grad_mismatch(_param_name(group, i), param, grad))
+            if sharded.is_dtensor(param) or sharded.is_dtensor(grad):
+                why = sharded.check(_param_name(group, i), param, grad)
+                if why is not None:
+                    raise RuntimeError(why)
+                self._unusual(group, i, fused_only)
+            elif not param.is_contiguous() or param.dtype not in backends.FUSED_DTYPES:
+                self._unusual(group, i, fused_only)
+            device = param.device
+            if (backend, device) not in self.resolved:
+                backends.resolve(backend, device)  # raises if it cannot run there
+                if lr_device is not None and lr_device.type != "cpu" and lr_device != device:
+                    raise ValueError(f"Tensor lr is on {lr_device} but {_param_name(group, i)} is "
+                                     f"on {device}; put lr on the CPU or on the parameters' device")
+                self.resolved.add((backend, device))
+            saved = state.get(param)
+            if saved:
+                momentum, fim = saved.get("momentum"), saved.get("fim")
+                if (momentum is None or fim is None or momentum.shape != param.shape
+                        or fim.shape != param.shape):
+                    raise RuntimeError(_bad_state(_param_name(group, i), param, saved))
             else:
-                lr_tensor = None
-                on_host = isinstance(lr, Tensor) and lr.device.type == "cpu"
-                if on_host and params[0].device.type != "cpu":
-                    # A CPU lr with accelerator parameters (e.g. a checkpoint loaded with
-                    # map_location="cpu"): read on the host, as torch's fused Adam does; no device
-                    # sync, and no pageable host-to-device copy in every step.
-                    lr = float(lr)  # sync-ok: a CPU tensor
-                elif isinstance(lr, Tensor):
-                    # The kernels read float32 or float64 (an lr in bfloat16 is converted on its
-                    # own device, then moved like every other step input).
-                    if lr.dtype not in (torch.float32, torch.float64):
-                        lr = lr.float()
-                    lr_tensor = self._on(lr, params[0].device)
-                impl.phase_b(params, grads, fims, momentums, steps, partials, skip, grad_scale,
-                             lr_tensor, lr=0.0 if lr_tensor is not None else float(lr),
-                             beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"],
-                             p=hyper["p"], clip=float(hyper["clip"] or 0.0),
-                             weight_decay=hyper["weight_decay"], maximize=hyper["maximize"],
-                             chunk_size=impl.chunk_size, fuse_one_chunk=True)
-            # Undo the increment of a skipped step. A CPU flag is read on the host with no device
-            # to wait for, and a step that ran (nearly all of them) then saves a foreach over
-            # every step tensor: 1.6 us per tensor on CPU, 0.2 ms for the 128 of the LLM list.
-            # Traced (torch.compile) and on accelerators the subtraction always runs.
-            if (skip.device.type != "cpu" or torch.compiler.is_compiling()
-                    or bool(skip)):  # sync-ok: a CPU tensor
-                torch._foreach_add_(steps, skip, alpha=-1)
-        return self.skip
+                self.new_state.append(param)
+            params.append(param)
+            kept.append(grad)
+        return hyper, params, kept
 
-    def _combine_devices(self) -> None:
-        """One NaN anywhere skips the step everywhere. Combined on an accelerator when there is
-        one; a CPU bucket next to a GPU one must wait for the GPU's flag (its kernel reads it on
-        the host), the only sync of a step, and only in that mix."""
-        if len(self.skip) < 2:
-            return
-        devices = sorted(self.skip, key=lambda d: d.type == "cpu")
-        total = torch.stack([self._on(self.skip[d], devices[0]) for d in devices]).amax()
-        for d in devices:
-            self.skip[d].copy_(self._on(total, d))
+    def _unusual(self, group: dict[str, Any], i: int, fused_only: bool) -> None:
+        """Parameters off the common path (not contiguous, not a fused dtype, or sharded)."""
+        param = sharded.local(group["params"][i])
+        why = _refusal(param, _param_name(group, i))
+        if why is not None:
+            raise RuntimeError(why)
+        if fused_only:
+            why = backends.unfusable_reason(param)
+            if why is not None:
+                raise RuntimeError(
+                    f"FAdam backend={group['backend']!r} cannot update {_param_name(group, i)}: "
+                    f"it {why}. Use backend=None or 'reference' (backend=None runs such "
+                    "parameters on the reference backend and the others fused).")
+
+
+def _bad_state(name: str, param: Tensor, saved: dict[str, Any]) -> str:
+    for key in ("momentum", "fim"):
+        if saved.get(key) is None:
+            return (f"The FAdam state of {name} has no {key!r} (it has {sorted(saved)}); "
+                    "load a complete state_dict, or clear this parameter's state.")
+        if saved[key].shape != param.shape:
+            return (f"The FAdam state {key!r} of {name} has shape {tuple(saved[key].shape)} but "
+                    f"the parameter now has shape {tuple(param.shape)} (was param.data "
+                    "replaced?); clear this parameter's state (opt.state.pop(param)) to start it "
+                    "afresh.")
+    raise AssertionError("unreachable")
+
+
+# ---- plan ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Bucket:
+    """Tensors of one group, device and dtype that one backend steps together."""
+
+    backend: str  # a fused backend's name, or "reference"
+    hyper: Hyper
+    params: list[Tensor] = dataclasses.field(default_factory=list)
+    grads: list[Tensor] = dataclasses.field(default_factory=list)
+    momentums: list[Tensor] = dataclasses.field(default_factory=list)
+    fims: list[Tensor] = dataclasses.field(default_factory=list)
+    steps: list[Tensor] = dataclasses.field(default_factory=list)
+    # DTensor parameters' buckets hold their local shards and say how they are sharded.
+    shards: sharded.Shards | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def append(self, param: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
+        self.params.append(param)
+        self.grads.append(grad)
+        self.momentums.append(state["momentum"])
+        self.fims.append(state["fim"])
+        self.steps.append(state["step"])
+
+
+def plan_buckets(hyper: Hyper, backend: str | None, params: Sequence[Tensor],
+                 grads: Sequence[Tensor], states: Sequence[dict[str, Any]]) -> list[Bucket]:
+    """Sorts checked parameters (with their state) into buckets; decides fusability once.
+
+    float64 parameters and strided views run on the reference backend (backend=None only: the
+    validation has refused them, by name, for an explicit fused backend).
+    """
+    buckets: dict[tuple, Bucket] = {}
+    for param, grad, state in zip(params, grads, states):
+        whole = None
+        if sharded.is_dtensor(param):  # [note: sharded parameters] in sharded.py
+            whole = param
+            param, grad, state = sharded.localize(param, grad, state)
+        device = param.device
+        name = backends.resolve(backend, device)
+        if name != "reference" and backends.unfusable_reason(param) is not None:
+            name = "reference"
+        key = (name, device, param.dtype, whole is None)
+        bucket = buckets.get(key)
+        if bucket is None:
+            shards = None if whole is None else sharded.Shards(device, clip=hyper.clip > 0)
+            bucket = buckets[key] = Bucket(name, hyper, shards=shards)
+        if whole is not None:
+            bucket.shards.add(whole, param.numel())
+        # The kernels walk a parameter, its gradient and its state in one memory order. The
+        # state is created (and loaded) in the parameter's layout; a gradient in another layout
+        # (p.grad = g.t().contiguous().t(), or a channels_last parameter with a contiguous
+        # gradient) is copied into it: a step's worth of extra traffic, no sync.
+        if name != "reference" and grad.stride() != param.stride():
+            grad = torch.empty_like(param).copy_(grad)
+        bucket.append(param, grad, state)
+    return list(buckets.values())
+
+
+# ---- mutate -------------------------------------------------------------------------------------
+
+
+def _on(value: Tensor | None, device: torch.device) -> Tensor | None:
+    """`value` on `device`. Asynchronous towards an accelerator; towards the CPU it waits, since
+    a CPU kernel reads the value on the host right away (non_blocking=True there returned a
+    pinned tensor still being filled, and a CUDA NaN flag read as 0)."""
+    if value is None or value.device == device:
+        return value
+    return value.to(device, non_blocking=device.type != "cpu")
+
+
+def _lr_args(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, float]:
+    """(lr_tensor, lr) as the ops take them: a one-element float32/float64 tensor on `device`,
+    or a float."""
+    if not isinstance(lr, Tensor):
+        return None, float(lr)
+    if lr.device.type == "cpu" and device.type != "cpu":
+        # A CPU lr with accelerator parameters (e.g. a checkpoint loaded with map_location="cpu"):
+        # read on the host, as torch's fused Adam does; no device sync, and no pageable
+        # host-to-device copy in every step.
+        return None, float(lr)  # sync-ok: a CPU tensor
+    if lr.dtype not in (torch.float32, torch.float64):
+        lr = lr.float()  # a bfloat16 lr is widened on its own device, exactly
+    return _on(lr, device), 0.0
+
+
+def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None) -> Tensor | None:
+    """Runs one step over planned buckets: all phase A, then all phase B.
+
+    Returns the skip flag (a float32 0-dim tensor, 1 if a gradient anywhere was not finite or
+    found_inf was set; equal on every device), or None when there is nothing to step. The flag
+    is one tensor per device; flags of several devices are combined before any phase B, so a
+    NaN on one device also skips the others. Steps are incremented before phase A and the flag
+    is subtracted afterwards, as torch's fused Adam does with found_inf, so a skipped step leaves
+    them bit-identical.
+    """
+    if not buckets:
+        return None
+    skips: dict[torch.device, Tensor] = {}
+    for bucket in buckets:
+        if bucket.device not in skips:
+            if found_inf is None:
+                skips[bucket.device] = torch.zeros((), dtype=torch.float32, device=bucket.device)
+            else:
+                found = _on(found_inf, bucket.device).reshape(())
+                skips[bucket.device] = (found != 0).to(torch.float32)
+
+    partials = []
+    for bucket in buckets:
+        skip, h = skips[bucket.device], bucket.hyper
+        torch._foreach_add_(bucket.steps, 1)
+        shards = bucket.shards
+        if bucket.backend == "reference":
+            skip.copy_(torch.maximum(skip, reference.nonfinite_flag(bucket.grads)))
+            if shards is not None:
+                shards.reference_phase_a(bucket.params, bucket.grads, bucket.fims, bucket.steps,
+                                         beta2=h.beta2, eps=h.eps, p=h.p, maximize=h.maximize,
+                                         grad_scale=_on(grad_scale, bucket.device))
+            partials.append(None)
+            continue
+        ops = backends.fused(bucket.backend)
+        sums = op_contract.new_partials(bucket.params, ops.chunk_size)
+        if shards is not None:
+            # A shard's sums leave phase A whatever its size (fuse_one_chunk=False); zeros, as
+            # an empty shard's slot is never written.
+            sums.zero_()
+            shards.partials, shards.chunk_size = sums, ops.chunk_size
+        ops.phase_a(bucket.params, bucket.grads, bucket.fims, bucket.steps, sums, skip,
+                    _on(grad_scale, bucket.device), beta2=h.beta2, eps=h.eps, p=h.p, clip=h.clip,
+                    maximize=h.maximize, chunk_size=ops.chunk_size,
+                    fuse_one_chunk=shards is None)
+        partials.append(sums)
+
+    _combine_devices(skips)
+    # Sharded tensors: their sums and the skip flag, all-reduced over their meshes.
+    sharded.all_reduce([b.shards for b in buckets if b.shards is not None], skips)
+
+    for bucket, sums in zip(buckets, partials):
+        skip, h = skips[bucket.device], bucket.hyper
+        scale = _on(grad_scale, bucket.device)
+        if sums is None:
+            for i, (param, grad, m, f, step) in enumerate(zip(
+                    bucket.params, bucket.grads, bucket.momentums, bucket.fims, bucket.steps)):
+                whole = {} if bucket.shards is None else bucket.shards.reference_args(i)
+                reference.update_tensor(param, grad, m, f, step, skip, grad_scale=scale,
+                                        **dataclasses.asdict(h), **whole)
+        else:
+            ops = backends.fused(bucket.backend)
+            lr_tensor, lr = _lr_args(h.lr, bucket.device)
+            ops.phase_b(bucket.params, bucket.grads, bucket.fims, bucket.momentums, bucket.steps,
+                        sums, skip, scale, lr_tensor, lr=lr, beta1=h.beta1, beta2=h.beta2,
+                        eps=h.eps, p=h.p, clip=h.clip, weight_decay=h.weight_decay,
+                        maximize=h.maximize, chunk_size=ops.chunk_size,
+                        fuse_one_chunk=bucket.shards is None)
+        # Undo the increment of a skipped step. A CPU flag is read on the host with no device to
+        # wait for, and a step that ran (nearly all of them) then saves a foreach over every step
+        # tensor. Traced (torch.compile) and on accelerators the subtraction always runs.
+        if (skip.device.type != "cpu" or torch.compiler.is_compiling()
+                or bool(skip)):  # sync-ok: a CPU tensor
+            torch._foreach_add_(bucket.steps, skip, alpha=-1)
+    return next(iter(skips.values()))
+
+
+def _combine_devices(skips: dict[torch.device, Tensor]) -> None:
+    """One NaN anywhere skips the step everywhere. Combined on an accelerator when there is one;
+    a CPU bucket next to a GPU one must wait for the GPU's flag (its kernel reads it on the
+    host), the only sync of a step, and only in that mix."""
+    if len(skips) < 2:
+        return
+    devices = sorted(skips, key=lambda d: d.type == "cpu")
+    total = torch.stack([_on(skips[d], devices[0]) for d in devices]).amax()
+    for d in devices:
+        skips[d].copy_(_on(total, d))
+
+
+# ---- functional ---------------------------------------------------------------------------------
 
 
 def fadam(
@@ -459,12 +652,18 @@ def fadam(
     """Functional FAdam: one step over parallel tensor lists; see :class:`FAdam` for the math.
 
     ``state_steps`` are float32 0-dim tensors on each parameter's device; momentums and fims are
-    float32. Returns the skip flag (a 0-dim float32 tensor, 1 if the step was skipped because a
-    gradient was not finite), or None for empty lists.
+    float32 tensors shaped like their parameters. The inputs are checked as the optimizer checks
+    them, before anything is written. Returns the skip flag (a 0-dim float32 tensor, 1 if the
+    step was skipped because a gradient was not finite), or None for empty lists.
     """
-    runner = _StepRunner(grad_scale=grad_scale, found_inf=found_inf)
-    runner.add(params, grads, momentums, fims, state_steps, lr=lr, beta1=beta1, beta2=beta2,
-               eps=eps, clip=clip, weight_decay=weight_decay, p=p, maximize=maximize,
-               backend=backend)
-    skips = runner.run()
-    return next(iter(skips.values())) if skips else None
+    n = len(params)
+    if not (len(grads) == len(momentums) == len(fims) == len(state_steps) == n):
+        raise ValueError(f"fadam: params, grads, momentums, fims and state_steps must have the "
+                         f"same length, got {n}, {len(grads)}, {len(momentums)}, {len(fims)}, "
+                         f"{len(state_steps)}")
+    group = dict(params=list(params), lr=lr, betas=(beta1, beta2), eps=eps, clip=clip,
+                 weight_decay=weight_decay, p=p, maximize=maximize, backend=backend)
+    states = [dict(momentum=m, fim=f, step=s) for m, f, s in zip(momentums, fims, state_steps)]
+    hyper, checked, checked_grads = _Validator().group(group, grads, dict(zip(params, states)))
+    buckets = plan_buckets(hyper, backend, checked, checked_grads, states)
+    return run_step(buckets, grad_scale=grad_scale, found_inf=found_inf)

@@ -3,7 +3,7 @@ r"""The correctness oracle: FAdam in plain PyTorch, one tensor at a time, writte
 Every fused backend is tested against this file. It is never optimised.
 
 The algorithm (Hwang 2024, "FAdam: Adam is a natural gradient optimizer using diagonal empirical
-Fisher information", Algorithm 1; docs/design.md section 1). For each parameter tensor :math:`\theta` with
+Fisher information", Algorithm 1; docs/design.md, section 1). For each parameter tensor :math:`\theta` with
 gradient :math:`g`, step count :math:`t` (0 before the first step), momentum :math:`m` (init 0) and
 diagonal empirical Fisher :math:`f` (init 1):
 
@@ -27,7 +27,7 @@ Precision: math in float32 (``upcast=False``, the precision the fused kernels pr
 dtype; step scalars in float64; sums of squares in float64 (with ``eps=1e-30`` and a zero gradient
 :math:`w \approx 10^{29}` and :math:`w^2` overflows float32).
 
-Non-finite gradients (docs/design.md section 6): if any gradient of the step holds a NaN or inf (or
+Non-finite gradients (docs/design.md, section 6): if any gradient of the step holds a NaN or inf (or
 ``found_inf`` from a GradScaler is set), nothing changes: parameters, state and step counts keep
 their exact values. The decision is a device tensor, never a host sync.
 """
@@ -56,14 +56,63 @@ def b2hat(beta2: float, t: Tensor) -> Tensor:
     return beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
 
 
-def _clip_scale(x: Tensor, clip: float | None) -> Tensor:
-    """max(1, RMS(x) / clip) in float64; 1 when clipping is off or x is empty."""
-    if not clip or x.numel() == 0:
+def _clip_scale(x: Tensor, clip: float | None, sumsq: Tensor | None = None,
+                numel: int | None = None) -> Tensor:
+    """max(1, RMS(x) / clip) in float64; 1 when clipping is off or x is empty.
+
+    With `sumsq` and `numel` the RMS is sqrt(sumsq / numel) instead: x is a shard of a larger
+    tensor whose sum of squares (all-reduced by fadam_fused.sharded) and numel are given.
+
+    A non-finite RMS (a NaN or inf in the parameter behind w) counts as infinite: x / s is then 0
+    for every finite element and the NaN stays in its own element (docs/design.md, section 6).
+    """
+    if sumsq is None:
+        sumsq, numel = x.to(torch.float64).square().sum(), x.numel()
+    if not clip or numel == 0:
         return torch.ones((), dtype=torch.float64, device=x.device)
-    rms = x.to(torch.float64).square().mean().sqrt()
-    # A non-finite RMS (a NaN or inf parameter) counts as infinite: 1/s = 0 for that tensor.
-    rms = torch.where(torch.isfinite(rms), rms, torch.full_like(rms, float("inf")))
-    return torch.clamp(rms / clip, min=1.0)
+    rms = (sumsq.to(device=x.device, dtype=torch.float64) / numel).sqrt()
+    scale = torch.clamp(rms / clip, min=1.0)
+    return torch.where(torch.isfinite(scale), scale, torch.inf)
+
+
+def _natural(param, grad, fim, step, *, beta2, eps, p, maximize, grad_scale, upcast):
+    """The compute dtype, and the step's g, theta, new f, ghat = g / d and w = theta / d in it."""
+    compute = torch.float64 if upcast or param.dtype == torch.float64 else torch.float32
+    g = grad.to(compute)
+    if grad_scale is not None:
+        g = g / grad_scale.to(device=g.device, dtype=compute).reshape(())
+    if maximize:
+        g = -g
+    theta = param.to(compute)
+    f = fim.to(compute)
+
+    bhat = b2hat(beta2, step.to(g.device)).to(compute)
+    f = bhat * f + (1 - bhat) * g * g
+    d = f**p + eps ** (2 * p)
+    return compute, g, theta, f, g / d, theta / d
+
+
+def square_sums(
+    param: Tensor,
+    grad: Tensor,
+    fim: Tensor,
+    step: Tensor,
+    *,
+    beta2: float,
+    eps: float,
+    p: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    upcast: bool = False,
+) -> Tensor:
+    """float64 [2]: (sum ghat^2, sum w^2) of this tensor, the two sums its RMS values need.
+
+    For a shard of a sharded parameter: the sums of all shards add up to those of the whole
+    tensor, which update_tensor(sums=..., numel=...) then uses. Arguments as in update_tensor.
+    """
+    _, _, _, _, ghat, w = _natural(param, grad, fim, step, beta2=beta2, eps=eps, p=p,
+                                   maximize=maximize, grad_scale=grad_scale, upcast=upcast)
+    return torch.stack([ghat.to(torch.float64).square().sum(), w.to(torch.float64).square().sum()])
 
 
 def update_tensor(
@@ -84,30 +133,26 @@ def update_tensor(
     maximize: bool,
     grad_scale: Tensor | None = None,
     upcast: bool = False,
+    sums: Tensor | None = None,
+    numel: int | None = None,
 ) -> None:
     """One FAdam update of one tensor, in place, unless `skip` (a 0-dim tensor) is nonzero.
 
     `step` is this tensor's step count already incremented for this step (t >= 1); it is read,
     not written. Math is float32, or float64 with `upcast` or a float64 parameter.
-    """
-    compute = torch.float64 if upcast or param.dtype == torch.float64 else torch.float32
-    g = grad.to(compute)
-    if grad_scale is not None:
-        g = g / grad_scale.to(device=g.device, dtype=compute).reshape(())
-    if maximize:
-        g = -g
-    theta = param.to(compute)
-    m = momentum.to(compute)
-    f = fim.to(compute)
 
-    bhat = b2hat(beta2, step.to(g.device)).to(compute)
-    f = bhat * f + (1 - bhat) * g * g
-    d = f**p + eps ** (2 * p)
-    ghat = g / d
-    s1 = _clip_scale(ghat, clip).to(compute)
+    The two RMS values are over this tensor, unless it is a shard of a larger one: then over the
+    whole tensor, from `sums` (float64 [2]: its sum ghat^2 and sum w^2, see square_sums) and
+    its `numel`.
+    """
+    compute, g, theta, f, ghat, w = _natural(param, grad, fim, step, beta2=beta2, eps=eps, p=p,
+                                             maximize=maximize, grad_scale=grad_scale,
+                                             upcast=upcast)
+    sum_ghat2, sum_w2 = (None, None) if sums is None else sums
+    m = momentum.to(compute)
+    s1 = _clip_scale(ghat, clip, sum_ghat2, numel).to(compute)
     m = beta1 * m + (1 - beta1) * (ghat / s1)
-    w = theta / d
-    s2 = _clip_scale(w, clip).to(compute)
+    s2 = _clip_scale(w, clip, sum_w2, numel).to(compute)
     # reshape(()): an lr of shape (1,) must not broadcast a 0-dim parameter to (1,).
     lr_t = lr.to(device=g.device, dtype=compute).reshape(()) if isinstance(lr, Tensor) else lr
     theta = theta - lr_t * (m + weight_decay * (w / s2))

@@ -62,8 +62,8 @@ class Run:
         if found_inf is not None:
             skip.copy_(found_inf.reshape(1))
         tk.phase_a(params, gs, fims, steps, partials, skip, grad_scale, beta2=h["beta2"],
-                   eps=h["eps"], p=h["p"], maximize=h["maximize"], chunk_size=chunk_size,
-                   fuse_one_chunk=fuse_one_chunk)
+                   eps=h["eps"], p=h["p"], clip=h["clip"] or 0.0, maximize=h["maximize"],
+                   chunk_size=chunk_size, fuse_one_chunk=fuse_one_chunk)
         tk.phase_b(params, gs, fims, moms, steps, partials, skip, grad_scale, lr_tensor,
                    lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"], p=h["p"],
                    clip=h["clip"] or 0.0, weight_decay=h["weight_decay"], maximize=h["maximize"],

@@ -24,7 +24,7 @@ SHAPES = [(TK.CHUNK_SIZE + 4464,), (10,), (0,)]  # 2 chunks, 1 fused chunk, empt
 
 def step(params, grads, fims, moms, steps, partials, skip, lr_tensor):
     TK.phase_a(params, grads, fims, steps, partials, skip, None, beta2=0.999, eps=1e-8, p=0.5,
-               maximize=False, chunk_size=TK.CHUNK_SIZE, fuse_one_chunk=True)
+               clip=1.0, maximize=False, chunk_size=TK.CHUNK_SIZE, fuse_one_chunk=True)
     TK.phase_b(params, grads, fims, moms, steps, partials, skip, None, lr_tensor, lr=0.0,
                beta1=0.9, beta2=0.999, eps=1e-8, p=0.5, clip=1.0, weight_decay=1e-3,
                maximize=False, chunk_size=TK.CHUNK_SIZE, fuse_one_chunk=True)

@@ -2,12 +2,12 @@
 
 import pytest
 
-from fadam_fused import backends
+from fadam_fused import backends, op_contract
 
 
 def _chunk_setter(monkeypatch, backend):
     def set_chunk(chunk):
-        monkeypatch.setitem(backends._CHUNK_SIZE, backend, chunk)
+        monkeypatch.setitem(op_contract.CHUNK_SIZE, backend, chunk)
         monkeypatch.setattr(backends, "_FUSED", {})
     return set_chunk
 

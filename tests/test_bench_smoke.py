@@ -1,8 +1,9 @@
 """Smoke test of the benchmark machinery and the training example (fast; no timing assertions).
 
 Runs bench/step_bench.py on its tiny workload with a couple of rows, and checks the CSV / JSON
-fields and the bytes-per-param traffic model (SPEC section 3). The figures themselves come from
-`make bench`, not from here.
+fields and the bytes-per-param traffic model (docs/design.md section 4). The figures themselves
+come from `make bench`, not from here. The experiments of bench/experiments/ have their own tests
+(tests/test_bench_experiments.py).
 """
 
 from __future__ import annotations
@@ -20,20 +21,20 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import access_pattern, placement, report, rows, step_bench, traffic, workloads  # noqa: E402
+from bench import report, rows, step_bench, traffic, workloads  # noqa: E402
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
 def test_traffic_model_per_element():
-    # SPEC section 3: Adam 28 B/param in float32; exact FAdam 40 B for multi-chunk tensors; one-chunk
-    # tensors 28 B in the SPEC plus our phase-A re-read of g for the non-finite check = 32 B.
+    # Adam 28 B/param in float32; exact FAdam 40 B for multi-chunk tensors; one-chunk tensors 28 B
+    # plus our phase-A re-read of g for the non-finite check = 32 B (docs/design.md section 4).
     assert traffic.adam_bytes_per_element(F32) == 28
     assert traffic.fadam_bytes_per_element(65537, F32) == 40
     assert traffic.fadam_bytes_per_element(65536, F32) == 32
     assert traffic.fadam_bytes_per_element(1, F32) == 32
     # bf16 / fp16 params and grads are 2 bytes; torch's Adam keeps its state in the param dtype,
-    # FAdam keeps float32 state (SPEC section 4).
+    # FAdam keeps float32 state (docs/design.md section 5).
     assert traffic.adam_bytes_per_element(BF16) == 2 + 2 * 2 + 4 * 2
     assert traffic.fadam_bytes_per_element(10**6, BF16) == 2 * 2 + 5 * 4 + 3 * 2  # 30
     assert traffic.fadam_bytes_per_element(100, F16) == 2 * 2 + 4 * 4 + 2 * 2     # 24
@@ -46,6 +47,43 @@ def test_traffic_model_per_element():
     assert traffic.fadam_bytes_per_element(65536, F32, reads_only=True) == 20
     assert traffic.fadam_bytes_per_element(10**6, BF16, reads_only=True) == 2 * 2 + 3 * 4 + 2 * 2
     assert traffic.adam_bytes_per_element(BF16, reads_only=True) == 2 + 2 + 2 * 2
+
+
+def test_traffic_model_with_clipping_off():
+    # clip=None or 0: no RMS, so phase A reads only g (the non-finite check) and every tensor,
+    # multi-chunk or not, costs 32 B in float32 (reads g, g, f, m, theta = 20 B).
+    off = dict(clipping=False)
+    for numel in (1, 65536, 65537, 1 << 24):
+        assert traffic.fadam_bytes_per_element(numel, F32, **off) == 32
+        assert traffic.fadam_bytes_per_element(numel, F32, reads_only=True, **off) == 20
+    assert traffic.fadam_bytes_per_element(10**6, BF16, **off) == 2 * 2 + 4 * 4 + 2 * 2  # 24
+    numels = [70000, 4096, 0]
+    assert traffic.model_bytes("fadam", numels, F32, **off) == (70000 + 4096) * 32
+    assert traffic.bytes_per_param("fadam", numels, F32, **off) == pytest.approx(32.0)
+    # The default CPU list: 34 B with clipping (the 16M embedding is two-pass), 32 B without.
+    w = workloads.llm_workload(workloads.CPU_DEFAULT_PARAMS, workloads.CPU_DEFAULT_D_MODEL)
+    assert traffic.bytes_per_param("fadam", w.numels, F32, chunk_size=1 << 20, **off) == 32.0
+    # A row carries its clip into the model: the -noclip twin of fadam-cpu, and --clip none.
+    by = {r.name: r for r in rows.all_rows()}
+    assert by["fadam-cpu"].clipping and not by["fadam-cpu-noclip"].clipping
+    assert by["fadam-cpu-noclip"].twin == "fadam-cpu" and by["fadam-cpu-noclip"].clip is None
+    big = [1 << 21]  # two CPU chunks
+    assert by["fadam-cpu"].bytes_per_param(big, F32) == 40.0
+    assert by["fadam-cpu-noclip"].bytes_per_param(big, F32) == 32.0
+    assert by["torch-adam-fused"].bytes_per_param(big, F32) == 28.0
+    off_rows = {r.name: r for r in rows.all_rows(clip=None)}
+    assert off_rows["fadam-cpu"].bytes_per_param(big, F32) == 32.0
+    assert off_rows["pytorch_optimizer-fadam"].clip == 1.0  # it cannot turn clipping off
+
+
+def test_clip_flag_parses_none_and_zero_as_off():
+    assert step_bench.parse_args([]).clip == 1.0
+    for off in ("none", "None", "off", "0", "0.0"):
+        assert step_bench.parse_args(["--clip", off]).clip is None
+    assert step_bench.parse_args(["--clip", "0.5"]).clip == 0.5
+    for bad in ("-1", "inf", "nan", "x"):
+        with pytest.raises(SystemExit):
+            step_bench.parse_args(["--clip", bad])
 
 
 def test_traffic_model_weighted_over_a_workload():
@@ -89,71 +127,49 @@ def test_summary_gives_both_traffic_bounds():
     assert "read-bytes ratio 1.38x" in report.summary_text(old, results, {"elapsed_s": 1})
 
 
-def test_placement_labels_and_per_placement_ratios():
-    S, C = placement.SAME, placement.CROSS
-    assert placement.label(28.0, 31.0) == S
-    assert placement.label(165.0, 158.0) == C
-    assert placement.label(28.0, 165.0) is None  # moved during the sample
-    assert placement.label(None, 28.0) is None
-    # Five rounds: a round counts for a placement only when both rows' samples ran in it.
-    mine = dict(round_medians_ms=[15.0, 16.0, 30.0, 17.0, None], round_placement=[S, S, C, S, S])
-    base = dict(round_medians_ms=[10.0, 10.0, 15.0, 10.0, 10.0], round_placement=[S, S, C, None, S])
-    by = placement.paired_by_placement(mine, base, min_rounds=2)
-    assert by[S]["rounds"] == 2 and by[S]["paired"][1] == pytest.approx(1.55)
-    assert by[C] == {"rounds": 1, "paired": None}
-
-    def row(name, medians, places):
-        return _default_row(name, float(np.median(medians)), 34.0, 22.0,
-                            round_medians_ms=medians, round_placement=places)
-    results = [row("fadam-cpu", [14.0, 15.0, 16.0, 30.0], [S, S, S, C]),
-               row("torch-adam-fused", [10.0, 10.0, 10.0, 15.0], [S, S, S, C])]
-    summ = step_bench.summary(results)
-    assert summ["fadam-cpu"]["paired_by_placement"][S]["paired"][1] == pytest.approx(1.5)
-    text = report.summary_text(summ, results, {"elapsed_s": 1})
-    assert "by CPU placement: same-l3 1.50x (3 rounds), cross-l3 - (1 rounds);" in text
-    meta = dict(device="cpu", device_name="x", threads=2, torch="t", python="p", date="d")
-    for r in results:
-        r.update(dtype="float32", n_params=1, n_tensors=1, p20_ms=1.0, p80_ms=2.0, gbps=1.0)
-    assert ("`fadam-cpu` paired by CPU placement (`bench/placement.py`): same-l3 1.50x (3 rounds), "
-            "cross-l3 - (1 rounds).") in report.markdown(meta, results, summ)
-
-
-def test_core_to_core_probe_builds_and_measures(tmp_path):
-    exe, why = placement.build(str(tmp_path))
-    assert exe is not None, why
-    built = os.path.getmtime(exe)
-    assert placement.build(str(tmp_path)) == (exe, "")  # up to date: not rebuilt
-    assert os.path.getmtime(exe) == built
-    ns = placement.prober(exe, round_trips=2000)()
-    if len(os.sched_getaffinity(0)) >= 2:
-        assert ns is not None and 1.0 < ns < 100_000.0  # a cache line between two cores
-    else:
-        assert ns is None  # the probe says it needs two CPUs rather than measuring one
-
-
-@pytest.mark.parametrize("chunk", [4096, 1 << 20])
-def test_access_pattern_model_builds_runs_and_counts_the_traffic_model(tmp_path, chunk):
-    # A small list with tensors on both sides of the chunk: the model's items must move the bytes
-    # bench/traffic.py counts for the kernel (one-chunk 32 B, multi-chunk 40 B, Adam 28 B).
-    numels = [3, 4096, 5000, 70000]
-    r = access_pattern.run(numels, threads=2, rounds=3, chunk_size=chunk, out_dir=str(tmp_path))
-    assert r["adam_bytes_per_param"] == pytest.approx(
-        traffic.bytes_per_param("adam", numels, F32), abs=1e-3)
-    assert r["fadam_bytes_per_param"] == pytest.approx(
-        traffic.bytes_per_param("fadam", numels, F32, chunk_size=chunk), abs=1e-3)
-    assert 0 < r["phase_a_ms"] < r["fadam_ms"]
-    assert r["adam_ms"] > 0 and r["ratio_p20"] <= r["ratio"] <= r["ratio_p80"]
-    assert r["ratio_no_check"] > 0 and r["ratio_two_pass"] > 0
-
-
-def test_rows_have_the_issue_names_and_gpu_rows_say_why_not():
+def test_rows_have_their_names_and_gpu_rows_say_why_not():
     assert rows.ROW_NAMES == ("fadam-cpu", "fadam-reference", "fadam-triton", "fadam-cuda",
                               "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop",
                               "pytorch_optimizer-fadam")
+    assert rows.ALL_ROW_NAMES == ("fadam-cpu", "fadam-cpu-noclip", "fadam-reference",
+                                  "fadam-triton", "fadam-triton-noclip", "fadam-cuda",
+                                  "fadam-cuda-noclip", "torch-adam-fused", "torch-adam-foreach",
+                                  "torch-adam-forloop", "pytorch_optimizer-fadam")
+    assert [r.name for r in rows.select(None)] == list(rows.ROW_NAMES)  # -noclip rows opt in
     by = {r.name: r for r in rows.all_rows()}
-    for name in ("fadam-triton", "fadam-cuda"):
+    for name in ("fadam-triton", "fadam-cuda", "fadam-cuda-noclip"):
         reason = by[name].unavailable(torch.device("cpu"))
         assert reason and "GPU" in reason
+
+
+def test_small_workload_is_4096_tensors_of_256():
+    w = workloads.small_workload()
+    assert w.kind == "small" and w.n_tensors == 4096 and set(w.numels) == {256}
+    args = step_bench.parse_args(["--workloads", "small", "--device", "cpu"])
+    assert [x.name for x in step_bench.build_workloads(args, torch.device("cpu"), [])] == [w.name]
+    assert [x.n_tensors for x in workloads.count_sweep([1, 4096])] == [1, 4096]
+    assert workloads.count_sweep([4096])[0].numels[0] == 1024
+
+
+def test_clip_off_rows_are_paired_with_their_clip_on_twin():
+    def timed(name, clip, medians):
+        return dict(row=name, clip=clip, median_ms=float(np.median(medians)),
+                    round_medians_ms=medians)
+    results = {"fadam-cpu": timed("fadam-cpu", 1.0, [10.0, 12.0, 20.0]),
+               "fadam-cpu-noclip": timed("fadam-cpu-noclip", None, [8.0, 9.0, 16.0]),
+               "torch-adam-fused": timed("torch-adam-fused", None, [5.0, 6.0, 10.0])}
+    chosen = rows.select(results)
+    step_bench.add_ratios(results, chosen)
+    off = results["fadam-cpu-noclip"]
+    assert off["time_vs_clip_on"] == pytest.approx(9.0 / 12.0)
+    assert off["paired_vs_clip_on"][1] == pytest.approx(0.8)  # rounds: 0.8, 0.75, 0.8
+    assert off["paired_vs_adam_fused"][1] == pytest.approx(1.6)
+    assert "time_vs_clip_on" not in results["fadam-cpu"]
+    # With --clip none the twin is clip-off too: no clip-off / clip-on ratio to give.
+    results["fadam-cpu"]["clip"] = None
+    del off["time_vs_clip_on"], off["paired_vs_clip_on"]
+    step_bench.add_ratios(results, chosen)
+    assert "time_vs_clip_on" not in off
 
 
 def test_plan_rounds_gives_slow_rows_fewer_rounds():
@@ -164,14 +180,19 @@ def test_plan_rounds_gives_slow_rows_fewer_rounds():
 
 
 def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
-    pytest.importorskip("matplotlib")  # requirements-bench.txt
-    wanted = ["torch-adam-fused", "torch-adam-foreach", "fadam-cpu", "fadam-cuda"]
+    try:
+        import matplotlib  # noqa: F401  (requirements-bench.txt; without it, no plot to check)
+        plot = True
+    except ImportError:
+        plot = False
+    wanted = ["torch-adam-fused", "torch-adam-foreach", "fadam-cpu", "fadam-cpu-noclip", "fadam-cuda"]
     csv_path, json_path, png = tmp_path / "r.csv", tmp_path / "r.json", tmp_path / "r.png"
     step_bench.main(["--device", "cpu", "--quick", "--workloads", "tiny", "--rows", ",".join(wanted),
                      "--budget-scale", "0.02", "--no-progress", "--csv", str(csv_path),
-                     "--json", str(json_path), "--plot", str(png)])
+                     "--json", str(json_path)] + (["--plot", str(png)] if plot else []))
     out = capsys.readouterr().out
     assert "torch-adam-fused" in out and "x adam-fused" in out
+    assert "clip off on tiny: fadam-cpu-noclip takes" in out
 
     data = json.loads(json_path.read_text())
     meta = data["meta"]
@@ -179,35 +200,34 @@ def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
         assert key in meta
     assert meta["device"] == "cpu" and meta["threads"] == torch.get_num_threads()
     res = {r["row"]: r for r in data["results"]}
-    assert list(res) == [n for n in rows.ROW_NAMES if n in wanted]  # issue order, none dropped
+    assert list(res) == [n for n in rows.ALL_ROW_NAMES if n in wanted]  # table order, none dropped
 
     w = workloads.tiny_workload()
     assert res["fadam-cuda"]["status"] == "unavailable" and "GPU" in res["fadam-cuda"]["reason"]
     timed = [r for r in res.values() if r["status"] == "ok"]
-    assert {"torch-adam-fused", "torch-adam-foreach"} <= {r["row"] for r in timed}
+    assert {"torch-adam-fused", "torch-adam-foreach", "fadam-cpu", "fadam-cpu-noclip"} <= \
+        {r["row"] for r in timed}, {r["row"]: r["reason"] for r in res.values()}
     for r in timed:
         assert r["n_params"] == w.n_params and r["n_tensors"] == w.n_tensors
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["n_samples"] >= step_bench.MIN_ROUNDS
         family = "adam" if r["row"].startswith("torch-adam") else "fadam"
         chunk = next(row for row in rows.all_rows() if row.name == r["row"]).chunk_size()
+        clipping = r["row"] != "fadam-cpu-noclip"
+        assert r["clip"] == (None if family == "adam" or not clipping else 1.0)
         assert r["bytes_per_param"] == pytest.approx(
-            traffic.bytes_per_param(family, w.numels, F32, chunk_size=chunk))
+            traffic.bytes_per_param(family, w.numels, F32, chunk_size=chunk, clipping=clipping))
         assert r["gbps"] == pytest.approx(r["model_bytes"] / (r["median_ms"] / 1e3) / 1e9)
-        assert r["read_bytes_per_param"] == pytest.approx(
-            traffic.bytes_per_param(family, w.numels, F32, chunk_size=chunk, reads_only=True))
+        assert r["read_bytes_per_param"] == pytest.approx(traffic.bytes_per_param(
+            family, w.numels, F32, chunk_size=chunk, reads_only=True, clipping=clipping))
+        assert "round_probe" not in r  # no probe unless an experiment passes one
     assert res["torch-adam-fused"]["time_vs_adam_fused"] == pytest.approx(1.0)
     assert res["torch-adam-fused"]["paired_vs_adam_fused"] == pytest.approx([1.0, 1.0, 1.0])
-    assert len(res["torch-adam-fused"]["round_medians_ms"]) == step_bench.BUDGETS[True]["rounds_default"]
-    # The placement probe ran around every sample (bench/placement.py).
-    assert "core-to-core latency" in meta["placement_probe"], meta["placement_probe"]
-    for r in timed:
-        assert len(r["round_placement"]) == len(r["round_medians_ms"])
-        for where, ns, ms in zip(r["round_placement"], r["round_core_to_core_ns"], r["round_medians_ms"]):
-            assert (ns is None) == (ms is None)  # probed exactly around the rounds it ran in
-            assert where in (placement.SAME, placement.CROSS, None)
-            if ns is not None and all(x is not None for x in ns):
-                assert where == placement.label(*ns)
+    assert len(res["torch-adam-fused"]["round_medians_ms"]) == step_bench.BUDGETS[True]["default"][1]
+    noclip, clip = res["fadam-cpu-noclip"], res["fadam-cpu"]
+    assert noclip["time_vs_clip_on"] == pytest.approx(noclip["median_ms"] / clip["median_ms"])
+    assert len(noclip["paired_vs_clip_on"]) == 3
+    assert noclip["bytes_per_param"] == 32.0  # every tensor, clip off
     # tiny = one 70000-element tensor (40 B) + one-chunk tensors (32 B)
     one = sum(n for n in w.numels if n <= 65536)
     assert res["torch-adam-fused"]["bytes_per_param"] == pytest.approx(28.0)
@@ -219,7 +239,11 @@ def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
     assert len(lines) == len(wanted)
     assert set(report.META_COLUMNS + report.RESULT_COLUMNS) <= set(lines[0])
     assert {line["row"] for line in lines} == set(wanted)
-    assert png.stat().st_size > 1000
+    assert {line["clip"] for line in lines if line["row"].startswith("fadam-cpu")} == {"1.0", ""}
+    md = report.markdown(data["meta"], data["results"])
+    assert "| fadam-cpu-noclip |" in md and "- clip off on tiny: fadam-cpu-noclip takes" in md
+    if plot:
+        assert png.stat().st_size > 1000
 
 
 def test_training_example_runs_a_few_steps(tmp_path, capsys):

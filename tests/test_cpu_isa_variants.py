@@ -1,4 +1,4 @@
-"""The CPU kernel as other machines build it: FADAM_CPU_VEC=avx2 and FADAM_CPU_VEC=none (issue 2).
+"""The CPU kernel as other machines build it: FADAM_CPU_VEC=avx2 and FADAM_CPU_VEC=none.
 
 `make test` builds the kernel for the machine it runs on (AVX-512 on the Zen 4 CI machine), so
 the AVX2 path (8 float lanes, its own float64 widening in WideLanes) and the portable SSE2 path
@@ -63,12 +63,12 @@ _CHECK = textwrap.dedent("""
     sys.path[:0] = [sys.argv[1], sys.argv[2]]
     import torch
     import fadam_fused
-    from fadam_fused import _ext, backends
+    from fadam_fused import _ext, op_contract
     assert fadam_fused.__file__.startswith(sys.argv[1]), fadam_fused.__file__
     assert _ext.LOAD_ERROR is None and "CPU" in _ext.KERNELS, _ext.LOAD_ERROR
     from fadam_testing import (assert_trajectories_close, make_problem, run_optimizer,
                                run_oracle64)
-    backends._CHUNK_SIZE["cpu"] = 4096
+    op_contract.CHUNK_SIZE["cpu"] = 4096
     shapes = [(3, 4096 + 17), (4096,), (33,), (7, 5), (1,), (0,)]
     for dtype in (torch.float32, torch.bfloat16):
         for hyper in ({"lr": 1e-2}, {"lr": 1e-2, "p": 0.75, "clip": 2.0, "maximize": True}):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fadam_fused import FAdam
+from fadam_fused.op_contract import smallest_safe_eps
 from fadam_testing import (assert_groups_and_lr_schedule_match_oracle, assert_trajectories_close,
                            make_problem, run_optimizer, run_oracle64)
 
@@ -20,10 +21,10 @@ CASES = [
     ("wd0.1-betas", {}, {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99)}, {}),
     ("no-grad", {"no_grad": (1, 3)}, {"lr": 1e-2}, {}),
     # At t = 1 (b2hat = 0) the zero-padded lanes of a ragged vector tail get f = 0, so
-    # d = eps^(2p): 0 with eps = 0, and 1e-40 (1 / d = inf in float32) with p = 1, eps = 1e-20.
-    # Padding must not reach the RMS sums (0 * inf = NaN silently turned clipping off).
-    ("eps0", {}, {"lr": 1e-2, "eps": 0.0}, {}),
-    ("p1-eps1e-20", {}, {"lr": 1e-2, "p": 1.0, "eps": 1e-20}, {}),
+    # d = eps^(2p): 1e-30 here, and 1.2e-38 (1 / d = 8.5e37, near float32's max) with p = 1 and
+    # the smallest eps the optimizer accepts. Padding must not reach the RMS sums.
+    ("eps1e-30", {}, {"lr": 1e-2, "eps": 1e-30}, {}),
+    ("p1-eps-smallest", {}, {"lr": 1e-2, "p": 1.0, "eps": smallest_safe_eps(1.0)}, {}),
     # Larger than one chunk (shrunk to 4096 below): phase-A slots and the multi-chunk sums.
     ("multi-chunk", {"shapes": [(3, 4096 + 17), (8192,), (4096,), (7,)]}, {"lr": 1e-2},
      {"chunk": 4096}),
@@ -132,7 +133,7 @@ def test_float64_params_use_the_oracle_with_auto_backend():
     ref64 = run_oracle64(problem, lr=1e-2)
     for sa, sr in zip(fast, ref64):
         for x, y in zip(sa.params, sr.params):
-            # float64 math, but float32 state by contract (SPEC section 4): float32 tolerance.
+            # float64 math, but float32 state by contract (docs/design.md, section 5): float32 tolerance.
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 

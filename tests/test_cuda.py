@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-import fadam_fused.ops  # noqa: F401  (fake kernels)
+
 from fadam_fused import FAdam, _ext, backends, reference
 from fadam_testing import (Problem, Snapshot, assert_groups_and_lr_schedule_match_oracle,
                            assert_trajectories_close, make_problem, run_optimizer, run_oracle64)

@@ -24,12 +24,13 @@ import sys
 import pytest
 import torch
 
-from fadam_fused import FAdam, _ext, backends, ops, reference
+from fadam_fused import FAdam, _ext, backends, op_contract, reference
 from fadam_testing import (assert_groups_and_lr_schedule_match_oracle, assert_trajectories_close,
                            make_problem, run_optimizer, run_oracle64)
 from test_cpu_parity import CASES
 from test_cuda import _snapshot_cpu, assert_snaps_equal, run_on
 
+op_contract.define_phase_ops(*op_contract.EMULATED_CUDA_OPS)  # as _ext does under the switch
 try:
     from fadam_fused import _C_cuda_emulated  # noqa: F401
     _MISSING = None
@@ -50,7 +51,6 @@ SHAPES = [(0,), (1,), (1000,), (5, 23, 41), (3, 7)]
 @pytest.fixture(autouse=True)
 def emulated(monkeypatch):
     """backend="cuda" runs the emulated kernels on CPU tensors, as under FADAM_CUDA_EMULATE=1."""
-    ops.register_fakes(*ops.EMULATED_OPS)
     monkeypatch.setattr(_ext, "CUDA_EMULATE", True)
     monkeypatch.setattr(_ext, "EMULATED_LOAD_ERROR", None)
     monkeypatch.setattr(backends, "_FUSED", {})
@@ -71,7 +71,7 @@ def check(problem, dtype=torch.float32, **hyper):
 
 def test_backend_cuda_runs_the_emulated_ops():
     assert backends.resolve("cuda", CPU) == "cuda"
-    assert backends.fused("cuda").phase_a is ops.emulated_cuda_phase_a
+    assert backends.fused("cuda").phase_a is torch.ops.fadam_fused.cuda_emulated_phase_a.default
     # Registered as ops of their own: the CPU kernels of fadam_phase_a/b are still csrc/cpu/.
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fadam_fused::cuda_emulated_phase_a", "CPU")
     assert "cuda" in backends.unavailable_reason("cuda", torch.device("meta"))
@@ -84,11 +84,11 @@ def _python(code, **env):
 
 
 def test_environment_switch():
-    code = ("import torch; from fadam_fused import FAdam, backends, ops\n"
+    code = ("import torch; from fadam_fused import FAdam, backends\n"
             "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
             "FAdam([p], backend='cuda', lr=0.1).step()\n"
-            "print(backends.fused('cuda').phase_a is ops.emulated_cuda_phase_a, "
-            "p.detach().tolist())\n")
+            "print(backends.fused('cuda').phase_a is "
+            "torch.ops.fadam_fused.cuda_emulated_phase_a.default, p.detach().tolist())\n")
     out = _python(code, FADAM_CUDA_EMULATE="1")
     assert out.returncode == 0, out.stderr
     # The emulated op ran: at t = 1, f = g^2 = 1, ghat = w = 1 (to 1e-8), m = 0.1, and

@@ -266,7 +266,7 @@ def test_phase_a_partials_slot_layout():
         partials = torch.full((6, 2), float("nan"), dtype=torch.float64, device=DEVICE)
         skip = torch.zeros(1, device=DEVICE)
         TK.phase_a(params, grads, fims, steps, partials, skip, None, beta2=beta2, eps=eps, p=0.5,
-                   maximize=False, chunk_size=SMALL_CHUNK, fuse_one_chunk=fuse)
+                   clip=1.0, maximize=False, chunk_size=SMALL_CHUNK, fuse_one_chunk=fuse)
         b = beta2 * (1 - beta2 ** 2) / (1 - beta2 ** 3)
         rows, slot = [], 0
         for p, g, f in zip(params, grads, fims):
@@ -293,7 +293,7 @@ def test_bad_inputs_raise_clear_errors(per_tensor, monkeypatch):
     run = Run(make_init(shapes), torch.float32, device=DEVICE)
     g = [t.to(DEVICE) for t in make_grads(shapes, 1, torch.float32)[0]]
     skip = torch.zeros(1, device=DEVICE)
-    kw = dict(beta2=0.999, eps=1e-8, p=0.5, maximize=False, chunk_size=SMALL_CHUNK,
+    kw = dict(beta2=0.999, eps=1e-8, p=0.5, clip=1.0, maximize=False, chunk_size=SMALL_CHUNK,
               fuse_one_chunk=True)
     with pytest.raises(ValueError, match="partials must have 2 rows"):
         TK.phase_a(run.params, g, run.fims, run.steps,
@@ -324,7 +324,7 @@ def test_op_schemas_declare_mutations_and_empty_group_is_a_no_op():
     skip = torch.zeros(1, device=DEVICE)
     partials = torch.zeros(0, 2, dtype=torch.float64, device=DEVICE)
     TK.phase_a([], [], [], [], partials, skip, None, beta2=0.999, eps=1e-8, p=0.5,
-               maximize=False, chunk_size=TK.CHUNK_SIZE, fuse_one_chunk=True)
+               clip=1.0, maximize=False, chunk_size=TK.CHUNK_SIZE, fuse_one_chunk=True)
     TK.phase_b([], [], [], [], [], partials, skip, None, None, lr=1e-3, beta1=0.9, beta2=0.999,
                eps=1e-8, p=0.5, clip=1.0, weight_decay=0.0, maximize=False,
                chunk_size=TK.CHUNK_SIZE, fuse_one_chunk=True)
@@ -449,7 +449,7 @@ def test_cuda_torch_compile_fullgraph_step():
         torch._foreach_add_(steps, 1)
         skip.zero_()
         TK.phase_a(params, grads, fims, steps, partials, skip, None, beta2=HYPER["beta2"],
-                   eps=HYPER["eps"], p=HYPER["p"], maximize=False, chunk_size=chunk,
+                   eps=HYPER["eps"], p=HYPER["p"], clip=1.0, maximize=False, chunk_size=chunk,
                    fuse_one_chunk=True)
         TK.phase_b(params, grads, fims, moms, steps, partials, skip, None, lr_tensor,
                    lr=HYPER["lr"], beta1=HYPER["beta1"], beta2=HYPER["beta2"], eps=HYPER["eps"],

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _kernels as K
+from .. import op_contract
 from ..backends import is_dense
 
 # [note: Triton tuning constants]
@@ -267,25 +268,12 @@ _FORCE_PER_TENSOR = False
 # ---------------------------------------------------------------------------------------------
 
 
-# The schemas are those of the C++ ops (csrc/fadam_ops.cpp), written out rather than inferred from
-# the annotations (which would give `SymInt chunk_size` and positional alias names).
-_SCHEMA_A = (
-    "(Tensor[] params, Tensor[] grads, Tensor[] fims, Tensor[] steps, Tensor(a!) partials, "
-    "Tensor(b!) skip, Tensor? grad_scale, *, float beta2, float eps, float p, bool maximize, "
-    "int chunk_size, bool fuse_one_chunk) -> ()")
-_SCHEMA_B = (
-    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] fims, Tensor(c!)[] momentums, "
-    "Tensor[] steps, Tensor partials, Tensor skip, Tensor? grad_scale, Tensor? lr_tensor, *, "
-    "float lr, float beta1, float beta2, float eps, float p, float clip, float weight_decay, "
-    "bool maximize, int chunk_size, bool fuse_one_chunk) -> ()")
-
-
 @torch.library.triton_op("fadam_fused::triton_phase_a", mutates_args={"partials", "skip"},
-                         schema=_SCHEMA_A)
+                         schema=op_contract.PHASE_A_SCHEMA)
 def triton_phase_a(
     params: list[Tensor], grads: list[Tensor], fims: list[Tensor], steps: list[Tensor],
     partials: Tensor, skip: Tensor, grad_scale: Optional[Tensor], *, beta2: float, eps: float,
-    p: float, maximize: bool, chunk_size: int, fuse_one_chunk: bool,
+    p: float, clip: float, maximize: bool, chunk_size: int, fuse_one_chunk: bool,
 ) -> None:
     """Phase A: per-chunk float64 (sum ghat^2, sum w^2) into `partials`; 1.0 into `skip` when a
     gradient is not finite. Reads params, grads, fims, steps; writes nothing else."""
@@ -331,7 +319,7 @@ def triton_phase_a(
 
 
 @torch.library.triton_op("fadam_fused::triton_phase_b",
-                         mutates_args={"params", "fims", "momentums"}, schema=_SCHEMA_B)
+                         mutates_args={"params", "fims", "momentums"}, schema=op_contract.PHASE_B_SCHEMA)
 def triton_phase_b(
     params: list[Tensor], grads: list[Tensor], fims: list[Tensor], momentums: list[Tensor],
     steps: list[Tensor], partials: Tensor, skip: Tensor, grad_scale: Optional[Tensor],
@@ -383,21 +371,3 @@ def triton_phase_b(
         kernel[(table.n_programs,)](table.meta, len(params), None, None, None, None, None, 0, 0,
                                     partials, skip, grad_scale, lr_tensor, **scalars,
                                     ALIGNED=table.aligned, **consts)
-
-
-def phase_a(params, grads, fims, steps, partials, skip, grad_scale, *, beta2, eps, p, clip=0.0,
-            maximize, chunk_size, fuse_one_chunk):
-    """The backend entry point of phase A ([note: the two-phase op contract]). The Triton
-    phase A does not take `clip` yet: it always writes the sums, which clip <= 0 ignores."""
-    torch.ops.fadam_fused.triton_phase_a(
-        params, grads, fims, steps, partials, skip, grad_scale, beta2=beta2, eps=eps, p=p,
-        maximize=maximize, chunk_size=chunk_size, fuse_one_chunk=fuse_one_chunk)
-
-
-def phase_b(params, grads, fims, momentums, steps, partials, skip, grad_scale, lr_tensor, *, lr,
-            beta1, beta2, eps, p, clip, weight_decay, maximize, chunk_size, fuse_one_chunk):
-    """The backend entry point of phase B ([note: the two-phase op contract])."""
-    torch.ops.fadam_fused.triton_phase_b(
-        params, grads, fims, momentums, steps, partials, skip, grad_scale, lr_tensor, lr=lr,
-        beta1=beta1, beta2=beta2, eps=eps, p=p, clip=clip, weight_decay=weight_decay,
-        maximize=maximize, chunk_size=chunk_size, fuse_one_chunk=fuse_one_chunk)

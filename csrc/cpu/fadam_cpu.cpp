@@ -384,7 +384,7 @@ inline bool check_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const C
 // The per-element constants of the update.
 struct UpdateConsts {
   fVec beta1, one_minus_beta1, inv_s1, inv_s2, lr, weight_decay;
-  UpdateConsts(const StepScalars& s, float lr_, float inv1, float inv2)
+  UpdateConsts(const HostScalars& s, float lr_, float inv1, float inv2)
       : beta1(s.beta1),
         one_minus_beta1(s.one_minus_beta1),
         inv_s1(inv1),
@@ -496,7 +496,7 @@ std::vector<TensorPtrs> make_ptrs(at::TensorList params, at::TensorList grads, a
   return out;
 }
 
-Consts make_consts(const StepScalars& s) {
+Consts make_consts(const HostScalars& s) {
   const float mul = grad_mul_of(s.maximize, s.grad_scale);
   return {fVec(s.p), fVec(s.eps_p), fVec(mul), mul == 1.0f};
 }
@@ -511,8 +511,8 @@ void phase_a_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
   if (params.empty()) {
     return;
   }
-  const StepScalars scalars =
-      step_scalars(op, params[0].device(), beta2, eps, p, clip, maximize, grad_scale);
+  const HostScalars scalars =
+      host_scalars(op, params[0].device(), beta2, eps, p, clip, maximize, grad_scale);
   // Only the gradient check (no slot written) for a fused one-chunk tensor, which phase B
   // reduces, and for every tensor with clipping off.
   const bool clipping = scalars.clipping;
@@ -560,7 +560,7 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
   if (params.empty()) {
     return;
   }
-  const StepScalars scalars = step_scalars(op, params[0].device(), beta2, eps, p, clip, maximize,
+  const HostScalars scalars = host_scalars(op, params[0].device(), beta2, eps, p, clip, maximize,
                                            grad_scale, lr_tensor, lr, beta1, weight_decay);
   if (*skip.const_data_ptr<float>() != 0.0f) {
     return;  // A non-finite gradient anywhere skips the whole step (docs/design.md section 6).

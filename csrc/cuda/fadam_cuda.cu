@@ -92,8 +92,8 @@ struct Tables {
   int32_t block_chunk[kMaxBlocks];
 };
 
-// Launch-wide scalars (step_scalars() in fadam_ops.h) and device pointers.
-struct Scalars : StepScalars {
+// Launch-wide scalars (host_scalars() in fadam_ops.h) and device pointers.
+struct Scalars : HostScalars {
   double* partials;           // [n_slots, 2]
   float* skip;                // one element
   int64_t chunk_size;
@@ -474,8 +474,8 @@ void phase_a_cuda(at::TensorList params, at::TensorList grads, at::TensorList fi
   const at::Device device = params[0].device();
   check_same_device(op, partials, "partials", device);
   Args args{};
-  static_cast<StepScalars&>(args.s) =
-      step_scalars(op, device, beta2, eps, p, clip, maximize, grad_scale);
+  static_cast<HostScalars&>(args.s) =
+      host_scalars(op, device, beta2, eps, p, clip, maximize, grad_scale);
   args.s.partials = partials.data_ptr<double>();
   args.s.skip = skip.data_ptr<float>();
   args.s.chunk_size = chunk_size;
@@ -508,7 +508,7 @@ void phase_b_cuda(at::TensorList params, at::TensorList grads, at::TensorList fi
   TORCH_CHECK(aligned16(partials.const_data_ptr()), op,
               ": partials must be 16-byte aligned (slots are read as one 128-bit load)");
   Args args{};
-  static_cast<StepScalars&>(args.s) = step_scalars(op, device, beta2, eps, p, clip, maximize,
+  static_cast<HostScalars&>(args.s) = host_scalars(op, device, beta2, eps, p, clip, maximize,
                                                    grad_scale, lr_tensor, lr, beta1, weight_decay);
   args.s.partials = const_cast<double*>(partials.const_data_ptr<double>());  // read only here
   args.s.skip = const_cast<float*>(skip.const_data_ptr<float>());            // read only here
@@ -573,13 +573,11 @@ TORCH_LIBRARY_FRAGMENT(fadam_fused, m) {
         &fadam::cuda::cuda_plan);
   // (max tensors per launch, max blocks per launch, max phase-B blocks per tensor, threads/block)
   m.def(FADAM_CUDA_OP("cuda_plan_limits", "cuda_emulated_plan_limits") "() -> int[]", &fadam::cuda::cuda_plan_limits);
-#if defined(FADAM_CUDA_EMULATED)
-  // The emulated ops are ops of their own: fadam_phase_a/b's CPU kernels are csrc/cpu/.
-  m.def("cuda_emulated_phase_a" FADAM_PHASE_A_SCHEMA);
-  m.def("cuda_emulated_phase_b" FADAM_PHASE_B_SCHEMA);
-#endif
 }
 
+// The emulated build registers its kernels under ops of their own, cuda_emulated_phase_a/b (defined
+// with the same schemas by fadam_fused/op_contract.py), so they never shadow the CPU kernels of
+// fadam_phase_a/b.
 TORCH_LIBRARY_IMPL(fadam_fused, FADAM_CUDA_DISPATCH_KEY, m) {
   m.impl(FADAM_CUDA_OP("fadam_phase_a", "cuda_emulated_phase_a"), &fadam::cuda::phase_a_cuda);
   m.impl(FADAM_CUDA_OP("fadam_phase_b", "cuda_emulated_phase_b"), &fadam::cuda::phase_b_cuda);

@@ -8,7 +8,8 @@
 // g++ with HIP-CPU (setup.py's test build when FADAM_HIP_CPU names the HIP-CPU folder,
 // fadam_fused._C_cuda_emulated, via cuda/fadam_cuda_emulated.cpp): the same kernels run on the
 // CPU, each block's 512 threads as fibers, registered as fadam_fused::cuda_emulated_phase_a/b
-// (same schemas) for DispatchKey::CPU, so they never shadow the CPU kernels of fadam_phase_a/b.
+// (same schemas, defined in fadam_fused/op_contract.py) for DispatchKey::CPU, so they never shadow
+// the CPU kernels of fadam_phase_a/b.
 // backend="cuda" calls them for CPU tensors when FADAM_CUDA_EMULATE=1 (fadam_fused/backends.py).
 // The shims below give HIP-CPU the CUDA spellings the kernels use; HIP-CPU's own limits (64-lane
 // waves, fiber stacks) are in the README of the copy the build points at.

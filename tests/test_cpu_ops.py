@@ -1,11 +1,10 @@
-"""The torch.library ops: opcheck, direct calls against the contract, and torch.compile."""
+"""The C++ CPU ops (csrc/cpu/): opcheck, direct calls against the contract, and torch.compile."""
 
 import math
 
 import pytest
 import torch
 
-import fadam_fused.ops  # noqa: F401  (fake kernels)
 from fadam_fused import FAdam, reference
 
 CHUNK = 64  # a tiny chunk so a few hundred elements span several slots
@@ -24,7 +23,8 @@ def _group(dtype=torch.float32, shapes=((300,), (5, 7), (64,), (0,)), seed=0):
 
 
 def _a_kwargs(fuse=True):
-    return dict(beta2=0.999, eps=1e-8, p=0.5, clip=1.0, maximize=False, chunk_size=CHUNK, fuse_one_chunk=fuse)
+    return dict(beta2=0.999, eps=1e-8, p=0.5, clip=1.0, maximize=False, chunk_size=CHUNK,
+                fuse_one_chunk=fuse)
 
 
 def _b_kwargs(fuse=True):
@@ -254,16 +254,18 @@ def test_torch_compile_fullgraph_training_step(backend):
     compiled_loss = torch.compile(loss_fn, fullgraph=True)
     compiled_step = torch.compile(compiled_opt.step, fullgraph=True)
     for _ in range(4):
-        eager_opt.zero_grad()
-        loss_fn(eager_model).backward()
-        eager_opt.step()
         compiled_opt.zero_grad()
         compiled_loss(compiled_model).backward()
+        # The compiled backward rounds gradients differently from the eager one (seen: 3e-8),
+        # and FAdam's first steps amplify that where g is near 0 (ghat = g / (|g| + eps)): both
+        # optimizers get the compiled gradients, so the comparison is of the steps alone.
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            p.grad = q.grad.clone()
+        eager_opt.step()
         compiled_step()
-    # The compiled forward/backward rounds the gradients differently (seen: 4e-8), so neither
-    # backend matches to the bit. Inductor also fuses and reorders the reference's float32 math
-    # (seen: 2e-6 after 4 steps), while the fused op is opaque to it: float32 tolerance for "cpu".
-    tol = dict(atol=1e-6, rtol=1e-5) if backend == "cpu" else dict(atol=1e-5, rtol=1e-4)
+    # The fused op is opaque to Inductor: the same bits. Inductor fuses and reorders the
+    # reference's float32 math (seen: 2e-6 after 4 steps): a looser tolerance there.
+    tol = dict(atol=0, rtol=0) if backend == "cpu" else dict(atol=1e-5, rtol=1e-4)
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(p, q, **tol)
         for key in ("momentum", "fim", "step"):

@@ -1,19 +1,19 @@
 """How much of fadam-cpu's time over fused Adam's is its memory access pattern (CPU only).
 
-    .venv/bin/python -m bench.access_pattern              # the default LLM list, ~10 s
-    .venv/bin/python -m bench.access_pattern --repeats 3  # three independent runs
+    .venv/bin/python -m bench.experiments.access_pattern              # the default LLM list, ~10 s
+    .venv/bin/python -m bench.experiments.access_pattern --repeats 3  # three independent runs
 
-bench/access_pattern.c runs the passes of the steps over the same tensor list with trivial
-arithmetic (a multiply-add or two per operand), scheduled as the kernel schedules its items:
-Adam's one pass per chunk against FAdam's phase A (the reduction of multi-chunk tensors, the
-non-finite check of one-chunk ones) and phase B (the update, or the fused reduce-then-update of a
-one-chunk tensor). Two more steps run in the same rounds: FAdam's without phase A's gradient check
-of the one-chunk tensors (the price of SPEC section 5's skip), and SPEC section 3's plain two-pass
-step with every tensor multi-chunk (40 B per parameter: the step behind issue 2's "about 1.43x"
-memory-bound expectation). Their ratios are what the order and number of memory accesses cost on
-this machine whatever the arithmetic: if fadam-cpu's measured ratio is close to the pattern's,
-the kernel's arithmetic is hidden behind memory and only a step that moves fewer bytes can be
-faster.
+access_pattern.c runs the passes of the steps over the same tensor list with trivial arithmetic
+(a multiply-add or two per operand), scheduled as the kernel schedules its items: Adam's one pass
+per chunk against FAdam's phase A (the reduction of multi-chunk tensors, the non-finite check of
+one-chunk ones) and phase B (the update, or the fused reduce-then-update of a one-chunk tensor).
+Two more steps run in the same rounds: FAdam's without phase A's gradient check of the one-chunk
+tensors (the price of the non-finite skip, docs/design.md section 6), and the plain two-pass step
+with every tensor multi-chunk (40 B per parameter, docs/design.md section 4: the step behind the
+"about 1.43x" memory-bound expectation). Their ratios are what the order and number of memory
+accesses cost on the machine it runs on, whatever the arithmetic: if fadam-cpu's measured ratio
+is close to the pattern's, the kernel's arithmetic is hidden behind memory and only a step that
+moves fewer bytes can be faster.
 
 It is a model of the access pattern, not a bound: its Adam pass is not torch's kernel, and
 its passes vectorise as the compiler decides (-O3 -march=native).
@@ -29,10 +29,11 @@ import sys
 
 import torch
 
-if __package__ in (None, ""):  # run as `python bench/access_pattern.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as `python bench/experiments/access_pattern.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench import placement, rows, workloads  # noqa: E402
+from bench import rows, workloads  # noqa: E402
+from bench.experiments import cbuild  # noqa: E402
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "access_pattern.c")
 # -ffast-math lets the compiler vectorise the float sums of the model's reductions (their
@@ -44,7 +45,7 @@ FIELDS = ("adam_ms", "fadam_ms", "phase_a_ms", "ratio", "ratio_p20", "ratio_p80"
 
 def run(numels: list[int], threads: int, rounds: int, chunk_size: int, out_dir: str) -> dict:
     """Builds the model into out_dir and runs it once; returns its figures by FIELDS name."""
-    exe, why = placement.build(out_dir, SOURCE, FLAGS)
+    exe, why = cbuild.build(SOURCE, out_dir, FLAGS)
     if exe is None:
         raise RuntimeError(f"cannot build {SOURCE}: {why}")
     cmd = [exe, str(threads), str(rounds), str(chunk_size), *map(str, numels)]
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="threads (default: torch.get_num_threads(), as the step uses)")
     ap.add_argument("--rounds", type=int, default=31, help="rounds per run (default 31)")
     ap.add_argument("--repeats", type=int, default=1, help="independent runs (default 1)")
-    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(SOURCE), "results"),
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.dirname(SOURCE)), "results"),
                     help="where the binary is built (default bench/results)")
     args = ap.parse_args(argv)
     # The model's one-chunk threshold is the kernel's, as the bench's fadam-cpu row reports it.

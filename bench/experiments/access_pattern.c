@@ -1,8 +1,8 @@
 // The memory access pattern of one optimizer step with trivial arithmetic: torch's fused Adam
 // against fadam_fused's CPU kernel (csrc/cpu/fadam_cpu.cpp), on one list of float32 tensors.
 // It answers "how much of fadam-cpu's time over Adam's is the order in which the step touches
-// memory, whatever the arithmetic", on the machine it runs on. bench/access_pattern.py builds
-// and runs it on the default CPU workload.
+// memory, whatever the arithmetic", on the machine it runs on. access_pattern.py (beside it)
+// builds and runs it on the default CPU workload.
 //
 //   access_pattern THREADS ROUNDS CHUNK NUMEL...
 //
@@ -16,9 +16,10 @@
 //                             scratch), then read g, theta, r, m; write m, theta
 // Two more steps, for comparison:
 //   no check    FAdam's without the gradient check of the one-chunk tensors (what the pattern
-//               would cost if the non-finite skip of SPEC section 5 did not need it);
-//   two-pass    SPEC section 3's plain design, every tensor as a multi-chunk one (40 B per
-//               parameter): the step issue 2's "about 1.43x" expectation counts.
+//               would cost if the non-finite skip, docs/design.md section 6, did not need it);
+//   two-pass    the plain two-phase design, every tensor as a multi-chunk one (40 B per
+//               parameter, docs/design.md section 4): the step the "about 1.43x" expectation
+//               counts.
 // Output, one line: adam_ms fadam_ms phase_a_ms ratio ratio_p20 ratio_p80 ratio_no_check
 // ratio_two_pass adam_B fadam_B, where the ms are medians over rounds, the ratios are medians
 // over rounds of the ratio within a round (the steps run back to back, in an order rotated every

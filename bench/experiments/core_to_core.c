@@ -2,10 +2,9 @@
  *
  * Two threads, pinned one per CPU, pass a counter back and forth through one cache line; the
  * time per hand-over is the latency of moving that line between the two cores. It tells where the
- * host put the two CPUs: on a 2-vCPU cloud VM with AMD EPYC (Zen 4), 25-30 ns when they share an
- * L3 and 160-300 ns when they do not (different CCDs), and the host moves them between the two
- * every few seconds. bench/placement.py builds this with the C compiler and runs it around each
- * timed sample.
+ * host put the two CPUs: sharing an L3 (20-70 ns) or not (80-300 ns; bench/NOTES.md has what a
+ * 2-vCPU VM read). placement.py (beside it) builds this with the C compiler and runs it around
+ * each timed sample of the step benchmark.
  *
  * Usage: core_to_core [round_trips]   (default 20000: 1-7 ms). Prints the latency in ns: the
  * fastest of 4 timings of a quarter of the round trips each.

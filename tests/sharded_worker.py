@@ -1,0 +1,517 @@
+"""Multi-process scenarios of tests/test_sharded.py, run under torchrun (gloo, CPU tensors).
+
+    torchrun --nproc_per_node 2 tests/sharded_worker.py fsdp_shard0:cpu tp:reference ...
+
+With FADAM_SHARDED_DEVICE=cuda the same scenarios run on one GPU per rank over NCCL.
+
+Each scenario trains a tiny model for STEPS steps with a sharded FAdam and compares every parameter
+and its whole state (gathered with full_tensor()) with a one-process run of the same model, data and
+optimizer that every rank computes itself. Rank 0 prints "PASS <scenario>" per scenario; any failure
+ends the process with a traceback (torchrun then stops the other ranks). The process group has a
+60 s timeout, so a rank that misses a collective fails the launch instead of hanging it.
+
+The single-process parts of the checkpoint tests (save or load on one process) are functions here
+too, called by test_sharded.py in its own process.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import sys
+import traceback
+import warnings
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fadam_fused import FAdam, backends, op_contract, sharded  # noqa: E402
+
+STEPS = 8
+DEVICE = os.environ.get("FADAM_SHARDED_DEVICE", "cpu")
+HYPER = dict(lr=3e-2, clip=0.5, weight_decay=0.1)
+RTOL, ATOL = 1e-5, 1e-7
+
+
+class Tiny(nn.Module):
+    """An MLP whose dims give FSDP2 on 2 or 4 ranks empty shards (a's weight has 1 row) and uneven
+    ones (5 and 7 rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 1)
+        self.b = nn.Linear(1, 5)
+        self.c = nn.Linear(5, 7)
+        self.d = nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.b(h))
+        h = torch.tanh(self.c(h))
+        return self.d(h)
+
+
+class TinyMixed(Tiny):
+    """Tiny with a float64 last layer: under backend=None its tensors run on the reference backend
+    and the others fused, two sharded buckets in one step."""
+
+    def __init__(self):
+        super().__init__()
+        self.d.double()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.b(h))
+        h = torch.tanh(self.c(h))
+        return self.d(h.double()).float()
+
+
+class TPModel(nn.Module):
+    """up / down are parallelized (ColwiseParallel: Shard(0) weight and bias; RowwiseParallel:
+    Shard(1) weight, Replicate bias); `extra` becomes a distribute_tensor Shard(0) parameter; head
+    stays a plain tensor in the same optimizer."""
+
+    def __init__(self):
+        super().__init__()
+        # 8 hidden units: ColwiseParallel's uneven output shards fail in DTensor's matmul here;
+        # `extra` (5 rows on 2 ranks) is the uneven tensor-parallel shard.
+        self.up = nn.Linear(6, 8)
+        self.down = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 3)
+        self.extra = nn.Parameter(torch.randn(5, 3) * 0.5)
+
+    def forward(self, x):
+        h = self.down(torch.relu(self.up(x)))
+        y = self.head(torch.tanh(h))
+        extra = self.extra
+        if sharded.is_dtensor(extra):
+            from torch.distributed.tensor import DTensor, Replicate
+            xd = DTensor.from_local(x[:, :5], extra.device_mesh, [Replicate()])
+            return y + (xd @ extra).full_tensor()
+        return y + x[:, :5] @ extra
+
+
+def data(step: int, rows: int = 8):
+    gen = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(rows, 6, generator=gen) * 2, torch.randn(rows, 3, generator=gen)
+    return x.to(DEVICE), y.to(DEVICE)
+
+
+def make(cls, seed=0):
+    torch.manual_seed(seed)
+    return cls().to(DEVICE)
+
+
+def train(model, opt, steps, start=0, rank=0, world=1):
+    """`steps` steps on data(start..); each of `world` data-parallel ranks takes its rows."""
+    for k in range(start, start + steps):
+        x, y = data(k)
+        rows = x.shape[0] // world
+        x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def full(t):
+    return t.full_tensor() if sharded.is_dtensor(t) else t
+
+
+def snapshot(model, opt) -> dict[str, torch.Tensor]:
+    """Every parameter and its state, whole (gathered), by name."""
+    out = {}
+    for name, p in model.named_parameters():
+        name = name.replace("_fsdp_wrapped_module.", "").replace("module.", "")
+        out[name] = full(p.detach()).clone()
+        for key, value in opt.state[p].items():
+            out[f"{name}.{key}"] = full(value).clone()
+    return out
+
+
+def assert_match(got: dict, want: dict, what: str, rtol=RTOL, atol=ATOL):
+    assert got.keys() == want.keys(), (what, sorted(got), sorted(want))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol,
+                                   msg=lambda m, k=k: f"{what}: {k}: {m}")
+
+
+def single_run(cls, backend, steps=STEPS, clip=HYPER["clip"]):
+    model = make(cls)
+    opt = FAdam(model.parameters(), **{**HYPER, "clip": clip}, backend=backend)
+    train(model, opt, steps)
+    return snapshot(model, opt)
+
+
+def assert_clip_binds(cls, backend, ref):
+    """The comparison means something only if clip=0.5 changes the result."""
+    unclipped = single_run(cls, backend, clip=None)
+    diff = max((unclipped[k] - ref[k]).abs().max().item() for k in ref if "." in k)
+    assert diff > 1e-3, f"clip=0.5 does not bind (largest change {diff})"
+
+
+def with_all_reduce(opt, replacement):
+    """Makes opt.step call `replacement(original, buf, op, group)` for torch.distributed's
+    all_reduce (only inside step: the gradient reduction of DDP or HSDP is left alone)."""
+    step = opt.step
+
+    def patched_step(*args, **kwargs):
+        original = sharded.dist.all_reduce
+        sharded.dist.all_reduce = lambda buf, op, group: replacement(original, buf, op, group)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            sharded.dist.all_reduce = original
+    opt.step = patched_step
+
+
+def all_reduce_shapes(model, opt, rank, world) -> list[tuple[int, ...]]:
+    """The buffer shape of every all-reduce of one more optimizer step."""
+    shapes = []
+
+    def counting(original, buf, op, group):
+        shapes.append(tuple(buf.shape))
+        original(buf, op=op, group=group)
+    with_all_reduce(opt, counting)
+    train(model, opt, 1, start=STEPS, rank=rank, world=world)
+    del opt.step
+    return shapes
+
+
+# -------------------------------------------------------------------------------------------------
+# Scenarios: each takes the backend name.
+
+def _fsdp(mesh=None, placement_fn=None, cls=Tiny, model=None):
+    from torch.distributed.fsdp import fully_shard
+    model = make(cls) if model is None else model
+    for m in model.children():
+        fully_shard(m, mesh=mesh, shard_placement_fn=placement_fn)
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement_fn)
+    return model
+
+
+def _compare_dp(model, backend, world, rank, what, cls=Tiny, collectives=None):
+    """FSDP-style data parallel against one process; then, if given, the expected buffer shapes
+    of the sums' all-reduces in one more step."""
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    train(model, opt, STEPS, rank=rank, world=world)
+    ref = single_run(cls, backend)
+    assert_match(snapshot(model, opt), ref, what)
+    if collectives is not None:
+        shapes = all_reduce_shapes(model, opt, rank, world)
+        assert shapes == collectives, f"{what}: all-reduces {shapes}, expected {collectives}"
+    return ref
+
+
+def fsdp_shard0(backend, rank, world):
+    import torch.distributed as dist
+    model = _fsdp()
+    a_rows = [model.a.weight.to_local().shape[0]]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, a_rows)
+    assert [0] in gathered, f"no empty shard: {gathered}"
+    # One all-reduce per step: the flag row and the 8 tensors' sums.
+    ref = _compare_dp(model, backend, world, rank, f"fsdp Shard(0) {backend}",
+                      collectives=[(9, 2)])
+    assert_clip_binds(Tiny, backend, ref)
+    # Negative control: without the all-reduce of the sums (each rank clipping by its own
+    # shard's sums), the run must not match.
+    model = _fsdp()
+
+    def flag_only(original, buf, op, group):  # reduce the flag row only
+        head = buf[:1].clone()
+        original(head, op=op, group=group)
+        buf[:1].copy_(head)
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    with_all_reduce(opt, flag_only)
+    train(model, opt, STEPS, rank=rank, world=world)
+    got = snapshot(model, opt)
+    diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    assert diff > 1e-3, f"shard-local sums gave the same result ({diff}): the test cannot fail"
+
+
+def fsdp_mixed_dtypes(backend, rank, world):
+    """float32 parameters fused and float64 ones on the reference backend (backend=None), both
+    sharded: their sums share the one all-reduce."""
+    _compare_dp(_fsdp(cls=TinyMixed), None, world, rank, "fsdp float32 + float64", cls=TinyMixed,
+                collectives=[(9, 2)])
+
+
+def fsdp_chunks(backend, rank, world):
+    """Tensors of several chunks per shard: the C++ backend's chunk set to 4 elements."""
+    saved = dict(op_contract.CHUNK_SIZE)
+    op_contract.CHUNK_SIZE[backend] = 4
+    backends._FUSED.clear()
+    try:
+        _compare_dp(_fsdp(), backend, world, rank, f"fsdp Shard(0) 4-element chunks {backend}")
+    finally:
+        op_contract.CHUNK_SIZE.clear()
+        op_contract.CHUNK_SIZE.update(saved)
+        backends._FUSED.clear()
+
+
+def fsdp_shard1(backend, rank, world):
+    from torch.distributed.tensor import Shard
+    # FSDP2 refuses uneven dim-1 shards: Shard(1) where dim 1 divides evenly (a.weight, 1 x 6).
+    model = _fsdp(placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % world == 0
+                  else Shard(0))
+    assert model.a.weight.placements == (Shard(1),), model.a.weight.placements
+    _compare_dp(model, backend, world, rank, f"fsdp Shard(1) {backend}")
+
+
+def hsdp(backend, rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    mesh = init_device_mesh(DEVICE, (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    model = _fsdp(mesh=mesh)
+    assert model.c.weight.placements == (Replicate(), Shard(0)), model.c.weight.placements
+    # Two groups: the shard dim carries the flag and the 8 tensors' sums, the replicate dim only
+    # the flag (a NaN in one replica skips the step in all).
+    _compare_dp(model, backend, world, rank, f"hsdp {backend}", collectives=[(1, 2), (9, 2)])
+
+
+def tp(backend, rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    mesh = init_device_mesh(DEVICE, (world,))
+    model = make(TPModel)
+    parallelize_module(model, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    model.extra = nn.Parameter(distribute_tensor(model.extra.data, mesh, [Shard(0)]))
+    placements = {n: p.placements if sharded.is_dtensor(p) else None
+                  for n, p in model.named_parameters()}
+    assert placements == {"up.weight": (Shard(0),), "up.bias": (Shard(0),),
+                          "down.weight": (Shard(1),), "down.bias": (Replicate(),),
+                          "head.weight": None, "head.bias": None,
+                          "extra": (Shard(0),)}, placements
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    train(model, opt, STEPS)  # tensor parallel: every rank sees the whole batch
+    ref = single_run(TPModel, backend)
+    assert_match(snapshot(model, opt), ref, f"tensor parallel {backend}")
+    assert_clip_binds(TPModel, backend, ref)
+    # One all-reduce: the flag and the sums of the 4 Shard tensors (not down.bias, Replicate).
+    assert all_reduce_shapes(model, opt, 0, 1) == [(5, 2)]
+    # With clipping off there is no RMS: the flag alone.
+    opt = FAdam(model.parameters(), **{**HYPER, "clip": None}, backend=backend)
+    assert all_reduce_shapes(model, opt, 0, 1) == [(1, 2)]
+
+
+def fsdp_tp(backend, rank, world):
+    """2-D: tensor parallel inside, FSDP2 over the data-parallel dim of a (dp, tp) mesh, so a
+    tensor is sharded over both dims and its sums are added over each in turn."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    mesh = init_device_mesh(DEVICE, (2, world // 2), mesh_dim_names=("dp", "tp"))
+    model = make(TPModel)
+    parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    _fsdp(mesh=mesh["dp"], model=model)
+    # up's are (_StridedShard(0), Shard(0)), down.weight (Shard(0), Shard(1)).
+    both = [n for n, p in model.named_parameters()
+            if not any(pl.is_replicate() for pl in p.placements) and len(p.placements) == 2]
+    assert "up.weight" in both and "down.weight" in both, both
+    dp_rank, dp_world = mesh["dp"].get_local_rank(), 2
+    # Two all-reduces, dp then tp: on dp the flag and the 7 tensors' sums, on tp the flag and
+    # up.weight, up.bias and down.weight (down.bias is Replicate on tp).
+    _compare_dp(model, backend, dp_world, dp_rank, f"fsdp + tp {backend}", cls=TPModel,
+                collectives=[(8, 2), (4, 2)])
+
+
+def errors(backend, rank, world):
+    """A DTensor parameter with a plain gradient: an error naming it, and nothing changed."""
+    model = _fsdp()
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    x, y = data(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    model.c.weight.grad = torch.zeros_like(model.c.weight.full_tensor())
+    before = _local_snapshot(model, opt)
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        assert "parameter 4 of its param group" in str(exc) and "plain tensor" in str(exc), exc
+    else:
+        raise AssertionError("a plain gradient of a DTensor parameter was accepted")
+    after = _local_snapshot(model, opt)
+    assert before.keys() == after.keys() and not any(opt.state.values())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def ddp(backend, rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(make(Tiny))
+    _compare_dp(model, backend, world, rank, f"ddp {backend}")
+
+
+def zero(backend, rank, world):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(make(Tiny))
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FAdam, **HYPER,
+                                  backend=backend)
+    train(model, opt, STEPS, rank=rank, world=world)
+    ref = single_run(Tiny, backend)
+    got = {n.replace("module.", ""): p.detach().clone() for n, p in model.named_parameters()}
+    assert_match(got, {k: v for k, v in ref.items() if "." not in k.split(".", 1)[1]},
+                 f"zero {backend}")
+    # Each rank holds the state of its own whole tensors.
+    names = {p: n.replace("module.", "") for n, p in model.named_parameters()}
+    held = [(names[p], s) for p, s in opt.optim.state.items()]
+    assert held, "this rank holds no state"
+    for name, state in held:
+        for key in ("momentum", "fim", "step"):
+            torch.testing.assert_close(state[key], ref[f"{name}.{key}"], rtol=RTOL, atol=ATOL)
+
+
+def nonfinite(backend, rank, world):
+    """A NaN in one rank's gradient shard: every rank skips, everything stays bit-identical."""
+    model = _fsdp()
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    train(model, opt, 2, rank=rank, world=world)
+    before = {k: v.clone() for k, v in _local_snapshot(model, opt).items()}
+    x, y = data(2)
+    nn.functional.mse_loss(model(x), y).backward()
+    if rank == world - 1:
+        model.d.weight.grad.to_local().view(-1)[0] = float("nan")
+    opt.step()
+    after = _local_snapshot(model, opt)
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} changed on rank {rank}"
+    assert opt.skipped_steps.item() == 1.0, opt.skipped_steps
+    # The next step runs again.
+    train(model, opt, 1, start=3, rank=rank, world=world)
+    assert opt.skipped_steps.item() == 1.0
+    assert not torch.equal(before["d.weight"], _local_snapshot(model, opt)["d.weight"])
+
+
+def _local_snapshot(model, opt):
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = sharded.local(p.detach()).clone()
+        for key, value in opt.state[p].items():
+            out[f"{name}.{key}"] = sharded.local(value).clone()
+    return out
+
+
+def triton_fsdp(backend, rank, world):
+    """The Triton kernels (interpreted on CPU tensors, or compiled on GPUs) on FSDP2 Shard(0)
+    with empty shards."""
+    _compare_dp(_fsdp(), "triton", world, rank, "fsdp Shard(0) triton")
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints (torch.distributed.checkpoint)
+
+def _state(model, opt):
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+
+def _load(model, opt, path, no_dist=False):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    state = _state(model, opt)
+    dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def checkpoint(backend, rank, world):
+    """Save after 4 steps, resume in a fresh model and optimizer: the same as 8 steps at once.
+    Also writes the 2-rank checkpoint and the uninterrupted result for the one-process load of
+    test_sharded.py, and loads the one-process checkpoint it wrote (CKPT_DIR/one)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    root = os.environ["CKPT_DIR"]
+    model = _fsdp()
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    train(model, opt, 4, rank=rank, world=world)
+    dcp.save(_state(model, opt), checkpoint_id=os.path.join(root, f"two-{backend}"))
+    train(model, opt, 4, start=4, rank=rank, world=world)
+    uninterrupted = snapshot(model, opt)
+
+    torch.manual_seed(123)  # other weights, to be overwritten
+    model = _fsdp()
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    _load(model, opt, os.path.join(root, f"two-{backend}"))
+    train(model, opt, 4, start=4, rank=rank, world=world)
+    assert_match(snapshot(model, opt), uninterrupted, f"resumed {backend}", rtol=0, atol=0)
+    if rank == 0:
+        torch.save(uninterrupted, os.path.join(root, f"two-{backend}-final.pt"))
+
+    # A plain (one-process) optimizer.state_dict() loads into the sharded optimizer, each rank
+    # keeping its shard of the whole tensors.
+    plain_model = make(Tiny)
+    plain_opt = FAdam(plain_model.parameters(), **HYPER, backend=backend)
+    train(plain_model, plain_opt, 4)
+    model = _fsdp(model=copy.deepcopy(plain_model))
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    opt.load_state_dict(plain_opt.state_dict())
+    train(model, opt, 4, start=4, rank=rank, world=world)
+    assert_match(snapshot(model, opt), single_run(Tiny, backend), f"plain -> sharded {backend}")
+
+    one = os.path.join(root, f"one-{backend}")
+    if os.path.exists(one):
+        model = _fsdp()
+        opt = FAdam(model.parameters(), **HYPER, backend=backend)
+        _load(model, opt, one)
+        train(model, opt, 4, start=4, rank=rank, world=world)
+        assert_match(snapshot(model, opt), single_run(Tiny, backend), f"1 -> 2 ranks {backend}")
+    dist.barrier()
+
+
+def save_one_process(root, backend):
+    """One process, no process group: 4 steps, then a DCP checkpoint at root/one-<backend>."""
+    import torch.distributed.checkpoint as dcp
+    model = make(Tiny)
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    train(model, opt, 4)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(_state(model, opt), checkpoint_id=os.path.join(root, f"one-{backend}"),
+                 no_dist=True)
+
+
+def load_two_rank_checkpoint(root, backend):
+    """One process: load the 2-rank checkpoint, 4 more steps; returns (got, the 2-rank result)."""
+    model = make(Tiny)
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        _load(model, opt, os.path.join(root, f"two-{backend}"), no_dist=True)
+    train(model, opt, 4, start=4)
+    return snapshot(model, opt), torch.load(os.path.join(root, f"two-{backend}-final.pt"),
+                                            map_location="cpu")
+
+
+SCENARIOS = {f.__name__: f for f in (fsdp_shard0, fsdp_mixed_dtypes, fsdp_chunks, fsdp_shard1, hsdp, fsdp_tp, tp,
+                                      ddp, zero, nonfinite, errors, triton_fsdp, checkpoint)}
+
+
+def main(argv):
+    import torch.distributed as dist
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for item in argv:
+        name, _, backend = item.partition(":")
+        try:
+            SCENARIOS[name](backend or ("cuda" if DEVICE == "cuda" else "cpu"), rank, world)
+            dist.barrier()
+        except BaseException:
+            print(f"FAIL {item} on rank {rank}:\n{traceback.format_exc()}", flush=True)
+            os._exit(1)
+        if rank == 0:
+            print(f"PASS {item}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
