@@ -7,11 +7,13 @@ chosen by ``backends.resolve``.
 [note: a step is validate, plan, mutate]
 Every error a step can raise is raised before anything changes (docs/design.md, section 2):
 
-1. validate and plan (``_Planner``, one pass over each group): every group's hyperparameters
-   and every parameter, gradient and state tensor are checked, and the tensors are sorted into
-   ``Bucket``s, one per (group, device, dtype, backend); whether a parameter can be fused is
-   decided here, once. Nothing is written: new parameters' state joins the optimizer only after
-   every group has passed;
+1. validate: every group's hyperparameters (``step``), then every parameter, gradient and state
+   tensor of every group (``FAdam._init_group`` with ``_Planner``, one pass over each group),
+   which also sorts the tensors into buckets, one per (group, backend, device, dtype); whether a
+   parameter can be fused is decided here, once. Nothing is written until every group has
+   passed; then the state of new parameters joins the optimizer;
+2. plan: ``make_buckets`` turns the lists into ``Bucket``s (gradient copies into the
+   parameter's layout, a DTensor's local shards);
 3. mutate (``run_step``): step counters, then phase A of *every* bucket, then the flags of all
    devices are combined, then phase B of every bucket. A step is two phases (docs/design.md,
    section 3) and the non-finite skip covers the whole step (section 6), so every bucket of every
@@ -272,6 +274,25 @@ class FAdam(Optimizer):
             step = saved.get("step", saved_group.get("step", 0))
             state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
 
+    def _init_group(self, params: list[Tensor], grads: list[Tensor], momentums: list[Tensor],
+                    fims: list[Tensor], steps: list[Tensor], layout: list[tuple]) -> None:
+        """Checks every group's tensors, creates missing state, and lists the tensors that have
+        a gradient, bucket by bucket (``layout``: one tuple of constants per bucket, see
+        make_buckets).
+
+        The name is torch.optim's: torch.compile runs this method as Python while it traces a
+        step (torch/_dynamo/variables/optimizer.py), so the state it reads and creates enters
+        the graph as the optimizer's own tensors, and gradients as the parameters' ``.grad``.
+        Unlike torch's, it covers all groups at once, so that a refused tensor in any group
+        comes before the state of any new parameter is made.
+        """
+        planner = _Planner(self.state)
+        for index, group in enumerate(self.param_groups):
+            planner.group(index, group, [p.grad for p in group["params"]])
+        # Every check has passed: the state of new parameters joins the optimizer.
+        self.state.update(planner.new_state)
+        planner.emit(params, grads, momentums, fims, steps, layout)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """Performs a single optimization step (validate, plan, mutate: see the module doc).
@@ -283,11 +304,10 @@ class FAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        planner = _Planner(self.state)
-        buckets = [bucket for group in self.param_groups
-                   for bucket in planner.group(group, [p.grad for p in group["params"]])]
-        # Every check has passed: the state of new parameters joins the optimizer.
-        self.state.update(planner.new_state)
+        hypers = [_group_hyperparameters(group, read_lr=False) for group in self.param_groups]
+        params, grads, momentums, fims, steps, layout = [], [], [], [], [], []
+        self._init_group(params, grads, momentums, fims, steps, layout)
+        buckets = make_buckets(hypers, params, grads, momentums, fims, steps, layout)
         skip = run_step(buckets, grad_scale=getattr(self, "grad_scale", None),
                         found_inf=getattr(self, "found_inf", None))
         if skip is not None:
@@ -371,49 +391,48 @@ _PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
 class _Planner:
-    """Validates one step's inputs and sorts them into Buckets, in one pass per group.
+    """Validates one step's tensors and sorts them into buckets, in one pass over each group.
 
     Nothing is written: the state of parameters seen for the first time is made in
-    ``new_state`` and joins the optimizer only after every group has been checked. Runs on every
-    step over every parameter, so the common case (a plain, contiguous parameter of a fused
-    dtype) is a few attribute compares and one state lookup per parameter; messages are built
-    only when raising, and fusability is decided here, once.
+    ``new_state`` for the caller to add once every group has passed. Runs on every step over
+    every parameter, so the common case (a plain, contiguous parameter of a fused dtype) is a
+    few attribute compares and one state lookup per parameter; messages are built only when
+    raising, and fusability is decided here, once.
     """
 
     def __init__(self, state: dict[Tensor, Any]) -> None:
         self.state = state
         self.new_state: dict[Tensor, dict[str, Any]] = {}
+        # (group index, backend, device, dtype, sharded) -> [(param, grad, state)]
+        self.buckets: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
 
-    def group(self, group: dict[str, Any], grads: Sequence[Tensor | None]) -> list[Bucket]:
-        """The buckets of one param group; `grads` is parallel to group["params"]."""
-        hyper = _group_hyperparameters(group, read_lr=False)
+    def group(self, index: int, group: dict[str, Any], grads: Sequence[Tensor | None]) -> None:
+        """Checks one param group's tensors; `grads` is parallel to group["params"]."""
         backend = group["backend"]
         fused_only = backend not in (None, "reference")
-        lr_device = hyper.lr.device if isinstance(hyper.lr, Tensor) else None
+        lr = group["lr"]
+        lr_device = lr.device if isinstance(lr, Tensor) else None
         resolved: dict[torch.device, str] = {}
-        buckets: dict[tuple, tuple[Bucket, list[dict[str, Any]]]] = {}
         for i, (param, grad) in enumerate(zip(group["params"], grads)):
             if grad is None:
                 continue
             if (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype
                     or grad.device != param.device):
                 raise RuntimeError(_grad_mismatch(_param_name(group, i), param, grad))
-            whole = None
-            if (type(param) in _PLAIN and type(grad) in _PLAIN and param.is_contiguous()
+            is_sharded = type(param) not in _PLAIN or type(grad) not in _PLAIN
+            if (not is_sharded and param.is_contiguous()
                     and param.dtype in backends.FUSED_DTYPES):
-                local_param, local_grad, fusable = param, grad, True
+                fusable = True
             else:
                 fusable = self._unusual(group, i, grad, fused_only)
-                local_param, local_grad = sharded.local(param), sharded.local(grad)
-            device = local_param.device
+                is_sharded = sharded.is_dtensor(param)
+            device = param.device
             name = resolved.get(device)
             if name is None:
                 name = resolved[device] = backends.resolve(backend, device)  # raises if it can't
                 if lr_device is not None and lr_device.type != "cpu" and lr_device != device:
                     raise ValueError(f"Tensor lr is on {lr_device} but {_param_name(group, i)} is "
                                      f"on {device}; put lr on the CPU or on the parameters' device")
-            if not fusable:
-                name = "reference"
             state = self.state.get(param)
             if state:
                 momentum, fim = state.get("momentum"), state.get("fim")
@@ -422,29 +441,33 @@ class _Planner:
                     raise RuntimeError(_bad_state(_param_name(group, i), param, state))
             else:
                 state = self.new_state[param] = _new_state(param)
-            if local_param is not param:  # a DTensor: [note: sharded parameters] in sharded.py
-                whole = param
-                local_param, local_grad, state = sharded.localize(param, grad, state)
-            key = (name, device, local_param.dtype, whole is None)
-            entry = buckets.get(key)
-            if entry is None:
-                shards = None if whole is None else sharded.Shards(device, clip=hyper.clip > 0)
-                entry = buckets[key] = (Bucket(name, hyper, shards=shards), [])
-            bucket, states = entry
-            if whole is not None:
-                bucket.shards.add(whole, local_param.numel())
-            # The kernels walk a parameter, its gradient and its state in one memory order. The
-            # state is created (and loaded) in the parameter's layout; a gradient in another
-            # layout (p.grad = g.t().contiguous().t(), or a channels_last parameter with a
-            # contiguous gradient) is copied into it: a step's worth of extra traffic, no sync.
-            if name != "reference" and local_grad.stride() != local_param.stride():
-                local_grad = torch.empty_like(local_param).copy_(local_grad)
-            bucket.params.append(local_param)
-            bucket.grads.append(local_grad)
-            states.append(state)
-        for bucket, states in buckets.values():
-            bucket.take_state(states)
-        return [bucket for bucket, _ in buckets.values()]
+            key = (index, name if fusable else "reference", device, param.dtype, is_sharded)
+            entries = self.buckets.get(key)
+            if entries is None:
+                entries = self.buckets[key] = []
+            entries.append((param, grad, state))
+
+    def emit(self, params: list[Tensor], grads: list[Tensor], momentums: list[Tensor],
+             fims: list[Tensor], steps: list[Tensor], layout: list[tuple]) -> None:
+        """Appends the checked tensors bucket by bucket, and one layout tuple per bucket:
+        (group index, backend, first, end, sharded, indices whose gradient needs a copy)."""
+        for (index, name, _, _, is_sharded), entries in self.buckets.items():
+            first = len(params)
+            copies = []
+            for j, (param, grad, state) in enumerate(entries):
+                # The kernels walk a parameter, its gradient and its state in one memory order.
+                # The state is created (and loaded) in the parameter's layout; a gradient in
+                # another layout (p.grad = g.t().contiguous().t(), or a channels_last parameter
+                # with a contiguous gradient) is copied into it: a step's worth of extra
+                # traffic, no sync. (A shard's layout is compared after to_local().)
+                if name != "reference" and not is_sharded and grad.stride() != param.stride():
+                    copies.append(j)
+                params.append(param)
+                grads.append(grad)
+                momentums.append(state["momentum"])
+                fims.append(state["fim"])
+                steps.append(state["step"])
+            layout.append((index, name, first, len(params), is_sharded, tuple(copies)))
 
     def _unusual(self, group: dict[str, Any], i: int, grad: Tensor, fused_only: bool) -> bool:
         """Checks a parameter off the common path (sharded, not contiguous, or not of a fused
@@ -501,11 +524,34 @@ class Bucket:
     def device(self) -> torch.device:
         return self.params[0].device
 
-    def take_state(self, states: Sequence[dict[str, Any]]) -> None:
-        """Fills the state lists from the state dicts of self.params, in order."""
-        self.momentums = [state["momentum"] for state in states]
-        self.fims = [state["fim"] for state in states]
-        self.steps = [state["step"] for state in states]
+
+
+def make_buckets(hypers: Sequence[Hyper], params: list[Tensor], grads: list[Tensor],
+                 momentums: list[Tensor], fims: list[Tensor], steps: list[Tensor],
+                 layout: Sequence[tuple]) -> list[Bucket]:
+    """The Buckets of checked tensor lists and their layout (_Planner.emit).
+
+    Tensor operations a step needs before its kernels (gradient copies into the parameter's
+    layout, a DTensor's local shards) happen here, where torch.compile traces them.
+    """
+    buckets = []
+    for index, name, first, end, is_sharded, copies in layout:
+        bucket = Bucket(name, hypers[index], params[first:end], grads[first:end],
+                        momentums[first:end], fims[first:end], steps[first:end])
+        for j in copies:
+            bucket.grads[j] = torch.empty_like(bucket.params[j]).copy_(bucket.grads[j])
+        if is_sharded:  # [note: sharded parameters] in sharded.py
+            bucket.shards = sharded.Shards(bucket.params[0].device, clip=bucket.hyper.clip > 0)
+            for j, (param, grad) in enumerate(zip(bucket.params, bucket.grads)):
+                local_param, local_grad = sharded.localize(param, grad)
+                bucket.shards.add(param, local_param.numel())
+                if name != "reference" and local_grad.stride() != local_param.stride():
+                    local_grad = torch.empty_like(local_param).copy_(local_grad)
+                bucket.params[j], bucket.grads[j] = local_param, local_grad
+                bucket.momentums[j] = sharded.local(bucket.momentums[j])
+                bucket.fims[j] = sharded.local(bucket.fims[j])
+        buckets.append(bucket)
+    return buckets
 
 
 # ---- mutate -------------------------------------------------------------------------------------
@@ -661,6 +707,10 @@ def fadam(
                          f"{len(state_steps)}")
     group = dict(params=list(params), lr=lr, betas=(beta1, beta2), eps=eps, clip=clip,
                  weight_decay=weight_decay, p=p, maximize=maximize, backend=backend)
+    hyper = _group_hyperparameters(group, read_lr=False)
     states = [dict(momentum=m, fim=f, step=s) for m, f, s in zip(momentums, fims, state_steps)]
-    buckets = _Planner(dict(zip(params, states))).group(group, grads)
-    return run_step(buckets, grad_scale=grad_scale, found_inf=found_inf)
+    planner = _Planner(dict(zip(params, states)))
+    planner.group(0, group, grads)
+    lists = [], [], [], [], [], []
+    planner.emit(*lists)
+    return run_step(make_buckets([hyper], *lists), grad_scale=grad_scale, found_inf=found_inf)
