@@ -7,10 +7,13 @@ chosen by ``backends.resolve``.
 [note: a step is validate, plan, mutate]
 Every error a step can raise is raised before anything changes (docs/design.md, section 2):
 
-1. validate: every group's hyperparameters and every parameter, gradient and state tensor are
-   checked (``_Validator``); nothing is written, not even lazily created state;
-2. plan: missing state is created and the tensors are sorted into ``Bucket``s, one per (group,
-   device, dtype, backend); whether a parameter can be fused is decided here, once;
+1. validate: every group's hyperparameters (``step``), then every parameter, gradient and state
+   tensor of every group (``FAdam._init_group`` with ``_Planner``, one pass over each group),
+   which also sorts the tensors into buckets, one per (group, backend, device, dtype); whether a
+   parameter can be fused is decided here, once. Nothing is written until every group has
+   passed; then the state of new parameters joins the optimizer;
+2. plan: ``make_buckets`` turns the lists into ``Bucket``s (gradient copies into the
+   parameter's layout, a DTensor's local shards);
 3. mutate (``run_step``): step counters, then phase A of *every* bucket, then the flags of all
    devices are combined, then phase B of every bucket. A step is two phases (docs/design.md,
    section 3) and the non-finite skip covers the whole step (section 6), so every bucket of every
@@ -271,6 +274,25 @@ class FAdam(Optimizer):
             step = saved.get("step", saved_group.get("step", 0))
             state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
 
+    def _init_group(self, params: list[Tensor], grads: list[Tensor], momentums: list[Tensor],
+                    fims: list[Tensor], steps: list[Tensor], layout: list[tuple]) -> None:
+        """Checks every group's tensors, creates missing state, and lists the tensors that have
+        a gradient, bucket by bucket (``layout``: one tuple of constants per bucket, see
+        make_buckets).
+
+        The name is torch.optim's: torch.compile runs this method as Python while it traces a
+        step (torch/_dynamo/variables/optimizer.py), so the state it reads and creates enters
+        the graph as the optimizer's own tensors, and gradients as the parameters' ``.grad``.
+        Unlike torch's, it covers all groups at once, so that a refused tensor in any group
+        comes before the state of any new parameter is made.
+        """
+        planner = _Planner(self.state)
+        for index, group in enumerate(self.param_groups):
+            planner.group(index, group, [p.grad for p in group["params"]])
+        # Every check has passed: the state of new parameters joins the optimizer.
+        self.state.update(planner.new_state)
+        planner.emit(params, grads, momentums, fims, steps, layout)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """Performs a single optimization step (validate, plan, mutate: see the module doc).
@@ -282,14 +304,10 @@ class FAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        validator = _Validator()
-        checked = [validator.group(group, [p.grad for p in group["params"]], self.state)
-                   for group in self.param_groups]
-        for param in validator.new_state:
-            _init_state(self.state[param], param)
-        buckets = [bucket for group, (hyper, params, grads) in zip(self.param_groups, checked)
-                   for bucket in plan_buckets(hyper, group["backend"], params, grads,
-                                              [self.state[p] for p in params])]
+        hypers = [_group_hyperparameters(group, read_lr=False) for group in self.param_groups]
+        params, grads, momentums, fims, steps, layout = [], [], [], [], [], []
+        self._init_group(params, grads, momentums, fims, steps, layout)
+        buckets = make_buckets(hypers, params, grads, momentums, fims, steps, layout)
         skip = run_step(buckets, grad_scale=getattr(self, "grad_scale", None),
                         found_inf=getattr(self, "found_inf", None))
         if skip is not None:
@@ -297,11 +315,12 @@ class FAdam(Optimizer):
         return loss
 
 
-def _init_state(state: dict[str, Any], param: Tensor) -> None:
-    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-    state["momentum"] = torch.zeros_like(param, dtype=torch.float32,
-                                         memory_format=torch.preserve_format)
-    state["fim"] = torch.ones_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+def _new_state(param: Tensor) -> dict[str, Any]:
+    return dict(step=torch.zeros((), dtype=torch.float32, device=param.device),
+                momentum=torch.zeros_like(param, dtype=torch.float32,
+                                          memory_format=torch.preserve_format),
+                fim=torch.ones_like(param, dtype=torch.float32,
+                                    memory_format=torch.preserve_format))
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -367,71 +386,108 @@ def _grad_mismatch(name: str, param: Tensor, grad: Tensor) -> str:
             f"{param.device}; move it to the parameter's device.")
 
 
-class _Validator:
-    """Checks one step's inputs; raises before anything is written.
+# Tensor types of the common path (anything else, e.g. a DTensor, is checked in full).
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 
-    Runs on every step over every parameter, so the common case is a few attribute compares per
-    parameter; messages are built only when raising.
+
+class _Planner:
+    """Validates one step's tensors and sorts them into buckets, in one pass over each group.
+
+    Nothing is written: the state of parameters seen for the first time is made in
+    ``new_state`` for the caller to add once every group has passed. Runs on every step over
+    every parameter, so the common case (a plain, contiguous parameter of a fused dtype) is a
+    few attribute compares and one state lookup per parameter; messages are built only when
+    raising, and fusability is decided here, once.
     """
 
-    def __init__(self) -> None:
-        self.resolved: set[tuple[str | None, torch.device]] = set()
-        self.new_state: list[Tensor] = []  # parameters whose state the plan must create
+    def __init__(self, state: dict[Tensor, Any]) -> None:
+        self.state = state
+        self.new_state: dict[Tensor, dict[str, Any]] = {}
+        # (group index, backend, device, dtype, sharded) -> [(param, grad, state)]
+        self.buckets: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
 
-    def group(self, group: dict[str, Any], grads: Sequence[Tensor | None],
-              state: dict[Tensor, Any]) -> tuple[Hyper, list[Tensor], list[Tensor]]:
-        """The group's hyperparameters, and its parameters that have a gradient (`grads`,
-        parallel to group["params"]) with those gradients, all checked."""
-        hyper = _group_hyperparameters(group, read_lr=False)
+    def group(self, index: int, group: dict[str, Any], grads: Sequence[Tensor | None]) -> None:
+        """Checks one param group's tensors; `grads` is parallel to group["params"]."""
         backend = group["backend"]
         fused_only = backend not in (None, "reference")
-        lr_device = hyper.lr.device if isinstance(hyper.lr, Tensor) else None
-        params, kept = [], []
+        lr = group["lr"]
+        lr_device = lr.device if isinstance(lr, Tensor) else None
+        resolved: dict[torch.device, str] = {}
         for i, (param, grad) in enumerate(zip(group["params"], grads)):
             if grad is None:
                 continue
             if (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype
                     or grad.device != param.device):
                 raise RuntimeError(_grad_mismatch(_param_name(group, i), param, grad))
-            if sharded.is_dtensor(param) or sharded.is_dtensor(grad):
-                why = sharded.check(_param_name(group, i), param, grad)
-                if why is not None:
-                    raise RuntimeError(why)
-                self._unusual(group, i, fused_only)
-            elif not param.is_contiguous() or param.dtype not in backends.FUSED_DTYPES:
-                self._unusual(group, i, fused_only)
+            is_sharded = type(param) not in _PLAIN or type(grad) not in _PLAIN
+            if (not is_sharded and param.is_contiguous()
+                    and param.dtype in backends.FUSED_DTYPES):
+                fusable = True
+            else:
+                fusable = self._unusual(group, i, grad, fused_only)
+                is_sharded = sharded.is_dtensor(param)
             device = param.device
-            if (backend, device) not in self.resolved:
-                backends.resolve(backend, device)  # raises if it cannot run there
+            name = resolved.get(device)
+            if name is None:
+                name = resolved[device] = backends.resolve(backend, device)  # raises if it can't
                 if lr_device is not None and lr_device.type != "cpu" and lr_device != device:
                     raise ValueError(f"Tensor lr is on {lr_device} but {_param_name(group, i)} is "
                                      f"on {device}; put lr on the CPU or on the parameters' device")
-                self.resolved.add((backend, device))
-            saved = state.get(param)
-            if saved:
-                momentum, fim = saved.get("momentum"), saved.get("fim")
+            state = self.state.get(param)
+            if state:
+                momentum, fim = state.get("momentum"), state.get("fim")
                 if (momentum is None or fim is None or momentum.shape != param.shape
                         or fim.shape != param.shape):
-                    raise RuntimeError(_bad_state(_param_name(group, i), param, saved))
+                    raise RuntimeError(_bad_state(_param_name(group, i), param, state))
             else:
-                self.new_state.append(param)
-            params.append(param)
-            kept.append(grad)
-        return hyper, params, kept
+                state = self.new_state[param] = _new_state(param)
+            key = (index, name if fusable else "reference", device, param.dtype, is_sharded)
+            entries = self.buckets.get(key)
+            if entries is None:
+                entries = self.buckets[key] = []
+            entries.append((param, grad, state))
 
-    def _unusual(self, group: dict[str, Any], i: int, fused_only: bool) -> None:
-        """Parameters off the common path (not contiguous, not a fused dtype, or sharded)."""
-        param = sharded.local(group["params"][i])
+    def emit(self, params: list[Tensor], grads: list[Tensor], momentums: list[Tensor],
+             fims: list[Tensor], steps: list[Tensor], layout: list[tuple]) -> None:
+        """Appends the checked tensors bucket by bucket, and one layout tuple per bucket:
+        (group index, backend, first, end, sharded, indices whose gradient needs a copy)."""
+        for (index, name, _, _, is_sharded), entries in self.buckets.items():
+            first = len(params)
+            copies = []
+            for j, (param, grad, state) in enumerate(entries):
+                # The kernels walk a parameter, its gradient and its state in one memory order.
+                # The state is created (and loaded) in the parameter's layout; a gradient in
+                # another layout (p.grad = g.t().contiguous().t(), or a channels_last parameter
+                # with a contiguous gradient) is copied into it: a step's worth of extra
+                # traffic, no sync. (A shard's layout is compared after to_local().)
+                if name != "reference" and not is_sharded and grad.stride() != param.stride():
+                    copies.append(j)
+                params.append(param)
+                grads.append(grad)
+                momentums.append(state["momentum"])
+                fims.append(state["fim"])
+                steps.append(state["step"])
+            layout.append((index, name, first, len(params), is_sharded, tuple(copies)))
+
+    def _unusual(self, group: dict[str, Any], i: int, grad: Tensor, fused_only: bool) -> bool:
+        """Checks a parameter off the common path (sharded, not contiguous, or not of a fused
+        dtype); returns whether a fused backend can update it."""
+        param = group["params"][i]
+        if type(param) not in _PLAIN or type(grad) not in _PLAIN:
+            why = sharded.check(_param_name(group, i), param, grad)
+            if why is not None:
+                raise RuntimeError(why)
+        param = sharded.local(param)
         why = _refusal(param, _param_name(group, i))
         if why is not None:
             raise RuntimeError(why)
-        if fused_only:
-            why = backends.unfusable_reason(param)
-            if why is not None:
-                raise RuntimeError(
-                    f"FAdam backend={group['backend']!r} cannot update {_param_name(group, i)}: "
-                    f"it {why}. Use backend=None or 'reference' (backend=None runs such "
-                    "parameters on the reference backend and the others fused).")
+        why = backends.unfusable_reason(param)
+        if why is not None and fused_only:
+            raise RuntimeError(
+                f"FAdam backend={group['backend']!r} cannot update {_param_name(group, i)}: "
+                f"it {why}. Use backend=None or 'reference' (backend=None runs such "
+                "parameters on the reference backend and the others fused).")
+        return why is None
 
 
 def _bad_state(name: str, param: Tensor, saved: dict[str, Any]) -> str:
@@ -468,46 +524,34 @@ class Bucket:
     def device(self) -> torch.device:
         return self.params[0].device
 
-    def append(self, param: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
-        self.params.append(param)
-        self.grads.append(grad)
-        self.momentums.append(state["momentum"])
-        self.fims.append(state["fim"])
-        self.steps.append(state["step"])
 
 
-def plan_buckets(hyper: Hyper, backend: str | None, params: Sequence[Tensor],
-                 grads: Sequence[Tensor], states: Sequence[dict[str, Any]]) -> list[Bucket]:
-    """Sorts checked parameters (with their state) into buckets; decides fusability once.
+def make_buckets(hypers: Sequence[Hyper], params: list[Tensor], grads: list[Tensor],
+                 momentums: list[Tensor], fims: list[Tensor], steps: list[Tensor],
+                 layout: Sequence[tuple]) -> list[Bucket]:
+    """The Buckets of checked tensor lists and their layout (_Planner.emit).
 
-    float64 parameters and strided views run on the reference backend (backend=None only: the
-    validation has refused them, by name, for an explicit fused backend).
+    Tensor operations a step needs before its kernels (gradient copies into the parameter's
+    layout, a DTensor's local shards) happen here, where torch.compile traces them.
     """
-    buckets: dict[tuple, Bucket] = {}
-    for param, grad, state in zip(params, grads, states):
-        whole = None
-        if sharded.is_dtensor(param):  # [note: sharded parameters] in sharded.py
-            whole = param
-            param, grad, state = sharded.localize(param, grad, state)
-        device = param.device
-        name = backends.resolve(backend, device)
-        if name != "reference" and backends.unfusable_reason(param) is not None:
-            name = "reference"
-        key = (name, device, param.dtype, whole is None)
-        bucket = buckets.get(key)
-        if bucket is None:
-            shards = None if whole is None else sharded.Shards(device, clip=hyper.clip > 0)
-            bucket = buckets[key] = Bucket(name, hyper, shards=shards)
-        if whole is not None:
-            bucket.shards.add(whole, param.numel())
-        # The kernels walk a parameter, its gradient and its state in one memory order. The
-        # state is created (and loaded) in the parameter's layout; a gradient in another layout
-        # (p.grad = g.t().contiguous().t(), or a channels_last parameter with a contiguous
-        # gradient) is copied into it: a step's worth of extra traffic, no sync.
-        if name != "reference" and grad.stride() != param.stride():
-            grad = torch.empty_like(param).copy_(grad)
-        bucket.append(param, grad, state)
-    return list(buckets.values())
+    buckets = []
+    for index, name, first, end, is_sharded, copies in layout:
+        bucket = Bucket(name, hypers[index], params[first:end], grads[first:end],
+                        momentums[first:end], fims[first:end], steps[first:end])
+        for j in copies:
+            bucket.grads[j] = torch.empty_like(bucket.params[j]).copy_(bucket.grads[j])
+        if is_sharded:  # [note: sharded parameters] in sharded.py
+            bucket.shards = sharded.Shards(bucket.params[0].device, clip=bucket.hyper.clip > 0)
+            for j, (param, grad) in enumerate(zip(bucket.params, bucket.grads)):
+                local_param, local_grad = sharded.localize(param, grad)
+                bucket.shards.add(param, local_param.numel())
+                if name != "reference" and local_grad.stride() != local_param.stride():
+                    local_grad = torch.empty_like(local_param).copy_(local_grad)
+                bucket.params[j], bucket.grads[j] = local_param, local_grad
+                bucket.momentums[j] = sharded.local(bucket.momentums[j])
+                bucket.fims[j] = sharded.local(bucket.fims[j])
+        buckets.append(bucket)
+    return buckets
 
 
 # ---- mutate -------------------------------------------------------------------------------------
@@ -663,7 +707,10 @@ def fadam(
                          f"{len(state_steps)}")
     group = dict(params=list(params), lr=lr, betas=(beta1, beta2), eps=eps, clip=clip,
                  weight_decay=weight_decay, p=p, maximize=maximize, backend=backend)
+    hyper = _group_hyperparameters(group, read_lr=False)
     states = [dict(momentum=m, fim=f, step=s) for m, f, s in zip(momentums, fims, state_steps)]
-    hyper, checked, checked_grads = _Validator().group(group, grads, dict(zip(params, states)))
-    buckets = plan_buckets(hyper, backend, checked, checked_grads, states)
-    return run_step(buckets, grad_scale=grad_scale, found_inf=found_inf)
+    planner = _Planner(dict(zip(params, states)))
+    planner.group(0, group, grads)
+    lists = [], [], [], [], [], []
+    planner.emit(*lists)
+    return run_step(make_buckets([hyper], *lists), grad_scale=grad_scale, found_inf=found_inf)

@@ -127,15 +127,14 @@ class Shards:
         return dict(sums=self.sums[i] if self.clip else None, numel=self.global_numels[i])
 
 
-def localize(param: Tensor, grad: Tensor, state: dict[str, Any]
-             ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """The local shards of a DTensor parameter, its gradient and its state."""
+def localize(param: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The local shards of a DTensor parameter and of its gradient, placed alike."""
     if grad.placements != param.placements:
         # The kernels walk a shard of the parameter and the same shard of its gradient. A
         # Replicate gradient of a Shard parameter (a distribute_tensor weight in a matmul)
         # becomes a local slice; a Partial one costs one all-reduce of this tensor.
         grad = grad.redistribute(param.device_mesh, param.placements)
-    return param.to_local(), grad.to_local(), {k: local(v) for k, v in state.items()}
+    return param.to_local(), grad.to_local()
 
 
 def _index(values: list[int], device: torch.device, dtype=torch.int64) -> Tensor:

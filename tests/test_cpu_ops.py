@@ -270,3 +270,28 @@ def test_torch_compile_fullgraph_training_step(backend):
         torch.testing.assert_close(p, q, **tol)
         for key in ("momentum", "fim", "step"):
             torch.testing.assert_close(eager_opt.state[p][key], compiled_opt.state[q][key], **tol)
+
+
+def test_compiled_step_with_a_tensor_lr_compiles_once_across_lr_values():
+    # A float lr is a constant of the compiled graph (every new value recompiles, and dynamo
+    # gives up after 8); a 0-dim tensor lr, changed in place as schedulers do, is an input.
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = FAdam([p], lr=torch.tensor(1e-2), backend="cpu")
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    reference_p = p.detach().clone()
+    ref_opt_p = torch.nn.Parameter(reference_p)
+    ref_opt = FAdam([ref_opt_p], lr=1e-2, backend="cpu")
+    for k in range(12):
+        lr = 1e-2 / (k + 1)
+        opt.param_groups[0]["lr"].fill_(lr)
+        ref_opt.param_groups[0]["lr"] = lr
+        p.grad = torch.full((64,), 0.1 * (k + 1))
+        ref_opt_p.grad = p.grad.clone()
+        step()
+        ref_opt.step()
+    assert counter.frame_count == 1
+    assert torch.equal(p.detach(), ref_opt_p.detach())
