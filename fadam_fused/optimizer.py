@@ -173,6 +173,33 @@ class FAdam(Optimizer):
     # the gradients itself, as it does for torch's fused Adam.
     _step_supports_amp_scaling = True
 
+    # [note: optimizer extension point]
+    # A variant of FAdam with other state (FAdafactor's factored FIM, fadafactor.py) subclasses
+    # FAdam and overrides the three static methods below and `_param_check`; validation, the
+    # validate -> plan -> mutate step, load_state_dict, the non-finite skip, GradScaler and
+    # skipped_steps are FAdam's. A bucket the subclass plans may be a PhaseRunner that runs its
+    # own ops inside run_step's two phases.
+
+    # None, or fn(param, backend) -> why this optimizer cannot step `param` (None: it can),
+    # called for every parameter with a gradient in the validation.
+    _param_check: Callable[[Tensor, str | None], str | None] | None = None
+
+    @staticmethod
+    def _state_shapes(param: Tensor) -> dict[str, torch.Size]:
+        """The float32 state tensors of `param` besides `step`, by key, with their shapes."""
+        return {"momentum": param.shape, "fim": param.shape}
+
+    @staticmethod
+    def _init_state(state: dict[str, Any], param: Tensor) -> None:
+        """Creates the state of a parameter's first step."""
+        _init_state(state, param)
+
+    @staticmethod
+    def _plan(hyper: Hyper, backend: str | None, params: Sequence[Tensor],
+              grads: Sequence[Tensor], states: Sequence[dict[str, Any]]) -> list[Bucket]:
+        """The buckets (or PhaseRunners) that step the checked parameters of one group."""
+        return plan_buckets(hyper, backend, params, grads, states)
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -233,6 +260,7 @@ class FAdam(Optimizer):
         """
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        kind = type(self).__name__
         pairs = [(saved_group, group, i, saved_id, param)
                  for saved_group, group in zip(saved_groups, self.param_groups)
                  for i, (saved_id, param) in enumerate(zip(saved_group["params"], group["params"]))]
@@ -240,21 +268,23 @@ class FAdam(Optimizer):
             saved = saved_state.get(saved_id)
             if not saved:
                 continue
-            missing = [key for key in ("momentum", "fim") if not isinstance(saved.get(key), Tensor)]
+            shapes = self._state_shapes(param)
+            missing = [key for key in shapes if not isinstance(saved.get(key), Tensor)]
             if "step" not in saved and "step" not in saved_group:
                 missing.append("step")
             if missing:
                 raise ValueError(
-                    f"Cannot load this FAdam state_dict: the state of {_param_name(group, i)} "
+                    f"Cannot load this {kind} state_dict: the state of {_param_name(group, i)} "
                     f"has no {' or '.join(repr(k) for k in missing)} (it has "
-                    f"{sorted(saved)}). Save it from FAdam, or drop the parameter's state.")
-            for key in ("momentum", "fim"):
-                if saved[key].shape != param.shape:
+                    f"{sorted(saved)}). Save it from {kind}, or drop the parameter's state.")
+            for key, shape in shapes.items():
+                if saved[key].shape != shape:
                     raise ValueError(
-                        f"Cannot load this FAdam state_dict: the saved {key!r} of "
-                        f"{_param_name(group, i)} has shape {tuple(saved[key].shape)}, but the "
-                        f"parameter has shape {tuple(param.shape)}. Was it saved for another "
-                        "model, or with the parameters in another order?")
+                        f"Cannot load this {kind} state_dict: the saved {key!r} of "
+                        f"{_param_name(group, i)} has shape {tuple(saved[key].shape)}, but "
+                        f"{tuple(shape)} is expected for a parameter of shape "
+                        f"{tuple(param.shape)}. Was it saved for another model, or with the "
+                        "parameters in another order?")
         # The backend is where this process runs the step, not a training hyperparameter: the
         # optimizer's own request stays (a backend="cuda" checkpoint loads on a CPU machine).
         requested = [group["backend"] for group in self.param_groups]
@@ -266,8 +296,11 @@ class FAdam(Optimizer):
             if not saved:
                 continue
             state = self.state[param]
-            for key in ("momentum", "fim"):
-                state[key] = sharded.state_like(param, saved[key])
+            for key, shape in self._state_shapes(param).items():
+                # Shaped like the parameter: in its layout (and shard); a factored FIM's row or
+                # column sums: contiguous.
+                state[key] = (sharded.state_like(param, saved[key]) if shape == param.shape else
+                              saved[key].to(device=param.device, dtype=torch.float32, copy=True))
             step = saved.get("step", saved_group.get("step", 0))
             state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
 
@@ -282,14 +315,14 @@ class FAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        validator = _Validator()
+        validator = _Validator(type(self))
         checked = [validator.group(group, [p.grad for p in group["params"]], self.state)
                    for group in self.param_groups]
         for param in validator.new_state:
-            _init_state(self.state[param], param)
+            self._init_state(self.state[param], param)
         buckets = [bucket for group, (hyper, params, grads) in zip(self.param_groups, checked)
-                   for bucket in plan_buckets(hyper, group["backend"], params, grads,
-                                              [self.state[p] for p in params])]
+                   for bucket in self._plan(hyper, group["backend"], params, grads,
+                                            [self.state[p] for p in params])]
         skip = run_step(buckets, grad_scale=getattr(self, "grad_scale", None),
                         found_inf=getattr(self, "found_inf", None))
         if skip is not None:
@@ -374,7 +407,9 @@ class _Validator:
     parameter; messages are built only when raising.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, optimizer: type[FAdam] | None = None) -> None:
+        # The optimizer class whose state and rules are checked ([note: optimizer extension point]).
+        self.optimizer = FAdam if optimizer is None else optimizer
         self.resolved: set[tuple[str | None, torch.device]] = set()
         self.new_state: list[Tensor] = []  # parameters whose state the plan must create
 
@@ -393,6 +428,11 @@ class _Validator:
             if (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype
                     or grad.device != param.device):
                 raise RuntimeError(_grad_mismatch(_param_name(group, i), param, grad))
+            if self.optimizer._param_check is not None:
+                why = self.optimizer._param_check(param, backend)
+                if why is not None:
+                    raise RuntimeError(f"{self.optimizer.__name__} cannot update "
+                                       f"{_param_name(group, i)}: {why}")
             if sharded.is_dtensor(param) or sharded.is_dtensor(grad):
                 why = sharded.check(_param_name(group, i), param, grad)
                 if why is not None:
@@ -409,10 +449,12 @@ class _Validator:
                 self.resolved.add((backend, device))
             saved = state.get(param)
             if saved:
-                momentum, fim = saved.get("momentum"), saved.get("fim")
-                if (momentum is None or fim is None or momentum.shape != param.shape
-                        or fim.shape != param.shape):
-                    raise RuntimeError(_bad_state(_param_name(group, i), param, saved))
+                shapes = self.optimizer._state_shapes(param)
+                for key, shape in shapes.items():
+                    value = saved.get(key)
+                    if value is None or value.shape != shape:
+                        raise RuntimeError(_bad_state(_param_name(group, i), param, saved, shapes,
+                                                      self.optimizer.__name__))
             else:
                 self.new_state.append(param)
             params.append(param)
@@ -434,16 +476,17 @@ class _Validator:
                     "parameters on the reference backend and the others fused).")
 
 
-def _bad_state(name: str, param: Tensor, saved: dict[str, Any]) -> str:
-    for key in ("momentum", "fim"):
+def _bad_state(name: str, param: Tensor, saved: dict[str, Any], shapes: dict[str, torch.Size],
+               kind: str) -> str:
+    for key, shape in shapes.items():
         if saved.get(key) is None:
-            return (f"The FAdam state of {name} has no {key!r} (it has {sorted(saved)}); "
+            return (f"The {kind} state of {name} has no {key!r} (it has {sorted(saved)}); "
                     "load a complete state_dict, or clear this parameter's state.")
-        if saved[key].shape != param.shape:
-            return (f"The FAdam state {key!r} of {name} has shape {tuple(saved[key].shape)} but "
-                    f"the parameter now has shape {tuple(param.shape)} (was param.data "
-                    "replaced?); clear this parameter's state (opt.state.pop(param)) to start it "
-                    "afresh.")
+        if saved[key].shape != shape:
+            return (f"The {kind} state {key!r} of {name} has shape {tuple(saved[key].shape)}, "
+                    f"not {tuple(shape)}, but the parameter now has shape {tuple(param.shape)} "
+                    "(was param.data replaced?); clear this parameter's state "
+                    "(opt.state.pop(param)) to start it afresh.")
     raise AssertionError("unreachable")
 
 
@@ -474,6 +517,23 @@ class Bucket:
         self.momentums.append(state["momentum"])
         self.fims.append(state["fim"])
         self.steps.append(state["step"])
+
+
+class PhaseRunner:
+    """A planned bucket that runs its own ops within run_step's step ([note: optimizer extension
+    point]): ``phase_a`` runs with every bucket's phase A (read-only: it may only raise the skip
+    flag and fill its own scratch), ``phase_b`` with every phase B (a no-op when the combined
+    skip flag is set). run_step increments ``steps`` before phase A and undoes it on a skip."""
+
+    steps: list[Tensor]
+    device: torch.device
+    shards = None  # no sharded tensors: run_step's all-reduce skips it
+
+    def phase_a(self, skip: Tensor, grad_scale: Tensor | None) -> None:
+        raise NotImplementedError
+
+    def phase_b(self, skip: Tensor, grad_scale: Tensor | None) -> None:
+        raise NotImplementedError
 
 
 def plan_buckets(hyper: Hyper, backend: str | None, params: Sequence[Tensor],
@@ -537,7 +597,7 @@ def _lr_args(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, f
     return _on(lr, device), 0.0
 
 
-def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
+def run_step(buckets: Sequence[Bucket | PhaseRunner], *, grad_scale: Tensor | None = None,
              found_inf: Tensor | None = None) -> Tensor | None:
     """Runs one step over planned buckets: all phase A, then all phase B.
 
@@ -563,6 +623,10 @@ def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
     for bucket in buckets:
         skip, h = skips[bucket.device], bucket.hyper
         torch._foreach_add_(bucket.steps, 1)
+        if isinstance(bucket, PhaseRunner):
+            bucket.phase_a(skip, _on(grad_scale, bucket.device))
+            partials.append(None)
+            continue
         shards = bucket.shards
         if bucket.backend == "reference":
             skip.copy_(torch.maximum(skip, reference.nonfinite_flag(bucket.grads)))
@@ -592,7 +656,9 @@ def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
     for bucket, sums in zip(buckets, partials):
         skip, h = skips[bucket.device], bucket.hyper
         scale = _on(grad_scale, bucket.device)
-        if sums is None:
+        if isinstance(bucket, PhaseRunner):
+            bucket.phase_b(skip, scale)
+        elif sums is None:
             for i, (param, grad, m, f, step) in enumerate(zip(
                     bucket.params, bucket.grads, bucket.momentums, bucket.fims, bucket.steps)):
                 whole = {} if bucket.shards is None else bucket.shards.reference_args(i)
