@@ -21,17 +21,6 @@ from .optimizer import FAdam, Hyper, PhaseRunner, _lr_args, plan_buckets
 
 __all__ = ["FAdafactor"]
 
-# Fused backends with FAdafactor kernels for factored tensors; the others are refused by name.
-_FACTORED_KERNELS = {"cpu": "fadafactor"}
-_FACTORED_OPS: dict[str, op_contract.FactoredOps] = {}
-
-
-def _factored_ops(name: str) -> op_contract.FactoredOps:
-    if name not in _FACTORED_OPS:
-        _FACTORED_OPS[name] = op_contract.factored_ops(name, _FACTORED_KERNELS[name])
-    return _FACTORED_OPS[name]
-
-
 def factored_state_shapes(param: Tensor) -> dict[str, torch.Size]:
     """The float32 state tensors (besides ``step``) FAdafactor keeps for `param`."""
     if not reference.is_factored(param):
@@ -44,7 +33,7 @@ def _param_check(param: Tensor, backend: str | None) -> str | None:
     if sharded.is_dtensor(param):
         return ("sharded (DTensor) parameters are not supported by FAdafactor yet (the row and "
                 "column sums would need their own all-reduce); use FAdam")
-    if (backend is not None and backend != "reference" and backend not in _FACTORED_KERNELS
+    if (backend is not None and backend != "reference" and backend not in backends.FACTORED_KERNELS
             and reference.is_factored(param)):
         return (f"backend={backend!r} is not implemented yet for FAdafactor; use backend='cpu' "
                 "or 'reference' (or backend=None)")
@@ -112,7 +101,7 @@ class FAdafactor(FAdam):
             # one was refused in the validation): the reference runs those tensors. The kernels
             # walk rows of the last dim, so a dense but permuted parameter (channels_last) runs
             # there too, as float64 ones do.
-            if (name not in _FACTORED_KERNELS or param.dtype not in backends.FUSED_DTYPES
+            if (name not in backends.FACTORED_KERNELS or param.dtype not in backends.FUSED_DTYPES
                     or not param.is_contiguous()):
                 name = "reference"
             key = (name, device, param.dtype)
@@ -129,7 +118,7 @@ class FAdafactor(FAdam):
 class FactoredBucket(PhaseRunner):
     """Factored tensors of one group, device and dtype that one backend steps together."""
 
-    backend: str  # "reference" or a backend of _FACTORED_KERNELS
+    backend: str  # "reference" or a backend of backends.FACTORED_KERNELS
     hyper: Hyper
     params: list[Tensor] = dataclasses.field(default_factory=list)
     grads: list[Tensor] = dataclasses.field(default_factory=list)
@@ -158,7 +147,7 @@ class FactoredBucket(PhaseRunner):
         if self.backend == "reference":
             skip.copy_(torch.maximum(skip, reference.nonfinite_flag(self.grads)))
             return
-        ops = _factored_ops(self.backend)
+        ops = backends.factored(self.backend)
         factor_partials, self.factors = op_contract.new_factor_buffers(self.params,
                                                                         ops.chunk_size)
         ops.phase_s(self.params, self.grads, self.fim_rows, self.fim_cols, self.steps,
@@ -180,7 +169,7 @@ class FactoredBucket(PhaseRunner):
                     beta2=h.beta2, eps=h.eps, clip=h.clip, weight_decay=h.weight_decay, p=h.p,
                     maximize=h.maximize, grad_scale=grad_scale)
             return
-        ops = _factored_ops(self.backend)
+        ops = backends.factored(self.backend)
         lr_tensor, lr = _lr_args(h.lr, self.device)
         ops.phase_b(self.params, self.grads, self.fim_rows, self.fim_cols, self.momentums,
                     self.factors, self.partials, skip, grad_scale, lr_tensor, lr=lr,
