@@ -279,12 +279,13 @@ class FAdam(Optimizer):
                     f"{sorted(saved)}). Save it from {kind}, or drop the parameter's state.")
             for key, shape in shapes.items():
                 if saved[key].shape != shape:
+                    need = ("" if shape == param.shape else
+                            f" (which needs {key!r} of shape {tuple(shape)})")
                     raise ValueError(
                         f"Cannot load this {kind} state_dict: the saved {key!r} of "
-                        f"{_param_name(group, i)} has shape {tuple(saved[key].shape)}, but "
-                        f"{tuple(shape)} is expected for a parameter of shape "
-                        f"{tuple(param.shape)}. Was it saved for another model, or with the "
-                        "parameters in another order?")
+                        f"{_param_name(group, i)} has shape {tuple(saved[key].shape)}, but the "
+                        f"parameter has shape {tuple(param.shape)}{need}. Was it saved for "
+                        "another model, or with the parameters in another order?")
         # The backend is where this process runs the step, not a training hyperparameter: the
         # optimizer's own request stays (a backend="cuda" checkpoint loads on a CPU machine).
         requested = [group["backend"] for group in self.param_groups]
@@ -483,10 +484,11 @@ def _bad_state(name: str, param: Tensor, saved: dict[str, Any], shapes: dict[str
             return (f"The {kind} state of {name} has no {key!r} (it has {sorted(saved)}); "
                     "load a complete state_dict, or clear this parameter's state.")
         if saved[key].shape != shape:
-            return (f"The {kind} state {key!r} of {name} has shape {tuple(saved[key].shape)}, "
-                    f"not {tuple(shape)}, but the parameter now has shape {tuple(param.shape)} "
-                    "(was param.data replaced?); clear this parameter's state "
-                    "(opt.state.pop(param)) to start it afresh.")
+            need = "" if shape == param.shape else f" (which needs {tuple(shape)})"
+            return (f"The {kind} state {key!r} of {name} has shape {tuple(saved[key].shape)} but "
+                    f"the parameter now has shape {tuple(param.shape)}{need} (was param.data "
+                    "replaced?); clear this parameter's state (opt.state.pop(param)) to start it "
+                    "afresh.")
     raise AssertionError("unreachable")
 
 
