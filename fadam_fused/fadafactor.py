@@ -2,7 +2,7 @@
 
 It changes only what [note: optimizer extension point] in optimizer.py lets a subclass change:
 the state (``fim_row`` / ``fim_col`` for parameters of 2 or more dims, FAdam's ``fim`` for the
-others), its creation, and the plan, in which factored tensors go to a ``FactoredBucket`` (a
+others), its creation, and the routing, in which factored tensors go to a ``FactoredBucket`` (a
 ``PhaseRunner`` running the three ops of [note: the FAdafactor op contract] in op_contract.py)
 and the others to FAdam's own buckets. Validation, the one-step run with its non-finite skip,
 GradScaler, skipped_steps and load_state_dict are FAdam's.
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import backends, op_contract, reference, sharded
-from .optimizer import FAdam, Hyper, PhaseRunner, _lr_args, plan_buckets
+from .optimizer import Bucket, FAdam, Hyper, PhaseRunner, _lr_args
 
 __all__ = ["FAdafactor"]
 
@@ -77,41 +77,25 @@ class FAdafactor(FAdam):
     _state_shapes = staticmethod(factored_state_shapes)
 
     @staticmethod
-    def _init_state(state: dict[str, Any], param: Tensor) -> None:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-        state["momentum"] = torch.zeros_like(param, dtype=torch.float32,
-                                             memory_format=torch.preserve_format)
+    def _new_state(param: Tensor) -> dict[str, Any]:
+        state = {"step": torch.zeros((), dtype=torch.float32, device=param.device),
+                 "momentum": torch.zeros_like(param, dtype=torch.float32,
+                                              memory_format=torch.preserve_format)}
         for key, shape in factored_state_shapes(param).items():
             if key != "momentum":
                 state[key] = torch.ones(shape, dtype=torch.float32, device=param.device)
+        return state
 
     @staticmethod
-    def _plan(hyper: Hyper, backend: str | None, params: Sequence[Tensor],
-              grads: Sequence[Tensor], states: Sequence[dict[str, Any]]) -> list:
-        flat = [i for i, p in enumerate(params) if not reference.is_factored(p)]
-        buckets: list = plan_buckets(hyper, backend, [params[i] for i in flat],
-                                     [grads[i] for i in flat], [states[i] for i in flat])
-        factored: dict[tuple, FactoredBucket] = {}
-        for param, grad, state in zip(params, grads, states):
-            if not reference.is_factored(param):
-                continue
-            device = param.device
-            name = backends.resolve(backend, device)
-            # backend=None on CUDA resolves to a backend without FAdafactor kernels (an explicit
-            # one was refused in the validation): the reference runs those tensors. The kernels
-            # walk rows of the last dim, so a dense but permuted parameter (channels_last) runs
-            # there too, as float64 ones do.
-            if (name not in backends.FACTORED_KERNELS or param.dtype not in backends.FUSED_DTYPES
-                    or not param.is_contiguous()):
-                name = "reference"
-            key = (name, device, param.dtype)
-            bucket = factored.get(key)
-            if bucket is None:
-                bucket = factored[key] = FactoredBucket(name, hyper)
-            if name != "reference":
-                grad = grad.contiguous()  # a no-op but for a gradient in another layout
-            bucket.append(param, grad, state)
-        return buckets + list(factored.values())
+    def _route(param: Tensor, name: str) -> tuple[str, type]:
+        if not reference.is_factored(param):
+            return name, Bucket
+        # backend=None on CUDA resolves to a backend without FAdafactor kernels (an explicit one
+        # was refused by _param_check): the reference runs those tensors. The kernels walk rows
+        # of the last dim, so a dense but permuted parameter (channels_last) runs there too.
+        if name not in backends.FACTORED_KERNELS or not param.is_contiguous():
+            name = "reference"
+        return name, FactoredBucket
 
 
 @dataclasses.dataclass
@@ -126,6 +110,7 @@ class FactoredBucket(PhaseRunner):
     fim_rows: list[Tensor] = dataclasses.field(default_factory=list)
     fim_cols: list[Tensor] = dataclasses.field(default_factory=list)
     steps: list[Tensor] = dataclasses.field(default_factory=list)
+    shards: None = None  # sharded parameters are refused (_param_check)
     # Scratch between the phases of a fused backend.
     factors: Tensor | None = None
     partials: Tensor | None = None
@@ -134,13 +119,12 @@ class FactoredBucket(PhaseRunner):
     def device(self) -> torch.device:
         return self.params[0].device
 
-    def append(self, param: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
-        self.params.append(param)
-        self.grads.append(grad)
-        self.momentums.append(state["momentum"])
-        self.fim_rows.append(state["fim_row"])
-        self.fim_cols.append(state["fim_col"])
-        self.steps.append(state["step"])
+    def take_state(self, states: Sequence[dict[str, Any]]) -> None:
+        """Fills the state lists from the state dicts of self.params, in order."""
+        self.momentums = [state["momentum"] for state in states]
+        self.fim_rows = [state["fim_row"] for state in states]
+        self.fim_cols = [state["fim_col"] for state in states]
+        self.steps = [state["step"] for state in states]
 
     def phase_a(self, skip: Tensor, grad_scale: Tensor | None) -> None:
         h = self.hyper

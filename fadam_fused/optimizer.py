@@ -7,10 +7,11 @@ chosen by ``backends.resolve``.
 [note: a step is validate, plan, mutate]
 Every error a step can raise is raised before anything changes (docs/design.md, section 2):
 
-1. validate: every group's hyperparameters and every parameter, gradient and state tensor are
-   checked (``_Validator``); nothing is written, not even lazily created state;
-2. plan: missing state is created and the tensors are sorted into ``Bucket``s, one per (group,
-   device, dtype, backend); whether a parameter can be fused is decided here, once;
+1. validate and plan (``_Planner``, one pass over each group): every group's hyperparameters
+   and every parameter, gradient and state tensor are checked, and the tensors are sorted into
+   ``Bucket``s, one per (group, device, dtype, backend); whether a parameter can be fused is
+   decided here, once. Nothing is written: new parameters' state joins the optimizer only after
+   every group has passed;
 3. mutate (``run_step``): step counters, then phase A of *every* bucket, then the flags of all
    devices are combined, then phase B of every bucket. A step is two phases (docs/design.md,
    section 3) and the non-finite skip covers the whole step (section 6), so every bucket of every
@@ -175,14 +176,19 @@ class FAdam(Optimizer):
 
     # [note: optimizer extension point]
     # A variant of FAdam with other state (FAdafactor's factored FIM, fadafactor.py) subclasses
-    # FAdam and overrides the three static methods below and `_param_check`; validation, the
-    # validate -> plan -> mutate step, load_state_dict, the non-finite skip, GradScaler and
-    # skipped_steps are FAdam's. A bucket the subclass plans may be a PhaseRunner that runs its
-    # own ops inside run_step's two phases.
+    # FAdam and overrides the two static methods and the two hooks below; validation and planning
+    # (_Planner), the one-step run with its non-finite skip, load_state_dict, GradScaler and
+    # skipped_steps are FAdam's. Its buckets may be PhaseRunners that run their own ops inside
+    # run_step's two phases.
 
     # None, or fn(param, backend) -> why this optimizer cannot step `param` (None: it can),
-    # called for every parameter with a gradient in the validation.
+    # called by _Planner for every parameter with a gradient.
     _param_check: Callable[[Tensor, str | None], str | None] | None = None
+    # None (every parameter goes to a Bucket), or fn(param, backend_name) -> (backend_name,
+    # bucket class): the bucket type of a plain parameter and the backend that runs it, given
+    # the one resolved for it. A bucket class takes (backend, hyper, shards=None) and has
+    # params, grads, steps and take_state(), as Bucket.
+    _route: Callable[[Tensor, str], tuple[str, type]] | None = None
 
     @staticmethod
     def _state_shapes(param: Tensor) -> dict[str, torch.Size]:
@@ -190,15 +196,9 @@ class FAdam(Optimizer):
         return {"momentum": param.shape, "fim": param.shape}
 
     @staticmethod
-    def _init_state(state: dict[str, Any], param: Tensor) -> None:
-        """Creates the state of a parameter's first step."""
-        _init_state(state, param)
-
-    @staticmethod
-    def _plan(hyper: Hyper, backend: str | None, params: Sequence[Tensor],
-              grads: Sequence[Tensor], states: Sequence[dict[str, Any]]) -> list[Bucket]:
-        """The buckets (or PhaseRunners) that step the checked parameters of one group."""
-        return plan_buckets(hyper, backend, params, grads, states)
+    def _new_state(param: Tensor) -> dict[str, Any]:
+        """The state of a parameter's first step."""
+        return _new_state(param)
 
     def __init__(
         self,
@@ -316,14 +316,11 @@ class FAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        validator = _Validator(type(self))
-        checked = [validator.group(group, [p.grad for p in group["params"]], self.state)
-                   for group in self.param_groups]
-        for param in validator.new_state:
-            self._init_state(self.state[param], param)
-        buckets = [bucket for group, (hyper, params, grads) in zip(self.param_groups, checked)
-                   for bucket in self._plan(hyper, group["backend"], params, grads,
-                                            [self.state[p] for p in params])]
+        planner = _Planner(self.state, type(self))
+        buckets = [bucket for group in self.param_groups
+                   for bucket in planner.group(group, [p.grad for p in group["params"]])]
+        # Every check has passed: the state of new parameters joins the optimizer.
+        self.state.update(planner.new_state)
         skip = run_step(buckets, grad_scale=getattr(self, "grad_scale", None),
                         found_inf=getattr(self, "found_inf", None))
         if skip is not None:
@@ -331,11 +328,12 @@ class FAdam(Optimizer):
         return loss
 
 
-def _init_state(state: dict[str, Any], param: Tensor) -> None:
-    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-    state["momentum"] = torch.zeros_like(param, dtype=torch.float32,
-                                         memory_format=torch.preserve_format)
-    state["fim"] = torch.ones_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+def _new_state(param: Tensor) -> dict[str, Any]:
+    return dict(step=torch.zeros((), dtype=torch.float32, device=param.device),
+                momentum=torch.zeros_like(param, dtype=torch.float32,
+                                          memory_format=torch.preserve_format),
+                fim=torch.ones_like(param, dtype=torch.float32,
+                                    memory_format=torch.preserve_format))
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -401,28 +399,34 @@ def _grad_mismatch(name: str, param: Tensor, grad: Tensor) -> str:
             f"{param.device}; move it to the parameter's device.")
 
 
-class _Validator:
-    """Checks one step's inputs; raises before anything is written.
+# Tensor types of the common path (anything else, e.g. a DTensor, is checked in full).
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 
-    Runs on every step over every parameter, so the common case is a few attribute compares per
-    parameter; messages are built only when raising.
+
+class _Planner:
+    """Validates one step's inputs and sorts them into Buckets, in one pass per group.
+
+    Nothing is written: the state of parameters seen for the first time is made in
+    ``new_state`` and joins the optimizer only after every group has been checked. Runs on every
+    step over every parameter, so the common case (a plain, contiguous parameter of a fused
+    dtype) is a few attribute compares and one state lookup per parameter; messages are built
+    only when raising, and fusability is decided here, once.
     """
 
-    def __init__(self, optimizer: type[FAdam] | None = None) -> None:
-        # The optimizer class whose state and rules are checked ([note: optimizer extension point]).
+    def __init__(self, state: dict[Tensor, Any], optimizer: type[FAdam] | None = None) -> None:
+        self.state = state
+        # The optimizer class whose state and rules apply ([note: optimizer extension point]).
         self.optimizer = FAdam if optimizer is None else optimizer
-        self.resolved: set[tuple[str | None, torch.device]] = set()
-        self.new_state: list[Tensor] = []  # parameters whose state the plan must create
+        self.new_state: dict[Tensor, dict[str, Any]] = {}
 
-    def group(self, group: dict[str, Any], grads: Sequence[Tensor | None],
-              state: dict[Tensor, Any]) -> tuple[Hyper, list[Tensor], list[Tensor]]:
-        """The group's hyperparameters, and its parameters that have a gradient (`grads`,
-        parallel to group["params"]) with those gradients, all checked."""
+    def group(self, group: dict[str, Any], grads: Sequence[Tensor | None]) -> list[Bucket]:
+        """The buckets of one param group; `grads` is parallel to group["params"]."""
         hyper = _group_hyperparameters(group, read_lr=False)
         backend = group["backend"]
         fused_only = backend not in (None, "reference")
         lr_device = hyper.lr.device if isinstance(hyper.lr, Tensor) else None
-        params, kept = [], []
+        resolved: dict[torch.device, str] = {}
+        buckets: dict[tuple, tuple[Bucket, list[dict[str, Any]]]] = {}
         for i, (param, grad) in enumerate(zip(group["params"], grads)):
             if grad is None:
                 continue
@@ -434,47 +438,78 @@ class _Validator:
                 if why is not None:
                     raise RuntimeError(f"{self.optimizer.__name__} cannot update "
                                        f"{_param_name(group, i)}: {why}")
-            if sharded.is_dtensor(param) or sharded.is_dtensor(grad):
-                why = sharded.check(_param_name(group, i), param, grad)
-                if why is not None:
-                    raise RuntimeError(why)
-                self._unusual(group, i, fused_only)
-            elif not param.is_contiguous() or param.dtype not in backends.FUSED_DTYPES:
-                self._unusual(group, i, fused_only)
-            device = param.device
-            if (backend, device) not in self.resolved:
-                backends.resolve(backend, device)  # raises if it cannot run there
+            whole = None
+            if (type(param) in _PLAIN and type(grad) in _PLAIN and param.is_contiguous()
+                    and param.dtype in backends.FUSED_DTYPES):
+                local_param, local_grad, fusable = param, grad, True
+            else:
+                fusable = self._unusual(group, i, grad, fused_only)
+                local_param, local_grad = sharded.local(param), sharded.local(grad)
+            device = local_param.device
+            name = resolved.get(device)
+            if name is None:
+                name = resolved[device] = backends.resolve(backend, device)  # raises if it can't
                 if lr_device is not None and lr_device.type != "cpu" and lr_device != device:
                     raise ValueError(f"Tensor lr is on {lr_device} but {_param_name(group, i)} is "
                                      f"on {device}; put lr on the CPU or on the parameters' device")
-                self.resolved.add((backend, device))
-            saved = state.get(param)
-            if saved:
+            if not fusable:
+                name = "reference"
+            state = self.state.get(param)
+            if state:
                 shapes = self.optimizer._state_shapes(param)
                 for key, shape in shapes.items():
-                    value = saved.get(key)
+                    value = state.get(key)
                     if value is None or value.shape != shape:
-                        raise RuntimeError(_bad_state(_param_name(group, i), param, saved, shapes,
+                        raise RuntimeError(_bad_state(_param_name(group, i), param, state, shapes,
                                                       self.optimizer.__name__))
             else:
-                self.new_state.append(param)
-            params.append(param)
-            kept.append(grad)
-        return hyper, params, kept
+                state = self.new_state[param] = self.optimizer._new_state(param)
+            kind = Bucket
+            if self.optimizer._route is not None:
+                name, kind = self.optimizer._route(param, name)
+            if local_param is not param:  # a DTensor: [note: sharded parameters] in sharded.py
+                whole = param
+                local_param, local_grad, state = sharded.localize(param, grad, state)
+            key = (name, device, local_param.dtype, whole is None, kind)
+            entry = buckets.get(key)
+            if entry is None:
+                shards = None if whole is None else sharded.Shards(device, clip=hyper.clip > 0)
+                entry = buckets[key] = (kind(name, hyper, shards=shards), [])
+            bucket, states = entry
+            if whole is not None:
+                bucket.shards.add(whole, local_param.numel())
+            # The kernels walk a parameter, its gradient and its state in one memory order. The
+            # state is created (and loaded) in the parameter's layout; a gradient in another
+            # layout (p.grad = g.t().contiguous().t(), or a channels_last parameter with a
+            # contiguous gradient) is copied into it: a step's worth of extra traffic, no sync.
+            if name != "reference" and local_grad.stride() != local_param.stride():
+                local_grad = torch.empty_like(local_param).copy_(local_grad)
+            bucket.params.append(local_param)
+            bucket.grads.append(local_grad)
+            states.append(state)
+        for bucket, states in buckets.values():
+            bucket.take_state(states)
+        return [bucket for bucket, _ in buckets.values()]
 
-    def _unusual(self, group: dict[str, Any], i: int, fused_only: bool) -> None:
-        """Parameters off the common path (not contiguous, not a fused dtype, or sharded)."""
-        param = sharded.local(group["params"][i])
+    def _unusual(self, group: dict[str, Any], i: int, grad: Tensor, fused_only: bool) -> bool:
+        """Checks a parameter off the common path (sharded, not contiguous, or not of a fused
+        dtype); returns whether a fused backend can update it."""
+        param = group["params"][i]
+        if type(param) not in _PLAIN or type(grad) not in _PLAIN:
+            why = sharded.check(_param_name(group, i), param, grad)
+            if why is not None:
+                raise RuntimeError(why)
+        param = sharded.local(param)
         why = _refusal(param, _param_name(group, i))
         if why is not None:
             raise RuntimeError(why)
-        if fused_only:
-            why = backends.unfusable_reason(param)
-            if why is not None:
-                raise RuntimeError(
-                    f"FAdam backend={group['backend']!r} cannot update {_param_name(group, i)}: "
-                    f"it {why}. Use backend=None or 'reference' (backend=None runs such "
-                    "parameters on the reference backend and the others fused).")
+        why = backends.unfusable_reason(param)
+        if why is not None and fused_only:
+            raise RuntimeError(
+                f"FAdam backend={group['backend']!r} cannot update {_param_name(group, i)}: "
+                f"it {why}. Use backend=None or 'reference' (backend=None runs such "
+                "parameters on the reference backend and the others fused).")
+        return why is None
 
 
 def _bad_state(name: str, param: Tensor, saved: dict[str, Any], shapes: dict[str, torch.Size],
@@ -513,12 +548,11 @@ class Bucket:
     def device(self) -> torch.device:
         return self.params[0].device
 
-    def append(self, param: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
-        self.params.append(param)
-        self.grads.append(grad)
-        self.momentums.append(state["momentum"])
-        self.fims.append(state["fim"])
-        self.steps.append(state["step"])
+    def take_state(self, states: Sequence[dict[str, Any]]) -> None:
+        """Fills the state lists from the state dicts of self.params, in order."""
+        self.momentums = [state["momentum"] for state in states]
+        self.fims = [state["fim"] for state in states]
+        self.steps = [state["step"] for state in states]
 
 
 class PhaseRunner:
@@ -536,40 +570,6 @@ class PhaseRunner:
 
     def phase_b(self, skip: Tensor, grad_scale: Tensor | None) -> None:
         raise NotImplementedError
-
-
-def plan_buckets(hyper: Hyper, backend: str | None, params: Sequence[Tensor],
-                 grads: Sequence[Tensor], states: Sequence[dict[str, Any]]) -> list[Bucket]:
-    """Sorts checked parameters (with their state) into buckets; decides fusability once.
-
-    float64 parameters and strided views run on the reference backend (backend=None only: the
-    validation has refused them, by name, for an explicit fused backend).
-    """
-    buckets: dict[tuple, Bucket] = {}
-    for param, grad, state in zip(params, grads, states):
-        whole = None
-        if sharded.is_dtensor(param):  # [note: sharded parameters] in sharded.py
-            whole = param
-            param, grad, state = sharded.localize(param, grad, state)
-        device = param.device
-        name = backends.resolve(backend, device)
-        if name != "reference" and backends.unfusable_reason(param) is not None:
-            name = "reference"
-        key = (name, device, param.dtype, whole is None)
-        bucket = buckets.get(key)
-        if bucket is None:
-            shards = None if whole is None else sharded.Shards(device, clip=hyper.clip > 0)
-            bucket = buckets[key] = Bucket(name, hyper, shards=shards)
-        if whole is not None:
-            bucket.shards.add(whole, param.numel())
-        # The kernels walk a parameter, its gradient and its state in one memory order. The
-        # state is created (and loaded) in the parameter's layout; a gradient in another layout
-        # (p.grad = g.t().contiguous().t(), or a channels_last parameter with a contiguous
-        # gradient) is copied into it: a step's worth of extra traffic, no sync.
-        if name != "reference" and grad.stride() != param.stride():
-            grad = torch.empty_like(param).copy_(grad)
-        bucket.append(param, grad, state)
-    return list(buckets.values())
 
 
 # ---- mutate -------------------------------------------------------------------------------------
@@ -732,6 +732,5 @@ def fadam(
     group = dict(params=list(params), lr=lr, betas=(beta1, beta2), eps=eps, clip=clip,
                  weight_decay=weight_decay, p=p, maximize=maximize, backend=backend)
     states = [dict(momentum=m, fim=f, step=s) for m, f, s in zip(momentums, fims, state_steps)]
-    hyper, checked, checked_grads = _Validator().group(group, grads, dict(zip(params, states)))
-    buckets = plan_buckets(hyper, backend, checked, checked_grads, states)
+    buckets = _Planner(dict(zip(params, states))).group(group, grads)
     return run_step(buckets, grad_scale=grad_scale, found_inf=found_inf)

@@ -4,7 +4,8 @@ A trajectory runs N optimizer steps on fixed initial parameters and a fixed grad
 records, after every step, each parameter and its whole state. Backends are compared against the
 float64 oracle (fadam_fused.reference with upcast=True, float64 parameters and state):
 
-- float32: |fast - ref64| <= atol + rtol |ref64| with atol 1e-6, rtol 1e-5 (STYLE.md point 6).
+- float32: |fast - ref64| <= atol + rtol |ref64| with atol 1e-6, rtol 1e-5 (the
+  tolerances of bitsandbytes' and optimi's optimizer tests).
 - bfloat16 / float16: flash-attention's rule |fast - ref64| <= 2 |ref_same - ref64| + atol, where
   ref_same is the oracle at the same storage precision (backend="reference"), atol 1e-3 (bf16) or
   1e-4 (fp16); float32 state is held to the float32 tolerance on top of that rule.

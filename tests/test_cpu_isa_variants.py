@@ -1,4 +1,4 @@
-"""The CPU kernel as other machines build it: FADAM_CPU_VEC=avx2 and FADAM_CPU_VEC=none (issue 2).
+"""The CPU kernel as other machines build it: FADAM_CPU_VEC=avx2 and FADAM_CPU_VEC=none.
 
 `make test` builds the kernel for the machine it runs on (AVX-512 on the Zen 4 CI machine), so
 the AVX2 path (8 float lanes, its own float64 widening in WideLanes) and the portable SSE2 path

@@ -133,5 +133,5 @@ def test_float64_params_use_the_oracle_with_auto_backend():
     ref64 = run_oracle64(problem, lr=1e-2)
     for sa, sr in zip(fast, ref64):
         for x, y in zip(sa.params, sr.params):
-            # float64 math, but float32 state by contract (SPEC section 4): float32 tolerance.
+            # float64 math, but float32 state by contract (docs/design.md, section 5): float32 tolerance.
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)

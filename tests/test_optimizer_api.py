@@ -1,4 +1,4 @@
-"""The drop-in optimizer contract (SPEC section 2 and 5) on the CPU backends."""
+"""The drop-in optimizer contract (docs/design.md, sections 2 and 6) on the CPU backends."""
 
 import io
 import math
@@ -427,3 +427,179 @@ def test_step_counter_is_per_parameter():
         opt.step()
     assert float(opt.state[a]["step"]) == 4.0 and float(opt.state[b]["step"]) == 2.0
     assert math.isclose(float(opt.state[b]["step"]), 2.0)
+
+
+# --- validate, then plan, then mutate: a refused step changes nothing --------------------------
+
+
+def _two_group_optimizer(backend="cpu"):
+    gen = torch.Generator().manual_seed(3)
+    first = torch.nn.Parameter(torch.randn(6, generator=gen))
+    second = torch.nn.Parameter(torch.randn(4, 4, generator=gen))
+    opt = FAdam([{"params": [first]}, {"params": [second], "lr": 0.1}], backend=backend)
+    for p in (first, second):
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    for p in (first, second):
+        p.grad = torch.randn(p.shape, generator=gen)
+    return opt, [first, second]
+
+
+def _spoil_lr_meta(opt, params):
+    opt.param_groups[1]["lr"] = torch.tensor(0.1, device="meta")
+    return ValueError, "meta device"
+
+
+def _spoil_lr_shape(opt, params):
+    opt.param_groups[1]["lr"] = torch.tensor([0.1, 0.2])
+    return ValueError, r"1-element, got shape \(2,\)"
+
+
+def _spoil_maximize(opt, params):
+    opt.param_groups[1]["maximize"] = "yes"
+    return ValueError, "Invalid maximize value: 'yes'"
+
+
+def _spoil_expanded(opt, params):
+    params[1].data = torch.zeros(4, 1).expand(4, 4)
+    params[1].grad = torch.ones(4, 4)
+    return RuntimeError, r"parameter 0 of its param group \(shape \(4, 4\)\).*share memory"
+
+
+def _spoil_reshaped(opt, params):
+    params[1].data = torch.zeros(8, 2)
+    params[1].grad = torch.ones(8, 2)
+    return RuntimeError, r"'momentum' of parameter 0 .* has shape \(4, 4\) but the parameter now"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spoil", [_spoil_lr_meta, _spoil_lr_shape, _spoil_maximize,
+                                   _spoil_expanded, _spoil_reshaped],
+                         ids=lambda f: f.__name__[len("_spoil_"):])
+def test_error_in_a_later_group_changes_nothing_in_any_group(backend, spoil):
+    # The error belongs to the second group: the first group, the step counters and the state
+    # of both are untouched (validation runs over every group before the first write).
+    opt, params = _two_group_optimizer(backend)
+    before = [t.clone() for t in [params[0].detach()] + list(opt.state[params[0]].values())]
+    steps = [opt.state[p]["step"].clone() for p in params]
+    error, match = spoil(opt, params)
+    with pytest.raises(error, match=match):
+        opt.step()
+    after = [params[0].detach()] + list(opt.state[params[0]].values())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(opt.state[p]["step"], s) for p, s in zip(params, steps))
+    assert float(opt.skipped_steps) == 0.0
+
+
+def test_skipped_steps_counts_a_compiled_first_step():
+    torch._dynamo.reset()
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = FAdam([p], lr=torch.tensor(1e-2), backend="cpu")
+    p.grad = torch.tensor([1.0, float("nan"), 0.0, 1.0])
+    torch.compile(opt.step, fullgraph=True)()
+    assert float(opt.skipped_steps) == 1.0
+    assert torch.equal(p.detach(), torch.ones(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_parameter_stays_in_its_element_on_cpu_and_reference(dtype, bad):
+    # A NaN in a parameter is not a reason to skip the step; its tensor's RMS(w) counts as
+    # infinite, so the clipped weight decay is 0 for the step and the NaN stays in its element.
+    results = {}
+    for backend in ("cpu", "reference"):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4097, generator=gen).to(dtype))
+        q = torch.nn.Parameter(torch.randn(33, generator=gen).to(dtype))
+        with torch.no_grad():
+            p[100] = bad
+        opt = FAdam([p, q], lr=1e-2, weight_decay=0.5, backend=backend)
+        p.grad = torch.randn(4097, generator=gen).to(dtype)
+        q.grad = torch.randn(33, generator=gen).to(dtype)
+        opt.step()
+        results[backend] = (p.detach().clone(), q.detach().clone(), opt.state[p]["momentum"])
+        assert float(opt.skipped_steps) == 0.0
+    p_cpu, q_cpu, m_cpu = results["cpu"]
+    p_ref, q_ref, m_ref = results["reference"]
+    assert torch.isnan(p_cpu[100]) and torch.isnan(p_ref[100])
+    finite = torch.ones(4097, dtype=torch.bool)
+    finite[100] = False
+    assert torch.isfinite(p_cpu[finite]).all()
+    # No weight decay on the spoiled tensor: the same step as with weight_decay = 0.
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.nn.Parameter(torch.randn(4097, generator=gen).to(dtype))
+    torch.randn(33, generator=gen)
+    opt0 = FAdam([p0], lr=1e-2, weight_decay=0.0, backend="reference")
+    p0.grad = torch.randn(4097, generator=gen).to(dtype)
+    opt0.step()
+    assert torch.equal(p_ref[finite], p0.detach()[finite])
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(p_cpu[finite], p_ref[finite], **tol)
+    torch.testing.assert_close(m_cpu, m_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(q_cpu, q_ref, **tol)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lr": math.inf}, "Invalid learning rate: inf"),
+    ({"lr": torch.tensor(-1.0)}, "Invalid learning rate: -1.0"),
+    ({"lr": torch.tensor(math.nan)}, "Invalid learning rate: nan"),
+    ({"weight_decay": math.inf}, "Invalid weight_decay value: inf"),
+    ({"eps": math.inf}, "Invalid epsilon value: inf"),
+    ({"p": math.inf}, "Invalid p value: inf"),
+    ({"clip": math.nan}, "Invalid clip value: nan"),
+    ({"betas": (0.9, math.nan)}, "Invalid beta parameter at index 1: nan"),
+    ({"maximize": "yes"}, "Invalid maximize value: 'yes'"),
+    ({"eps": 0.0}, "Invalid epsilon value: 0.0"),
+    ({"eps": 1e-30, "p": 1.0}, r"Invalid epsilon value: 1e-30 with p=1.0.*smallest safe eps for p=1.0 is 1.1e-19"),
+])
+def test_invalid_hyperparameters_are_refused_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FAdam([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_smallest_safe_eps_is_accepted_and_zero_gradients_stay_finite():
+    from fadam_fused.op_contract import smallest_safe_eps
+
+    for p_exp in (0.5, 1.0, 0.75):
+        eps = smallest_safe_eps(p_exp)
+        for backend in BACKENDS:
+            w = torch.nn.Parameter(torch.full((70,), 0.5))
+            opt = FAdam([w], eps=eps, p=p_exp, backend=backend)
+            for _ in range(3):
+                w.grad = torch.zeros(70)
+                opt.step()
+            assert torch.isfinite(w).all() and torch.isfinite(opt.state[w]["momentum"]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_parameters_are_refused_by_name(dtype):
+    with pytest.raises(ValueError, match=f"floating-point parameters only: parameter 'steps' "
+                                         f"is {dtype}"):
+        FAdam([("w", torch.nn.Parameter(torch.ones(2))), ("steps", torch.ones(3, dtype=dtype))])
+
+
+def test_parameters_sharing_storage_are_refused_by_name():
+    base = torch.zeros(10)
+    a, b = base[:6], base[4:]
+    with pytest.raises(ValueError, match=r"parameter 'a' and parameter 'b': their storage overlaps"):
+        FAdam([("a", a), ("b", b)])
+    ok = FAdam([("a", base[:5]), ("b", base[5:])])  # disjoint views of one storage are fine
+    with pytest.raises(ValueError, match="storage overlaps"):
+        ok.add_param_group({"params": [("c", base[2:3])]})
+    assert len(ok.param_groups) == 1
+    with pytest.raises(ValueError, match="share memory"):
+        FAdam([torch.zeros(1).expand(8)])
+
+
+def test_checkpoint_with_incomplete_state_is_refused_by_name_and_loads_nothing():
+    src_p = torch.nn.Parameter(torch.randn(4))
+    src = FAdam([src_p])
+    src_p.grad = torch.ones(4)
+    src.step()
+    sd = src.state_dict()
+    del sd["state"][0]["momentum"]
+    p = torch.nn.Parameter(torch.randn(4))
+    dst = FAdam([("enc.weight", p)], lr=0.5)
+    with pytest.raises(ValueError, match=r"state of parameter 'enc.weight' has no 'momentum'"):
+        dst.load_state_dict(sd)
+    assert len(dst.state) == 0 and dst.param_groups[0]["lr"] == 0.5

@@ -1,4 +1,4 @@
-"""The oracle against values derived by hand from SPEC section 1, in plain Python floats."""
+"""The oracle against values derived by hand from the algorithm (docs/design.md, section 1), in plain Python floats."""
 
 import math
 
@@ -17,7 +17,7 @@ HYPER = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, clip=1.0, weight_decay=0.
 
 
 def _hand_step(theta, m, f, g, t, lr, beta1, beta2, eps, clip, weight_decay, p):
-    """SPEC section 1 for one small tensor, element by element."""
+    """The algorithm for one small tensor, element by element."""
     b2hat = beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
     f = [b2hat * fi + (1 - b2hat) * gi * gi for fi, gi in zip(f, g)]
     d = [fi**p + eps ** (2 * p) for fi in f]
