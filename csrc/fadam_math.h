@@ -153,4 +153,32 @@ C10_HOST_DEVICE inline void fadam_update(
   theta = theta - lr * (m + weight_decay * (w * inv_s2));
 }
 
+// [note: FAdafactor math]
+// FAdafactor (docs/design.md, section 8) keeps, for a parameter of shape (..., n, m), row sums R (n)
+// and column sums C (m) of g^2 instead of f, and uses f_ij = (R_i / sum_k R_k) C_j; d, ghat, the
+// clip scales, m, w and theta are FAdam's (fisher_denom, fadam_update above). The fused step
+// ([note: the FAdafactor op contract] in fadam_fused/op_contract.py) calls:
+//   factor_update() once per row and column, after the per-tile float64 sums of g^2 are combined;
+//   row_norm() once per row, with the float64 sum of the rounded new R of its matrix;
+//   factored_fim() per element, in phase A and phase B alike (the same bits in both).
+// R_i / sum R is taken first because it is <= 1: R_i C_j overflows float32 for |g| ~ 1e9 on a
+// 1000 x 1000 matrix (R_i C_j ~ n m g^4) while f ~ g^2 does not.
+
+// New R_i (or C_j) from its old value and this step's sum of g^2 over the row (column), in float64
+// and rounded to float32 once. b2hat from b2hat_of().
+C10_HOST_DEVICE inline float factor_update(float old, double sum_sq, double b2hat) {
+  return static_cast<float>(b2hat * static_cast<double>(old) + (1.0 - b2hat) * sum_sq);
+}
+
+// R_i / sum R, or 0 when sum R is 0 (an all-zero gradient at step 1: f = 0, d = eps^(2p), no 0/0).
+C10_HOST_DEVICE inline float row_norm(float row, double total) {
+  return total > 0.0 ? static_cast<float>(static_cast<double>(row) / total) : 0.0f;
+}
+
+// f_ij = (R_i / sum R) C_j, from row_norm() and the new C_j.
+template <typename T>
+C10_HOST_DEVICE inline T factored_fim(T row_norm_i, T col_j) {
+  return row_norm_i * col_j;
+}
+
 }  // namespace fadam

@@ -33,6 +33,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -177,6 +178,100 @@ inline HostScalars host_scalars(const char* op, const at::Device& device, double
   s.one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(s.beta1));
   s.weight_decay = static_cast<float>(weight_decay);
   return s;
+// How phase S of FAdafactor cuts a factored tensor: the C++ twin of op_contract.factor_tile()
+// ([note: the FAdafactor op contract] in fadam_fused/op_contract.py). The tensor is `batch`
+// matrices of rows x cols, cut into tiles of tile_rows x tile_cols.
+struct FactorTile {
+  int64_t batch, rows, cols, tile_rows, tile_cols;
+  int64_t row_tiles() const {
+    return (rows + tile_rows - 1) / tile_rows;
+  }
+  int64_t col_tiles() const {
+    return (cols + tile_cols - 1) / tile_cols;
+  }
+  // float64 elements of factor_partials per matrix: [col_tiles, rows] row partials, then
+  // [row_tiles, cols] column partials.
+  int64_t partials_per_matrix() const {
+    return col_tiles() * rows + row_tiles() * cols;
+  }
+  // float32 elements of factors per matrix: R (rows), C (cols), R / sum R (rows).
+  int64_t factors_per_matrix() const {
+    return 2 * rows + cols;
+  }
+};
+
+inline FactorTile factor_tile(at::IntArrayRef sizes, int64_t chunk_size) {
+  int64_t batch = 1;
+  for (size_t d = 0; d + 2 < sizes.size(); ++d) {
+    batch *= sizes[d];
+  }
+  const int64_t rows = sizes[sizes.size() - 2], cols = sizes[sizes.size() - 1];
+  int64_t isqrt = static_cast<int64_t>(std::sqrt(static_cast<double>(chunk_size)));
+  while (isqrt * isqrt > chunk_size) --isqrt;
+  while ((isqrt + 1) * (isqrt + 1) <= chunk_size) ++isqrt;
+  const int64_t tile_cols = std::max<int64_t>(1, std::min(cols, isqrt));
+  const int64_t tile_rows = std::max<int64_t>(1, std::min(rows, chunk_size / tile_cols));
+  return {batch, rows, cols, tile_rows, tile_cols};
+}
+
+// Checks of the FAdafactor ops' tensor lists; empty lists (fim_rows in phase A, momentums in
+// phases S and A) are not checked. Returns each tensor's tile geometry.
+inline std::vector<FactorTile> check_factored_group(
+    const char* op,
+    c10::DeviceType device_type,
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList fim_rows,
+    at::TensorList fim_cols,
+    at::TensorList moms,
+    const at::Tensor& factors,
+    int64_t chunk_size) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n, op, ": params and grads must have the same length");
+  TORCH_CHECK(fim_rows.size() == fim_cols.size() && (fim_rows.empty() || fim_rows.size() == n),
+              op, ": fim_rows and fim_cols must have one tensor per param");
+  TORCH_CHECK(moms.empty() || moms.size() == n, op, ": momentums must have one tensor per param");
+  TORCH_CHECK(chunk_size > 0, op, ": chunk_size must be positive, got ", chunk_size);
+  TORCH_CHECK(factors.device().type() == device_type && factors.scalar_type() == at::kFloat &&
+                  factors.dim() == 1,
+              op, ": factors must be a 1-dim float32 tensor on the params' device");
+  std::vector<FactorTile> tiles;
+  int64_t n_factors = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    TORCH_CHECK(p.device().type() == device_type && p.device() == params[0].device() &&
+                    p.scalar_type() == params[0].scalar_type(),
+                op, ": params[", i, "] must share the device and dtype of params[0]");
+    TORCH_CHECK(p.dim() >= 2 && p.is_contiguous(), op, ": params[", i,
+                "] must be contiguous with 2 or more dims");
+    const auto dtype = p.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                ": params must be float32, bfloat16 or float16, got ", dtype);
+    TORCH_CHECK(grads[i].sizes() == p.sizes() && grads[i].scalar_type() == dtype &&
+                    grads[i].device() == p.device() && grads[i].is_contiguous(),
+                op, ": grads[", i, "] must be contiguous, with the sizes, dtype and device of "
+                "params[", i, "]");
+    auto check_state = [&](const at::Tensor& t, at::IntArrayRef want, const char* name) {
+      TORCH_CHECK(t.sizes() == want && t.scalar_type() == at::kFloat &&
+                      t.device() == p.device() && t.is_contiguous(),
+                  op, ": ", name, "[", i, "] must be a contiguous float32 tensor of sizes ", want,
+                  " on ", p.device(), ", got ", t.sizes());
+    };
+    if (!fim_rows.empty()) {
+      std::vector<int64_t> cols(p.sizes().begin(), p.sizes().end() - 2);
+      cols.push_back(p.size(-1));
+      check_state(fim_rows[i], p.sizes().slice(0, p.dim() - 1), "fim_rows");
+      check_state(fim_cols[i], cols, "fim_cols");
+    }
+    if (!moms.empty()) {
+      check_state(moms[i], p.sizes(), "momentums");
+    }
+    tiles.push_back(factor_tile(p.sizes(), chunk_size));
+    n_factors += tiles.back().batch * tiles.back().factors_per_matrix();
+  }
+  TORCH_CHECK(factors.numel() == n_factors, op, ": factors must have ", n_factors,
+              " elements, got ", factors.numel());
+  return tiles;
 }
 
 // Calls f.template operator()<scalar_t, kSqrt>() for the storage dtype and p: every kernel of every

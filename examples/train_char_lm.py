@@ -26,10 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 try:
-    from fadam_fused import FAdam
+    from fadam_fused import FAdafactor, FAdam
 except ImportError:  # running from a checkout without `pip install -e .`: use the checkout's package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from fadam_fused import FAdam
+    from fadam_fused import FAdafactor, FAdam
 
 # Modules whose source makes the corpus: ~420 KB of Python with docstrings on CPython 3.11, all in
 # every CPython 3.10+ install (a missing one is skipped, so a trimmed stdlib still works).
@@ -97,6 +97,8 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr)  # weight_decay 0.01, torch's default
     # FAdam's defaults are the paper's: betas (0.9, 0.999), clip 1.0, weight_decay 1e-3 (applied as
     # a natural gradient, so it is not comparable number-for-number with AdamW's 0.01).
+    if name == "fadafactor":  # the same arguments; about half of FAdam's optimizer-state memory
+        return FAdafactor(params, lr=lr)
     return FAdam(params, lr=lr)
 
 
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-batches", type=int, default=8, help="fixed validation batches (default 8)")
     ap.add_argument("--sample-chars", type=int, default=120, help="characters each model writes at the end")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--optimizers", default="adamw,fadam", help="comma list of adamw, fadam")
+    ap.add_argument("--optimizers", default="adamw,fadam", help="comma list of adamw, fadam, fadafactor")
     ap.add_argument("--plot", default="examples/out/char_lm_loss.png", help="PNG path ('' for none)")
     args = ap.parse_args(argv)
 
@@ -171,8 +173,8 @@ def main(argv=None) -> int:
 
     runs = {}
     for name in [o.strip() for o in args.optimizers.split(",") if o.strip()]:
-        if name not in ("adamw", "fadam"):
-            raise SystemExit(f"unknown optimizer {name!r}; use adamw, fadam")
+        if name not in ("adamw", "fadam", "fadafactor"):
+            raise SystemExit(f"unknown optimizer {name!r}; use adamw, fadam, fadafactor")
         print(f"{name}:")
         runs[name] = train(name, args, data_train, val_batches, len(itos))
 

@@ -1,4 +1,5 @@
-"""fadam_fused: fused CUDA, Triton and CPU kernels for the FAdam optimizer (Hwang 2024).
+"""fadam_fused: fused CUDA, Triton and CPU kernels for the FAdam optimizer (Hwang 2024),
+and FAdafactor, its factored variant (the paper's Algorithm 2).
 
     from fadam_fused import FAdam
     opt = FAdam(model.parameters(), lr=1e-3)   # drop-in for torch.optim.AdamW
@@ -8,7 +9,8 @@ docs/design.md has the algorithm and the contract; README.md, building and bench
 
 from . import reference
 from .backends import BACKENDS
+from .fadafactor import FAdafactor
 from .optimizer import FAdam, fadam
 
-__all__ = ["FAdam", "fadam", "reference", "BACKENDS"]
+__all__ = ["FAdam", "FAdafactor", "fadam", "reference", "BACKENDS"]
 __version__ = "0.1.0"

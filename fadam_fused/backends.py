@@ -173,3 +173,16 @@ def fused(name: str) -> op_contract.PhaseOps:
         else:
             raise ValueError(f"{name!r} is not a fused backend")
     return _FUSED[name]
+
+
+# Fused backends with FAdafactor kernels ([note: the FAdafactor op contract] in op_contract.py), by
+# the prefix of their ops; the others are refused for factored parameters.
+FACTORED_KERNELS = {"cpu": "fadafactor"}
+_FACTORED: dict[str, op_contract.FactoredOps] = {}  # a plain dict, as _FUSED
+
+
+def factored(name: str) -> op_contract.FactoredOps:
+    """The three FAdafactor ops of fused backend `name` (one of FACTORED_KERNELS)."""
+    if name not in _FACTORED:
+        _FACTORED[name] = op_contract.factored_ops(name, FACTORED_KERNELS[name])
+    return _FACTORED[name]

@@ -38,6 +38,7 @@ csrc/fadam_ops.h, used by the Triton launcher) and the wrappers the optimizer ca
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from typing import Callable, Sequence
 
@@ -59,6 +60,50 @@ PHASE_B_SCHEMA = (
 PHASE_A_MUTATES = ("partials", "skip")
 PHASE_B_MUTATES = ("params", "fims", "momentums")
 
+# ---- FAdafactor: one more read-only phase ------------------------------------------------------
+
+# [note: the FAdafactor op contract]
+# FAdafactor (docs/design.md, section 8) factors the FIM of a parameter of shape (..., n, m) into
+# row sums R (..., n) and column sums C (..., m) of g^2. f needs the new R and C, and sum(R), before
+# any element of f exists, so its fused step is three ops per (device, dtype) group of factored
+# tensors (parameters of fewer than 2 dims take FAdam's two ops):
+#
+# - phase S (read-only but for scratch): reads g (and R, C, steps), writes per-tile float64 partial
+#   row and column sums of g^2 into ``factor_partials``, combines each tensor's partials in tile
+#   order (deterministic) into the new R and C, and R_i / sum(R) (0 where sum(R) = 0), as float32
+#   into ``factors``; stores 1 into ``skip`` when a gradient is not finite. State is not written:
+#   the skip is not decided yet (another device or GradScaler may still set it).
+# - phase A: FAdam's phase A with f = (R_i / sum R) * C_j from ``factors`` (fadam::factored_fim in
+#   csrc/fadam_math.h): reads g and theta, writes the partials (sum ghat^2, sum w^2) per chunk,
+#   with FAdam's chunks, slots and fuse_one_chunk rule. Not called when clipping is off.
+# - phase B: FAdam's phase B with f from ``factors``: reads g, m, theta, writes m and theta, and
+#   copies the new R and C from ``factors`` into ``fim_rows`` / ``fim_cols``; a no-op on a skip.
+#
+# Layout. Tensor i is seen as B = prod(shape[:-2]) matrices of n rows and m columns, cut into
+# tiles of tile_rows x tile_cols (factor_tile()); per matrix, factor_partials holds
+# [n_col_tiles, n] row partials then [n_row_tiles, m] column partials, and factors holds R (n),
+# C (m) and R / sum R (n). Tensor i's regions start at the offsets factor_offsets() gives.
+#
+# Bytes per parameter, float32, tensors larger than a chunk: phase S reads g (4), phase A reads g
+# and theta (8), phase B reads g, m, theta and writes m, theta (20): 32 B, against FAdam's 40 (its
+# f is read twice and written once) and Adam's 28. The partials add 2 x 8 x (1/tile_rows +
+# 1/tile_cols) B (written, then read): 0.03 B at the CPU's 1024 x 1024 tiles, 0.125 B at the GPU's
+# 256 x 256; R, C and factors are O(n + m). One-chunk tensors (phase A fused into B) and clipping
+# off: 24 B. State: m (4 B) plus 4 (n + m) / (n m) B, against FAdam's 8.
+FADAFACTOR_PHASE_S_SCHEMA = (
+    "(Tensor[] params, Tensor[] grads, Tensor[] fim_rows, Tensor[] fim_cols, Tensor[] steps, "
+    "Tensor(a!) factor_partials, Tensor(b!) factors, Tensor(c!) skip, Tensor? grad_scale, *, "
+    "float beta2, bool maximize, int chunk_size) -> ()")
+FADAFACTOR_PHASE_A_SCHEMA = (
+    "(Tensor[] params, Tensor[] grads, Tensor factors, Tensor(a!) partials, Tensor? grad_scale, "
+    "*, float eps, float p, float clip, bool maximize, int chunk_size, bool fuse_one_chunk) -> ()")
+FADAFACTOR_PHASE_B_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] fim_rows, Tensor(c!)[] fim_cols, "
+    "Tensor(d!)[] momentums, Tensor factors, Tensor partials, Tensor skip, Tensor? grad_scale, "
+    "Tensor? lr_tensor, *, float lr, float beta1, float eps, float p, float clip, "
+    "float weight_decay, bool maximize, int chunk_size, bool fuse_one_chunk) -> ()")
+
+
 # Elements per chunk: the partial-sum slot unit and one block's (GPU) or task's (CPU) work.
 # GPUs: 65536, PyTorch's MultiTensorApply chunk; a one-chunk tensor's second pass re-reads
 # 64K x 12 B = 768 KiB, which stays in L2. CPU: 2^20; a one-chunk tensor's g, f, theta (12 MiB in
@@ -69,6 +114,14 @@ _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 _DEFINED: set[str] = set()
 
 
+def _define(name: str, schema: str) -> None:
+    if name in _DEFINED:
+        return
+    _LIB.define(name + schema)
+    torch.library.register_fake(f"{NAMESPACE}::{name}", _fake, lib=_LIB)
+    _DEFINED.add(name)
+
+
 def define_phase_ops(name_a: str, name_b: str) -> None:
     """Defines fadam_fused::<name_a> / <name_b> with the two schemas and no-op fake kernels.
 
@@ -77,11 +130,15 @@ def define_phase_ops(name_a: str, name_b: str) -> None:
     their (a!) arguments, so a fake kernel has nothing to compute.
     """
     for name, schema in ((name_a, PHASE_A_SCHEMA), (name_b, PHASE_B_SCHEMA)):
-        if name in _DEFINED:
-            continue
-        _LIB.define(name + schema)
-        torch.library.register_fake(f"{NAMESPACE}::{name}", _fake, lib=_LIB)
-        _DEFINED.add(name)
+        _define(name, schema)
+
+
+def define_fadafactor_ops(prefix: str) -> None:
+    """Defines fadam_fused::<prefix>_phase_s / _a / _b with the FAdafactor schemas
+    ([note: the FAdafactor op contract]); the CPU kernels register "fadafactor"."""
+    for phase, schema in (("s", FADAFACTOR_PHASE_S_SCHEMA), ("a", FADAFACTOR_PHASE_A_SCHEMA),
+                          ("b", FADAFACTOR_PHASE_B_SCHEMA)):
+        _define(f"{prefix}_phase_{phase}", schema)
 
 
 def _fake(*args, **kwargs) -> None:
@@ -92,6 +149,7 @@ define_phase_ops("fadam_phase_a", "fadam_phase_b")
 # The ops of the emulated CUDA build (csrc/cuda/launch.h), defined by fadam_fused._ext before it
 # loads that build: only under FADAM_CUDA_EMULATE=1 or in its tests.
 EMULATED_CUDA_OPS = ("cuda_emulated_phase_a", "cuda_emulated_phase_b")
+define_fadafactor_ops("fadafactor")
 
 
 # ---- chunks and slots ---------------------------------------------------------------------------
@@ -114,6 +172,66 @@ def new_partials(params: Sequence[Tensor], chunk_size: int) -> Tensor:
     """An uninitialised float64 [n_slots, 2] partials tensor for `params` (phase A fills it)."""
     n_slots = sum(nchunks_of(t.numel(), chunk_size) for t in params)
     return torch.empty((n_slots, 2), dtype=torch.float64, device=params[0].device)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorTile:
+    """How phase S cuts a factored tensor ([note: the FAdafactor op contract])."""
+
+    batch: int       # B = prod(shape[:-2])
+    rows: int        # n
+    cols: int        # m
+    tile_rows: int
+    tile_cols: int
+
+    @property
+    def row_tiles(self) -> int:
+        return -(-self.rows // self.tile_rows)
+
+    @property
+    def col_tiles(self) -> int:
+        return -(-self.cols // self.tile_cols)
+
+    @property
+    def n_partials(self) -> int:  # float64 elements of factor_partials
+        return self.batch * (self.col_tiles * self.rows + self.row_tiles * self.cols)
+
+    @property
+    def n_factors(self) -> int:   # float32 elements of factors: R, C, R / sum R
+        return self.batch * (2 * self.rows + self.cols)
+
+
+def factor_tile(shape: Sequence[int], chunk_size: int) -> FactorTile:
+    """The tiles of a tensor of `shape` (2+ dims): about chunk_size elements, square where the
+    matrix allows (isqrt(chunk_size) columns: 1024 on the CPU, 256 on GPUs), so the partial sums
+    cost 8 (1 / tile_rows + 1 / tile_cols) B per element both ways."""
+    batch = 1
+    for size in shape[:-2]:
+        batch *= size
+    rows, cols = shape[-2], shape[-1]
+    tile_cols = max(1, min(cols, math.isqrt(chunk_size)))
+    tile_rows = max(1, min(rows, chunk_size // tile_cols))
+    return FactorTile(batch, rows, cols, tile_rows, tile_cols)
+
+
+def factor_offsets(params: Sequence[Tensor], chunk_size: int) -> tuple[list[int], list[int]]:
+    """(partial offsets, factor offsets): tensor i's first element of factor_partials and of
+    factors; the last entries are the sizes."""
+    partials, factors = [0], [0]
+    for t in params:
+        tile = factor_tile(t.shape, chunk_size)
+        partials.append(partials[-1] + tile.n_partials)
+        factors.append(factors[-1] + tile.n_factors)
+    return partials, factors
+
+
+def new_factor_buffers(params: Sequence[Tensor], chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Uninitialised (factor_partials float64, factors float32) for `params` (phase S fills
+    them)."""
+    partials, factors = factor_offsets(params, chunk_size)
+    device = params[0].device
+    return (torch.empty(partials[-1], dtype=torch.float64, device=device),
+            torch.empty(factors[-1], dtype=torch.float32, device=device))
 
 
 # ---- host step scalars --------------------------------------------------------------------------
@@ -183,3 +301,22 @@ def phase_ops(backend: str, name_a: str, name_b: str) -> PhaseOps:
     namespace = getattr(torch.ops, NAMESPACE)
     return PhaseOps(backend, getattr(namespace, name_a).default, getattr(namespace, name_b).default,
                     CHUNK_SIZE[backend])
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredOps:
+    """One fused backend's FAdafactor ops ([note: the FAdafactor op contract]), called alike on
+    every backend, and the chunk size to pass them."""
+
+    name: str
+    phase_s: Callable[..., None]
+    phase_a: Callable[..., None]
+    phase_b: Callable[..., None]
+    chunk_size: int
+
+
+def factored_ops(backend: str, prefix: str) -> FactoredOps:
+    """The backend whose ops are torch.ops.fadam_fused.<prefix>_phase_{s,a,b}."""
+    namespace = getattr(torch.ops, NAMESPACE)
+    s, a, b = (getattr(namespace, f"{prefix}_phase_{x}").default for x in "sab")
+    return FactoredOps(backend, s, a, b, CHUNK_SIZE[backend])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -176,6 +176,31 @@ class FAdam(Optimizer):
     # the gradients itself, as it does for torch's fused Adam.
     _step_supports_amp_scaling = True
 
+    # [note: optimizer extension point]
+    # A variant of FAdam with other state (FAdafactor's factored FIM, fadafactor.py) subclasses
+    # FAdam and overrides the two static methods and the two hooks below; validation and planning
+    # (_Planner), the one-step run with its non-finite skip, load_state_dict, GradScaler and
+    # skipped_steps are FAdam's. Its buckets may be PhaseRunners that run their own ops inside
+    # run_step's two phases.
+
+    # None, or fn(param, backend) -> why this optimizer cannot step `param` (None: it can),
+    # called by _Planner for every parameter with a gradient.
+    _param_check: Callable[[Tensor, str | None], str | None] | None = None
+    # None (every parameter goes to a Bucket), or fn(param, backend_name) -> (backend_name,
+    # bucket kind): the kind (a key of BUCKET_KINDS) of a plain parameter's bucket and the
+    # backend that runs it, given the one resolved for it.
+    _route: Callable[[Tensor, str], tuple[str, str]] | None = None
+
+    @staticmethod
+    def _state_shapes(param: Tensor) -> dict[str, torch.Size]:
+        """The float32 state tensors of `param` besides `step`, by key, with their shapes."""
+        return {"momentum": param.shape, "fim": param.shape}
+
+    @staticmethod
+    def _new_state(param: Tensor) -> dict[str, Any]:
+        """The state of a parameter's first step."""
+        return _new_state(param)
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -234,6 +259,7 @@ class FAdam(Optimizer):
         load too. A checkpoint of another model, or with incomplete state, is refused by name
         before anything is loaded.
         """
+        kind = type(self).__name__
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         pairs = [(saved_group, group, i, saved_id, param)
@@ -243,21 +269,24 @@ class FAdam(Optimizer):
             saved = saved_state.get(saved_id)
             if not saved:
                 continue
-            missing = [key for key in ("momentum", "fim") if not isinstance(saved.get(key), Tensor)]
+            shapes = self._state_shapes(param)
+            missing = [key for key in shapes if not isinstance(saved.get(key), Tensor)]
             if "step" not in saved and "step" not in saved_group:
                 missing.append("step")
             if missing:
                 raise ValueError(
-                    f"Cannot load this FAdam state_dict: the state of {_param_name(group, i)} "
+                    f"Cannot load this {kind} state_dict: the state of {_param_name(group, i)} "
                     f"has no {' or '.join(repr(k) for k in missing)} (it has "
-                    f"{sorted(saved)}). Save it from FAdam, or drop the parameter's state.")
-            for key in ("momentum", "fim"):
-                if saved[key].shape != param.shape:
+                    f"{sorted(saved)}). Save it from {kind}, or drop the parameter's state.")
+            for key, shape in shapes.items():
+                if saved[key].shape != shape:
+                    need = ("" if shape == param.shape else
+                            f" (which needs {key!r} of shape {tuple(shape)})")
                     raise ValueError(
-                        f"Cannot load this FAdam state_dict: the saved {key!r} of "
+                        f"Cannot load this {kind} state_dict: the saved {key!r} of "
                         f"{_param_name(group, i)} has shape {tuple(saved[key].shape)}, but the "
-                        f"parameter has shape {tuple(param.shape)}. Was it saved for another "
-                        "model, or with the parameters in another order?")
+                        f"parameter has shape {tuple(param.shape)}{need}. Was it saved for "
+                        "another model, or with the parameters in another order?")
         # The backend is where this process runs the step, not a training hyperparameter: the
         # optimizer's own request stays (a backend="cuda" checkpoint loads on a CPU machine).
         requested = [group["backend"] for group in self.param_groups]
@@ -269,13 +298,16 @@ class FAdam(Optimizer):
             if not saved:
                 continue
             state = self.state[param]
-            for key in ("momentum", "fim"):
-                state[key] = sharded.state_like(param, saved[key])
+            for key, shape in self._state_shapes(param).items():
+                # Shaped like the parameter: in its layout (and shard); a factored FIM's row or
+                # column sums: contiguous.
+                state[key] = (sharded.state_like(param, saved[key]) if shape == param.shape else
+                              saved[key].to(device=param.device, dtype=torch.float32, copy=True))
             step = saved.get("step", saved_group.get("step", 0))
             state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
 
-    def _init_group(self, params: list[Tensor], grads: list[Tensor], momentums: list[Tensor],
-                    fims: list[Tensor], steps: list[Tensor], layout: list[tuple]) -> None:
+    def _init_group(self, params: list[Tensor], grads: list[Tensor], states: list[Tensor],
+                    layout: list[tuple]) -> None:
         """Checks every group's tensors, creates missing state, and lists the tensors that have
         a gradient, bucket by bucket (``layout``: one tuple of constants per bucket, see
         make_buckets).
@@ -286,12 +318,12 @@ class FAdam(Optimizer):
         Unlike torch's, it covers all groups at once, so that a refused tensor in any group
         comes before the state of any new parameter is made.
         """
-        planner = _Planner(self.state)
+        planner = _Planner(self.state, type(self))
         for index, group in enumerate(self.param_groups):
             planner.group(index, group, [p.grad for p in group["params"]])
         # Every check has passed: the state of new parameters joins the optimizer.
         self.state.update(planner.new_state)
-        planner.emit(params, grads, momentums, fims, steps, layout)
+        planner.emit(params, grads, states, layout)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -305,9 +337,9 @@ class FAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         hypers = [_group_hyperparameters(group, read_lr=False) for group in self.param_groups]
-        params, grads, momentums, fims, steps, layout = [], [], [], [], [], []
-        self._init_group(params, grads, momentums, fims, steps, layout)
-        buckets = make_buckets(hypers, params, grads, momentums, fims, steps, layout)
+        params, grads, states, layout = [], [], [], []
+        self._init_group(params, grads, states, layout)
+        buckets = make_buckets(hypers, params, grads, states, layout)
         skip = run_step(buckets, grad_scale=getattr(self, "grad_scale", None),
                         found_inf=getattr(self, "found_inf", None))
         if skip is not None:
@@ -400,10 +432,12 @@ class _Planner:
     raising, and fusability is decided here, once.
     """
 
-    def __init__(self, state: dict[Tensor, Any]) -> None:
+    def __init__(self, state: dict[Tensor, Any], optimizer: type[FAdam] | None = None) -> None:
         self.state = state
+        # The optimizer class whose state and rules apply ([note: optimizer extension point]).
+        self.optimizer = FAdam if optimizer is None else optimizer
         self.new_state: dict[Tensor, dict[str, Any]] = {}
-        # (group index, backend, device, dtype, sharded) -> [(param, grad, state)]
+        # (group index, backend, device, dtype, sharded, bucket kind) -> [(param, grad, state)]
         self.buckets: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
 
     def group(self, index: int, group: dict[str, Any], grads: Sequence[Tensor | None]) -> None:
@@ -419,6 +453,11 @@ class _Planner:
             if (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype
                     or grad.device != param.device):
                 raise RuntimeError(_grad_mismatch(_param_name(group, i), param, grad))
+            if self.optimizer._param_check is not None:
+                why = self.optimizer._param_check(param, backend)
+                if why is not None:
+                    raise RuntimeError(f"{self.optimizer.__name__} cannot update "
+                                       f"{_param_name(group, i)}: {why}")
             is_sharded = type(param) not in _PLAIN or type(grad) not in _PLAIN
             if (not is_sharded and param.is_contiguous()
                     and param.dtype in backends.FUSED_DTYPES):
@@ -435,24 +474,34 @@ class _Planner:
                                      f"on {device}; put lr on the CPU or on the parameters' device")
             state = self.state.get(param)
             if state:
-                momentum, fim = state.get("momentum"), state.get("fim")
-                if (momentum is None or fim is None or momentum.shape != param.shape
-                        or fim.shape != param.shape):
-                    raise RuntimeError(_bad_state(_param_name(group, i), param, state))
+                shapes = self.optimizer._state_shapes(param)
+                for key, shape in shapes.items():
+                    value = state.get(key)
+                    if value is None or value.shape != shape:
+                        raise RuntimeError(_bad_state(_param_name(group, i), param, state, shapes,
+                                                      self.optimizer.__name__))
             else:
-                state = self.new_state[param] = _new_state(param)
-            key = (index, name if fusable else "reference", device, param.dtype, is_sharded)
+                state = self.new_state[param] = self.optimizer._new_state(param)
+            if not fusable:
+                name = "reference"
+            kind = "fadam"
+            if self.optimizer._route is not None:
+                name, kind = self.optimizer._route(param, name)
+            key = (index, name, device, param.dtype, is_sharded, kind)
             entries = self.buckets.get(key)
             if entries is None:
                 entries = self.buckets[key] = []
             entries.append((param, grad, state))
 
-    def emit(self, params: list[Tensor], grads: list[Tensor], momentums: list[Tensor],
-             fims: list[Tensor], steps: list[Tensor], layout: list[tuple]) -> None:
-        """Appends the checked tensors bucket by bucket, and one layout tuple per bucket:
-        (group index, backend, first, end, sharded, indices whose gradient needs a copy)."""
-        for (index, name, _, _, is_sharded), entries in self.buckets.items():
-            first = len(params)
+    def emit(self, params: list[Tensor], grads: list[Tensor], states: list[Tensor],
+             layout: list[tuple]) -> None:
+        """Appends the checked tensors bucket by bucket (``states``: each parameter's state
+        tensors in its bucket kind's STATE_KEYS order), and one layout tuple per bucket: (group
+        index, backend, bucket kind, first, end, first state, sharded, indices whose gradient
+        needs a copy)."""
+        for (index, name, _, _, is_sharded, kind), entries in self.buckets.items():
+            first, first_state = len(params), len(states)
+            keys = BUCKET_KINDS[kind].STATE_KEYS
             copies = []
             for j, (param, grad, state) in enumerate(entries):
                 # The kernels walk a parameter, its gradient and its state in one memory order.
@@ -464,10 +513,9 @@ class _Planner:
                     copies.append(j)
                 params.append(param)
                 grads.append(grad)
-                momentums.append(state["momentum"])
-                fims.append(state["fim"])
-                steps.append(state["step"])
-            layout.append((index, name, first, len(params), is_sharded, tuple(copies)))
+                states.extend(state[key] for key in keys)
+            layout.append((index, name, kind, first, len(params), first_state, is_sharded,
+                           tuple(copies)))
 
     def _unusual(self, group: dict[str, Any], i: int, grad: Tensor, fused_only: bool) -> bool:
         """Checks a parameter off the common path (sharded, not contiguous, or not of a fused
@@ -490,14 +538,16 @@ class _Planner:
         return why is None
 
 
-def _bad_state(name: str, param: Tensor, saved: dict[str, Any]) -> str:
-    for key in ("momentum", "fim"):
+def _bad_state(name: str, param: Tensor, saved: dict[str, Any], shapes: dict[str, torch.Size],
+               kind: str) -> str:
+    for key, shape in shapes.items():
         if saved.get(key) is None:
-            return (f"The FAdam state of {name} has no {key!r} (it has {sorted(saved)}); "
+            return (f"The {kind} state of {name} has no {key!r} (it has {sorted(saved)}); "
                     "load a complete state_dict, or clear this parameter's state.")
-        if saved[key].shape != param.shape:
-            return (f"The FAdam state {key!r} of {name} has shape {tuple(saved[key].shape)} but "
-                    f"the parameter now has shape {tuple(param.shape)} (was param.data "
+        if saved[key].shape != shape:
+            need = "" if shape == param.shape else f" (which needs {tuple(shape)})"
+            return (f"The {kind} state {key!r} of {name} has shape {tuple(saved[key].shape)} but "
+                    f"the parameter now has shape {tuple(param.shape)}{need} (was param.data "
                     "replaced?); clear this parameter's state (opt.state.pop(param)) to start it "
                     "afresh.")
     raise AssertionError("unreachable")
@@ -520,36 +570,69 @@ class Bucket:
     # DTensor parameters' buckets hold their local shards and say how they are sharded.
     shards: sharded.Shards | None = None
 
+    # The state tensors of a parameter, in the order _Planner.emit lists them.
+    STATE_KEYS: ClassVar[tuple[str, ...]] = ("momentum", "fim", "step")
+
     @property
     def device(self) -> torch.device:
         return self.params[0].device
 
+    def take_state(self, states: Sequence[Tensor]) -> None:
+        """Fills the state lists from the parameters' state tensors in STATE_KEYS order."""
+        self.momentums, self.fims, self.steps = (list(states[k::3]) for k in range(3))
+
+    def localize(self) -> None:
+        """A sharded bucket's tensors become their local shards ([note: sharded parameters] in
+        sharded.py); a shard's gradient in another layout is copied into the shard's."""
+        self.shards = sharded.Shards(self.params[0].device, clip=self.hyper.clip > 0)
+        for j, (param, grad) in enumerate(zip(self.params, self.grads)):
+            local_param, local_grad = sharded.localize(param, grad)
+            self.shards.add(param, local_param.numel())
+            if self.backend != "reference" and local_grad.stride() != local_param.stride():
+                local_grad = torch.empty_like(local_param).copy_(local_grad)
+            self.params[j], self.grads[j] = local_param, local_grad
+            self.momentums[j] = sharded.local(self.momentums[j])
+            self.fims[j] = sharded.local(self.fims[j])
+
+
+class PhaseRunner:
+    """A planned bucket that runs its own ops within run_step's step ([note: optimizer extension
+    point]): ``phase_a`` runs with every bucket's phase A (read-only: it may only raise the skip
+    flag and fill its own scratch), ``phase_b`` with every phase B (a no-op when the combined
+    skip flag is set). run_step increments ``steps`` before phase A and undoes it on a skip."""
+
+    steps: list[Tensor]
+    device: torch.device
+    shards = None  # no sharded tensors: run_step's all-reduce skips it
+
+    def phase_a(self, skip: Tensor, grad_scale: Tensor | None) -> None:
+        raise NotImplementedError
+
+    def phase_b(self, skip: Tensor, grad_scale: Tensor | None) -> None:
+        raise NotImplementedError
+
+
+# Bucket classes by the kind name _Planner gives them (a name, so that the layout _init_group
+# hands a compiled step holds constants only). FAdafactor adds its own.
+BUCKET_KINDS: dict[str, type] = {"fadam": Bucket}
 
 
 def make_buckets(hypers: Sequence[Hyper], params: list[Tensor], grads: list[Tensor],
-                 momentums: list[Tensor], fims: list[Tensor], steps: list[Tensor],
-                 layout: Sequence[tuple]) -> list[Bucket]:
-    """The Buckets of checked tensor lists and their layout (_Planner.emit).
+                 states: list[Tensor], layout: Sequence[tuple]) -> list[Bucket | PhaseRunner]:
+    """The buckets of checked tensor lists and their layout (_Planner.emit).
 
     Tensor operations a step needs before its kernels (gradient copies into the parameter's
     layout, a DTensor's local shards) happen here, where torch.compile traces them.
     """
     buckets = []
-    for index, name, first, end, is_sharded, copies in layout:
-        bucket = Bucket(name, hypers[index], params[first:end], grads[first:end],
-                        momentums[first:end], fims[first:end], steps[first:end])
+    for index, name, kind, first, end, first_state, is_sharded, copies in layout:
+        cls = BUCKET_KINDS[kind]
+        bucket = cls(name, hypers[index], params[first:end], grads[first:end])
+        bucket.take_state(states[first_state:first_state + len(cls.STATE_KEYS) * (end - first)])
         for j in copies:
             bucket.grads[j] = torch.empty_like(bucket.params[j]).copy_(bucket.grads[j])
-        if is_sharded:  # [note: sharded parameters] in sharded.py
-            bucket.shards = sharded.Shards(bucket.params[0].device, clip=bucket.hyper.clip > 0)
-            for j, (param, grad) in enumerate(zip(bucket.params, bucket.grads)):
-                local_param, local_grad = sharded.localize(param, grad)
-                bucket.shards.add(param, local_param.numel())
-                if name != "reference" and local_grad.stride() != local_param.stride():
-                    local_grad = torch.empty_like(local_param).copy_(local_grad)
-                bucket.params[j], bucket.grads[j] = local_param, local_grad
-                bucket.momentums[j] = sharded.local(bucket.momentums[j])
-                bucket.fims[j] = sharded.local(bucket.fims[j])
+        if is_sharded:
+            bucket.localize()
         buckets.append(bucket)
     return buckets
 
@@ -581,7 +664,7 @@ def _lr_args(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, f
     return _on(lr, device), 0.0
 
 
-def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
+def run_step(buckets: Sequence[Bucket | PhaseRunner], *, grad_scale: Tensor | None = None,
              found_inf: Tensor | None = None) -> Tensor | None:
     """Runs one step over planned buckets: all phase A, then all phase B.
 
@@ -608,6 +691,10 @@ def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
         skip, h = skips[bucket.device], bucket.hyper
         torch._foreach_add_(bucket.steps, 1)
         shards = bucket.shards
+        if isinstance(bucket, PhaseRunner):
+            bucket.phase_a(skip, _on(grad_scale, bucket.device))
+            partials.append(None)
+            continue
         if bucket.backend == "reference":
             skip.copy_(torch.maximum(skip, reference.nonfinite_flag(bucket.grads)))
             if shards is not None:
@@ -636,7 +723,9 @@ def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
     for bucket, sums in zip(buckets, partials):
         skip, h = skips[bucket.device], bucket.hyper
         scale = _on(grad_scale, bucket.device)
-        if sums is None:
+        if isinstance(bucket, PhaseRunner):
+            bucket.phase_b(skip, scale)
+        elif sums is None:
             for i, (param, grad, m, f, step) in enumerate(zip(
                     bucket.params, bucket.grads, bucket.momentums, bucket.fims, bucket.steps)):
                 whole = {} if bucket.shards is None else bucket.shards.reference_args(i)
@@ -711,6 +800,6 @@ def fadam(
     states = [dict(momentum=m, fim=f, step=s) for m, f, s in zip(momentums, fims, state_steps)]
     planner = _Planner(dict(zip(params, states)))
     planner.group(0, group, grads)
-    lists = [], [], [], [], [], []
+    lists = [], [], [], []
     planner.emit(*lists)
     return run_step(make_buckets([hyper], *lists), grad_scale=grad_scale, found_inf=found_inf)

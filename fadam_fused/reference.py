@@ -1,4 +1,5 @@
-r"""The correctness oracle: FAdam in plain PyTorch, one tensor at a time, written for clarity.
+r"""The correctness oracle: FAdam and FAdafactor in plain PyTorch, one tensor at a time, written
+for clarity.
 
 Every fused backend is tested against this file. It is never optimised.
 
@@ -26,6 +27,10 @@ Precision: math in float32 (``upcast=False``, the precision the fused kernels pr
 (``upcast=True``, the ground truth the tests measure everything against), whatever the storage
 dtype; step scalars in float64; sums of squares in float64 (with ``eps=1e-30`` and a zero gradient
 :math:`w \approx 10^{29}` and :math:`w^2` overflows float32).
+
+FAdafactor (Algorithm 2 of the paper; docs/design.md, section 8) replaces f of a parameter with 2
+or more dims by a rank-1 factoring of row and column sums of g^2 (factored_fim); the rest of the
+step is FAdam's (_apply).
 
 Non-finite gradients (docs/design.md, section 6): if any gradient of the step holds a NaN or inf (or
 ``found_inf`` from a GradScaler is set), nothing changes: parameters, state and step counts keep
@@ -75,15 +80,21 @@ def _clip_scale(x: Tensor, clip: float | None, sumsq: Tensor | None = None,
     return torch.where(torch.isfinite(scale), scale, torch.inf)
 
 
-def _natural(param, grad, fim, step, *, beta2, eps, p, maximize, grad_scale, upcast):
-    """The compute dtype, and the step's g, theta, new f, ghat = g / d and w = theta / d in it."""
+def _inputs(param, grad, *, maximize, grad_scale, upcast):
+    """The compute dtype, and the step's g (scaled, maybe negated) and theta in it."""
     compute = torch.float64 if upcast or param.dtype == torch.float64 else torch.float32
     g = grad.to(compute)
     if grad_scale is not None:
         g = g / grad_scale.to(device=g.device, dtype=compute).reshape(())
     if maximize:
         g = -g
-    theta = param.to(compute)
+    return compute, g, param.to(compute)
+
+
+def _natural(param, grad, fim, step, *, beta2, eps, p, maximize, grad_scale, upcast):
+    """The compute dtype, and the step's g, theta, new f, ghat = g / d and w = theta / d in it."""
+    compute, g, theta = _inputs(param, grad, maximize=maximize, grad_scale=grad_scale,
+                                upcast=upcast)
     f = fim.to(compute)
 
     bhat = b2hat(beta2, step.to(g.device)).to(compute)
@@ -148,19 +159,101 @@ def update_tensor(
     compute, g, theta, f, ghat, w = _natural(param, grad, fim, step, beta2=beta2, eps=eps, p=p,
                                              maximize=maximize, grad_scale=grad_scale,
                                              upcast=upcast)
+    _apply(param, momentum, skip, compute, theta, ghat, w, lr=lr, beta1=beta1, clip=clip,
+           weight_decay=weight_decay, sums=sums, numel=numel)
+    fim.copy_(torch.where(skip.to(fim.device) != 0, fim, f.to(fim.dtype)))
+
+
+def _apply(param, momentum, skip, compute, theta, ghat, w, *, lr, beta1, clip, weight_decay,
+           sums=None, numel=None) -> None:
+    """The clipped momentum and parameter update from ghat and w (shared by FAdam and
+    FAdafactor, which differ only in f); writes `param` and `momentum` unless `skip`."""
     sum_ghat2, sum_w2 = (None, None) if sums is None else sums
     m = momentum.to(compute)
     s1 = _clip_scale(ghat, clip, sum_ghat2, numel).to(compute)
     m = beta1 * m + (1 - beta1) * (ghat / s1)
     s2 = _clip_scale(w, clip, sum_w2, numel).to(compute)
     # reshape(()): an lr of shape (1,) must not broadcast a 0-dim parameter to (1,).
-    lr_t = lr.to(device=g.device, dtype=compute).reshape(()) if isinstance(lr, Tensor) else lr
+    lr_t = lr.to(device=theta.device, dtype=compute).reshape(()) if isinstance(lr, Tensor) else lr
     theta = theta - lr_t * (m + weight_decay * (w / s2))
 
     keep = skip.to(param.device) != 0
     param.copy_(torch.where(keep, param, theta.to(param.dtype)))
     momentum.copy_(torch.where(keep, momentum, m.to(momentum.dtype)))
-    fim.copy_(torch.where(keep, fim, f.to(fim.dtype)))
+
+
+# ---- FAdafactor (the paper's Algorithm 2) -------------------------------------------------------
+
+
+def is_factored(param: Tensor) -> bool:
+    """FAdafactor factors the FIM of parameters with 2 or more dims; fewer keep FAdam's full f."""
+    return param.dim() >= 2
+
+
+def factored_fim(param: Tensor, grad: Tensor, fim_row: Tensor, fim_col: Tensor, step: Tensor, *,
+                 beta2: float, maximize: bool, grad_scale: Tensor | None = None,
+                 upcast: bool = False) -> tuple[torch.dtype, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""The compute dtype, g, theta, the new row and column sums R, C and the factored f.
+
+    For a parameter of shape (..., n, m) (leading dims batched: each (n, m) matrix has its own R
+    and C), with :math:`\hat\beta_2` as in FAdam:
+
+    .. math::
+        R_i &\leftarrow \hat\beta_2 R_i + (1 - \hat\beta_2) \sum_j g_{ij}^2, \qquad
+        C_j \leftarrow \hat\beta_2 C_j + (1 - \hat\beta_2) \sum_i g_{ij}^2 \\
+        f_{ij} &= \frac{R_i}{\sum_k R_k} C_j \quad (0 \text{ where } \textstyle\sum_k R_k = 0)
+
+    Sums, not means (docs/design.md, section 8). An all-zero gradient at step 1 gives R = 0 and
+    so f = 0, never 0 / 0; f is then d = eps^(2p) as for FAdam.
+    """
+    compute, g, theta = _inputs(param, grad, maximize=maximize, grad_scale=grad_scale,
+                                upcast=upcast)
+    bhat = b2hat(beta2, step.to(g.device)).to(compute)
+    g2 = g * g
+    rows = bhat * fim_row.to(compute) + (1 - bhat) * g2.sum(-1)
+    cols = bhat * fim_col.to(compute) + (1 - bhat) * g2.sum(-2)
+    total = rows.sum(-1, keepdim=True)
+    # R_i / sum R before the product with C: R_i C_j overflows where f itself does not.
+    row_norm = torch.where(total > 0, rows / torch.where(total > 0, total, 1), 0)
+    f = row_norm[..., :, None] * cols[..., None, :]
+    return compute, g, theta, rows, cols, f
+
+
+def fadafactor_update_tensor(
+    param: Tensor,
+    grad: Tensor,
+    momentum: Tensor,
+    fim_row: Tensor,
+    fim_col: Tensor,
+    step: Tensor,
+    skip: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    clip: float | None,
+    weight_decay: float,
+    p: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    upcast: bool = False,
+) -> None:
+    """One FAdafactor update of one parameter of 2 or more dims, in place, unless `skip`.
+
+    `fim_row` has shape param.shape[:-1] (R), `fim_col` param.shape[:-2] + param.shape[-1:]
+    (C). Then d, ghat, the clip scales, m, w and theta exactly as FAdam (update_tensor, whose
+    arguments these are); parameters of fewer dims are updated by update_tensor itself.
+    """
+    compute, g, theta, rows, cols, f = factored_fim(
+        param, grad, fim_row, fim_col, step, beta2=beta2, maximize=maximize,
+        grad_scale=grad_scale, upcast=upcast)
+    d = f**p + eps ** (2 * p)
+    _apply(param, momentum, skip, compute, theta, g / d, theta / d, lr=lr, beta1=beta1,
+           clip=clip, weight_decay=weight_decay)
+    keep = skip.to(param.device) != 0
+    fim_row.copy_(torch.where(keep, fim_row, rows.to(fim_row.dtype)))
+    fim_col.copy_(torch.where(keep, fim_col, cols.to(fim_col.dtype)))
 
 
 def fadam_reference(

@@ -9,6 +9,7 @@ def _chunk_setter(monkeypatch, backend):
     def set_chunk(chunk):
         monkeypatch.setitem(op_contract.CHUNK_SIZE, backend, chunk)
         monkeypatch.setattr(backends, "_FUSED", {})
+        monkeypatch.setattr(backends, "_FACTORED", {})
     return set_chunk
 
 

@@ -25,46 +25,13 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/cpu_vec.h"
 #include "fadam_math.h"
 #include "fadam_ops.h"
 
 namespace fadam {
 
-using fVec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = fVec::size();
-
-template <>
-struct Prim<fVec> {
-  static inline fVec sqrt(fVec x) {
-    return x.sqrt();
-  }
-  static inline fVec pow(fVec x, fVec p) {
-    return x.pow(p);
-  }
-};
-
 namespace {
-
-// Loads kLanes elements of the storage dtype as float32 lanes, and stores them back.
-template <typename scalar_t>
-inline fVec load_float(const scalar_t* ptr) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return fVec::loadu(ptr);
-  } else {
-    fVec out;
-    at::vec::load_to_float<scalar_t>(ptr, out);
-    return out;
-  }
-}
-
-template <typename scalar_t>
-inline void store_float(scalar_t* ptr, fVec v) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    v.store(ptr);
-  } else {
-    at::vec::convert_from_float<scalar_t>(v, v).store(ptr, kLanes);
-  }
-}
 
 // Sums of squares (float64 or an overflow-safe equivalent, docs/design.md section 5). Each float
 // lane sums kBlockVectors squares in float32, one FMA per vector; flush() then widens that block
@@ -80,79 +47,6 @@ inline void store_float(scalar_t* ptr, fVec v) {
 // itself rounded to float32 as 1 / s). Squares below 1.2e-38 lose precision in float32; they
 // reach the RMS only when the whole tensor's RMS is < 1e-19, where s = max(1, RMS / clip) = 1.
 constexpr int64_t kBlockVectors = 8;
-
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-using dVec = at::vec::Vectorized<double>;
-
-// The low and high halves of a float vector, widened to float64 vectors.
-inline std::pair<dVec, dVec> widen(fVec v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 x = v;
-  return {dVec(_mm512_cvtps_pd(_mm512_castps512_ps256(x))),
-          dVec(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))))};
-#else
-  const __m256 x = v;
-  return {dVec(_mm256_cvtps_pd(_mm256_castps256_ps128(x))),
-          dVec(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)))};
-#endif
-}
-
-// float64 lanes, kLanes of them, held in registers.
-struct WideLanes {
-  dVec lo{0.0}, hi{0.0};
-  inline void add(fVec v) {  // += v, widened
-    const auto [a, b] = widen(v);
-    lo = lo + a;
-    hi = hi + b;
-  }
-  inline void add_square(fVec v) {  // += v * v in float64, one rounding (explicit FMA)
-    const auto [a, b] = widen(v);
-    lo = at::vec::fmadd(a, a, lo);
-    hi = at::vec::fmadd(b, b, hi);
-  }
-  inline double total() const {
-    alignas(64) double t[2 * dVec::size()];
-    lo.store(t);
-    hi.store(t + dVec::size());
-    double s = 0.0;
-    for (double x : t) {
-      s += x;
-    }
-    return s;
-  }
-};
-#else
-struct WideLanes {
-  std::array<double, kLanes> lane{};
-  template <typename Op>
-  inline void each(fVec v, Op op) {
-    alignas(64) float t[kLanes];
-    v.store(t);
-    for (int64_t j = 0; j < kLanes; ++j) {
-      lane[j] = op(lane[j], static_cast<double>(t[j]));
-    }
-  }
-  inline void add(fVec v) {
-    each(v, [](double acc, double x) { return acc + x; });
-  }
-  inline void add_square(fVec v) {
-    each(v, [](double acc, double x) { return std::fma(x, x, acc); });
-  }
-  inline double total() const {
-    double s = 0.0;
-    for (double x : lane) {
-      s += x;
-    }
-    return s;
-  }
-};
-#endif
-
-// True when every lane of v is +-0 (one vector compare on AVX2 / AVX-512). x - x and x * 0 are 0
-// for finite x and NaN for inf or NaN, so this is the finiteness test of both accumulators below.
-inline bool all_zero(fVec v) {
-  return v.zero_mask() == (1 << kLanes) - 1;
-}
 
 struct SumSq {
   fVec block{0.f};
@@ -437,50 +331,6 @@ float* kept_buffer(int64_t numel) {
     buf.resize(need);
   }
   return buf.data();
-}
-
-struct Item {
-  int32_t tensor;
-  int64_t chunk;
-  int64_t cost;  // bytes the item moves: the scheduling weight
-};
-
-// The (tensor, chunk) items of one phase, heaviest first. `cost(numel, fused)` is the bytes an
-// item of `numel` elements moves; `fused` says that the tensor is one chunk done in one task.
-template <typename Cost>
-std::vector<Item> make_items(at::TensorList params, int64_t chunk_size, bool fuse_one_chunk,
-                             Cost cost) {
-  std::vector<Item> items;
-  for (const auto i : c10::irange(params.size())) {
-    const int64_t numel = params[i].numel();
-    const int64_t n = nchunks_of(numel, chunk_size);
-    for (int64_t c = 0; c < n; ++c) {
-      const int64_t len = std::min(chunk_size, numel - c * chunk_size);
-      items.push_back({static_cast<int32_t>(i), c, cost(len, fuse_one_chunk && n == 1)});
-    }
-  }
-  // Longest first: the last items to start are the shortest, so the threads finish together.
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
-  return items;
-}
-
-// Runs body(item) once for every item, the threads taking the next item as they free up.
-//
-// Static splitting (at::parallel_for over the item list) gives each thread a contiguous run of
-// items, and items differ 100x in cost: one thread can get every large chunk, and 2 threads then
-// take as long as 1 (bench/NOTES.md). Each item writes only its own slot and elements, so which
-// thread runs it changes no bit of the result.
-template <typename Body>
-void for_each_item(const std::vector<Item>& items, Body body) {
-  const auto n = static_cast<int64_t>(items.size());
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < n;
-         k = next.fetch_add(1, std::memory_order_relaxed)) {
-      body(items[k]);
-    }
-  });
 }
 
 std::vector<TensorPtrs> make_ptrs(at::TensorList params, at::TensorList grads, at::TensorList fims,

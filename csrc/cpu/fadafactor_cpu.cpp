@@ -1,0 +1,400 @@
+// CPU kernels of the three FAdafactor ops (TORCH_LIBRARY_IMPL(fadam_fused, CPU)); the contract is
+// [note: the FAdafactor op contract] in fadam_fused/op_contract.py, the math
+// [note: FAdafactor math] in csrc/fadam_math.h.
+//
+// Phase S walks each tensor as tiles of rows x columns (FactorTile); phases A and B walk FAdam's
+// (tensor, chunk) items (make_items, for_each_item in cpu_vec.h), a chunk as row segments:
+// f_ij = factored_fim(R_i / sum R, C_j) with C_j loaded as a vector next to g and theta. Element
+// math is float32 on at::vec::Vectorized<float> with zero-padded ragged tails, as in
+// fadam_cpu.cpp, so phase A and phase B compute bitwise the same f, ghat and w.
+//
+// Determinism: every sum has one fixed order. A tile sums each row's squares over its columns
+// into 8 float64 lanes in column order, and each column's over its rows in row order; the
+// combine adds a row's (column's) tile partials in tile order; sum R is added in row order; a
+// chunk's sums of ghat^2 and w^2 accumulate in float64 lanes in element order, and a tensor's
+// chunks in slot order. No result depends on the thread count.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "cpu/cpu_vec.h"
+#include "fadam_math.h"
+#include "fadam_ops.h"
+
+namespace fadam {
+namespace {
+
+// `count` <= kLanes elements at `ptr` as float32 lanes; the missing lanes are 0.
+template <typename scalar_t>
+inline fVec load_padded(const scalar_t* ptr, int64_t count) {
+  if (count == kLanes) {
+    return load_float(ptr);
+  }
+  alignas(64) scalar_t buf[kLanes] = {};
+  std::memcpy(buf, ptr, count * sizeof(scalar_t));
+  return load_float(buf);
+}
+
+template <typename scalar_t>
+inline void store_padded(scalar_t* ptr, fVec v, int64_t count) {
+  if (count == kLanes) {
+    store_float(ptr, v);
+    return;
+  }
+  alignas(64) scalar_t buf[kLanes];
+  store_float(buf, v);
+  std::memcpy(ptr, buf, count * sizeof(scalar_t));
+}
+
+// g times (sign / grad_scale), both in float32 as in fadam_cpu.cpp (x * 1 = x: no bit changes
+// without maximize or a scale).
+inline float grad_multiplier(bool maximize, const c10::optional<at::Tensor>& grad_scale) {
+  double mul = maximize ? -1.0 : 1.0;
+  if (grad_scale.has_value()) {
+    mul /= static_cast<double>(*grad_scale->const_data_ptr<float>());
+  }
+  return static_cast<float>(mul);
+}
+
+// Where tensor i's regions start in factor_partials (float64) and factors (float32).
+struct Offsets {
+  std::vector<int64_t> partials, factors;
+};
+
+Offsets region_offsets(const std::vector<FactorTile>& tiles) {
+  Offsets o{{0}, {0}};
+  for (const auto& t : tiles) {
+    o.partials.push_back(o.partials.back() + t.batch * t.partials_per_matrix());
+    o.factors.push_back(o.factors.back() + t.batch * t.factors_per_matrix());
+  }
+  return o;
+}
+
+// ---- phase S ------------------------------------------------------------------------------------
+
+// One tile's partial sums of g^2: row r's over the tile's columns into row_out[r], column c's over
+// the tile's rows into col_out[c]. Squares are float64 (g^2 of a finite float32 never overflows
+// there). Returns false when a gradient is not finite: its row sum is then inf or NaN.
+template <typename scalar_t>
+bool tile_sums(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+               float mul, double* row_out, double* col_out) {
+  constexpr int64_t kAcc = 8;  // float64 lanes per row: one AVX-512 vector, two AVX2 ones
+  std::fill(col_out, col_out + (c1 - c0), 0.0);
+  bool finite = true;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* row = g + r * cols;
+    std::array<double, kAcc> acc{};
+    int64_t c = c0;
+    for (; c + kAcc <= c1; c += kAcc) {
+      for (int64_t l = 0; l < kAcc; ++l) {
+        const double x = static_cast<double>(static_cast<float>(row[c + l]) * mul);
+        acc[l] += x * x;
+        col_out[c + l - c0] += x * x;
+      }
+    }
+    double total = 0.0;
+    for (; c < c1; ++c) {
+      const double x = static_cast<double>(static_cast<float>(row[c]) * mul);
+      total += x * x;
+      col_out[c - c0] += x * x;
+    }
+    for (double a : acc) {
+      total += a;
+    }
+    row_out[r] = total;
+    finite = finite && std::isfinite(total);
+  }
+  return finite;
+}
+
+void phase_s_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim_rows,
+                 at::TensorList fim_cols, at::TensorList steps, at::Tensor factor_partials,
+                 at::Tensor factors, at::Tensor skip, const c10::optional<at::Tensor>& grad_scale,
+                 double beta2, bool maximize, int64_t chunk_size) {
+  const char* op = "fadafactor_phase_s";
+  const auto tiles = check_factored_group(op, c10::DeviceType::CPU, params, grads, fim_rows,
+                                          fim_cols, {}, factors, chunk_size);
+  TORCH_CHECK(steps.size() == params.size(), op, ": one step per param is required");
+  TORCH_CHECK(skip.device().is_cpu() && skip.scalar_type() == at::kFloat && skip.numel() == 1,
+              op, ": skip must be a one-element float32 CPU tensor");
+  const Offsets off = region_offsets(tiles);
+  TORCH_CHECK(factor_partials.device().is_cpu() && factor_partials.scalar_type() == at::kDouble &&
+                  factor_partials.is_contiguous() &&
+                  factor_partials.numel() == off.partials.back(),
+              op, ": factor_partials must be a contiguous float64 CPU tensor of ",
+              off.partials.back(), " elements");
+  if (params.empty()) {
+    return;
+  }
+  const float mul = grad_multiplier(maximize, grad_scale);
+  double* partials = factor_partials.data_ptr<double>();
+  float* out = factors.data_ptr<float>();
+
+  // Tiles: item.chunk is (b * row_tiles + tr) * col_tiles + tc.
+  std::vector<Item> items;
+  for (const auto i : c10::irange(params.size())) {
+    const FactorTile& t = tiles[i];
+    const int64_t n = t.batch * t.row_tiles() * t.col_tiles();
+    for (int64_t k = 0; k < n; ++k) {
+      items.push_back({static_cast<int32_t>(i), k, t.tile_rows * t.tile_cols});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  std::atomic<bool> any_nonfinite{false};
+  dispatch(params[0].scalar_type(), 0.5, [&]<typename scalar_t, bool>() {
+    for_each_item(items, [&](const Item& it) {
+      const FactorTile& t = tiles[it.tensor];
+      const int64_t tc = it.chunk % t.col_tiles();
+      const int64_t tr = it.chunk / t.col_tiles() % t.row_tiles();
+      const int64_t b = it.chunk / (t.col_tiles() * t.row_tiles());
+      const int64_t r0 = tr * t.tile_rows, r1 = std::min(t.rows, r0 + t.tile_rows);
+      const int64_t c0 = tc * t.tile_cols, c1 = std::min(t.cols, c0 + t.tile_cols);
+      double* base = partials + off.partials[it.tensor] + b * t.partials_per_matrix();
+      const auto* g = static_cast<const scalar_t*>(grads[it.tensor].const_data_ptr()) +
+                      b * t.rows * t.cols;
+      if (!tile_sums(g, t.cols, r0, r1, c0, c1, mul, base + tc * t.rows,
+                     base + t.col_tiles() * t.rows + tr * t.cols + c0)) {
+        any_nonfinite.store(true, std::memory_order_relaxed);
+      }
+    });
+  });
+  if (any_nonfinite.load()) {
+    *skip.data_ptr<float>() = 1.0f;
+  }
+
+  // The combine: one item per matrix, its partials added in tile order.
+  std::vector<Item> matrices;
+  for (const auto i : c10::irange(params.size())) {
+    const FactorTile& t = tiles[i];
+    for (int64_t b = 0; b < t.batch; ++b) {
+      matrices.push_back({static_cast<int32_t>(i), b, t.partials_per_matrix()});
+    }
+  }
+  for_each_item(matrices, [&](const Item& it) {
+    const FactorTile& t = tiles[it.tensor];
+    const int64_t b = it.chunk;
+    const double b2hat = b2hat_of(beta2, static_cast<double>(*steps[it.tensor].const_data_ptr<float>()));
+    const double* rows_p = partials + off.partials[it.tensor] + b * t.partials_per_matrix();
+    const double* cols_p = rows_p + t.col_tiles() * t.rows;
+    const float* old_r = fim_rows[it.tensor].const_data_ptr<float>() + b * t.rows;
+    const float* old_c = fim_cols[it.tensor].const_data_ptr<float>() + b * t.cols;
+    float* new_r = out + off.factors[it.tensor] + b * t.factors_per_matrix();
+    float* new_c = new_r + t.rows;
+    float* norm = new_c + t.cols;
+    double total = 0.0;
+    for (int64_t r = 0; r < t.rows; ++r) {
+      double s = 0.0;
+      for (int64_t k = 0; k < t.col_tiles(); ++k) {
+        s += rows_p[k * t.rows + r];
+      }
+      new_r[r] = factor_update(old_r[r], s, b2hat);
+      total += static_cast<double>(new_r[r]);
+    }
+    for (int64_t c = 0; c < t.cols; ++c) {
+      double s = 0.0;
+      for (int64_t k = 0; k < t.row_tiles(); ++k) {
+        s += cols_p[k * t.cols + c];
+      }
+      new_c[c] = factor_update(old_c[c], s, b2hat);
+    }
+    for (int64_t r = 0; r < t.rows; ++r) {
+      norm[r] = row_norm(new_r[r], total);
+    }
+  });
+}
+
+// ---- phases A and B -----------------------------------------------------------------------------
+
+struct ElemConsts {
+  fVec p, eps_p, mul;
+};
+
+// Runs body(row_ptr_offset k, count, rnorm, col ptr) over the elements [begin, end) of a factored
+// tensor, by row segments and vectors of kLanes (the last one of a segment partial).
+template <typename Body>
+inline void for_each_row_vector(const FactorTile& t, const float* factors, int64_t begin,
+                                int64_t end, Body body) {
+  int64_t k = begin;
+  while (k < end) {
+    const int64_t q = k / t.cols;  // row index over all matrices
+    const int64_t b = q / t.rows;
+    const int64_t j0 = k - q * t.cols;
+    const int64_t j1 = std::min(t.cols, j0 + (end - k));
+    const float* mat = factors + b * t.factors_per_matrix();
+    const fVec rnorm(mat[t.rows + t.cols + (q - b * t.rows)]);  // R / sum R after R and C
+    const float* cols = mat + t.rows;
+    for (int64_t j = j0; j < j1; j += kLanes) {
+      body(k + (j - j0), std::min(kLanes, j1 - j), rnorm, cols + j);
+    }
+    k += j1 - j0;
+  }
+}
+
+// (sum ghat^2, sum w^2) over [begin, end) of tensor `i`, in float64 lanes in element order.
+template <typename scalar_t, bool kSqrt>
+void reduce_range(const scalar_t* g, const scalar_t* theta, const FactorTile& t,
+                  const float* factors, int64_t begin, int64_t end, const ElemConsts& c,
+                  double* sums) {
+  WideLanes s_ghat, s_w;
+  const fVec zero(0.f);
+  for_each_row_vector(t, factors, begin, end,
+                      [&](int64_t k, int64_t count, fVec rnorm, const float* col) {
+    const fVec gv = load_padded(g + k, count) * c.mul;
+    const fVec th = load_padded(theta + k, count);
+    const fVec f = factored_fim(rnorm, load_padded(col, count));
+    const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
+    // Padded lanes: g = theta = 0, so ghat = w = 0 * r; r = 1 / eps^(2p) is finite (the optimizer
+    // keeps eps^(2p) a normal float32), and the masks keep them out anyway.
+    const fVec ghat = gv * r, w = th * r;
+    s_ghat.add_square(count < kLanes ? fVec::set(zero, ghat, count) : ghat);
+    s_w.add_square(count < kLanes ? fVec::set(zero, w, count) : w);
+  });
+  sums[0] = s_ghat.total();
+  sums[1] = s_w.total();
+}
+
+ElemConsts elem_consts(double eps, double p, float mul) {
+  return {fVec(static_cast<float>(p)), fVec(static_cast<float>(std::pow(eps, 2.0 * p))),
+          fVec(mul)};
+}
+
+void phase_a_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& factors,
+                 at::Tensor partials, const c10::optional<at::Tensor>& grad_scale, double eps,
+                 double p, double clip, bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
+  const char* op = "fadafactor_phase_a";
+  const auto tiles = check_factored_group(op, c10::DeviceType::CPU, params, grads, {}, {}, {},
+                                          factors, chunk_size);
+  const auto offsets = slot_offsets(params, chunk_size);
+  TORCH_CHECK(partials.device().is_cpu() && partials.scalar_type() == at::kDouble &&
+                  partials.dim() == 2 && partials.size(1) == 2 && partials.is_contiguous() &&
+                  partials.size(0) == offsets.back(),
+              op, ": partials must be a contiguous float64 CPU tensor [", offsets.back(), ", 2]");
+  if (params.empty() || !(clip > 0.0)) {
+    return;  // without clipping no RMS is needed; phase S has checked the gradients
+  }
+  const Offsets off = region_offsets(tiles);
+  const ElemConsts c = elem_consts(eps, p, grad_multiplier(maximize, grad_scale));
+  const int64_t esize = params[0].element_size();
+  // A one-chunk tensor is reduced in phase B (fuse_one_chunk): nothing to do here.
+  const auto items = make_items(params, chunk_size, fuse_one_chunk,
+                                [&](int64_t len, bool fused) { return fused ? 0 : len * 2 * esize; });
+  const float* fac = factors.const_data_ptr<float>();
+  double* out = partials.data_ptr<double>();
+  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
+    for_each_item(items, [&](const Item& it) {
+      if (fuse_one_chunk && offsets[it.tensor + 1] - offsets[it.tensor] == 1) {
+        return;
+      }
+      const auto numel = params[it.tensor].numel();
+      const int64_t begin = it.chunk * chunk_size;
+      reduce_range<scalar_t, kSqrt>(
+          static_cast<const scalar_t*>(grads[it.tensor].const_data_ptr()),
+          static_cast<const scalar_t*>(params[it.tensor].const_data_ptr()), tiles[it.tensor],
+          fac + off.factors[it.tensor], begin, std::min(numel, begin + chunk_size), c,
+          out + 2 * (offsets[it.tensor] + it.chunk));
+    });
+  });
+}
+
+void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim_rows,
+                 at::TensorList fim_cols, at::TensorList moms, const at::Tensor& factors,
+                 const at::Tensor& partials, const at::Tensor& skip,
+                 const c10::optional<at::Tensor>& grad_scale,
+                 const c10::optional<at::Tensor>& lr_tensor, double lr, double beta1, double eps,
+                 double p, double clip, double weight_decay, bool maximize, int64_t chunk_size,
+                 bool fuse_one_chunk) {
+  const char* op = "fadafactor_phase_b";
+  const auto tiles = check_factored_group(op, c10::DeviceType::CPU, params, grads, fim_rows,
+                                          fim_cols, moms, factors, chunk_size);
+  TORCH_CHECK(moms.size() == params.size() && fim_rows.size() == params.size(), op,
+              ": one momentum, fim_row and fim_col per param is required");
+  const auto offsets = slot_offsets(params, chunk_size);
+  TORCH_CHECK(partials.device().is_cpu() && partials.scalar_type() == at::kDouble &&
+                  partials.dim() == 2 && partials.size(1) == 2 && partials.is_contiguous() &&
+                  partials.size(0) == offsets.back(),
+              op, ": partials must be a contiguous float64 CPU tensor [", offsets.back(), ", 2]");
+  TORCH_CHECK(skip.device().is_cpu() && skip.scalar_type() == at::kFloat && skip.numel() == 1,
+              op, ": skip must be a one-element float32 CPU tensor");
+  if (params.empty() || *skip.const_data_ptr<float>() != 0.0f) {
+    return;  // a non-finite gradient anywhere skips the whole step (docs/design.md, section 6)
+  }
+  if (lr_tensor.has_value()) {
+    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->device().is_cpu(),
+                op, ": lr_tensor must be a one-element CPU tensor");
+    lr = lr_tensor->to(at::kDouble).const_data_ptr<double>()[0];
+  }
+  const Offsets off = region_offsets(tiles);
+  const ElemConsts c = elem_consts(eps, p, grad_multiplier(maximize, grad_scale));
+  const float beta1_f = static_cast<float>(beta1);
+  const fVec vbeta1(beta1_f), vomb1(static_cast<float>(1.0 - static_cast<double>(beta1_f))),
+      vlr(static_cast<float>(lr)), vwd(static_cast<float>(weight_decay));
+  const bool clipping = clip > 0.0;
+  const int64_t esize = params[0].element_size();
+  // Bytes per element: g, theta, m read and theta, m written (2 G + 2 P + 8); a fused tensor
+  // is first reduced (another G + P, from cache).
+  const auto items = make_items(params, chunk_size, fuse_one_chunk, [&](int64_t len, bool f) {
+    return len * (4 * esize + 8 + (f && clipping ? 2 * esize : 0));
+  });
+  const float* fac = factors.const_data_ptr<float>();
+  const double* slots = partials.const_data_ptr<double>();
+  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
+    for_each_item(items, [&](const Item& it) {
+      const FactorTile& t = tiles[it.tensor];
+      const float* tfac = fac + off.factors[it.tensor];
+      auto* theta = static_cast<scalar_t*>(params[it.tensor].data_ptr());
+      const auto* g = static_cast<const scalar_t*>(grads[it.tensor].const_data_ptr());
+      float* m = moms[it.tensor].data_ptr<float>();
+      const int64_t numel = params[it.tensor].numel();
+      double sums[2] = {0.0, 0.0};
+      if (clipping) {
+        if (fuse_one_chunk && offsets[it.tensor + 1] - offsets[it.tensor] == 1) {
+          // Both phases in this task, the second pass from cache.
+          reduce_range<scalar_t, kSqrt>(g, theta, t, tfac, 0, numel, c, sums);
+        } else {
+          for (int64_t s = offsets[it.tensor]; s < offsets[it.tensor + 1]; ++s) {
+            sums[0] += slots[2 * s];
+            sums[1] += slots[2 * s + 1];
+          }
+        }
+      }
+      const fVec inv_s1(static_cast<float>(clip_inv_scale(sums[0], numel, clip)));
+      const fVec inv_s2(static_cast<float>(clip_inv_scale(sums[1], numel, clip)));
+      const int64_t begin = it.chunk * chunk_size;
+      for_each_row_vector(t, tfac, begin, std::min(numel, begin + chunk_size),
+                          [&](int64_t k, int64_t count, fVec rnorm, const float* col) {
+        const fVec gv = load_padded(g + k, count) * c.mul;
+        fVec th = load_padded(theta + k, count);
+        fVec mv = load_padded(m + k, count);
+        const fVec f = factored_fim(rnorm, load_padded(col, count));
+        const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
+        fadam_update(th, mv, gv * r, th * r, vbeta1, vomb1, inv_s1, inv_s2, vlr, vwd);
+        store_padded(theta + k, th, count);
+        mv.store(m + k, count);
+      });
+    });
+  });
+  // The new R and C become the state (O(n + m) per matrix).
+  for (const auto i : c10::irange(params.size())) {
+    const FactorTile& t = tiles[i];
+    const float* src = fac + off.factors[i];
+    float* rows = fim_rows[i].data_ptr<float>();
+    float* cols = fim_cols[i].data_ptr<float>();
+    for (int64_t b = 0; b < t.batch; ++b) {
+      const float* mat = src + b * t.factors_per_matrix();
+      std::memcpy(rows + b * t.rows, mat, t.rows * sizeof(float));
+      std::memcpy(cols + b * t.cols, mat + t.rows, t.cols * sizeof(float));
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fadam_fused, CPU, m) {
+  m.impl("fadafactor_phase_s", &phase_s_cpu);
+  m.impl("fadafactor_phase_a", &phase_a_cpu);
+  m.impl("fadafactor_phase_b", &phase_b_cpu);
+}
+
+}  // namespace fadam
