@@ -591,10 +591,8 @@ def _compile_report(arch):
 def test_kernels_compile_for_sm80_sm90_without_spills():
     """Every specialization the optimizer can launch (the whole product: 144 per arch) compiles
     for sm_80 and sm_90 (Triton's compiler, no GPU), and the bundled `ptxas -v` reports no spill
-    stores; the aligned float32 path of p = 0.5 (the default) uses 128-bit loads. The p != 0.5
-    path calls libdevice's accurate powf, a real function call whose saved registers spilled
-    8-16 bytes in 3 specializations with 512-element tiles; it takes 256-element tiles (2 floats,
-    a 64-bit load, per thread) instead: see POW_BLOCK in triton_kernels/_ops.py. Compilation runs
+    stores; the aligned float32 path of p = 0.5 (the default) uses 128-bit loads. The tile sizes
+    that keep it so: [note: Triton tuning constants] in triton_kernels/_ops.py. Compilation runs
     in subprocesses (the kernels here are interpreter functions), one per arch in parallel:
     about 2 minutes."""
     with ThreadPoolExecutor(2) as pool:

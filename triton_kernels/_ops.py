@@ -205,7 +205,11 @@ def _check_tensors(op, ops: _Operands, partials, chunk_size) -> None:
 # _CACHE_ENTRIES, where eviction is safe (the caching allocators order any reuse of their memory
 # after the launches already queued), and are also released when their steps die. Gradients are
 # not owners: the default zero_grad() frees them every step and backward brings them back, usually
-# at the same addresses, where the table is found again.
+# at the same addresses, where the table is found again. Capture after a warm-up step (as torch
+# asks of any captured code): a table first built during capture allocates pinned memory there.
+# The CUDA kernels (csrc/cuda/fadam_cuda.cu) have no such table: they pass theirs by value in the
+# kernel parameters (__grid_constant__ Args), which a graph copies into its kernel node at
+# capture, so nothing of a launch has to outlive it.
 
 
 class _Table:
