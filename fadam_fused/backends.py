@@ -13,6 +13,7 @@ tensors ([note: one CUDA source, two compilers] in csrc/cuda/launch.h).
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -55,7 +56,9 @@ def _triton_module():
     """fadam_fused.triton_kernels, or the reason it cannot be imported."""
     try:
         try:
-            from . import triton_kernels
+            # import_module, not `from . import`: that turns a missing submodule into a plain
+            # ImportError ("cannot import name"), and the source-tree fallback never ran.
+            triton_kernels = importlib.import_module(f"{__package__}.triton_kernels")
         except ModuleNotFoundError as exc:
             if exc.name != f"{__package__}.triton_kernels":
                 raise
