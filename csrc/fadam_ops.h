@@ -178,6 +178,8 @@ inline HostScalars host_scalars(const char* op, const at::Device& device, double
   s.one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(s.beta1));
   s.weight_decay = static_cast<float>(weight_decay);
   return s;
+}
+
 // How phase S of FAdafactor cuts a factored tensor: the C++ twin of op_contract.factor_tile()
 // ([note: the FAdafactor op contract] in fadam_fused/op_contract.py). The tensor is `batch`
 // matrices of rows x cols, cut into tiles of tile_rows x tile_cols.
