@@ -16,7 +16,7 @@ BENCH_DEPS := $(VENV)/.bench-deps-stamp
 BUILT  := $(VENV)/.build-stamp
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (tests/test_triton.py).
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (tests/test_triton_ops.py).
 export TRITON_INTERPRET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 0 || echo 1)
 # HIP-CPU beside the repository (CI clones shared/ next to it): the build then adds the emulated
 # CUDA kernels, fadam_fused._C_cuda_emulated, that tests/test_cuda_emulated.py runs on CPU tensors
@@ -59,8 +59,8 @@ $(BUILT): $(DEPS) $(SOURCES)
 # next `make test` or `make bench` rebuilds for TORCH_CUDA_ARCH_LIST as usual.
 GPU_CC = $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1)
 GPU_ARCHS = $(shell printf '8.0\n9.0\n$(GPU_CC)\n' | grep . | sort -u | paste -sd ';' -)
-GPU_TESTS := tests/test_cuda.py tests/test_cuda_build.py tests/test_triton.py \
-             tests/test_triton_optimizer.py tests/test_optimizer_api.py
+GPU_TESTS := tests/test_cuda.py tests/test_cuda_build.py tests/test_triton_ops.py \
+             tests/test_triton_optimizer.py tests/test_optimizer_api.py tests/test_sharded.py
 GPU_OUT := bench/results
 
 gpu-check: $(BENCH_DEPS)
