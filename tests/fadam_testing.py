@@ -75,14 +75,29 @@ def _snapshot(params, state) -> Snapshot:
                     [get(p, "fim") for p in params], steps)
 
 
+def make_optimizer(params, backend: str, groups=None, **hyper) -> FAdam:
+    """FAdam(backend=...) over `params`; `groups` is a list of (indices, overrides) pairs."""
+    if groups is None:
+        return FAdam(params, backend=backend, **hyper)
+    return FAdam([{"params": [params[i] for i in idx], **over} for idx, over in groups],
+                 backend=backend, **hyper)
+
+
+def op_inputs(dtype, shapes, seed=0):
+    """Random params, grads, fims, momentums and steps (t = 3) for direct op calls."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    fims = [torch.rand(s, generator=gen) + 0.5 for s in shapes]
+    moms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    steps = [torch.tensor(3.0) for _ in shapes]
+    return params, grads, fims, moms, steps
+
+
 def run_optimizer(problem: Problem, backend: str, groups=None, lr_schedule=None, **hyper):
     """Trajectory of FAdam(backend=...). `groups` is a list of (indices, overrides) pairs."""
     params = [torch.nn.Parameter(t.clone()) for t in problem.init]
-    if groups is None:
-        opt = FAdam(params, backend=backend, **hyper)
-    else:
-        opt = FAdam([{"params": [params[i] for i in idx], **over} for idx, over in groups],
-                    backend=backend, **hyper)
+    opt = make_optimizer(params, backend, groups, **hyper)
     snaps = []
     for k, row in enumerate(problem.grads):
         if lr_schedule is not None:

@@ -6,17 +6,13 @@ import pytest
 import torch
 
 from fadam_fused import FAdam, reference
+from fadam_testing import op_inputs
 
 CHUNK = 64  # a tiny chunk so a few hundred elements span several slots
 
 
 def _group(dtype=torch.float32, shapes=((300,), (5, 7), (64,), (0,)), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    fims = [torch.rand(s, generator=gen) + 0.5 for s in shapes]
-    moms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
-    steps = [torch.tensor(3.0) for _ in shapes]
+    params, grads, fims, moms, steps = op_inputs(dtype, shapes, seed)
     n_slots = sum(max(1, math.ceil(math.prod(s) / CHUNK)) for s in shapes)
     partials = torch.zeros(n_slots, 2, dtype=torch.float64)
     return params, grads, fims, moms, steps, partials

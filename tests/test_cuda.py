@@ -20,7 +20,8 @@ import torch
 
 from fadam_fused import FAdam, _ext, backends, reference
 from fadam_testing import (Problem, Snapshot, assert_groups_and_lr_schedule_match_oracle,
-                           assert_trajectories_close, make_problem, run_optimizer, run_oracle64)
+                           assert_trajectories_close, make_optimizer, make_problem, run_optimizer,
+                           run_oracle64)
 from test_cpu_parity import CASES
 
 pytestmark = [
@@ -65,11 +66,7 @@ def run_on(problem: Problem, backend: str | None, device=DEV, groups=None, lr_sc
     if params is None:
         params = [torch.nn.Parameter(t.clone().to(device)) for t in problem.init]
     if opt is None:
-        if groups is None:
-            opt = FAdam(params, backend=backend, **hyper)
-        else:
-            opt = FAdam([{"params": [params[i] for i in idx], **over} for idx, over in groups],
-                        backend=backend, **hyper)
+        opt = make_optimizer(params, backend, groups, **hyper)
     snaps = []
     end = problem.steps if steps is None else start + steps
     for k in range(start, end):

@@ -1,4 +1,4 @@
-"""Checks of the CUDA build that run without a GPU (issue 4).
+"""Checks of the CUDA build that run without a GPU.
 
 1. The built extension (fadam_fused/_C*.so) holds the FAdam kernels for sm_80 and sm_90, and none
    of them uses local memory: `cuobjdump -res-usage` reports STACK:0 and LOCAL:0 (a register spill

@@ -26,7 +26,7 @@ import torch
 
 from fadam_fused import FAdam, _ext, backends, op_contract, reference
 from fadam_testing import (assert_groups_and_lr_schedule_match_oracle, assert_trajectories_close,
-                           make_problem, run_optimizer, run_oracle64)
+                           make_problem, op_inputs, run_optimizer, run_oracle64)
 from test_cpu_parity import CASES
 from test_cuda import _snapshot_cpu, assert_snaps_equal, run_on
 
@@ -212,16 +212,6 @@ def test_unaligned_storage_gives_the_same_bits(dtype, cuda_chunk):
     assert_snaps_equal(aligned, snaps)
 
 
-def _direct_group(dtype, shapes, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    fims = [torch.rand(s, generator=gen) + 0.5 for s in shapes]
-    moms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
-    steps = [torch.tensor(3.0) for _ in shapes]
-    return params, grads, fims, moms, steps
-
-
 def _kw(chunk, clip):
     a = dict(beta2=0.999, eps=1e-8, p=0.5, clip=clip, maximize=False, chunk_size=chunk)
     b = dict(a, lr=1e-2, beta1=0.9, weight_decay=1e-2)
@@ -244,7 +234,7 @@ def _direct_step(group, fuse, chunk=CHUNK, clip=0.5):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fuse_one_chunk_does_not_change_bits(dtype):
     shapes = [(4096,), (4097,), (1,), (0,), (9000,)]
-    a = _direct_group(dtype, shapes)
+    a = op_inputs(dtype, shapes)
     b = [[t.clone() for t in lst] for lst in a]
     _, skip_a = _direct_step(a, fuse=True, chunk=4096)
     _, skip_b = _direct_step(b, fuse=False, chunk=4096)
@@ -256,7 +246,7 @@ def test_fuse_one_chunk_does_not_change_bits(dtype):
 
 def test_phase_a_slots_match_the_oracle_and_fused_slots_are_untouched():
     chunk = 1024
-    group = _direct_group(torch.float32, [(3000,), (10,)])
+    group = op_inputs(torch.float32, [(3000,), (10,)])
     params, grads, fims, _, steps = group
     partials = torch.full((3 + 1, 2), float("nan"), dtype=torch.float64)
     skip = torch.zeros(())
@@ -279,7 +269,7 @@ def test_phase_a_slots_match_the_oracle_and_fused_slots_are_untouched():
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_clip_off_phase_a_writes_no_slot_and_still_checks_gradients(fuse):
-    group = _direct_group(torch.float32, [(3000,), (10,), (0,)])
+    group = op_inputs(torch.float32, [(3000,), (10,), (0,)])
     before = [t.clone() for t in group[0]]
     partials, skip = _direct_step(group, fuse=fuse, chunk=1024, clip=0.0)
     assert torch.isnan(partials).all() and float(skip) == 0.0
@@ -389,7 +379,7 @@ def test_grad_scaler_found_inf_skips():
                          ids=["int64", "float16", "two-elements"])
 @pytest.mark.parametrize("op", ["fadam_phase_b", "cuda_emulated_phase_b"])
 def test_lr_tensor_rule(op, lr_tensor):
-    group = _direct_group(torch.float32, [(10,)])
+    group = op_inputs(torch.float32, [(10,)])
     params, grads, fims, moms, steps = group
     frozen = [[t.clone() for t in lst] for lst in group]
     partials = torch.zeros((1, 2), dtype=torch.float64)
