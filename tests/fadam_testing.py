@@ -83,14 +83,14 @@ def make_optimizer(params, backend: str, groups=None, **hyper) -> FAdam:
                  backend=backend, **hyper)
 
 
-def op_inputs(dtype, shapes, seed=0):
+def op_inputs(dtype, shapes, seed=0, device="cpu"):
     """Random params, grads, fims, momentums and steps (t = 3) for direct op calls."""
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    fims = [torch.rand(s, generator=gen) + 0.5 for s in shapes]
-    moms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
-    steps = [torch.tensor(3.0) for _ in shapes]
+    params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    fims = [(torch.rand(s, generator=gen) + 0.5).to(device) for s in shapes]
+    moms = [(torch.randn(s, generator=gen) * 0.1).to(device) for s in shapes]
+    steps = [torch.tensor(3.0, device=device) for _ in shapes]
     return params, grads, fims, moms, steps
 
 

@@ -20,8 +20,8 @@ import torch
 
 from fadam_fused import FAdam, _ext, backends, reference
 from fadam_testing import (Problem, Snapshot, assert_groups_and_lr_schedule_match_oracle,
-                           assert_trajectories_close, make_optimizer, make_problem, run_optimizer,
-                           run_oracle64)
+                           assert_trajectories_close, make_optimizer, make_problem, op_inputs,
+                           run_optimizer, run_oracle64)
 from test_cpu_parity import CASES
 
 pytestmark = [
@@ -221,17 +221,6 @@ def test_unaligned_storage_gives_the_same_bits(dtype):
     assert_snaps_equal(aligned, snaps)
 
 
-def _direct_group(dtype, shapes, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    mk = lambda s, f: f(s).to(DEV)  # noqa: E731
-    params = [mk(s, lambda s: torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-    grads = [mk(s, lambda s: torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-    fims = [mk(s, lambda s: torch.rand(s, generator=gen) + 0.5) for s in shapes]
-    moms = [mk(s, lambda s: torch.randn(s, generator=gen) * 0.1) for s in shapes]
-    steps = [torch.tensor(3.0, device=DEV) for _ in shapes]
-    return params, grads, fims, moms, steps
-
-
 A_KW = dict(beta2=0.999, eps=1e-8, p=0.5, clip=0.5, maximize=False, chunk_size=65536)
 B_KW = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, p=0.5, clip=0.5, weight_decay=1e-2,
             maximize=False, chunk_size=65536)
@@ -253,7 +242,7 @@ def _direct_step(group, fuse):
 def test_fuse_one_chunk_does_not_change_bits(dtype):
     # A one-chunk tensor's total is its single slot plus exact zeros either way.
     shapes = [(65536,), (4097,), (1,), (0,), (70_000,)]
-    a = _direct_group(dtype, shapes)
+    a = op_inputs(dtype, shapes, device=DEV)
     b = [[t.clone() for t in lst] for lst in a]
     _, skip_a = _direct_step(a, fuse=True)
     _, skip_b = _direct_step(b, fuse=False)
@@ -265,7 +254,7 @@ def test_fuse_one_chunk_does_not_change_bits(dtype):
 
 def test_phase_a_slots_match_the_oracle_and_fused_slots_are_untouched():
     shapes = [(200_000,), (10,)]
-    group = _direct_group(torch.float32, shapes)
+    group = op_inputs(torch.float32, shapes, device=DEV)
     params, grads, fims, _, steps = group
     n_slots = 4 + 1
     partials = torch.full((n_slots, 2), float("nan"), dtype=torch.float64, device=DEV)
