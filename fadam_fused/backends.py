@@ -11,6 +11,7 @@ fadam_fused.reference, one tensor at a time.
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -53,7 +54,9 @@ def _triton_module():
     """fadam_fused.triton_kernels, or the reason it cannot be imported."""
     try:
         try:
-            from . import triton_kernels
+            # import_module, not `from . import`: that turns a missing submodule into a plain
+            # ImportError ("cannot import name"), and the source-tree fallback never ran.
+            triton_kernels = importlib.import_module(f"{__package__}.triton_kernels")
         except ModuleNotFoundError as exc:
             if exc.name != f"{__package__}.triton_kernels":
                 raise

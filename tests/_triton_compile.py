@@ -1,12 +1,19 @@
-"""Ahead-of-time compilation of the Triton kernels for GPU targets, without a GPU.
+"""What the compiled (not interpreted) Triton kernels become, checked without a GPU. Run by
+tests/test_triton_ops.py in subprocesses without TRITON_INTERPRET: compilation and wrap_triton need
+the JITFunctions, which the interpreted kernels of the test process are not.
 
-Each specialization is described by the launch arguments the host code (triton_kernels/_ops.py)
-passes; the signature and the alignment attributes are derived from them with Triton's own
-specialization function, so what is compiled here is what the JIT would compile at that launch.
-`ptxas -v` (bundled with the triton wheel) then reports registers and spills.
+Compilation for sm_80 / sm_90: each specialization is described by the launch arguments the host
+code (triton_kernels/_ops.py) passes; the signature and the alignment attributes are derived from
+them with Triton's own specialization function, so what is compiled here is what the JIT would
+compile at that launch. `ptxas -v` (bundled with the triton wheel) then reports registers and
+spills.
 
-Run as a script to print the register / spill table of every specialization:
-    .venv/bin/python tests/_triton_compile.py [--all]
+torch.compile (--trace): one FAdam step of the two ops traced the way AOTAutograd does (FakeTensors
+on a fake CUDA device under FunctionalTensorMode), printing the Triton kernel calls the graph holds.
+
+    .venv/bin/python tests/_triton_compile.py [--all]      # the register / spill table
+    .venv/bin/python tests/_triton_compile.py --json [--all] [--arch=80]
+    .venv/bin/python tests/_triton_compile.py --trace
 """
 
 from __future__ import annotations
@@ -27,9 +34,20 @@ ARCHS = (80, 90)
 
 
 def _tk():
-    from _triton_helpers import triton_kernels
+    """fadam_fused.triton_kernels, imported the way the optimizer imports it (installed, or from
+    ./triton_kernels in a source checkout: fadam_fused.backends)."""
+    from fadam_fused import backends
 
-    return triton_kernels()
+    module, reason = backends._triton_module()
+    if module is None:
+        raise ImportError(reason)
+    return module
+
+
+def _chunk():
+    from fadam_fused import op_contract
+
+    return op_contract.CHUNK_SIZE["triton"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,27 +66,24 @@ def launch_args(phase, dtype=torch.float32, aligned=True, sqrt=True, gscale=Fals
     t32 = lambda: torch.zeros(4, dtype=torch.float32)  # noqa: E731
     if table:
         operands = dict(meta=torch.zeros(64, dtype=torch.int64), n_tensors=300, p_in=None,
-                        g_in=None, f_in=None, step_in=None, numel_in=0, slot_in=0)
-        if phase == "B":
-            operands["m_in"] = None
+                        g_in=None, f_in=None, step_in=None, m_in=None, numel_in=0, slot_in=0)
     else:
         x = lambda dt: torch.zeros(64, dtype=dt)  # noqa: E731
         operands = dict(meta=None, n_tensors=0, p_in=x(dtype), g_in=x(dtype),
                         f_in=x(torch.float32), step_in=torch.zeros((), dtype=torch.float32),
-                        numel_in=4097, slot_in=3)
-        if phase == "B":
-            operands["m_in"] = x(torch.float32)
+                        m_in=x(torch.float32) if phase == "B" else None, numel_in=4097,
+                        slot_in=3)
     common = dict(partials=torch.zeros(8, 2, dtype=torch.float64), skip=t32(),
                   gscale=t32() if gscale else None)
     consts = dict(DTYPE=_tl_dtypes()[dtype], HAS_GSCALE=gscale, SQRT=sqrt,
                   ALIGNED=aligned and table, TABLE=table, INTERPRET=False,
                   BLOCK=ops.block_for(0.5 if sqrt else 0.75))
     if phase == "A":
-        scalars = dict(beta2=0.999, p=0.5, eps_p=1e-8, sign=1.0, chunk_size=ops.CHUNK_SIZE,
-                       fuse_one_chunk=True)
+        scalars = dict(beta2=0.999, p=0.5, eps_p=1e-8, clip=1.0, sign=1.0,
+                       chunk_size=_chunk(), fuse_one_chunk=True)
         return dict(**operands, **common, **scalars, **consts), tk._kernels._phase_a_kernel
     scalars = dict(lr=1e-3, beta1=0.9, omb1=0.1, beta2=0.999, eps_p=1e-8, p=0.5, clip=1.0, wd=1e-3,
-                   sign=1.0, chunk_size=ops.CHUNK_SIZE, fuse_one_chunk=True)
+                   sign=1.0, chunk_size=_chunk(), fuse_one_chunk=True)
     lr_ptr = None if lr is None else torch.zeros(1, dtype=lr)
     return (dict(**operands, **common, lr_ptr=lr_ptr, **scalars, **consts, HAS_LR=lr is not None,
                  SLOT_BLOCK=ops.SLOT_BLOCK), tk._kernels._phase_b_kernel)
@@ -184,46 +199,71 @@ def describe(phase, spec):
     return " ".join(parts)
 
 
-def _key_spec(spec):
-    return dict(spec)
-
-
 def has_v4_loads(ptx):
     """128-bit (or wider) global loads: ld.global.v4.b32 / .v4.f32, or .v2.b64."""
     return re.search(r"ld\.global(\.\w+)*\.(v4|v8)\.|ld\.global(\.\w+)*\.v2\.(b|f|u|s)64", ptx) is not None
 
 
-def ci_specializations():
-    """The set the test compiles (kept small for CI: about 10 s per arch on a warm cache, 25 s
-    cold): the default launch of both kernels in float32 aligned (the 128-bit load check) and
-    float16 unaligned, the heaviest variant (pow path, grad_scale, float64 lr tensor) in bfloat16,
-    and the per-tensor (torch.compile) launch. Between them every constexpr takes each of its
-    values; the script's --all compiles the whole product."""
-    out = []
-    for phase in "AB":
-        heavy = dict(sqrt=False, gscale=True, **({"lr": torch.float64} if phase == "B" else {}))
-        out += [(phase, dict(dtype=torch.float32, aligned=True)),
-                (phase, dict(dtype=torch.float16, aligned=False)),
-                (phase, dict(dtype=torch.bfloat16, aligned=True, **heavy)),
-                (phase, dict(dtype=torch.float32, aligned=False, table=False, **heavy))]
-    return out
+# ---- torch.compile's trace ----------------------------------------------------------------------
+
+def trace():
+    """The Triton kernel calls in the AOTAutograd graph of one step over tensors of 2 chunks,
+    1 fused chunk and none: [{grid, table, numel}]."""
+    from functorch.compile import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tk, chunk = _tk(), _chunk()
+    shapes = [(chunk + 4464,), (10,), (0,)]
+
+    def step(params, grads, fims, moms, steps, partials, skip, lr_tensor):
+        tk.phase_a(params, grads, fims, steps, partials, skip, None, beta2=0.999, eps=1e-8,
+                   p=0.5, clip=1.0, maximize=False, chunk_size=chunk, fuse_one_chunk=True)
+        tk.phase_b(params, grads, fims, moms, steps, partials, skip, None, lr_tensor, lr=0.0,
+                   beta1=0.9, beta2=0.999, eps=1e-8, p=0.5, clip=1.0, weight_decay=1e-3,
+                   maximize=False, chunk_size=chunk, fuse_one_chunk=True)
+
+    graphs = []
+
+    def fw_compiler(gm, _inputs):
+        graphs.append(gm)
+        return gm
+
+    with FakeTensorMode():
+        mk = lambda: [torch.zeros(s, device="cuda") for s in shapes]  # noqa: E731
+        params, grads, fims, moms = mk(), mk(), mk(), mk()
+        steps = [torch.ones((), device="cuda") for _ in shapes]
+        partials = torch.zeros(4, 2, dtype=torch.float64, device="cuda")
+        skip = torch.zeros(1, device="cuda")
+        lr = torch.full((), 1e-3, device="cuda")
+        aot_function(step, fw_compiler=fw_compiler)(params, grads, fims, moms, steps, partials,
+                                                    skip, lr)
+    nodes = [n for n in graphs[0].graph.nodes
+             if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]
+    return [{"grid": [list(g) for g in n.kwargs["grid"]],
+             "table": n.kwargs["kwargs"].get("TABLE"),
+             "numel": n.kwargs["kwargs"].get("numel_in")} for n in nodes]
 
 
 def _main(argv):
-    sys.path.insert(0, str(Path(__file__).parent))
+    root = str(Path(__file__).resolve().parent.parent)  # a source checkout: fadam_fused
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if "--trace" in argv:
+        print(json.dumps(trace()))
+        return
     full = "--all" in argv or os.environ.get("FADAM_TRITON_COMPILE_ALL") == "1"
     archs = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--arch=")] or list(ARCHS)
-    specs = specializations(full) if full or "--json" not in argv else ci_specializations()
+    specs = specializations(full)
     if "--json" in argv:
         rows = []
         for arch in archs:
             for phase, spec in specs:
-                regs, st, ld, _ = ptxas_stats(phase, arch, **_key_spec(spec))
+                regs, st, ld, _ = ptxas_stats(phase, arch, **spec)
                 rows.append(dict(arch=arch, kernel=describe(phase, spec), registers=regs,
                                  spill_stores=st, spill_loads=ld,
                                  dtype=str(spec.get("dtype", torch.float32)).replace("torch.", ""),
                                  aligned=spec.get("aligned", True) and spec.get("table", True),
-                                 v4_loads=has_v4_loads(compile_ptx(phase, arch, **_key_spec(spec)))))
+                                 v4_loads=has_v4_loads(compile_ptx(phase, arch, **spec))))
         print(json.dumps(rows))
         return
     print("| kernel / specialization | " + " | ".join(f"sm_{a} regs | sm_{a} spill st/ld (B)"
@@ -232,9 +272,9 @@ def _main(argv):
     for phase, spec in specs:
         cells = []
         for arch in archs:
-            regs, st, ld, _ = ptxas_stats(phase, arch, **_key_spec(spec))
+            regs, st, ld, _ = ptxas_stats(phase, arch, **spec)
             cells += [str(regs), f"{st}/{ld}"]
-        v4 = has_v4_loads(compile_ptx(phase, archs[-1], **_key_spec(spec)))
+        v4 = has_v4_loads(compile_ptx(phase, archs[-1], **spec))
         print(f"| {describe(phase, spec)} | " + " | ".join(cells) + f" | {'yes' if v4 else 'no'} |")
 
 

@@ -1,12 +1,15 @@
 """FAdam(backend="triton") through the optimizer, on CPU tensors in Triton's interpreter.
 
-tests/test_triton.py drives the Triton ops directly; this file checks the optimizer wiring: the
-backend choice, the step runner (steps, skip, GradScaler state) and checkpoints across backends.
+tests/test_triton_ops.py drives the Triton ops directly; this file checks the optimizer wiring: the
+backend choice, the step runner (steps, skip, GradScaler state), clipping off, non-finite
+parameters, checkpoints across backends and the lifetime of the launch tables.
 Sizes stay small: the interpreter runs a 65536-element chunk in about a second.
 """
 
+import gc
 import io
 import os
+import weakref
 
 import torch
 
@@ -20,8 +23,9 @@ from fadam_testing import (assert_groups_and_lr_schedule_match_oracle,  # noqa: 
                            assert_trajectories_close, make_problem, run_optimizer, run_oracle64)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
-                                reason=str(backends.unavailable_reason("triton", DEVICE)))
+# numpy warns about the NaN / inf parameters fed in on purpose.
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
+                                reason=str(backends.unavailable_reason("triton", DEVICE)))]
 SHAPES = [(0,), (1,), (4097,), (3, 7), (70_000,)]  # 70000 elements: two chunks, phase-A slots
 
 
@@ -47,6 +51,79 @@ def test_triton_optimizer_skips_nonfinite_step_bit_identical():
     after = [t.clone() for p in params for t in [p.detach(), *opt.state[p].values()]]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert float(opt.skipped_steps) == 1.0
+
+
+def test_triton_optimizer_clipping_off_matches_oracle():
+    # clip=None: phase A only checks the gradients and phase B reads no slot (s1 = s2 = 1); the
+    # gradients' x3 steps would be clipped with clip=1 (tests/test_triton_ops.py has clip=0).
+    problem = make_problem(shapes=SHAPES, steps=3, no_grad=(1,))
+    fast, _, _ = run_optimizer(problem, "triton", lr=1e-2, clip=None, weight_decay=0.1)
+    assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2, clip=None, weight_decay=0.1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_triton_nonfinite_parameter_stays_in_its_element(bad):
+    # A NaN or inf in a parameter does not skip the step: its tensor's RMS(w) counts as infinite,
+    # so that tensor's clipped weight decay is 0 for the step and the NaN stays in its element
+    # (docs/design.md, section 6). Element 70000 - 5 sits in the second chunk's slot; the oracle
+    # does the same in float64.
+    problem = make_problem(shapes=SHAPES, steps=2)
+    problem.init[4][70_000 - 5] = bad
+    problem.init[2][3] = bad  # a tensor done in phase B alone
+    fast, params, opt = run_optimizer(problem, "triton", lr=1e-2, weight_decay=0.5)
+    ref64 = run_oracle64(problem, lr=1e-2, weight_decay=0.5)
+    assert float(opt.skipped_steps) == 0.0
+    for i in (2, 4):
+        a, r = fast[-1].params[i], ref64[-1].params[i]
+        assert torch.equal(a.isnan(), r.isnan()) and int(a.isnan().sum()) == 1
+        fast[-1].params[i], ref64[-1].params[i] = a.nan_to_num(0.0), r.nan_to_num(0.0)
+    assert_trajectories_close(fast[-1:], ref64[-1:])
+
+
+def _tables_of(opt, cache):
+    """The keys of the launch tables that serve `opt`'s step tensors."""
+    steps = {s["step"].data_ptr() for s in opt.state.values()}
+    return {key for key in (*cache.lru, *cache.captured)
+            if steps & set(key[-1] if key[0] == "A" else key[-2])}
+
+
+def test_captured_tables_live_as_long_as_the_optimizer(monkeypatch):
+    """A CUDA graph that captured a step replays its launch tables ([note: Triton metadata
+    tables] in triton_kernels/_ops.py). With more buckets than the LRU holds, the captured tables
+    stay (same objects, same memory) through eager steps with fresh gradients, and go when the
+    optimizer does, while the parameters live on. Capture is simulated: the interpreter has none."""
+    from fadam_fused.triton_kernels import _ops
+
+    cache = _ops._TABLES
+    monkeypatch.setattr(cache, "entries", 4)
+    capturing = [True]
+    monkeypatch.setattr(_ops, "_capturing", lambda device: capturing[0])
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, generator=gen)) for _ in range(5)]
+    groups = [{"params": [p], "lr": 1e-2 * (i + 1)} for i, p in enumerate(params)]
+    opt = FAdam(groups, backend="triton")  # 5 buckets: 10 tables against an LRU of 4
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref = FAdam([{**g, "params": [q]} for g, q in zip(groups, ref_params)], backend="reference")
+    for k in range(3):
+        grads = [torch.randn(5, generator=gen) for _ in params]
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        if k == 0:
+            capturing[0] = False
+            captured = {key: cache.captured[key] for key in _tables_of(opt, cache)}
+            assert len(captured) == 10
+            memory = {key: t.meta.data_ptr() for key, t in captured.items()}
+    for key, table in captured.items():
+        assert cache.captured[key] is table and table.meta.data_ptr() == memory[key]
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=1e-5)
+    alive = [weakref.ref(t) for t in captured.values()]
+    del opt, captured, table
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+    assert not set(memory) & set(cache.captured)
 
 
 @pytest.mark.parametrize("first,second", [("triton", "cpu"), ("cpu", "triton")])

@@ -1,5 +1,5 @@
 """The FAdam Triton kernels: one @triton.jit helper per piece of the per-element math, and the two
-multi-tensor kernels of the two-phase step (SPEC.md section 3).
+multi-tensor kernels of the two-phase step (docs/design.md, section 3).
 
 [note: FAdam math lives here] (csrc/fadam_math.h) is the C++ twin of the helpers below; they mirror
 it function for function (`_fim_update` = fim_update, `_fisher_denom` = fisher_denom,
@@ -7,9 +7,9 @@ it function for function (`_fim_update` = fim_update, `_fisher_denom` = fisher_d
 Both phases call the same helpers on the same inputs, so the f (and ghat, w) that phase A reduces is
 the f that phase B stores, instruction for instruction.
 
-Precision (STYLE.md point 4): every element is loaded from its storage dtype (float32 / bfloat16 /
-float16 parameters and gradients, float32 fim and momentum) and converted to float32 on load; all
-element math is float32 ("opmath"). Division and sqrt are the IEEE round-to-nearest forms
+Precision (docs/design.md, section 5): every element is loaded from its storage dtype (float32 /
+bfloat16 / float16 parameters and gradients, float32 fim and momentum) and converted to float32 on
+load; all element math is float32 ("opmath"). Division and sqrt are the IEEE round-to-nearest forms
 (tl.div_rn, tl.sqrt_rn): Triton's `/` and tl.sqrt on float32 lower to the approximate PTX
 div.full.f32 / sqrt.approx.f32, which would differ from the C++ kernels by ulps. Step scalars
 (b2hat, the clip scales) are float64, rounded to float32 once per program. Sums of squares
@@ -17,11 +17,12 @@ accumulate in float64: with eps = 1e-30 and an always-zero gradient w is about 1
 overflows float32 (max 3.4e38).
 
 Work decomposition. A group's tensors are cut into chunks of `chunk_size` elements; one program
-(CTA) owns one (tensor, chunk) pair, found through a block map. In the eager path (TABLE=True) the
-program reads its tensor's addresses, numel and first partial-sum slot from one int64 metadata
-tensor (host-built, cached on the device: see _ops.py), so one launch covers any number of
-tensors. Under torch.compile tracing there are no addresses (FakeTensors), so the host calls the same
-kernel per tensor with the tensors themselves as arguments (TABLE=False, program id = chunk).
+(CTA) owns one (tensor, chunk) pair, found by `_program_operands`, the one prologue of both kernels.
+In the eager path (TABLE=True) the program reads its tensor's addresses, numel and first
+partial-sum slot from one int64 metadata tensor ([note: Triton metadata tables] in _ops.py), so one
+launch covers any number of tensors. Under torch.compile tracing there are no addresses
+(FakeTensors), so the host calls the same kernel per tensor with the tensors themselves as
+arguments (TABLE=False, program id = chunk).
 
 Inside a program the chunk is walked in tiles of BLOCK elements: full tiles unmasked, then one
 masked tail tile. The split matters on the GPU: a masked load is only vectorised when the mask is
@@ -41,10 +42,11 @@ from triton.language.extra import libdevice
 # fast-math flags, and it costs one FSETP per element.
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
-# Row layout of the metadata tensor of each kernel: row r, tensor t is meta[r * n_tensors + t];
-# the block map follows the rows, one int64 per program: (tensor index << 32) | chunk index.
-A_P, A_G, A_F, A_STEP, A_NUMEL, A_SLOT, A_ROWS = (tl.constexpr(i) for i in range(7))
-B_P, B_G, B_F, B_M, B_STEP, B_NUMEL, B_SLOT, B_ROWS = (tl.constexpr(i) for i in range(8))
+# Row layout of the metadata tensor, the same in both kernels: row r, tensor t is
+# meta[r * n_tensors + t]; phase B has one more row (momentums) after the six common ones; the
+# block map follows the rows, one int64 per program: (tensor index << 32) | chunk index.
+# _ops._table writes the rows in this order.
+ROW_P, ROW_G, ROW_F, ROW_STEP, ROW_NUMEL, ROW_SLOT, ROW_M = (tl.constexpr(i) for i in range(7))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +107,12 @@ def _fadam_update(theta, m, ghat, w, beta1, omb1, inv_s1, inv_s2, lr, wd):
 @triton.jit
 def _clip_inv_scale(sumsq, numel, clip):
     """1 / max(1, sqrt(sumsq / numel) / clip) in float64. The caller only asks when clip > 0 and
-    numel > 0 (otherwise the scale is 1). A NaN sum (a step that is skipped anyway) gives 1."""
+    numel > 0 (otherwise the scale is 1). A non-finite sum (a NaN or inf in the parameter behind
+    w) means s = inf: 1 / s = 0, so that tensor's clipped weight decay is 0 for the step and the
+    NaN stays in its own element (docs/design.md, section 6). An inf s takes the first branch
+    (1 / inf = 0); a NaN s fails both comparisons."""
     s = tl.sqrt(sumsq / numel.to(tl.float64)) / clip
-    return tl.where(s > 1.0, 1.0 / s, 1.0)
+    return tl.where(s > 1.0, 1.0 / s, tl.where(s <= 1.0, 1.0, 0.0))
 
 
 @triton.jit
@@ -201,12 +206,14 @@ def _to_storage(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """float32 -> the parameter's storage dtype, rounding to nearest even as torch's .to() does.
     On the GPU that is the plain cast (cvt.rn.bf16.f32 / cvt.rn.f16.f32). Triton 3.8's interpreter
     truncates float32 -> bfloat16 instead (its create_fp_trunc passes no rounding mode), so there
-    the rounding is done by hand on the bits: add 0x7FFF plus the lowest kept bit, keep the top 16
-    (inputs are finite here: a step with a non-finite gradient is skipped)."""
+    the rounding is done by hand on the bits: add 0x7FFF plus the lowest kept bit, keep the top 16.
+    A NaN (a NaN parameter stays NaN, docs/design.md section 6) takes the plain cast: the carry
+    could turn its payload into an infinity."""
     if INTERPRET and DTYPE == tl.bfloat16:
         u = x.to(tl.uint32, bitcast=True)
         u = u + 0x7FFF + ((u >> 16) & 1)
         y = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        y = tl.where(x == x, y, x.to(DTYPE))
     else:
         y = x.to(DTYPE)
     return y
@@ -277,11 +284,13 @@ def _sum_slots(partials, first, nslots, SLOT_BLOCK: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
-# The two kernels. Argument conventions:
+# The two kernels. Argument conventions (the same leading operands in both, so one host launch
+# helper serves both: _ops._launch):
 #   TABLE=True:  meta (int64 [ROWS * n_tensors + n_programs]) holds addresses, numels, slots and
 #                the block map; the *_in arguments are None.
 #   TABLE=False: meta is None; the *_in arguments are this one tensor's operands, numel and first
 #                slot; the program id is the chunk index.
+#   m_in is None in phase A (HAS_M=False: it reads no momentum).
 # Scalars: beta2 and clip are float64 (b2hat and the clip scales are float64 step scalars; a float32
 # 0.999 is 0.99900001287 and would shift b2hat); the element-math scalars are float32.
 # ---------------------------------------------------------------------------------------------
@@ -295,33 +304,41 @@ def _pointer(meta, row, n_tensors, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr
     return ptr
 
 
-# n_tensors, numel_in and slot_in are not specialised (Triton would otherwise compile separate
-# variants for the value 1 and for multiples of 16 of each): they only index tables and bound loops.
-@triton.jit(do_not_specialize=["n_tensors", "numel_in", "slot_in"])
-def _phase_a_kernel(
-    meta, n_tensors,
-    p_in, g_in, f_in, step_in, numel_in, slot_in,
-    partials, skip, gscale,
-    beta2: tl.float64, p, eps_p, sign, chunk_size, fuse_one_chunk,
-    DTYPE: tl.constexpr, HAS_GSCALE: tl.constexpr, SQRT: tl.constexpr, ALIGNED: tl.constexpr,
-    TABLE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
-):
+@triton.jit
+def _program_operands(meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in, slot_in,
+                      chunk_size, DTYPE: tl.constexpr, HAS_M: tl.constexpr,
+                      ALIGNED: tl.constexpr, TABLE: tl.constexpr):
+    """The prologue of both kernels: this program's chunk c of its tensor, the operands offset to
+    the chunk's first element, the tensor's numel and first slot, and the chunk's element count n
+    (int32). Without HAS_M the momentum pointer is the fim's (never dereferenced)."""
     pid = tl.program_id(0)
     if TABLE:
-        blk = tl.load(meta + A_ROWS * n_tensors + pid)
+        if HAS_M:
+            blocks = meta + (ROW_M + 1) * n_tensors
+        else:
+            blocks = meta + ROW_M * n_tensors
+        blk = tl.load(blocks + pid)
         t = blk >> 32
         c = blk & 0xFFFFFFFF
-        p_ptr = _pointer(meta, A_P, n_tensors, t, DTYPE, ALIGNED)
-        g_ptr = _pointer(meta, A_G, n_tensors, t, DTYPE, ALIGNED)
-        f_ptr = _pointer(meta, A_F, n_tensors, t, tl.float32, ALIGNED)
-        step_ptr = _pointer(meta, A_STEP, n_tensors, t, tl.float32, False)
-        numel = tl.load(meta + A_NUMEL * n_tensors + t)
-        slot = tl.load(meta + A_SLOT * n_tensors + t)
+        p_ptr = _pointer(meta, ROW_P, n_tensors, t, DTYPE, ALIGNED)
+        g_ptr = _pointer(meta, ROW_G, n_tensors, t, DTYPE, ALIGNED)
+        f_ptr = _pointer(meta, ROW_F, n_tensors, t, tl.float32, ALIGNED)
+        if HAS_M:
+            m_ptr = _pointer(meta, ROW_M, n_tensors, t, tl.float32, ALIGNED)
+        else:
+            m_ptr = f_ptr
+        step_ptr = _pointer(meta, ROW_STEP, n_tensors, t, tl.float32, False)
+        numel = tl.load(meta + ROW_NUMEL * n_tensors + t)
+        slot = tl.load(meta + ROW_SLOT * n_tensors + t)
     else:
         c = pid.to(tl.int64)
         p_ptr = p_in
         g_ptr = g_in
         f_ptr = f_in
+        if HAS_M:
+            m_ptr = m_in
+        else:
+            m_ptr = f_in
         step_ptr = step_in
         numel = numel_in.to(tl.int64)  # i32 below 2^31: numel + chunk_size - 1 would wrap
         slot = slot_in
@@ -331,13 +348,33 @@ def _phase_a_kernel(
     p_ptr += start
     g_ptr += start
     f_ptr += start
+    m_ptr += start
     if ALIGNED:
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         f_ptr = tl.multiple_of(f_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+    return p_ptr, g_ptr, f_ptr, m_ptr, step_ptr, numel, slot, c, n
+
+
+# n_tensors, numel_in and slot_in are not specialised (Triton would otherwise compile separate
+# variants for the value 1 and for multiples of 16 of each): they only index tables and bound loops.
+@triton.jit(do_not_specialize=["n_tensors", "numel_in", "slot_in"])
+def _phase_a_kernel(
+    meta, n_tensors,
+    p_in, g_in, f_in, step_in, m_in, numel_in, slot_in,
+    partials, skip, gscale,
+    beta2: tl.float64, p, eps_p, clip: tl.float64, sign, chunk_size, fuse_one_chunk,
+    DTYPE: tl.constexpr, HAS_GSCALE: tl.constexpr, SQRT: tl.constexpr, ALIGNED: tl.constexpr,
+    TABLE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
+):
+    p_ptr, g_ptr, f_ptr, _m_ptr, step_ptr, numel, slot, c, n = _program_operands(
+        meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in, slot_in, chunk_size,
+        DTYPE, False, ALIGNED, TABLE)
     gmul = _grad_mul(gscale, sign, HAS_GSCALE)
-    if (numel <= chunk_size) & fuse_one_chunk:
-        # Phase B does this tensor alone; phase A only looks for non-finite gradients.
+    if (clip <= 0.0) | ((numel <= chunk_size) & fuse_one_chunk):
+        # Clipping off (no sums at all), or phase B does this one-chunk tensor alone: phase A
+        # only looks for non-finite gradients, reading g alone, and writes no slot.
         bad = _check_chunk(g_ptr, n, gmul, BLOCK)
     else:
         b2hat, omb2 = _fim_coeffs(step_ptr, beta2, INTERPRET)
@@ -354,7 +391,7 @@ def _phase_a_kernel(
 @triton.jit(do_not_specialize=["n_tensors", "numel_in", "slot_in"])
 def _phase_b_kernel(
     meta, n_tensors,
-    p_in, g_in, f_in, m_in, step_in, numel_in, slot_in,
+    p_in, g_in, f_in, step_in, m_in, numel_in, slot_in,
     partials, skip, gscale, lr_ptr,
     lr, beta1, omb1, beta2: tl.float64, eps_p, p, clip: tl.float64, wd, sign,
     chunk_size, fuse_one_chunk,
@@ -364,38 +401,9 @@ def _phase_b_kernel(
 ):
     # A non-finite gradient anywhere in the step (or GradScaler's found_inf): change nothing.
     if tl.load(skip) == 0.0:
-        pid = tl.program_id(0)
-        if TABLE:
-            blk = tl.load(meta + B_ROWS * n_tensors + pid)
-            t = blk >> 32
-            c = blk & 0xFFFFFFFF
-            p_ptr = _pointer(meta, B_P, n_tensors, t, DTYPE, ALIGNED)
-            g_ptr = _pointer(meta, B_G, n_tensors, t, DTYPE, ALIGNED)
-            f_ptr = _pointer(meta, B_F, n_tensors, t, tl.float32, ALIGNED)
-            m_ptr = _pointer(meta, B_M, n_tensors, t, tl.float32, ALIGNED)
-            step_ptr = _pointer(meta, B_STEP, n_tensors, t, tl.float32, False)
-            numel = tl.load(meta + B_NUMEL * n_tensors + t)
-            slot = tl.load(meta + B_SLOT * n_tensors + t)
-        else:
-            c = pid.to(tl.int64)
-            p_ptr = p_in
-            g_ptr = g_in
-            f_ptr = f_in
-            m_ptr = m_in
-            step_ptr = step_in
-            numel = numel_in.to(tl.int64)  # i32 below 2^31: numel + chunk_size - 1 would wrap
-            slot = slot_in
-        start = c * chunk_size
-        n = tl.minimum(numel - start, chunk_size).to(tl.int32)
-        p_ptr += start
-        g_ptr += start
-        f_ptr += start
-        m_ptr += start
-        if ALIGNED:
-            p_ptr = tl.multiple_of(p_ptr, 16)
-            g_ptr = tl.multiple_of(g_ptr, 16)
-            f_ptr = tl.multiple_of(f_ptr, 16)
-            m_ptr = tl.multiple_of(m_ptr, 16)
+        p_ptr, g_ptr, f_ptr, m_ptr, step_ptr, numel, slot, c, n = _program_operands(
+            meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in, slot_in, chunk_size,
+            DTYPE, True, ALIGNED, TABLE)
         gmul = _grad_mul(gscale, sign, HAS_GSCALE)
         b2hat, omb2 = _fim_coeffs(step_ptr, beta2, INTERPRET)
         if HAS_LR:
@@ -404,6 +412,7 @@ def _phase_b_kernel(
             lr_v = lr
         inv_s1 = tl.full([], 1.0, tl.float64)
         inv_s2 = tl.full([], 1.0, tl.float64)
+        # Clipping off: no slot is read and a one-chunk tensor takes a single pass (s1 = s2 = 1).
         if clip > 0.0:
             if (numel <= chunk_size) & fuse_one_chunk:
                 # One-chunk tensor done in this one program: phase A's reduction first, then the

@@ -1,17 +1,15 @@
-"""Host side of the Triton backend: input checks, the cached device metadata, the launches, and the
-torch.library registration of fadam_fused::triton_phase_a / triton_phase_b.
+"""Host side of the Triton backend: input checks, the device metadata tables, the one launch helper,
+and the torch.library registration of fadam_fused::triton_phase_a / triton_phase_b.
 
-The argument contract is [note: the two-phase op contract] in csrc/fadam_ops.h; these ops implement
-it exactly, like the C++ fadam_phase_a / fadam_phase_b.
+The ops implement [note: the two-phase op contract] (fadam_fused/op_contract.py) exactly, like the
+C++ fadam_phase_a / fadam_phase_b: the same schemas, chunk and slot arithmetic, and host step
+scalars (op_contract.host_scalars, the Python twin of the C++ helper, so every backend rounds
+alike).
 
 Eager path (real tensors): ONE launch per phase per call, whatever the number of tensors. The
 program-to-(tensor, chunk) map and the per-tensor addresses / numels / first slots live in one int64
-tensor on the device, built on the host and cached by everything it encodes (the addresses and
-numels of every operand, the chunk size, the fuse flag). A steady-state step, where the same
-tensors come back, finds it in the cache: no host-to-device copy, no allocation, no sync. When the
-list changes (new parameters, grads re-allocated at other addresses) the table is rebuilt, copied
-once from pinned memory with non_blocking=True, and the launch is queued behind that copy on the
-stream.
+tensor on the device ([note: Triton metadata tables] below). A steady-state step, where the same
+tensors come back, finds it built: no host-to-device copy, no allocation, no sync.
 
 Traced path (torch.compile: FakeTensor / FunctionalTensor arguments, no addresses): the same kernels
 with TABLE=False, one launch per tensor per phase, taking the tensors as arguments so Inductor sees
@@ -23,9 +21,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import struct
+import dataclasses
 import threading
-from typing import Optional
+import weakref
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -35,38 +34,27 @@ from .. import op_contract
 from ..backends import is_dense
 
 # [note: Triton tuning constants]
-# CHUNK_SIZE = 65536 elements per program, as the C++ kernels (csrc/fadam_math.h
-# kDefaultChunkSize, PyTorch's MultiTensorApply chunk). Why not smaller: every phase-B program of a
-# multi-chunk tensor re-sums all of that tensor's slots (16 B each) from L2. For a 100M-element
-# float32 tensor that is 1526 slots = 24 KiB per program against the program's own 64K x 28 B =
-# 1.8 MB of element traffic (1.3%); the ratio grows 4x with every halving of the chunk (twice the
-# slots, half the elements). Why not larger: a one-chunk tensor is fused (both phases in one
-# program) and its second pass re-reads 64K x 12 B = 768 KiB, which must still be in L2 (40-50 MB
-# on A100/H100), and fewer, longer programs balance worse over 108-132 SMs. It must be a multiple
-# of 8 elements (16 bytes of a 2-byte dtype) for the ALIGNED path; 65536 is.
-CHUNK_SIZE = 65536
+# The chunk is op_contract.CHUNK_SIZE["triton"] (65536, as the CUDA kernels). Every phase-B program
+# of a multi-chunk tensor re-sums all of that tensor's slots (16 B each) from L2: for a
+# 100M-element float32 tensor 1526 slots = 24 KiB per program against its own 64K x 28 B = 1.8 MB
+# of element traffic (1.3%), a ratio that grows 4x with every halving of the chunk. It must be a
+# multiple of 8 elements (16 bytes of a 2-byte dtype) for the ALIGNED path; 65536 is.
 # BLOCK = 512 elements per tile with 4 warps (128 threads): 4 contiguous elements per thread per
-# operand, one 128-bit load per float32 operand per thread per tile, 2 KiB per float32 operand per
-# tile. From the ptxas register counts (README.md), since no GPU was available to sweep: BLOCK =
-# 1024 needed 90-128 registers (phase A's two float64 accumulator vectors are 8 lanes x 2 registers
-# each per thread) and spilled 8 bytes in phase B's bf16 pow variant on sm_80, i.e. at most 4 CTAs
-# = 16 warps per SM; BLOCK = 512 needs 54-72 registers, 8 CTAs = 32 warps per SM, twice the loads
-# in flight for a bandwidth-bound kernel. The p != 0.5 path calls libdevice's accurate powf, a
-# real function call: the registers it saves spilled 8-16 bytes in 3 of the 144 specializations
-# per arch at 512 (tests/_triton_compile.py --all), and 2 warps x 256 spilled too (the same 4
-# floats per thread). POW_BLOCK = 256 on 4 warps: 2 floats (a 64-bit load) per thread, no spill;
-# p = 0.5, the default, keeps 512 and its 128-bit loads.
+# operand, one 128-bit load per float32 operand per thread per tile. ptxas -v (no GPU here to
+# sweep): 1024 needs 90-128 registers and spills on sm_80, at most 4 CTAs = 16 warps per SM; 512
+# needs at most 72, 7-8 CTAs per SM, twice the loads in flight for a bandwidth-bound kernel.
+# POW_BLOCK = 256 for p != 0.5: libdevice's accurate powf is a real call whose saved registers
+# spilled 8-16 bytes in 3 specializations at 512; 256 is 2 floats (a 64-bit load) per thread and
+# spills nothing. tests/_triton_compile.py checks every specialization for spills.
 BLOCK = 512
 POW_BLOCK = 256
 NUM_WARPS = 4
 # Slots summed per iteration of phase B's slot reduction: 2 float64 per thread with 128 threads; a
 # 100M-element tensor (1526 slots at 64K) takes 6 iterations.
 SLOT_BLOCK = 256
-# Metadata tables kept per process (keyed by every address they hold), the oldest dropped first:
-# 2 per (param group, dtype) bucket and step, so 256 holds 128 buckets (e.g. layer-wise lr decay
-# over 48 layers x decay / no decay) without rebuilding every table in every step. A CUDA graph
-# that captured a Triton step reads its tables at replay: keep the number of buckets of all
-# live optimizers under 128 there (the "cuda" backend passes its tables by value instead).
+# Tables no CUDA graph captured, kept per process, the least recently used dropped first: 2 per
+# (param group, dtype) bucket, so 256 hold 128 buckets (e.g. layer-wise lr decay over 48 layers x
+# decay / no decay) without rebuilding every table in every step.
 _CACHE_ENTRIES = 256
 
 
@@ -96,15 +84,39 @@ def _tl_dtype(dtype: torch.dtype):
     return _TL_DTYPE[dtype]
 
 
-def nchunks_of(numel: int, chunk_size: int) -> int:
-    """Slots owned by a tensor of `numel` elements: max(1, ceil(numel / chunk_size))."""
-    return 1 if numel <= chunk_size else (numel + chunk_size - 1) // chunk_size
+@dataclasses.dataclass(frozen=True)
+class _Operands:
+    """The tensor lists of one call, in the kernels' row order. momentums is None in phase A."""
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    fims: Sequence[Tensor]
+    steps: Sequence[Tensor]
+    momentums: Optional[Sequence[Tensor]]
+
+    def lists(self) -> tuple[Sequence[Tensor], ...]:
+        """The pointer rows of the table (ROW_P, ROW_G, ROW_F, ROW_STEP, then ROW_M)."""
+        rows = (self.params, self.grads, self.fims, self.steps)
+        return rows if self.momentums is None else (*rows, self.momentums)
+
+    def of(self, i: int) -> dict[str, Optional[Tensor]]:
+        """Tensor i's operands as the kernels' *_in arguments (the per-tensor launch)."""
+        return dict(p_in=self.params[i], g_in=self.grads[i], f_in=self.fims[i],
+                    step_in=self.steps[i],
+                    m_in=None if self.momentums is None else self.momentums[i])
 
 
-def _f32(x: float) -> float:
-    """x rounded to float32, as the kernel receives it (and as the C++ static_cast<float>).
-    Pure host arithmetic on a Python float: no tensor, no sync."""
-    return struct.unpack("f", struct.pack("f", x))[0]
+_NO_OPERANDS = dict(p_in=None, g_in=None, f_in=None, step_in=None, m_in=None, numel_in=0,
+                    slot_in=0)
+
+
+def _has_program(phase: str, numel: int, chunk_size: int, fuse: bool, clipping: bool) -> bool:
+    """Whether a tensor of `numel` elements gets programs. Phase B has nothing to do on an empty
+    tensor. Phase A gives an empty tensor one program only to write its (zero) slot, which it
+    does when it reduces: clipping on, and the tensor not left to phase B (fuse_one_chunk)."""
+    if numel > 0:
+        return True
+    return phase == "A" and clipping and not fuse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,13 +124,13 @@ def _f32(x: float) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_common(op, params, grads, fims, moms, steps, partials, skip, grad_scale, chunk_size,
-                  lr_tensor=None):
+def _check_common(op, ops: _Operands, partials, skip, grad_scale, chunk_size, lr_tensor=None):
+    params = ops.params
     n = len(params)
-    if not (len(grads) == n and len(fims) == n and len(steps) == n):
+    if not (len(ops.grads) == n and len(ops.fims) == n and len(ops.steps) == n):
         raise ValueError(f"{op}: params, grads, fims and steps must have the same length, got "
-                         f"{n}, {len(grads)}, {len(fims)}, {len(steps)}")
-    if moms is not None and len(moms) != n:
+                         f"{n}, {len(ops.grads)}, {len(ops.fims)}, {len(ops.steps)}")
+    if ops.momentums is not None and len(ops.momentums) != n:
         raise ValueError(f"{op}: momentums must have one tensor per param")
     if chunk_size <= 0:
         raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
@@ -141,22 +153,22 @@ def _check_common(op, params, grads, fims, moms, steps, partials, skip, grad_sca
                            "TRITON_INTERPRET=1 before Triton is imported, or use backend='cpu'")
 
 
-def _check_tensors(op, params, grads, fims, moms, steps, chunk_size):
-    """Per-tensor checks, run when a metadata table is built (a cache hit has the same addresses
-    and numels, so only the dtypes/strides of re-allocated tensors could differ, and those come
-    through the optimizer's own checks)."""
+def _check_tensors(op, ops: _Operands, partials, chunk_size) -> None:
+    """Per-tensor checks, run when a metadata table is built (a table found again has the same
+    addresses and numels, so only the dtypes/strides of re-allocated tensors could differ, and
+    those come through the optimizer's own checks) and once per trace on the traced path."""
+    params = ops.params
     dtype, device = params[0].dtype, params[0].device
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{op}: params must be float32, bfloat16 or float16, got {dtype}")
-    n_slots = 0
     for i, p in enumerate(params):
         if p.device != device or p.dtype != dtype:
             raise ValueError(f"{op}: params[{i}] must share the device and dtype of params[0] "
                              f"({device}, {dtype})")
         if not is_dense(p):
             raise ValueError(f"{op}: params[{i}] must be dense and non-overlapping")
-        for name, lst, want in (("grads", grads, dtype), ("fims", fims, torch.float32),
-                                ("momentums", moms, torch.float32)):
+        for name, lst, want in (("grads", ops.grads, dtype), ("fims", ops.fims, torch.float32),
+                                ("momentums", ops.momentums, torch.float32)):
             if lst is None:
                 continue
             t = lst[i]
@@ -164,14 +176,10 @@ def _check_tensors(op, params, grads, fims, moms, steps, chunk_size):
                     or t.stride() != p.stride()):
                 raise ValueError(f"{op}: {name}[{i}] must be a {want} tensor on {device} with the "
                                  f"sizes and strides of params[{i}]")
-        s = steps[i]
+        s = ops.steps[i]
         if s.device != device or s.dtype != torch.float32 or s.numel() != 1:
             raise ValueError(f"{op}: steps[{i}] must be a one-element float32 tensor on {device}")
-        n_slots += nchunks_of(p.numel(), chunk_size)
-    return n_slots
-
-
-def _check_slots(op, partials, n_slots, chunk_size):
+    n_slots = op_contract.slot_offsets([p.numel() for p in params], chunk_size)[-1]
     if partials.size(0) != n_slots:
         raise ValueError(f"{op}: partials must have {n_slots} rows for chunk_size "
                          f"{chunk_size}, got {partials.size(0)}")
@@ -181,67 +189,117 @@ def _check_slots(op, partials, n_slots, chunk_size):
 # Metadata tables.
 # ---------------------------------------------------------------------------------------------
 
+# [note: Triton metadata tables]
+# One int64 device tensor per (phase, tensor list): rows of addresses (params, grads, fims, steps,
+# [momentums]), numels and first slots, then the block map (_kernels.py, ROW_*). It is built on the
+# host, copied once from pinned memory with non_blocking=True (the launch is queued behind the copy
+# on the stream), and found again by everything it encodes: the addresses and numels of every
+# operand, the phase, dtype, chunk size and the two flags that shape the block map.
+#
+# Lifetime. A kernel reads its table when it runs, and a CUDA graph that captured a launch reads
+# the same device table (and replays the copy from the same pinned buffer) at every replay. So a
+# table used while the current stream is capturing is never evicted: it lives exactly as long as
+# the step tensors it serves (weakref finalizers), i.e. the optimizer state, and is released when
+# the optimizer (or whoever owns the steps) lets them go; a graph replaying it after that would
+# write into freed state anyway. Other tables (nothing captured them) sit in an LRU of
+# _CACHE_ENTRIES, where eviction is safe (the caching allocators order any reuse of their memory
+# after the launches already queued), and are also released when their steps die. Gradients are
+# not owners: the default zero_grad() frees them every step and backward brings them back, usually
+# at the same addresses, where the table is found again.
+
 
 class _Table:
-    __slots__ = ("meta", "host", "n_programs", "n_slots", "aligned")
+    __slots__ = ("meta", "host", "n_programs", "n_slots", "aligned", "finalizers", "__weakref__")
 
     def __init__(self, meta, host, n_programs, n_slots, aligned):
         self.meta = meta          # int64 tensor on the device
-        self.host = host          # its (pinned) source, kept alive until the copy has run
+        self.host = host          # its (pinned) source, which a captured copy reads at replay
         self.n_programs = n_programs
-        self.n_slots = n_slots
+        self.n_slots = n_slots    # rows of partials the call must pass
         self.aligned = aligned
+        self.finalizers: list[weakref.finalize] = []
 
 
-_cache: "collections.OrderedDict[tuple, _Table]" = collections.OrderedDict()
-# Tables built so far (each build is one host-to-device copy); the tests read it.
-stats = {"table_builds": 0}
-_cache_lock = threading.Lock()
+class _TableCache:
+    """The tables of this process: an LRU of uncaptured ones and the captured ones, each released
+    when its step tensors die ([note: Triton metadata tables])."""
+
+    def __init__(self, entries: int):
+        self.entries = entries
+        self.lru: "collections.OrderedDict[tuple, _Table]" = collections.OrderedDict()
+        self.captured: dict[tuple, _Table] = {}
+        self.builds = 0  # tables built so far (one host-to-device copy each); tests read it
+        # Re-entrant: a finalizer may run (a step tensor collected) while this thread holds it.
+        self._lock = threading.RLock()
+
+    def get(self, key: tuple, steps: Sequence[Tensor], build: Callable[[], _Table],
+            capturing: bool) -> _Table:
+        with self._lock:
+            table = self.captured.get(key)
+            if table is None:
+                table = self.lru.get(key)
+                if table is not None:
+                    if capturing:
+                        self.captured[key] = self.lru.pop(key)
+                    else:
+                        self.lru.move_to_end(key)
+            if table is not None:
+                return table
+        table = build()
+        self.builds += 1
+        table.finalizers = [weakref.finalize(s, self._release, key) for s in steps]
+        with self._lock:
+            if capturing:
+                self.captured[key] = table
+            else:
+                self.lru[key] = table
+                while len(self.lru) > self.entries:
+                    self._forget(self.lru.popitem(last=False)[1])
+        return table
+
+    def _release(self, key: tuple) -> None:
+        with self._lock:
+            table = self.captured.pop(key, None) or self.lru.pop(key, None)
+        if table is not None:
+            self._forget(table)
+
+    @staticmethod
+    def _forget(table: _Table) -> None:
+        for fin in table.finalizers:  # the other steps' finalizers would only find nothing
+            fin.detach()
 
 
-def _table(phase, lists, numels, device, dtype, chunk_size, fuse, check):
-    """The cached metadata of one call. `lists` holds the operand lists in row order (steps
-    last); `numels` the params' numels."""
-    ptrs = [[t.data_ptr() for t in lst] for lst in lists]
-    key = (phase, device, dtype, chunk_size, fuse, tuple(numels), *map(tuple, ptrs))
-    with _cache_lock:
-        entry = _cache.get(key)
-        if entry is not None:
-            _cache.move_to_end(key)
-            return entry
-    n_slots = check()
-    stats["table_builds"] += 1
-    n = len(numels)
-    slot, blocks = 0, []
-    slots = []
+_TABLES = _TableCache(_CACHE_ENTRIES)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of `device` is capturing a CUDA graph (tests patch this: the
+    interpreter has no graphs)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _build_table(phase: str, ops: _Operands, ptrs: list[list[int]], numels: list[int],
+                 chunk_size: int, fuse: bool, clipping: bool) -> _Table:
+    slots = op_contract.slot_offsets(numels, chunk_size)
+    blocks = []
     for i, numel in enumerate(numels):
-        nch = nchunks_of(numel, chunk_size)
-        slots.append(slot)
-        slot += nch
-        # Phase A of an empty tensor still writes its (zero) slot unless phase B owns the tensor;
-        # phase B has nothing to do on an empty tensor. A fused one-chunk tensor gets one program
-        # in phase A too (its non-finite check).
-        if numel == 0 and (phase == "B" or fuse):
-            continue
-        blocks.extend((i << 32) | c for c in range(nch))
+        if _has_program(phase, numel, chunk_size, fuse, clipping):
+            blocks.extend((i << 32) | c for c in range(slots[i + 1] - slots[i]))
+    # Rows in the kernels' order: P, G, F, STEP, NUMEL, SLOT, then M (phase B).
+    rows = ptrs[:4] + [numels, slots[:-1]] + ptrs[4:]
+    flat = [v for row in rows for v in row] + blocks
     # Element operands (not the step counters, read as scalars) decide the vectorised path.
-    itemsize = dtype.itemsize
+    itemsize = ops.params[0].dtype.itemsize
     aligned = (chunk_size * itemsize) % 16 == 0 and (chunk_size * 4) % 16 == 0 and all(
-        a % 16 == 0 for lst in ptrs[:-1] for a in lst)
-    flat = [a for lst in ptrs for a in lst] + list(numels) + slots + blocks
-    assert len(flat) == (len(lists) + 2) * n + len(blocks)
+        a % 16 == 0 for i, row in enumerate(ptrs) if i != 3 for a in row)
     host = torch.tensor(flat, dtype=torch.int64)
+    device = ops.params[0].device
     if device.type == "cuda":
         host = host.pin_memory()
         meta = host.to(device, non_blocking=True)
     else:
         meta = host
-    entry = _Table(meta, host, len(blocks), n_slots, aligned)
-    with _cache_lock:
-        _cache[key] = entry
-        while len(_cache) > _CACHE_ENTRIES:
-            _cache.popitem(last=False)
-    return entry
+    return _Table(meta, host, len(blocks), slots[-1], aligned)
 
 
 def _on_device(device: torch.device):
@@ -263,63 +321,83 @@ def _is_traced(tensors) -> bool:
 _FORCE_PER_TENSOR = False
 
 
+def _launch(op: str, phase: str, kernel, ops: _Operands, partials: Tensor, args: dict,
+            consts: dict, *, chunk_size: int, fuse: bool, clipping: bool) -> None:
+    """Launches `kernel` over every (tensor, chunk) of `ops`: one launch through the metadata
+    table, or, while traced (no addresses), one launch per tensor with its tensors as
+    arguments. `args` and `consts` are the kernel's remaining arguments (after the operands)."""
+    from torch.library import wrap_triton
+
+    params = ops.params
+    kernel = wrap_triton(kernel)
+    if _FORCE_PER_TENSOR or _is_traced(params):
+        # Traced tensors have no addresses (so no table), but their dtypes, shapes and strides
+        # are known: they get the table path's checks, once per trace. (Traced launches are
+        # emitted and device-guarded by Inductor.)
+        _check_tensors(op, ops, partials, chunk_size)
+        slot = 0
+        for i, p in enumerate(params):
+            numel = p.numel()
+            if _has_program(phase, numel, chunk_size, fuse, clipping):
+                kernel[(op_contract.nchunks_of(numel, chunk_size),)](
+                    meta=None, n_tensors=0, **ops.of(i), numel_in=numel, slot_in=slot,
+                    partials=partials, **args, **consts, TABLE=False, ALIGNED=False)
+            slot += op_contract.nchunks_of(numel, chunk_size)
+        return
+    device = params[0].device
+    with _on_device(device):
+        lists = ops.lists()
+        ptrs = [[t.data_ptr() for t in lst] for lst in lists]
+        numels = [t.numel() for t in params]
+        key = (phase, device, params[0].dtype, chunk_size, fuse, clipping, tuple(numels),
+               *map(tuple, ptrs))
+
+        def build() -> _Table:
+            _check_tensors(op, ops, partials, chunk_size)
+            return _build_table(phase, ops, ptrs, numels, chunk_size, fuse, clipping)
+
+        table = _TABLES.get(key, ops.steps, build, _capturing(device))
+        if partials.size(0) != table.n_slots:  # (a table found again: build() checked it)
+            _check_tensors(op, ops, partials, chunk_size)  # raises, naming the expected rows
+        if table.n_programs == 0:
+            return
+        kernel[(table.n_programs,)](meta=table.meta, n_tensors=len(params), **_NO_OPERANDS,
+                                    partials=partials, **args, **consts, TABLE=True,
+                                    ALIGNED=table.aligned)
+
+
 # ---------------------------------------------------------------------------------------------
 # The ops.
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("fadam_fused::triton_phase_a", mutates_args={"partials", "skip"},
+@torch.library.triton_op("fadam_fused::triton_phase_a", mutates_args=op_contract.PHASE_A_MUTATES,
                          schema=op_contract.PHASE_A_SCHEMA)
 def triton_phase_a(
     params: list[Tensor], grads: list[Tensor], fims: list[Tensor], steps: list[Tensor],
     partials: Tensor, skip: Tensor, grad_scale: Optional[Tensor], *, beta2: float, eps: float,
     p: float, clip: float, maximize: bool, chunk_size: int, fuse_one_chunk: bool,
 ) -> None:
-    """Phase A: per-chunk float64 (sum ghat^2, sum w^2) into `partials`; 1.0 into `skip` when a
-    gradient is not finite. Reads params, grads, fims, steps; writes nothing else."""
-    from torch.library import wrap_triton
-
+    """Phase A: per-chunk float64 (sum ghat^2, sum w^2) into `partials` (clip > 0); 1.0 into
+    `skip` when a gradient is not finite. Reads params, grads, fims, steps (grads only with
+    clip <= 0); writes nothing else."""
     op = "fadam_fused::triton_phase_a"
-    _check_common(op, params, grads, fims, None, steps, partials, skip, grad_scale, chunk_size)
+    ops = _Operands(params, grads, fims, steps, None)
+    _check_common(op, ops, partials, skip, grad_scale, chunk_size)
     if not params:
         return
-    dtype = params[0].dtype
-    scalars = dict(beta2=float(beta2), p=_f32(p), eps_p=_f32(eps ** (2.0 * p)),
-                   sign=-1.0 if maximize else 1.0, chunk_size=chunk_size,
-                   fuse_one_chunk=bool(fuse_one_chunk))
-    consts = dict(DTYPE=_tl_dtype(dtype), HAS_GSCALE=grad_scale is not None, SQRT=(p == 0.5),
-                  TABLE=True, INTERPRET=_INTERPRET, BLOCK=block_for(p), num_warps=NUM_WARPS)
-    kernel = wrap_triton(K._phase_a_kernel)
-    if _FORCE_PER_TENSOR or _is_traced(params):
-        # Traced tensors have no addresses (so no table), but their dtypes, shapes and strides
-        # are known: they get the table path's checks, once per trace.
-        _check_slots(op, partials,
-                     _check_tensors(op, params, grads, fims, None, steps, chunk_size), chunk_size)
-        slot = 0
-        for i in range(len(params)):
-            numel = params[i].numel()
-            nch = nchunks_of(numel, chunk_size)
-            if not (numel == 0 and fuse_one_chunk):
-                kernel[(nch,)](None, 0, params[i], grads[i], fims[i], steps[i], numel, slot,
-                               partials, skip, grad_scale, **scalars,
-                               **{**consts, "TABLE": False, "ALIGNED": False})
-            slot += nch
-        return
-    with _on_device(params[0].device):  # (traced launches are emitted and guarded by Inductor)
-        numels = [t.numel() for t in params]
-        table = _table("A", (params, grads, fims, steps), numels, params[0].device, dtype,
-                       chunk_size, bool(fuse_one_chunk),
-                       lambda: _check_tensors(op, params, grads, fims, None, steps, chunk_size))
-        _check_slots(op, partials, table.n_slots, chunk_size)
-        if table.n_programs == 0:
-            return
-        kernel[(table.n_programs,)](table.meta, len(params), None, None, None, None, 0, 0,
-                                    partials, skip, grad_scale, **scalars, ALIGNED=table.aligned,
-                                    **consts)
+    h = op_contract.host_scalars(beta2=beta2, eps=eps, p=p, clip=clip, maximize=maximize)
+    args = dict(skip=skip, gscale=grad_scale, beta2=h.beta2, p=h.p, eps_p=h.eps_p, clip=h.clip,
+                sign=h.sign, chunk_size=chunk_size, fuse_one_chunk=bool(fuse_one_chunk))
+    consts = dict(DTYPE=_tl_dtype(params[0].dtype), HAS_GSCALE=grad_scale is not None,
+                  SQRT=(p == 0.5), INTERPRET=_INTERPRET, BLOCK=block_for(p),
+                  num_warps=NUM_WARPS)
+    _launch(op, "A", K._phase_a_kernel, ops, partials, args, consts, chunk_size=chunk_size,
+            fuse=bool(fuse_one_chunk), clipping=h.clip > 0)
 
 
-@torch.library.triton_op("fadam_fused::triton_phase_b",
-                         mutates_args={"params", "fims", "momentums"}, schema=op_contract.PHASE_B_SCHEMA)
+@torch.library.triton_op("fadam_fused::triton_phase_b", mutates_args=op_contract.PHASE_B_MUTATES,
+                         schema=op_contract.PHASE_B_SCHEMA)
 def triton_phase_b(
     params: list[Tensor], grads: list[Tensor], fims: list[Tensor], momentums: list[Tensor],
     steps: list[Tensor], partials: Tensor, skip: Tensor, grad_scale: Optional[Tensor],
@@ -327,47 +405,19 @@ def triton_phase_b(
     clip: float, weight_decay: float, maximize: bool, chunk_size: int, fuse_one_chunk: bool,
 ) -> None:
     """Phase B: unless skip != 0, the FAdam update of fims, momentums and params."""
-    from torch.library import wrap_triton
-
     op = "fadam_fused::triton_phase_b"
-    _check_common(op, params, grads, fims, momentums, steps, partials, skip, grad_scale,
-                  chunk_size, lr_tensor)
+    ops = _Operands(params, grads, fims, steps, momentums)
+    _check_common(op, ops, partials, skip, grad_scale, chunk_size, lr_tensor)
     if not params:
         return
-    dtype = params[0].dtype
-    beta1_f = _f32(beta1)
-    scalars = dict(lr=_f32(lr), beta1=beta1_f, omb1=_f32(1.0 - beta1_f), beta2=float(beta2),
-                   eps_p=_f32(eps ** (2.0 * p)), p=_f32(p),
-                   clip=float(clip) if clip and clip > 0 else 0.0, wd=_f32(weight_decay),
-                   sign=-1.0 if maximize else 1.0, chunk_size=chunk_size,
-                   fuse_one_chunk=bool(fuse_one_chunk))
-    consts = dict(DTYPE=_tl_dtype(dtype), HAS_GSCALE=grad_scale is not None,
-                  HAS_LR=lr_tensor is not None, SQRT=(p == 0.5), TABLE=True,
-                  INTERPRET=_INTERPRET, BLOCK=block_for(p), SLOT_BLOCK=SLOT_BLOCK,
-                  num_warps=NUM_WARPS)
-    kernel = wrap_triton(K._phase_b_kernel)
-    if _FORCE_PER_TENSOR or _is_traced(params):
-        _check_slots(op, partials, _check_tensors(op, params, grads, fims, momentums, steps,
-                                                  chunk_size), chunk_size)
-        slot = 0
-        for i in range(len(params)):
-            numel = params[i].numel()
-            nch = nchunks_of(numel, chunk_size)
-            if numel != 0:
-                kernel[(nch,)](None, 0, params[i], grads[i], fims[i], momentums[i], steps[i],
-                               numel, slot, partials, skip, grad_scale, lr_tensor, **scalars,
-                               **{**consts, "TABLE": False, "ALIGNED": False})
-            slot += nch
-        return
-    with _on_device(params[0].device):  # (traced launches are emitted and guarded by Inductor)
-        numels = [t.numel() for t in params]
-        table = _table("B", (params, grads, fims, momentums, steps), numels, params[0].device,
-                       dtype, chunk_size, bool(fuse_one_chunk),
-                       lambda: _check_tensors(op, params, grads, fims, momentums, steps,
-                                              chunk_size))
-        _check_slots(op, partials, table.n_slots, chunk_size)
-        if table.n_programs == 0:
-            return
-        kernel[(table.n_programs,)](table.meta, len(params), None, None, None, None, None, 0, 0,
-                                    partials, skip, grad_scale, lr_tensor, **scalars,
-                                    ALIGNED=table.aligned, **consts)
+    h = op_contract.host_scalars(beta2=beta2, eps=eps, p=p, clip=clip, maximize=maximize, lr=lr,
+                                 beta1=beta1, weight_decay=weight_decay)
+    args = dict(skip=skip, gscale=grad_scale, lr_ptr=lr_tensor, lr=h.lr, beta1=h.beta1,
+                omb1=h.one_minus_beta1, beta2=h.beta2, eps_p=h.eps_p, p=h.p, clip=h.clip,
+                wd=h.weight_decay, sign=h.sign, chunk_size=chunk_size,
+                fuse_one_chunk=bool(fuse_one_chunk))
+    consts = dict(DTYPE=_tl_dtype(params[0].dtype), HAS_GSCALE=grad_scale is not None,
+                  HAS_LR=lr_tensor is not None, SQRT=(p == 0.5), INTERPRET=_INTERPRET,
+                  BLOCK=block_for(p), SLOT_BLOCK=SLOT_BLOCK, num_warps=NUM_WARPS)
+    _launch(op, "B", K._phase_b_kernel, ops, partials, args, consts, chunk_size=chunk_size,
+            fuse=bool(fuse_one_chunk), clipping=h.clip > 0)

@@ -1,4 +1,6 @@
-"""Tests of the Triton backend (triton_kernels/, installed as fadam_fused.triton_kernels).
+"""Op-level tests of the Triton backend (triton_kernels/, installed as fadam_fused.triton_kernels):
+the two ops called directly, next to the oracle. tests/test_triton_optimizer.py drives them through
+FAdam(backend="triton").
 
 Where the kernels run: Triton decides when the kernels are defined whether they are compiled or
 interpreted (TRITON_INTERPRET=1). Without a GPU this file sets TRITON_INTERPRET=1 itself (unless the
@@ -8,7 +10,8 @@ GPU machine without the variable they run compiled, on CUDA tensors, and the GPU
 process; `make test` exports it for the whole run.
 
 Oracle: fadam_fused.reference (float64 with upcast=True, and the same storage precision with
-upcast=False for the flash-attention rule on bf16 / fp16). Tolerances as STYLE.md point 6.
+upcast=False for the flash-attention rule on bf16 / fp16). Tolerances as tests/fadam_testing.py
+(docs/design.md, section 9).
 """
 
 from __future__ import annotations
@@ -20,19 +23,26 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import gc  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
+import weakref  # noqa: E402
 
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from _triton_helpers import HYPER, Run, trajectories, triton_kernels  # noqa: E402
+from fadam_fused import backends, op_contract  # noqa: E402
+from fadam_fused.reference import fadam_reference  # noqa: E402
 
-TK = triton_kernels()
+TK, _reason = backends._triton_module()
+if TK is None:
+    pytest.skip(_reason, allow_module_level=True)
+CHUNK = op_contract.CHUNK_SIZE["triton"]
+nchunks_of = op_contract.nchunks_of
 INTERPRET = TK._ops._INTERPRET
 DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
@@ -46,9 +56,92 @@ SMALL_CHUNK = 1024
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, clip=1.0, weight_decay=1e-2, p=0.5,
+             maximize=False)
+
 # numpy warns about the inf / NaN the non-finite tests feed in and about log2(0) on the
 # interpreter's pow path; both are intended.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+# ---------------------------------------------------------------------------------------------
+# A multi-step driver of the two ops next to the oracle.
+# ---------------------------------------------------------------------------------------------
+
+
+class Run:
+    """Parameters and state of one trajectory, stepped by the Triton ops or by the oracle."""
+
+    def __init__(self, init, dtype, state_dtype=torch.float32, device="cpu"):
+        self.params = [t.to(device=device, dtype=dtype).clone() for t in init]
+        self.fims = [torch.ones(t.shape, dtype=state_dtype, device=device) for t in init]
+        self.moms = [torch.zeros(t.shape, dtype=state_dtype, device=device) for t in init]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=device) for _ in init]
+        self.device = device
+
+    def _active(self, grads):
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        pick = lambda lst: [lst[i] for i in idx]  # noqa: E731
+        return idx, pick
+
+    def step_triton(self, grads, *, chunk_size, fuse_one_chunk=True, grad_scale=None,
+                    lr_tensor=None, found_inf=None, **hyper):
+        """One step the way the optimizer drives the backend: increment the steps, zero (or seed)
+        skip, phase A, phase B, then undo the increment if the step was skipped. Partials start
+        as NaN, so a slot read before it is written shows. Returns skip."""
+        h = {**HYPER, **hyper}
+        idx, pick = self._active(grads)
+        params, fims, moms, steps = pick(self.params), pick(self.fims), pick(self.moms), pick(
+            self.steps)
+        gs = [grads[i].to(self.device) for i in idx]
+        for s in steps:
+            s.add_(1)
+        partials = op_contract.new_partials(params, chunk_size).fill_(float("nan"))
+        skip = torch.zeros(1, dtype=torch.float32, device=self.device)
+        if found_inf is not None:
+            skip.copy_(found_inf.reshape(1))
+        TK.phase_a(params, gs, fims, steps, partials, skip, grad_scale, beta2=h["beta2"],
+                   eps=h["eps"], p=h["p"], clip=h["clip"] or 0.0, maximize=h["maximize"],
+                   chunk_size=chunk_size, fuse_one_chunk=fuse_one_chunk)
+        TK.phase_b(params, gs, fims, moms, steps, partials, skip, grad_scale, lr_tensor,
+                   lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"], p=h["p"],
+                   clip=h["clip"] or 0.0, weight_decay=h["weight_decay"], maximize=h["maximize"],
+                   chunk_size=chunk_size, fuse_one_chunk=fuse_one_chunk)
+        for s in steps:
+            s.sub_(skip.reshape(()))
+        return skip
+
+    def step_reference(self, grads, *, upcast, grad_scale=None, lr_tensor=None, found_inf=None,
+                       **hyper):
+        h = {**HYPER, **hyper}
+        if lr_tensor is not None:
+            h["lr"] = lr_tensor.reshape(())
+        idx, pick = self._active(grads)
+        gs = [grads[i].to(device=self.device) for i in idx]
+        if upcast:
+            gs = [g.to(self.params[i].dtype) for g, i in zip(gs, idx)]
+        return fadam_reference(pick(self.params), gs, pick(self.moms), pick(self.fims),
+                               pick(self.steps), grad_scale=grad_scale, found_inf=found_inf,
+                               upcast=upcast, **h)
+
+
+def trajectories(init, grads_by_step, dtype, *, chunk_size, fuse_one_chunk=True, per_step=None,
+                 device="cpu", **hyper):
+    """Runs the Triton ops (storage `dtype`, on `device`), the oracle at the same precision and
+    the float64 oracle (both on CPU) over the same gradients. `per_step(k)` may return extra
+    keyword arguments of step k (grad_scale, lr_tensor, found_inf) on `device`. Returns the three
+    Run objects."""
+    fast = Run(init, dtype, device=device)
+    same = Run(init, dtype)
+    ref64 = Run(init, torch.float64, state_dtype=torch.float64)
+    for k, grads in enumerate(grads_by_step):
+        extra = per_step(k) if per_step else {}
+        fast.step_triton(grads, chunk_size=chunk_size, fuse_one_chunk=fuse_one_chunk, **extra,
+                         **hyper)
+        extra = {k: v.cpu() for k, v in extra.items()}
+        same.step_reference(grads, upcast=False, **extra, **hyper)
+        ref64.step_reference(grads, upcast=True, **extra, **hyper)
+    return fast, same, ref64
 
 
 def make_grads(shapes, steps, dtype, seed=0, no_grad=(), zero=()):
@@ -68,14 +161,19 @@ def make_init(shapes, seed=1):
     return [torch.randn(s, generator=gen) for s in shapes]
 
 
-def assert_close_to_oracle(fast, same, ref64, dtype):
+def assert_close_to_oracle(fast, same, ref64, dtype, nan_params=False):
     """fp32: |fast - ref64| <= atol + rtol |ref64|. bf16 / fp16 params (flash-attention rule):
     |fast - ref64| <= 2 |same - ref64| + atol; their float32 state may in addition carry the
-    float32 tolerance (the same-precision oracle is float32 math too)."""
+    float32 tolerance (the same-precision oracle is float32 math too). With `nan_params`, a
+    parameter may hold NaN exactly where the float64 oracle's does; the rest is compared."""
     for name in ("params", "fims", "moms", "steps"):
         for i, (a, s, r) in enumerate(zip(getattr(fast, name), getattr(same, name),
                                            getattr(ref64, name))):
             a, s, r = a.double().cpu(), s.double().cpu(), r.cpu()
+            if nan_params and name == "params":
+                assert torch.equal(a.isnan(), r.isnan()), f"{name}[{i}]: NaN elsewhere"
+                keep = ~r.isnan()
+                a, s, r = a[keep], s[keep], r[keep]
             assert torch.isfinite(a).all(), f"{name}[{i}] not finite"
             if dtype == torch.float32 or name == "steps":
                 bound = ATOL[torch.float32] + RTOL[torch.float32] * r.abs()
@@ -126,7 +224,7 @@ def test_parity_default_chunk_large_tensors():
     shapes = [(5, 123, 123), (200, 300), (5,)]
     init = make_init(shapes)
     grads = make_grads(shapes, 2, torch.float32)
-    fast, same, ref64 = trajectories(init, grads, torch.float32, chunk_size=TK.CHUNK_SIZE,
+    fast, same, ref64 = trajectories(init, grads, torch.float32, chunk_size=CHUNK,
                                      device=DEVICE)
     assert_close_to_oracle(fast, same, ref64, torch.float32)
 
@@ -144,6 +242,7 @@ def test_many_small_tensors():
 OPTION_CASES = {
     "maximize": dict(hyper=dict(maximize=True)),
     "clip_none": dict(hyper=dict(clip=None)),
+    "clip_0_unfused": dict(hyper=dict(clip=0.0), fuse=False),
     "clip_2": dict(hyper=dict(clip=2.0)),
     "p_0.75": dict(hyper=dict(p=0.75)),
     "no_weight_decay_beta2_0": dict(hyper=dict(weight_decay=0.0, beta2=0.0)),
@@ -229,6 +328,51 @@ def test_nonfinite_gradient_skips_whole_step(where, bad):
     assert all(same_bits(a, b) for a, b in zip(kept, grads))  # grads are never written
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_parameter_stays_in_its_element(dtype, bad, monkeypatch):
+    """A NaN or inf in a parameter (not its gradient) does not skip the step: its tensor's
+    RMS(w) counts as infinite, so that tensor's clipped weight decay is 0 for the step and the
+    NaN stays in its own element, as the oracle does (docs/design.md, section 6). In a
+    multi-chunk tensor (sums from phase-A slots) and a fused one-chunk tensor, on the table and
+    the per-tensor launches; the other tensors step as usual."""
+    shapes = [(2500,), (33,), (3, 7)]
+    init = make_init(shapes)
+    init[0][2049] = bad  # the third chunk's slot
+    init[1][4] = bad
+    grads = make_grads(shapes, 3, dtype)
+    for per_tensor in (False, True):
+        monkeypatch.setattr(TK._ops, "_FORCE_PER_TENSOR", per_tensor)
+        fast, same, ref64 = trajectories(init, grads, dtype, chunk_size=SMALL_CHUNK,
+                                         weight_decay=0.5, device=DEVICE)
+        assert_close_to_oracle(fast, same, ref64, dtype, nan_params=True)
+        assert fast.params[0].isnan().sum() == 1 and fast.params[1].isnan().sum() == 1
+        assert float(fast.steps[0]) == 3.0  # no step was skipped
+
+
+def test_phase_a_with_clipping_off_only_checks_gradients():
+    """clip <= 0: phase A writes no slot (an unfused empty tensor's included) and only looks at
+    the gradients: a NaN parameter or fim changes nothing there, a NaN gradient still sets
+    skip. Phase B then reads no slot (the parity cases with clip None run on NaN partials)."""
+    shapes = [(2500,), (10,), (0,)]
+    params = [t.to(DEVICE) for t in make_init(shapes)]
+    params[0][7] = float("nan")
+    grads = [g.to(DEVICE) for g in make_grads(shapes, 1, torch.float32)[0]]
+    fims = [torch.full_like(p, float("nan")) for p in params]
+    steps = [torch.full((), 3.0, device=DEVICE) for _ in params]
+    for clip, fuse in ((0.0, False), (0.0, True), (-1.0, False)):
+        partials = op_contract.new_partials(params, SMALL_CHUNK).fill_(float("nan"))
+        skip = torch.zeros(1, device=DEVICE)
+        kw = dict(beta2=0.999, eps=1e-8, p=0.5, clip=clip, maximize=False,
+                  chunk_size=SMALL_CHUNK, fuse_one_chunk=fuse)
+        TK.phase_a(params, grads, fims, steps, partials, skip, None, **kw)
+        assert float(skip) == 0.0 and torch.isnan(partials).all()
+        bad = [g.clone() for g in grads]
+        bad[0][2400] = float("inf")
+        TK.phase_a(params, bad, fims, steps, partials, skip, None, **kw)
+        assert float(skip) == 1.0 and torch.isnan(partials).all()
+
+
 def test_found_inf_seed_skips_and_finite_step_does_not_store_zero():
     shapes = [(4097,), (3, 7)]
     run = Run(make_init(shapes), torch.float32, device=DEVICE)
@@ -272,7 +416,7 @@ def test_phase_a_partials_slot_layout():
         for p, g, f in zip(params, grads, fims):
             f64 = b * f.double() + (1 - b) * g.double() ** 2
             d = f64.sqrt() + eps
-            for c in range(TK.nchunks_of(p.numel(), SMALL_CHUNK)):
+            for c in range(nchunks_of(p.numel(), SMALL_CHUNK)):
                 sl = slice(c * SMALL_CHUNK, (c + 1) * SMALL_CHUNK)
                 want = torch.stack([((g.double() / d)[sl] ** 2).sum(),
                                     ((p.double() / d)[sl] ** 2).sum()])
@@ -324,15 +468,15 @@ def test_op_schemas_declare_mutations_and_empty_group_is_a_no_op():
     skip = torch.zeros(1, device=DEVICE)
     partials = torch.zeros(0, 2, dtype=torch.float64, device=DEVICE)
     TK.phase_a([], [], [], [], partials, skip, None, beta2=0.999, eps=1e-8, p=0.5,
-               clip=1.0, maximize=False, chunk_size=TK.CHUNK_SIZE, fuse_one_chunk=True)
+               clip=1.0, maximize=False, chunk_size=CHUNK, fuse_one_chunk=True)
     TK.phase_b([], [], [], [], [], partials, skip, None, None, lr=1e-3, beta1=0.9, beta2=0.999,
                eps=1e-8, p=0.5, clip=1.0, weight_decay=0.0, maximize=False,
-               chunk_size=TK.CHUNK_SIZE, fuse_one_chunk=True)
+               chunk_size=CHUNK, fuse_one_chunk=True)
     assert float(skip) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch count and metadata cache.
+# Launch count and metadata tables.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -354,7 +498,7 @@ def test_launch_count_independent_of_tensor_count(monkeypatch):
     """One launch per phase for 3 tensors and for 300; the second step reuses the cached device
     metadata (no rebuild, hence no host-to-device copy)."""
     counts = _count_launches(monkeypatch)
-    builds = TK._ops.stats
+    cache = TK._ops._TABLES
     seen = {}
     for n in (3, 300):
         shapes = [(1 + i % 7,) for i in range(n - 1)] + [(2 * SMALL_CHUNK + 5,)]
@@ -362,17 +506,72 @@ def test_launch_count_independent_of_tensor_count(monkeypatch):
         grads = make_grads(shapes, 1, torch.float32)[0]
         counts.clear()
         counts.update(A=0, B=0)
-        start = builds["table_builds"]
+        start = cache.builds
         run.step_triton(grads, chunk_size=SMALL_CHUNK)
-        assert builds["table_builds"] - start == 2  # one table per phase
+        assert cache.builds - start == 2  # one table per phase
         # Steady state: the same tensors again (a training loop's grads are reused, or come back
         # from the caching allocator at the same addresses).
         run.step_triton(grads, chunk_size=SMALL_CHUNK)
-        assert builds["table_builds"] - start == 2, "steady-state step rebuilt the metadata"
+        assert cache.builds - start == 2, "steady-state step rebuilt the metadata"
         seen[n] = {k: counts[k] for k in "AB"}
         # Programs: one per (tensor, chunk): n - 1 fused one-chunk tensors + 3 chunks, per step.
         assert counts["B_programs"] == 2 * (n - 1 + 3)
     assert seen[3] == seen[300] == {"A": 2, "B": 2}  # 2 steps x 1 launch per phase
+
+
+def test_captured_tables_outlive_the_lru_and_go_with_their_steps(monkeypatch):
+    """[note: Triton metadata tables] in triton_kernels/_ops.py: a table used while a CUDA graph
+    is captured is read again at every replay. It stays (the same object and device memory)
+    however many other tables pass through the LRU, as long as the step tensors it serves live,
+    and is released with them. The interpreter has no graphs: capture is simulated."""
+    _count_launches(monkeypatch)  # the launches are not executed: this is about the host side
+    cache = TK._ops._TABLES
+    monkeypatch.setattr(cache, "entries", 4)
+    capturing = [True]
+    monkeypatch.setattr(TK._ops, "_capturing", lambda device: capturing[0])
+    shapes = [(3,), (2 * SMALL_CHUNK + 5,)]
+    grads = make_grads(shapes, 1, torch.float32)[0]
+    run = Run(make_init(shapes), torch.float32, device=DEVICE)
+    before = set(cache.captured)
+    run.step_triton(grads, chunk_size=SMALL_CHUNK)
+    keys = set(cache.captured) - before
+    assert len(keys) == 2  # phase A's and phase B's
+    tables = {k: cache.captured[k] for k in keys}
+    memory = {k: (t.meta.data_ptr(), t.meta.clone()) for k, t in tables.items()}
+    capturing[0] = False
+    others = [Run(make_init(shapes, seed=2), torch.float32, device=DEVICE) for _ in range(5)]
+    for other in others:  # 10 tables through an LRU of 4
+        other.step_triton(grads, chunk_size=SMALL_CHUNK)
+    assert len(cache.lru) == 4
+    builds = cache.builds
+    run.step_triton(grads, chunk_size=SMALL_CHUNK)  # what a replay reads: the same tables
+    assert cache.builds == builds
+    for k, t in tables.items():
+        assert cache.captured[k] is t
+        assert t.meta.data_ptr() == memory[k][0] and torch.equal(t.meta, memory[k][1])
+    alive = [weakref.ref(t) for t in tables.values()]
+    del run, tables, t
+    gc.collect()
+    assert not keys & set(cache.captured)
+    assert all(ref() is None for ref in alive)
+
+
+def test_uncaptured_tables_go_with_their_steps(monkeypatch):
+    """A table nobody captured also goes when its step tensors do, not only when the LRU drops
+    it; the gradients are not owners (the default zero_grad frees them every step)."""
+    _count_launches(monkeypatch)
+    cache = TK._ops._TABLES
+    shapes = [(3,), (5,)]
+    run = Run(make_init(shapes), torch.float32, device=DEVICE)
+    before = set(cache.lru)
+    run.step_triton(make_grads(shapes, 1, torch.float32)[0], chunk_size=SMALL_CHUNK)
+    keys = set(cache.lru) - before
+    assert len(keys) == 2
+    gc.collect()  # the gradients of that step are gone: the tables stay
+    assert keys <= set(cache.lru)
+    del run
+    gc.collect()
+    assert not keys & set(cache.lru)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,13 +615,13 @@ def test_torch_compile_trace_decomposes_into_per_tensor_kernels():
     fuse_one_chunk). Runs in a subprocess without TRITON_INTERPRET (wrap_triton needs the
     compiled-kernel objects)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("_triton_trace.py"))],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("_triton_compile.py")),
+                          "--trace"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     kernels = json.loads(out.stdout.strip().splitlines()[-1])
     assert [(k["grid"][0][0], k["numel"], k["table"]) for k in kernels] == [
-        (2, TK.CHUNK_SIZE + 4464, False), (1, 10, False),  # phase A
-        (2, TK.CHUNK_SIZE + 4464, False), (1, 10, False)]  # phase B
+        (2, CHUNK + 4464, False), (1, 10, False),  # phase A
+        (2, CHUNK + 4464, False), (1, 10, False)]  # phase B
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,8 +641,8 @@ def test_cuda_torch_compile_fullgraph_step():
     grads_cpu = make_grads(shapes, 3, torch.float32)
     eager = Run(init, torch.float32, device="cuda")
     compiled = Run(init, torch.float32, device="cuda")
-    chunk = TK.CHUNK_SIZE
-    n_slots = sum(TK.nchunks_of(p.numel(), chunk) for p in compiled.params)
+    chunk = CHUNK
+    n_slots = sum(nchunks_of(p.numel(), chunk) for p in compiled.params)
 
     def step(params, grads, fims, moms, steps, partials, skip, lr_tensor):
         torch._foreach_add_(steps, 1)
