@@ -243,41 +243,44 @@ def _combine_kernel(
 # ---------------------------------------------------------------------------------------------
 # Phases A and B. Pointers arrive offset to the chunk's first element; `o` (int32) are offsets
 # inside the chunk, n its element count; (q0, j0) the row and column of its first element, with
-# b0, i0 = divmod(q0, rows) the matrix and the row inside it.
+# i0 its row inside its matrix b0, whose factors fac_ptr points at.
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _natural_tile(p_ptr, g_ptr, fac_ptr, o, n, j0, i0, b0, rows, cols, p, eps_p, gmul,
+def _natural_tile(p_ptr, g_ptr, fac_ptr, o, n, j0, i0, rows, cols, p, eps_p, gmul,
                   SQRT: tl.constexpr, INTERPRET: tl.constexpr, MASKED: tl.constexpr):
     """One tile of a factored tensor: theta, and ghat = g / d and w = theta / d with
-    d = f^p + eps^(2p), f = (R_i / sum R) C_j gathered from factors (float32)."""
-    # int32 index arithmetic: j0 + o < cols + chunk_size and i0 + o / cols < rows + chunk_size.
+    d = f^p + eps^(2p), f = (R_i / sum R) C_j gathered from factors (float32). fac_ptr is
+    the chunk's first matrix's factors (b0 applied by the caller)."""
+    # int32 index arithmetic: j0 + o < cols + chunk_size, i0 + o / cols < rows + chunk_size, and
+    # the matrices a chunk spans (db <= chunk_size / (rows cols) + 1) keep db (2 rows + cols)
+    # within 3 chunk_size + 2 rows + cols: 32-bit offsets on a 64-bit base, half the registers.
     e = j0 + o
     dq = e // cols
     j = e - dq * cols
     i = i0 + dq
     db = i // rows
     i = i - db * rows
-    mat = fac_ptr + (b0 + db).to(tl.int64) * (2 * rows + cols)
+    mat = db * (2 * rows + cols) + rows
     if MASKED:
         mask = o < n
         g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
         th = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        rn = tl.load(mat + rows + cols + i, mask=mask, other=0.0)
-        cj = tl.load(mat + rows + j, mask=mask, other=0.0)
+        rn = tl.load(fac_ptr + (mat + cols + i), mask=mask, other=0.0)
+        cj = tl.load(fac_ptr + (mat + j), mask=mask, other=0.0)
     else:
         g = tl.load(g_ptr + o).to(tl.float32)
         th = tl.load(p_ptr + o).to(tl.float32)
-        rn = tl.load(mat + rows + cols + i)
-        cj = tl.load(mat + rows + j)
+        rn = tl.load(fac_ptr + (mat + cols + i))
+        cj = tl.load(fac_ptr + (mat + j))
     g = g * gmul
     d = K._fisher_denom(_factored_fim(rn, cj), p, eps_p, SQRT, INTERPRET)
     return th, tl.div_rn(g, d), tl.div_rn(th, d)
 
 
 @triton.jit
-def _reduce_chunk(p_ptr, g_ptr, fac_ptr, n, j0, i0, b0, rows, cols, p, eps_p, gmul,
+def _reduce_chunk(p_ptr, g_ptr, fac_ptr, n, j0, i0, rows, cols, p, eps_p, gmul,
                   SQRT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
     """(sum ghat^2, sum w^2) in float64 over one chunk: full tiles unmasked, then a masked one."""
     offs = tl.arange(0, BLOCK)
@@ -285,13 +288,13 @@ def _reduce_chunk(p_ptr, g_ptr, fac_ptr, n, j0, i0, b0, rows, cols, p, eps_p, gm
     acc_w = tl.zeros([BLOCK], tl.float64)
     n_full = (n // BLOCK) * BLOCK
     for k in range(0, n_full, BLOCK):
-        _th, ghat, w = _natural_tile(p_ptr, g_ptr, fac_ptr, k + offs, n, j0, i0, b0, rows, cols,
+        _th, ghat, w = _natural_tile(p_ptr, g_ptr, fac_ptr, k + offs, n, j0, i0, rows, cols,
                                      p, eps_p, gmul, SQRT, INTERPRET, False)
         acc_g += ghat.to(tl.float64) * ghat.to(tl.float64)
         acc_w += w.to(tl.float64) * w.to(tl.float64)
     if n_full < n:
         o = n_full + offs
-        _th, ghat, w = _natural_tile(p_ptr, g_ptr, fac_ptr, o, n, j0, i0, b0, rows, cols, p,
+        _th, ghat, w = _natural_tile(p_ptr, g_ptr, fac_ptr, o, n, j0, i0, rows, cols, p,
                                      eps_p, gmul, SQRT, INTERPRET, True)
         acc_g += tl.where(o < n, ghat.to(tl.float64) * ghat.to(tl.float64), 0.0)
         acc_w += tl.where(o < n, w.to(tl.float64) * w.to(tl.float64), 0.0)
@@ -299,10 +302,10 @@ def _reduce_chunk(p_ptr, g_ptr, fac_ptr, n, j0, i0, b0, rows, cols, p, eps_p, gm
 
 
 @triton.jit
-def _update_tile(p_ptr, g_ptr, m_ptr, fac_ptr, o, n, j0, i0, b0, rows, cols, p, eps_p, gmul,
+def _update_tile(p_ptr, g_ptr, m_ptr, fac_ptr, o, n, j0, i0, rows, cols, p, eps_p, gmul,
                  beta1, omb1, inv_s1, inv_s2, lr, wd,
                  SQRT: tl.constexpr, INTERPRET: tl.constexpr, MASKED: tl.constexpr):
-    th, ghat, w = _natural_tile(p_ptr, g_ptr, fac_ptr, o, n, j0, i0, b0, rows, cols, p, eps_p,
+    th, ghat, w = _natural_tile(p_ptr, g_ptr, fac_ptr, o, n, j0, i0, rows, cols, p, eps_p,
                                 gmul, SQRT, INTERPRET, MASKED)
     if MASKED:
         mask = o < n
@@ -320,9 +323,10 @@ def _update_tile(p_ptr, g_ptr, m_ptr, fac_ptr, o, n, j0, i0, b0, rows, cols, p, 
 
 
 @triton.jit
-def _chunk_start(idx, numel, rows, cols, chunk_size, p_ptr, g_ptr, m_ptr, ALIGNED: tl.constexpr):
-    """The chunk's element count n (int32), its first element's (j0, i0, b0) as int32/int64, and
-    the element pointers offset to it."""
+def _chunk_start(idx, numel, rows, cols, chunk_size, p_ptr, g_ptr, m_ptr, fac_ptr,
+                 ALIGNED: tl.constexpr):
+    """The chunk's element count n, its first element's column j0 and row i0 in its matrix b0
+    (int32), the element pointers offset to it and fac_ptr to matrix b0's factors."""
     start = idx * chunk_size  # 64-bit: a tensor may hold more than 2^31 elements
     n = tl.minimum(numel - start, chunk_size).to(tl.int32)
     q0 = start // cols
@@ -336,7 +340,8 @@ def _chunk_start(idx, numel, rows, cols, chunk_size, p_ptr, g_ptr, m_ptr, ALIGNE
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
-    return n, j0, i0, b0, p_ptr, g_ptr, m_ptr
+    fac_ptr += b0 * (2 * rows + cols)
+    return n, j0, i0, p_ptr, g_ptr, m_ptr, fac_ptr
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -352,10 +357,11 @@ def _phase_a_kernel(
      fac) = _operands(meta, n_tensors, blocks, p_in, g_in, m_in, rs_in, cs_in,
         step_in, numel_in, batch_in, rows_in, cols_in, tile_r_in, tile_c_in, slot_in, fpart_in,
         fac_in, DTYPE, TABLE)
-    n, j0, i0, b0, p_ptr, g_ptr, m_ptr = _chunk_start(c, numel, rows, cols, chunk_size, p_ptr,
-                                                      g_ptr, m_ptr, ALIGNED)
+    n, j0, i0, p_ptr, g_ptr, m_ptr, fac_ptr = _chunk_start(c, numel, rows, cols, chunk_size,
+                                                           p_ptr, g_ptr, m_ptr, factors + fac,
+                                                           ALIGNED)
     gmul = K._grad_mul(gscale, sign, HAS_GSCALE)
-    sum_g, sum_w = _reduce_chunk(p_ptr, g_ptr, factors + fac, n, j0, i0, b0,
+    sum_g, sum_w = _reduce_chunk(p_ptr, g_ptr, fac_ptr, n, j0, i0,
                                  rows.to(tl.int32), cols.to(tl.int32), p, eps_p, gmul, SQRT,
                                  INTERPRET, BLOCK)
     row = (slot + c) * 2
@@ -366,14 +372,22 @@ def _phase_a_kernel(
 @triton.jit
 def _copy_factors(src, dst, stride_src, per_src, begin, end, BLOCK: tl.constexpr):
     """dst[k] = src[(k // per_src) * stride_src + k % per_src] for k in [begin, end): one
-    program's slice of a tensor's new R (or C), from the per-matrix layout of factors."""
+    program's slice of a tensor's new R (or C), from the per-matrix layout of factors. Indices
+    are int32 from the slice's first matrix (a slice is at most one chunk's rows or columns)."""
+    b_begin = begin // tl.maximum(per_src, 1)
+    src += b_begin * stride_src
+    dst += begin
+    r0 = (begin - b_begin * per_src).to(tl.int32)
+    per = per_src.to(tl.int32)
+    stride = stride_src.to(tl.int32)
+    count = (end - begin).to(tl.int32)
     offs = tl.arange(0, BLOCK)
-    for k0 in range(begin, end, BLOCK):
-        k = k0 + offs
-        mask = k < end
-        b = k // per_src
-        tl.store(dst + k, tl.load(src + b * stride_src + (k - b * per_src), mask=mask),
-                 mask=mask)
+    for k in range(0, count, BLOCK):
+        o = k + offs
+        mask = o < count
+        r = r0 + o
+        b = r // per
+        tl.store(dst + o, tl.load(src + (b * stride + (r - b * per)), mask=mask), mask=mask)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -406,8 +420,8 @@ def _phase_b_kernel(
         _copy_factors(src + rows, cs_ptr, 2 * rows + cols, cols, c * per,
                       tl.minimum(n_c, (c + 1) * per), BLOCK)
         if numel > 0:
-            n, j0, i0, b0, p_ptr, g_ptr, m_ptr = _chunk_start(c, numel, rows, cols, chunk_size,
-                                                              p_ptr, g_ptr, m_ptr, ALIGNED)
+            n, j0, i0, p_ptr, g_ptr, m_ptr, fac_ptr = _chunk_start(
+                c, numel, rows, cols, chunk_size, p_ptr, g_ptr, m_ptr, factors + fac, ALIGNED)
             gmul = K._grad_mul(gscale, sign, HAS_GSCALE)
             if HAS_LR:
                 lr_v = tl.load(lr_ptr).to(tl.float32)
@@ -415,14 +429,13 @@ def _phase_b_kernel(
                 lr_v = lr
             rows32 = rows.to(tl.int32)
             cols32 = cols.to(tl.int32)
-            fac_ptr = factors + fac
             inv_s1 = tl.full([], 1.0, tl.float64)
             inv_s2 = tl.full([], 1.0, tl.float64)
             if clip > 0.0:
                 if (numel <= chunk_size) & fuse_one_chunk:
                     # One-chunk tensor done in this one program: phase A's reduction first, then
                     # the update re-reads the chunk (from L2 while the group's working set fits).
-                    sum_g, sum_w = _reduce_chunk(p_ptr, g_ptr, fac_ptr, n, j0, i0, b0, rows32,
+                    sum_g, sum_w = _reduce_chunk(p_ptr, g_ptr, fac_ptr, n, j0, i0, rows32,
                                                  cols32, p, eps_p, gmul, SQRT, INTERPRET, BLOCK)
                 else:
                     sum_g, sum_w = K._sum_slots(partials, slot, nch, SLOT_BLOCK)
@@ -433,10 +446,10 @@ def _phase_b_kernel(
             offs = tl.arange(0, BLOCK)
             n_full = (n // BLOCK) * BLOCK
             for k in range(0, n_full, BLOCK):
-                _update_tile(p_ptr, g_ptr, m_ptr, fac_ptr, k + offs, n, j0, i0, b0, rows32,
+                _update_tile(p_ptr, g_ptr, m_ptr, fac_ptr, k + offs, n, j0, i0, rows32,
                              cols32, p, eps_p, gmul, beta1, omb1, inv_s1, inv_s2, lr_v, wd,
                              SQRT, INTERPRET, False)
             if n_full < n:
-                _update_tile(p_ptr, g_ptr, m_ptr, fac_ptr, n_full + offs, n, j0, i0, b0, rows32,
+                _update_tile(p_ptr, g_ptr, m_ptr, fac_ptr, n_full + offs, n, j0, i0, rows32,
                              cols32, p, eps_p, gmul, beta1, omb1, inv_s1, inv_s2, lr_v, wd,
                              SQRT, INTERPRET, True)
