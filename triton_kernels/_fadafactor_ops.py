@@ -187,13 +187,13 @@ def _table(op, phase, operands, owners, params, chunk_size, fuse, check):
 
 
 def _per_tensor_operands(i, params, grads, momentums, fim_rows, fim_cols, steps, filler,
-                         chunk_size):
+                         chunk_size, takes_params=True):
     """Tensor i's *_in arguments (the traced path). Operands a phase does not take are `filler`
     (a float32 buffer of the call, never dereferenced) or the gradient."""
     numels, tiles, slots, fparts, facs = _sizes(params, chunk_size)
     t = tiles[i]
     pick = lambda lst: filler if lst is None else lst[i]  # noqa: E731
-    return dict(p_in=grads[i] if params is None else params[i], g_in=grads[i],
+    return dict(p_in=params[i] if takes_params else grads[i], g_in=grads[i],
                 m_in=pick(momentums), rs_in=pick(fim_rows), cs_in=pick(fim_cols),
                 step_in=pick(steps), numel_in=numels[i], batch_in=t.batch, rows_in=t.rows,
                 cols_in=t.cols, tile_r_in=t.tile_rows, tile_c_in=t.tile_cols, slot_in=slots[i],
@@ -277,8 +277,8 @@ def triton_fadafactor_phase_s(
 
     def per_tensor(i):
         t = op_contract.factor_tile(params[i].shape, chunk_size)
-        operands = _per_tensor_operands(i, None, grads, None, fim_rows, fim_cols, steps, factors,
-                                        chunk_size)
+        operands = _per_tensor_operands(i, params, grads, None, fim_rows, fim_cols, steps,
+                                        factors, chunk_size, takes_params=False)
         return operands, (t.batch * t.row_tiles * t.col_tiles, t.batch)
 
     _launch(op, "S", (FK._tiles_kernel, FK._combine_kernel), params,
