@@ -3,6 +3,7 @@ does for FAdam's (whose signature derivation and ptxas run this reuses). Run by
 tests/test_fadafactor_triton.py in a subprocess without TRITON_INTERPRET.
 
     .venv/bin/python tests/_fadafactor_triton_compile.py [--json] [--arch=80]
+    .venv/bin/python tests/_fadafactor_triton_compile.py --trace   # torch.compile's kernel calls
 """
 
 from __future__ import annotations
@@ -122,6 +123,58 @@ def report(archs):
     return rows
 
 
+def trace():
+    """The Triton kernel calls in the AOTAutograd graph of one FAdafactor step (the three ops)
+    over a (2, 3, 5) and an (80, 1000) tensor (two chunks) and a (0, 4) one, traced on
+    FakeTensors of a fake CUDA device: [{kernel, grid, table, numel}]."""
+    from functorch.compile import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fadam_fused import op_contract
+
+    tk, chunk = _tk(), _chunk()
+    shapes = [(2, 3, 5), (80, 1000), (0, 4)]
+    ops = torch.ops.fadam_fused
+
+    def step(params, grads, rows, cols, moms, steps, fparts, factors, partials, skip, lr_tensor):
+        ops.triton_fadafactor_phase_s(params, grads, rows, cols, steps, fparts, factors, skip,
+                                      None, beta2=0.999, maximize=False, chunk_size=chunk)
+        ops.triton_fadafactor_phase_a(params, grads, factors, partials, None, eps=1e-8, p=0.5,
+                                      clip=1.0, maximize=False, chunk_size=chunk,
+                                      fuse_one_chunk=True)
+        ops.triton_fadafactor_phase_b(params, grads, rows, cols, moms, factors, partials, skip,
+                                      None, lr_tensor, lr=0.0, beta1=0.9, eps=1e-8, p=0.5,
+                                      clip=1.0, weight_decay=1e-3, maximize=False,
+                                      chunk_size=chunk, fuse_one_chunk=True)
+
+    graphs = []
+
+    def fw_compiler(gm, _inputs):
+        graphs.append(gm)
+        return gm
+
+    assert tk is not None
+    with FakeTensorMode():
+        mk = lambda: [torch.zeros(s, device="cuda") for s in shapes]  # noqa: E731
+        params, grads, moms = mk(), mk(), mk()
+        rows = [torch.ones(s[:-1], device="cuda") for s in shapes]
+        cols = [torch.ones(s[:-2] + s[-1:], device="cuda") for s in shapes]
+        steps = [torch.ones((), device="cuda") for _ in shapes]
+        fparts, factors = op_contract.new_factor_buffers(params, chunk)
+        partials = op_contract.new_partials(params, chunk)
+        skip = torch.zeros(1, device="cuda")
+        lr = torch.full((), 1e-3, device="cuda")
+        aot_function(step, fw_compiler=fw_compiler)(params, grads, rows, cols, moms, steps,
+                                                    fparts, factors, partials, skip, lr)
+    nodes = [n for n in graphs[0].graph.nodes
+             if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    return [{"kernel": kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__,
+             "grid": [list(g) for g in n.kwargs["grid"]], "table": n.kwargs["kwargs"].get("TABLE"),
+             "numel": n.kwargs["kwargs"].get("numel_in")} for n in nodes]
+
+
 def _main(argv):
     root = str(Path(__file__).resolve().parent.parent)  # a source checkout: fadam_fused
     if root not in sys.path:
@@ -130,6 +183,9 @@ def _main(argv):
     # installed from, which need not be this one (a git worktree): compile this one's kernels.
     sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)
                         and "__editable__" not in getattr(f, "__module__", "")]
+    if "--trace" in argv:
+        print(json.dumps(trace()))
+        return
     archs = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--arch=")] or list(ARCHS)
     rows = report(archs)
     if "--json" in argv:

@@ -219,3 +219,24 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
             assert row["registers"] <= 96, row
             if row["dtype"] == "float32" and row["aligned"]:
                 assert row["v4_loads"], f"no 128-bit loads in the aligned float32 path: {row}"
+
+
+def test_torch_compile_trace_decomposes_into_per_tensor_kernels():
+    """What torch.compile sees (AOTAutograd on FakeTensors of a fake CUDA device, no GPU needed):
+    each op decomposes into Triton kernel calls on the tensors themselves, per tensor, gridded by
+    tiles (phase S), matrices (the combine) and chunks (A and B). (80, 1000) has 4 tiles of
+    80 x 256 and 2 chunks; (2, 3, 5) two matrices of one tile, fused into phase B; (0, 4) has no
+    tile but a C to decay and copy. Runs in a subprocess without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable,
+                          str(Path(__file__).with_name("_fadafactor_triton_compile.py")),
+                          "--trace"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    kernels = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [(k["kernel"], k["grid"][0][0], k["numel"], k["table"]) for k in kernels] == [
+        ("_tiles_kernel", 2, 30, False), ("_combine_kernel", 2, 30, False),
+        ("_tiles_kernel", 4, 80000, False), ("_combine_kernel", 1, 80000, False),
+        ("_combine_kernel", 1, 0, False),
+        ("_phase_a_kernel", 2, 80000, False),
+        ("_phase_b_kernel", 1, 30, False), ("_phase_b_kernel", 2, 80000, False),
+        ("_phase_b_kernel", 1, 0, False)]

@@ -277,8 +277,9 @@ def triton_fadafactor_phase_s(
 
     def per_tensor(i):
         t = op_contract.factor_tile(params[i].shape, chunk_size)
+        # Filler: the step (read-only here), not factors, which the combine writes.
         operands = _per_tensor_operands(i, params, grads, None, fim_rows, fim_cols, steps,
-                                        factors, chunk_size, takes_params=False)
+                                        steps[i], chunk_size, takes_params=False)
         return operands, (t.batch * t.row_tiles * t.col_tiles, t.batch)
 
     _launch(op, "S", (FK._tiles_kernel, FK._combine_kernel), params,
