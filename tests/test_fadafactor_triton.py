@@ -25,7 +25,7 @@ from fadam_fused import FAdafactor, backends, op_contract  # noqa: E402
 from fadam_testing import make_problem  # noqa: E402
 from fadafactor_testing import (assert_trajectories_close, run_fadafactor,  # noqa: E402
                                 run_oracle64)
-from test_fadafactor_reference import edge_problem  # noqa: E402
+from test_fadafactor_reference import edge_problem, embedding_problem  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),
@@ -95,6 +95,36 @@ def test_edge_cases_match_oracle_and_stay_finite(dtype, eps, triton_chunk):
     for snap in fast:
         for t in snap["params"] + [v for st in snap["state"] for k, v in st.items() if k != "step"]:
             assert torch.isfinite(t).all()
+
+
+def test_embedding_with_a_tenth_of_its_rows_touched_matches_oracle(triton_chunk):
+    """36 of 40 rows have a zero gradient every step (their R decays; f stays positive through
+    C); chunk 64 makes 8 chunks and 5 x 2 tiles."""
+    triton_chunk(64)
+    _check(embedding_problem(rows=40, dim=12, steps=3), torch.float32, lr=1e-2, eps=1e-30)
+
+
+@pytest.mark.parametrize("first,second", [("triton", "cpu"), ("cpu", "triton")])
+def test_state_dict_moves_across_backends(first, second):
+    problem = make_problem(shapes=[(6, 7), (2, 3, 5), (4,)], steps=4)
+    whole, _, _ = run_fadafactor(problem, second, lr=1e-2)
+    params = [torch.nn.Parameter(t.clone()) for t in problem.init]
+    opt = FAdafactor(params, lr=1e-2, backend=first)
+    for k, row in enumerate(problem.grads):
+        if k == 2:  # hand the state to a fresh optimizer on the other backend
+            saved = {"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}
+            params = [torch.nn.Parameter(t) for t in saved["params"]]
+            opt = FAdafactor(params, lr=1e-2, backend=second)
+            opt.load_state_dict(saved["opt"])
+        for p, g in zip(params, row):
+            p.grad = g.clone()
+        opt.step()
+    for x, y in zip(whole[-1]["params"], params):
+        torch.testing.assert_close(x, y.detach(), atol=1e-6, rtol=1e-5)
+    for sx, p in zip(whole[-1]["state"], params):
+        for key in sx:
+            if key != "step":
+                torch.testing.assert_close(sx[key], opt.state[p][key], atol=1e-6, rtol=1e-5)
 
 
 def test_per_tensor_path_matches_oracle(monkeypatch, triton_chunk):
