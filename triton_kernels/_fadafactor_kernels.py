@@ -17,10 +17,10 @@ Kernels and their programs (one launch each, any number of tensors):
 - `_combine_kernel` (phase S, second launch): one program per matrix. It adds each row's (column's)
   tile partials in tile order, writes the new R and C (factor_update in float64) and, after sum R
   (block sums in a fixed tree, blocks in row order), R / sum R. The combine needs every tile of its
-  matrix, so it cannot run in the tile launch without a grid-wide barrier; a second launch is one
-  more ~4 us per group, against a "last program does the combine" ticket, which would need an
-  atomic counter zeroed before every step (a memset launch, or a persistent buffer that two
-  streams could share).
+  matrix, so it cannot run in the tile launch without a grid-wide barrier; a second launch costs
+  one launch latency per group, against a "last program does the combine" ticket, which would
+  need an atomic counter zeroed before every step (a memset launch, or a persistent buffer that
+  two streams could share) (docs/design.md, section 8).
 - `_phase_a_kernel` / `_phase_b_kernel`: FAdam's (tensor, chunk) programs and slots; an element k
   of a chunk is row q = k // cols, column j = k % cols of the tensor's stacked matrices, and
   f = (R_q / sum R) C_j is gathered from `factors` (n + m floats per matrix, from L1/L2). Phase B
@@ -43,7 +43,7 @@ import triton.language as tl
 from . import _kernels as K
 
 # Per-tensor rows of the metadata tensor (row r, tensor t at meta[r * n_tensors + t]); operands a
-# phase does not take are 0 (never dereferenced). _fadafactor_ops._build_table writes this order.
+# phase does not take are 0 (never dereferenced). _fadafactor_ops._table writes this order.
 (ROW_P, ROW_G, ROW_M, ROW_RS, ROW_CS, ROW_STEP, ROW_NUMEL, ROW_BATCH, ROW_ROWS, ROW_COLS,
  ROW_TILE_R, ROW_TILE_C, ROW_SLOT, ROW_FPART, ROW_FAC) = (tl.constexpr(i) for i in range(15))
 N_ROWS = 15
