@@ -180,12 +180,16 @@ def fused(name: str) -> op_contract.PhaseOps:
 
 # Fused backends with FAdafactor kernels ([note: the FAdafactor op contract] in op_contract.py), by
 # the prefix of their ops; the others are refused for factored parameters.
-FACTORED_KERNELS = {"cpu": "fadafactor"}
+FACTORED_KERNELS = {"cpu": "fadafactor", "triton": "triton_fadafactor"}
 _FACTORED: dict[str, op_contract.FactoredOps] = {}  # a plain dict, as _FUSED
 
 
 def factored(name: str) -> op_contract.FactoredOps:
     """The three FAdafactor ops of fused backend `name` (one of FACTORED_KERNELS)."""
     if name not in _FACTORED:
+        if name == "triton":  # importing the Triton kernels registers their ops
+            module, reason = _triton_module()
+            if module is None:
+                raise RuntimeError(reason)
         _FACTORED[name] = op_contract.factored_ops(name, FACTORED_KERNELS[name])
     return _FACTORED[name]

@@ -35,8 +35,8 @@ def _param_check(param: Tensor, backend: str | None) -> str | None:
                 "column sums would need their own all-reduce); use FAdam")
     if (backend is not None and backend != "reference" and backend not in backends.FACTORED_KERNELS
             and reference.is_factored(param)):
-        return (f"backend={backend!r} is not implemented yet for FAdafactor; use backend='cpu' "
-                "or 'reference' (or backend=None)")
+        return (f"backend={backend!r} is not implemented yet for FAdafactor; use backend='cpu', "
+                "'triton' or 'reference' (or backend=None)")
     return None
 
 
@@ -66,9 +66,9 @@ class FAdafactor(FAdam):
     ``param.shape[:-2] + param.shape[-1:]``), float32; for fewer dims ``fim``. That is about 4
     bytes per parameter against FAdam's 8.
 
-    Backends: ``"cpu"`` and ``"reference"`` step factored parameters; ``"cuda"`` and ``"triton"``
-    have no FAdafactor kernels yet and are refused for them (backend=None runs factored CUDA
-    parameters on the reference backend). Sharded (DTensor) parameters are not supported yet.
+    Backends: ``"cpu"``, ``"triton"`` and ``"reference"`` step factored parameters; ``"cuda"``
+    has no FAdafactor kernels yet and is refused for them (backend=None runs factored CUDA
+    parameters on ``"triton"`` when the CUDA extension is not built, else on the reference). Sharded (DTensor) parameters are not supported yet.
     Everything else (non-finite skip, GradScaler, no host sync, state_dict moving across
     backends and devices) is as in :class:`FAdam`.
     """

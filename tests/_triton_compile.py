@@ -141,7 +141,11 @@ def compile_ptx(phase, arch, **spec):
 @functools.lru_cache(maxsize=None)
 def ptxas_stats(phase, arch, **spec):
     """(registers, spill store bytes, spill load bytes, ptxas -v text) of one specialization."""
-    ptx = compile_ptx(phase, arch, **spec)
+    return ptxas_report(compile_ptx(phase, arch, **spec))
+
+
+def ptxas_report(ptx):
+    """(registers, spill store bytes, spill load bytes, ptxas -v text) of one kernel's PTX."""
     # Triton targets sm_90a on Hopper (the arch-specific feature set); ptxas needs the same name.
     gpu = re.search(r"^\.target (sm_\w+)", ptx, re.M).group(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,9 +17,14 @@ On CUDA tensors the kernels are compiled by Triton; CPU tensors run only in Trit
 """
 
 from ._ops import BLOCK, NUM_WARPS, SLOT_BLOCK, triton_phase_a, triton_phase_b
+# FAdafactor's three ops ([note: the FAdafactor op contract] in fadam_fused/op_contract.py),
+# registered as torch.ops.fadam_fused.triton_fadafactor_phase_{s,a,b}.
+from ._fadafactor_ops import (triton_fadafactor_phase_a, triton_fadafactor_phase_b,
+                              triton_fadafactor_phase_s)
 
 # The two ops under the names of the contract's wrappers (tests call them directly).
 phase_a, phase_b = triton_phase_a, triton_phase_b
 
 __all__ = ["phase_a", "phase_b", "triton_phase_a", "triton_phase_b", "BLOCK", "NUM_WARPS",
-           "SLOT_BLOCK"]
+           "SLOT_BLOCK", "triton_fadafactor_phase_s", "triton_fadafactor_phase_a",
+           "triton_fadafactor_phase_b"]

@@ -67,14 +67,21 @@ def _pow64(x, y, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _fim_coeffs(step_ptr, beta2, INTERPRET: tl.constexpr):
-    """(b2hat, 1 - b2hat) as float32 from the float64 Adafactor correction of this tensor's step
-    t >= 1 (already incremented), read from the device: 0 at t = 1, tending to beta2."""
+def _b2hat(step_ptr, beta2, INTERPRET: tl.constexpr):
+    """b2hat_of() in float64: beta2 (1 - beta2^(t-1)) / (1 - beta2^t) for this tensor's step
+    t >= 1 (already incremented), read from the device: 0 at t = 1, tending to beta2. FAdafactor's
+    row and column sums use it unrounded (factor_update is float64)."""
     t = tl.load(step_ptr).to(tl.float64)
     b = tl.full([], beta2, tl.float64)
     num = 1.0 - _pow64(b, t - 1.0, INTERPRET)
     den = 1.0 - _pow64(b, t, INTERPRET)
-    bh = b * num / den
+    return b * num / den
+
+
+@triton.jit
+def _fim_coeffs(step_ptr, beta2, INTERPRET: tl.constexpr):
+    """(b2hat, 1 - b2hat) as float32, both rounded from the float64 _b2hat."""
+    bh = _b2hat(step_ptr, beta2, INTERPRET)
     return bh.to(tl.float32), (1.0 - bh).to(tl.float32)
 
 
