@@ -59,22 +59,10 @@
 #include "fadam_ops.h"
 // Last: the emulated build includes HIP-CPU's runtime here, after every torch header.
 #include "cuda/launch.h"
+#include "cuda/kernel_common.cuh"
 
 namespace fadam::cuda {
 namespace {
-
-// 512 threads: PyTorch's multi-tensor block size. A 64K chunk is then 32 fragments per thread
-// (float32) or 16 (bf16), enough loop trips to hide the per-block prologue.
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-// At least 2 resident blocks (1024 threads) per SM: caps registers at 64 per thread. Without it
-// the bf16/fp16 phase-B kernels take 72 registers, which leaves one 512-thread block per SM (25%
-// occupancy) and too few loads in flight to saturate HBM.
-constexpr int kMinBlocks = 2;
-
-// Per-tensor flag bits.
-constexpr uint8_t kFlagFused = 1;    // fuse_one_chunk && nchunks == 1
-constexpr uint8_t kFlagVector = 2;   // all pointers 16-byte aligned and chunk_size % V == 0
 
 // The tables of one launch (structure of arrays: no padding between fields).
 struct Tables {
@@ -106,128 +94,11 @@ struct Args {
 // 32764 bytes is the kernel-parameter limit on Volta+ with CUDA 12.1+ (4096 before).
 static_assert(sizeof(Args) <= 32764, "launch tables exceed the kernel parameter space");
 
-// ---- loads and stores of one fragment ---------------------------------------------------------
-
-template <typename T, int N>
-struct alignas(16) Pack {
-  T v[N];
-};
-
-// Loads a fragment into float32 lanes. kFull: all V elements, with one 128-bit load per 16 bytes
-// (LDG.E.128); otherwise `count` (< V, or V on the unaligned path) element loads, the remaining
-// lanes set to `pad`.
-template <bool kFull, int V, typename T>
-__device__ __forceinline__ void load_frag(float (&out)[V], const T* p, int count, float pad) {
-  constexpr int kPer = 16 / sizeof(T);  // elements per 128-bit piece
-  static_assert(V % kPer == 0, "a fragment is whole 128-bit pieces");
-  if constexpr (kFull) {
-#pragma unroll
-    for (int q = 0; q < V / kPer; ++q) {
-      const Pack<T, kPer> pk = reinterpret_cast<const Pack<T, kPer>*>(p)[q];
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        out[q * kPer + j] = static_cast<float>(pk.v[j]);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      out[j] = j < count ? static_cast<float>(p[j]) : pad;
-    }
-  }
-}
-
-// Stores a fragment, rounding float32 to T (round to nearest even for bf16 / fp16).
-template <bool kFull, int V, typename T>
-__device__ __forceinline__ void store_frag(T* p, const float (&in)[V], int count) {
-  constexpr int kPer = 16 / sizeof(T);
-  if constexpr (kFull) {
-#pragma unroll
-    for (int q = 0; q < V / kPer; ++q) {
-      Pack<T, kPer> pk;
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        pk.v[j] = static_cast<T>(in[q * kPer + j]);
-      }
-      reinterpret_cast<Pack<T, kPer>*>(p)[q] = pk;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      if (j < count) {
-        p[j] = static_cast<T>(in[j]);
-      }
-    }
-  }
-}
-
-// Calls body(i, count, kFull) for the fragments of this thread in a chunk of n elements, in
-// order. The vector/scalar choice is made once per fragment, so each path is straight-line code
-// (deciding per load and per store kept 8 predicates live and spilled one of them in phase B).
-template <int V, typename Body>
-__device__ __forceinline__ void for_each_frag(int n, bool vec, Body&& body) {
-  for (int i = threadIdx.x * V; i < n; i += kThreads * V) {
-    const int count = min(V, n - i);
-    if (vec && count == V) {
-      body(i, V, std::true_type{});
-    } else {
-      body(i, count, std::false_type{});
-    }
-  }
-}
-
-// ---- deterministic block reductions -----------------------------------------------------------
-
-__device__ __forceinline__ double warp_sum(double x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    x += __shfl_down_sync(0xffffffffu, x, off);
-  }
-  return x;
-}
-
-// Sum of (a, b) over the block in a fixed tree; the result is valid in thread 0. `scratch` holds
-// 2 * kWarps doubles. Ends with a barrier, so scratch may be reused right after.
-__device__ __forceinline__ void block_sum2(double& a, double& b, double* scratch) {
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  a = warp_sum(a);
-  b = warp_sum(b);
-  if (lane == 0) {
-    scratch[warp] = a;
-    scratch[kWarps + warp] = b;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    a = lane < kWarps ? scratch[lane] : 0.0;
-    b = lane < kWarps ? scratch[kWarps + lane] : 0.0;
-    a = warp_sum(a);
-    b = warp_sum(b);
-  }
-  __syncthreads();
-}
-
 // ---- per-block scalars ------------------------------------------------------------------------
 
-struct BlockScalars {
-  float b2hat;
-  float one_minus_b2hat;
-  float grad_mul;  // (maximize ? -1 : 1) / grad_scale, in float64 then rounded (as the CPU kernel)
-  float lr;
-  float inv_s1;
-  float inv_s2;
-};
-
-// Thread 0 only. fim_coeffs() runs two float64 pow()s: once per block, not per thread.
+// Thread 0 only: block_scalars() with this tensor's step.
 __device__ __forceinline__ void block_prologue(const Args& args, int tensor, BlockScalars& bs) {
-  const Scalars& s = args.s;
-  const FimCoeffs fc = fim_coeffs(s.beta2, static_cast<double>(*args.t.step[tensor]));
-  bs.b2hat = fc.b2hat;
-  bs.one_minus_b2hat = fc.one_minus_b2hat;
-  bs.grad_mul = grad_mul_of(s.maximize, s.grad_scale);
-  bs.lr = lr_of(s.lr_ptr, s.lr_is_double, s.lr);
-  bs.inv_s1 = 1.0f;
-  bs.inv_s2 = 1.0f;
+  bs = block_scalars(args.s, args.t.step[tensor]);
 }
 
 // ---- per-chunk loops --------------------------------------------------------------------------
@@ -257,76 +128,40 @@ __device__ __forceinline__ ChunkPtrs<scalar_t> chunk_ptrs(const Tables& t, int t
   return c;
 }
 
-// Phase-A work on one chunk: float64 sums of ghat^2 and w^2 (per thread, in fragment order) and
-// the non-finite check of the (scaled) gradient.
-template <typename scalar_t, bool kSqrt>
-__device__ __forceinline__ void reduce_chunk(const ChunkPtrs<scalar_t>& c, const BlockScalars& bs,
-                                             float p, float eps_p, double& s1, double& s2,
-                                             bool& bad) {
-  constexpr int V = 16 / sizeof(scalar_t);
-  for_each_frag<V>(c.n, c.vec, [&](int i, int count, auto full) {
-    constexpr bool kFull = decltype(full)::value;
-    float g[V], theta[V], f[V];
-    load_frag<kFull>(g, c.grad + i, count, 0.0f);
-    load_frag<kFull>(theta, c.param + i, count, 0.0f);
-    load_frag<kFull>(f, c.fim + i, count, 1.0f);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float gj = g[j] * bs.grad_mul;
-      bad |= !::isfinite(gj);
-      const float fj = fim_update(f[j], gj, bs.b2hat, bs.one_minus_b2hat);
-      const float r = fisher_inv_denom<kSqrt>(fj, p, eps_p);
-      if (kFull || j < count) {  // not the padding of a ragged fragment (see the file header)
-        const double ghat = static_cast<double>(gj * r);
-        const double w = static_cast<double>(theta[j] * r);
-        s1 += ghat * ghat;
-        s2 += w * w;
-      }
-    }
-  });
-}
+// FAdam's f: the stored f of the fragment, updated with this step's g (fim_update), and stored
+// back by phase B (the Fim interface of kernel_common.cuh).
+struct StoredFim {
+  float* fim;  // the chunk's f
+  float b2hat, one_minus_b2hat;
 
-// Phase-A work on a fused one-chunk tensor, or on any chunk with clipping off: only the
-// non-finite check (phase B reduces a fused tensor; without clipping nothing needs the sums).
+  template <bool kFull, int V>
+  struct Frag {
+    float* ptr;
+    int count;
+    float b2hat, one_minus_b2hat;
+    float f[V];
+
+    __device__ __forceinline__ float at(int e, float g) {
+      f[e] = fim_update(f[e], g, b2hat, one_minus_b2hat);
+      return f[e];
+    }
+    __device__ __forceinline__ void store() const {
+      store_frag<kFull>(ptr, f, count);
+    }
+  };
+
+  template <bool kFull, int V>
+  __device__ __forceinline__ Frag<kFull, V> frag(int i, int count) const {
+    Frag<kFull, V> ff{fim + i, count, b2hat, one_minus_b2hat, {}};
+    load_frag<kFull>(ff.f, fim + i, count, 1.0f);
+    return ff;
+  }
+};
+
 template <typename scalar_t>
-__device__ __forceinline__ void check_chunk(const ChunkPtrs<scalar_t>& c, const BlockScalars& bs,
-                                            bool& bad) {
-  constexpr int V = 16 / sizeof(scalar_t);
-  for_each_frag<V>(c.n, c.vec, [&](int i, int count, auto full) {
-    float g[V];
-    load_frag<decltype(full)::value>(g, c.grad + i, count, 0.0f);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      bad |= !::isfinite(g[j] * bs.grad_mul);
-    }
-  });
-}
-
-// Phase-B work on one chunk: the new f (same calls as reduce_chunk: bitwise the same f), the
-// momentum and the parameter, stored in place.
-template <typename scalar_t, bool kSqrt>
-__device__ __forceinline__ void update_chunk(const ChunkPtrs<scalar_t>& c, const BlockScalars& bs,
-                                             const Scalars& s) {
-  constexpr int V = 16 / sizeof(scalar_t);
-  for_each_frag<V>(c.n, c.vec, [&](int i, int count, auto full) {
-    constexpr bool kFull = decltype(full)::value;
-    float g[V], theta[V], f[V], m[V];
-    load_frag<kFull>(g, c.grad + i, count, 0.0f);
-    load_frag<kFull>(theta, c.param + i, count, 0.0f);
-    load_frag<kFull>(f, c.fim + i, count, 1.0f);
-    load_frag<kFull>(m, c.mom + i, count, 0.0f);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float gj = g[j] * bs.grad_mul;
-      f[j] = fim_update(f[j], gj, bs.b2hat, bs.one_minus_b2hat);
-      const float r = fisher_inv_denom<kSqrt>(f[j], s.p, s.eps_p);
-      fadam_update(theta[j], m[j], gj * r, theta[j] * r, s.beta1, s.one_minus_beta1, bs.inv_s1,
-                   bs.inv_s2, bs.lr, s.weight_decay);
-    }
-    store_frag<kFull>(c.fim + i, f, count);
-    store_frag<kFull>(c.mom + i, m, count);
-    store_frag<kFull>(c.param + i, theta, count);
-  });
+__device__ __forceinline__ StoredFim stored_fim(const ChunkPtrs<scalar_t>& c,
+                                                const BlockScalars& bs) {
+  return {c.fim, bs.b2hat, bs.one_minus_b2hat};
 }
 
 // ---- kernels ----------------------------------------------------------------------------------
@@ -346,10 +181,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(con
   const auto c = chunk_ptrs<scalar_t>(args.t, tensor, chunk, args.s.chunk_size);
   bool bad = false;
   if (!args.s.clipping || (args.t.flags[tensor] & kFlagFused)) {
-    check_chunk(c, bs, bad);
+    // Only the non-finite check: phase B reduces a fused tensor, and without clipping nothing
+    // needs the sums.
+    check_frags(c.grad, c.n, c.vec, bs.grad_mul, bad);
   } else {
     double s1 = 0.0, s2 = 0.0;
-    reduce_chunk<scalar_t, kSqrt>(c, bs, args.s.p, args.s.eps_p, s1, s2, bad);
+    reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, stored_fim(c, bs), bs.grad_mul, args.s.p,
+                        args.s.eps_p, s1, s2, bad);
     block_sum2(s1, s2, scratch);
     if (threadIdx.x == 0) {
       double* slot = args.s.partials + 2 * (args.t.slot0[tensor] + chunk);
@@ -375,59 +213,31 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(con
   const Scalars& s = args.s;
   const int tensor = t.block_tensor[blockIdx.x];
   const int64_t chunk0 = t.block_chunk[blockIdx.x];
-  const bool fused = (t.flags[tensor] & kFlagFused) != 0;
   if (threadIdx.x == 0) {
     block_prologue(args, tensor, bs);
   }
   __syncthreads();
   if (s.clipping) {
     double s1 = 0.0, s2 = 0.0;
-    if (fused) {
-      // Both phases in this block: the reduce pass brings the chunk into L1/L2 and the update
-      // pass re-reads it from there, one HBM pass, while the chunks of the resident blocks fit in
-      // L2: 264 resident blocks on an H100 (132 SMs x 2) x 12 B x n <= 50 MB holds up to n ~ 16K
-      // elements per tensor (A100: 216 blocks, 40 MB, n ~ 15K). Larger one-chunk tensors (up to
-      // 64K) may miss and cost phase A's 12 B/param again, no more than the unfused path.
+    if (t.flags[tensor] & kFlagFused) {
+      // Both phases in this block ([note: fused one-chunk tensors] in kernel_common.cuh).
+      const auto c = chunk_ptrs<scalar_t>(t, tensor, 0, s.chunk_size);
       bool unused = false;
-      reduce_chunk<scalar_t, kSqrt>(chunk_ptrs<scalar_t>(t, tensor, 0, s.chunk_size), bs, s.p,
-                                    s.eps_p, s1, s2, unused);
+      reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, stored_fim(c, bs), bs.grad_mul, s.p,
+                          s.eps_p, s1, s2, unused);
     } else {
-      // One 128-bit load per slot: partials is a contiguous [n_slots, 2] float64 tensor from the
-      // caching allocator (512-byte aligned), so every slot is 16-byte aligned.
-      const double2* slots = reinterpret_cast<const double2*>(s.partials) + t.slot0[tensor];
-      for (int k = threadIdx.x; k < t.nchunks[tensor]; k += kThreads) {
-        const double2 v = slots[k];
-        s1 += v.x;
-        s2 += v.y;
-      }
+      sum_slots(s.partials, t.slot0[tensor], t.nchunks[tensor], s1, s2);
     }
-    block_sum2(s1, s2, scratch);
-    if (threadIdx.x == 0) {
-      bs.inv_s1 = static_cast<float>(clip_inv_scale(s1, t.numel[tensor], s.clip));
-      bs.inv_s2 = static_cast<float>(clip_inv_scale(s2, t.numel[tensor], s.clip));
-    }
-    __syncthreads();
+    clip_scales(s1, s2, t.numel[tensor], s.clip, bs, scratch);
   }
   const int64_t chunk_end = min(chunk0 + t.per_block[tensor], static_cast<int64_t>(t.nchunks[tensor]));
   for (int64_t chunk = chunk0; chunk < chunk_end; ++chunk) {
-    update_chunk<scalar_t, kSqrt>(chunk_ptrs<scalar_t>(t, tensor, chunk, s.chunk_size), bs, s);
+    const auto c = chunk_ptrs<scalar_t>(t, tensor, chunk, s.chunk_size);
+    update_frags<kSqrt>(c.param, c.grad, c.mom, c.n, c.vec, stored_fim(c, bs), bs, s);
   }
 }
 
 // ---- host side --------------------------------------------------------------------------------
-
-bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
-std::vector<int64_t> numels_of(at::TensorList params) {
-  std::vector<int64_t> out;
-  out.reserve(params.size());
-  for (const auto& p : params) {
-    out.push_back(p.numel());
-  }
-  return out;
-}
 
 // Fills the tables of one launch from the plan.
 void fill_tables(Tables& tab, const Launch& launch, at::TensorList params, at::TensorList grads,
@@ -454,11 +264,6 @@ void fill_tables(Tables& tab, const Launch& launch, at::TensorList params, at::T
     tab.block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
     tab.block_chunk[b] = launch.blocks[b].chunk;
   }
-}
-
-void check_same_device(const char* op, const at::Tensor& t, const char* name,
-                       const at::Device& device) {
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
 }
 
 void phase_a_cuda(at::TensorList params, at::TensorList grads, at::TensorList fims,

@@ -29,6 +29,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "fadam_ops.h"  // nchunks_of
@@ -85,55 +86,96 @@ struct Launch {
   std::vector<PlanBlock> blocks;
 };
 
-inline std::vector<Launch> make_plan(const std::vector<int64_t>& numels, int64_t chunk_size,
-                                     bool fuse_one_chunk, Phase phase,
-                                     int64_t max_tensors = kMaxTensors,
-                                     int64_t max_blocks = kMaxBlocks) {
-  TORCH_CHECK(chunk_size > 0 && chunk_size <= (int64_t{1} << 30),
-              "fadam_fused (CUDA): chunk_size must be in [1, 2^30] (in-chunk indices are 32-bit), "
-              "got ", chunk_size);
+inline void check_capacities(int64_t max_tensors, int64_t max_blocks) {
   TORCH_CHECK(max_tensors >= 1 && max_tensors <= kMaxTensors && max_blocks >= 1 &&
                   max_blocks <= kMaxBlocks,
               "fadam_fused (CUDA): table capacities must be in [1, ", kMaxTensors, "] and [1, ",
               kMaxBlocks, "], got ", max_tensors, " and ", max_blocks);
-  std::vector<Launch> launches(1);
+}
+
+// Appends `nblocks` blocks of tensor `t` to the plan, block b starting at chunk (or index)
+// b * t.per_block; a block that does not fit opens the next launch, where `t` is listed again.
+// Every planner of the CUDA kernels (FAdam's two phases below, FAdafactor's four kernels in
+// fadafactor_cuda.cu) packs its blocks with this one function.
+inline void append_blocks(std::vector<Launch>& launches, const PlanTensor& t, int64_t nblocks,
+                          int64_t max_tensors = kMaxTensors, int64_t max_blocks = kMaxBlocks) {
+  TORCH_CHECK(nblocks == 0 || (nblocks - 1) * t.per_block <= INT32_MAX,
+              "fadam_fused (CUDA): tensor ", t.tensor, " needs more than 2^31 blocks");
+  if (launches.empty()) {
+    launches.emplace_back();
+  }
+  bool listed = false;  // whether t is in the current launch's tensor table
+  for (int64_t b = 0; b < nblocks; ++b) {
+    Launch* cur = &launches.back();
+    if (static_cast<int64_t>(cur->blocks.size()) == max_blocks ||
+        (!listed && static_cast<int64_t>(cur->tensors.size()) == max_tensors)) {
+      launches.emplace_back();
+      cur = &launches.back();
+      listed = false;
+    }
+    if (!listed) {
+      cur->tensors.push_back(t);
+      listed = true;
+    }
+    cur->blocks.push_back({static_cast<int32_t>(cur->tensors.size() - 1),
+                           static_cast<int32_t>(b * t.per_block)});
+  }
+}
+
+// Drops a trailing launch without blocks (no tensors, or only tensors that need none).
+inline std::vector<Launch> trim_plan(std::vector<Launch> launches) {
+  if (!launches.empty() && launches.back().blocks.empty()) {
+    launches.pop_back();
+  }
+  return launches;
+}
+
+inline void check_chunk_size(int64_t chunk_size) {
+  TORCH_CHECK(chunk_size > 0 && chunk_size <= (int64_t{1} << 30),
+              "fadam_fused (CUDA): chunk_size must be in [1, 2^30] (in-chunk indices are 32-bit), "
+              "got ", chunk_size);
+}
+
+// The chunks of a tensor of `numel` elements, checked to fit the int32 block entries.
+inline int64_t checked_nchunks(int64_t tensor, int64_t numel, int64_t chunk_size) {
+  const int64_t nchunks = nchunks_of(numel, chunk_size);
+  TORCH_CHECK(nchunks <= INT32_MAX, "fadam_fused (CUDA): tensor ", tensor, " has ", numel,
+              " elements: more than 2^31 chunks of ", chunk_size);
+  return nchunks;
+}
+
+// Phase B blocks of a tensor of `nchunks` chunks: sets t.per_block, returns the block count.
+inline int64_t phase_b_blocks(PlanTensor& t, int64_t numel) {
+  if (t.fused) {
+    return numel == 0 ? 0 : 1;
+  }
+  t.per_block = (t.nchunks + kMaxPhaseBBlocksPerTensor - 1) / kMaxPhaseBBlocksPerTensor;
+  return numel == 0 ? 0 : (t.nchunks + t.per_block - 1) / t.per_block;
+}
+
+inline std::vector<Launch> make_plan(const std::vector<int64_t>& numels, int64_t chunk_size,
+                                     bool fuse_one_chunk, Phase phase,
+                                     int64_t max_tensors = kMaxTensors,
+                                     int64_t max_blocks = kMaxBlocks) {
+  check_chunk_size(chunk_size);
+  check_capacities(max_tensors, max_blocks);
+  std::vector<Launch> launches;
   int64_t slot0 = 0;
   for (size_t i = 0; i < numels.size(); ++i) {
     const int64_t numel = numels[i];
-    const int64_t nchunks = nchunks_of(numel, chunk_size);
-    TORCH_CHECK(nchunks <= INT32_MAX, "fadam_fused (CUDA): tensor ", i, " has ", numel,
-                " elements: more than 2^31 chunks of ", chunk_size);
+    const int64_t nchunks = checked_nchunks(static_cast<int64_t>(i), numel, chunk_size);
     const bool fused = fuse_one_chunk && nchunks == 1;
     PlanTensor t{static_cast<int64_t>(i), nchunks, slot0, 1, fused};
     slot0 += nchunks;
     int64_t nblocks = nchunks;  // phase A, not fused: one block per chunk, even when empty
-    if (fused) {
-      nblocks = numel == 0 ? 0 : 1;
-    } else if (phase == Phase::B) {
-      t.per_block = (nchunks + kMaxPhaseBBlocksPerTensor - 1) / kMaxPhaseBBlocksPerTensor;
-      nblocks = numel == 0 ? 0 : (nchunks + t.per_block - 1) / t.per_block;
+    if (phase == Phase::B) {
+      nblocks = phase_b_blocks(t, numel);
+    } else if (fused) {
+      nblocks = numel == 0 ? 0 : 1;  // the non-finite check only
     }
-    bool listed = false;  // whether t is in the current launch's tensor table
-    for (int64_t b = 0; b < nblocks; ++b) {
-      Launch* cur = &launches.back();
-      if (static_cast<int64_t>(cur->blocks.size()) == max_blocks ||
-          (!listed && static_cast<int64_t>(cur->tensors.size()) == max_tensors)) {
-        launches.emplace_back();
-        cur = &launches.back();
-        listed = false;
-      }
-      if (!listed) {
-        cur->tensors.push_back(t);
-        listed = true;
-      }
-      cur->blocks.push_back({static_cast<int32_t>(cur->tensors.size() - 1),
-                             static_cast<int32_t>(b * t.per_block)});
-    }
+    append_blocks(launches, t, nblocks, max_tensors, max_blocks);
   }
-  if (launches.back().blocks.empty()) {
-    launches.pop_back();  // nothing to launch (no tensors, or only empty fused ones)
-  }
-  return launches;
+  return trim_plan(std::move(launches));
 }
 
 }  // namespace fadam::cuda
