@@ -60,7 +60,8 @@ $(BUILT): $(DEPS) $(SOURCES)
 GPU_CC = $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1)
 GPU_ARCHS = $(shell printf '8.0\n9.0\n$(GPU_CC)\n' | grep . | sort -u | paste -sd ';' -)
 GPU_TESTS := tests/test_cuda.py tests/test_cuda_build.py tests/test_triton_ops.py \
-             tests/test_triton_optimizer.py tests/test_optimizer_api.py tests/test_sharded.py
+             tests/test_triton_optimizer.py tests/test_optimizer_api.py tests/test_sharded.py \
+             tests/test_fadafactor_cuda.py tests/test_fadafactor_triton.py
 GPU_OUT := bench/results
 
 gpu-check: $(BENCH_DEPS)

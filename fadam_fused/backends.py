@@ -6,8 +6,8 @@ torch.ops.fadam_fused.fadam_phase_{a,b} (one schema, two dispatch keys); "triton
 torch.ops.fadam_fused.triton_phase_{a,b}, registered with torch.library.triton_op in
 fadam_fused.triton_kernels. "reference" is not a fused backend: it is the oracle of
 fadam_fused.reference, one tensor at a time. Under FADAM_CUDA_EMULATE=1 (tests), "cuda" is
-torch.ops.fadam_fused.cuda_emulated_phase_{a,b}: the CUDA kernels compiled for the CPU, on CPU
-tensors ([note: one CUDA source, two compilers] in csrc/cuda/launch.h).
+torch.ops.fadam_fused.cuda_emulated_phase_{a,b} (and cuda_emulated_fadafactor_phase_{s,a,b}): the
+CUDA kernels compiled for the CPU, on CPU tensors ([note: one CUDA source, two compilers] in csrc/cuda/launch.h).
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def fused(name: str) -> op_contract.PhaseOps:
 
 # Fused backends with FAdafactor kernels ([note: the FAdafactor op contract] in op_contract.py), by
 # the prefix of their ops; the others are refused for factored parameters.
-FACTORED_KERNELS = {"cpu": "fadafactor", "triton": "triton_fadafactor"}
+FACTORED_KERNELS = {"cpu": "fadafactor", "cuda": "fadafactor", "triton": "triton_fadafactor"}
 _FACTORED: dict[str, op_contract.FactoredOps] = {}  # a plain dict, as _FUSED
 
 
@@ -191,5 +191,8 @@ def factored(name: str) -> op_contract.FactoredOps:
             module, reason = _triton_module()
             if module is None:
                 raise RuntimeError(reason)
-        _FACTORED[name] = op_contract.factored_ops(name, FACTORED_KERNELS[name])
+        prefix = FACTORED_KERNELS[name]
+        if name == "cuda" and _ext.CUDA_EMULATE:
+            prefix = op_contract.EMULATED_CUDA_FADAFACTOR
+        _FACTORED[name] = op_contract.factored_ops(name, prefix)
     return _FACTORED[name]

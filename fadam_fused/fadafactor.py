@@ -33,10 +33,6 @@ def _param_check(param: Tensor, backend: str | None) -> str | None:
     if sharded.is_dtensor(param):
         return ("sharded (DTensor) parameters are not supported by FAdafactor yet (the row and "
                 "column sums would need their own all-reduce); use FAdam")
-    if (backend is not None and backend != "reference" and backend not in backends.FACTORED_KERNELS
-            and reference.is_factored(param)):
-        return (f"backend={backend!r} is not implemented yet for FAdafactor; use backend='cpu', "
-                "'triton' or 'reference' (or backend=None)")
     return None
 
 
@@ -66,9 +62,9 @@ class FAdafactor(FAdam):
     ``param.shape[:-2] + param.shape[-1:]``), float32; for fewer dims ``fim``. That is about 4
     bytes per parameter against FAdam's 8.
 
-    Backends: ``"cpu"``, ``"triton"`` and ``"reference"`` step factored parameters; ``"cuda"``
-    has no FAdafactor kernels yet and is refused for them (backend=None runs factored CUDA
-    parameters on ``"triton"`` when the CUDA extension is not built, else on the reference). Sharded (DTensor) parameters are not supported yet.
+    Backends: every one of :class:`FAdam`'s (``"cuda"``, ``"triton"``, ``"cpu"``,
+    ``"reference"``, chosen the same way) has FAdafactor kernels. Sharded (DTensor) parameters
+    are not supported yet.
     Everything else (non-finite skip, GradScaler, no host sync, state_dict moving across
     backends and devices) is as in :class:`FAdam`.
     """
@@ -90,10 +86,9 @@ class FAdafactor(FAdam):
     def _route(param: Tensor, name: str) -> tuple[str, str]:
         if not reference.is_factored(param):
             return name, "fadam"
-        # backend=None on CUDA resolves to a backend without FAdafactor kernels (an explicit one
-        # was refused by _param_check): the reference runs those tensors. The kernels walk rows
-        # of the last dim, so a dense but permuted parameter (channels_last) runs there too.
-        if name not in backends.FACTORED_KERNELS or not param.is_contiguous():
+        # The kernels walk rows of the last dim, so a dense but permuted parameter (channels_last)
+        # runs on the reference.
+        if not param.is_contiguous():
             name = "reference"
         return name, "factored"
 

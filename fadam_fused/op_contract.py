@@ -135,7 +135,7 @@ def define_phase_ops(name_a: str, name_b: str) -> None:
 
 def define_fadafactor_ops(prefix: str) -> None:
     """Defines fadam_fused::<prefix>_phase_s / _a / _b with the FAdafactor schemas
-    ([note: the FAdafactor op contract]); the CPU kernels register "fadafactor"."""
+    ([note: the FAdafactor op contract]); the CPU and CUDA kernels register "fadafactor"."""
     for phase, schema in (("s", FADAFACTOR_PHASE_S_SCHEMA), ("a", FADAFACTOR_PHASE_A_SCHEMA),
                           ("b", FADAFACTOR_PHASE_B_SCHEMA)):
         _define(f"{prefix}_phase_{phase}", schema)
@@ -149,6 +149,7 @@ define_phase_ops("fadam_phase_a", "fadam_phase_b")
 # The ops of the emulated CUDA build (csrc/cuda/launch.h), defined by fadam_fused._ext before it
 # loads that build: only under FADAM_CUDA_EMULATE=1 or in its tests.
 EMULATED_CUDA_OPS = ("cuda_emulated_phase_a", "cuda_emulated_phase_b")
+EMULATED_CUDA_FADAFACTOR = "cuda_emulated_fadafactor"  # the prefix of its FAdafactor ops
 define_fadafactor_ops("fadafactor")
 
 

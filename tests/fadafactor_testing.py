@@ -12,21 +12,22 @@ STATE_KEYS = ("momentum", "fim_row", "fim_col", "fim")
 
 
 def _snapshot(params, state):
-    return {"params": [p.detach().clone() for p in params],
-            "state": [{k: (v.detach().clone() if k != "step" else float(v))
+    """Parameters and state after a step, as CPU copies (whatever the device)."""
+    return {"params": [p.detach().to("cpu", copy=True) for p in params],
+            "state": [{k: (v.detach().to("cpu", copy=True) if k != "step" else float(v))
                        for k, v in state.get(p, {}).items()} for p in params]}
 
 
-def run_fadafactor(problem: Problem, backend, lr_schedule=None, **hyper):
-    """Trajectory of FAdafactor(backend=...): a snapshot after every step."""
-    params = [torch.nn.Parameter(t.clone()) for t in problem.init]
+def run_fadafactor(problem: Problem, backend, lr_schedule=None, device="cpu", **hyper):
+    """Trajectory of FAdafactor(backend=...) on `device`: a CPU snapshot after every step."""
+    params = [torch.nn.Parameter(t.to(device, copy=True)) for t in problem.init]
     opt = FAdafactor(params, backend=backend, **hyper)
     snaps = []
     for k, row in enumerate(problem.grads):
         if lr_schedule is not None:
             opt.param_groups[0]["lr"] = lr_schedule(k)
         for p, g in zip(params, row):
-            p.grad = None if g is None else g.clone()
+            p.grad = None if g is None else g.to(device, copy=True)
         opt.step()
         snaps.append(_snapshot(params, opt.state))
     return snaps, params, opt

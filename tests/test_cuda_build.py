@@ -1,9 +1,10 @@
 """Checks of the CUDA build that run without a GPU.
 
-1. The built extension (fadam_fused/_C*.so) holds the FAdam kernels for sm_80 and sm_90, and none
-   of them uses local memory: `cuobjdump -res-usage` reports STACK:0 and LOCAL:0 (a register spill
-   would show up as stack / local bytes), and at most 64 registers (the kernels' launch bounds ask
-   for 2 resident blocks of 512 threads per SM: 65536 / 1024).
+1. The built extension (fadam_fused/_C*.so) holds the FAdam and FAdafactor kernels for sm_80 and
+   sm_90, and none of them uses local memory: `cuobjdump -res-usage` reports STACK:0 and LOCAL:0
+   (a register spill would show up as stack / local bytes), and at most 64 registers (the kernels'
+   launch bounds ask for 2 resident blocks of 512 threads per SM: 65536 / 1024). The update
+   kernels load aligned fragments with 128-bit loads (LDG.E.128 in their SASS).
 2. The host-side launch planning (csrc/cuda/multi_tensor_plan.h, [note: CUDA multi-tensor plan]):
    which block handles which tensor and chunk, and how launches split when the tables fill,
    through the op fadam_fused::cuda_plan.
@@ -103,6 +104,55 @@ def test_kernel_built_without_local_memory(res_usage, arch, phase, dtype, sqrt):
     name, res = found[0]
     assert res["STACK"] == 0 and res["LOCAL"] == 0, f"{name} ({arch}) uses local memory: {res}"
     assert res["REG"] <= MAX_REGS, f"{name} ({arch}) uses {res['REG']} registers: {res}"
+
+
+# FAdafactor's kernels (csrc/cuda/fadafactor_cuda.cu, namespace fadam::cuda::factored): the two
+# phase-S kernels (tiles per dtype, combine once) and phases A and B per dtype and p == 0.5.
+FACTORED_KERNELS = ([(f"tiles_kernelI{d}E", None) for d in DTYPES] + [("combine_kernelE", None)] +
+                    [(f"{k}I{d}Lb{s}E", None) for k in ("phase_a_kernel", "phase_b_kernel")
+                     for d in DTYPES for s in (0, 1)])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", [k for k, _ in FACTORED_KERNELS])
+def test_fadafactor_kernel_built_without_local_memory(res_usage, arch, kernel):
+    found = [(n, r) for (a, n), r in res_usage.items()
+             if a == arch and "factored" in n and re.search(rf"\d{re.escape(kernel)}", n)]
+    assert len(found) == 1, (f"{kernel} for {arch}: found {len(found)}: "
+                             f"{sorted(n for a, n in res_usage if a == arch and 'factored' in n)}")
+    name, res = found[0]
+    assert res["STACK"] == 0 and res["LOCAL"] == 0, f"{name} ({arch}) uses local memory: {res}"
+    assert res["REG"] <= MAX_REGS, f"{name} ({arch}) uses {res['REG']} registers: {res}"
+
+
+@pytest.fixture(scope="module")
+def sass_sm80():
+    """{mangled kernel name: its sm_80 SASS} of the built .so."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (install triton, which ships it, or set CUDA_HOME)")
+    from fadam_fused import _C
+
+    out = subprocess.run([tool, "-sass", "-arch", "sm_80", _C.__file__], capture_output=True,
+                         text=True, check=True, timeout=300).stdout
+    kernels, name = {}, None
+    for line in out.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            kernels[name] = []
+        elif name is not None:
+            kernels[name].append(line)
+    return {k: "\n".join(v) for k, v in kernels.items()}
+
+
+@pytest.mark.parametrize("kernel", ["fadam_phase_a_kernel", "fadam_phase_b_kernel",
+                                    "factored.*phase_a_kernel", "factored.*phase_b_kernel"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_kernels_use_128_bit_loads(sass_sm80, kernel, dtype):
+    found = [s for n, s in sass_sm80.items() if re.search(rf"{kernel}I{re.escape(dtype)}Lb1E", n)]
+    assert len(found) == 1, f"{kernel}<{dtype}>: found {len(found)} kernels"
+    assert "LDG.E.128" in found[0], f"{kernel}<{dtype}> has no 128-bit global load"
 
 
 def test_report_resource_usage(res_usage, capsys):

@@ -141,18 +141,6 @@ def test_nonfinite_gradient_skips_the_whole_step(backend):
     assert float(opt.skipped_steps) == 1.0
 
 
-@pytest.mark.parametrize("backend", ["cuda"])  # "triton" has kernels: test_fadafactor_triton.py
-def test_gpu_backends_refused_by_name_for_factored_parameters(backend):
-    param = torch.nn.Parameter(torch.randn(3, 4))
-    opt = FAdafactor([{"params": [param], "param_names": ["w"]}], backend=backend)
-    param.grad = torch.randn(3, 4)
-    with pytest.raises(RuntimeError, match=f"'w'.*backend='{backend}' is not implemented yet "
-                                           "for FAdafactor; use backend='cpu', 'triton' or "
-                                           "'reference'"):
-        opt.step()
-    assert not opt.state
-
-
 def test_incomplete_checkpoint_refused_by_name():
     problem = make_problem(shapes=[(4, 5)], steps=1)
     _, _, opt = run_fadafactor(problem, "reference")

@@ -1,15 +1,16 @@
-// What differs between the two compilers of csrc/cuda/fadam_cuda.cu: the device guard, the launch
-// spelling, the dispatch key and the op names. Everything else in that file (kernels, plan, tables,
-// step scalars, dtype dispatch) is one source for both.
+// What differs between the two compilers of the CUDA kernels (csrc/cuda/fadam_cuda.cu and
+// fadafactor_cuda.cu): the device guard, the launch spelling, the dispatch key and the op names.
+// Everything else in those files (kernels, plan, tables, step scalars, dtype dispatch) is one
+// source for both.
 //
 // [note: one CUDA source, two compilers]
 // nvcc (setup.py's CUDA build, fadam_fused._C): kernels for the GPU, launched on the current
 // stream under a device guard, registered as fadam_fused::fadam_phase_a/b for DispatchKey::CUDA.
 // g++ with HIP-CPU (setup.py's test build when FADAM_HIP_CPU names the HIP-CPU folder,
 // fadam_fused._C_cuda_emulated, via cuda/fadam_cuda_emulated.cpp): the same kernels run on the
-// CPU, each block's 512 threads as fibers, registered as fadam_fused::cuda_emulated_phase_a/b
-// (same schemas, defined in fadam_fused/op_contract.py) for DispatchKey::CPU, so they never shadow
-// the CPU kernels of fadam_phase_a/b.
+// CPU, each block's 512 threads as fibers, registered as fadam_fused::cuda_emulated_phase_a/b and
+// cuda_emulated_fadafactor_phase_s/a/b (same schemas, defined in fadam_fused/op_contract.py) for
+// DispatchKey::CPU, so they never shadow the CPU kernels of fadam_phase_a/b and fadafactor_*.
 // backend="cuda" calls them for CPU tensors when FADAM_CUDA_EMULATE=1 (fadam_fused/backends.py).
 // The shims below give HIP-CPU the CUDA spellings the kernels use; HIP-CPU's own limits (64-lane
 // waves, fiber stacks) are in the README of the copy the build points at.

@@ -1,0 +1,643 @@
+// CUDA kernels of the three FAdafactor ops (TORCH_LIBRARY_IMPL(fadam_fused, CUDA)); the contract is
+// [note: the FAdafactor op contract] in fadam_fused/op_contract.py, the math [note: FAdafactor
+// math] in csrc/fadam_math.h. Like fadam_cuda.cu, this source also compiles with g++ and HIP-CPU
+// into the emulated test build ([note: one CUDA source, two compilers] in cuda/launch.h).
+//
+// Four kernels, each one launch per group unless the tables fill ([note: CUDA multi-tensor plan]):
+//
+// - tiles_kernel (phase S): one block per tile of tile_rows x tile_cols (factor_tile(), 256 x 256
+//   at the 65536 chunk) of every matrix. Warp w takes the tile rows w, w + 16, ...; lane l sums
+//   its row's columns l, l + 32, ... (at most 8) in order, the warp adds its lanes in a fixed
+//   tree and lane 0 stores the row's partial. Each lane also keeps its columns' sums over the
+//   warp's rows in registers; the 16 warps' column sums are added in warp order through shared
+//   memory. Reads g once, coalesced (a warp reads 32 consecutive elements of a row). Sets skip
+//   when a row sum is not finite (a non-finite gradient).
+// - combine_kernel (phase S): one block per matrix (also for empty ones, whose R or C still
+//   decays). Adds each row's (column's) tile partials in tile order, stores the new R and C
+//   (factor_update) and, after sum R (each thread's rows in order, then a fixed tree), R / sum R.
+//   It needs every tile of its matrix, hence a second launch (docs/design.md, section 8).
+// - phase_a_kernel / phase_b_kernel: FAdam's (tensor, chunk) blocks, slots and fused one-chunk
+//   rule, through the per-chunk loops of kernel_common.cuh with f = (R_q / sum R) C_j
+//   (FactoredFim). With clipping off phase A is not launched (phase S has checked g); a fused
+//   one-chunk tensor has no phase-A block. Phase B's first block of a tensor also copies its new
+//   R and C from `factors` into fim_rows / fim_cols (an empty tensor gets a block for this alone).
+//
+// Determinism: every sum has one fixed order, as in the CPU kernels (whose order differs: the
+// backends agree to float64 rounding, each one with itself bit for bit).
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "cuda/multi_tensor_plan.h"
+#include "fadam_math.h"
+#include "fadam_ops.h"
+// Last: the emulated build includes HIP-CPU's runtime here, after every torch header.
+#include "cuda/launch.h"
+#include "cuda/kernel_common.cuh"
+
+namespace fadam::cuda::factored {
+namespace {
+
+// Tile columns per block: each lane keeps the column sums of 8 columns (16 registers in float64).
+// factor_tile() gives isqrt(chunk_size) = 256 at the 65536 chunk; larger chunks are refused.
+constexpr int kMaxTileCols = 256;
+constexpr int kColsPerLane = kMaxTileCols / 32;
+
+// The tables of one launch (structure of arrays). Operands a kernel does not use are nullptr.
+struct Tables {
+  const void* grad[kMaxTensors];
+  void* param[kMaxTensors];
+  float* mom[kMaxTensors];
+  float* fim_row[kMaxTensors];   // old R (phase S), new R (phase B)
+  float* fim_col[kMaxTensors];
+  const float* step[kMaxTensors];
+  float* factors[kMaxTensors];   // the tensor's region of `factors`
+  double* fpart[kMaxTensors];    // the tensor's region of `factor_partials`
+  int64_t numel[kMaxTensors];
+  int64_t slot0[kMaxTensors];
+  int32_t batch[kMaxTensors];
+  int32_t rows[kMaxTensors];
+  int32_t cols[kMaxTensors];
+  int32_t tile_rows[kMaxTensors];
+  int32_t tile_cols[kMaxTensors];
+  int32_t nchunks[kMaxTensors];
+  int32_t per_block[kMaxTensors];
+  uint8_t flags[kMaxTensors];
+  uint16_t block_tensor[kMaxBlocks];
+  int32_t block_index[kMaxBlocks];  // tile, matrix or first chunk, by kernel
+};
+
+struct Scalars : HostScalars {
+  double* partials;  // [n_slots, 2]
+  float* skip;       // one element
+  int64_t chunk_size;
+};
+
+struct Args {
+  Tables t;
+  Scalars s;
+};
+static_assert(sizeof(Args) <= 32764, "launch tables exceed the kernel parameter space");
+
+// A matrix's geometry, from the tables.
+struct Matrix {
+  int rows, cols;
+  int64_t factors;   // floats of `factors` per matrix: R (rows), C (cols), R / sum R (rows)
+  int64_t partials;  // doubles of `factor_partials` per matrix
+  int row_tiles, col_tiles;
+};
+
+__device__ __forceinline__ Matrix matrix_of(const Tables& t, int tensor) {
+  Matrix m;
+  m.rows = t.rows[tensor];
+  m.cols = t.cols[tensor];
+  m.row_tiles = (m.rows + t.tile_rows[tensor] - 1) / t.tile_rows[tensor];
+  m.col_tiles = (m.cols + t.tile_cols[tensor] - 1) / t.tile_cols[tensor];
+  m.factors = 2 * static_cast<int64_t>(m.rows) + m.cols;
+  m.partials = static_cast<int64_t>(m.col_tiles) * m.rows + static_cast<int64_t>(m.row_tiles) * m.cols;
+  return m;
+}
+
+// ---- phase S ------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) tiles_kernel(const __grid_constant__ Args args) {
+  __shared__ float grad_mul;
+  __shared__ double col_sums[kWarps][kMaxTileCols];  // 32 KB
+  const Tables& t = args.t;
+  const int tensor = t.block_tensor[blockIdx.x];
+  const int64_t tile = t.block_index[blockIdx.x];
+  if (threadIdx.x == 0) {
+    grad_mul = grad_mul_of(args.s.maximize, args.s.grad_scale);
+  }
+  __syncthreads();
+  const Matrix m = matrix_of(t, tensor);
+  const int64_t tc = tile % m.col_tiles;
+  const int64_t tr = tile / m.col_tiles % m.row_tiles;
+  const int64_t b = tile / (static_cast<int64_t>(m.col_tiles) * m.row_tiles);
+  const int r0 = static_cast<int>(tr) * t.tile_rows[tensor];
+  const int r1 = min(m.rows, r0 + t.tile_rows[tensor]);
+  const int c0 = static_cast<int>(tc) * t.tile_cols[tensor];
+  const int c1 = min(m.cols, c0 + t.tile_cols[tensor]);
+  const auto* g = static_cast<const scalar_t*>(t.grad[tensor]) +
+                  b * static_cast<int64_t>(m.rows) * m.cols;
+  double* row_out = t.fpart[tensor] + b * m.partials + tc * m.rows;
+  double* col_out = t.fpart[tensor] + b * m.partials + static_cast<int64_t>(m.col_tiles) * m.rows +
+                    tr * m.cols;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  double col_acc[kColsPerLane];
+#pragma unroll
+  for (int q = 0; q < kColsPerLane; ++q) {
+    col_acc[q] = 0.0;
+  }
+  bool bad = false;
+  for (int r = r0 + warp; r < r1; r += kWarps) {  // uniform over the warp: the shuffles are safe
+    const scalar_t* row = g + static_cast<int64_t>(r) * m.cols;
+    double sum = 0.0;
+#pragma unroll
+    for (int q = 0; q < kColsPerLane; ++q) {
+      const int c = c0 + lane + 32 * q;
+      if (c < c1) {
+        // g^2 in float64 from the float32 scaled g, as the CPU kernel: finite for every finite g.
+        const double x = static_cast<double>(static_cast<float>(row[c]) * grad_mul);
+        sum += x * x;
+        col_acc[q] += x * x;
+      }
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      row_out[r] = sum;
+      bad |= !(sum <= DBL_MAX);  // NaN or inf: a non-finite gradient in this row
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < kColsPerLane; ++q) {
+    col_sums[warp][lane + 32 * q] = col_acc[q];
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < c1 - c0; c += kThreads) {
+    double sum = 0.0;
+    for (int w = 0; w < kWarps; ++w) {
+      sum += col_sums[w][c];
+    }
+    col_out[c0 + c] = sum;
+  }
+  if (bad) {
+    *args.s.skip = 1.0f;  // every writer stores the same value; 0 is never stored
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocks) combine_kernel(const __grid_constant__ Args args) {
+  __shared__ double b2hat;
+  __shared__ double total_rows;
+  __shared__ double scratch[2 * kWarps];
+  const Tables& t = args.t;
+  const int tensor = t.block_tensor[blockIdx.x];
+  const int64_t b = t.block_index[blockIdx.x];
+  if (threadIdx.x == 0) {
+    b2hat = b2hat_of(args.s.beta2, static_cast<double>(*t.step[tensor]));
+  }
+  __syncthreads();
+  const Matrix m = matrix_of(t, tensor);
+  const double* row_parts = t.fpart[tensor] + b * m.partials;
+  const double* col_parts = row_parts + static_cast<int64_t>(m.col_tiles) * m.rows;
+  const float* old_r = t.fim_row[tensor] + b * m.rows;
+  const float* old_c = t.fim_col[tensor] + b * m.cols;
+  float* new_r = t.factors[tensor] + b * m.factors;
+  float* new_c = new_r + m.rows;
+  float* norm = new_c + m.cols;
+  double total = 0.0, unused = 0.0;
+  for (int r = threadIdx.x; r < m.rows; r += kThreads) {
+    double sum = 0.0;
+    for (int k = 0; k < m.col_tiles; ++k) {
+      sum += row_parts[static_cast<int64_t>(k) * m.rows + r];
+    }
+    new_r[r] = factor_update(old_r[r], sum, b2hat);
+    total += static_cast<double>(new_r[r]);
+  }
+  for (int c = threadIdx.x; c < m.cols; c += kThreads) {
+    double sum = 0.0;
+    for (int k = 0; k < m.row_tiles; ++k) {
+      sum += col_parts[static_cast<int64_t>(k) * m.cols + c];
+    }
+    new_c[c] = factor_update(old_c[c], sum, b2hat);
+  }
+  block_sum2(total, unused, scratch);
+  if (threadIdx.x == 0) {
+    total_rows = total;
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < m.rows; r += kThreads) {  // the rows this thread stored above
+    norm[r] = row_norm(new_r[r], total_rows);
+  }
+}
+
+// ---- phases A and B -----------------------------------------------------------------------------
+
+// FAdafactor's f: (R_q / sum R) C_j of each element, from `factors` (n + m floats per matrix,
+// L1/L2 resident), nothing stored. Per matrix, `factors` holds R (rows), C (cols) and R / sum R
+// (rows), so R_q / sum R is at C + cols + q: one pointer per fragment. Kept small because phase B
+// runs at the 64-register cap (a second pointer and a 64-bit stride spilled 20 bytes in its bf16 /
+// fp16 kernels on sm_90).
+struct FactoredFim {
+  const float* col;  // C of the chunk's first matrix
+  uint32_t stride;   // floats of `factors` per matrix, 2 rows + cols < 2^32 (checked on the host)
+  uint32_t rows, cols;
+  uint32_t r0, j0;   // the chunk's first element: row r0 (of that matrix), column j0
+
+  // The f of one fragment, element by element; the lanes past `count` get 1 (a finite d, kept
+  // out of the sums) and read nothing.
+  template <bool kFull, int V>
+  struct Frag {
+    const float* col;
+    uint32_t stride, rows, cols, r, j;
+    int count;
+
+    __device__ __forceinline__ float at(int e, float) {
+      if (!kFull && e >= count) {
+        return 1.0f;
+      }
+      const float f = factored_fim(col[cols + r], col[j]);
+      if (++j == cols) {  // the next element starts a row (and maybe a matrix)
+        j = 0;
+        if (++r == rows) {
+          r = 0;
+          col += stride;
+        }
+      }
+      return f;
+    }
+    __device__ __forceinline__ void store() const {}
+  };
+
+  template <bool kFull, int V>
+  __device__ __forceinline__ Frag<kFull, V> frag(int i, int count) const {
+    // 32-bit: j0 < cols <= 2^30 and i < chunk_size <= 2^30, and r0 < rows < 2^30 (checked on
+    // the host), so no sum below wraps.
+    const uint32_t k = j0 + static_cast<uint32_t>(i);
+    const uint32_t q = r0 + k / cols;
+    return {col + static_cast<int64_t>(q / rows) * stride, stride, rows, cols, q % rows,
+            k % cols, count};
+  }
+};
+
+template <typename scalar_t>
+struct Chunk {
+  scalar_t* param;
+  const scalar_t* grad;
+  float* mom;
+  int n;     // elements in the chunk
+  bool vec;  // 128-bit path allowed
+  FactoredFim fim;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ Chunk<scalar_t> chunk_of(const Tables& t, int tensor, int64_t chunk,
+                                                    int64_t chunk_size) {
+  const int64_t begin = chunk * chunk_size;
+  const int64_t left = t.numel[tensor] - begin;
+  Chunk<scalar_t> c;
+  c.param = static_cast<scalar_t*>(t.param[tensor]) + begin;
+  c.grad = static_cast<const scalar_t*>(t.grad[tensor]) + begin;
+  c.mom = t.mom[tensor] == nullptr ? nullptr : t.mom[tensor] + begin;
+  c.n = static_cast<int>(left < chunk_size ? (left > 0 ? left : 0) : chunk_size);
+  c.vec = (t.flags[tensor] & kFlagVector) != 0;
+  const int64_t rows = t.rows[tensor], cols = t.cols[tensor];
+  c.fim.stride = static_cast<uint32_t>(2 * rows + cols);
+  c.fim.rows = static_cast<uint32_t>(rows);
+  c.fim.cols = static_cast<uint32_t>(cols);
+  int64_t b0 = 0;
+  c.fim.r0 = c.fim.j0 = 0;
+  if (c.n > 0) {  // 64-bit divisions once per chunk; rows, cols > 0 when there are elements
+    const int64_t q = begin / cols;
+    b0 = q / rows;
+    c.fim.r0 = static_cast<uint32_t>(q - b0 * rows);
+    c.fim.j0 = static_cast<uint32_t>(begin - q * cols);
+  }
+  c.fim.col = t.factors[tensor] + b0 * c.fim.stride + rows;
+  return c;
+}
+
+template <typename scalar_t, bool kSqrt>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) phase_a_kernel(const __grid_constant__ Args args) {
+  __shared__ BlockScalars bs;
+  __shared__ double scratch[2 * kWarps];
+  const int tensor = args.t.block_tensor[blockIdx.x];
+  const int64_t chunk = args.t.block_index[blockIdx.x];
+  if (threadIdx.x == 0) {
+    bs = block_scalars(args.s, nullptr);
+  }
+  __syncthreads();
+  const auto c = chunk_of<scalar_t>(args.t, tensor, chunk, args.s.chunk_size);
+  double s1 = 0.0, s2 = 0.0;
+  bool unused = false;  // phase S has checked the gradients
+  reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim, bs.grad_mul, args.s.p, args.s.eps_p, s1,
+                      s2, unused);
+  block_sum2(s1, s2, scratch);
+  if (threadIdx.x == 0) {
+    double* slot = args.s.partials + 2 * (args.t.slot0[tensor] + chunk);
+    slot[0] = s1;
+    slot[1] = s2;
+  }
+}
+
+template <typename scalar_t, bool kSqrt>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) phase_b_kernel(const __grid_constant__ Args args) {
+  // A non-finite gradient anywhere in the group skips the whole step (docs/design.md section 6).
+  if (*args.s.skip != 0.0f) {
+    return;
+  }
+  __shared__ BlockScalars bs;
+  __shared__ double scratch[2 * kWarps];
+  const Tables& t = args.t;
+  const Scalars& s = args.s;
+  const int tensor = t.block_tensor[blockIdx.x];
+  const int64_t chunk0 = t.block_index[blockIdx.x];
+  if (threadIdx.x == 0) {
+    bs = block_scalars(s, nullptr);
+  }
+  __syncthreads();
+  if (chunk0 == 0) {  // the tensor's first block: the new R and C become the state
+    // Matrix by matrix, without 64-bit divisions: a flat loop over batch * rows with k / rows
+    // made its bf16 / fp16 kernels spill 20 bytes on sm_90.
+    const int rows = t.rows[tensor], cols = t.cols[tensor];
+    const int64_t stride = 2 * static_cast<int64_t>(rows) + cols;
+    for (int64_t b = 0; b < t.batch[tensor]; ++b) {
+      const float* src = t.factors[tensor] + b * stride;
+      for (int r = threadIdx.x; r < rows; r += kThreads) {
+        t.fim_row[tensor][b * rows + r] = src[r];
+      }
+      for (int c = threadIdx.x; c < cols; c += kThreads) {
+        t.fim_col[tensor][b * cols + c] = src[rows + c];
+      }
+    }
+  }
+  if (s.clipping) {
+    double s1 = 0.0, s2 = 0.0;
+    if (t.flags[tensor] & kFlagFused) {
+      // Both phases in this block ([note: fused one-chunk tensors] in kernel_common.cuh).
+      const auto c = chunk_of<scalar_t>(t, tensor, 0, s.chunk_size);
+      bool unused = false;
+      reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim, bs.grad_mul, s.p, s.eps_p, s1, s2,
+                          unused);
+    } else {
+      sum_slots(s.partials, t.slot0[tensor], t.nchunks[tensor], s1, s2);
+    }
+    clip_scales(s1, s2, t.numel[tensor], s.clip, bs, scratch);
+  }
+  const int64_t chunk_end = min(chunk0 + t.per_block[tensor], static_cast<int64_t>(t.nchunks[tensor]));
+  for (int64_t chunk = chunk0; chunk < chunk_end; ++chunk) {
+    const auto c = chunk_of<scalar_t>(t, tensor, chunk, s.chunk_size);
+    update_frags<kSqrt>(c.param, c.grad, c.mom, c.n, c.vec, c.fim, bs, s);
+  }
+}
+
+// ---- host side ----------------------------------------------------------------------------------
+
+enum class Kernel { kTiles, kCombine, kPhaseA, kPhaseB };
+
+// The launches of one kernel over the group. Tiles: one block per tile; combine: one per matrix
+// with factors (rows + cols > 0); phase A: one per chunk of the tensors that are not fused;
+// phase B: FAdam's phase-B blocks, plus one for an empty tensor whose R or C must be stored.
+std::vector<Launch> plan(Kernel kernel, const std::vector<FactorTile>& tiles,
+                         at::TensorList params, int64_t chunk_size, bool fuse_one_chunk) {
+  check_chunk_size(chunk_size);
+  std::vector<Launch> launches;
+  int64_t slot0 = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const FactorTile& ft = tiles[i];
+    const int64_t numel = params[i].numel();
+    const int64_t nchunks = checked_nchunks(static_cast<int64_t>(i), numel, chunk_size);
+    PlanTensor t{static_cast<int64_t>(i), nchunks, slot0, 1, fuse_one_chunk && nchunks == 1};
+    slot0 += nchunks;
+    const bool has_factors = ft.batch > 0 && ft.rows + ft.cols > 0;
+    int64_t nblocks = 0;
+    switch (kernel) {
+      case Kernel::kTiles:
+        nblocks = ft.batch * ft.row_tiles() * ft.col_tiles();
+        break;
+      case Kernel::kCombine:
+        nblocks = has_factors ? ft.batch : 0;
+        break;
+      case Kernel::kPhaseA:
+        nblocks = t.fused ? 0 : nchunks;  // an empty unfused tensor still writes its zero slot
+        break;
+      case Kernel::kPhaseB:
+        nblocks = phase_b_blocks(t, numel);
+        if (nblocks == 0 && has_factors) {
+          nblocks = 1;
+        }
+        break;
+    }
+    append_blocks(launches, t, nblocks);
+  }
+  return trim_plan(std::move(launches));
+}
+
+struct Operands {
+  at::TensorList params, grads, fim_rows, fim_cols, moms, steps;
+  double* factor_partials;
+  float* factors;
+};
+
+void fill_tables(Tables& tab, const Launch& launch, const Operands& op,
+                 const std::vector<FactorTile>& tiles, const std::vector<int64_t>& part_offsets,
+                 const std::vector<int64_t>& factor_offsets, int64_t chunk_size) {
+  const int64_t v = 16 / static_cast<int64_t>(op.params[0].element_size());
+  for (size_t k = 0; k < launch.tensors.size(); ++k) {
+    const PlanTensor& pt = launch.tensors[k];
+    const auto i = static_cast<size_t>(pt.tensor);
+    const FactorTile& ft = tiles[i];
+    tab.param[k] = op.params[i].data_ptr();
+    tab.grad[k] = op.grads[i].const_data_ptr();
+    tab.mom[k] = op.moms.empty() ? nullptr : op.moms[i].data_ptr<float>();
+    tab.fim_row[k] = op.fim_rows.empty() ? nullptr : op.fim_rows[i].data_ptr<float>();
+    tab.fim_col[k] = op.fim_cols.empty() ? nullptr : op.fim_cols[i].data_ptr<float>();
+    tab.step[k] = op.steps.empty() ? nullptr : op.steps[i].const_data_ptr<float>();
+    tab.factors[k] = op.factors + factor_offsets[i];
+    tab.fpart[k] = op.factor_partials == nullptr ? nullptr : op.factor_partials + part_offsets[i];
+    tab.numel[k] = op.params[i].numel();
+    tab.slot0[k] = pt.slot0;
+    tab.batch[k] = static_cast<int32_t>(ft.batch);
+    tab.rows[k] = static_cast<int32_t>(ft.rows);
+    tab.cols[k] = static_cast<int32_t>(ft.cols);
+    tab.tile_rows[k] = static_cast<int32_t>(ft.tile_rows);
+    tab.tile_cols[k] = static_cast<int32_t>(ft.tile_cols);
+    tab.nchunks[k] = static_cast<int32_t>(pt.nchunks);
+    tab.per_block[k] = static_cast<int32_t>(pt.per_block);
+    const bool vec = chunk_size % v == 0 && aligned16(tab.param[k]) && aligned16(tab.grad[k]) &&
+                     (tab.mom[k] == nullptr || aligned16(tab.mom[k]));
+    tab.flags[k] = static_cast<uint8_t>((pt.fused ? kFlagFused : 0) | (vec ? kFlagVector : 0));
+  }
+  for (size_t b = 0; b < launch.blocks.size(); ++b) {
+    tab.block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
+    tab.block_index[b] = launch.blocks[b].chunk;
+  }
+}
+
+// The group's checks (check_factored_group() in fadam_ops.h) and the limits of these kernels.
+std::vector<FactorTile> check_inputs(const char* op, at::TensorList params, at::TensorList grads,
+                                     at::TensorList fim_rows, at::TensorList fim_cols,
+                                     at::TensorList moms, const at::Tensor& factors,
+                                     int64_t chunk_size) {
+  auto tiles = check_factored_group(op, kDeviceType, params, grads, fim_rows, fim_cols, moms,
+                                    factors, chunk_size);
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    const FactorTile& ft = tiles[i];
+    TORCH_CHECK(ft.tile_cols <= kMaxTileCols, op, ": chunk_size ", chunk_size, " makes tiles ",
+                ft.tile_cols, " columns wide; the CUDA kernels take at most ", kMaxTileCols,
+                " (chunk_size < ", (kMaxTileCols + 1) * (kMaxTileCols + 1), ")");
+    TORCH_CHECK(ft.batch <= INT32_MAX && ft.rows < (int64_t{1} << 30) &&
+                    ft.cols <= (int64_t{1} << 30), op,
+                ": params[", i, "] is ", ft.batch, " matrices of ", ft.rows, " x ", ft.cols,
+                "; the CUDA kernels take fewer than 2^31 matrices, fewer than 2^30 rows and at "
+                "most 2^30 columns");
+    check_same_device(op, factors, "factors", params[i].device());
+  }
+  return tiles;
+}
+
+std::vector<int64_t> partial_offsets(const std::vector<FactorTile>& tiles) {
+  std::vector<int64_t> o{0};
+  for (const auto& t : tiles) {
+    o.push_back(o.back() + t.batch * t.partials_per_matrix());
+  }
+  return o;
+}
+
+std::vector<int64_t> factor_offsets(const std::vector<FactorTile>& tiles) {
+  std::vector<int64_t> o{0};
+  for (const auto& t : tiles) {
+    o.push_back(o.back() + t.batch * t.factors_per_matrix());
+  }
+  return o;
+}
+
+void check_skip(const char* op, const at::Tensor& skip, const at::Device& device) {
+  TORCH_CHECK(skip.device() == device && skip.scalar_type() == at::kFloat && skip.numel() == 1,
+              op, ": skip must be a one-element float32 tensor on ", device);
+}
+
+void check_partials(const char* op, const at::Tensor& partials, at::TensorList params,
+                    int64_t chunk_size) {
+  const auto offsets = slot_offsets(params, chunk_size);
+  TORCH_CHECK(partials.device() == params[0].device() && partials.scalar_type() == at::kDouble &&
+                  partials.dim() == 2 && partials.size(1) == 2 && partials.is_contiguous() &&
+                  partials.size(0) == offsets.back() && aligned16(partials.const_data_ptr()),
+              op, ": partials must be a contiguous, 16-byte aligned float64 tensor [",
+              offsets.back(), ", 2] on ", params[0].device());
+}
+
+void phase_s_cuda(at::TensorList params, at::TensorList grads, at::TensorList fim_rows,
+                  at::TensorList fim_cols, at::TensorList steps, at::Tensor factor_partials,
+                  at::Tensor factors, at::Tensor skip, const c10::optional<at::Tensor>& grad_scale,
+                  double beta2, bool maximize, int64_t chunk_size) {
+  constexpr const char* op = "fadafactor_phase_s";
+  const auto tiles = check_inputs(op, params, grads, fim_rows, fim_cols, {}, factors, chunk_size);
+  TORCH_CHECK(steps.size() == params.size() && fim_rows.size() == params.size(), op,
+              ": one fim_row, fim_col and step per param is required");
+  if (params.empty()) {
+    return;
+  }
+  const at::Device device = params[0].device();
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].device() == device && steps[i].scalar_type() == at::kFloat &&
+                    steps[i].numel() == 1,
+                op, ": steps[", i, "] must be a one-element float32 tensor on ", device);
+  }
+  check_skip(op, skip, device);
+  const auto parts = partial_offsets(tiles);
+  TORCH_CHECK(factor_partials.device() == device && factor_partials.scalar_type() == at::kDouble &&
+                  factor_partials.is_contiguous() && factor_partials.numel() == parts.back(),
+              op, ": factor_partials must be a contiguous float64 tensor of ", parts.back(),
+              " elements on ", device);
+  Args args{};
+  // Phase S uses beta2, maximize and grad_scale; eps, p and clip are placeholders.
+  static_cast<HostScalars&>(args.s) = host_scalars(op, device, beta2, 1.0, 0.5, 0.0, maximize,
+                                                   grad_scale);
+  args.s.skip = skip.data_ptr<float>();
+  args.s.chunk_size = chunk_size;
+  const Operands ops{params, grads, fim_rows, fim_cols, {}, steps,
+                     factor_partials.data_ptr<double>(), factors.data_ptr<float>()};
+  const auto facs = factor_offsets(tiles);
+  const LaunchScope scope(device);
+  dispatch(params[0].scalar_type(), 0.5, [&]<typename scalar_t, bool>() {
+    for (const Launch& launch : plan(Kernel::kTiles, tiles, params, chunk_size, false)) {
+      fill_tables(args.t, launch, ops, tiles, parts, facs, chunk_size);
+      scope.launch(tiles_kernel<scalar_t>, static_cast<unsigned>(launch.blocks.size()), kThreads,
+                   args);
+    }
+  });
+  for (const Launch& launch : plan(Kernel::kCombine, tiles, params, chunk_size, false)) {
+    fill_tables(args.t, launch, ops, tiles, parts, facs, chunk_size);
+    scope.launch(combine_kernel, static_cast<unsigned>(launch.blocks.size()), kThreads, args);
+  }
+}
+
+void phase_a_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& factors,
+                  at::Tensor partials, const c10::optional<at::Tensor>& grad_scale, double eps,
+                  double p, double clip, bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
+  constexpr const char* op = "fadafactor_phase_a";
+  const auto tiles = check_inputs(op, params, grads, {}, {}, {}, factors, chunk_size);
+  if (params.empty()) {
+    return;
+  }
+  check_partials(op, partials, params, chunk_size);
+  if (!(clip > 0.0)) {
+    return;  // without clipping no RMS is needed; phase S has checked the gradients
+  }
+  const at::Device device = params[0].device();
+  Args args{};
+  static_cast<HostScalars&>(args.s) = host_scalars(op, device, 0.0, eps, p, clip, maximize,
+                                                   grad_scale);
+  args.s.partials = partials.data_ptr<double>();
+  args.s.chunk_size = chunk_size;
+  const Operands ops{params, grads, {}, {}, {}, {}, nullptr,
+                     const_cast<float*>(factors.const_data_ptr<float>())};  // read only here
+  const auto facs = factor_offsets(tiles);
+  const LaunchScope scope(device);
+  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
+    for (const Launch& launch : plan(Kernel::kPhaseA, tiles, params, chunk_size, fuse_one_chunk)) {
+      fill_tables(args.t, launch, ops, tiles, {}, facs, chunk_size);
+      scope.launch(phase_a_kernel<scalar_t, kSqrt>, static_cast<unsigned>(launch.blocks.size()),
+                   kThreads, args);
+    }
+  });
+}
+
+void phase_b_cuda(at::TensorList params, at::TensorList grads, at::TensorList fim_rows,
+                  at::TensorList fim_cols, at::TensorList moms, const at::Tensor& factors,
+                  const at::Tensor& partials, const at::Tensor& skip,
+                  const c10::optional<at::Tensor>& grad_scale,
+                  const c10::optional<at::Tensor>& lr_tensor, double lr, double beta1, double eps,
+                  double p, double clip, double weight_decay, bool maximize, int64_t chunk_size,
+                  bool fuse_one_chunk) {
+  constexpr const char* op = "fadafactor_phase_b";
+  const auto tiles = check_inputs(op, params, grads, fim_rows, fim_cols, moms, factors,
+                                  chunk_size);
+  TORCH_CHECK(moms.size() == params.size() && fim_rows.size() == params.size(), op,
+              ": one momentum, fim_row and fim_col per param is required");
+  if (params.empty()) {
+    return;
+  }
+  const at::Device device = params[0].device();
+  check_partials(op, partials, params, chunk_size);
+  check_skip(op, skip, device);
+  Args args{};
+  static_cast<HostScalars&>(args.s) = host_scalars(op, device, 0.0, eps, p, clip, maximize,
+                                                   grad_scale, lr_tensor, lr, beta1, weight_decay);
+  args.s.partials = const_cast<double*>(partials.const_data_ptr<double>());  // read only here
+  args.s.skip = const_cast<float*>(skip.const_data_ptr<float>());            // read only here
+  args.s.chunk_size = chunk_size;
+  const Operands ops{params, grads, fim_rows, fim_cols, moms, {}, nullptr,
+                     const_cast<float*>(factors.const_data_ptr<float>())};  // read only here
+  const auto facs = factor_offsets(tiles);
+  const LaunchScope scope(device);
+  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
+    for (const Launch& launch : plan(Kernel::kPhaseB, tiles, params, chunk_size, fuse_one_chunk)) {
+      fill_tables(args.t, launch, ops, tiles, {}, facs, chunk_size);
+      scope.launch(phase_b_kernel<scalar_t, kSqrt>, static_cast<unsigned>(launch.blocks.size()),
+                   kThreads, args);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fadam::cuda::factored
+
+// Under the emulated build, ops of their own (cuda_emulated_fadafactor_phase_*, defined with the
+// same schemas by fadam_fused/op_contract.py), so they never shadow the CPU kernels.
+TORCH_LIBRARY_IMPL(fadam_fused, FADAM_CUDA_DISPATCH_KEY, m) {
+  m.impl(FADAM_CUDA_OP("fadafactor_phase_s", "cuda_emulated_fadafactor_phase_s"),
+         &fadam::cuda::factored::phase_s_cuda);
+  m.impl(FADAM_CUDA_OP("fadafactor_phase_a", "cuda_emulated_fadafactor_phase_a"),
+         &fadam::cuda::factored::phase_a_cuda);
+  m.impl(FADAM_CUDA_OP("fadafactor_phase_b", "cuda_emulated_fadafactor_phase_b"),
+         &fadam::cuda::factored::phase_b_cuda);
+}
