@@ -175,7 +175,7 @@ def plot(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None
             xs = [p["n_params"] if kind == "size" else p["n_tensors"] for p in pts]
             ys = [p["median_ms"] for p in pts]
             err = [[p["median_ms"] - p["p20_ms"] for p in pts], [p["p80_ms"] - p["median_ms"] for p in pts]]
-            style = "-" if name.startswith("fadam") else "--"
+            style = "-" if name.startswith(("fadam-", "fadafactor-")) else "--"
             ax.errorbar(xs, ys, yerr=err, fmt=style + "o", ms=3, capsize=2, label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")

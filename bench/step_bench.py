@@ -307,12 +307,13 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
     numels = workload.numels
     base = dict(workload=workload.name, kind=workload.kind, n_params=workload.n_params,
                 n_tensors=workload.n_tensors, dtype=str(dtype).replace("torch.", ""))
+    shapes = list(workload.shapes)
     for row in rows:
-        bpp = row.bytes_per_param(numels, dtype)
-        results[row.name] = dict(base, row=row.name, clip=row.clip if row.family == "fadam" else None,
+        bpp = row.bytes_per_param(shapes, dtype)
+        results[row.name] = dict(base, row=row.name, clip=row.clip if row.family != "adam" else None,
                                  status="ok", reason="", bytes_per_param=bpp,
                                  model_bytes=bpp * workload.n_params,
-                                 read_bytes_per_param=row.bytes_per_param(numels, dtype, reads_only=True))
+                                 read_bytes_per_param=row.bytes_per_param(shapes, dtype, reads_only=True))
 
     runnable = []
     for row in rows:
