@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -316,6 +317,71 @@ def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
     assert "| fadam-cpu-noclip |" in md and "- clip off on tiny: fadam-cpu-noclip takes" in md
     if plot:
         assert png.stat().st_size > 1000
+
+
+def _state_bytes(shapes, factored):
+    """Optimizer state per parameter from the shapes: 8 B (two float32 tensors) per element, or
+    for a factored (2+ dims) tensor 4 B per element plus float32 R and C per matrix; the 0-dim
+    step tensors left out (the callers allow for them)."""
+    total = 0
+    for s in shapes:
+        n = math.prod(s)
+        if factored and len(s) >= 2:
+            total += 4 * n + 4 * (n // (s[-2] * s[-1])) * (s[-2] + s[-1])
+        else:
+            total += 8 * n
+    return total / sum(math.prod(s) for s in shapes)
+
+
+def test_cli_writes_the_measured_state_bytes_per_param(tmp_path, capsys):
+    wanted = ["fadam-cpu", "fadafactor-cpu", "torch-adam-fused", "fadafactor-cuda"]
+    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
+    step_bench.main(["--device", "cpu", "--quick", "--workloads", "tiny", "--rows", ",".join(wanted),
+                     "--budget-scale", "0.02", "--no-progress", "--csv", str(csv_path),
+                     "--json", str(json_path)])
+    out = capsys.readouterr().out
+    w = workloads.tiny_workload()
+    res = {r["row"]: r for r in json.loads(json_path.read_text())["results"]}
+    assert [r for r in res if res[r]["status"] == "ok"] == wanted[:3], res
+    assert "GPU-only" in res["fadafactor-cuda"]["reason"]
+    assert "state_bytes_per_param" not in res["fadafactor-cuda"]  # nothing ran, nothing measured
+    # A 0-dim float32 step per tensor: 4 B x 5 tensors over 75398 params = 0.00027 B/param.
+    steps = 4 * w.n_tensors / w.n_params
+    fadam, fadafactor, adam = (res[n]["state_bytes_per_param"] for n in wanted[:3])
+    assert fadam == pytest.approx(8.0 + steps, abs=steps)
+    assert adam == pytest.approx(8.0 + steps, abs=steps)
+    # 75097 of the 75398 params are in matrices: 4 B each, plus R and C (530, 128 and 7 x 24
+    # floats), and 8 B for the 301 in 1-D tensors: 306100 B / 75398 = 4.06.
+    assert _state_bytes(w.shapes, factored=True) == pytest.approx(306100 / 75398)
+    assert fadafactor == pytest.approx(_state_bytes(w.shapes, True) + steps, abs=steps)
+    assert fadafactor <= 4.2 and fadafactor < fadam / 1.9
+    # The FAdafactor row's traffic is its own model (the CPU's 2^20 chunks: all one-chunk).
+    assert res["fadafactor-cpu"]["bytes_per_param"] == pytest.approx(
+        traffic.bytes_per_param("fadafactor", w.shapes, F32, chunk_size=1 << 20))
+    assert res["fadafactor-cpu"]["bytes_per_param"] == pytest.approx((75097 * 24 + 301 * 32) / 75398)
+    assert res["fadafactor-cpu"]["clip"] == 1.0
+
+    # The column in the table, the CSV and the README markdown.
+    head = next(line for line in out.splitlines() if line.startswith("row "))
+    assert head.rstrip().endswith("state B/param")
+    line = next(line for line in out.splitlines() if line.startswith("fadafactor-cpu "))
+    assert line.split()[-1] == f"{fadafactor:.2f}" == "4.06"
+    with open(csv_path, newline="") as f:
+        by_row = {line["row"]: line for line in csv.DictReader(f)}
+    assert float(by_row["fadam-cpu"]["state_bytes_per_param"]) == pytest.approx(fadam)
+    assert by_row["fadafactor-cuda"]["state_bytes_per_param"] == ""
+    md = report.markdown(json.loads(json_path.read_text())["meta"], list(res.values()))
+    assert "| paired | state B/param |" in md
+    assert re.search(r"^\| fadafactor-cpu \|.* \| 4\.06 \|$", md, re.M), md
+    assert re.search(r"^\| fadam-cpu \|.* \| 8\.00 \|$", md, re.M), md
+
+
+def test_measured_state_bytes_counts_each_storage_once():
+    p = torch.nn.Parameter(torch.zeros(10, 20))
+    opt = torch.optim.SGD([p], lr=0.1)
+    shared = torch.zeros(50)
+    opt.state[p] = {"a": torch.zeros(10, 20), "b": shared, "c": shared[10:], "n": 3}
+    assert step_bench.measured_state_bytes(opt) == 800 + 200
 
 
 def test_training_example_runs_a_few_steps(tmp_path, capsys):
