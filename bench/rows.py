@@ -37,10 +37,10 @@ ALL_ROW_NAMES = (
     "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop", "pytorch_optimizer-fadam",
 )
 # The default set. Opt-in: the -noclip rows, and the FAdafactor rows but fadafactor-cpu.
-# fadafactor-reference is unfused, so on the 64M default it is a slow row (more than
-# step_bench's 50 ms per step) that takes at least 3 timed steps plus warmup on every one of the
-# 10 workloads of `make bench`; fadafactor-triton and -cuda are GPU-only, so the default set of a
-# GPU run (`make gpu-check`) stays the FAdam and Adam rows it was.
+# fadafactor-reference is unfused: 1.7 s per step on the 64M default on 2 cores (fadam-reference
+# 1.3 s, measured side by side), a slow row that takes at least 3 timed steps plus warmup on each
+# of the 10 workloads of `make bench`; fadafactor-triton and -cuda are GPU-only, so the default
+# set of a GPU run (`make gpu-check`) stays the FAdam and Adam rows it was.
 ROW_NAMES = tuple(n for n in ALL_ROW_NAMES if not n.endswith(NOCLIP)
                   and (not n.startswith("fadafactor-") or n == "fadafactor-cpu"))
 BASELINE = "torch-adam-fused"
