@@ -15,7 +15,8 @@ from .workloads import Workload
 # its own when files from several machines are concatenated.
 META_COLUMNS = ("date", "device", "device_name", "threads", "torch", "triton", "python", "fadam_fused")
 RESULT_COLUMNS = ("workload", "kind", "n_params", "n_tensors", "dtype", "row", "clip", "status",
-                  "median_ms", "p20_ms", "p80_ms", "n_samples", "rounds", "bytes_per_param", "gbps",
+                  "median_ms", "p20_ms", "p80_ms", "n_samples", "rounds", "bytes_per_param",
+                  "state_bytes_per_param", "gbps",
                   "time_vs_adam_fused", "paired_vs_adam_fused_median", "paired_vs_clip_on_median",
                   "reason")
 
@@ -41,28 +42,37 @@ def _fmt_ms(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
 
 
+def _fmt_state(r: dict[str, Any]) -> str:
+    """The measured state bytes per parameter; '-' in a JSON file of an earlier release (no such
+    field) or where there was nothing to measure. Two decimals: FAdafactor's 4 + 4 (n + m) / (n m)
+    differs from 4 in the second decimal for d = 512 matrices (4.016)."""
+    x = r.get("state_bytes_per_param")
+    return f"{x:.2f}" if x is not None and not math.isnan(x) else "-"
+
+
 def _cells(r: dict[str, Any]) -> list[str]:
     """A timed row's cells, for the stdout table and the markdown one: median, p20, p80, n,
-    B/param, GB/s, x adam-fused, paired."""
+    B/param, GB/s, x adam-fused, paired, state B/param."""
     ratio, pr = r.get("time_vs_adam_fused"), r.get("paired_vs_adam_fused")
     return [_fmt_ms(r["median_ms"]), _fmt_ms(r["p20_ms"]), _fmt_ms(r["p80_ms"]), str(r["n_samples"]),
             f"{r['bytes_per_param']:.1f}", f"{r['gbps']:.1f}", _fmt_ratio(ratio) if ratio else "-",
-            _fmt_ratio(pr[1]) if pr else "-"]
+            _fmt_ratio(pr[1]) if pr else "-", _fmt_state(r)]
 
 
-TABLE_WIDTHS = (9, 9, 9, 4, 7, 7, 12, 7)
+TABLE_WIDTHS = (9, 9, 9, 4, 7, 7, 12, 7, 13)
 
 
 def table(w: Workload, results: list[dict[str, Any]]) -> str:
     """The stdout table of one workload; B/param is each row's own traffic model (its chunk size
-    and clip)."""
+    and clip), state B/param the bytes of its optimizer state, measured."""
     n, dtype = w.n_params, results[0]["dtype"] if results else "float32"
     import torch
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     working = n * (2 * size + 8)  # p + g + m + v (FAdam state float32)
     lines = [f"\n== {w.name} ({w.kind}): {n / 1e6:.2f}M params in {w.n_tensors} tensors, {dtype}, "
              f"p+g+m+v {working / 1e9:.2f} GB; {w.note}"]
-    names = ("median", "p20", "p80", "n", "B/param", "GB/s", "x adam-fused", "paired")
+    names = ("median", "p20", "p80", "n", "B/param", "GB/s", "x adam-fused", "paired",
+             "state B/param")
     head = f"{'row':<24} " + " ".join(c.rjust(w) for c, w in zip(names, TABLE_WIDTHS))
     lines += [head, "-" * len(head)]
     for r in results:
@@ -175,7 +185,7 @@ def plot(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None
             xs = [p["n_params"] if kind == "size" else p["n_tensors"] for p in pts]
             ys = [p["median_ms"] for p in pts]
             err = [[p["median_ms"] - p["p20_ms"] for p in pts], [p["p80_ms"] - p["median_ms"] for p in pts]]
-            style = "-" if name.startswith("fadam") else "--"
+            style = "-" if name.startswith(("fadam-", "fadafactor-")) else "--"
             ax.errorbar(xs, ys, yerr=err, fmt=style + "o", ms=3, capsize=2, label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -208,11 +218,11 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         r0 = default[0]
         out += ["", f"Default workload `{r0['workload']}`: {r0['n_params'] / 1e6:.1f}M {r0['dtype']} params "
                     f"in {r0['n_tensors']} tensors.", "",
-                "| row | median ms | p20 | p80 | B/param | GB/s | x adam-fused | paired |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "| row | median ms | p20 | p80 | B/param | GB/s | x adam-fused | paired | state B/param |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in default:
             if r["status"] != "ok":
-                out.append(f"| {r['row']} | not run: {r['reason']} | | | | | | |")
+                out.append(f"| {r['row']} | not run: {r['reason']} | | | | | | | |")
                 continue
             cells = _cells(r)
             del cells[3]  # n: the markdown table leaves it out

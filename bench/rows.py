@@ -1,9 +1,13 @@
 """The implementations the benchmark compares, one "row" each.
 
 Every row builds an optimizer over a parameter list with the same hyperparameters where they exist
-(lr 1e-3, betas (0.9, 0.999), eps 1e-8; FAdam rows weight_decay 1e-3 and clip 1.0, the paper's and
-our defaults; `--clip` changes the clip of the fadam_fused rows). A row that cannot run here says
-why (`unavailable`) instead of disappearing.
+(lr 1e-3, betas (0.9, 0.999), eps 1e-8; FAdam and FAdafactor rows weight_decay 1e-3 and clip 1.0,
+the paper's and our defaults; `--clip` changes the clip of the fadam_fused rows, FAdafactor's
+included). A row that cannot run here says why (`unavailable`) instead of disappearing.
+
+The `fadafactor-*` rows step fadam_fused.FAdafactor: parameters of 2+ dims (the matrices of the
+LLM-shaped workloads) take its factored path, 1-D ones (norm weights, and every tensor of the
+count and small workloads) FAdam's.
 
 The `-noclip` rows step with clip=None whatever `--clip` says. They are not in the default set:
 ask for them next to their clip-on twin (`--rows fadam-cpu,fadam-cpu-noclip`) and the run reports
@@ -22,46 +26,54 @@ from . import traffic
 LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
 FADAM_WEIGHT_DECAY, FADAM_CLIP = 1e-3, 1.0
 
-# The default set, in the order tables list them.
-ROW_NAMES = (
-    "fadam-cpu", "fadam-reference", "fadam-triton", "fadam-cuda",
-    "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop", "pytorch_optimizer-fadam",
-)
 NOCLIP = "-noclip"
 FUSED_BACKENDS = ("cpu", "triton", "cuda")
-# Every row, each -noclip row right after its twin.
-ALL_ROW_NAMES = tuple(n for name in ROW_NAMES for n in
-                      ((name, name + NOCLIP) if name.removeprefix("fadam-") in FUSED_BACKENDS
-                       else (name,)))
+BACKENDS = ("cpu", "reference", "triton", "cuda")
+# Every row, in the order tables list them, each -noclip row right after its twin.
+ALL_ROW_NAMES = (
+    *(n for b in BACKENDS for n in ((f"fadam-{b}", f"fadam-{b}{NOCLIP}") if b in FUSED_BACKENDS
+                                    else (f"fadam-{b}",))),
+    *(f"fadafactor-{b}" for b in BACKENDS),
+    "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop", "pytorch_optimizer-fadam",
+)
+# The default set. Opt-in: the -noclip rows, and the FAdafactor rows but fadafactor-cpu.
+# fadafactor-reference is unfused: 1.7 s per step on the 64M default on 2 cores (fadam-reference
+# 1.3 s, measured side by side), a slow row that takes at least 3 timed steps plus warmup on each
+# of the 10 workloads of `make bench`; fadafactor-triton and -cuda are GPU-only, so the default
+# set of a GPU run (`make gpu-check`) stays the FAdam and Adam rows it was.
+ROW_NAMES = tuple(n for n in ALL_ROW_NAMES if not n.endswith(NOCLIP)
+                  and (not n.startswith("fadafactor-") or n == "fadafactor-cpu"))
 BASELINE = "torch-adam-fused"
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    family: str  # traffic model: "adam" or "fadam" (bench/traffic.py)
+    family: str  # traffic model: "adam", "fadam" or "fadafactor" (bench/traffic.py)
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     unavailable: Callable[[torch.device], str | None]
     backend: str | None = None  # the fadam_fused backend behind the row, if any
-    clip: float | None = None   # FAdam rows: the clip they step with (None: clipping off)
+    clip: float | None = None   # FAdam(-afactor) rows: the clip they step with (None: off)
     twin: str | None = None     # a -noclip row: the row that differs from it only by clip
 
     @property
     def clipping(self) -> bool:
-        return self.family == "fadam" and bool(self.clip)
+        return self.family in ("fadam", "fadafactor") and bool(self.clip)
 
     def chunk_size(self) -> int:
-        """Chunk size of the fused backend behind a fadam row (its one-chunk threshold)."""
+        """Chunk size of the fused backend behind a fadam or fadafactor row (its one-chunk
+        threshold)."""
         if self.backend not in FUSED_BACKENDS:
             return traffic.DEFAULT_CHUNK_SIZE
         from fadam_fused import op_contract
 
         return op_contract.CHUNK_SIZE[self.backend]
 
-    def bytes_per_param(self, numels: list[int], dtype: torch.dtype, reads_only: bool = False) -> float:
-        """The traffic model for this row (its family, chunk size and clip), params and grads in
-        `dtype`."""
-        return traffic.bytes_per_param(self.family, numels, dtype, dtype, self.chunk_size(),
+    def bytes_per_param(self, shapes: list[traffic.Shape], dtype: torch.dtype,
+                        reads_only: bool = False) -> float:
+        """The traffic model for this row (its family, chunk size and clip) over tensors of
+        `shapes` (FAdafactor's depends on their dims), params and grads in `dtype`."""
+        return traffic.bytes_per_param(self.family, shapes, dtype, dtype, self.chunk_size(),
                                        reads_only=reads_only, clipping=self.clipping)
 
 
@@ -75,26 +87,47 @@ def _fadam_import_error() -> str | None:
     return None
 
 
+def _backend_unavailable(backend: str, device: torch.device, factored: bool = False) -> str | None:
+    """Why a fadam_fused row on `backend` cannot run on `device` (None if it can); `factored`:
+    FAdafactor's, which also needs the backend's FAdafactor kernels."""
+    reason = _fadam_import_error()
+    if reason is not None:
+        return reason
+    from fadam_fused import backends
+    reason = backends.unavailable_reason(backend, device)
+    if factored and backend != "reference" and backend not in backends.FACTORED_KERNELS:
+        # FAdafactor refuses such a backend for its 2+-dim parameters (fadafactor.py), on any
+        # device: said even where the device is the first reason.
+        missing = (f"backend={backend!r} has no FAdafactor kernels yet (those with: "
+                   f"{', '.join(backends.FACTORED_KERNELS)})")
+        reason = missing if reason is None or "CUDA tensors" in reason else f"{reason}; {missing}"
+    if backend in ("triton", "cuda") and device.type != "cuda":
+        # GPU-only rows. Triton on CPU tensors exists only as its interpreter
+        # (TRITON_INTERPRET=1), which runs ~1000x slower than compiled code: not a benchmark.
+        also = f" (and: {reason})" if reason and "CUDA tensors" not in reason else ""
+        return f"GPU-only row; this run is on {device.type}{also}"
+    return reason
+
+
 def _fadam_row(name: str, backend: str, clip: float | None, twin: str | None = None) -> Row:
     def make(params):
         from fadam_fused import FAdam
         return FAdam(params, lr=LR, betas=BETAS, eps=EPS, clip=clip,
                      weight_decay=FADAM_WEIGHT_DECAY, backend=backend)
 
-    def unavailable(device):
-        reason = _fadam_import_error()
-        if reason is not None:
-            return reason
-        from fadam_fused import backends
-        reason = backends.unavailable_reason(backend, device)
-        if backend in ("triton", "cuda") and device.type != "cuda":
-            # GPU-only rows. Triton on CPU tensors exists only as its interpreter
-            # (TRITON_INTERPRET=1), which runs ~1000x slower than compiled code: not a benchmark.
-            also = f" (and: {reason})" if reason and "CUDA tensors" not in reason else ""
-            return f"GPU-only row; this run is on {device.type}{also}"
-        return reason
+    return Row(name, "fadam", make, lambda device: _backend_unavailable(backend, device),
+               backend=backend, clip=clip, twin=twin)
 
-    return Row(name, "fadam", make, unavailable, backend=backend, clip=clip, twin=twin)
+
+def _fadafactor_row(name: str, backend: str, clip: float | None) -> Row:
+    def make(params):
+        from fadam_fused import FAdafactor
+        return FAdafactor(params, lr=LR, betas=BETAS, eps=EPS, clip=clip,
+                          weight_decay=FADAM_WEIGHT_DECAY, backend=backend)
+
+    return Row(name, "fadafactor", make,
+               lambda device: _backend_unavailable(backend, device, factored=True),
+               backend=backend, clip=clip)
 
 
 def _adam_row(name: str, **kwargs) -> Row:
@@ -129,11 +162,12 @@ def all_rows(clip: float | None = FADAM_CLIP) -> list[Row]:
     """Every row in ALL_ROW_NAMES order; `clip` is the fadam_fused rows' (None or 0: off)."""
     clip = clip or None
     rows = []
-    for backend in ("cpu", "reference", "triton", "cuda"):
+    for backend in BACKENDS:
         name = f"fadam-{backend}"
         rows.append(_fadam_row(name, backend, clip))
         if backend in FUSED_BACKENDS:
             rows.append(_fadam_row(name + NOCLIP, backend, None, twin=name))
+    rows += [_fadafactor_row(f"fadafactor-{backend}", backend, clip) for backend in BACKENDS]
     rows += [
         _adam_row("torch-adam-fused", fused=True),
         _adam_row("torch-adam-foreach", foreach=True, fused=False),

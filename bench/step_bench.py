@@ -28,6 +28,10 @@ How a workload is measured:
    default run stays under ~10 minutes.
 4. Statistics over all samples of a row: median, p20, p80 (each sample is the mean step time of a
    block of back-to-back steps; blocked_autorange sizes blocks so timer overhead is < 0.01%).
+5. The state column (`state B/param`, `state_bytes_per_param`): the bytes of the tensors in the
+   row's optimizer state after its warmup, over the workload's parameter count. Measured, not
+   modelled: torch's Adam and FAdam 8 (+ the 4 B step tensor per parameter tensor), FAdafactor
+   4 + 4 (n + m) / (n m) on an n x m matrix and FAdam's 8 on 1-D tensors.
 
 Parameters persist across steps and rounds (like training), so a workload that fits in cache is
 timed with warm caches. In a real training step, forward and backward evict the optimizer's data
@@ -180,9 +184,27 @@ def checksum(tensors: list[torch.Tensor]) -> float:
 
 
 def state_bytes(row: rows_mod.Row, dtype: torch.dtype) -> int:
-    """Bytes of optimizer state per parameter: 2 tensors, param dtype for Adam, float32 for FAdam."""
+    """Bytes of optimizer state per parameter, for the memory check before a run: 2 tensors, param
+    dtype for Adam, float32 for FAdam. FAdafactor is given FAdam's 8, its figure for 1-D tensors
+    and an upper bound for matrices (4 + 4 (n + m) / (n m)). The results' state_bytes_per_param is
+    measured instead (measured_state_bytes)."""
     size = torch.empty((), dtype=dtype).element_size()
     return 2 * (size if row.family == "adam" else 4)
+
+
+def measured_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's per-parameter state (`opt.state`), each storage
+    counted once: momentum / fim / exp_avg..., the factored fim_row and fim_col, and the 0-dim
+    float32 `step` tensors (4 B each: 8e-6 B/param over the 128 tensors of the 64M default).
+    Entries that are not tensors (pytorch_optimizer keeps its step count in the param group) hold
+    no device memory worth counting."""
+    seen: dict[tuple[str, int], int] = {}
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                seen[(str(value.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
 
 
 def peak_bytes_estimate(n_params: int, rows: list[rows_mod.Row], dtype: torch.dtype) -> int:
@@ -307,12 +329,13 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
     numels = workload.numels
     base = dict(workload=workload.name, kind=workload.kind, n_params=workload.n_params,
                 n_tensors=workload.n_tensors, dtype=str(dtype).replace("torch.", ""))
+    shapes = list(workload.shapes)
     for row in rows:
-        bpp = row.bytes_per_param(numels, dtype)
-        results[row.name] = dict(base, row=row.name, clip=row.clip if row.family == "fadam" else None,
+        bpp = row.bytes_per_param(shapes, dtype)
+        results[row.name] = dict(base, row=row.name, clip=row.clip if row.family != "adam" else None,
                                  status="ok", reason="", bytes_per_param=bpp,
                                  model_bytes=bpp * workload.n_params,
-                                 read_bytes_per_param=row.bytes_per_param(numels, dtype, reads_only=True))
+                                 read_bytes_per_param=row.bytes_per_param(shapes, dtype, reads_only=True))
 
     runnable = []
     for row in rows:
@@ -347,6 +370,10 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
                 raise RuntimeError("the step wrote into p.grad (shared between rows); not timed")
             if biggest is not None and torch.equal(params[biggest], master[biggest]):
                 raise RuntimeError("the warmup steps left the largest parameter unchanged: the step did nothing")
+            # After the warmup every parameter has its state: what this row keeps besides the
+            # params and grads, measured rather than modelled.
+            results[row.name]["state_bytes_per_param"] = (
+                measured_state_bytes(opt) / workload.n_params if workload.n_params else math.nan)
             live[row.name] = (opt, timer)
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -1,4 +1,5 @@
-"""Bytes moved per parameter per optimizer step: the traffic model of docs/design.md section 4.
+"""Bytes moved per parameter per optimizer step: the traffic model of docs/design.md section 4
+(FAdafactor's: section 8).
 
 The model counts the memory traffic a fused kernel *must* have, so effective GB/s = model bytes /
 step time is comparable across rows of one family. Unfused rows (foreach, forloop, the reference,
@@ -27,19 +28,42 @@ Per element, with P = parameter bytes, G = gradient bytes, S = bytes of one stat
   non-finite check and phase B reads g, f, m, theta and writes f, m, theta
                                                           = 2G + 4S + 2P  (fp32: 32 B)
 
+  FAdafactor (docs/design.md section 8), tensor of 2+ dims: f is never stored; it is computed from
+  the row and column sums R, C (O(n + m) floats per matrix, negligible), so FAdam's three accesses
+  of f (S in phase A, 2S in phase B) go away, and a phase S before them reads g for R and C:
+      phase S: read g (row / column sums of g^2, and the non-finite check)   = G
+      phase A: read g, theta (the two RMS sums)                              = G + P
+      phase B: read g, m, theta; write m, theta                              = G + 2S + 2P
+      multi-chunk tensor with clipping: total            = 3G + 2S + 3P  (fp32: 4 + 8 + 20 = 32 B)
+  Clipping off: phase A is not run                       = 2G + 2S + 2P  (fp32: 4 + 20 = 24 B)
+  One-chunk tensor with clipping: phase A runs in the same task as phase B, which re-reads g and
+  theta from cache, so as in FAdam's one-chunk case only the separate pass over g (here phase S)
+  is counted besides the fused one                       = 2G + 2S + 2P  (fp32: 24 B)
+  bf16 params and grads (S = 4): 20 B multi-chunk, 16 B otherwise. A tensor of fewer than 2 dims
+  keeps FAdam's full f and costs FAdam's figure above. Not counted: phase S's float64 partial row
+  and column sums, 2 x 8 x (1/tile_rows + 1/tile_cols) B written then read = 0.03 B at the CPU's
+  1024 x 1024 tiles and 0.125 B at the GPU's 256 x 256 (fadam_fused/op_contract.py), under 0.4%
+  of 32 B. Against Adam's 28 and FAdam's 40 (docs/design.md section 8: 32 B, 24 B with clipping
+  off or one chunk).
+
 Reads alone (`reads_only=True`): Adam G + P + 2S (fp32 16 B); FAdam multi-chunk with clipping
-2G + 3S + 2P (28 B); one-chunk or clipping off 2G + 2S + P (20 B). Where a machine's reads
+2G + 3S + 2P (28 B); one-chunk or clipping off 2G + 2S + P (20 B); FAdafactor multi-chunk with
+clipping 3G + S + 2P (24 B), one-chunk or clipping off 2G + S + P (16 B). Where a machine's reads
 saturate and its writes ride along, FAdam's time over Adam's follows the ratio of read bytes more
 than that of total bytes (bench/NOTES.md has the measurements), so the run reports both.
 
 A workload's bytes/param is the numel-weighted mean over its tensors, so an LLM-shaped list (nearly
-all parameters in big matrices) sits near 40 B and a list of many small tensors near 32 B.
+all parameters in big matrices) sits near 40 B and a list of many small tensors near 32 B (FAdam;
+FAdafactor near 32 B and 24 B on 2-D matrices, FAdam's figures on 1-D tensors).
+
+A workload is given as its tensors' shapes; a plain int is a 1-D tensor of that many elements
+(only the "fadafactor" family looks at the number of dims).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 import torch
 
@@ -49,6 +73,10 @@ import torch
 DEFAULT_CHUNK_SIZE = 65536
 
 FADAM_STATE_DTYPE = torch.float32  # docs/design.md section 5: momentum and fim are float32
+
+FAMILIES = ("adam", "fadam", "fadafactor")
+
+Shape = Union[int, Sequence[int]]  # a tensor's shape, or the numel of a 1-D tensor
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -82,31 +110,58 @@ def fadam_bytes_per_element(numel: int, param_dtype: torch.dtype, grad_dtype: to
     return 2 * g + 5 * s + 3 * p if two_pass else 2 * g + 4 * s + 2 * p
 
 
-def model_bytes(family: str, numels: Iterable[int], param_dtype: torch.dtype,
+def fadafactor_bytes_per_element(numel: int, param_dtype: torch.dtype,
+                                 grad_dtype: torch.dtype | None = None,
+                                 chunk_size: int = DEFAULT_CHUNK_SIZE, reads_only: bool = False,
+                                 clipping: bool = True) -> int:
+    """A factored tensor (2+ dims): with clipping, 3G + 2S + 3P for multi-chunk tensors and
+    2G + 2S + 2P for one-chunk ones; without, 2G + 2S + 2P for every tensor. S = 4 (the float32
+    momentum). Reads alone: 3G + S + 2P for the three-pass case, 2G + S + P otherwise. A tensor
+    of fewer dims costs fadam_bytes_per_element (model_bytes picks by shape)."""
+    p = _size(param_dtype)
+    g = _size(grad_dtype or param_dtype)
+    s = _size(FADAM_STATE_DTYPE)
+    three_pass = clipping and numel > chunk_size  # only these re-read g and theta in phase A
+    if reads_only:
+        return 3 * g + s + 2 * p if three_pass else 2 * g + s + p
+    return 3 * g + 2 * s + 3 * p if three_pass else 2 * g + 2 * s + 2 * p
+
+
+def _shape(size: Shape) -> tuple[int, ...]:
+    return (size,) if isinstance(size, int) else tuple(size)
+
+
+def model_bytes(family: str, shapes: Iterable[Shape], param_dtype: torch.dtype,
                 grad_dtype: torch.dtype | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                 reads_only: bool = False, clipping: bool = True) -> int:
-    """Total bytes one step moves (or reads) for a list of tensor sizes; family is "adam" or
-    "fadam" (`clipping` is FAdam's: clip > 0)."""
+    """Total bytes one step moves (or reads) for a list of tensor shapes (an int: a 1-D tensor of
+    that many elements); family is one of FAMILIES (`clipping` is FAdam's and FAdafactor's:
+    clip > 0)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown traffic family {family!r}; expected one of {FAMILIES}")
     total = 0
-    for n in numels:
+    for size in shapes:
+        shape = _shape(size)
+        n = math.prod(shape)
         if n == 0:
             continue  # an empty tensor moves nothing
         if family == "adam":
             total += n * adam_bytes_per_element(param_dtype, grad_dtype, reads_only)
-        elif family == "fadam":
+        elif family == "fadafactor" and len(shape) >= 2:  # factored (reference.is_factored)
+            total += n * fadafactor_bytes_per_element(n, param_dtype, grad_dtype, chunk_size,
+                                                      reads_only, clipping)
+        else:  # FAdam, and FAdafactor's tensors of fewer than 2 dims (full f)
             total += n * fadam_bytes_per_element(n, param_dtype, grad_dtype, chunk_size, reads_only,
                                                  clipping)
-        else:
-            raise ValueError(f"unknown traffic family {family!r}; expected 'adam' or 'fadam'")
     return total
 
 
-def bytes_per_param(family: str, numels: Sequence[int], param_dtype: torch.dtype,
+def bytes_per_param(family: str, shapes: Sequence[Shape], param_dtype: torch.dtype,
                     grad_dtype: torch.dtype | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                     reads_only: bool = False, clipping: bool = True) -> float:
     """The numel-weighted mean of the model over a workload (nan for an empty workload)."""
-    n = sum(numels)
+    n = sum(math.prod(_shape(s)) for s in shapes)
     if n == 0:
         return math.nan
-    return model_bytes(family, numels, param_dtype, grad_dtype, chunk_size, reads_only,
+    return model_bytes(family, shapes, param_dtype, grad_dtype, chunk_size, reads_only,
                        clipping) / n

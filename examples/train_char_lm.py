@@ -7,6 +7,7 @@ batches, so the curves differ only by the optimizer.
 
     .venv/bin/python examples/train_char_lm.py             # 300 steps per optimizer, 1-2 min on 2 cores
     .venv/bin/python examples/train_char_lm.py --steps 5   # a smoke run in seconds
+    .venv/bin/python examples/train_char_lm.py --optimizers adamw,fadam,fadafactor
 
 The only FAdam-specific line is the optimizer constructor: FAdam takes AdamW's arguments (lr, betas,
 eps, weight_decay) and works with LR schedulers, zero_grad, state_dict, like any torch optimizer.
@@ -155,7 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-batches", type=int, default=8, help="fixed validation batches (default 8)")
     ap.add_argument("--sample-chars", type=int, default=120, help="characters each model writes at the end")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--optimizers", default="adamw,fadam", help="comma list of adamw, fadam, fadafactor")
+    # --optimizer too: the spelling people type for a single one.
+    ap.add_argument("--optimizers", "--optimizer", dest="optimizers", default="adamw,fadam",
+                    help="comma list of adamw, fadam, fadafactor (default adamw,fadam)")
     ap.add_argument("--plot", default="examples/out/char_lm_loss.png", help="PNG path ('' for none)")
     args = ap.parse_args(argv)
 

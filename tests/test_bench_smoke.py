@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -76,6 +77,51 @@ def test_traffic_model_with_clipping_off():
     assert off_rows["pytorch_optimizer-fadam"].clip == 1.0  # it cannot turn clipping off
 
 
+def test_traffic_model_of_fadafactor():
+    # A factored tensor (2+ dims) never reads or writes f: phase S reads g (4), phase A g and theta
+    # (8), phase B reads g, m, theta and writes m, theta (20) = 32 B multi-chunk with clipping
+    # (docs/design.md section 8); one-chunk (phase A fused into B) or clipping off, 24 B.
+    per = traffic.fadafactor_bytes_per_element
+    assert per(65537, F32) == 32 and per(65536, F32) == 24 and per(1, F32) == 24
+    assert per(65537, F32, clipping=False) == 24
+    assert per(65537, F32, reads_only=True) == 24  # g; g, theta; g, m, theta
+    assert per(65536, F32, reads_only=True) == 16 and per(1 << 24, F32, reads_only=True,
+                                                            clipping=False) == 16
+    # bf16 params and grads, float32 momentum: 3 x 2 + 2 x 4 + 3 x 2 = 20, or 2 x (2 + 4 + 2) = 16.
+    assert per(10**6, BF16) == 20 and per(100, F16) == 16
+    assert per(5000, F32, chunk_size=4096) == 32
+    # By shape: 2+ dims are factored, fewer dims (an int is a 1-D numel) cost FAdam's figure, and
+    # the same shapes cost FAdam and Adam what they cost as numels.
+    shapes = [(280, 250), (70000,), 70000, (300,), (7, 11, 13), (0, 5)]
+    assert traffic.model_bytes("fadafactor", shapes, F32) == \
+        70000 * 32 + 2 * 70000 * 40 + 300 * 32 + 1001 * 24
+    assert traffic.model_bytes("fadam", shapes, F32) == 3 * 70000 * 40 + (300 + 1001) * 32
+    assert traffic.model_bytes("adam", shapes, F32) == (3 * 70000 + 300 + 1001) * 28
+    assert traffic.bytes_per_param("fadafactor", shapes, F32, clipping=False) == pytest.approx(
+        (70000 * 24 + (2 * 70000 + 300) * 32 + 1001 * 24) / (3 * 70000 + 1301))
+    with pytest.raises(ValueError, match="unknown traffic family"):
+        traffic.model_bytes("adafactor", shapes, F32)
+    # The LLM-shaped CPU default: 99.98% of it in matrices. GPU chunks (65536) make every matrix
+    # multi-chunk: 32 B against FAdam's 40; the CPU's 2^20 only the 16.4M embedding (a quarter of
+    # the list): 24 + 8 x 0.256 = 26.0 B against FAdam's 34; clipping off 24 B against 32.
+    w = workloads.llm_workload(workloads.CPU_DEFAULT_PARAMS, workloads.CPU_DEFAULT_D_MODEL)
+    assert traffic.bytes_per_param("fadafactor", w.shapes, F32) == pytest.approx(32.0, abs=1e-3)
+    cpu = dict(chunk_size=1 << 20)
+    assert traffic.bytes_per_param("fadafactor", w.shapes, F32, **cpu) == \
+        pytest.approx(26.05, abs=0.01)
+    assert traffic.bytes_per_param("fadafactor", w.shapes, F32, clipping=False, **cpu) == \
+        pytest.approx(24.0, abs=0.01)
+    assert traffic.bytes_per_param("fadafactor", w.shapes, F32, reads_only=True, **cpu) == \
+        pytest.approx(18.05, abs=0.01)
+    # A row carries family, chunk size and clip: fadafactor-cpu on one 2-CPU-chunk matrix.
+    by = {r.name: r for r in rows.all_rows()}
+    assert by["fadafactor-cpu"].family == "fadafactor" and by["fadafactor-cpu"].clipping
+    assert by["fadafactor-cpu"].bytes_per_param([(2048, 1024)], F32) == 32.0
+    assert by["fadafactor-cpu"].bytes_per_param([(1 << 21,)], F32) == 40.0  # 1-D: FAdam's
+    assert {r.name: r for r in rows.all_rows(clip=None)}["fadafactor-cpu"].bytes_per_param(
+        [(2048, 1024)], F32) == 24.0
+
+
 def test_clip_flag_parses_none_and_zero_as_off():
     assert step_bench.parse_args([]).clip == 1.0
     for off in ("none", "None", "off", "0", "0.0"):
@@ -129,17 +175,43 @@ def test_summary_gives_both_traffic_bounds():
 
 def test_rows_have_their_names_and_gpu_rows_say_why_not():
     assert rows.ROW_NAMES == ("fadam-cpu", "fadam-reference", "fadam-triton", "fadam-cuda",
-                              "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop",
-                              "pytorch_optimizer-fadam")
+                              "fadafactor-cpu", "torch-adam-fused", "torch-adam-foreach",
+                              "torch-adam-forloop", "pytorch_optimizer-fadam")
     assert rows.ALL_ROW_NAMES == ("fadam-cpu", "fadam-cpu-noclip", "fadam-reference",
                                   "fadam-triton", "fadam-triton-noclip", "fadam-cuda",
-                                  "fadam-cuda-noclip", "torch-adam-fused", "torch-adam-foreach",
-                                  "torch-adam-forloop", "pytorch_optimizer-fadam")
-    assert [r.name for r in rows.select(None)] == list(rows.ROW_NAMES)  # -noclip rows opt in
+                                  "fadam-cuda-noclip", "fadafactor-cpu", "fadafactor-reference",
+                                  "fadafactor-triton", "fadafactor-cuda", "torch-adam-fused",
+                                  "torch-adam-foreach", "torch-adam-forloop",
+                                  "pytorch_optimizer-fadam")
+    # -noclip rows and the FAdafactor rows but fadafactor-cpu opt in
+    assert [r.name for r in rows.select(None)] == list(rows.ROW_NAMES)
+    assert [r.name for r in rows.select(["fadafactor-cuda", "fadafactor-triton"])] == \
+        ["fadafactor-triton", "fadafactor-cuda"]
     by = {r.name: r for r in rows.all_rows()}
-    for name in ("fadam-triton", "fadam-cuda", "fadam-cuda-noclip"):
-        reason = by[name].unavailable(torch.device("cpu"))
-        assert reason and "GPU" in reason
+    cpu = torch.device("cpu")
+    for name in ("fadam-triton", "fadam-cuda", "fadam-cuda-noclip", "fadafactor-triton",
+                 "fadafactor-cuda"):
+        reason = by[name].unavailable(cpu)
+        assert reason and reason.startswith("GPU-only row; this run is on cpu"), (name, reason)
+    for name in ("fadam-cpu", "fadafactor-cpu", "fadafactor-reference"):
+        assert by[name].unavailable(cpu) is None, name
+    from fadam_fused import backends
+    if "cuda" not in backends.FACTORED_KERNELS:  # FAdafactor refuses backend='cuda' for matrices
+        assert "backend='cuda' has no FAdafactor kernels yet" in by["fadafactor-cuda"].unavailable(cpu)
+
+
+def test_fadafactor_rows_build_fadafactor_with_the_fadam_rows_hyperparameters():
+    from fadam_fused import FAdafactor, FAdam
+    by = {r.name: r for r in rows.all_rows(clip=0.5)}
+    params = [torch.nn.Parameter(torch.zeros(3, 4))]
+    for backend in rows.BACKENDS:
+        fadafactor = by[f"fadafactor-{backend}"].make(params)
+        fadam = by[f"fadam-{backend}"].make(params)
+        assert type(fadafactor) is FAdafactor and type(fadam) is FAdam
+        assert fadafactor.defaults == fadam.defaults
+        assert fadafactor.defaults["backend"] == backend and fadafactor.defaults["clip"] == 0.5
+        assert fadafactor.defaults["weight_decay"] == rows.FADAM_WEIGHT_DECAY
+        assert by[f"fadafactor-{backend}"].clip == 0.5
 
 
 def test_small_workload_is_4096_tensors_of_256():
@@ -215,6 +287,7 @@ def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
         chunk = next(row for row in rows.all_rows() if row.name == r["row"]).chunk_size()
         clipping = r["row"] != "fadam-cpu-noclip"
         assert r["clip"] == (None if family == "adam" or not clipping else 1.0)
+        # Adam and FAdam see numels only: the 280 x 250 matrix is 70000 elements to them.
         assert r["bytes_per_param"] == pytest.approx(
             traffic.bytes_per_param(family, w.numels, F32, chunk_size=chunk, clipping=clipping))
         assert r["gbps"] == pytest.approx(r["model_bytes"] / (r["median_ms"] / 1e3) / 1e9)
@@ -228,7 +301,7 @@ def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
     assert noclip["time_vs_clip_on"] == pytest.approx(noclip["median_ms"] / clip["median_ms"])
     assert len(noclip["paired_vs_clip_on"]) == 3
     assert noclip["bytes_per_param"] == 32.0  # every tensor, clip off
-    # tiny = one 70000-element tensor (40 B) + one-chunk tensors (32 B)
+    # tiny = one 70000-element tensor (40 B with GPU chunks) + one-chunk tensors (32 B)
     one = sum(n for n in w.numels if n <= 65536)
     assert res["torch-adam-fused"]["bytes_per_param"] == pytest.approx(28.0)
     expected = (70000 * 40 + one * 32) / w.n_params
@@ -244,6 +317,90 @@ def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
     assert "| fadam-cpu-noclip |" in md and "- clip off on tiny: fadam-cpu-noclip takes" in md
     if plot:
         assert png.stat().st_size > 1000
+
+
+def _state_bytes(shapes, factored):
+    """Optimizer state per parameter from the shapes: 8 B (two float32 tensors) per element, or
+    for a factored (2+ dims) tensor 4 B per element plus float32 R and C per matrix; the 0-dim
+    step tensors left out (the callers allow for them)."""
+    total = 0
+    for s in shapes:
+        n = math.prod(s)
+        if factored and len(s) >= 2:
+            total += 4 * n + 4 * (n // (s[-2] * s[-1])) * (s[-2] + s[-1])
+        else:
+            total += 8 * n
+    return total / sum(math.prod(s) for s in shapes)
+
+
+def test_cli_writes_the_measured_state_bytes_per_param(tmp_path, capsys):
+    wanted = ["fadam-cpu", "fadafactor-cpu", "torch-adam-fused", "fadafactor-cuda"]
+    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
+    step_bench.main(["--device", "cpu", "--quick", "--workloads", "tiny", "--rows", ",".join(wanted),
+                     "--budget-scale", "0.02", "--no-progress", "--csv", str(csv_path),
+                     "--json", str(json_path)])
+    out = capsys.readouterr().out
+    w = workloads.tiny_workload()
+    res = {r["row"]: r for r in json.loads(json_path.read_text())["results"]}
+    assert [r for r in res if res[r]["status"] == "ok"] == wanted[:3], res
+    assert "GPU-only" in res["fadafactor-cuda"]["reason"]
+    assert "state_bytes_per_param" not in res["fadafactor-cuda"]  # nothing ran, nothing measured
+    # A 0-dim float32 step per tensor: 4 B x 5 tensors over 75398 params = 0.00027 B/param.
+    steps = 4 * w.n_tensors / w.n_params
+    fadam, fadafactor, adam = (res[n]["state_bytes_per_param"] for n in wanted[:3])
+    assert fadam == pytest.approx(8.0 + steps, abs=steps)
+    assert adam == pytest.approx(8.0 + steps, abs=steps)
+    # 75097 of the 75398 params are in matrices: 4 B each, plus R and C (530, 128 and 7 x 24
+    # floats), and 8 B for the 301 in 1-D tensors: 306100 B / 75398 = 4.06.
+    assert _state_bytes(w.shapes, factored=True) == pytest.approx(306100 / 75398)
+    assert fadafactor == pytest.approx(_state_bytes(w.shapes, True) + steps, abs=steps)
+    assert fadafactor <= 4.2 and fadafactor < fadam / 1.9
+    # The FAdafactor row's traffic is its own model (the CPU's 2^20 chunks: all one-chunk).
+    assert res["fadafactor-cpu"]["bytes_per_param"] == pytest.approx(
+        traffic.bytes_per_param("fadafactor", w.shapes, F32, chunk_size=1 << 20))
+    assert res["fadafactor-cpu"]["bytes_per_param"] == pytest.approx((75097 * 24 + 301 * 32) / 75398)
+    assert res["fadafactor-cpu"]["clip"] == 1.0
+
+    # The column in the table, the CSV and the README markdown.
+    head = next(line for line in out.splitlines() if line.startswith("row "))
+    assert head.rstrip().endswith("state B/param")
+    line = next(line for line in out.splitlines() if line.startswith("fadafactor-cpu "))
+    assert line.split()[-1] == f"{fadafactor:.2f}" == "4.06"
+    with open(csv_path, newline="") as f:
+        by_row = {line["row"]: line for line in csv.DictReader(f)}
+    assert float(by_row["fadam-cpu"]["state_bytes_per_param"]) == pytest.approx(fadam)
+    assert by_row["fadafactor-cuda"]["state_bytes_per_param"] == ""
+    md = report.markdown(json.loads(json_path.read_text())["meta"], list(res.values()))
+    assert "| paired | state B/param |" in md
+    assert re.search(r"^\| fadafactor-cpu \|.* \| 4\.06 \|$", md, re.M), md
+    assert re.search(r"^\| fadam-cpu \|.* \| 8\.00 \|$", md, re.M), md
+
+
+def test_measured_state_bytes_counts_each_storage_once():
+    p = torch.nn.Parameter(torch.zeros(10, 20))
+    opt = torch.optim.SGD([p], lr=0.1)
+    shared = torch.zeros(50)
+    opt.state[p] = {"a": torch.zeros(10, 20), "b": shared, "c": shared[10:], "n": 3}
+    assert step_bench.measured_state_bytes(opt) == 800 + 200
+
+
+def test_training_example_runs_fadafactor_for_a_few_steps(capsys):
+    # No plot, so no matplotlib needed. --optimizer is the alias of --optimizers.
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import train_char_lm
+
+    train_char_lm.main(["--optimizer", "fadafactor", "--steps", "4", "--eval-every", "1",
+                        "--batch", "4", "--context", "32", "--eval-batches", "1",
+                        "--sample-chars", "8", "--plot", ""])
+    out = capsys.readouterr().out
+    got = re.findall(r"^  (\S+) +step +(\d+) +train ([\d.naif]+) +val ([\d.naif]+)$", out, re.M)
+    assert [(name, int(step)) for name, step, _, _ in got] == [("fadafactor", s) for s in (1, 2, 3, 4)]
+    val = [float(v) for _, _, _, v in got]
+    assert all(math.isfinite(float(t)) and math.isfinite(float(v)) for _, _, t, v in got)
+    # From ~5.25 nats (ln 161 = 5.08 for the 161-character vocabulary, plus the random init's
+    # excess) down by 0.2 in 4 steps at lr 1e-3: assert at least 0.05, and every step down.
+    assert val[-1] < val[0] - 0.05 and val == sorted(val, reverse=True), val
+    assert "adamw" not in out
 
 
 def test_training_example_runs_a_few_steps(tmp_path, capsys):
