@@ -4,7 +4,8 @@
 
 TESTS.xml is pytest's --junitxml report, BENCH.json the --json output of bench/step_bench.py
 (--quick --device cuda). Prints tests passed / failed / skipped, then the default workload's step
-time of fadam-cuda, fadam-triton and torch-adam-fused, their ratios and bytes per parameter.
+time of fadam-cuda, fadam-triton, fadafactor-cuda, fadafactor-triton and torch-adam-fused, their
+ratios, bytes per parameter of traffic and of optimizer state.
 Exits 1 when a test failed or errored (or the report is missing), so `make gpu-check` fails too.
 """
 
@@ -14,7 +15,7 @@ import json
 import sys
 import xml.etree.ElementTree as ET
 
-ROWS = ("fadam-cuda", "fadam-triton", "torch-adam-fused")
+ROWS = ("fadam-cuda", "fadam-triton", "fadafactor-cuda", "fadafactor-triton", "torch-adam-fused")
 
 
 def test_counts(junit_path: str) -> dict[str, int]:
@@ -58,8 +59,10 @@ def summary(counts: dict[str, int] | None, bench: dict | None) -> str:
             lines.append(f"  {name:<17} not run")
             continue
         vs_adam = f"{r['median_ms'] / adam['median_ms']:.2f}x torch-adam-fused" if adam else "-"
+        state = r.get("state_bytes_per_param")
+        state = f", state {state:4.2f} B/param" if state is not None else ""
         lines.append(f"  {name:<17} {r['median_ms']:9.3f} ms  {vs_adam:<24} "
-                     f"{r['bytes_per_param']:5.1f} B/param")
+                     f"{r['bytes_per_param']:5.1f} B/param{state}")
     if cuda and rows.get("fadam-triton"):
         lines.append(f"  ratio fadam-triton / fadam-cuda: "
                      f"{rows['fadam-triton']['median_ms'] / cuda['median_ms']:.2f}x")

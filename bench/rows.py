@@ -36,13 +36,13 @@ ALL_ROW_NAMES = (
     *(f"fadafactor-{b}" for b in BACKENDS),
     "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop", "pytorch_optimizer-fadam",
 )
-# The default set. Opt-in: the -noclip rows, and the FAdafactor rows but fadafactor-cpu.
-# fadafactor-reference is unfused: 1.7 s per step on the 64M default on 2 cores (fadam-reference
-# 1.3 s, measured side by side), a slow row that takes at least 3 timed steps plus warmup on each
-# of the 10 workloads of `make bench`; fadafactor-triton and -cuda are GPU-only, so the default
-# set of a GPU run (`make gpu-check`) stays the FAdam and Adam rows it was.
-ROW_NAMES = tuple(n for n in ALL_ROW_NAMES if not n.endswith(NOCLIP)
-                  and (not n.startswith("fadafactor-") or n == "fadafactor-cpu"))
+# The default set: every row but the -noclip ones and fadafactor-reference, which is unfused:
+# 1.7 s per step on the 64M default on 2 cores (fadam-reference 1.3 s, measured side by side), a
+# slow row that takes at least 3 timed steps plus warmup on each of the 10 workloads of
+# `make bench`. fadafactor-triton and -cuda are GPU-only: on a CPU run they only say so, and
+# `make gpu-check` times them next to FAdam's.
+ROW_NAMES = tuple(n for n in ALL_ROW_NAMES
+                  if not n.endswith(NOCLIP) and n != "fadafactor-reference")
 BASELINE = "torch-adam-fused"
 
 
@@ -87,20 +87,14 @@ def _fadam_import_error() -> str | None:
     return None
 
 
-def _backend_unavailable(backend: str, device: torch.device, factored: bool = False) -> str | None:
-    """Why a fadam_fused row on `backend` cannot run on `device` (None if it can); `factored`:
-    FAdafactor's, which also needs the backend's FAdafactor kernels."""
+def _backend_unavailable(backend: str, device: torch.device) -> str | None:
+    """Why a fadam_fused row on `backend` cannot run on `device` (None if it can). FAdam and
+    FAdafactor have kernels on the same backends, so one answer serves both families."""
     reason = _fadam_import_error()
     if reason is not None:
         return reason
     from fadam_fused import backends
     reason = backends.unavailable_reason(backend, device)
-    if factored and backend != "reference" and backend not in backends.FACTORED_KERNELS:
-        # FAdafactor refuses such a backend for its 2+-dim parameters (fadafactor.py), on any
-        # device: said even where the device is the first reason.
-        missing = (f"backend={backend!r} has no FAdafactor kernels yet (those with: "
-                   f"{', '.join(backends.FACTORED_KERNELS)})")
-        reason = missing if reason is None or "CUDA tensors" in reason else f"{reason}; {missing}"
     if backend in ("triton", "cuda") and device.type != "cuda":
         # GPU-only rows. Triton on CPU tensors exists only as its interpreter
         # (TRITON_INTERPRET=1), which runs ~1000x slower than compiled code: not a benchmark.
@@ -126,7 +120,7 @@ def _fadafactor_row(name: str, backend: str, clip: float | None) -> Row:
                           weight_decay=FADAM_WEIGHT_DECAY, backend=backend)
 
     return Row(name, "fadafactor", make,
-               lambda device: _backend_unavailable(backend, device, factored=True),
+               lambda device: _backend_unavailable(backend, device),
                backend=backend, clip=clip)
 
 

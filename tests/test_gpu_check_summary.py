@@ -9,14 +9,18 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 </testsuite></testsuites>"""
 
 
-def _row(name, ms, bpp, kind="default", status="ok"):
-    return dict(kind=kind, row=name, workload="llm", dtype="float32", status=status,
-                median_ms=ms, bytes_per_param=bpp)
+def _row(name, ms, bpp, kind="default", status="ok", state=None):
+    row = dict(kind=kind, row=name, workload="llm", dtype="float32", status=status,
+               median_ms=ms, bytes_per_param=bpp)
+    if state is not None:
+        row["state_bytes_per_param"] = state
+    return row
 
 
 BENCH = {"meta": {"device": "cuda", "device_name": "NVIDIA H100"},
          "results": [_row("fadam-cuda", 2.0, 40.0), _row("fadam-triton", 3.0, 40.0),
                      _row("torch-adam-fused", 1.6, 28.0), _row("fadam-cuda", 9.0, 40.0, kind="size"),
+                     _row("fadafactor-cuda", 2.4, 32.0, state=4.01),
                      _row("fadam-cpu", 50.0, 40.0, status="skipped")]}
 
 
@@ -33,6 +37,9 @@ def test_summary_of_canned_reports(tmp_path, capsys):
     assert "1.88x torch-adam-fused" in lines["fadam-triton"]
     assert "1.00x" in lines["torch-adam-fused"] and "28.0 B/param" in lines["torch-adam-fused"]
     assert "ratio fadam-triton / fadam-cuda: 1.50x" in out
+    assert "1.50x torch-adam-fused" in lines["fadafactor-cuda"]
+    assert "32.0 B/param, state 4.01 B/param" in lines["fadafactor-cuda"]
+    assert "not run" in lines["fadafactor-triton"]
 
 
 def test_summary_passes_only_with_no_failure_and_a_benchmark(tmp_path):
