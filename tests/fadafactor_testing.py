@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fadam_fused import FAdafactor, reference
-from fadam_testing import Problem, _close
+from fadam_testing import Problem, _close, make_problem
 
 STATE_KEYS = ("momentum", "fim_row", "fim_col", "fim")
 
@@ -97,3 +97,74 @@ def assert_trajectories_close(fast, ref64, same=None, dtype=torch.float32) -> fl
                     _close(f"{tag} {key}", sa[key], sr[key], s["state"][i][key] if s else None,
                            dtype, state=True)
     return worst
+
+
+# ---- scenarios every FAdafactor backend passes (their test files call these) ---------------------
+
+
+def assert_state_dict_moves(first: str, second: str, device="cpu", via_file=None, steps=6,
+                            switch_at=3) -> None:
+    """A run on `first` whose state_dict (through torch.save / load when `via_file` is a path)
+    continues on a fresh optimizer on `second` matches a whole run on `second`."""
+    problem = make_problem(shapes=[(12, 17), (2, 5, 6), (8,)], steps=steps)
+    whole, _, _ = run_fadafactor(problem, second, device=device, lr=1e-2)
+    params = [torch.nn.Parameter(t.to(device, copy=True)) for t in problem.init]
+    opt = FAdafactor(params, lr=1e-2, backend=first)
+    for k, row in enumerate(problem.grads):
+        if k == switch_at:  # hand the state to a fresh optimizer on the other backend
+            saved = {"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}
+            if via_file is not None:
+                torch.save(saved, via_file)
+                saved = torch.load(via_file, map_location=device)
+            params = [torch.nn.Parameter(t) for t in saved["params"]]
+            opt = FAdafactor(params, lr=1e-2, backend=second)
+            opt.load_state_dict(saved["opt"])
+            assert opt.param_groups[0]["backend"] == second
+        for p, g in zip(params, row):
+            p.grad = g.to(device, copy=True)
+        opt.step()
+    for x, y in zip(whole[-1]["params"], params):
+        torch.testing.assert_close(x, y.detach().cpu(), atol=1e-6, rtol=1e-5)
+    for sx, p in zip(whole[-1]["state"], params):
+        for key in sx:
+            if key != "step":
+                torch.testing.assert_close(sx[key], opt.state[p][key].cpu(), atol=1e-6, rtol=1e-5)
+
+
+def assert_grad_scaler_inputs_work(backend: str, device="cpu") -> None:
+    """GradScaler's grad_scale divides the gradients in registers (same step as unscaled ones);
+    its found_inf skips the whole step and counts it."""
+    problem = make_problem(shapes=[(6, 9), (4,)], steps=1)
+    plain, _, _ = run_fadafactor(problem, backend, device=device, lr=1e-2)
+    scaled = [torch.nn.Parameter(t.to(device, copy=True)) for t in problem.init]
+    opt = FAdafactor(scaled, lr=1e-2, backend=backend)
+    for p, g in zip(scaled, problem.grads[0]):
+        p.grad = g.to(device) * 1024
+    opt.grad_scale = torch.tensor([1024.0], device=device)
+    opt.found_inf = torch.tensor([0.0], device=device)
+    opt.step()
+    for x, y in zip(plain[0]["params"], scaled):
+        torch.testing.assert_close(x, y.detach().cpu(), atol=1e-7, rtol=1e-6)
+    before = [p.detach().clone() for p in scaled]
+    opt.found_inf = torch.tensor([1.0], device=device)
+    opt.step()
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, scaled))
+    assert float(opt.skipped_steps) == 1.0
+
+
+def assert_nonfinite_gradient_skips_the_step(backend: str, bad: float, shapes, where,
+                                             device="cpu") -> None:
+    """Two good steps, then a step whose gradient of tensor where[0] holds `bad` at index
+    where[1:]: parameters and every state tensor stay bit-identical, and the skip is counted."""
+    problem = make_problem(shapes=shapes, steps=2)
+    _, params, opt = run_fadafactor(problem, backend, device=device, lr=1e-2)
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[where[0]].grad[where[1:]] = bad
+    opt.step()
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, params))
+    for st, p in zip(state, params):
+        assert all(torch.equal(v, opt.state[p][k]) for k, v in st.items())
+    assert float(opt.skipped_steps) == 1.0

@@ -7,7 +7,8 @@ import torch
 from fadam_fused import FAdafactor, backends
 from fadam_fused.op_contract import smallest_safe_eps
 from fadam_testing import make_problem
-from fadafactor_testing import assert_trajectories_close, run_fadafactor, run_oracle64
+from fadafactor_testing import (assert_grad_scaler_inputs_work, assert_state_dict_moves,
+                                assert_trajectories_close, run_fadafactor, run_oracle64)
 from test_fadafactor_reference import SHAPES, edge_problem, embedding_problem
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -72,21 +73,7 @@ def test_lr_schedule_and_tensor_lr():
 
 
 def test_grad_scale_and_found_inf_as_gradscaler_sets_them():
-    problem = make_problem(shapes=[(6, 9), (4,)], steps=1)
-    plain, params, _ = run_fadafactor(problem, "cpu", lr=1e-2)
-    scaled = [torch.nn.Parameter(t.clone()) for t in problem.init]
-    opt = FAdafactor(scaled, lr=1e-2, backend="cpu")
-    for p, g in zip(scaled, problem.grads[0]):
-        p.grad = g * 1024
-    opt.grad_scale, opt.found_inf = torch.tensor([1024.0]), torch.tensor([0.0])
-    opt.step()
-    for x, y in zip(plain[0]["params"], scaled):
-        torch.testing.assert_close(x, y.detach(), atol=1e-7, rtol=1e-6)
-    before = [p.detach().clone() for p in scaled]
-    opt.found_inf = torch.tensor([1.0])
-    opt.step()
-    assert all(torch.equal(a, p.detach()) for a, p in zip(before, scaled))
-    assert float(opt.skipped_steps) == 1.0
+    assert_grad_scaler_inputs_work("cpu")
 
 
 def test_deterministic_and_thread_count_independent(cpu_chunk):
@@ -124,28 +111,7 @@ def test_three_op_calls_per_group_however_many_tensors(monkeypatch):
 
 @pytest.mark.parametrize("first,second", [("cpu", "reference"), ("reference", "cpu")])
 def test_state_dict_moves_across_backends(first, second, tmp_path):
-    problem = make_problem(shapes=[(12, 17), (2, 5, 6), (8,)], steps=8)
-    whole, _, _ = run_fadafactor(problem, second, lr=1e-2)
-    params = [torch.nn.Parameter(t.clone()) for t in problem.init]
-    opt = FAdafactor(params, lr=1e-2, backend=first)
-    for k, row in enumerate(problem.grads):
-        if k == 4:  # save, reload into a fresh optimizer on the other backend
-            torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()},
-                       tmp_path / "ckpt.pt")
-            saved = torch.load(tmp_path / "ckpt.pt", map_location="cpu")
-            params = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
-            opt = FAdafactor(params, lr=1e-2, backend=second)
-            opt.load_state_dict(saved["opt"])
-            assert opt.param_groups[0]["backend"] == second
-        for p, g in zip(params, row):
-            p.grad = g.clone()
-        opt.step()
-    for x, y in zip(whole[-1]["params"], params):
-        torch.testing.assert_close(x, y.detach(), atol=1e-6, rtol=1e-5)
-    for sx, p in zip(whole[-1]["state"], params):
-        for key in sx:
-            if key != "step":
-                torch.testing.assert_close(sx[key], opt.state[p][key], atol=1e-6, rtol=1e-5)
+    assert_state_dict_moves(first, second, via_file=tmp_path / "ckpt.pt", steps=8, switch_at=4)
 
 
 def test_opcheck():

@@ -11,7 +11,9 @@ import torch
 
 from fadam_fused import FAdafactor, backends
 from fadam_testing import make_problem
-from fadafactor_testing import assert_trajectories_close, run_fadafactor, run_oracle64
+from fadafactor_testing import (assert_grad_scaler_inputs_work,
+                                assert_nonfinite_gradient_skips_the_step, assert_state_dict_moves,
+                                assert_trajectories_close, run_fadafactor, run_oracle64)
 from test_fadafactor_reference import CASES, edge_problem, embedding_problem
 
 pytestmark = [
@@ -79,18 +81,20 @@ def test_matches_triton_and_cpu(dtype):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_gradient_skips_the_whole_step(bad):
-    problem = make_problem(shapes=[(40, 60), (2, 130, 170), (3,)], steps=2)
-    _, params, opt = run_fadafactor(problem, "cuda", device=DEV, lr=1e-2)
-    before = [p.detach().clone() for p in params]
-    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    params[1].grad[1, 129, 169] = bad
-    opt.step()
-    assert all(torch.equal(a, p.detach()) for a, p in zip(before, params))
-    for st, p in zip(state, params):
-        assert all(torch.equal(v, opt.state[p][k]) for k, v in st.items())
-    assert float(opt.skipped_steps) == 1.0
+    assert_nonfinite_gradient_skips_the_step("cuda", bad, [(40, 60), (2, 130, 170), (3,)],
+                                             (1, 1, 129, 169), device=DEV)
+
+
+def test_grad_scale_and_found_inf_as_gradscaler_sets_them():
+    assert_grad_scaler_inputs_work("cuda", device=DEV)
+
+
+@pytest.mark.parametrize("first,second", [("cuda", "triton"), ("triton", "cuda"),
+                                          ("cuda", "reference")])
+def test_state_dict_moves_across_backends(first, second):
+    if "triton" in (first, second) and backends.unavailable_reason("triton", DEV) is not None:
+        pytest.skip(backends.unavailable_reason("triton", DEV))
+    assert_state_dict_moves(first, second, device=DEV)
 
 
 def test_cuda_graph_capture_and_replay():

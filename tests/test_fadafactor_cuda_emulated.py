@@ -14,7 +14,9 @@ import torch
 
 from fadam_fused import FAdafactor, _ext, backends, op_contract
 from fadam_testing import make_problem
-from fadafactor_testing import assert_trajectories_close, run_fadafactor, run_oracle64
+from fadafactor_testing import (assert_grad_scaler_inputs_work,
+                                assert_nonfinite_gradient_skips_the_step, assert_state_dict_moves,
+                                assert_trajectories_close, run_fadafactor, run_oracle64)
 from test_fadafactor_reference import CASES, edge_problem, embedding_problem
 
 op_contract.define_phase_ops(*op_contract.EMULATED_CUDA_OPS)  # as _ext does under the switch
@@ -163,37 +165,13 @@ def test_deterministic_bitwise(cuda_chunk):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_gradient_skips_the_whole_step(bad, cuda_chunk):
-    cuda_chunk(64)
-    problem = make_problem(shapes=[(4, 6), (2, 13, 17), (3,)], steps=2)
-    _, params, opt = run_fadafactor(problem, "cuda", lr=1e-2)
-    before = [p.detach().clone() for p in params]
-    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    params[1].grad[1, 12, 16] = bad  # the last element of the last tile of the second matrix
-    opt.step()
-    assert all(torch.equal(a, p.detach()) for a, p in zip(before, params))
-    for st, p in zip(state, params):
-        assert all(torch.equal(v, opt.state[p][k]) for k, v in st.items())
-    assert float(opt.skipped_steps) == 1.0
+    cuda_chunk(64)  # the last element of the last tile of the second matrix
+    assert_nonfinite_gradient_skips_the_step("cuda", bad, [(4, 6), (2, 13, 17), (3,)],
+                                             (1, 1, 12, 16))
 
 
 def test_grad_scale_and_found_inf_as_gradscaler_sets_them():
-    problem = make_problem(shapes=[(6, 9), (4,)], steps=1)
-    plain, _, _ = run_fadafactor(problem, "cuda", lr=1e-2)
-    scaled = [torch.nn.Parameter(t.clone()) for t in problem.init]
-    opt = FAdafactor(scaled, lr=1e-2, backend="cuda")
-    for p, g in zip(scaled, problem.grads[0]):
-        p.grad = g * 1024
-    opt.grad_scale, opt.found_inf = torch.tensor([1024.0]), torch.tensor([0.0])
-    opt.step()
-    for x, y in zip(plain[0]["params"], scaled):
-        torch.testing.assert_close(x, y.detach(), atol=1e-7, rtol=1e-6)
-    before = [p.detach().clone() for p in scaled]
-    opt.found_inf = torch.tensor([1.0])
-    opt.step()
-    assert all(torch.equal(a, p.detach()) for a, p in zip(before, scaled))
-    assert float(opt.skipped_steps) == 1.0
+    assert_grad_scaler_inputs_work("cuda")
 
 
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
@@ -238,25 +216,7 @@ def test_two_param_groups_match_the_reference_backend():
 @pytest.mark.parametrize("first,second", [("cuda", "cpu"), ("cpu", "cuda"), ("cuda", "reference"),
                                           ("reference", "cuda")])
 def test_state_dict_moves_across_backends(first, second):
-    problem = make_problem(shapes=[(6, 7), (2, 3, 5), (4,)], steps=4)
-    whole, _, _ = run_fadafactor(problem, second, lr=1e-2)
-    params = [torch.nn.Parameter(t.clone()) for t in problem.init]
-    opt = FAdafactor(params, lr=1e-2, backend=first)
-    for k, row in enumerate(problem.grads):
-        if k == 2:  # hand the state to a fresh optimizer on the other backend
-            saved = {"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}
-            params = [torch.nn.Parameter(t) for t in saved["params"]]
-            opt = FAdafactor(params, lr=1e-2, backend=second)
-            opt.load_state_dict(saved["opt"])
-        for p, g in zip(params, row):
-            p.grad = g.clone()
-        opt.step()
-    for x, y in zip(whole[-1]["params"], params):
-        torch.testing.assert_close(x, y.detach(), atol=1e-6, rtol=1e-5)
-    for sx, p in zip(whole[-1]["state"], params):
-        for key in sx:
-            if key != "step":
-                torch.testing.assert_close(sx[key], opt.state[p][key], atol=1e-6, rtol=1e-5)
+    assert_state_dict_moves(first, second)
 
 
 def test_chunks_wider_than_the_tile_limit_are_refused_by_the_op():

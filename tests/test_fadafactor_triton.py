@@ -23,8 +23,9 @@ import pytest  # noqa: E402
 
 from fadam_fused import FAdafactor, backends, op_contract  # noqa: E402
 from fadam_testing import make_problem  # noqa: E402
-from fadafactor_testing import (assert_trajectories_close, run_fadafactor,  # noqa: E402
-                                run_oracle64)
+from fadafactor_testing import (assert_grad_scaler_inputs_work,  # noqa: E402
+                                assert_nonfinite_gradient_skips_the_step, assert_state_dict_moves,
+                                assert_trajectories_close, run_fadafactor, run_oracle64)
 from test_fadafactor_reference import edge_problem, embedding_problem  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,27 +105,14 @@ def test_embedding_with_a_tenth_of_its_rows_touched_matches_oracle(triton_chunk)
     _check(embedding_problem(rows=40, dim=12, steps=3), torch.float32, lr=1e-2, eps=1e-30)
 
 
-@pytest.mark.parametrize("first,second", [("triton", "cpu"), ("cpu", "triton")])
+# The other backend on the same tensors: the CPU kernels under the interpreter, the reference on
+# a GPU (compiled Triton takes CUDA tensors only).
+OTHER = "cpu" if DEVICE.type == "cpu" else "reference"
+
+
+@pytest.mark.parametrize("first,second", [("triton", OTHER), (OTHER, "triton")])
 def test_state_dict_moves_across_backends(first, second):
-    problem = make_problem(shapes=[(6, 7), (2, 3, 5), (4,)], steps=4)
-    whole, _, _ = run_fadafactor(problem, second, lr=1e-2)
-    params = [torch.nn.Parameter(t.clone()) for t in problem.init]
-    opt = FAdafactor(params, lr=1e-2, backend=first)
-    for k, row in enumerate(problem.grads):
-        if k == 2:  # hand the state to a fresh optimizer on the other backend
-            saved = {"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}
-            params = [torch.nn.Parameter(t) for t in saved["params"]]
-            opt = FAdafactor(params, lr=1e-2, backend=second)
-            opt.load_state_dict(saved["opt"])
-        for p, g in zip(params, row):
-            p.grad = g.clone()
-        opt.step()
-    for x, y in zip(whole[-1]["params"], params):
-        torch.testing.assert_close(x, y.detach(), atol=1e-6, rtol=1e-5)
-    for sx, p in zip(whole[-1]["state"], params):
-        for key in sx:
-            if key != "step":
-                torch.testing.assert_close(sx[key], opt.state[p][key], atol=1e-6, rtol=1e-5)
+    assert_state_dict_moves(first, second, device=DEVICE)
 
 
 def test_per_tensor_path_matches_oracle_and_the_table_path_bitwise(monkeypatch, triton_chunk):
@@ -145,36 +133,13 @@ def test_per_tensor_path_matches_oracle_and_the_table_path_bitwise(monkeypatch, 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_gradient_skips_the_whole_step(bad):
-    problem = make_problem(shapes=[(4, 6), (2, 3, 5), (3,)], steps=2)
-    _, params, opt = run_fadafactor(problem, "triton", lr=1e-2)
-    before = [p.detach().clone() for p in params]
-    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    params[1].grad[1, 2, 3] = bad  # the last element of a tile row of the second matrix
-    opt.step()
-    assert all(torch.equal(a, p.detach()) for a, p in zip(before, params))
-    for st, p in zip(state, params):
-        assert all(torch.equal(v, opt.state[p][k]) for k, v in st.items())
-    assert float(opt.skipped_steps) == 1.0
+    # the last element of a tile row of the second matrix
+    assert_nonfinite_gradient_skips_the_step("triton", bad, [(4, 6), (2, 3, 5), (3,)], (1, 1, 2, 3),
+                                             device=DEVICE)
 
 
 def test_grad_scale_and_found_inf_as_gradscaler_sets_them():
-    problem = make_problem(shapes=[(6, 9), (4,)], steps=1)
-    plain, _, _ = run_fadafactor(problem, "triton", lr=1e-2)
-    scaled = [torch.nn.Parameter(t.clone()) for t in problem.init]
-    opt = FAdafactor(scaled, lr=1e-2, backend="triton")
-    for p, g in zip(scaled, problem.grads[0]):
-        p.grad = g * 1024
-    opt.grad_scale, opt.found_inf = torch.tensor([1024.0]), torch.tensor([0.0])
-    opt.step()
-    for x, y in zip(plain[0]["params"], scaled):
-        torch.testing.assert_close(x, y.detach(), atol=1e-7, rtol=1e-6)
-    before = [p.detach().clone() for p in scaled]
-    opt.found_inf = torch.tensor([1.0])
-    opt.step()
-    assert all(torch.equal(a, p.detach()) for a, p in zip(before, scaled))
-    assert float(opt.skipped_steps) == 1.0
+    assert_grad_scaler_inputs_work("triton", device=DEVICE)
 
 
 def test_one_launch_per_kernel_however_many_tensors(monkeypatch):
