@@ -7,7 +7,8 @@ torch.ops.fadam_fused.triton_phase_{a,b}, registered with torch.library.triton_o
 fadam_fused.triton_kernels. "reference" is not a fused backend: it is the oracle of
 fadam_fused.reference, one tensor at a time. Under FADAM_CUDA_EMULATE=1 (tests), "cuda" is
 torch.ops.fadam_fused.cuda_emulated_phase_{a,b} (and cuda_emulated_fadafactor_phase_{s,a,b}): the
-CUDA kernels compiled for the CPU, on CPU tensors ([note: one CUDA source, two compilers] in csrc/cuda/launch.h).
+CUDA kernels compiled for the CPU, on CPU tensors ([note: one CUDA source, two compilers] in
+csrc/cuda/launch.h).
 """
 
 from __future__ import annotations
@@ -178,8 +179,8 @@ def fused(name: str) -> op_contract.PhaseOps:
     return _FUSED[name]
 
 
-# Fused backends with FAdafactor kernels ([note: the FAdafactor op contract] in op_contract.py), by
-# the prefix of their ops; the others are refused for factored parameters.
+# The prefix of each fused backend's FAdafactor ops ([note: the FAdafactor op contract] in
+# op_contract.py): the C++ kernels register "fadafactor" for CPU and CUDA, Triton its own.
 FACTORED_KERNELS = {"cpu": "fadafactor", "cuda": "fadafactor", "triton": "triton_fadafactor"}
 _FACTORED: dict[str, op_contract.FactoredOps] = {}  # a plain dict, as _FUSED
 

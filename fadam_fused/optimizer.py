@@ -481,12 +481,12 @@ class _Planner:
                     shape = param.shape
                     m, f = state.get("momentum"), state.get("fim")
                     if m is None or f is None or m.shape != shape or f.shape != shape:
-                        self._bad_state(group, i, state)
+                        self._refuse_state(group, i, state)
                 else:
                     for key, shape in self.optimizer._state_shapes(param).items():
                         value = state.get(key)
                         if value is None or value.shape != shape:
-                            self._bad_state(group, i, state)
+                            self._refuse_state(group, i, state)
             else:
                 state = self.new_state[param] = self.optimizer._new_state(param)
             if not fusable:
@@ -500,7 +500,7 @@ class _Planner:
                 entries = self.buckets[key] = []
             entries.append((param, grad, state))
 
-    def _bad_state(self, group: dict[str, Any], i: int, state: dict[str, Any]) -> None:
+    def _refuse_state(self, group: dict[str, Any], i: int, state: dict[str, Any]) -> None:
         param = group["params"][i]
         raise RuntimeError(_bad_state(_param_name(group, i), param, state,
                                       self.optimizer._state_shapes(param),
