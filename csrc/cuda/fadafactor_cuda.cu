@@ -319,12 +319,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) phase_a_kernel(const __g
   bool unused = false;  // phase S has checked the gradients
   reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim, bs.grad_mul, args.s.p, args.s.eps_p, s1,
                       s2, unused);
-  block_sum2(s1, s2, scratch);
-  if (threadIdx.x == 0) {
-    double* slot = args.s.partials + 2 * (args.t.slot0[tensor] + chunk);
-    slot[0] = s1;
-    slot[1] = s2;
-  }
+  store_slot(s1, s2, args.s.partials + 2 * (args.t.slot0[tensor] + chunk), scratch);
 }
 
 template <typename scalar_t, bool kSqrt>
@@ -358,19 +353,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) phase_b_kernel(const __g
       }
     }
   }
-  if (s.clipping) {
-    double s1 = 0.0, s2 = 0.0;
-    if (t.flags[tensor] & kFlagFused) {
-      // Both phases in this block ([note: fused one-chunk tensors] in kernel_common.cuh).
-      const auto c = chunk_of<scalar_t>(t, tensor, 0, s.chunk_size);
-      bool unused = false;
-      reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim, bs.grad_mul, s.p, s.eps_p, s1, s2,
-                          unused);
-    } else {
-      sum_slots(s.partials, t.slot0[tensor], t.nchunks[tensor], s1, s2);
-    }
-    clip_scales(s1, s2, t.numel[tensor], s.clip, bs, scratch);
-  }
+  // A fused tensor does both phases in this block ([note: fused one-chunk tensors]).
+  clip_scales(s, (t.flags[tensor] & kFlagFused) != 0, s.partials, t.slot0[tensor],
+              t.nchunks[tensor], t.numel[tensor], bs, scratch, [&](double& s1, double& s2) {
+    const auto c = chunk_of<scalar_t>(t, tensor, 0, s.chunk_size);
+    bool unused = false;
+    reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim, bs.grad_mul, s.p, s.eps_p, s1, s2,
+                        unused);
+  });
   const int64_t chunk_end = min(chunk0 + t.per_block[tensor], static_cast<int64_t>(t.nchunks[tensor]));
   for (int64_t chunk = chunk0; chunk < chunk_end; ++chunk) {
     const auto c = chunk_of<scalar_t>(t, tensor, chunk, s.chunk_size);

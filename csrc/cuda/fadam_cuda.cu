@@ -188,12 +188,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(con
     double s1 = 0.0, s2 = 0.0;
     reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, stored_fim(c, bs), bs.grad_mul, args.s.p,
                         args.s.eps_p, s1, s2, bad);
-    block_sum2(s1, s2, scratch);
-    if (threadIdx.x == 0) {
-      double* slot = args.s.partials + 2 * (args.t.slot0[tensor] + chunk);
-      slot[0] = s1;
-      slot[1] = s2;
-    }
+    store_slot(s1, s2, args.s.partials + 2 * (args.t.slot0[tensor] + chunk), scratch);
   }
   if (bad) {
     *args.s.skip = 1.0f;  // every writer stores the same value; 0 is never stored
@@ -217,19 +212,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(con
     block_prologue(args, tensor, bs);
   }
   __syncthreads();
-  if (s.clipping) {
-    double s1 = 0.0, s2 = 0.0;
-    if (t.flags[tensor] & kFlagFused) {
-      // Both phases in this block ([note: fused one-chunk tensors] in kernel_common.cuh).
-      const auto c = chunk_ptrs<scalar_t>(t, tensor, 0, s.chunk_size);
-      bool unused = false;
-      reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, stored_fim(c, bs), bs.grad_mul, s.p,
-                          s.eps_p, s1, s2, unused);
-    } else {
-      sum_slots(s.partials, t.slot0[tensor], t.nchunks[tensor], s1, s2);
-    }
-    clip_scales(s1, s2, t.numel[tensor], s.clip, bs, scratch);
-  }
+  // A fused tensor does both phases in this block ([note: fused one-chunk tensors]).
+  clip_scales(s, (t.flags[tensor] & kFlagFused) != 0, s.partials, t.slot0[tensor],
+              t.nchunks[tensor], t.numel[tensor], bs, scratch, [&](double& s1, double& s2) {
+    const auto c = chunk_ptrs<scalar_t>(t, tensor, 0, s.chunk_size);
+    bool unused = false;
+    reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, stored_fim(c, bs), bs.grad_mul, s.p, s.eps_p,
+                        s1, s2, unused);
+  });
   const int64_t chunk_end = min(chunk0 + t.per_block[tensor], static_cast<int64_t>(t.nchunks[tensor]));
   for (int64_t chunk = chunk0; chunk < chunk_end; ++chunk) {
     const auto c = chunk_ptrs<scalar_t>(t, tensor, chunk, s.chunk_size);

@@ -248,6 +248,16 @@ __device__ __forceinline__ void update_frags(scalar_t* param, const scalar_t* gr
 // one-chunk tensors (up to 64K) may miss and cost phase A's 12 B/param again, no more than the
 // unfused path.
 
+// Phase A's end: the block's (s1, s2) in a fixed tree, stored by thread 0 into its slot (one
+// writer per slot: no atomics, no cleanup kernel).
+__device__ __forceinline__ void store_slot(double s1, double s2, double* slot, double* scratch) {
+  block_sum2(s1, s2, scratch);
+  if (threadIdx.x == 0) {
+    slot[0] = s1;
+    slot[1] = s2;
+  }
+}
+
 // Adds this thread's share of a tensor's slots (thread t: slots t, t + 512, ... in order).
 __device__ __forceinline__ void sum_slots(const double* partials, int64_t slot0, int nslots,
                                           double& s1, double& s2) {
@@ -261,14 +271,27 @@ __device__ __forceinline__ void sum_slots(const double* partials, int64_t slot0,
   }
 }
 
-// The block's total of (s1, s2) in a fixed tree, turned into bs.inv_s1 / bs.inv_s2 for every
-// thread.
-__device__ __forceinline__ void clip_scales(double s1, double s2, int64_t numel, double clip,
-                                            BlockScalars& bs, double* scratch) {
+// Phase B's clip scales into bs.inv_s1 / bs.inv_s2 for every thread: a fused one-chunk tensor's
+// sums from reduce_fused(s1, s2) (both phases in this block), another tensor's from its `nslots`
+// slots; the block's total in a fixed tree. No-op (scales 1) with clipping off.
+template <typename ReduceFused>
+__device__ __forceinline__ void clip_scales(const HostScalars& s, bool fused,
+                                            const double* partials, int64_t slot0, int nslots,
+                                            int64_t numel, BlockScalars& bs, double* scratch,
+                                            ReduceFused&& reduce_fused) {
+  if (!s.clipping) {
+    return;
+  }
+  double s1 = 0.0, s2 = 0.0;
+  if (fused) {
+    reduce_fused(s1, s2);
+  } else {
+    sum_slots(partials, slot0, nslots, s1, s2);
+  }
   block_sum2(s1, s2, scratch);
   if (threadIdx.x == 0) {
-    bs.inv_s1 = static_cast<float>(clip_inv_scale(s1, numel, clip));
-    bs.inv_s2 = static_cast<float>(clip_inv_scale(s2, numel, clip));
+    bs.inv_s1 = static_cast<float>(clip_inv_scale(s1, numel, s.clip));
+    bs.inv_s2 = static_cast<float>(clip_inv_scale(s2, numel, s.clip));
   }
   __syncthreads();
 }
