@@ -216,6 +216,21 @@ inline FactorTile factor_tile(at::IntArrayRef sizes, int64_t chunk_size) {
   return {batch, rows, cols, tile_rows, tile_cols};
 }
 
+// Where tensor i's regions start in factor_partials (float64) and factors (float32); the last
+// entry of each is its total size. The C++ twin of op_contract.factor_offsets().
+struct FactorOffsets {
+  std::vector<int64_t> partials, factors;
+};
+
+inline FactorOffsets factor_offsets(const std::vector<FactorTile>& tiles) {
+  FactorOffsets o{{0}, {0}};
+  for (const auto& t : tiles) {
+    o.partials.push_back(o.partials.back() + t.batch * t.partials_per_matrix());
+    o.factors.push_back(o.factors.back() + t.batch * t.factors_per_matrix());
+  }
+  return o;
+}
+
 // Checks of the FAdafactor ops' tensor lists; empty lists (fim_rows in phase A, momentums in
 // phases S and A) are not checked. Returns each tensor's tile geometry.
 inline std::vector<FactorTile> check_factored_group(

@@ -57,20 +57,6 @@ inline float grad_multiplier(bool maximize, const c10::optional<at::Tensor>& gra
   return static_cast<float>(mul);
 }
 
-// Where tensor i's regions start in factor_partials (float64) and factors (float32).
-struct Offsets {
-  std::vector<int64_t> partials, factors;
-};
-
-Offsets region_offsets(const std::vector<FactorTile>& tiles) {
-  Offsets o{{0}, {0}};
-  for (const auto& t : tiles) {
-    o.partials.push_back(o.partials.back() + t.batch * t.partials_per_matrix());
-    o.factors.push_back(o.factors.back() + t.batch * t.factors_per_matrix());
-  }
-  return o;
-}
-
 // ---- phase S ------------------------------------------------------------------------------------
 
 // One tile's partial sums of g^2: row r's over the tile's columns into row_out[r], column c's over
@@ -118,7 +104,7 @@ void phase_s_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
   TORCH_CHECK(steps.size() == params.size(), op, ": one step per param is required");
   TORCH_CHECK(skip.device().is_cpu() && skip.scalar_type() == at::kFloat && skip.numel() == 1,
               op, ": skip must be a one-element float32 CPU tensor");
-  const Offsets off = region_offsets(tiles);
+  const FactorOffsets off = factor_offsets(tiles);
   TORCH_CHECK(factor_partials.device().is_cpu() && factor_partials.scalar_type() == at::kDouble &&
                   factor_partials.is_contiguous() &&
                   factor_partials.numel() == off.partials.back(),
@@ -274,7 +260,7 @@ void phase_a_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& 
   if (params.empty() || !(clip > 0.0)) {
     return;  // without clipping no RMS is needed; phase S has checked the gradients
   }
-  const Offsets off = region_offsets(tiles);
+  const FactorOffsets off = factor_offsets(tiles);
   const ElemConsts c = elem_consts(eps, p, grad_multiplier(maximize, grad_scale));
   const int64_t esize = params[0].element_size();
   // A one-chunk tensor is reduced in phase B (fuse_one_chunk): nothing to do here.
@@ -325,7 +311,7 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
                 op, ": lr_tensor must be a one-element CPU tensor");
     lr = lr_tensor->to(at::kDouble).const_data_ptr<double>()[0];
   }
-  const Offsets off = region_offsets(tiles);
+  const FactorOffsets off = factor_offsets(tiles);
   const ElemConsts c = elem_consts(eps, p, grad_multiplier(maximize, grad_scale));
   const float beta1_f = static_cast<float>(beta1);
   const fVec vbeta1(beta1_f), vomb1(static_cast<float>(1.0 - static_cast<double>(beta1_f))),

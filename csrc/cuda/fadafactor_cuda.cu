@@ -417,8 +417,8 @@ struct Operands {
 };
 
 void fill_tables(Tables& tab, const Launch& launch, const Operands& op,
-                 const std::vector<FactorTile>& tiles, const std::vector<int64_t>& part_offsets,
-                 const std::vector<int64_t>& factor_offsets, int64_t chunk_size) {
+                 const std::vector<FactorTile>& tiles, const FactorOffsets& off,
+                 int64_t chunk_size) {
   const int64_t v = 16 / static_cast<int64_t>(op.params[0].element_size());
   for (size_t k = 0; k < launch.tensors.size(); ++k) {
     const PlanTensor& pt = launch.tensors[k];
@@ -430,8 +430,8 @@ void fill_tables(Tables& tab, const Launch& launch, const Operands& op,
     tab.fim_row[k] = op.fim_rows.empty() ? nullptr : op.fim_rows[i].data_ptr<float>();
     tab.fim_col[k] = op.fim_cols.empty() ? nullptr : op.fim_cols[i].data_ptr<float>();
     tab.step[k] = op.steps.empty() ? nullptr : op.steps[i].const_data_ptr<float>();
-    tab.factors[k] = op.factors + factor_offsets[i];
-    tab.fpart[k] = op.factor_partials == nullptr ? nullptr : op.factor_partials + part_offsets[i];
+    tab.factors[k] = op.factors + off.factors[i];
+    tab.fpart[k] = op.factor_partials == nullptr ? nullptr : op.factor_partials + off.partials[i];
     tab.numel[k] = op.params[i].numel();
     tab.slot0[k] = pt.slot0;
     tab.batch[k] = static_cast<int32_t>(ft.batch);
@@ -468,25 +468,11 @@ std::vector<FactorTile> check_inputs(const char* op, at::TensorList params, at::
                 ": params[", i, "] is ", ft.batch, " matrices of ", ft.rows, " x ", ft.cols,
                 "; the CUDA kernels take fewer than 2^31 matrices, fewer than 2^30 rows and at "
                 "most 2^30 columns");
-    check_same_device(op, factors, "factors", params[i].device());
+  }
+  if (!params.empty()) {
+    check_same_device(op, factors, "factors", params[0].device());  // params share one device
   }
   return tiles;
-}
-
-std::vector<int64_t> partial_offsets(const std::vector<FactorTile>& tiles) {
-  std::vector<int64_t> o{0};
-  for (const auto& t : tiles) {
-    o.push_back(o.back() + t.batch * t.partials_per_matrix());
-  }
-  return o;
-}
-
-std::vector<int64_t> factor_offsets(const std::vector<FactorTile>& tiles) {
-  std::vector<int64_t> o{0};
-  for (const auto& t : tiles) {
-    o.push_back(o.back() + t.batch * t.factors_per_matrix());
-  }
-  return o;
 }
 
 void check_skip(const char* op, const at::Tensor& skip, const at::Device& device) {
@@ -522,10 +508,10 @@ void phase_s_cuda(at::TensorList params, at::TensorList grads, at::TensorList fi
                 op, ": steps[", i, "] must be a one-element float32 tensor on ", device);
   }
   check_skip(op, skip, device);
-  const auto parts = partial_offsets(tiles);
+  const FactorOffsets off = factor_offsets(tiles);
   TORCH_CHECK(factor_partials.device() == device && factor_partials.scalar_type() == at::kDouble &&
-                  factor_partials.is_contiguous() && factor_partials.numel() == parts.back(),
-              op, ": factor_partials must be a contiguous float64 tensor of ", parts.back(),
+                  factor_partials.is_contiguous() && factor_partials.numel() == off.partials.back(),
+              op, ": factor_partials must be a contiguous float64 tensor of ", off.partials.back(),
               " elements on ", device);
   Args args{};
   // Phase S uses beta2, maximize and grad_scale; eps, p and clip are placeholders.
@@ -535,17 +521,16 @@ void phase_s_cuda(at::TensorList params, at::TensorList grads, at::TensorList fi
   args.s.chunk_size = chunk_size;
   const Operands ops{params, grads, fim_rows, fim_cols, {}, steps,
                      factor_partials.data_ptr<double>(), factors.data_ptr<float>()};
-  const auto facs = factor_offsets(tiles);
   const LaunchScope scope(device);
   dispatch(params[0].scalar_type(), 0.5, [&]<typename scalar_t, bool>() {
     for (const Launch& launch : plan(Kernel::kTiles, tiles, params, chunk_size, false)) {
-      fill_tables(args.t, launch, ops, tiles, parts, facs, chunk_size);
+      fill_tables(args.t, launch, ops, tiles, off, chunk_size);
       scope.launch(tiles_kernel<scalar_t>, static_cast<unsigned>(launch.blocks.size()), kThreads,
                    args);
     }
   });
   for (const Launch& launch : plan(Kernel::kCombine, tiles, params, chunk_size, false)) {
-    fill_tables(args.t, launch, ops, tiles, parts, facs, chunk_size);
+    fill_tables(args.t, launch, ops, tiles, off, chunk_size);
     scope.launch(combine_kernel, static_cast<unsigned>(launch.blocks.size()), kThreads, args);
   }
 }
@@ -570,11 +555,11 @@ void phase_a_cuda(at::TensorList params, at::TensorList grads, const at::Tensor&
   args.s.chunk_size = chunk_size;
   const Operands ops{params, grads, {}, {}, {}, {}, nullptr,
                      const_cast<float*>(factors.const_data_ptr<float>())};  // read only here
-  const auto facs = factor_offsets(tiles);
+  const FactorOffsets off = factor_offsets(tiles);
   const LaunchScope scope(device);
   dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
     for (const Launch& launch : plan(Kernel::kPhaseA, tiles, params, chunk_size, fuse_one_chunk)) {
-      fill_tables(args.t, launch, ops, tiles, {}, facs, chunk_size);
+      fill_tables(args.t, launch, ops, tiles, off, chunk_size);
       scope.launch(phase_a_kernel<scalar_t, kSqrt>, static_cast<unsigned>(launch.blocks.size()),
                    kThreads, args);
     }
@@ -607,11 +592,11 @@ void phase_b_cuda(at::TensorList params, at::TensorList grads, at::TensorList fi
   args.s.chunk_size = chunk_size;
   const Operands ops{params, grads, fim_rows, fim_cols, moms, {}, nullptr,
                      const_cast<float*>(factors.const_data_ptr<float>())};  // read only here
-  const auto facs = factor_offsets(tiles);
+  const FactorOffsets off = factor_offsets(tiles);
   const LaunchScope scope(device);
   dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
     for (const Launch& launch : plan(Kernel::kPhaseB, tiles, params, chunk_size, fuse_one_chunk)) {
-      fill_tables(args.t, launch, ops, tiles, {}, facs, chunk_size);
+      fill_tables(args.t, launch, ops, tiles, off, chunk_size);
       scope.launch(phase_b_kernel<scalar_t, kSqrt>, static_cast<unsigned>(launch.blocks.size()),
                    kThreads, args);
     }

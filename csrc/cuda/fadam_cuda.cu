@@ -51,7 +51,6 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "cuda/multi_tensor_plan.h"
