@@ -10,7 +10,8 @@ docs/design.md has the algorithm and the contract; README.md, building and bench
 from . import reference
 from .backends import BACKENDS
 from .fadafactor import FAdafactor
-from .optimizer import FAdam, fadam
+from .fadam import FAdam, fadam
+from .optimizer import FisherOptimizer
 
-__all__ = ["FAdam", "FAdafactor", "fadam", "reference", "BACKENDS"]
+__all__ = ["FAdam", "FAdafactor", "FisherOptimizer", "fadam", "reference", "BACKENDS"]
 __version__ = "0.1.0"

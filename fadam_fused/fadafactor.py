@@ -1,42 +1,117 @@
-"""FAdafactor (Hwang 2024, Algorithm 2): FAdam with a factored FIM, as a subclass of FAdam.
+"""FAdafactor (Hwang 2024, Algorithm 2): FAdam with a factored FIM, as a member of the family.
 
-It changes only what [note: optimizer extension point] in optimizer.py lets a subclass change:
-the state (``fim_row`` / ``fim_col`` for parameters of 2 or more dims, FAdam's ``fim`` for the
-others), its creation, and the routing, in which factored tensors go to a ``FactoredBucket`` (a
-``PhaseRunner`` running the three ops of [note: the FAdafactor op contract] in op_contract.py)
-and the others to FAdam's own buckets. Validation, the one-step run with its non-finite skip,
-GradScaler, skipped_steps and load_state_dict are FAdam's.
+Parameters of 2 or more dims are of the factored kind (``fim_row`` / ``fim_col`` state, a bucket
+of two stages: phase S, then phase A, then the update phase B: the three ops of [note: the
+FAdafactor op contract] in op_contract.py); the others are FAdam's kind. Validation, the
+one-step run with its non-finite skip, GradScaler, skipped_steps and load_state_dict are the
+engine's and the shell's (optimizer.FisherOptimizer).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, ClassVar, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from . import backends, op_contract, reference, sharded
-from .optimizer import BUCKET_KINDS, FAdam, Hyper, PhaseRunner, _lr_args
+from . import backends, engine, op_contract, sharded
+from .engine import Bucket, Kind
+from .fadam import KIND as FADAM
+from .hyper import Hyper
+from .optimizer import FisherOptimizer
 
-__all__ = ["FAdafactor"]
+__all__ = ["FAdafactor", "KIND"]
+
 
 def factored_state_shapes(param: Tensor) -> dict[str, torch.Size]:
-    """The float32 state tensors (besides ``step``) FAdafactor keeps for `param`."""
-    if not reference.is_factored(param):
-        return {"momentum": param.shape, "fim": param.shape}
+    """The float32 state tensors (besides ``step``) of a factored parameter, shape (..., n, m)."""
     shape = param.shape
     return {"momentum": shape, "fim_row": shape[:-1], "fim_col": shape[:-2] + shape[-1:]}
 
 
-def _param_check(param: Tensor, backend: str | None) -> str | None:
-    if sharded.is_dtensor(param):
-        return ("sharded (DTensor) parameters are not supported by FAdafactor yet (the row and "
-                "column sums would need their own all-reduce); use FAdam")
-    return None
+class FactoredBucket(Bucket):
+    """Parameters of 2 or more dims with a factored FIM that one backend steps together."""
+
+    stages = 2  # phase S (the factors), then phase A (the RMS sums, with clipping on)
+
+    def __init__(self, backend: str, hyper: Hyper, params: list[Tensor], grads: list[Tensor],
+                 states: Sequence[Tensor], shards: sharded.Layout | None) -> None:
+        self.ops = backends.factored(backend)
+        self.hyper, self.params, self.grads, self.shards = hyper, params, grads, shards
+        self.momentums, self.fim_rows, self.fim_cols, self.steps = (
+            list(states[k::4]) for k in range(4))
+        self.device = params[0].device
+        # Scratch between the phases.
+        self.factors: Tensor | None = None
+        self.partials: Tensor | None = None
+
+    def stage(self, k: int, skip: Tensor, grad_scale: Tensor | None) -> list[sharded.Reduction]:
+        h, ops = self.hyper, self.ops
+        if k == 0:
+            factor_partials, self.factors = op_contract.new_factor_buffers(
+                self.params, ops.chunk_size,
+                # Only the reference backend takes float64 parameters: its factors keep their
+                # precision (the fused kernels' are float32).
+                dtype=torch.float64 if self.params[0].dtype == torch.float64 else torch.float32)
+            ops.phase_s(self.params, self.grads, self.fim_rows, self.fim_cols, self.steps,
+                        factor_partials, self.factors, skip, grad_scale, beta2=h.beta2,
+                        maximize=h.maximize, chunk_size=ops.chunk_size)
+            return []
+        self.partials = engine.new_partials(self.params, ops.chunk_size, self.shards)
+        if h.clip > 0:  # without clipping no RMS is needed: phase A has nothing to do
+            ops.phase_a(self.params, self.grads, self.factors, self.partials, grad_scale,
+                        eps=h.eps, p=h.p, clip=h.clip, maximize=h.maximize,
+                        chunk_size=ops.chunk_size, fuse_one_chunk=True)
+        return []
+
+    def update(self, skip: Tensor, grad_scale: Tensor | None) -> None:
+        h, ops = self.hyper, self.ops
+        lr_tensor, lr = engine.lr_args(h.lr, self.device)
+        ops.phase_b(self.params, self.grads, self.fim_rows, self.fim_cols, self.momentums,
+                    self.factors, self.partials, skip, grad_scale, lr_tensor, lr=lr,
+                    beta1=h.beta1, eps=h.eps, p=h.p, clip=h.clip, weight_decay=h.weight_decay,
+                    maximize=h.maximize, chunk_size=ops.chunk_size, fuse_one_chunk=True)
+        self.factors = self.partials = None
 
 
-class FAdafactor(FAdam):
+class FactoredKind(Kind):
+    """A parameter of 2 or more dims with FAdafactor's state: ``step``, ``momentum``, and the
+    row and column sums ``fim_row`` (R, shape[:-1]) and ``fim_col`` (C, shape[:-2] + shape[-1:])."""
+
+    name = "fadafactor"
+    state_keys = ("momentum", "fim_row", "fim_col", "step")
+
+    def state_shapes(self, param: Tensor) -> dict[str, torch.Size]:
+        return factored_state_shapes(param)
+
+    def new_state(self, param: Tensor) -> dict[str, Tensor]:
+        state = {"step": engine.new_step(param),
+                 "momentum": engine.new_state_tensor(param, 0.0)}
+        with torch.inference_mode(False):
+            for key, shape in factored_state_shapes(param).items():
+                if key != "momentum":
+                    state[key] = torch.ones(shape, dtype=torch.float32, device=param.device)
+        return state
+
+    def param_refusal(self, who: str, param: Tensor, name: str) -> str | None:
+        if sharded.is_dtensor(param):
+            return (f"{who} cannot optimize {name}: sharded (DTensor) parameters of 2 or more "
+                    "dims are not supported by FAdafactor yet; use FAdam for them")
+        return None
+
+    def unfused_reason(self, param: Tensor) -> str | None:
+        # The kernels walk rows of the last dim, so a dense but permuted parameter
+        # (channels_last) runs on the reference.
+        return None if param.is_contiguous() else "is not contiguous"
+
+    def bucket(self, backend, hyper, params, grads, states, shards) -> Bucket:
+        return FactoredBucket(backend, hyper, params, grads, states, shards)
+
+
+KIND = FactoredKind()
+
+
+class FAdafactor(FisherOptimizer):
     r"""FAdafactor (Hwang 2024, Algorithm 2): FAdam with an Adafactor-style factored FIM.
 
     For a parameter of shape :math:`(\dots, n, m)` (2 or more dims; leading dims are a batch of
@@ -54,8 +129,10 @@ class FAdafactor(FAdam):
     value never counts.
 
     Same arguments and defaults as :class:`FAdam`: ``lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-    clip=1.0, weight_decay=1e-3, p=0.5``. The paper's 1B-parameter LLM was trained with
-    ``betas=(0.9, 0.99), eps=1e-12, weight_decay=0.1``.
+    clip=1.0, weight_decay=1e-3, p=0.5``, ``maximize``, ``backend`` (and, as there, ``clip=None``
+    leaves the weight decay unbounded where gradients vanish: one step of an all-zero gradient
+    moves a parameter by about ``lr * weight_decay / eps`` times itself). The paper's
+    1B-parameter LLM was trained with ``betas=(0.9, 0.99), eps=1e-12, weight_decay=0.1``.
 
     State per parameter: ``step``, ``momentum`` (float32, like the parameter) and, for 2+ dims,
     ``fim_row`` (R, shape ``param.shape[:-1]``) and ``fim_col`` (C, shape
@@ -63,98 +140,33 @@ class FAdafactor(FAdam):
     bytes per parameter against FAdam's 8.
 
     Backends: every one of :class:`FAdam`'s (``"cuda"``, ``"triton"``, ``"cpu"``,
-    ``"reference"``, chosen the same way) has FAdafactor kernels. Sharded (DTensor) parameters
-    are not supported yet.
-    Everything else (non-finite skip, GradScaler, no host sync, state_dict moving across
-    backends and devices) is as in :class:`FAdam`.
+    ``"reference"``, chosen the same way) has FAdafactor kernels. Sharded (DTensor) parameters of
+    2 or more dims are not supported yet and are refused when they join the optimizer.
+    Everything else (the non-finite skip, which also covers a row or column sum that overflows
+    float32; GradScaler; no host sync; state_dict moving across backends and devices) is as in
+    :class:`FAdam`.
     """
 
-    _param_check = staticmethod(_param_check)
-    _state_shapes = staticmethod(factored_state_shapes)
+    kinds = (KIND, FADAM)
 
     @staticmethod
-    def _new_state(param: Tensor) -> dict[str, Any]:
-        state = {"step": torch.zeros((), dtype=torch.float32, device=param.device),
-                 "momentum": torch.zeros_like(param, dtype=torch.float32,
-                                              memory_format=torch.preserve_format)}
-        for key, shape in factored_state_shapes(param).items():
-            if key != "momentum":
-                state[key] = torch.ones(shape, dtype=torch.float32, device=param.device)
-        return state
+    def kind_of(param: Tensor) -> Kind:
+        return KIND if param.dim() >= 2 else FADAM
 
-    @staticmethod
-    def _route(param: Tensor, name: str) -> tuple[str, str]:
-        if not reference.is_factored(param):
-            return name, "fadam"
-        # The kernels walk rows of the last dim, so a dense but permuted parameter (channels_last)
-        # runs on the reference.
-        if not param.is_contiguous():
-            name = "reference"
-        return name, "factored"
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        clip: float | None = 1.0,
+        weight_decay: float = 1e-3,
+        p: float = 0.5,
+        *,
+        maximize: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip=clip,
+                                      weight_decay=weight_decay, p=p, maximize=maximize,
+                                      backend=backend))
 
-
-@dataclasses.dataclass
-class FactoredBucket(PhaseRunner):
-    """Factored tensors of one group, device and dtype that one backend steps together."""
-
-    backend: str  # "reference" or a backend of backends.FACTORED_KERNELS
-    hyper: Hyper
-    params: list[Tensor] = dataclasses.field(default_factory=list)
-    grads: list[Tensor] = dataclasses.field(default_factory=list)
-    momentums: list[Tensor] = dataclasses.field(default_factory=list)
-    fim_rows: list[Tensor] = dataclasses.field(default_factory=list)
-    fim_cols: list[Tensor] = dataclasses.field(default_factory=list)
-    steps: list[Tensor] = dataclasses.field(default_factory=list)
-    shards: None = None  # sharded parameters are refused (_param_check)
-    # Scratch between the phases of a fused backend.
-    factors: Tensor | None = None
-    partials: Tensor | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.params[0].device
-
-    STATE_KEYS: ClassVar[tuple[str, ...]] = ("momentum", "fim_row", "fim_col", "step")
-
-    def take_state(self, states: Sequence[Tensor]) -> None:
-        """Fills the state lists from the parameters' state tensors in STATE_KEYS order."""
-        self.momentums, self.fim_rows, self.fim_cols, self.steps = (
-            list(states[k::4]) for k in range(4))
-
-    def phase_a(self, skip: Tensor, grad_scale: Tensor | None) -> None:
-        h = self.hyper
-        if self.backend == "reference":
-            skip.copy_(torch.maximum(skip, reference.nonfinite_flag(self.grads)))
-            return
-        ops = backends.factored(self.backend)
-        factor_partials, self.factors = op_contract.new_factor_buffers(self.params,
-                                                                        ops.chunk_size)
-        ops.phase_s(self.params, self.grads, self.fim_rows, self.fim_cols, self.steps,
-                    factor_partials, self.factors, skip, grad_scale, beta2=h.beta2,
-                    maximize=h.maximize, chunk_size=ops.chunk_size)
-        self.partials = op_contract.new_partials(self.params, ops.chunk_size)
-        if h.clip > 0:  # without clipping no RMS is needed: phase A has nothing to do
-            ops.phase_a(self.params, self.grads, self.factors, self.partials, grad_scale,
-                        eps=h.eps, p=h.p, clip=h.clip, maximize=h.maximize,
-                        chunk_size=ops.chunk_size, fuse_one_chunk=True)
-
-    def phase_b(self, skip: Tensor, grad_scale: Tensor | None) -> None:
-        h = self.hyper
-        if self.backend == "reference":
-            for param, grad, m, rows, cols, step in zip(self.params, self.grads, self.momentums,
-                                                        self.fim_rows, self.fim_cols, self.steps):
-                reference.fadafactor_update_tensor(
-                    param, grad, m, rows, cols, step, skip, lr=h.lr, beta1=h.beta1,
-                    beta2=h.beta2, eps=h.eps, clip=h.clip, weight_decay=h.weight_decay, p=h.p,
-                    maximize=h.maximize, grad_scale=grad_scale)
-            return
-        ops = backends.factored(self.backend)
-        lr_tensor, lr = _lr_args(h.lr, self.device)
-        ops.phase_b(self.params, self.grads, self.fim_rows, self.fim_cols, self.momentums,
-                    self.factors, self.partials, skip, grad_scale, lr_tensor, lr=lr,
-                    beta1=h.beta1, eps=h.eps, p=h.p, clip=h.clip, weight_decay=h.weight_decay,
-                    maximize=h.maximize, chunk_size=ops.chunk_size, fuse_one_chunk=True)
-        self.factors = self.partials = None
-
-
-BUCKET_KINDS["factored"] = FactoredBucket

@@ -156,6 +156,23 @@ define_fadafactor_ops("fadafactor")
 # ---- chunks and slots ---------------------------------------------------------------------------
 
 
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of the dims is contiguous, so a fused kernel can
+    walk the storage as numel consecutive elements (its operands then share strides). False for
+    strided views such as ``w[:, ::2]``."""
+    if t.is_contiguous():  # the common case, decided in C++: ~0.1 us against ~3 us below
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+
 def nchunks_of(numel: int, chunk_size: int) -> int:
     """Slots owned by a tensor of `numel` elements: max(1, ceil(numel / chunk_size))."""
     return 1 if numel <= chunk_size else (numel + chunk_size - 1) // chunk_size
@@ -226,13 +243,14 @@ def factor_offsets(params: Sequence[Tensor], chunk_size: int) -> tuple[list[int]
     return partials, factors
 
 
-def new_factor_buffers(params: Sequence[Tensor], chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Uninitialised (factor_partials float64, factors float32) for `params` (phase S fills
-    them)."""
+def new_factor_buffers(params: Sequence[Tensor], chunk_size: int,
+                       dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Uninitialised (factor_partials float64, factors of `dtype`: float32 for every fused
+    backend) for `params` (phase S fills them)."""
     partials, factors = factor_offsets(params, chunk_size)
     device = params[0].device
     return (torch.empty(partials[-1], dtype=torch.float64, device=device),
-            torch.empty(factors[-1], dtype=torch.float32, device=device))
+            torch.empty(factors[-1], dtype=dtype, device=device))
 
 
 # ---- host step scalars --------------------------------------------------------------------------

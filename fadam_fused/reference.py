@@ -32,23 +32,69 @@ FAdafactor (Algorithm 2 of the paper; docs/design.md, section 8) replaces f of a
 or more dims by a rank-1 factoring of row and column sums of g^2 (factored_fim); the rest of the
 step is FAdam's (_apply).
 
-Non-finite gradients (docs/design.md, section 6): if any gradient of the step holds a NaN or inf (or
-``found_inf`` from a GradScaler is set), nothing changes: parameters, state and step counts keep
-their exact values. The decision is a device tensor, never a host sync.
+Non-finite gradients (docs/design.md, section 6): if any gradient of the step holds a NaN or inf, or
+its square overflows (FAdafactor: or a new row or column sum), or ``found_inf`` from a GradScaler
+is set, nothing changes: parameters, state and step counts keep their exact values. The decision
+is a device tensor, never a host sync.
+
+The ``reference`` backend is this file's math behind the op contract of the fused backends
+(``FADAM_OPS``, ``FADAFACTOR_OPS``: [note: the two-phase op contract] and [note: the FAdafactor op
+contract] in op_contract.py), one tensor at a time: every tensor is one chunk (one partial-sum
+slot, one factor tile), phase A writes the slots only when the caller asks for them
+(``fuse_one_chunk=False``, sharded tensors), and phase B reads the same skip flag.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
+from . import op_contract
 
-def nonfinite_flag(grads: list[Tensor], found_inf: Tensor | None = None) -> Tensor:
-    """A float32 0-dim tensor: 1.0 if any gradient is not finite or found_inf is set, else 0.0."""
+
+# ---- the gradient and the non-finite rule -------------------------------------------------------
+
+
+def _compute_dtype(t: Tensor, upcast: bool = False) -> torch.dtype:
+    return torch.float64 if upcast or t.dtype == torch.float64 else torch.float32
+
+
+def _multiplier(grad_scale: Tensor | None, maximize: bool, compute: torch.dtype,
+                device: torch.device) -> Tensor | float:
+    """(maximize ? -1 : 1) / grad_scale in float64, rounded to the compute dtype once: the
+    kernels' gradient multiplier (fadam::grad_mul_of in csrc/fadam_math.h)."""
+    sign = -1.0 if maximize else 1.0
+    if grad_scale is None:
+        return sign
+    scale = grad_scale.to(device=device, dtype=torch.float64).reshape(())
+    return (sign / scale).to(compute)
+
+
+def _inputs(param, grad, *, maximize, grad_scale, upcast):
+    """The compute dtype, and the step's g (scaled, maybe negated) and theta in it."""
+    compute = _compute_dtype(param, upcast)
+    g = grad.to(compute) * _multiplier(grad_scale, maximize, compute, grad.device)
+    return compute, g, param.to(compute)
+
+
+def nonfinite_flag(grads: Sequence[Tensor], found_inf: Tensor | None = None, *,
+                   grad_scale: Tensor | None = None) -> Tensor:
+    """A float32 0-dim tensor: 1.0 if the step must be skipped, else 0.0.
+
+    Skipped when found_inf is set, or when for any gradient element the scaled gradient g (in
+    the compute precision: float32, float64 for float64 gradients) has a square g * g that is
+    not finite: a NaN or inf gradient, or one whose square overflows (|g| >= 1.8e19 in float32),
+    which would make the FIM inf and freeze the tensor (docs/design.md, section 6).
+    """
     device = grads[0].device if grads else (found_inf.device if found_inf is not None else "cpu")
     flag = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        flag = torch.maximum(flag, (~torch.isfinite(g)).any().to(device=device, dtype=torch.float32))
+    for grad in grads:
+        compute = _compute_dtype(grad)
+        g = grad.to(compute) * _multiplier(grad_scale, False, compute, grad.device)
+        bad = (~torch.isfinite(g * g)).any()
+        flag = torch.maximum(flag, bad.to(device=device, dtype=torch.float32))
     if found_inf is not None:
         seen = (found_inf.reshape(()) != 0).to(device=device, dtype=torch.float32)
         flag = torch.maximum(flag, seen)
@@ -61,12 +107,16 @@ def b2hat(beta2: float, t: Tensor) -> Tensor:
     return beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
 
 
+# ---- FAdam --------------------------------------------------------------------------------------
+
+
 def _clip_scale(x: Tensor, clip: float | None, sumsq: Tensor | None = None,
                 numel: int | None = None) -> Tensor:
     """max(1, RMS(x) / clip) in float64; 1 when clipping is off or x is empty.
 
-    With `sumsq` and `numel` the RMS is sqrt(sumsq / numel) instead: x is a shard of a larger
-    tensor whose sum of squares (all-reduced by fadam_fused.sharded) and numel are given.
+    With `sumsq` and `numel` the RMS is sqrt(sumsq / numel) instead: the sum of squares of x was
+    computed elsewhere (a phase A, or the all-reduce of a sharded tensor's sums, scaled to this
+    shard's numel by fadam_fused.sharded).
 
     A non-finite RMS (a NaN or inf in the parameter behind w) counts as infinite: x / s is then 0
     for every finite element and the NaN stays in its own element (docs/design.md, section 6).
@@ -80,17 +130,6 @@ def _clip_scale(x: Tensor, clip: float | None, sumsq: Tensor | None = None,
     return torch.where(torch.isfinite(scale), scale, torch.inf)
 
 
-def _inputs(param, grad, *, maximize, grad_scale, upcast):
-    """The compute dtype, and the step's g (scaled, maybe negated) and theta in it."""
-    compute = torch.float64 if upcast or param.dtype == torch.float64 else torch.float32
-    g = grad.to(compute)
-    if grad_scale is not None:
-        g = g / grad_scale.to(device=g.device, dtype=compute).reshape(())
-    if maximize:
-        g = -g
-    return compute, g, param.to(compute)
-
-
 def _natural(param, grad, fim, step, *, beta2, eps, p, maximize, grad_scale, upcast):
     """The compute dtype, and the step's g, theta, new f, ghat = g / d and w = theta / d in it."""
     compute, g, theta = _inputs(param, grad, maximize=maximize, grad_scale=grad_scale,
@@ -101,6 +140,10 @@ def _natural(param, grad, fim, step, *, beta2, eps, p, maximize, grad_scale, upc
     f = bhat * f + (1 - bhat) * g * g
     d = f**p + eps ** (2 * p)
     return compute, g, theta, f, g / d, theta / d
+
+
+def _square_sums(ghat: Tensor, w: Tensor) -> Tensor:
+    return torch.stack([ghat.to(torch.float64).square().sum(), w.to(torch.float64).square().sum()])
 
 
 def square_sums(
@@ -123,7 +166,7 @@ def square_sums(
     """
     _, _, _, _, ghat, w = _natural(param, grad, fim, step, beta2=beta2, eps=eps, p=p,
                                    maximize=maximize, grad_scale=grad_scale, upcast=upcast)
-    return torch.stack([ghat.to(torch.float64).square().sum(), w.to(torch.float64).square().sum()])
+    return _square_sums(ghat, w)
 
 
 def update_tensor(
@@ -152,9 +195,8 @@ def update_tensor(
     `step` is this tensor's step count already incremented for this step (t >= 1); it is read,
     not written. Math is float32, or float64 with `upcast` or a float64 parameter.
 
-    The two RMS values are over this tensor, unless it is a shard of a larger one: then over the
-    whole tensor, from `sums` (float64 [2]: its sum ghat^2 and sum w^2, see square_sums) and
-    its `numel`.
+    The two RMS values are over this tensor, unless its sums were computed elsewhere: then from
+    `sums` (float64 [2]: sum ghat^2 and sum w^2, see square_sums) over `numel` elements.
     """
     compute, g, theta, f, ghat, w = _natural(param, grad, fim, step, beta2=beta2, eps=eps, p=p,
                                              maximize=maximize, grad_scale=grad_scale,
@@ -190,6 +232,33 @@ def is_factored(param: Tensor) -> bool:
     return param.dim() >= 2
 
 
+def factor_sums(g: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 row sums (..., n) and column sums (..., m) of g^2, squared in float64 from the
+    compute-dtype g (as the kernels: finite for every finite float32 g)."""
+    g2 = g.to(torch.float64).square()
+    return g2.sum(-1), g2.sum(-2)
+
+
+def new_factors(fim_row: Tensor, fim_col: Tensor, row_sums: Tensor, col_sums: Tensor,
+                step: Tensor, *, beta2: float, compute: torch.dtype
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """The new R, C and R / sum R in the compute dtype, from the old R, C and this step's float64
+    sums of g^2: each EMA in float64 and rounded once (fadam::factor_update), R / sum R from the
+    float64 sum of the rounded R, 0 where that sum is 0 (fadam::row_norm)."""
+    bhat = b2hat(beta2, step.to(row_sums.device))
+    rows = (bhat * fim_row.to(torch.float64) + (1 - bhat) * row_sums).to(compute)
+    cols = (bhat * fim_col.to(torch.float64) + (1 - bhat) * col_sums).to(compute)
+    total = rows.to(torch.float64).sum(-1, keepdim=True)
+    positive = total > 0
+    row_norm = torch.where(positive, rows.to(torch.float64) / torch.where(positive, total, 1), 0)
+    return rows, cols, row_norm.to(compute)
+
+
+def _factored_f(row_norm: Tensor, cols: Tensor) -> Tensor:
+    """f_ij = (R_i / sum R) C_j (fadam::factored_fim)."""
+    return row_norm[..., :, None] * cols[..., None, :]
+
+
 def factored_fim(param: Tensor, grad: Tensor, fim_row: Tensor, fim_col: Tensor, step: Tensor, *,
                  beta2: float, maximize: bool, grad_scale: Tensor | None = None,
                  upcast: bool = False) -> tuple[torch.dtype, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -203,20 +272,15 @@ def factored_fim(param: Tensor, grad: Tensor, fim_row: Tensor, fim_col: Tensor, 
         C_j \leftarrow \hat\beta_2 C_j + (1 - \hat\beta_2) \sum_i g_{ij}^2 \\
         f_{ij} &= \frac{R_i}{\sum_k R_k} C_j \quad (0 \text{ where } \textstyle\sum_k R_k = 0)
 
-    Sums, not means (docs/design.md, section 8). An all-zero gradient at step 1 gives R = 0 and
-    so f = 0, never 0 / 0; f is then d = eps^(2p) as for FAdam.
+    Sums, not means (docs/design.md, section 8). R_i / sum R <= 1 is taken first: R_i C_j
+    overflows float32 where f itself does not. An all-zero gradient at step 1 gives R = 0 and so
+    f = 0, never 0 / 0; f is then d = eps^(2p) as for FAdam.
     """
     compute, g, theta = _inputs(param, grad, maximize=maximize, grad_scale=grad_scale,
                                 upcast=upcast)
-    bhat = b2hat(beta2, step.to(g.device)).to(compute)
-    g2 = g * g
-    rows = bhat * fim_row.to(compute) + (1 - bhat) * g2.sum(-1)
-    cols = bhat * fim_col.to(compute) + (1 - bhat) * g2.sum(-2)
-    total = rows.sum(-1, keepdim=True)
-    # R_i / sum R before the product with C: R_i C_j overflows where f itself does not.
-    row_norm = torch.where(total > 0, rows / torch.where(total > 0, total, 1), 0)
-    f = row_norm[..., :, None] * cols[..., None, :]
-    return compute, g, theta, rows, cols, f
+    rows, cols, row_norm = new_factors(fim_row, fim_col, *factor_sums(g), step, beta2=beta2,
+                                       compute=compute)
+    return compute, g, theta, rows, cols, _factored_f(row_norm, cols)
 
 
 def fadafactor_update_tensor(
@@ -279,7 +343,7 @@ def fadam_reference(
 
     Steps are incremented (unless the step is skipped); every tensor is updated in place.
     """
-    skip = nonfinite_flag(grads, found_inf)
+    skip = nonfinite_flag(grads, found_inf, grad_scale=grad_scale)
     for param, grad, m, f, step in zip(params, grads, momentums, fims, state_steps, strict=True):
         t = step + 1
         update_tensor(param, grad, m, f, t, skip, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
@@ -287,3 +351,118 @@ def fadam_reference(
                       grad_scale=grad_scale, upcast=upcast)
         step.copy_(torch.where(skip.to(step.device) != 0, step, t))
     return skip
+
+
+# ---- the reference backend: the op contract, one tensor at a time -------------------------------
+
+# Every tensor is one chunk: one partial-sum slot, and one factor tile per matrix.
+CHUNK_SIZE = 1 << 62
+
+
+def _raise_flag(skip: Tensor, flag: Tensor) -> None:
+    skip.copy_(torch.maximum(skip, flag.to(skip.device).reshape(skip.shape)))
+
+
+def _fadam_phase_a(params, grads, fims, steps, partials, skip, grad_scale, *, beta2, eps, p, clip,
+                   maximize, chunk_size, fuse_one_chunk) -> None:
+    _raise_flag(skip, nonfinite_flag(grads, grad_scale=grad_scale))
+    if clip <= 0 or fuse_one_chunk:  # every tensor is one chunk: phase B sums it itself
+        return
+    for i, (param, grad, fim, step) in enumerate(zip(params, grads, fims, steps)):
+        partials[i] = square_sums(param, grad, fim, step, beta2=beta2, eps=eps, p=p,
+                                  maximize=maximize, grad_scale=grad_scale)
+
+
+def _fadam_phase_b(params, grads, fims, momentums, steps, partials, skip, grad_scale, lr_tensor,
+                   *, lr, beta1, beta2, eps, p, clip, weight_decay, maximize, chunk_size,
+                   fuse_one_chunk) -> None:
+    lr = lr if lr_tensor is None else lr_tensor
+    given = clip > 0 and not fuse_one_chunk
+    for i, (param, grad, fim, m, step) in enumerate(zip(params, grads, fims, momentums, steps)):
+        update_tensor(param, grad, m, fim, step, skip, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                      clip=clip, weight_decay=weight_decay, p=p, maximize=maximize,
+                      grad_scale=grad_scale, sums=partials[i] if given else None,
+                      numel=param.numel() if given else None)
+
+
+def _factor_regions(factors: Tensor, offset: int, shape) -> tuple[Tensor, Tensor, Tensor]:
+    """Views of R, C and R / sum R of a tensor of `shape` in the factors scratch, whose region
+    starts at `offset` ([note: the FAdafactor op contract]: per matrix R (n), C (m), R / sum R)."""
+    n, m = shape[-2], shape[-1]
+    batch = shape[:-2]
+    count = 1
+    for size in batch:
+        count *= size
+    region = factors[offset:offset + count * (2 * n + m)].view(count, 2 * n + m)
+    return (region[:, :n].view(*batch, n), region[:, n:n + m].view(*batch, m),
+            region[:, n + m:].view(*batch, n))
+
+
+def _fadafactor_phase_s(params, grads, fim_rows, fim_cols, steps, factor_partials, factors, skip,
+                        grad_scale, *, beta2, maximize, chunk_size) -> None:
+    flag = nonfinite_flag(grads, grad_scale=grad_scale)
+    partial_offsets, factor_offsets = op_contract.factor_offsets(params, chunk_size)
+    for i, (param, grad, fim_row, fim_col, step) in enumerate(
+            zip(params, grads, fim_rows, fim_cols, steps)):
+        compute, g, _ = _inputs(param, grad, maximize=maximize, grad_scale=grad_scale,
+                                upcast=False)
+        row_sums, col_sums = factor_sums(g)
+        n, m = param.shape[-2], param.shape[-1]
+        if param.numel() > 0:
+            # One tile per matrix: its partials are its row sums, then its column sums (an empty
+            # matrix has none).
+            sums = factor_partials[partial_offsets[i]:partial_offsets[i + 1]].view(-1, n + m)
+            sums[:, :n] = row_sums.reshape(-1, n)
+            sums[:, n:] = col_sums.reshape(-1, m)
+        rows, cols, row_norm = new_factors(fim_row, fim_col, row_sums, col_sums, step,
+                                           beta2=beta2, compute=compute)
+        for region, value in zip(_factor_regions(factors, factor_offsets[i], param.shape),
+                                 (rows, cols, row_norm)):
+            region.copy_(value)
+        # An overflow of a row or column sum is a non-finite event (docs/design.md, section 6).
+        overflow = ~(torch.isfinite(rows).all() & torch.isfinite(cols).all())
+        flag = torch.maximum(flag, overflow.to(flag.device, torch.float32))
+    _raise_flag(skip, flag)
+
+
+def _factored_natural(param, grad, factors, offset, *, eps, p, maximize, grad_scale):
+    compute, g, theta = _inputs(param, grad, maximize=maximize, grad_scale=grad_scale,
+                                upcast=False)
+    rows, cols, row_norm = _factor_regions(factors, offset, param.shape)
+    d = _factored_f(row_norm.to(compute), cols.to(compute)) ** p + eps ** (2 * p)
+    return compute, theta, rows, cols, g / d, theta / d
+
+
+def _fadafactor_phase_a(params, grads, factors, partials, grad_scale, *, eps, p, clip, maximize,
+                        chunk_size, fuse_one_chunk) -> None:
+    if clip <= 0 or fuse_one_chunk:
+        return
+    offsets = op_contract.factor_offsets(params, chunk_size)[1]
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        *_, ghat, w = _factored_natural(param, grad, factors, offsets[i], eps=eps, p=p,
+                                        maximize=maximize, grad_scale=grad_scale)
+        partials[i] = _square_sums(ghat, w)
+
+
+def _fadafactor_phase_b(params, grads, fim_rows, fim_cols, momentums, factors, partials, skip,
+                        grad_scale, lr_tensor, *, lr, beta1, eps, p, clip, weight_decay, maximize,
+                        chunk_size, fuse_one_chunk) -> None:
+    lr = lr if lr_tensor is None else lr_tensor
+    given = clip > 0 and not fuse_one_chunk
+    offsets = op_contract.factor_offsets(params, chunk_size)[1]
+    keep = skip.reshape(()) != 0
+    for i, (param, grad, fim_row, fim_col, m) in enumerate(
+            zip(params, grads, fim_rows, fim_cols, momentums)):
+        compute, theta, rows, cols, ghat, w = _factored_natural(
+            param, grad, factors, offsets[i], eps=eps, p=p, maximize=maximize,
+            grad_scale=grad_scale)
+        _apply(param, m, skip, compute, theta, ghat, w, lr=lr, beta1=beta1, clip=clip,
+               weight_decay=weight_decay, sums=partials[i] if given else None,
+               numel=param.numel() if given else None)
+        fim_row.copy_(torch.where(keep, fim_row, rows.to(fim_row.dtype)))
+        fim_col.copy_(torch.where(keep, fim_col, cols.to(fim_col.dtype)))
+
+
+FADAM_OPS = op_contract.PhaseOps("reference", _fadam_phase_a, _fadam_phase_b, CHUNK_SIZE)
+FADAFACTOR_OPS = op_contract.FactoredOps("reference", _fadafactor_phase_s, _fadafactor_phase_a,
+                                         _fadafactor_phase_b, CHUNK_SIZE)

@@ -213,18 +213,18 @@ def fsdp_shard0(backend, rank, world):
     gathered = [None] * world
     dist.all_gather_object(gathered, a_rows)
     assert [0] in gathered, f"no empty shard: {gathered}"
-    # One all-reduce per step: the flag row and the 8 tensors' sums.
+    # One all-reduce per step: the flag pair (skip, refused) and the 8 tensors' two sums.
     ref = _compare_dp(model, backend, world, rank, f"fsdp Shard(0) {backend}",
-                      collectives=[(9, 2)])
+                      collectives=[(18,)])
     assert_clip_binds(Tiny, backend, ref)
     # Negative control: without the all-reduce of the sums (each rank clipping by its own
     # shard's sums), the run must not match.
     model = _fsdp()
 
-    def flag_only(original, buf, op, group):  # reduce the flag row only
-        head = buf[:1].clone()
+    def flag_only(original, buf, op, group):  # reduce the flag pair only
+        head = buf[:2].clone()
         original(head, op=op, group=group)
-        buf[:1].copy_(head)
+        buf[:2].copy_(head)
     opt = FAdam(model.parameters(), **HYPER, backend=backend)
     with_all_reduce(opt, flag_only)
     train(model, opt, STEPS, rank=rank, world=world)
@@ -237,7 +237,7 @@ def fsdp_mixed_dtypes(backend, rank, world):
     """float32 parameters fused and float64 ones on the reference backend (backend=None), both
     sharded: their sums share the one all-reduce."""
     _compare_dp(_fsdp(cls=TinyMixed), None, world, rank, "fsdp float32 + float64", cls=TinyMixed,
-                collectives=[(9, 2)])
+                collectives=[(18,)])
 
 
 def fsdp_chunks(backend, rank, world):
@@ -270,7 +270,7 @@ def hsdp(backend, rank, world):
     assert model.c.weight.placements == (Replicate(), Shard(0)), model.c.weight.placements
     # Two groups: the shard dim carries the flag and the 8 tensors' sums, the replicate dim only
     # the flag (a NaN in one replica skips the step in all).
-    _compare_dp(model, backend, world, rank, f"hsdp {backend}", collectives=[(1, 2), (9, 2)])
+    _compare_dp(model, backend, world, rank, f"hsdp {backend}", collectives=[(2,), (18,)])
 
 
 def tp(backend, rank, world):
@@ -294,10 +294,10 @@ def tp(backend, rank, world):
     assert_match(snapshot(model, opt), ref, f"tensor parallel {backend}")
     assert_clip_binds(TPModel, backend, ref)
     # One all-reduce: the flag and the sums of the 4 Shard tensors (not down.bias, Replicate).
-    assert all_reduce_shapes(model, opt, 0, 1) == [(5, 2)]
+    assert all_reduce_shapes(model, opt, 0, 1) == [(10,)]
     # With clipping off there is no RMS: the flag alone.
     opt = FAdam(model.parameters(), **{**HYPER, "clip": None}, backend=backend)
-    assert all_reduce_shapes(model, opt, 0, 1) == [(1, 2)]
+    assert all_reduce_shapes(model, opt, 0, 1) == [(2,)]
 
 
 def fsdp_tp(backend, rank, world):
@@ -318,7 +318,7 @@ def fsdp_tp(backend, rank, world):
     # Two all-reduces, dp then tp: on dp the flag and the 7 tensors' sums, on tp the flag and
     # up.weight, up.bias and down.weight (down.bias is Replicate on tp).
     _compare_dp(model, backend, dp_world, dp_rank, f"fsdp + tp {backend}", cls=TPModel,
-                collectives=[(8, 2), (4, 2)])
+                collectives=[(16,), (8,)])
 
 
 def errors(backend, rank, world):
@@ -338,6 +338,37 @@ def errors(backend, rank, world):
     after = _local_snapshot(model, opt)
     assert before.keys() == after.keys() and not any(opt.state.values())
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def bad_grad_one_rank(backend, rank, world):
+    """A bad gradient on the last rank only: every rank raises, the last one naming the
+    parameter, nothing changes on any rank, and no rank waits for another (the refusal travels
+    in the step's all-reduce); the next step runs everywhere."""
+    model = _fsdp()
+    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    train(model, opt, 2, rank=rank, world=world)
+    before = {k: v.clone() for k, v in _local_snapshot(model, opt).items()}
+    x, y = data(2)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    if rank == world - 1:
+        model.c.weight.grad = torch.zeros_like(model.c.weight.full_tensor())
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        if rank == world - 1:
+            assert "parameter 4 of its param group" in str(exc), exc
+        elif DEVICE == "cpu":  # gloo: the count of refusing ranks is read on the host
+            assert "refused on another rank" in str(exc), exc
+    else:
+        if DEVICE == "cpu" or rank == world - 1:
+            raise AssertionError(f"rank {rank} stepped past a refusal")
+    after = _local_snapshot(model, opt)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} changed on rank {rank}"
+    train(model, opt, 1, start=3, rank=rank, world=world)
+    assert not torch.equal(before["d.weight"], _local_snapshot(model, opt)["d.weight"])
 
 
 def ddp(backend, rank, world):
@@ -490,7 +521,8 @@ def load_two_rank_checkpoint(root, backend):
 
 
 SCENARIOS = {f.__name__: f for f in (fsdp_shard0, fsdp_mixed_dtypes, fsdp_chunks, fsdp_shard1, hsdp, fsdp_tp, tp,
-                                      ddp, zero, nonfinite, errors, triton_fsdp, checkpoint)}
+                                      ddp, zero, nonfinite, errors, bad_grad_one_rank, triton_fsdp,
+                                      checkpoint)}
 
 
 def main(argv):

@@ -38,7 +38,8 @@ def _triton_importable() -> bool:
 
 BACKENDS = ("cpu", "reference")
 TWO_RANKS = ([f"{s}:{b}" for s in ("fsdp_shard0", "fsdp_shard1", "tp", "ddp", "zero", "nonfinite",
-                                    "errors", "checkpoint") for b in BACKENDS]
+                                    "errors", "bad_grad_one_rank", "checkpoint")
+               for b in BACKENDS]
              + ["fsdp_chunks:cpu", "fsdp_mixed_dtypes"] + (["triton_fsdp"] if _triton_importable() else []))
 FOUR_RANKS = [f"{s}:{b}" for s in ("hsdp", "fsdp_tp") for b in BACKENDS]
 
@@ -124,7 +125,8 @@ needs_nccl = pytest.mark.skipif(not torch.distributed.is_available() or
 def test_nccl_two_gpus(tmp_path):
     """The 2-rank scenarios on one GPU per rank over NCCL, cuda and reference backends."""
     scenarios = [f"{s}:{b}" for s in ("fsdp_shard0", "fsdp_shard1", "tp", "ddp", "zero",
-                                      "nonfinite", "errors") for b in ("cuda", "reference")]
+                                      "nonfinite", "errors", "bad_grad_one_rank")
+                 for b in ("cuda", "reference")]
     scenarios += ["fsdp_chunks:cuda"] + (["triton_fsdp"] if _triton_importable() else [])
     output = launch(2, scenarios, {"FADAM_SHARDED_DEVICE": "cuda", "TRITON_INTERPRET": "0",
                                    "CKPT_DIR": str(tmp_path)})
