@@ -94,13 +94,13 @@ def restore(opt: "FisherOptimizer", state_dict: dict[str, Any], pairs: list[Pair
         saved = saved_state.get(saved_id)
         if not saved:
             continue
+        kind = opt.kind_of(param)
         state = opt.state[param]
-        for key, shape in opt.kind_of(param).state_shapes(param).items():
-            if shape == param.shape:  # in the parameter's layout (and shard)
-                state[key] = sharded.state_like(param, saved[key])
-            else:  # a factor: contiguous, as the kernels walk it
-                state[key] = torch.empty(shape, dtype=torch.float32, device=param.device).copy_(
-                    sharded.local(saved[key]))
+        # The kind's fresh state says where each tensor lives: the parameter's layout (or a
+        # factor's contiguous one), device, and a DTensor parameter's placements.
+        template = kind.new_state(param)
+        for key in kind.state_shapes(param):
+            state[key] = sharded.placed_like(template[key], saved[key])
         step = saved["step"] if "step" in saved else saved_group["step"]
         if isinstance(step, torch.Tensor):
             step = sharded.local(step)

@@ -243,6 +243,39 @@ def factor_offsets(params: Sequence[Tensor], chunk_size: int) -> tuple[list[int]
     return partials, factors
 
 
+def factor_sums(factor_partials: Tensor, params: Sequence[Tensor],
+                chunk_size: int) -> list[tuple[Tensor, Tensor]]:
+    """Per tensor of shape (..., n, m): its float64 row sums [B, n] and column sums [B, m] of
+    g^2, phase S's tile partials added up in tile order (a sharded wrapper all-reduces these)."""
+    offsets = factor_offsets(params, chunk_size)[0]
+    out = []
+    for i, t in enumerate(params):
+        tile = factor_tile(t.shape, chunk_size)
+        b, n, m = tile.batch, tile.rows, tile.cols
+        if t.numel() == 0:
+            zeros = factor_partials.new_zeros
+            out.append((zeros((b, n)), zeros((b, m))))
+            continue
+        region = factor_partials[offsets[i]:offsets[i + 1]].view(b, -1)
+        rows = region[:, :tile.col_tiles * n].view(b, tile.col_tiles, n).sum(1)
+        cols = region[:, tile.col_tiles * n:].view(b, tile.row_tiles, m).sum(1)
+        out.append((rows, cols))
+    return out
+
+
+def factor_regions(factors: Tensor, offset: int, shape) -> tuple[Tensor, Tensor, Tensor]:
+    """Views of R, C and R / sum R of a tensor of `shape` in the factors scratch, whose region
+    starts at `offset` ([note: the FAdafactor op contract]: per matrix R (n), C (m), R / sum R)."""
+    n, m = shape[-2], shape[-1]
+    batch = shape[:-2]
+    count = 1
+    for size in batch:
+        count *= size
+    region = factors[offset:offset + count * (2 * n + m)].view(count, 2 * n + m)
+    return (region[:, :n].view(*batch, n), region[:, n:n + m].view(*batch, m),
+            region[:, n + m:].view(*batch, n))
+
+
 def new_factor_buffers(params: Sequence[Tensor], chunk_size: int,
                        dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Uninitialised (factor_partials float64, factors of `dtype`: float32 for every fused

@@ -385,19 +385,6 @@ def _fadam_phase_b(params, grads, fims, momentums, steps, partials, skip, grad_s
                       numel=param.numel() if given else None)
 
 
-def _factor_regions(factors: Tensor, offset: int, shape) -> tuple[Tensor, Tensor, Tensor]:
-    """Views of R, C and R / sum R of a tensor of `shape` in the factors scratch, whose region
-    starts at `offset` ([note: the FAdafactor op contract]: per matrix R (n), C (m), R / sum R)."""
-    n, m = shape[-2], shape[-1]
-    batch = shape[:-2]
-    count = 1
-    for size in batch:
-        count *= size
-    region = factors[offset:offset + count * (2 * n + m)].view(count, 2 * n + m)
-    return (region[:, :n].view(*batch, n), region[:, n:n + m].view(*batch, m),
-            region[:, n + m:].view(*batch, n))
-
-
 def _fadafactor_phase_s(params, grads, fim_rows, fim_cols, steps, factor_partials, factors, skip,
                         grad_scale, *, beta2, maximize, chunk_size) -> None:
     flag = nonfinite_flag(grads, grad_scale=grad_scale)
@@ -416,7 +403,7 @@ def _fadafactor_phase_s(params, grads, fim_rows, fim_cols, steps, factor_partial
             sums[:, n:] = col_sums.reshape(-1, m)
         rows, cols, row_norm = new_factors(fim_row, fim_col, row_sums, col_sums, step,
                                            beta2=beta2, compute=compute)
-        for region, value in zip(_factor_regions(factors, factor_offsets[i], param.shape),
+        for region, value in zip(op_contract.factor_regions(factors, factor_offsets[i], param.shape),
                                  (rows, cols, row_norm)):
             region.copy_(value)
         # An overflow of a row or column sum is a non-finite event (docs/design.md, section 6).
@@ -428,7 +415,7 @@ def _fadafactor_phase_s(params, grads, fim_rows, fim_cols, steps, factor_partial
 def _factored_natural(param, grad, factors, offset, *, eps, p, maximize, grad_scale):
     compute, g, theta = _inputs(param, grad, maximize=maximize, grad_scale=grad_scale,
                                 upcast=False)
-    rows, cols, row_norm = _factor_regions(factors, offset, param.shape)
+    rows, cols, row_norm = op_contract.factor_regions(factors, offset, param.shape)
     d = _factored_f(row_norm.to(compute), cols.to(compute)) ** p + eps ** (2 * p)
     return compute, theta, rows, cols, g / d, theta / d
 

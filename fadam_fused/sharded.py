@@ -68,18 +68,25 @@ def check(name: str, param: Tensor, grad: Tensor) -> str | None:
     return None
 
 
-def state_like(param: Tensor, saved: Tensor) -> Tensor:
-    """`saved` (a loaded state tensor shaped like `param`) as float32 state of `param`: in the
-    parameter's own layout (a contiguous checkpoint loads into a channels_last parameter's
-    optimizer), and for a DTensor parameter placed like it. A whole plain tensor loaded into a
-    sharded optimizer (every rank read the same full checkpoint) is cut into this rank's shard
-    without communication."""
+def placed_like(template: Tensor, saved: Tensor) -> Tensor:
+    """`saved` (a loaded state tensor) as float32 state laid out and placed like `template` (the
+    kind's fresh state of the parameter): in the parameter's own layout (a contiguous checkpoint
+    loads into a channels_last parameter's optimizer), and for a DTensor parameter placed like
+    its state. A whole plain tensor loaded into a sharded optimizer (every rank read the same
+    full checkpoint) is cut into this rank's shard without communication."""
     with torch.inference_mode(False):
-        if is_dtensor(param) and not is_dtensor(saved):
-            whole = saved.to(device=param.device, dtype=torch.float32)
-            return distribute_tensor(whole, param.device_mesh, param.placements,
+        if is_dtensor(template) and not is_dtensor(saved):
+            whole = saved.to(device=template.device, dtype=torch.float32)
+            return distribute_tensor(whole, template.device_mesh, template.placements,
                                      src_data_rank=None)
-        return torch.empty_like(param, dtype=torch.float32).copy_(saved)
+        return torch.empty_like(template).copy_(saved)
+
+
+def state_like(param: Tensor, saved: Tensor) -> Tensor:
+    """`saved` as float32 state shaped like `param`, in its layout and placement."""
+    with torch.inference_mode(False):
+        template = torch.empty_like(param, dtype=torch.float32)
+    return placed_like(template, saved)
 
 
 def localize(param: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,14 +134,30 @@ class Layout:
 
 @dataclasses.dataclass
 class Reduction:
-    """Float64 sums to add up across ranks: row i of `values` over the mesh dims ``splits[i]``
-    names, then ``done(summed)``. `meshes` are the meshes of the tensors behind the rows (also
-    those with no row, e.g. with clipping off): the skip flag is reduced over all their dims."""
+    """Float64 sums to add up across ranks, then ``done(values)``.
 
-    values: Tensor | None  # [rows, width], or None: the flag only
-    splits: Sequence[tuple[Any, tuple[int, ...]]]
-    meshes: Sequence[Any]
+    `values` is 1-D; each segment ``(start, end, mesh, dims)`` says that ``values[start:end]``
+    is added up over those dims of that mesh (consecutive segments with the same mesh and dims
+    are one segment: add them with ``segment``). `meshes` are the meshes of the tensors behind the
+    sums (also of those with none, e.g. with clipping off): the skip flag is reduced over all
+    their dims.
+    """
+
+    values: Tensor | None
+    meshes: list[Any] = dataclasses.field(default_factory=list)
+    segments: list[tuple[int, int, Any, tuple[int, ...]]] = dataclasses.field(
+        default_factory=list)
     done: Callable[[Tensor], None] | None = None
+
+    def segment(self, start: int, end: int, mesh: Any, dims: tuple[int, ...]) -> None:
+        if not dims or end == start:
+            return
+        if self.segments:
+            s, e, m, d = self.segments[-1]
+            if e == start and m is mesh and d == dims:
+                self.segments[-1] = (s, end, m, d)
+                return
+        self.segments.append((start, end, mesh, dims))
 
 
 def _index(values: list[int], device: torch.device, dtype=torch.int64) -> Tensor:
@@ -170,29 +193,32 @@ def slot_reduction(partials: Tensor, chunk_size: int, layout: Layout) -> Reducti
         scale = [n / g if g else 0.0 for n, g in zip(layout.local_numels, layout.global_numels)]
         offsets = op_contract.slot_offsets(layout.local_numels, chunk_size)
         firsts = offsets[:-1]
-        scaled = total * _index(scale, partials.device, torch.float64)[:, None]
+        scaled = total.view(-1, 2) * _index(scale, partials.device, torch.float64)[:, None]
         if offsets[-1] == len(firsts):  # one slot per tensor
             partials.copy_(scaled)
         else:
             partials.zero_()
             partials.index_copy_(0, _index(firsts, partials.device), scaled)
 
-    return Reduction(sums, list(zip(layout.meshes, layout.split_dims)), layout.meshes, done)
+    red = Reduction(sums.reshape(-1), list(layout.meshes), done=done)
+    for i, (mesh, dims) in enumerate(zip(layout.meshes, layout.split_dims)):
+        red.segment(2 * i, 2 * i + 2, mesh, dims)
+    return red
 
 
 def flag_reduction(layout: Layout) -> Reduction:
     """Only the skip flag, over every mesh dim of the bucket's tensors (clipping off)."""
-    return Reduction(None, (), layout.meshes)
+    return Reduction(None, list(layout.meshes))
 
 
 def all_reduce(reductions: Sequence[Reduction], skip: dict[torch.device, Tensor], *,
                refused: bool = False) -> Tensor:
     """The packed all-reduce of [note: sharded parameters].
 
-    Adds up every Reduction's rows over their process groups and calls its ``done``, and sets
-    every flag in `skip` (one per device, all equal) to the flag of every rank of the meshes.
-    Returns how many ranks refused the step (a float64 0-dim tensor on the collectives' device;
-    this rank counts itself when `refused`).
+    Adds up every Reduction's segments over their process groups and calls its ``done``, and
+    sets every flag in `skip` (one per device, all equal) to the flag of every rank of the
+    meshes. Returns how many ranks refused the step (a float64 0-dim tensor on the collectives'
+    device; this rank counts itself when `refused`).
     """
     device = next(iter(skip))
     for red in reductions:
@@ -203,36 +229,32 @@ def all_reduce(reductions: Sequence[Reduction], skip: dict[torch.device, Tensor]
               for r in reductions]
 
     # The process groups in first-use order (the same on every rank: the parameter order), and
-    # per group the rows of each reduction summed over it.
-    groups: dict[str, tuple[Any, str, list[list[int]]]] = {}
+    # per group the (reduction, start, end) ranges added up over it.
+    groups: dict[str, tuple[Any, str, list[tuple[int, int, int]]]] = {}
 
-    def group_of(mesh, d):
+    def ranges_of(mesh, d):
         pg = mesh.get_group(d)
         if pg.group_name not in groups:
-            groups[pg.group_name] = (pg, mesh.device_type, [[] for _ in reductions])
+            groups[pg.group_name] = (pg, mesh.device_type, [])
         return groups[pg.group_name][2]
 
     for r, red in enumerate(reductions):
         for mesh in red.meshes:
             for d in range(mesh.ndim):
-                group_of(mesh, d)
-        for i, (mesh, dims) in enumerate(red.splits):
+                ranges_of(mesh, d)
+        for start, end, mesh, dims in red.segments:
             for d in dims:
-                group_of(mesh, d)[r].append(i)
+                ranges = ranges_of(mesh, d)
+                if ranges and ranges[-1][0] == r and ranges[-1][2] == start:
+                    ranges[-1] = (r, ranges[-1][1], end)
+                else:
+                    ranges.append((r, start, end))
 
     # [skip, refused]: both 0 or 1 per rank, so a sum > 0 is the max.
-    flag = torch.stack([skip[device].to(device, torch.float64),
+    flag = torch.stack([skip[device].to(device, torch.float64).reshape(()),
                         torch.full((), float(refused), dtype=torch.float64, device=device)])
-    for pg, device_type, members in groups.values():
-        parts = [flag]
-        for r, rows in enumerate(members):
-            if not rows:
-                continue
-            if len(rows) == values[r].shape[0]:  # every row (FSDP2's usual case)
-                parts.append(values[r].reshape(-1))
-            else:
-                parts.append(values[r].index_select(0, _index(rows, device)).reshape(-1))
-        buf = torch.cat(parts)
+    for pg, device_type, ranges in groups.values():
+        buf = torch.cat([flag] + [values[r][start:end] for r, start, end in ranges])
         if device_type != device.type:
             # FSDP2 with CPUOffloadPolicy: CPU shards, NCCL mesh. The CPU kernels read the
             # result on the host anyway, so the copy back waits for it.
@@ -243,16 +265,9 @@ def all_reduce(reductions: Sequence[Reduction], skip: dict[torch.device, Tensor]
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg)
         flag = buf[:2]
         offset = 2
-        for r, rows in enumerate(members):
-            if not rows:
-                continue
-            width = values[r].shape[1]
-            chunk = buf[offset:offset + len(rows) * width].view(len(rows), width)
-            if len(rows) == values[r].shape[0]:
-                values[r] = chunk
-            else:
-                values[r] = values[r].index_copy(0, _index(rows, device), chunk)
-            offset += len(rows) * width
+        for r, start, end in ranges:
+            values[r][start:end] = buf[offset:offset + end - start]
+            offset += end - start
 
     skipped = (flag.amax() > 0).to(torch.float32)
     for flag_of_device in skip.values():
