@@ -120,38 +120,29 @@ def state_problem(who: str, name: str, param: Tensor, state: dict[str, Any],
                   shapes: dict[str, torch.Size]) -> str | None:
     """Why the state of `param` cannot be stepped (None: it can): a missing key, or a tensor of
     another shape, dtype or device than the kernels need. `shapes` are the float32 state tensors
-    of the parameter's kind besides ``step``."""
-    step = state.get("step")
-    if not isinstance(step, Tensor):
-        return (f"The {who} state of {name} has no 'step' tensor (it has {sorted(state)}); load "
-                "a complete state_dict, or clear this parameter's state (opt.state.pop(param)).")
-    if step.numel() != 1 or step.dtype != torch.float32 or step.device != param.device:
-        return (f"The {who} state 'step' of {name} must be a one-element float32 tensor on "
-                f"{param.device}, got {step.dtype} of shape {tuple(step.shape)} on {step.device}; "
-                "load it with load_state_dict, which converts it.")
-    if step.is_inference() and not torch.is_inference_mode_enabled():
-        return (f"The {who} state 'step' of {name} is an inference tensor (made under "
-                "torch.inference_mode()) and cannot be updated outside it; clear this "
-                "parameter's state (opt.state.pop(param)), or step inside inference mode.")
-    for key, shape in shapes.items():
+    of the parameter's kind besides ``step`` (one float32 element)."""
+    fix = "load it with load_state_dict, which converts it"
+    afresh = "clear this parameter's state (opt.state.pop(param)) to start it afresh"
+    for key, shape in (("step", None), *shapes.items()):
         value = state.get(key)
         if not isinstance(value, Tensor):
-            return (f"The {who} state of {name} has no {key!r} (it has {sorted(state)}); load a "
-                    "complete state_dict, or clear this parameter's state (opt.state.pop(param)).")
-        if value.shape != shape:
+            return (f"The {who} state of {name} has no {key!r} tensor (it has {sorted(state)}); "
+                    f"load a complete state_dict, or {afresh}.")
+        if shape is None and value.numel() != 1:
+            return (f"The {who} state 'step' of {name} has shape {tuple(value.shape)}, not one "
+                    f"element; {fix}.")
+        if shape is not None and value.shape != shape:
             need = "" if shape == param.shape else f" (which needs {tuple(shape)})"
             return (f"The {who} state {key!r} of {name} has shape {tuple(value.shape)} but the "
                     f"parameter now has shape {tuple(param.shape)}{need} (was param.data "
-                    "replaced?); clear this parameter's state (opt.state.pop(param)) to start it "
-                    "afresh.")
+                    f"replaced?); {afresh}.")
         if value.dtype != torch.float32 or value.device != param.device:
             return (f"The {who} state {key!r} of {name} must be float32 on {param.device}, got "
-                    f"{value.dtype} on {value.device}; load it with load_state_dict, which "
-                    "converts it.")
+                    f"{value.dtype} on {value.device}; {fix}.")
         if value.is_inference() and not torch.is_inference_mode_enabled():
             return (f"The {who} state {key!r} of {name} is an inference tensor (made under "
-                    "torch.inference_mode()) and cannot be updated outside it; clear this "
-                    "parameter's state (opt.state.pop(param)), or step inside inference mode.")
+                    "torch.inference_mode()) and cannot be updated outside it; step inside "
+                    f"inference mode, or {afresh}.")
     return None
 
 

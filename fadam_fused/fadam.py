@@ -7,7 +7,7 @@ in op_contract.py, on whichever backend's op set the plan chose (the reference's
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -143,23 +143,6 @@ class FAdam(FisherOptimizer):
     @staticmethod
     def kind_of(param: Tensor) -> Kind:
         return KIND
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        clip: float | None = 1.0,
-        weight_decay: float = 1e-3,
-        p: float = 0.5,
-        *,
-        maximize: bool = False,
-        backend: str | None = None,
-    ) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip=clip,
-                                      weight_decay=weight_decay, p=p, maximize=maximize,
-                                      backend=backend))
 
 
 def fadam(

@@ -11,6 +11,7 @@ the family by subclassing it and declaring, in ``kinds`` and ``kind_of``, which 
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
@@ -26,9 +27,8 @@ __all__ = ["FisherOptimizer"]
 class FisherOptimizer(Optimizer):
     """The shared shell of FAdam, FAdafactor and their kin; see those classes for the math.
 
-    Subclasses declare ``kinds`` (every Kind they use) and ``kind_of(param)``; their
-    ``__init__`` passes their defaults (lr, betas, eps, clip, weight_decay, p, maximize,
-    backend) to this one.
+    Subclasses declare ``kinds`` (every Kind they use) and ``kind_of(param)``, and take these
+    arguments (the defaults are the FAdam paper's; the subclasses' docstrings explain them).
     """
 
     # GradScaler.step sets `grad_scale` and `found_inf` on the optimizer instead of unscaling
@@ -42,8 +42,21 @@ class FisherOptimizer(Optimizer):
         """The kind that steps `param` (one of ``kinds``)."""
         raise NotImplementedError
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
-                 defaults: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        clip: float | None = 1.0,
+        weight_decay: float = 1e-3,
+        p: float = 0.5,
+        *,
+        maximize: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, clip=clip, weight_decay=weight_decay, p=p,
+                        maximize=maximize, backend=backend)
         check_group(type(self).__name__, defaults, read_lr=True)
         hyper.normalize(defaults)
         self._checked: dict[Tensor, tuple] = {}
@@ -53,6 +66,20 @@ class FisherOptimizer(Optimizer):
         # created inside a torch.compile'd step is not set on the eager object).
         self.skipped_steps: Tensor = torch.zeros((), dtype=torch.float32,
                                                  device=engine.first_device(self.param_groups))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__:
+            # A member that takes the shared arguments gets this __init__ under its own name, so
+            # that Python's own errors name it ("FAdafactor.__init__() got an unexpected keyword
+            # argument"), not the shell.
+            base = FisherOptimizer.__init__
+            init = types.FunctionType(base.__code__, base.__globals__, "__init__",
+                                      base.__defaults__, base.__closure__)
+            init.__kwdefaults__ = base.__kwdefaults__
+            init.__qualname__ = f"{cls.__qualname__}.__init__"
+            init.__doc__ = base.__doc__
+            cls.__init__ = init
 
     @property
     def who(self) -> str:

@@ -435,7 +435,8 @@ def zero(backend, rank, world):
     held = [(names[p], s) for p, s in opt.optim.state.items()]
     assert held, "this rank holds no state"
     for name, state in held:
-        for key in ("momentum", "fim", "step"):
+        assert state.keys() == {k.split(".")[-1] for k in ref if k.startswith(f"{name}.")}
+        for key in state:
             torch.testing.assert_close(state[key], ref[f"{name}.{key}"], rtol=RTOL, atol=ATOL)
 
 
