@@ -145,3 +145,37 @@ def _require_triton() -> None:
     module, reason = _ext.triton_kernels()
     if module is None:
         raise RuntimeError(reason)
+
+
+_ADAFISHER: dict[str, op_contract.AdaFisherOps] = {}  # a plain dict, as _FUSED
+
+
+def adafisher_available(name: str) -> bool:
+    """Whether backend `name` has the AdaFisher kernels ([note: the AdaFisher op contract])."""
+    if name == "reference":
+        return True
+    if name == "triton":
+        module, _ = _ext.triton_kernels()
+        return module is not None and hasattr(module, "triton_adafisher_update")
+    op = ("cuda_emulated_" if name == "cuda" and _ext.CUDA_EMULATE else "") + "adafisher_update"
+    key = "CUDA" if name == "cuda" and not _ext.CUDA_EMULATE else "CPU"
+    return (_ext.LOAD_ERROR is None and hasattr(getattr(torch.ops, op_contract.NAMESPACE), op)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"{op_contract.NAMESPACE}::{op}", key))
+
+
+def adafisher(name: str) -> op_contract.AdaFisherOps:
+    """AdaFisher's two ops on backend `name`."""
+    if name not in _ADAFISHER:
+        if name == "reference":
+            _ADAFISHER[name] = reference.ADAFISHER_OPS
+        elif name == "cuda" and _ext.CUDA_EMULATE:
+            _ADAFISHER[name] = op_contract.adafisher_ops(name, "cuda_emulated_")
+        elif name in ("cpu", "cuda"):
+            _ADAFISHER[name] = op_contract.adafisher_ops(name, "")
+        elif name == "triton":
+            _require_triton()
+            _ADAFISHER[name] = op_contract.adafisher_ops(name, "triton_")
+        else:
+            raise ValueError(f"{name!r} is not a backend")
+    return _ADAFISHER[name]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import checks, hyper, sharded
+from . import checks, sharded
 
 if TYPE_CHECKING:
     from .optimizer import FisherOptimizer
@@ -39,9 +39,10 @@ def check(opt: "FisherOptimizer", state_dict: dict[str, Any]) -> list[Pair]:
         if len(saved_group["params"]) != len(group["params"]):
             raise ValueError("loaded state dict contains a parameter group that doesn't match "
                              "the size of optimizer's group")
-        merged = {**group, **{k: v for k, v in saved_group.items() if k in hyper.KEYS}}
+        merged = {**group, **{k: v for k, v in saved_group.items()
+                              if k != "params" and k in group}}
         try:
-            hyper.check(merged, read_lr=True)
+            opt._check_group(merged, read_lr=True)
         except ValueError as exc:
             raise ValueError(f"Cannot load this {who} state_dict: its param group "
                              f"{saved_groups.index(saved_group)} has a value the constructor "

@@ -89,16 +89,22 @@ class Kind(abc.ABC):
         when the parameter joins the optimizer): None if it can."""
         return None
 
+    def has_kernels(self, backend: str) -> bool:
+        """Whether fused backend `backend` has this kind's kernels (else: the reference)."""
+        return True
+
     def unfused_reason(self, param: Tensor) -> str | None:
         """Why this kind's fused kernels cannot step `param` beyond what every kind shares
         (dtype, density): None if they can."""
         return None
 
     @abc.abstractmethod
-    def bucket(self, backend: str, hyper: Hyper, params: list[Tensor], grads: list[Tensor],
-               states: Sequence[Tensor], shards: sharded.Layout | None) -> Bucket:
-        """A bucket of `params` (local shards when `shards` says how they are sharded), with
-        `states` their state tensors in ``state_keys`` order, parameter by parameter."""
+    def bucket(self, backend: str, hyper: Any, params: list[Tensor], grads: list[Tensor],
+               states: Sequence[Tensor], shards: sharded.Layout | None,
+               originals: list[Tensor]) -> Bucket:
+        """A bucket of `params` (local shards when `shards` says how they are sharded, of the
+        optimizer's `originals`), with `states` their state tensors in ``state_keys`` order,
+        parameter by parameter, and `hyper` their group's hyperparameters."""
 
 
 def new_state_tensor(param: Tensor, value: float) -> Tensor:
@@ -181,7 +187,8 @@ def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
             scales[device] = on(grad_scale, device)
 
     for bucket in buckets:
-        torch._foreach_add_(bucket.steps, 1)
+        if bucket.steps:
+            torch._foreach_add_(bucket.steps, 1)
     for k in range(max(bucket.stages for bucket in buckets)):
         reductions = []
         for bucket in buckets:
@@ -198,8 +205,8 @@ def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
         # Undo the increment of a skipped step. A CPU flag is read on the host with no device to
         # wait for, and a step that ran (nearly all of them) then saves a foreach over every step
         # tensor. Traced (torch.compile) and on accelerators the subtraction always runs.
-        if (skip.device.type != "cpu" or torch.compiler.is_compiling()
-                or bool(skip)):  # sync-ok: a CPU tensor
+        if bucket.steps and (skip.device.type != "cpu" or torch.compiler.is_compiling()
+                             or bool(skip)):  # sync-ok: a CPU tensor
             torch._foreach_add_(bucket.steps, skip, alpha=-1)
     return next(iter(skips.values())), refused_elsewhere
 

@@ -100,7 +100,7 @@ class FactoredBucket(Bucket):
             cols = layout.mesh_dims_splitting(i, [-1])
             if rows or cols:
                 split.append((i, layout.meshes[i], rows, cols))
-        red = sharded.Reduction(None, list(layout.meshes))
+        red = sharded.layout_reduction(layout)
         if not split:
             return red
         sums = op_contract.factor_sums(factor_partials, self.params, chunk)
@@ -117,7 +117,8 @@ class FactoredBucket(Bucket):
                                (old_totals, lambda r, c: r),
                                (g2_totals, lambda r, c: tuple(sorted(set(r) | set(c))))):
             for values, (_, mesh, rows, cols) in zip(group, split):
-                red.segment(offset, offset + values.numel(), mesh, dims_of(rows, cols))
+                red.segment(offset, offset + values.numel(),
+                            sharded.groups_of(mesh, dims_of(rows, cols)))
                 offset += values.numel()
         sizes = [t.numel() for t in parts]
         red.done = lambda total: self._write_factors(split, sums, total.split(sizes))
@@ -236,7 +237,7 @@ class FactoredKind(Kind):
         # (channels_last) runs on the reference.
         return None if param.is_contiguous() else "is not contiguous"
 
-    def bucket(self, backend, hyper, params, grads, states, shards) -> Bucket:
+    def bucket(self, backend, hyper, params, grads, states, shards, originals) -> Bucket:
         return FactoredBucket(backend, hyper, params, grads, states, shards)
 
 

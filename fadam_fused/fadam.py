@@ -15,7 +15,7 @@ from torch import Tensor
 from . import backends, checks, engine, plan, sharded
 from .engine import Bucket, Kind
 from .hyper import Hyper, check as check_hyper
-from .optimizer import FisherOptimizer
+from .optimizer import FisherOptimizer, check_backend
 
 __all__ = ["FAdam", "fadam", "KIND"]
 
@@ -69,7 +69,7 @@ class FAdamKind(Kind):
                 "momentum": engine.new_state_tensor(param, 0.0),
                 "fim": engine.new_state_tensor(param, 1.0)}
 
-    def bucket(self, backend, hyper, params, grads, states, shards) -> Bucket:
+    def bucket(self, backend, hyper, params, grads, states, shards, originals) -> Bucket:
         return FAdamBucket(backend, hyper, params, grads, states, shards)
 
 
@@ -180,9 +180,7 @@ def fadam(
     values = dict(lr=lr, betas=(beta1, beta2), eps=eps, clip=clip, weight_decay=weight_decay,
                   p=p, maximize=maximize)
     hyper = check_hyper(values, read_lr=False)
-    if backend is not None and backend not in backends.BACKENDS:
-        raise ValueError(f"Invalid backend: {backend!r}; expected None or one of "
-                         f"{backends.BACKENDS}")
+    check_backend(backend)
     name = "params[{}]".format
     for i, param in enumerate(params):
         why = checks.param_refusal("fadam", param, name(i))

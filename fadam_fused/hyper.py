@@ -42,7 +42,7 @@ class Hyper:
     maximize: bool
 
 
-def _number(name: str, x: Any) -> float:
+def number(name: str, x: Any) -> float:
     """`x` as a float: a real number (not a bool) or a one-element CPU tensor; else ValueError."""
     if isinstance(x, Tensor):
         if x.numel() != 1 or x.is_complex() or x.dtype == torch.bool:
@@ -55,6 +55,12 @@ def _number(name: str, x: Any) -> float:
     if isinstance(x, numbers.Real) and not isinstance(x, bool):
         return float(x)
     raise ValueError(f"Invalid {name} value: {x!r}; expected a real number")
+
+
+def is_bool(x: Any) -> bool:
+    """A bool, or numpy's (np.True_ is not a subclass of bool; its type is numpy.bool)."""
+    return isinstance(x, bool) or (type(x).__module__ == "numpy"
+                                   and type(x).__name__ in ("bool", "bool_"))
 
 
 def check_lr(lr: Any, *, read_value: bool) -> None:
@@ -82,26 +88,26 @@ def check(group: dict[str, Any], *, read_lr: bool) -> Hyper:
     """The Hyper of `group`, or a ValueError with torch.optim's message for the first bad value."""
     lr = group["lr"]
     check_lr(lr, read_value=read_lr)
-    eps = _number("epsilon", group["eps"])
+    eps = number("epsilon", group["eps"])
     if not (math.isfinite(eps) and eps > 0.0):
         raise ValueError(f"Invalid epsilon value: {eps}; eps must be a finite number > 0")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
-    beta1, beta2 = (_number(f"beta parameter at index {i}", b) for i, b in enumerate(betas))
+    beta1, beta2 = (number(f"beta parameter at index {i}", b) for i, b in enumerate(betas))
     for i, beta in enumerate((beta1, beta2)):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
     clip = group["clip"]
     if clip is not None:
-        clip = _number("clip", clip)
+        clip = number("clip", clip)
         if not (math.isfinite(clip) and clip >= 0.0):
             raise ValueError(f"Invalid clip value: {clip}; use a finite number >= 0, or None or "
                              "0 to turn clipping off")
-    weight_decay = _number("weight_decay", group["weight_decay"])
+    weight_decay = number("weight_decay", group["weight_decay"])
     if not (math.isfinite(weight_decay) and weight_decay >= 0.0):
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    p = _number("p", group["p"])
+    p = number("p", group["p"])
     if not (math.isfinite(p) and p > 0.0):
         raise ValueError(f"Invalid p value: {p}; the FIM exponent p must be a finite number > 0 "
                          "(0.5 = square root)")
@@ -114,9 +120,7 @@ def check(group: dict[str, Any], *, read_lr: bool) -> Hyper:
             f"all-zero gradient would give NaN; the smallest safe eps for p={p} is "
             f"{op_contract.smallest_safe_eps(p):.2g}")
     maximize = group["maximize"]
-    # numpy's bool (np.True_) is not a subclass of bool; its type is numpy.bool (numpy.bool_).
-    if not (isinstance(maximize, bool) or (type(maximize).__module__ == "numpy"
-                                           and type(maximize).__name__ in ("bool", "bool_"))):
+    if not is_bool(maximize):
         raise ValueError(f"Invalid maximize value: {maximize!r}; expected True or False")
     return Hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip=clip or 0.0,
                  weight_decay=weight_decay, p=p, maximize=bool(maximize))
@@ -127,9 +131,9 @@ def normalize(group: dict[str, Any]) -> None:
     every step reads plain floats; a tensor lr stays the tensor an LR scheduler updates."""
     if not isinstance(group["lr"], Tensor):
         group["lr"] = float(group["lr"])
-    group["betas"] = tuple(_number("beta", b) for b in group["betas"])
+    group["betas"] = tuple(number("beta", b) for b in group["betas"])
     for key in ("eps", "weight_decay", "p"):
-        group[key] = _number(key, group[key])
+        group[key] = number(key, group[key])
     if group["clip"] is not None:
-        group["clip"] = _number("clip", group["clip"])
+        group["clip"] = number("clip", group["clip"])
     group["maximize"] = bool(group["maximize"])

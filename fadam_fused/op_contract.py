@@ -104,6 +104,38 @@ FADAFACTOR_PHASE_B_SCHEMA = (
     "float weight_decay, bool maximize, int chunk_size, bool fuse_one_chunk) -> ()")
 
 
+# ---- AdaFisher: one update phase, and the gradient check every member can use ------------------
+
+# [note: the AdaFisher op contract]
+# AdaFisher (docs/design.md, section 10) preconditions with a Fisher that is a Kronecker product
+# of two diagonals per layer, F = S H^T + damping, so its step needs no reduction: one update op
+# per (device, dtype) group, which reads g, m, theta and writes m, theta (20 B/param in float32),
+# and computes F per element from two vectors, never materialised:
+#
+# - nonfinite_check (read-only): stores 1 into ``skip`` when any scaled gradient g (grad times
+#   (maximize ? -1 : 1) / grad_scale, in float32) has a square g * g that is not finite: the
+#   family's non-finite rule (docs/design.md, section 6). Reads g only (4 B/param). The engine
+#   calls it before any update, unless a GradScaler's found_inf already decided (its own pass
+#   over the gradients checked them).
+# - adafisher_update: unless ``skip != 0``, for tensor i with (s_offset, h_offset, cols) =
+#   factor_layout[3i:3i+3] and every element e in the tensor's memory order:
+#       F = cols == 0 ? 1 : S[e / cols] * H[e % cols] + damping,
+#           with S = factors[s_offset:], H = factors[h_offset:] (float32)
+#       bc = 1 - beta^t (float64, t = steps[i] after the increment)
+#       AdaFisher (decoupled false):  m = beta m + (1 - beta) (g + weight_decay theta)
+#                                     theta = theta - (lr / bc) (m / F)
+#       AdaFisherW (decoupled true):  m = beta m + (1 - beta) g
+#                                     theta = theta - lr (m / bc / F + weight_decay theta)
+#   with g scaled as above. The caller lays H out in the parameter's memory order (a
+#   channels_last conv weight's columns permuted), so e / cols is always the output channel.
+NONFINITE_CHECK_SCHEMA = "(Tensor[] grads, Tensor(a!) skip, Tensor? grad_scale) -> ()"
+ADAFISHER_UPDATE_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentums, Tensor[] steps, "
+    "Tensor factors, int[] factor_layout, Tensor skip, Tensor? grad_scale, Tensor? lr_tensor, "
+    "*, float lr, float beta, float weight_decay, float damping, bool decoupled, bool maximize, "
+    "int chunk_size) -> ()")
+ADAFISHER_UPDATE_MUTATES = ("params", "momentums")
+
 # Elements per chunk: the partial-sum slot unit and one block's (GPU) or task's (CPU) work.
 # GPUs: 65536, PyTorch's MultiTensorApply chunk; a one-chunk tensor's second pass re-reads
 # 64K x 12 B = 768 KiB, which stays in L2. CPU: 2^20; a one-chunk tensor's g, f, theta (12 MiB in
@@ -151,6 +183,16 @@ define_phase_ops("fadam_phase_a", "fadam_phase_b")
 EMULATED_CUDA_OPS = ("cuda_emulated_phase_a", "cuda_emulated_phase_b")
 EMULATED_CUDA_FADAFACTOR = "cuda_emulated_fadafactor"  # the prefix of its FAdafactor ops
 define_fadafactor_ops("fadafactor")
+
+
+def define_adafisher_ops(prefix: str) -> None:
+    """Defines fadam_fused::<prefix>nonfinite_check and <prefix>adafisher_update ([note: the
+    AdaFisher op contract]); the CPU and CUDA kernels register them with an empty prefix."""
+    _define(f"{prefix}nonfinite_check", NONFINITE_CHECK_SCHEMA)
+    _define(f"{prefix}adafisher_update", ADAFISHER_UPDATE_SCHEMA)
+
+
+define_adafisher_ops("")
 
 
 # ---- chunks and slots ---------------------------------------------------------------------------
@@ -365,6 +407,25 @@ class FactoredOps:
     phase_a: Callable[..., None]
     phase_b: Callable[..., None]
     chunk_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaFisherOps:
+    """One backend's AdaFisher ops ([note: the AdaFisher op contract]) and its chunk size."""
+
+    name: str
+    nonfinite_check: Callable[..., None]
+    update: Callable[..., None]
+    chunk_size: int
+
+
+def adafisher_ops(backend: str, prefix: str) -> AdaFisherOps:
+    """The backend whose ops are torch.ops.fadam_fused.<prefix>nonfinite_check and
+    <prefix>adafisher_update."""
+    namespace = getattr(torch.ops, NAMESPACE)
+    return AdaFisherOps(backend, getattr(namespace, f"{prefix}nonfinite_check").default,
+                        getattr(namespace, f"{prefix}adafisher_update").default,
+                        CHUNK_SIZE[backend])
 
 
 def factored_ops(backend: str, prefix: str) -> FactoredOps:

@@ -55,10 +55,15 @@ class FisherOptimizer(Optimizer):
         maximize: bool = False,
         backend: str | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, clip=clip, weight_decay=weight_decay, p=p,
-                        maximize=maximize, backend=backend)
-        check_group(type(self).__name__, defaults, read_lr=True)
-        hyper.normalize(defaults)
+        self._init_optimizer(params, dict(lr=lr, betas=betas, eps=eps, clip=clip,
+                                          weight_decay=weight_decay, p=p, maximize=maximize,
+                                          backend=backend))
+
+    def _init_optimizer(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
+                        defaults: dict[str, Any]) -> None:
+        """torch.optim's constructor, after the defaults passed the member's checks."""
+        self._check_group(defaults, read_lr=True)
+        self._normalize(defaults)
         self._checked: dict[Tensor, tuple] = {}
         self._sharded = False
         super().__init__(params, defaults)
@@ -70,10 +75,10 @@ class FisherOptimizer(Optimizer):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "__init__" not in cls.__dict__:
-            # A member that takes the shared arguments gets this __init__ under its own name, so
-            # that Python's own errors name it ("FAdafactor.__init__() got an unexpected keyword
-            # argument"), not the shell.
-            base = FisherOptimizer.__init__
+            # A member that inherits its __init__ gets it under its own name, so that Python's
+            # own errors name it ("FAdafactor.__init__() got an unexpected keyword argument"),
+            # not the class it inherits from.
+            base = cls.__init__
             init = types.FunctionType(base.__code__, base.__globals__, "__init__",
                                       base.__defaults__, base.__closure__)
             init.__kwdefaults__ = base.__kwdefaults__
@@ -86,11 +91,21 @@ class FisherOptimizer(Optimizer):
         """The optimizer's name in error messages."""
         return type(self).__name__
 
+    def _check_group(self, group: dict[str, Any], *, read_lr: bool) -> Any:
+        """A group's hyperparameters as the member's kinds take them (hyper.Hyper for FAdam and
+        FAdafactor), or the ValueError of the first bad value; the backend request too."""
+        check_backend(group.get("backend"))
+        return hyper.check(group, read_lr=read_lr)
+
+    def _normalize(self, group: dict[str, Any]) -> None:
+        """The numbers of a checked group as Python floats (hyper.normalize)."""
+        hyper.normalize(group)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:  # validated after torch has filled in the defaults, and undone if invalid
-            check_group(self.who, group, read_lr=True)
+            self._check_group(group, read_lr=True)
             for i, param in enumerate(group["params"]):
                 name = checks.param_name(group, i)
                 why = checks.param_refusal(self.who, sharded.local(param), name)
@@ -104,7 +119,7 @@ class FisherOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
-        hyper.normalize(group)
+        self._normalize(group)
         self._sharded = self._sharded or any(sharded.is_dtensor(p) for p in group["params"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -141,7 +156,7 @@ class FisherOptimizer(Optimizer):
             super().load_state_dict(state_dict)
             for group, backend in zip(self.param_groups, requested):
                 group["backend"] = backend
-                hyper.normalize(group)
+                self._normalize(group)
             checkpoint.restore(self, state_dict, pairs)
         self._checked.clear()
 
@@ -169,6 +184,13 @@ class FisherOptimizer(Optimizer):
         planner.emit(params, grads, states, layout)
         refusals.extend((r.error.__name__, str(r)) for r in planner.refusals)
 
+    def _buckets(self, hypers: list[Any], params: list[Tensor], grads: list[Tensor],
+                 states: list[Tensor], layout: list[plan.BucketSpec]) -> list[engine.Bucket]:
+        """The step's buckets (plan.make_buckets). A member whose step has work beyond its
+        parameters' buckets (AdaFisher's factor update) adds buckets here."""
+        return plan.make_buckets(hypers, {k.name: k for k in self.kinds}, params, grads, states,
+                                 layout)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """Performs a single optimization step ([note: the step engine] in engine.py).
@@ -180,11 +202,10 @@ class FisherOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        hypers = [check_group(self.who, group, read_lr=False) for group in self.param_groups]
+        hypers = [self._check_group(group, read_lr=False) for group in self.param_groups]
         params, grads, states, layout, refusals = [], [], [], [], []
         self._init_group(params, grads, states, layout, refusals)
-        buckets = plan.make_buckets(hypers, {k.name: k for k in self.kinds}, params, grads,
-                                    states, layout)
+        buckets = self._buckets(hypers, params, grads, states, layout)
         skip, refused_elsewhere = engine.run_step(
             buckets, grad_scale=getattr(self, "grad_scale", None),
             found_inf=getattr(self, "found_inf", None), refused=bool(refusals))
@@ -201,13 +222,10 @@ class FisherOptimizer(Optimizer):
         return loss
 
 
-def check_group(who: str, group: dict[str, Any], *, read_lr: bool) -> hyper.Hyper:
-    """A group's Hyper (hyper.check), and its backend request checked."""
-    backend = group.get("backend")
+def check_backend(backend: Any) -> None:
     if backend is not None and backend not in backends.BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r}; expected None or one of "
                          f"{backends.BACKENDS}")
-    return hyper.check(group, read_lr=read_lr)
 
 
 def _namer(group: dict[str, Any]) -> Callable[[int], str]:

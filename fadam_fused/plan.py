@@ -28,7 +28,6 @@ from torch import Tensor
 
 from . import backends, checks, sharded
 from .engine import Bucket, Kind
-from .hyper import Hyper
 
 # Tensor types of the common path (anything else, e.g. a DTensor, is checked in full).
 _PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
@@ -121,6 +120,13 @@ class Planner:
                                       f"{device}; put lr on the CPU or on the parameters' device")
                 if not fusable or (chosen != "reference"
                                    and kind.unfused_reason(param) is not None):
+                    chosen = "reference"
+                elif chosen != "reference" and not kind.has_kernels(chosen):
+                    if fused_only:
+                        raise Refusal(RuntimeError,
+                                      f"{self.who} backend={backend!r} has no kernels for "
+                                      f"{name(i)} in this build; use backend=None or "
+                                      "'reference'")
                     chosen = "reference"
                 if (not plain or type(grad) not in _PLAIN or grad.is_sparse
                         or grad.shape != param.shape or grad.dtype != param.dtype
@@ -271,7 +277,7 @@ class Planner:
                                      is_sharded, tuple(copies)))
 
 
-def make_buckets(hypers: Sequence[Hyper], kinds: dict[str, Kind], params: list[Tensor],
+def make_buckets(hypers: Sequence[Any], kinds: dict[str, Kind], params: list[Tensor],
                  grads: list[Tensor], states: list[Tensor],
                  layout: Sequence[BucketSpec]) -> list[Bucket]:
     """The buckets of checked tensor lists and their layout (Planner.emit).
@@ -283,6 +289,7 @@ def make_buckets(hypers: Sequence[Hyper], kinds: dict[str, Kind], params: list[T
     for spec in layout:
         kind = kinds[spec.kind]
         bucket_params = params[spec.first:spec.end]
+        originals = list(bucket_params)
         bucket_grads = grads[spec.first:spec.end]
         count = len(kind.state_keys) * (spec.end - spec.first)
         bucket_states = states[spec.first_state:spec.first_state + count]
@@ -299,5 +306,5 @@ def make_buckets(hypers: Sequence[Hyper], kinds: dict[str, Kind], params: list[T
                 bucket_params[j], bucket_grads[j] = local_param, local_grad
             bucket_states = [sharded.local(t) for t in bucket_states]
         buckets.append(kind.bucket(spec.backend, hypers[spec.group], bucket_params,
-                                   bucket_grads, bucket_states, shards))
+                                   bucket_grads, bucket_states, shards, originals))
     return buckets

@@ -453,3 +453,225 @@ def _fadafactor_phase_b(params, grads, fim_rows, fim_cols, momentums, factors, p
 FADAM_OPS = op_contract.PhaseOps("reference", _fadam_phase_a, _fadam_phase_b, CHUNK_SIZE)
 FADAFACTOR_OPS = op_contract.FactoredOps("reference", _fadafactor_phase_s, _fadafactor_phase_a,
                                          _fadafactor_phase_b, CHUNK_SIZE)
+
+
+# ---- AdaFisher (Gomes et al., ICLR 2025) --------------------------------------------------------
+
+
+def memory_order(t: Tensor) -> Tensor:
+    """A dense tensor as a contiguous view of its dims permuted into memory order (a
+    channels_last tensor's dims as (N, H, W, C)): flattening it walks memory in order."""
+    if t.is_contiguous():
+        return t
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return t.permute(order)
+
+
+def adafisher_fim(shape, factors: Tensor, s_offset: int, h_offset: int, cols: int,
+                  damping: float, compute: torch.dtype) -> Tensor | float:
+    """F in memory order for a tensor of `shape` ([note: the AdaFisher op contract]): the flat
+    S[e / cols] H[e % cols] + damping, or 1 (cols == 0: a parameter of no supported layer)."""
+    if cols == 0:
+        return 1.0
+    numel = 1
+    for size in shape:
+        numel *= size
+    rows = numel // cols
+    s = factors[s_offset:s_offset + rows].to(compute)
+    h = factors[h_offset:h_offset + cols].to(compute)
+    return (s[:, None] * h[None, :]).reshape(-1) + damping
+
+
+def adafisher_update_tensor(param: Tensor, grad: Tensor, momentum: Tensor, step: Tensor,
+                            skip: Tensor, fim: Tensor | float, *, lr: float | Tensor,
+                            beta: float, weight_decay: float, decoupled: bool, maximize: bool,
+                            grad_scale: Tensor | None = None, upcast: bool = False) -> None:
+    """One AdaFisher (or, `decoupled`, AdaFisherW) update of one tensor, in place, unless `skip`.
+
+    `fim` is F flattened in the parameter's memory order (adafisher_fim), or 1; `step` is t after
+    the increment. The order of operations is the published implementation's:
+    AdaFisher   m = beta m + (1 - beta) (g + wd theta),  theta = theta - (lr / bc) (m / F)
+    AdaFisherW  m = beta m + (1 - beta) g,               theta = theta - lr (m / bc / F + wd theta)
+    with bc = 1 - beta^t in float64.
+    """
+    compute, g, theta = _inputs(memory_order(param), memory_order(grad), maximize=maximize,
+                                grad_scale=grad_scale, upcast=upcast)
+    g, theta = g.reshape(-1), theta.reshape(-1)
+    m = memory_order(momentum).to(compute).reshape(-1)
+    bc = 1 - beta ** step.to(device=theta.device, dtype=torch.float64)
+    lr_t = lr.to(device=theta.device, dtype=torch.float64).reshape(()) if isinstance(
+        lr, Tensor) else lr
+    if decoupled:
+        m = beta * m + (1 - beta) * g
+        theta = theta - (lr_t * (m / bc.to(compute) / fim + weight_decay * theta)).to(compute)
+    else:
+        m = beta * m + (1 - beta) * (g + weight_decay * theta)
+        theta = theta - (lr_t / bc).to(compute) * (m / fim)
+    keep = skip.to(param.device).reshape(()) != 0
+    for dst, new in ((param, theta), (momentum, m)):
+        view = memory_order(dst)
+        view.copy_(torch.where(keep, view, new.to(dst.dtype).view(view.shape)))
+
+
+def _nonfinite_check(grads, skip, grad_scale) -> None:
+    _raise_flag(skip, nonfinite_flag(grads, grad_scale=grad_scale))
+
+
+def _adafisher_update(params, grads, momentums, steps, factors, factor_layout, skip, grad_scale,
+                      lr_tensor, *, lr, beta, weight_decay, damping, decoupled, maximize,
+                      chunk_size) -> None:
+    lr = lr if lr_tensor is None else lr_tensor
+    for i, (param, grad, m, step) in enumerate(zip(params, grads, momentums, steps)):
+        s_offset, h_offset, cols = factor_layout[3 * i:3 * i + 3]
+        compute = _compute_dtype(param)
+        fim = adafisher_fim(param.shape, factors, s_offset, h_offset, cols, damping, compute)
+        adafisher_update_tensor(param, grad, m, step, skip, fim, lr=lr, beta=beta,
+                                weight_decay=weight_decay, decoupled=decoupled,
+                                maximize=maximize, grad_scale=grad_scale)
+
+
+ADAFISHER_OPS = op_contract.AdaFisherOps("reference", _nonfinite_check, _adafisher_update,
+                                         CHUNK_SIZE)
+
+
+class AdaFisherReference:
+    """The AdaFisher algorithm in float64 (or any dtype), one layer and one parameter at a time,
+    written for clarity: the oracle of fadam_fused.AdaFisher ([note: AdaFisher factors] in
+    adafisher.py; docs/design.md, section 10).
+
+    It measures its own factors with its own hooks, the way the published implementation does
+    (a conv's H through an im2col copy of the input, torch.nn.functional.unfold), with the rules
+    this library documents: the calls of one step give one factor update (their mean), pairing
+    by ownership, F = 1 outside supported layers. ``step()`` then updates every parameter with
+    a gradient, one at a time. No fused kernel, no engine: a second, independent implementation.
+    """
+
+    LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.LayerNorm)
+
+    def __init__(self, model: torch.nn.Module, lr: float = 1e-3, beta: float = 0.9,
+                 weight_decay: float = 0.0, damping: float = 1e-3,
+                 gammas: tuple[float, float] = (0.92, 0.008), update_interval: int = 100,
+                 decoupled: bool = False) -> None:
+        self.lr, self.beta, self.weight_decay, self.damping = lr, beta, weight_decay, damping
+        self.gammas, self.update_interval, self.decoupled = gammas, update_interval, decoupled
+        self.params = [p for p in model.parameters()]
+        self.momentum = {p: torch.zeros_like(p) for p in self.params}
+        self.steps = {p: 0 for p in self.params}
+        self.calls = 0  # step() calls so far
+        self.H: dict[torch.nn.Module, Tensor] = {}
+        self.S: dict[torch.nn.Module, Tensor] = {}
+        self.seen: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}
+        self.owner: dict[int, tuple[torch.nn.Module, str]] = {}
+        for module in model.modules():
+            if isinstance(module, self.LAYERS) and module.weight is not None:
+                if isinstance(module, torch.nn.BatchNorm2d) and module.bias is None:
+                    continue
+                if isinstance(module, torch.nn.LayerNorm) and len(module.normalized_shape) != 1:
+                    continue
+                for role in ("weight", "bias"):
+                    p = getattr(module, role)
+                    if p is not None:
+                        self.owner.setdefault(id(p), (module, role))
+                self.seen[module] = []
+                module.register_forward_hook(self._keep_input)
+
+    def _keep_input(self, module, args, output):
+        if self.calls % self.update_interval or not torch.is_grad_enabled():
+            return
+        x = args[0].detach()
+        output.register_hook(lambda g: self.seen[module].append((x, g.detach())))
+
+    # The factors of one call, as the published implementation computes them.
+    @staticmethod
+    def factors(module: torch.nn.Module, x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        nn = torch.nn
+        if isinstance(module, nn.Linear):
+            h = x.reshape(-1, x.shape[-1])
+            if module.bias is not None:
+                h = torch.cat([h, h.new_ones(h.shape[0], 1)], 1)
+            s = s.reshape(-1, s.shape[-1])
+            return (h * h).sum(0) / h.shape[0], (s * s).sum(0) / s.shape[0]
+        if isinstance(module, nn.Conv2d):
+            if x.dim() == 3:
+                x, s = x.unsqueeze(0), s.unsqueeze(0)
+            x = nn.functional.pad(x, module._reversed_padding_repeated_twice,
+                                  mode="constant" if module.padding_mode == "zeros"
+                                  else module.padding_mode)
+            patches = nn.functional.unfold(x, module.kernel_size, module.dilation, 0,
+                                           module.stride)  # (B, C kh kw, L): im2col
+            b, _, positions = patches.shape
+            g = module.groups
+            patches = patches.view(b, g, -1, positions).permute(0, 1, 3, 2)
+            h = patches.reshape(b * g * positions, -1)  # rows: batch, group, position
+            if module.bias is not None:
+                h = torch.cat([h, h.new_ones(h.shape[0], 1)], 1)
+            s = s.permute(0, 2, 3, 1).reshape(-1, s.shape[1])
+            return (h * h).sum(0) / h.shape[0], (s * s).sum(0) / s.shape[0]
+        if isinstance(module, nn.BatchNorm2d):
+            spatial = x.shape[2] * x.shape[3]
+            sum_h = x.sum((0, 2, 3))[:, None] / spatial ** 2
+            h_bar = torch.cat([sum_h, torch.ones_like(sum_h)], 1)
+            sum_s = s.sum((0, 2, 3))
+            return (h_bar * h_bar).sum(0) / x.shape[0] ** 2, sum_s * sum_s / s.shape[0]
+        dims = [d for d in range(x.dim()) if d != 1]  # LayerNorm
+        norm = 1
+        for d in dims[1:]:
+            norm *= x.shape[d]
+        sum_h = x.sum(dims)[:, None] / norm ** 2
+        h_bar = torch.cat([sum_h, torch.ones_like(sum_h)], 1)
+        sum_s = s.sum(tuple(range(s.dim() - 1)))
+        return (h_bar * h_bar).sum(0) / x.shape[0] ** 2, sum_s * sum_s / s.shape[0]
+
+    @staticmethod
+    def minmax(x: Tensor) -> Tensor:
+        x = x.clone()
+        x[x == float("inf")] = 1.0
+        x[x == float("-inf")] = 0.0
+        return (x - x.min()) / (x.max() - x.min() + 1e-6)
+
+    def F(self, param: Tensor) -> Tensor | float:
+        """F of `param`: S H^T + damping in the shape of the parameter, or 1."""
+        owned = self.owner.get(id(param))
+        if owned is None:
+            return 1.0
+        module, role = owned
+        full = torch.outer(self.S[module], self.H[module]) + self.damping  # (out, in [+ 1])
+        if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+            return full[:, 0] if role == "weight" else full[:, 1]
+        if role == "bias":
+            return full[:, -1]
+        return full[:, :param[0].numel()].reshape(param.shape)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.calls % self.update_interval == 0:
+            g1, g2 = self.gammas
+            for module, calls in self.seen.items():
+                if module not in self.H:  # the running factors start at 1
+                    weight = module.weight
+                    h_len = (2 if weight.dim() == 1 else
+                             weight[0].numel() + (module.bias is not None))
+                    self.H[module] = torch.ones(h_len, dtype=weight.dtype)
+                    self.S[module] = torch.ones(weight.shape[0], dtype=weight.dtype)
+                if not calls:
+                    continue
+                pairs = [self.factors(module, x, s) for x, s in calls]
+                h_new = sum(p[0] for p in pairs) / len(pairs)
+                s_new = sum(p[1] for p in pairs) / len(pairs)
+                self.H[module] = (1 - g1) * self.H[module] + g2 * self.minmax(h_new)
+                self.S[module] = (1 - g1) * self.S[module] + g2 * self.minmax(s_new)
+                calls.clear()
+        for param in self.params:
+            if param.grad is None:
+                continue
+            self.steps[param] += 1
+            g, m, wd = param.grad, self.momentum[param], self.weight_decay
+            bc = 1 - self.beta ** self.steps[param]
+            f = self.F(param)
+            if self.decoupled:
+                m.mul_(self.beta).add_(g, alpha=1 - self.beta)
+                param.sub_(self.lr * (m / bc / f + wd * param))
+            else:
+                m.mul_(self.beta).add_(g + wd * param, alpha=1 - self.beta)
+                param.add_(m / f, alpha=-self.lr / bc)
+        self.calls += 1

@@ -132,32 +132,46 @@ class Layout:
                      and pl.dim % rank in wanted)
 
 
+def groups_of(mesh: Any, dims: Sequence[int] | None = None) -> tuple[Any, ...]:
+    """The process groups of `mesh`'s dims `dims` (all of them by default)."""
+    return tuple(mesh.get_group(d) for d in (range(mesh.ndim) if dims is None else dims))
+
+
 @dataclasses.dataclass
 class Reduction:
     """Float64 sums to add up across ranks, then ``done(values)``.
 
-    `values` is 1-D; each segment ``(start, end, mesh, dims)`` says that ``values[start:end]``
-    is added up over those dims of that mesh (consecutive segments with the same mesh and dims
-    are one segment: add them with ``segment``). `meshes` are the meshes of the tensors behind the
-    sums (also of those with none, e.g. with clipping off): the skip flag is reduced over all
-    their dims.
+    `values` is 1-D; each segment ``(start, end, groups)`` says that ``values[start:end]`` is
+    added up over each of those process groups in turn (consecutive segments with the same
+    groups are one segment: add them with ``segment``). `flag_groups` are the groups the skip
+    flag is reduced over: every dim of the meshes of the tensors behind the sums (also of those
+    with no sums, e.g. with clipping off), or a data-parallel group.
     """
 
     values: Tensor | None
-    meshes: list[Any] = dataclasses.field(default_factory=list)
-    segments: list[tuple[int, int, Any, tuple[int, ...]]] = dataclasses.field(
-        default_factory=list)
+    flag_groups: list[Any] = dataclasses.field(default_factory=list)
+    segments: list[tuple[int, int, tuple[Any, ...]]] = dataclasses.field(default_factory=list)
     done: Callable[[Tensor], None] | None = None
 
-    def segment(self, start: int, end: int, mesh: Any, dims: tuple[int, ...]) -> None:
-        if not dims or end == start:
+    def segment(self, start: int, end: int, groups: tuple[Any, ...]) -> None:
+        if not groups or end == start:
             return
         if self.segments:
-            s, e, m, d = self.segments[-1]
-            if e == start and m is mesh and d == dims:
-                self.segments[-1] = (s, end, m, d)
+            s, e, g = self.segments[-1]
+            if e == start and g == groups:
+                self.segments[-1] = (s, end, g)
                 return
-        self.segments.append((start, end, mesh, dims))
+        self.segments.append((start, end, groups))
+
+
+def layout_reduction(layout: "Layout", values: Tensor | None = None) -> Reduction:
+    """A Reduction whose flag goes over every mesh dim of a sharded bucket's tensors."""
+    flag_groups: list[Any] = []
+    for mesh in layout.meshes:
+        for pg in groups_of(mesh):
+            if pg not in flag_groups:
+                flag_groups.append(pg)
+    return Reduction(values, flag_groups)
 
 
 def _index(values: list[int], device: torch.device, dtype=torch.int64) -> Tensor:
@@ -166,12 +180,6 @@ def _index(values: list[int], device: torch.device, dtype=torch.int64) -> Tensor
     if device.type == "cpu":
         return t
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def _current_index(device_type: str) -> int:
-    module = getattr(torch, device_type, None)
-    return module.current_device() if module is not None and hasattr(
-        module, "current_device") else 0
 
 
 def slot_reduction(partials: Tensor, chunk_size: int, layout: Layout) -> Reduction:
@@ -200,15 +208,24 @@ def slot_reduction(partials: Tensor, chunk_size: int, layout: Layout) -> Reducti
             partials.zero_()
             partials.index_copy_(0, _index(firsts, partials.device), scaled)
 
-    red = Reduction(sums.reshape(-1), list(layout.meshes), done=done)
+    red = layout_reduction(layout, sums.reshape(-1))
+    red.done = done
     for i, (mesh, dims) in enumerate(zip(layout.meshes, layout.split_dims)):
-        red.segment(2 * i, 2 * i + 2, mesh, dims)
+        red.segment(2 * i, 2 * i + 2, groups_of(mesh, dims))
     return red
 
 
 def flag_reduction(layout: Layout) -> Reduction:
     """Only the skip flag, over every mesh dim of the bucket's tensors (clipping off)."""
-    return Reduction(None, list(layout.meshes))
+    return layout_reduction(layout)
+
+
+def _collective_device(pg: Any, device: torch.device) -> torch.device:
+    """Where `pg` reduces a buffer that lives on `device`: NCCL needs a GPU (FSDP2 with
+    CPUOffloadPolicy keeps CPU shards on an NCCL mesh)."""
+    if device.type == "cpu" and dist.get_backend(pg) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def all_reduce(reductions: Sequence[Reduction], skip: dict[torch.device, Tensor], *,
@@ -217,7 +234,7 @@ def all_reduce(reductions: Sequence[Reduction], skip: dict[torch.device, Tensor]
 
     Adds up every Reduction's segments over their process groups and calls its ``done``, and
     sets every flag in `skip` (one per device, all equal) to the flag of every rank of the
-    meshes. Returns how many ranks refused the step (a float64 0-dim tensor on the collectives'
+    groups. Returns how many ranks refused the step (a float64 0-dim tensor on the collectives'
     device; this rank counts itself when `refused`).
     """
     device = next(iter(skip))
@@ -230,21 +247,19 @@ def all_reduce(reductions: Sequence[Reduction], skip: dict[torch.device, Tensor]
 
     # The process groups in first-use order (the same on every rank: the parameter order), and
     # per group the (reduction, start, end) ranges added up over it.
-    groups: dict[str, tuple[Any, str, list[tuple[int, int, int]]]] = {}
+    groups: dict[str, tuple[Any, list[tuple[int, int, int]]]] = {}
 
-    def ranges_of(mesh, d):
-        pg = mesh.get_group(d)
+    def ranges_of(pg):
         if pg.group_name not in groups:
-            groups[pg.group_name] = (pg, mesh.device_type, [])
-        return groups[pg.group_name][2]
+            groups[pg.group_name] = (pg, [])
+        return groups[pg.group_name][1]
 
     for r, red in enumerate(reductions):
-        for mesh in red.meshes:
-            for d in range(mesh.ndim):
-                ranges_of(mesh, d)
-        for start, end, mesh, dims in red.segments:
-            for d in dims:
-                ranges = ranges_of(mesh, d)
+        for pg in red.flag_groups:
+            ranges_of(pg)
+        for start, end, segment_groups in red.segments:
+            for pg in segment_groups:
+                ranges = ranges_of(pg)
                 if ranges and ranges[-1][0] == r and ranges[-1][2] == start:
                     ranges[-1] = (r, ranges[-1][1], end)
                 else:
@@ -253,14 +268,13 @@ def all_reduce(reductions: Sequence[Reduction], skip: dict[torch.device, Tensor]
     # [skip, refused]: both 0 or 1 per rank, so a sum > 0 is the max.
     flag = torch.stack([skip[device].to(device, torch.float64).reshape(()),
                         torch.full((), float(refused), dtype=torch.float64, device=device)])
-    for pg, device_type, ranges in groups.values():
+    for pg, ranges in groups.values():
         buf = torch.cat([flag] + [values[r][start:end] for r, start, end in ranges])
-        if device_type != device.type:
-            # FSDP2 with CPUOffloadPolicy: CPU shards, NCCL mesh. The CPU kernels read the
-            # result on the host anyway, so the copy back waits for it.
-            on_mesh = buf.to(torch.device(device_type, _current_index(device_type)))
-            dist.all_reduce(on_mesh, op=dist.ReduceOp.SUM, group=pg)
-            buf = on_mesh.to(device)
+        there = _collective_device(pg, device)
+        if there != device:  # the CPU kernels read the result on the host anyway: it waits
+            on_there = buf.to(there)
+            dist.all_reduce(on_there, op=dist.ReduceOp.SUM, group=pg)
+            buf = on_there.to(device)
         else:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg)
         flag = buf[:2]

@@ -35,10 +35,10 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from fadam_fused import backends, op_contract  # noqa: E402
+from fadam_fused import _ext, backends, op_contract  # noqa: E402
 from fadam_fused.reference import fadam_reference  # noqa: E402
 
-TK, _reason = backends._triton_module()
+TK, _reason = _ext.triton_kernels()
 if TK is None:
     pytest.skip(_reason, allow_module_level=True)
 CHUNK = op_contract.CHUNK_SIZE["triton"]
