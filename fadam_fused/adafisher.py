@@ -289,11 +289,16 @@ class _FactorBucket(Bucket):
         red.segment(0, values.numel(), (self.group,))
         sizes = [t.numel() for t in parts]
 
+        # Each rank's output gradient is of its own mean loss, and the data-parallel gradient is
+        # the mean of the ranks' (DDP, FSDP2): one process would see each gradient divided by
+        # the world size, so S (a mean of squares) is divided by its square.
+        world = torch.distributed.get_world_size(self.group)
+
         def done(total: Tensor) -> None:  # the sums over the ranks
             pieces = iter(total.split(sizes))
             for name, (h, s, c) in list(self.measured.items()):
-                self.measured[name] = tuple(next(pieces).to(t.dtype).view(t.shape)
-                                            for t in (h, s, c))
+                h, s, c = (next(pieces).to(t.dtype).view(t.shape) for t in (h, s, c))
+                self.measured[name] = (h, s / world ** 2, c)
         red.done = done
         return [red]
 
@@ -495,7 +500,10 @@ class AdaFisher(FisherOptimizer):
             ``step()`` calls, the first one included (the published ``TCov``).
         maximize (bool, default False), backend (str or None, default None): as for FAdam.
         process_group: where the factors are averaged over data-parallel ranks (default: the
-            default group when torch.distributed is initialized with more than one rank).
+            default group when torch.distributed is initialized with more than one rank; False:
+            nowhere, for a one-process model inside a distributed job). Each rank's output
+            gradients are taken to be of its own mean loss, the ranks' gradients averaged (DDP
+            and FSDP2's default), so S is divided by the group's size squared.
 
     Gradient accumulation: the micro-batches of one step give one factor update (the average of
     their measurements), not one per micro-batch as in the published code; a forward recomputed
@@ -571,7 +579,9 @@ class AdaFisher(FisherOptimizer):
         if not self._factors.collecting:
             return buckets
         group = self._process_group
-        if (group is None and torch.distributed.is_available()
+        if group is False:
+            group = None
+        elif (group is None and torch.distributed.is_available()
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             group = torch.distributed.group.WORLD
         by_device: dict[torch.device, list[_Layer]] = {}

@@ -143,10 +143,11 @@ class Planner:
                 if not self.collect:
                     raise refusal.error(str(refusal)) from None
                 # A sharded run: this rank steps the parameter on placeholders (a zero gradient,
-                # fresh state) in the bucket the others step it in, with the step skipped, so
-                # that every rank's all-reduce has the same rows.
+                # fresh state) on the reference backend, with the step skipped, so that its
+                # all-reduce has as many rows as the other ranks' (their order may differ: the
+                # sums of a skipped step are never used).
                 self.refusals.append(refusal)
-                kind, device = kind_of(param), param.device
+                kind, device, chosen = kind_of(param), param.device, "reference"
                 kinds.setdefault(kind.name, kind)
                 grad, state = torch.zeros_like(param), kind.new_state(param)
                 tensors = kind.state_of(state)

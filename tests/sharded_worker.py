@@ -29,13 +29,24 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fadam_fused import FAdafactor, FAdam, backends, op_contract, sharded  # noqa: E402
+from fadam_fused import AdaFisher, FAdafactor, FAdam, backends, op_contract, sharded  # noqa: E402,E501
 
 STEPS = 8
 DEVICE = os.environ.get("FADAM_SHARDED_DEVICE", "cpu")
 HYPER = dict(lr=3e-2, clip=0.5, weight_decay=0.1)
-OPTIMIZERS = {"fadam": FAdam, "fadafactor": FAdafactor}
+OPTIMIZERS = {"fadam": FAdam, "fadafactor": FAdafactor, "adafisher": AdaFisher}
 OPT = FAdam  # the optimizer of the running scenario (main sets it)
+
+
+def make_opt(model, backend, *, clip=HYPER["clip"], one_process=False, params=None):
+    """OPT over `model` with the scenarios' hyperparameters. AdaFisher measures the model's
+    layers (factors updated every other step); `one_process`: its factors are this rank's alone
+    (the one-process run each rank makes inside the distributed job)."""
+    if OPT is AdaFisher:
+        return AdaFisher(model, params, lr=1e-3, weight_decay=0.1, update_interval=2,
+                         backend=backend, process_group=False if one_process else None)
+    return OPT(model.parameters() if params is None else params, **{**HYPER, "clip": clip},
+               backend=backend)
 RTOL, ATOL = 1e-5, 1e-7
 
 
@@ -146,6 +157,10 @@ def snapshot(model, opt) -> dict[str, torch.Tensor]:
         out[name] = full(p.detach()).clone()
         for key, value in opt.state[p].items():
             out[f"{name}.{key}"] = full(value).clone()
+    if isinstance(opt, AdaFisher):  # the layers' factors (replicated on every rank)
+        for name, layer in opt._factors.layers.items():
+            name = name.replace("module.", "")
+            out[f"{name}.H"], out[f"{name}.S"] = layer.fisher_in.clone(), layer.fisher_out.clone()
     return out
 
 
@@ -158,13 +173,15 @@ def assert_match(got: dict, want: dict, what: str, rtol=RTOL, atol=ATOL):
 
 def single_run(cls, backend, steps=STEPS, clip=HYPER["clip"]):
     model = make(cls)
-    opt = OPT(model.parameters(), **{**HYPER, "clip": clip}, backend=backend)
+    opt = make_opt(model, backend, clip=clip, one_process=True)
     train(model, opt, steps)
     return snapshot(model, opt)
 
 
 def assert_clip_binds(cls, backend, ref):
     """The comparison means something only if clip=0.5 changes the result."""
+    if OPT is AdaFisher:  # no clipping
+        return
     unclipped = single_run(cls, backend, clip=None)
     diff = max((unclipped[k] - ref[k]).abs().max().item() for k in ref if "." in k)
     assert diff > 1e-3, f"clip=0.5 does not bind (largest change {diff})"
@@ -213,7 +230,7 @@ def _fsdp(mesh=None, placement_fn=None, cls=Tiny, model=None):
 def _compare_dp(model, backend, world, rank, what, cls=Tiny, collectives=None):
     """FSDP-style data parallel against one process; then, if given, the expected buffer shapes
     of the sums' all-reduces in one more step."""
-    opt = OPT(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     train(model, opt, STEPS, rank=rank, world=world)
     ref = single_run(cls, backend)
     assert_match(snapshot(model, opt), ref, what)
@@ -240,6 +257,8 @@ def fsdp_shard0(backend, rank, world):
     ref = _compare_dp(model, backend, world, rank, f"fsdp Shard(0) {backend}",
                       collectives={FAdam: [(18,)], FAdafactor: [(37,), (10,)]})
     assert_clip_binds(Tiny, backend, ref)
+    if OPT is AdaFisher:
+        return
     # Negative control: without the all-reduce of the sums (each rank clipping by its own
     # shard's sums), the run must not match.
     model = _fsdp()
@@ -248,7 +267,7 @@ def fsdp_shard0(backend, rank, world):
         head = buf[:2].clone()
         original(head, op=op, group=group)
         buf[:2].copy_(head)
-    opt = OPT(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     with_all_reduce(opt, flag_only)
     train(model, opt, STEPS, rank=rank, world=world)
     got = snapshot(model, opt)
@@ -320,7 +339,7 @@ def tp(backend, rank, world):
                           "down.weight": (Shard(1),), "down.bias": (Replicate(),),
                           "head.weight": None, "head.bias": None,
                           "extra": (Shard(0),)}, placements
-    opt = OPT(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     train(model, opt, STEPS)  # tensor parallel: every rank sees the whole batch
     ref = single_run(TPModel, backend)
     assert_match(snapshot(model, opt), ref, f"tensor parallel {backend}")
@@ -330,7 +349,7 @@ def tp(backend, rank, world):
         # Replicate).
         assert all_reduce_shapes(model, opt, 0, 1) == [(10,)]
         # With clipping off there is no RMS: the flag alone.
-        opt = OPT(model.parameters(), **{**HYPER, "clip": None}, backend=backend)
+        opt = make_opt(model, backend, clip=None)
         assert all_reduce_shapes(model, opt, 0, 1) == [(2,)]
     else:
         # After phase S: the flag, up.bias's RMS sums (2), and per weight the sums over its
@@ -338,7 +357,7 @@ def tp(backend, rank, world):
         # columns split) 6 row sums + the sum of g^2 (its old R is whole here), extra (5 x 3,
         # rows split) 3 + 2. After phase A: the flag and the 3 weights' RMS sums.
         assert all_reduce_shapes(model, opt, 0, 1) == [(24,), (8,)]
-        opt = OPT(model.parameters(), **{**HYPER, "clip": None}, backend=backend)
+        opt = make_opt(model, backend, clip=None)
         assert all_reduce_shapes(model, opt, 0, 1) == [(22,), (2,)]
 
 
@@ -366,7 +385,7 @@ def fsdp_tp(backend, rank, world):
 def errors(backend, rank, world):
     """A DTensor parameter with a plain gradient: an error naming it, and nothing changed."""
     model = _fsdp()
-    opt = OPT(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     x, y = data(0)
     nn.functional.mse_loss(model(x), y).backward()
     model.c.weight.grad = torch.zeros_like(model.c.weight.full_tensor())
@@ -387,7 +406,7 @@ def bad_grad_one_rank(backend, rank, world):
     parameter, nothing changes on any rank, and no rank waits for another (the refusal travels
     in the step's all-reduce); the next step runs everywhere."""
     model = _fsdp()
-    opt = OPT(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     train(model, opt, 2, rank=rank, world=world)
     before = {k: v.clone() for k, v in _local_snapshot(model, opt).items()}
     x, y = data(2)
@@ -424,7 +443,7 @@ def zero(backend, rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = DDP(make(Tiny))
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=OPT, **HYPER,
-                                  backend=backend)
+                                  backend=backend)  # FAdam's and FAdafactor's arguments
     train(model, opt, STEPS, rank=rank, world=world)
     ref = single_run(Tiny, backend)
     got = {n.replace("module.", ""): p.detach().clone() for n, p in model.named_parameters()}
@@ -443,7 +462,7 @@ def zero(backend, rank, world):
 def nonfinite(backend, rank, world):
     """A NaN in one rank's gradient shard: every rank skips, everything stays bit-identical."""
     model = _fsdp()
-    opt = OPT(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     train(model, opt, 2, rank=rank, world=world)
     before = {k: v.clone() for k, v in _local_snapshot(model, opt).items()}
     x, y = data(2)
@@ -503,7 +522,7 @@ def checkpoint(backend, rank, world):
     import torch.distributed.checkpoint as dcp
     root = os.environ["CKPT_DIR"]
     model = _fsdp()
-    opt = OPT(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     train(model, opt, 4, rank=rank, world=world)
     name = f"{backend}-{OPT.__name__}"
     dcp.save(_state(model, opt), checkpoint_id=os.path.join(root, f"two-{name}"))
@@ -512,7 +531,7 @@ def checkpoint(backend, rank, world):
 
     torch.manual_seed(123)  # other weights, to be overwritten
     model = _fsdp()
-    opt = OPT(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     _load(model, opt, os.path.join(root, f"two-{name}"))
     train(model, opt, 4, start=4, rank=rank, world=world)
     assert_match(snapshot(model, opt), uninterrupted, f"resumed {backend}", rtol=0, atol=0)
@@ -522,10 +541,10 @@ def checkpoint(backend, rank, world):
     # A plain (one-process) optimizer.state_dict() loads into the sharded optimizer, each rank
     # keeping its shard of the whole tensors.
     plain_model = make(Tiny)
-    plain_opt = OPT(plain_model.parameters(), **HYPER, backend=backend)
+    plain_opt = make_opt(plain_model, backend, one_process=True)
     train(plain_model, plain_opt, 4)
     model = _fsdp(model=copy.deepcopy(plain_model))
-    opt = OPT(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     opt.load_state_dict(plain_opt.state_dict())
     train(model, opt, 4, start=4, rank=rank, world=world)
     assert_match(snapshot(model, opt), single_run(Tiny, backend), f"plain -> sharded {backend}")
@@ -533,7 +552,7 @@ def checkpoint(backend, rank, world):
     one = os.path.join(root, f"one-{name}")
     if os.path.exists(one):
         model = _fsdp()
-        opt = OPT(model.parameters(), **HYPER, backend=backend)
+        opt = make_opt(model, backend)
         _load(model, opt, one)
         train(model, opt, 4, start=4, rank=rank, world=world)
         assert_match(snapshot(model, opt), single_run(Tiny, backend), f"1 -> 2 ranks {backend}")
@@ -547,7 +566,7 @@ def save_one_process(root, backend, optimizer="fadam"):
     OPT = OPTIMIZERS[optimizer]
     import torch.distributed.checkpoint as dcp
     model = make(Tiny)
-    opt = OPT(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     train(model, opt, 4)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
@@ -560,7 +579,7 @@ def load_two_rank_checkpoint(root, backend, optimizer="fadam"):
     global OPT
     OPT = OPTIMIZERS[optimizer]
     model = make(Tiny)
-    opt = OPT(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
         _load(model, opt, os.path.join(root, f"two-{backend}-{OPT.__name__}"), no_dist=True)

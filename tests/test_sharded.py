@@ -55,6 +55,7 @@ TWO_RANKS = ([f"{s}:{b}" for s in ("fsdp_shard0", "fsdp_shard1", "tp", "ddp", "z
                                                 "zero", "nonfinite", "bad_grad_one_rank",
                                                 "checkpoint")
                 for b in BACKENDS]
+             + [f"{s}:reference:adafisher" for s in ("ddp", "fsdp_shard0", "nonfinite")]
              + ["fsdp_chunks:cpu", "fsdp_chunks:cpu:fadafactor", "fsdp_mixed_dtypes",
                 "fsdp_mixed_dtypes::fadafactor"]
              + (["triton_fsdp", "triton_fsdp::fadafactor"] if _triton_importable() else [])
