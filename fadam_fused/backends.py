@@ -151,7 +151,19 @@ _ADAFISHER: dict[str, op_contract.AdaFisherOps] = {}  # a plain dict, as _FUSED
 
 
 def adafisher_available(name: str) -> bool:
-    """Whether backend `name` has the AdaFisher kernels ([note: the AdaFisher op contract])."""
+    """Whether backend `name` has the AdaFisher kernels ([note: the AdaFisher op contract]);
+    asked for every parameter on every step, so answered once per backend (and emulation)."""
+    key = (name, _ext.CUDA_EMULATE)
+    found = _AVAILABLE.get(key)
+    if found is None:
+        found = _AVAILABLE[key] = _adafisher_available(name)
+    return found
+
+
+_AVAILABLE: dict[tuple[str, bool], bool] = {}
+
+
+def _adafisher_available(name: str) -> bool:
     if name == "reference":
         return True
     if name == "triton":

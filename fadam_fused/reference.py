@@ -675,3 +675,58 @@ class AdaFisherReference:
                 m.mul_(self.beta).add_(g + wd * param, alpha=1 - self.beta)
                 param.add_(m / f, alpha=-self.lr / bc)
         self.calls += 1
+
+
+# ---- bfloat16 stochastic rounding ---------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(a: Tensor, b: int) -> Tensor:
+    """(a * b) mod 2^32 for int64 tensors of uint32 values, without int64 overflow: the 16-bit
+    halves of a times b stay below 2^48."""
+    low, high = a & 0xFFFF, a >> 16
+    return (low * b + (((high * b) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser (op_contract's [note: stochastic rounding])."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def rounding_bits(seed: int, step: Tensor, index: Tensor, stream: int) -> Tensor:
+    """16 random bits (int64 in [0, 65536)) per element, from (seed, step, the element's index in
+    the logical tensor, stream: 0 the parameter, 1 the momentum), as every backend draws them."""
+    h = torch.full_like(index, seed & _MASK32)
+    t = step.to(device=index.device, dtype=torch.int64).reshape(()) & _MASK32
+    h = _fmix32(h ^ t)
+    h = _fmix32(h ^ (index & _MASK32))
+    h = _fmix32(h ^ (index >> 32) ^ ((stream * 0x9E3779B9) & _MASK32))
+    return h >> 16
+
+
+def logical_index(numel: int, base: int, inner_local: int, inner_global: int,
+                  device: torch.device) -> Tensor:
+    """The logical index of each element of a tensor's local block in memory order: base +
+    (e // inner_local) * inner_global + e % inner_local (op_contract's [note: stochastic
+    rounding]; a whole tensor: base 0, inner_local = inner_global)."""
+    e = torch.arange(numel, dtype=torch.int64, device=device)
+    if inner_local <= 0:
+        return e + base
+    return base + (e // inner_local) * inner_global + e % inner_local
+
+
+def round_bf16_stochastic(x: Tensor, bits: Tensor) -> Tensor:
+    """float32 `x` to bfloat16, rounding the magnitude up with probability equal to the
+    fraction of a bfloat16 ulp that x lies above its truncation: the 16 random `bits` are added
+    to x's low 16 bits and the sum truncated. NaN and inf round to nearest (unchanged)."""
+    x = x.to(torch.float32)
+    u = x.view(torch.int32).to(torch.int64) & _MASK32
+    rounded = ((u + bits) & _MASK32) >> 16 << 16
+    rounded = torch.where(rounded >= 1 << 31, rounded - (1 << 32), rounded).to(torch.int32)
+    out = rounded.view(torch.float32).to(torch.bfloat16)
+    return torch.where(torch.isfinite(x), out, x.to(torch.bfloat16))
