@@ -20,11 +20,21 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+
+# The extension is compiled against the torch it will run with, which must be installed first
+# (and the build not isolated from it: `pip install --no-build-isolation -e .`).
+try:
+    import torch  # noqa: F401
+except ImportError as exc:
+    sys.exit(f"fadam_fused: building needs torch installed first ({exc}). Install torch 2.11 or "
+             f"newer for your platform (`pip install torch`; see pytorch.org for CUDA builds), "
+             f"then `pip install --no-build-isolation -e .` in this folder.")
 
 
 def _truthy(name):
