@@ -1,7 +1,10 @@
 """The char-level language model of train_char_lm.py, sharded with FSDP2 and trained with FAdam.
 
-    torchrun --nproc_per_node 2 examples/train_fsdp.py            # CPU (gloo), or GPUs (nccl)
-    torchrun --nproc_per_node 2 examples/train_fsdp.py --steps 5  # a smoke run
+    .venv/bin/torchrun --nproc_per_node 2 examples/train_fsdp.py            # CPU (gloo), or GPUs (nccl)
+    .venv/bin/torchrun --nproc_per_node 2 examples/train_fsdp.py --steps 5  # a smoke run
+
+(`torchrun` is `python -m torch.distributed.run` of the Python that has torch: `.venv/bin/` after
+`make test` or `make bench`.)
 
 Each rank holds a shard of every parameter and of its FAdam state (momentum, fim) and trains on
 its own batches. FAdam needs nothing FSDP-specific: given DTensor parameters it all-reduces the
@@ -41,8 +44,8 @@ def main(argv=None) -> int:
     # what FSDP2 warns about on every forward.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     if "RANK" not in os.environ:
-        raise SystemExit("run me with torchrun, e.g. torchrun --nproc_per_node 2 "
-                         "examples/train_fsdp.py")
+        raise SystemExit(f"run me with torchrun, e.g. {sys.executable} -m torch.distributed.run "
+                         f"--nproc_per_node 2 {' '.join(sys.argv)}")
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(
         os.environ["LOCAL_WORLD_SIZE"])
     if use_cuda:
