@@ -13,7 +13,7 @@
 # Exits non-zero when the build fails, a test fails or errors, or the benchmark wrote nothing.
 #
 # Environment (the Makefile passes its variables): GPU_OUT, GPU_PYTHON, GPU_TESTS, MAX_JOBS,
-# TORCH_CUDA_ARCH_LIST (default: the local GPU's compute capability plus 8.0 and 9.0, which
+# GPU_BUILD_STAMP (removed when it builds), TORCH_CUDA_ARCH_LIST (default: the local GPU's compute capability plus 8.0 and 9.0, which
 # tests/test_cuda_build.py checks).
 # FADAM_GPU_CHECK_DRY_RUN=1 (tests/test_gpu_check.py, on machines without a GPU): the GPU is
 # faked, the build is only printed, GPU_DRY_RUN_TESTS (a few CPU tests) replace GPU_TESTS and
@@ -103,6 +103,8 @@ if [ -n "$DRY" ]; then
     say "dry run: not building; the build would be: ${build[*]}"
 else
     say "building for TORCH_CUDA_ARCH_LIST=$archs with $jobs jobs"
+    # The in-place build replaces .venv's: make test / make bench must rebuild theirs.
+    [ -n "${GPU_BUILD_STAMP:-}" ] && rm -f "$GPU_BUILD_STAMP"
     if ! "${build[@]}"; then
         echo "== gpu-check summary ==" > "$OUT/summary.txt"
         echo "build: FAILED, nothing was run ($OUT/log.txt has the compiler output)" >> "$OUT/summary.txt"
