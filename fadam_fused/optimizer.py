@@ -742,8 +742,11 @@ def run_step(buckets: Sequence[Bucket | PhaseRunner], *, grad_scale: Tensor | No
             for i, (param, grad, m, f, step) in enumerate(zip(
                     bucket.params, bucket.grads, bucket.momentums, bucket.fims, bucket.steps)):
                 whole = {} if bucket.shards is None else bucket.shards.reference_args(i)
+                # A shallow dict of the fields: dataclasses.asdict deep-copies them (a copy of a
+                # tensor lr every step), and torch 2.11's dynamo cannot trace copy.deepcopy.
+                hyper = {field.name: getattr(h, field.name) for field in dataclasses.fields(h)}
                 reference.update_tensor(param, grad, m, f, step, skip, grad_scale=scale,
-                                        **dataclasses.asdict(h), **whole)
+                                        **hyper, **whole)
         else:
             ops = backends.fused(bucket.backend)
             lr_tensor, lr = _lr_args(h.lr, bucket.device)
