@@ -243,12 +243,17 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
                 "| row | median ms | p20 | p80 | B/param | GB/s | x adam-fused | paired | state B/param |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in default:
+            if r["status"] == "unavailable":  # listed once, under the table
+                continue
             if r["status"] != "ok":
                 out.append(f"| {r['row']} | not run: {r['reason']} | | | | | | | |")
                 continue
             cells = _cells(r)
             del cells[3]  # n: the markdown table leaves it out
             out.append(f"| {r['row']} | " + " | ".join(cells) + " |")
+        absent = {r["row"]: r["reason"] for r in results if r["status"] == "unavailable"}
+        if absent:
+            out += ["", "Not run here: " + "; ".join(f"{row} ({why})" for row, why in absent.items())]
     clip = clip_lines(results)
     if clip:
         out += [""] + [f"- {line}" for line in clip]
