@@ -2,6 +2,7 @@
 # make test  : set up .venv, build the extension, run the test suite
 # make gpu-check : on a machine with an NVIDIA GPU, with the torch it has (installs nothing): build
 #              for it, run every GPU test and the quick benchmark on cuda, print a summary
+# make test-torch211 : build and test with torch 2.11.0, the oldest supported, in .venv-torch211
 #
 # Set-up is idempotent: the venv is made once from requirements-dev.txt, and the extension is
 # rebuilt only when csrc/, setup.py or the requirements change. The build includes the CUDA
@@ -26,7 +27,7 @@ export FADAM_HIP_CPU ?= $(if $(wildcard $(HIP_CPU_DIR)/include/hip/hip_runtime.h
 
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: test bench bench-quick build clean gpu-check
+.PHONY: test bench bench-quick build clean gpu-check test-torch211
 
 # The bench requirements too: tests/test_bench_smoke.py runs the benchmark and the example.
 test: $(BUILT) $(BENCH_DEPS)
@@ -56,8 +57,8 @@ $(BUILT): $(DEPS) $(SOURCES)
 # gpu-check runs bench/gpu_check.sh (its header says what it needs and writes). It installs
 # nothing: no venv, no pip; it takes PYTHON when given (make gpu-check PYTHON=python3), else the
 # first python3 whose torch has CUDA, builds the extension in place for the local GPU and writes
-# summary.txt, tests.xml, bench.json and log.txt under GPU_OUT. The build stamp is removed so that
-# the next `make test` or `make bench` rebuilds for .venv's torch.
+# summary.txt, tests.xml, bench.json and log.txt under GPU_OUT. Its build removes .venv's build
+# stamp (GPU_BUILD_STAMP) so that the next `make test` or `make bench` rebuilds for .venv's torch.
 # GPU_TESTS: every test file with GPU tests (tests/test_gpu_check.py checks that none is missing);
 # the NCCL ones need 2 and 4 GPUs and say so when skipped.
 GPU_TESTS := tests/test_cuda.py tests/test_cuda_build.py tests/test_triton_ops.py \
@@ -69,10 +70,33 @@ GPU_DRY_RUN_TESTS ?= tests/test_gpu_check_summary.py
 given = $(if $(filter command line environment environment override,$(origin $(1))),$($(1)))
 
 gpu-check:
-	rm -f $(BUILT)
-	GPU_OUT="$(GPU_OUT)" GPU_TESTS="$(GPU_TESTS)" GPU_DRY_RUN_TESTS="$(GPU_DRY_RUN_TESTS)" \
+	@GPU_OUT="$(GPU_OUT)" GPU_TESTS="$(GPU_TESTS)" GPU_DRY_RUN_TESTS="$(GPU_DRY_RUN_TESTS)" \
+	    GPU_BUILD_STAMP="$(BUILT)" \
 	    GPU_PYTHON="$(call given,PYTHON)" MAX_JOBS="$(call given,MAX_JOBS)" \
 	    TORCH_CUDA_ARCH_LIST="$(call given,TORCH_CUDA_ARCH_LIST)" bash bench/gpu_check.sh
+
+# The oldest supported torch, 2.11.0 (the GPU runners' build), in a venv of its own: it builds
+# and tests a copy of the sources under $(T211_VENV)/src, so that neither venv's build of
+# fadam_fused/_C*.so overwrites the other's. The CPU, emulated CUDA (with HIP-CPU) and, when a
+# toolkit is found, CUDA kernels, then the whole suite (CPU, Triton interpreted, CUDA emulated).
+T211_VENV ?= .venv-torch211
+T211_PY   := $(abspath $(T211_VENV))/bin/python
+T211_SRC  := $(T211_VENV)/src
+T211_DEPS := $(T211_VENV)/.deps-stamp
+T211_TREE := csrc fadam_fused triton_kernels tests bench examples docs setup.py pyproject.toml README.md
+
+$(T211_DEPS): requirements-torch211.txt
+	test -x $(T211_PY) || $(PYTHON) -m venv $(T211_VENV)
+	$(T211_PY) -m pip install -q -r requirements-torch211.txt
+	touch $@
+
+test-torch211: $(T211_DEPS)
+	mkdir -p $(T211_SRC)
+	cd $(T211_SRC) && rm -rf $(T211_TREE)
+	# tar keeps the files' times, so ninja rebuilds only what changed since the last run
+	tar -c --exclude='*.so' --exclude=__pycache__ --exclude=bench/results $(T211_TREE) | tar -x -C $(T211_SRC)
+	cd $(T211_SRC) && $(T211_PY) setup.py -q build_ext --inplace
+	cd $(T211_SRC) && $(T211_PY) -m pytest -q -rs -p no:cacheprovider tests
 
 clean:
 	rm -rf build *.egg-info fadam_fused/_C*.so $(BUILT)

@@ -41,7 +41,8 @@ def sandbox(tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("FADAM_GPU_CHECK_DRY_RUN", "GPU_OUT", "PYTHON", "MAKEFLAGS", "MFLAGS")}
+           if k not in ("FADAM_GPU_CHECK_DRY_RUN", "GPU_OUT", "PYTHON", "MAKEFLAGS", "MFLAGS",
+                        "TORCH_CUDA_ARCH_LIST")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHONPATH=str(py_dir), PIP_NO_INDEX="1")
     return env, calls
 
