@@ -83,7 +83,8 @@ T211_VENV ?= .venv-torch211
 T211_PY   := $(abspath $(T211_VENV))/bin/python
 T211_SRC  := $(T211_VENV)/src
 T211_DEPS := $(T211_VENV)/.deps-stamp
-T211_TREE := csrc fadam_fused triton_kernels tests bench examples docs setup.py pyproject.toml README.md
+T211_TREE := csrc fadam_fused triton_kernels tests bench examples docs setup.py pyproject.toml \
+             README.md Makefile requirements-dev.txt requirements-bench.txt
 
 $(T211_DEPS): requirements-torch211.txt
 	test -x $(T211_PY) || $(PYTHON) -m venv $(T211_VENV)
