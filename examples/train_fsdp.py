@@ -1,8 +1,12 @@
 """The char-level language model of train_char_lm.py, sharded with FSDP2 and trained with FAdam
 or FAdafactor.
 
-    torchrun --nproc_per_node 2 examples/train_fsdp.py                          # CPU (gloo) or GPUs
-    torchrun --nproc_per_node 2 examples/train_fsdp.py --optimizer fadafactor --steps 50 --compare
+    .venv/bin/torchrun --nproc_per_node 2 examples/train_fsdp.py            # CPU (gloo), or GPUs
+    .venv/bin/torchrun --nproc_per_node 2 examples/train_fsdp.py --optimizer fadafactor \
+        --steps 50 --compare                                                   # vs one process
+
+(`torchrun` is `python -m torch.distributed.run` of the Python that has torch: `.venv/bin/` after
+`make test` or `make bench`.)
 
 Each rank holds a shard of every parameter and of its optimizer state (momentum, and fim or
 FAdafactor's row and column sums) and trains on its own batches. The optimizers need nothing
@@ -51,8 +55,8 @@ def main(argv=None) -> int:
     # what FSDP2 warns about on every forward.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     if "RANK" not in os.environ:
-        raise SystemExit("run me with torchrun, e.g. torchrun --nproc_per_node 2 "
-                         "examples/train_fsdp.py")
+        raise SystemExit(f"run me with torchrun, e.g. {sys.executable} -m torch.distributed.run "
+                         f"--nproc_per_node 2 {' '.join(sys.argv)}")
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(
         os.environ["LOCAL_WORLD_SIZE"])
     if use_cuda:

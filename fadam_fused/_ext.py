@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -30,6 +31,13 @@ def _load() -> str | None:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.fadam_fused.*)
     except ImportError as exc:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not any(os.path.exists(os.path.join(here, "_C" + suffix))
+                   for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+            # Python's own message for a missing submodule of a package that is still importing
+            # blames "a circular import", which sends people looking for the wrong thing.
+            return (f"fadam_fused._C could not be imported: it is not built (no "
+                    f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]} in {here}). {_BUILD_HINT}")
         return f"fadam_fused._C could not be imported ({exc}). {_BUILD_HINT}"
     return None
 
