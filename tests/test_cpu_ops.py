@@ -141,7 +141,7 @@ def test_clip_off_phase_a_writes_no_slot_and_still_checks_gradients(fuse):
                                        torch.tensor([0.1, 0.2])],
                          ids=["int64", "float16", "two-elements"])
 def test_lr_tensor_must_be_one_float32_or_float64_element(lr_tensor):
-    # The rule of the CUDA and Triton launchers too (step_scalars() in csrc/fadam_ops.h); the
+    # The rule of the CUDA and Triton launchers too (describe() in csrc/op_boundary.h); the
     # optimizer converts other float dtypes before the call. A refused call changes nothing.
     params, grads, fims, moms, steps, partials = _group()
     before = [t.clone() for t in params + fims + moms]
