@@ -15,15 +15,16 @@
 //   total by the local numel, so a sharded parameter's wrapper scales the all-reduced sums by
 //   local_numel / global_numel to get the RMS of the whole logical tensor (docs/design.md
 //   section 7).
-// clip: <= 0 turns clipping off. Phase A then only checks the gradients for non-finite values
-//   (reads g: 4 B/param) and writes no slot; phase B reads no slot (s1 = s2 = 1) and a one-chunk
+// clip: <= 0 turns clipping off. Phase A then only checks the gradients ([note: the overflow
+//   rule] in fadam_math.h; reads g: 4 B/param) and writes no slot; phase B reads no slot (s1 = s2 = 1) and a one-chunk
 //   tensor skips its reduction pass. partials keeps its [n_slots, 2] shape either way.
 // fuse_one_chunk: when true, a tensor with nchunks == 1 is done entirely in phase B (both phases
 //   in one block, the data re-read from cache: one HBM pass); phase A then leaves its slot unwritten
-//   and reads only its gradient, for the non-finite check. A sharded wrapper passes false.
-// skip: float32, one element. Phase A stores 1 into it when a gradient holds a NaN or inf (it never
-//   stores 0: the caller zeroes it, or seeds it with GradScaler's found_inf). Phase B is a no-op
-//   when skip != 0, so a non-finite gradient leaves parameters and state bit-identical.
+//   and reads only its gradient, for the overflow check. A sharded wrapper passes false.
+// skip: float32, one element. Phase A stores 1 into it when a scaled gradient's float32 square is
+//   not finite: NaN, inf or |g| >= 1.845e19 ([note: the overflow rule]). It never stores 0 (the
+//   caller zeroes it, or seeds it with GradScaler's found_inf). Phase B is a no-op when
+//   skip != 0, so a skipped step leaves parameters and state bit-identical.
 // steps: float32 0-dim tensors on the parameters' device, already incremented for this step (t >= 1).
 // grad_scale: optional float32 one-element tensor; gradients are divided by it in registers (never
 //   written back). maximize negates the gradient in registers too.

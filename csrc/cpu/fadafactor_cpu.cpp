@@ -51,8 +51,11 @@ inline void store_padded(scalar_t* ptr, fVec v, int64_t count) {
 // ---- phase S ------------------------------------------------------------------------------------
 
 // One tile's partial sums of g^2: row r's over the tile's columns into row_out[r], column c's over
-// the tile's rows into col_out[c]. Squares are float64 (g^2 of a finite float32 never overflows
-// there). Returns false when a gradient is not finite: its row sum is then inf or NaN.
+// the tile's rows into col_out[c]. Squares are float64, exact (24-bit mantissas), so float32's
+// g * g is the square rounded to float32. Returns false when one of them is not finite ([note:
+// the overflow rule] in fadam_math.h): the row total is at least each of its squares (sums of
+// non-negative terms round monotonically), so only a row whose total is not finite in float32
+// (NaN, or >= 3.4e38: rare) can hold one, and only such a row is read again element by element.
 template <typename scalar_t>
 bool tile_sums(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                float mul, double* row_out, double* col_out) {
@@ -80,7 +83,11 @@ bool tile_sums(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, int64_t 
       total += a;
     }
     row_out[r] = total;
-    finite = finite && std::isfinite(total);
+    if (!factor_ok(static_cast<float>(total))) {
+      for (c = c0; c < c1; ++c) {
+        finite = finite && !overflows(static_cast<float>(row[c]) * mul);
+      }
+    }
   }
   return finite;
 }
@@ -106,7 +113,7 @@ void phase_s(const LaunchDesc& d) {
   }
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
-  std::atomic<bool> any_nonfinite{false};
+  std::atomic<bool> overflow{false};
   dispatch(d.dtype, d.p, [&]<typename scalar_t, bool>() {
     for_each_item(items, [&](const Item& it) {
       const FactorTile& t = tiles[it.tensor];
@@ -120,13 +127,10 @@ void phase_s(const LaunchDesc& d) {
                       b * t.rows * t.cols;
       if (!tile_sums(g, t.cols, r0, r1, c0, c1, mul, base + tc * t.rows,
                      base + t.col_tiles() * t.rows + tr * t.cols + c0)) {
-        any_nonfinite.store(true, std::memory_order_relaxed);
+        overflow.store(true, std::memory_order_relaxed);
       }
     });
   });
-  if (any_nonfinite.load()) {
-    *d.skip = 1.0f;
-  }
 
   // The combine: one item per matrix, its partials added in tile order.
   std::vector<Item> matrices;
@@ -148,26 +152,24 @@ void phase_s(const LaunchDesc& d) {
     float* new_r = out + off.factors[it.tensor] + b * t.factors_per_matrix();
     float* new_c = new_r + t.rows;
     float* norm = new_c + t.cols;
-    double total = 0.0;
-    for (int64_t r = 0; r < t.rows; ++r) {
-      double s = 0.0;
-      for (int64_t k = 0; k < t.col_tiles(); ++k) {
-        s += rows_p[k * t.rows + r];
-      }
-      new_r[r] = factor_update(old_r[r], s, b2hat);
-      total += static_cast<double>(new_r[r]);
+    const bool rows_ok =
+        combine_factors<int64_t>(rows_p, t.rows, t.col_tiles(), old_r, new_r, b2hat, 0, 1);
+    const bool cols_ok =
+        combine_factors<int64_t>(cols_p, t.cols, t.row_tiles(), old_c, new_c, b2hat, 0, 1);
+    if (!(rows_ok && cols_ok)) {
+      overflow.store(true, std::memory_order_relaxed);
     }
-    for (int64_t c = 0; c < t.cols; ++c) {
-      double s = 0.0;
-      for (int64_t k = 0; k < t.row_tiles(); ++k) {
-        s += cols_p[k * t.cols + c];
-      }
-      new_c[c] = factor_update(old_c[c], s, b2hat);
+    double total = 0.0;  // sum R, in row order
+    for (int64_t r = 0; r < t.rows; ++r) {
+      total += static_cast<double>(new_r[r]);
     }
     for (int64_t r = 0; r < t.rows; ++r) {
       norm[r] = row_norm(new_r[r], total);
     }
   });
+  if (overflow.load()) {
+    *d.skip = 1.0f;
+  }
 }
 
 // ---- phases A and B -----------------------------------------------------------------------------
@@ -244,7 +246,7 @@ void phase_a(const LaunchDesc& d) {
 
 void phase_b(const LaunchDesc& d) {
   if (d.empty() || *d.skip != 0.0f) {
-    return;  // a non-finite gradient anywhere skips the whole step (docs/design.md, section 6)
+    return;  // phase S or A found an overflow anywhere: the whole step is skipped
   }
   const Consts c(d.s);
   const float lr = lr_of(d.s.lr_ptr, d.s.lr_is_double, d.s.lr);

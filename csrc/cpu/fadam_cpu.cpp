@@ -161,19 +161,21 @@ struct Lanes {
 };
 
 // Phase A of one chunk: (sum ghat^2, sum w^2) over [begin, end) into sums[0..1], by blocks of
-// kBlockVectors vectors in element order (SumSq); returns false if a gradient is not finite. With
-// kKeep (phase B of a fused tensor, [note: CPU fused one-chunk tensors]) it also stores the new f
-// in place and r = 1/d into rbuf[i - begin]; the sums are the same bits either way.
+// kBlockVectors vectors in element order (SumSq); returns false if a gradient's square is not
+// finite ([note: the overflow rule] in fadam_math.h). With kKeep (phase B of a fused tensor,
+// [note: CPU fused one-chunk tensors]) it also stores the new f in place and r = 1/d into
+// rbuf[i - begin]; the sums are the same bits either way.
 //
-// Non-finite gradients: g - g is NaN exactly when g is inf or NaN, so a subtract and an add per
-// vector (on the add pipes, which these loops leave idler than the multiply pipes) detect one
-// while the data is in registers anyway (docs/design.md section 6), and all_zero() reads the
-// accumulator once per chunk. check_chunk() does the same on the gradient alone.
+// The overflow rule: overflow_probe(g) = g * g - g * g is NaN exactly when g * g is inf or NaN,
+// and the square is fim_update()'s own (the compiler computes it once), so a subtract and an add
+// per vector (on the add pipes, which these loops leave idler than the multiply pipes) check it
+// while the data is in registers anyway, and all_zero() reads the accumulator once per chunk.
+// check_chunk() does the same on the gradient alone.
 template <typename scalar_t, bool kSqrt, bool kKeep = false>
 inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const Consts& c,
                          double* sums, float* rbuf = nullptr) {
   const fVec b2hat(t.fc.b2hat), omb2(t.fc.one_minus_b2hat), zero(0.f);
-  fVec nonfinite(0.f);
+  fVec overflow(0.f);
   SumSq s_ghat, s_w;
   // The ragged tail: padded lanes add nothing to the sums (see Lanes).
   const auto valid = [&](fVec v, int64_t count) {
@@ -183,7 +185,7 @@ inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const 
     Lanes<scalar_t, /*kF=*/true, /*kM=*/false> x;
     x.load(t, i, count, c);
     if constexpr (!kKeep) {
-      nonfinite = nonfinite + (x.g - x.g);  // phase B runs only when phase A found none
+      overflow = overflow + overflow_probe(x.g);  // phase B runs only when phase A found none
     }
     const fVec f = fim_update(x.f, x.g, b2hat, omb2);
     const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
@@ -223,22 +225,20 @@ inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const 
   }
   sums[0] = s_ghat.total();
   sums[1] = s_w.total();
-  return all_zero(nonfinite);
+  return all_zero(overflow);
 }
 
-// Phase A of a fused one-chunk tensor, or of any chunk with clipping off: only the non-finite
-// check, so only the gradient is read (4 B per float32 element; Lanes::load would read f and theta
-// too). The chunk is read as kStreams quarters walked side by side: one sequential stream per
+// Phase A of a fused one-chunk tensor, or of any chunk with clipping off: only the overflow check
+// (one multiply more per vector than a finiteness check: free, the loop waits on memory), so
+// only the gradient is read (4 B per float32 element; Lanes::load would read f and theta too).
+// The chunk is read as kStreams quarters walked side by side: one sequential stream per
 // thread left read bandwidth unused, and four streams took 5-8% less time (bench/NOTES.md). The
 // reduction and update loops read 3-4 streams already.
 template <typename scalar_t>
 inline bool check_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const Consts& c) {
   constexpr int64_t kStreams = 4;
   const auto* g = static_cast<const scalar_t*>(t.grad);
-  const auto add_check = [&](fVec& acc, fVec x) {
-    const fVec v = c.scale_grad(x);
-    acc = acc + (v - v);
-  };
+  const auto add_check = [&](fVec& acc, fVec x) { acc = acc + overflow_probe(c.scale_grad(x)); };
   const int64_t quarter = (end - begin) / (kStreams * kLanes) * kLanes;
   std::array<fVec, kStreams> acc;
   acc.fill(fVec(0.f));
@@ -247,21 +247,21 @@ inline bool check_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const C
       add_check(acc[k], load_float(g + i + k * quarter));
     }
   }
-  fVec nonfinite(0.f);
+  fVec overflow(0.f);
   for (const fVec& a : acc) {
-    nonfinite = nonfinite + a;
+    overflow = overflow + a;
   }
   // The rest: fewer than kStreams * kLanes elements.
   for_each_vector(begin + kStreams * quarter, end, [&](int64_t i, int64_t count) {
     if (count == kLanes) {
-      add_check(nonfinite, load_float(g + i));
+      add_check(overflow, load_float(g + i));
     } else {
       alignas(64) scalar_t buf[kLanes] = {};
       std::memcpy(buf, g + i, count * sizeof(scalar_t));
-      add_check(nonfinite, load_float(buf));
+      add_check(overflow, load_float(buf));
     }
   });
-  return all_zero(nonfinite);
+  return all_zero(overflow);
 }
 
 // Phase B of one chunk: the new f (the same calls as reduce_chunk, so bitwise the same f), then
@@ -340,7 +340,7 @@ void phase_a(const LaunchDesc& d) {
   });
   const auto ptrs = make_ptrs(d);
   const Consts consts(d.s);
-  std::atomic<bool> any_nonfinite{false};
+  std::atomic<bool> any_overflow{false};
   dispatch(d.dtype, d.p, [&]<typename scalar_t, bool kSqrt>() {
     for_each_item(items, [&](const Item& it) {
       const TensorPtrs& t = ptrs[it.tensor];
@@ -351,18 +351,18 @@ void phase_a(const LaunchDesc& d) {
                               ? check_chunk<scalar_t>(t, begin, end, consts)
                               : reduce_chunk<scalar_t, kSqrt>(t, begin, end, consts, slot);
       if (!finite) {
-        any_nonfinite.store(true, std::memory_order_relaxed);
+        any_overflow.store(true, std::memory_order_relaxed);
       }
     });
   });
-  if (any_nonfinite.load()) {
+  if (any_overflow.load()) {
     *d.skip = 1.0f;
   }
 }
 
 void phase_b(const LaunchDesc& d) {
   if (d.empty() || *d.skip != 0.0f) {
-    return;  // A non-finite gradient anywhere skips the whole step (docs/design.md section 6).
+    return;  // phase A found an overflow anywhere: the whole step is skipped
   }
   const float lr_f = lr_of(d.s.lr_ptr, d.s.lr_is_double, d.s.lr);
   const bool clipping = d.s.clipping;

@@ -13,10 +13,11 @@
 //   tree and lane 0 stores the row's partial. Each lane also keeps its columns' sums over the
 //   warp's rows in registers; the 16 warps' column sums are added in warp order through shared
 //   memory. Reads g once, coalesced (a warp reads 32 consecutive elements of a row). Sets skip
-//   when a row sum is not finite (a non-finite gradient).
+//   when a g * g is not finite ([note: the overflow rule] in fadam_math.h).
 // - combine_kernel (phase S): one block per matrix (also for empty ones, whose R or C still
 //   decays). Adds each row's (column's) tile partials in tile order, stores the new R and C
 //   (factor_update) and, after sum R (each thread's rows in order, then a fixed tree), R / sum R.
+//   Sets skip when a new R_i or C_j is not finite in float32 (the overflow rule).
 //   It needs every tile of its matrix, hence a second launch (docs/design.md, section 8).
 // - phase_a_kernel / phase_b_kernel: FAdam's (tensor, chunk) blocks, slots and fused one-chunk
 //   rule, through the per-chunk loops of kernel_common.cuh with f = (R_q / sum R) C_j
@@ -31,7 +32,6 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -169,8 +169,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tiles_kernel(const __gri
     for (int q = 0; q < kColsPerLane; ++q) {
       const int c = c0 + lane + 32 * q;
       if (c < c1) {
-        // g^2 in float64 from the float32 scaled g, as the CPU kernel: finite for every finite g.
-        const double x = static_cast<double>(static_cast<float>(row[c]) * grad_mul);
+        // g^2 in float64 from the float32 scaled g, as the CPU kernel (exact, 24-bit mantissas);
+        // the overflow rule is on the float32 g * g.
+        const float gf = static_cast<float>(row[c]) * grad_mul;
+        bad |= overflows(gf);
+        const double x = static_cast<double>(gf);
         sum += x * x;
         col_acc[q] += x * x;
       }
@@ -178,7 +181,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tiles_kernel(const __gri
     sum = warp_sum(sum);
     if (lane == 0) {
       row_out[r] = sum;
-      bad |= !(sum <= DBL_MAX);  // NaN or inf: a non-finite gradient in this row
     }
   }
 #pragma unroll
@@ -217,21 +219,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) combine_kernel(const __g
   float* new_r = t.factors[tensor] + b * m.factors;
   float* new_c = new_r + m.rows;
   float* norm = new_c + m.cols;
-  double total = 0.0, unused = 0.0;
-  for (int r = threadIdx.x; r < m.rows; r += kThreads) {
-    double sum = 0.0;
-    for (int k = 0; k < m.col_tiles; ++k) {
-      sum += row_parts[static_cast<int64_t>(k) * m.rows + r];
-    }
-    new_r[r] = factor_update(old_r[r], sum, b2hat);
-    total += static_cast<double>(new_r[r]);
+  const int first = static_cast<int>(threadIdx.x);
+  const bool rows_ok =
+      combine_factors(row_parts, m.rows, m.col_tiles, old_r, new_r, b2hat, first, kThreads);
+  const bool cols_ok =
+      combine_factors(col_parts, m.cols, m.row_tiles, old_c, new_c, b2hat, first, kThreads);
+  if (!(rows_ok && cols_ok)) {
+    *args.s.skip = 1.0f;  // every writer stores the same value; 0 is never stored
   }
-  for (int c = threadIdx.x; c < m.cols; c += kThreads) {
-    double sum = 0.0;
-    for (int k = 0; k < m.row_tiles; ++k) {
-      sum += col_parts[static_cast<int64_t>(k) * m.cols + c];
-    }
-    new_c[c] = factor_update(old_c[c], sum, b2hat);
+  double total = 0.0, unused = 0.0;
+  for (int r = first; r < m.rows; r += kThreads) {  // this thread's rows, in order
+    total += static_cast<double>(new_r[r]);
   }
   block_sum2(total, unused, scratch);
   if (threadIdx.x == 0) {
@@ -341,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) phase_a_kernel(const __g
   __syncthreads();
   const auto c = chunk_of<scalar_t>(args.t, tensor, chunk, args.s.chunk_size);
   double s1 = 0.0, s2 = 0.0;
-  bool unused = false;  // phase S has checked the gradients
+  bool unused = false;  // phase S has checked the gradients (the overflow rule)
   reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim, bs.grad_mul, args.s.p, args.s.eps_p, s1,
                       s2, unused);
   store_slot(s1, s2, args.s.partials + 2 * (args.t.slot0[tensor] + chunk), scratch);
@@ -349,7 +347,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) phase_a_kernel(const __g
 
 template <typename scalar_t, bool kSqrt>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) phase_b_kernel(const __grid_constant__ FactoredArgs args) {
-  // A non-finite gradient anywhere in the group skips the whole step (docs/design.md section 6).
+  // An overflow anywhere in the group skips the whole step ([note: the overflow rule]).
   if (*args.s.skip != 0.0f) {
     return;
   }

@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(con
   const auto c = chunk_ptrs<scalar_t>(args.t, tensor, chunk, args.s.chunk_size);
   bool bad = false;
   if (!args.s.clipping || (args.t.flags[tensor] & kFlagFused)) {
-    // Only the non-finite check: phase B reduces a fused tensor, and without clipping nothing
+    // Only the overflow check: phase B reduces a fused tensor, and without clipping nothing
     // needs the sums.
     check_frags(c.grad, c.n, c.vec, bs.grad_mul, bad);
   } else {
@@ -212,8 +212,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(con
 
 template <typename scalar_t, bool kSqrt>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(const __grid_constant__ FAdamArgs args) {
-  // A non-finite gradient anywhere in the group skips the whole step (docs/design.md section 6).
-  // Phase A ran earlier on this stream, so *skip is final; the branch is uniform over the block.
+  // An overflow anywhere in the group skips the whole step ([note: the overflow rule]). Phase A
+  // ran earlier on this stream, so *skip is final; the branch is uniform over the block.
   if (*args.s.skip != 0.0f) {
     return;
   }

@@ -203,7 +203,8 @@ __device__ __forceinline__ BlockScalars block_scalars(const HostScalars& s, cons
 // ff.at() on the same inputs, so phase A reduces the f that phase B applies, bit for bit.
 
 // Phase-A work on n elements: float64 sums of ghat^2 and w^2 (per thread, in fragment order) and
-// the non-finite check of the (scaled) gradient.
+// the overflow check of the scaled gradient ([note: the overflow rule] in fadam_math.h; its g * g
+// is fim_update()'s).
 template <bool kSqrt, typename scalar_t, typename Fim>
 __device__ __forceinline__ void reduce_frags(const scalar_t* grad, const scalar_t* param, int n,
                                              bool vec, const Fim& fim, float grad_mul, float p,
@@ -218,7 +219,7 @@ __device__ __forceinline__ void reduce_frags(const scalar_t* grad, const scalar_
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const float gj = g[j] * grad_mul;
-      bad |= !::isfinite(gj);
+      bad |= overflows(gj);
       const float r = fisher_inv_denom<kSqrt>(ff.at(j, gj), p, eps_p);
       if (kFull || j < count) {  // not the padding of a ragged fragment (fadam_cuda.cu header)
         const double ghat = static_cast<double>(gj * r);
@@ -230,7 +231,7 @@ __device__ __forceinline__ void reduce_frags(const scalar_t* grad, const scalar_
   });
 }
 
-// The non-finite check alone (phase A of a fused one-chunk tensor, or with clipping off).
+// The overflow check alone (phase A of a fused one-chunk tensor, or with clipping off).
 template <typename scalar_t>
 __device__ __forceinline__ void check_frags(const scalar_t* grad, int n, bool vec, float grad_mul,
                                             bool& bad) {
@@ -240,7 +241,7 @@ __device__ __forceinline__ void check_frags(const scalar_t* grad, int n, bool ve
     load_frag<decltype(full)::value>(g, grad + i, count, 0.0f);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      bad |= !::isfinite(g[j] * grad_mul);
+      bad |= overflows(g[j] * grad_mul);
     }
   });
 }
