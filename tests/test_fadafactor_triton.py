@@ -118,12 +118,12 @@ def test_state_dict_moves_across_backends(first, second):
 def test_per_tensor_path_matches_oracle_and_the_table_path_bitwise(monkeypatch, triton_chunk):
     """The traced path (torch.compile has no addresses: one launch per tensor, TABLE=False) runs
     the same programs as the table path: the same bits."""
-    from fadam_fused.triton_kernels import _ops
+    from fadam_fused.triton_kernels import launch
 
     triton_chunk(64)
     problem = make_problem(shapes=[(2, 5, 17), (3, 7), (0, 4), (4,)], steps=2)
     table, _, _ = run_fadafactor(problem, "triton", lr=1e-2)
-    monkeypatch.setattr(_ops, "_FORCE_PER_TENSOR", True)
+    monkeypatch.setattr(launch, "FORCE_PER_TENSOR", True)
     per_tensor = _check(problem, torch.float32, lr=1e-2)
     for a, b in zip(table, per_tensor):
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))

@@ -43,7 +43,7 @@ if TK is None:
     pytest.skip(_reason, allow_module_level=True)
 CHUNK = op_contract.CHUNK_SIZE["triton"]
 nchunks_of = op_contract.nchunks_of
-INTERPRET = TK._ops._INTERPRET
+INTERPRET = TK.INTERPRET
 DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels are compiled (TRITON_INTERPRET was not 1 when Triton was first "
@@ -281,9 +281,9 @@ def test_per_tensor_path_matches_table_path_bitwise(dtype, monkeypatch):
     traced = Run(init, dtype, device=DEVICE)
     for g in grads:
         table.step_triton(g, chunk_size=SMALL_CHUNK)
-        monkeypatch.setattr(TK._ops, "_FORCE_PER_TENSOR", True)
+        monkeypatch.setattr(TK.launch, "FORCE_PER_TENSOR", True)
         traced.step_triton(g, chunk_size=SMALL_CHUNK)
-        monkeypatch.setattr(TK._ops, "_FORCE_PER_TENSOR", False)
+        monkeypatch.setattr(TK.launch, "FORCE_PER_TENSOR", False)
     assert bitwise_equal(table, traced)
 
 
@@ -342,7 +342,7 @@ def test_nonfinite_parameter_stays_in_its_element(dtype, bad, monkeypatch):
     init[1][4] = bad
     grads = make_grads(shapes, 3, dtype)
     for per_tensor in (False, True):
-        monkeypatch.setattr(TK._ops, "_FORCE_PER_TENSOR", per_tensor)
+        monkeypatch.setattr(TK.launch, "FORCE_PER_TENSOR", per_tensor)
         fast, same, ref64 = trajectories(init, grads, dtype, chunk_size=SMALL_CHUNK,
                                          weight_decay=0.5, device=DEVICE)
         assert_close_to_oracle(fast, same, ref64, dtype, nan_params=True)
@@ -432,7 +432,7 @@ def test_phase_a_partials_slot_layout():
 @pytest.mark.parametrize("per_tensor", [False, True], ids=["table", "per-tensor"])
 def test_bad_inputs_raise_clear_errors(per_tensor, monkeypatch):
     # per-tensor: the launches torch.compile traces, which build no table but check the same.
-    monkeypatch.setattr(TK._ops, "_FORCE_PER_TENSOR", per_tensor)
+    monkeypatch.setattr(TK.launch, "FORCE_PER_TENSOR", per_tensor)
     shapes = [(10,), (5,)]
     run = Run(make_init(shapes), torch.float32, device=DEVICE)
     g = [t.to(DEVICE) for t in make_grads(shapes, 1, torch.float32)[0]]
@@ -498,7 +498,7 @@ def test_launch_count_independent_of_tensor_count(monkeypatch):
     """One launch per phase for 3 tensors and for 300; the second step reuses the cached device
     metadata (no rebuild, hence no host-to-device copy)."""
     counts = _count_launches(monkeypatch)
-    cache = TK._ops._TABLES
+    cache = TK.launch.TABLES
     seen = {}
     for n in (3, 300):
         shapes = [(1 + i % 7,) for i in range(n - 1)] + [(2 * SMALL_CHUNK + 5,)]
@@ -520,15 +520,15 @@ def test_launch_count_independent_of_tensor_count(monkeypatch):
 
 
 def test_captured_tables_outlive_the_lru_and_go_with_their_steps(monkeypatch):
-    """[note: Triton metadata tables] in triton_kernels/_ops.py: a table used while a CUDA graph
+    """[note: Triton metadata tables] in triton_kernels/launch.py: a table used while a CUDA graph
     is captured is read again at every replay. It stays (the same object and device memory)
     however many other tables pass through the LRU, as long as the step tensors it serves live,
     and is released with them. The interpreter has no graphs: capture is simulated."""
     _count_launches(monkeypatch)  # the launches are not executed: this is about the host side
-    cache = TK._ops._TABLES
+    cache = TK.launch.TABLES
     monkeypatch.setattr(cache, "entries", 4)
     capturing = [True]
-    monkeypatch.setattr(TK._ops, "_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(TK.launch, "capturing", lambda device: capturing[0])
     shapes = [(3,), (2 * SMALL_CHUNK + 5,)]
     grads = make_grads(shapes, 1, torch.float32)[0]
     run = Run(make_init(shapes), torch.float32, device=DEVICE)
@@ -560,7 +560,7 @@ def test_uncaptured_tables_go_with_their_steps(monkeypatch):
     """A table nobody captured also goes when its step tensors do, not only when the LRU drops
     it; the gradients are not owners (the default zero_grad frees them every step)."""
     _count_launches(monkeypatch)
-    cache = TK._ops._TABLES
+    cache = TK.launch.TABLES
     shapes = [(3,), (5,)]
     run = Run(make_init(shapes), torch.float32, device=DEVICE)
     before = set(cache.lru)
@@ -592,7 +592,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
     """Every specialization the optimizer can launch (the whole product: 144 per arch) compiles
     for sm_80 and sm_90 (Triton's compiler, no GPU), and the bundled `ptxas -v` reports no spill
     stores; the aligned float32 path of p = 0.5 (the default) uses 128-bit loads. The tile sizes
-    that keep it so: [note: Triton tuning constants] in triton_kernels/_ops.py. Compilation runs
+    that keep it so: [note: Triton tuning constants] in triton_kernels/launch.py. Compilation runs
     in subprocesses (the kernels here are interpreter functions), one per arch in parallel:
     about 2 minutes."""
     with ThreadPoolExecutor(2) as pool:

@@ -26,7 +26,7 @@ Kernels and their programs (one launch each, any number of tensors):
   f = (R_q / sum R) C_j is gathered from `factors` (n + m floats per matrix, from L1/L2). Phase B
   also copies each tensor's new R and C into fim_rows / fim_cols, a slice per program.
 
-Tables: every kernel takes one int64 metadata tensor (_fadafactor_ops.py) with the rows ROW_* per
+Tables: every kernel takes one int64 metadata tensor (launch.py) with the rows ROW_* per
 tensor, then the block maps, each entry (tensor << 32) | index; `blocks` is where this kernel's
 block map starts. Without a table (TABLE=False, the traced path) the *_in arguments are one
 tensor's operands and the program id is the index.
@@ -43,7 +43,7 @@ import triton.language as tl
 from . import _kernels as K
 
 # Per-tensor rows of the metadata tensor (row r, tensor t at meta[r * n_tensors + t]); operands a
-# phase does not take are 0 (never dereferenced). _fadafactor_ops._table writes this order.
+# phase does not take are 0 (never dereferenced). _fadafactor_ops._Call.table writes this order.
 (ROW_P, ROW_G, ROW_M, ROW_RS, ROW_CS, ROW_STEP, ROW_NUMEL, ROW_BATCH, ROW_ROWS, ROW_COLS,
  ROW_TILE_R, ROW_TILE_C, ROW_SLOT, ROW_FPART, ROW_FAC) = (tl.constexpr(i) for i in range(15))
 N_ROWS = 15

@@ -19,7 +19,7 @@ overflows float32 (max 3.4e38).
 Work decomposition. A group's tensors are cut into chunks of `chunk_size` elements; one program
 (CTA) owns one (tensor, chunk) pair, found by `_program_operands`, the one prologue of both kernels.
 In the eager path (TABLE=True) the program reads its tensor's addresses, numel and first
-partial-sum slot from one int64 metadata tensor ([note: Triton metadata tables] in _ops.py), so one
+partial-sum slot from one int64 metadata tensor ([note: Triton metadata tables] in launch.py), so one
 launch covers any number of tensors. Under torch.compile tracing there are no addresses
 (FakeTensors), so the host calls the same kernel per tensor with the tensors themselves as
 arguments (TABLE=False, program id = chunk).
@@ -45,7 +45,7 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 # Row layout of the metadata tensor, the same in both kernels: row r, tensor t is
 # meta[r * n_tensors + t]; phase B has one more row (momentums) after the six common ones; the
 # block map follows the rows, one int64 per program: (tensor index << 32) | chunk index.
-# _ops._table writes the rows in this order.
+# _ops._Call.table writes the rows in this order.
 ROW_P, ROW_G, ROW_F, ROW_STEP, ROW_NUMEL, ROW_SLOT, ROW_M = (tl.constexpr(i) for i in range(7))
 
 
@@ -292,7 +292,7 @@ def _sum_slots(partials, first, nslots, SLOT_BLOCK: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------
 # The two kernels. Argument conventions (the same leading operands in both, so one host launch
-# helper serves both: _ops._launch):
+# helper serves both: launch.run):
 #   TABLE=True:  meta (int64 [ROWS * n_tensors + n_programs]) holds addresses, numels, slots and
 #                the block map; the *_in arguments are None.
 #   TABLE=False: meta is None; the *_in arguments are this one tensor's operands, numel and first
