@@ -48,7 +48,7 @@ def launch_args(kernel, dtype=torch.float32, aligned=True, sqrt=True, gscale=Fal
     if kernel == "combine":
         return fk._combine_kernel, dict(
             **operands, factor_partials=torch.zeros(8, dtype=torch.float64), factors=t32(),
-            beta2=0.999, INTERPRET=False, C_BLOCK=fo.C_BLOCK, **common)
+            skip=t32(1), beta2=0.999, INTERPRET=False, C_BLOCK=fo.C_BLOCK, **common)
     elem = dict(factors=t32(), partials=torch.zeros(8, 2, dtype=torch.float64),
                 gscale=t32(1) if gscale else None, p=0.5, eps_p=1e-8, sign=1.0, chunk_size=chunk,
                 HAS_GSCALE=gscale, SQRT=sqrt, ALIGNED=aligned and table, INTERPRET=False,

@@ -22,7 +22,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fadam_fused import FAdafactor, backends, op_contract  # noqa: E402
-from fadam_testing import make_problem  # noqa: E402
+from fadam_testing import Problem, make_problem  # noqa: E402
 from fadafactor_testing import (assert_grad_scaler_inputs_work,  # noqa: E402
                                 assert_nonfinite_gradient_skips_the_step, assert_state_dict_moves,
                                 assert_trajectories_close, run_fadafactor, run_oracle64)
@@ -138,6 +138,58 @@ def test_nonfinite_gradient_skips_the_whole_step(bad):
                                              device=DEVICE)
 
 
+# [note: the gradient overflow rule] (triton_kernels/_kernels.py): phase S skips the step when a
+# gradient's float32 square, or a new row or column sum rounded to float32, is not finite.
+
+
+def _same_snapshot(a, b):
+    """Bit-identical parameters and state (a skipped step changes nothing)."""
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    for sa, sb in zip(a["state"], b["state"]):
+        assert sorted(sa) == sorted(sb)
+        assert all(torch.equal(sa[k], sb[k]) if k != "step" else sa[k] == sb[k] for k in sa)
+
+
+def test_row_sums_past_float32_max_skip_the_step():
+    """A (6, 9) gradient of 6e18 (squares 3.6e37, row sums 3.24e38 < FLT_MAX = 3.40e38, column
+    sums 2.16e38) at step 1 is a step like any other, as the oracle takes it. One of 1e19 at step
+    3 (each square, 1e38, fits float32; the new row sums, about 4.1e38, do not) skips the step:
+    everything stays as after step 2 and the skip is counted."""
+    problem = make_problem(shapes=[(6, 9), (4,)], steps=3)
+    problem.grads[0][0] = torch.full((6, 9), 6e18)
+    problem.grads[2][0] = torch.full((6, 9), 1e19)
+    fast, _, opt = run_fadafactor(problem, "triton", device=DEVICE, lr=1e-2)
+    ref64 = run_oracle64(Problem(problem.init, problem.grads[:2], problem.dtype), lr=1e-2)
+    assert_trajectories_close(fast[:2], ref64)
+    assert float(opt.skipped_steps) == 1.0
+    _same_snapshot(fast[2], fast[1])
+
+
+def test_column_sums_past_float32_max_skip_the_step(triton_chunk):
+    """(2000, 2) at 5e17: squares 2.5e35, row sums 5e35, column sums 5e38 > FLT_MAX at step 1
+    (new C = the sums): skipped, the state stays as made, and the next step is the oracle's
+    first. Chunk 64 makes 63 tiles of 32 x 2, whose partial column sums (8e36) all fit: only
+    their combination overflows."""
+    triton_chunk(64)
+    problem = make_problem(shapes=[(2000, 2), (3,)], steps=2)
+    problem.grads[0][0] = torch.full((2000, 2), 5e17)
+    fast, params, opt = run_fadafactor(problem, "triton", device=DEVICE, lr=1e-2)
+    assert float(opt.skipped_steps) == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(fast[0]["params"], problem.init))
+    state = fast[0]["state"][0]
+    assert state["step"] == 0.0 and not state["momentum"].any()
+    assert (state["fim_row"] == 1).all() and (state["fim_col"] == 1).all()
+    ref64 = run_oracle64(Problem(problem.init, problem.grads[1:], problem.dtype), lr=1e-2)
+    assert_trajectories_close(fast[1:], ref64)
+
+
+def test_gradient_whose_square_overflows_skips_in_phase_s():
+    """One element of 2e19 (square 4e38: inf in float32) at step 3, where (1 - b2hat) = 0.33
+    keeps its new row sum (about 1.3e38) finite: the element rule alone skips the step."""
+    assert_nonfinite_gradient_skips_the_step("triton", 2e19, [(6, 9), (4,)], (0, 2, 5),
+                                             device=DEVICE)
+
+
 def test_grad_scale_and_found_inf_as_gradscaler_sets_them():
     assert_grad_scaler_inputs_work("triton", device=DEVICE)
 
@@ -208,7 +260,7 @@ def _compile_report(arch):
 def test_kernels_compile_for_sm80_sm90_without_spills():
     """The four kernels in 29 specializations (every dtype; aligned, unaligned, pow, grad_scale,
     lr tensor, per-tensor) compile for sm_80 and sm_90 and ptxas reports no spills. Registers
-    (ptxas -v, Triton 3.8): tiles 48-80, combine 32-56, phase A 50-64, phase B 54-64; the bound
+    (ptxas -v, Triton 3.8): tiles 48-80, combine 40-64, phase A 50-64, phase B 54-64; the bound
     of 96 leaves 5 CTAs of 128 threads per SM. The aligned float32 p = 0.5 phases A and B use
     128-bit loads. About a minute."""
     with ThreadPoolExecutor(2) as pool:

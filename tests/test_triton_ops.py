@@ -328,6 +328,69 @@ def test_nonfinite_gradient_skips_whole_step(where, bad):
     assert all(same_bits(a, b) for a, b in zip(kept, grads))  # grads are never written
 
 
+# [note: the gradient overflow rule] (triton_kernels/_kernels.py): a finite gradient whose float32
+# square is not finite skips the step. 2^64 is the first float32 whose square rounds to inf; the
+# float32 just below it has a finite square.
+TWO_64 = 2.0 ** 64
+BELOW_TWO_64 = float(torch.nextafter(torch.tensor(TWO_64), torch.tensor(0.0)))
+
+OVERFLOW_CASES = {
+    # (tensor, element, gradient value, grad_scale, clip)
+    "multi_chunk": (0, 2050, 1e20, None, 1.0),         # phase A's reduction
+    "fused_one_chunk": (1, 4, -1e20, None, 1.0),       # phase A reads g alone
+    "multi_chunk_clip_off": (0, 4000, 1e20, None, 0.0),  # every tensor reads g alone
+    # 1e-10 / 1e-30 = 1e20, finite in float32 (a gradient of 1e10 would scale to 1e40 = inf,
+    # which the non-finite rule already catches).
+    "grad_scale": (2, 1399, 1e-10, 1e-30, 1.0),
+    "exactly_2^64": (0, 17, TWO_64, None, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERFLOW_CASES))
+def test_finite_gradient_whose_square_overflows_skips_whole_step(case):
+    """A finite float32 gradient of 1e20 (square 1e40) in one element skips the step, as a NaN
+    does: nothing is written, whichever phase-A path the tensor takes."""
+    i, j, value, grad_scale, clip = OVERFLOW_CASES[case]
+    shapes = [(4097,), (3, 7), (2, 700)]
+    run = Run(make_init(shapes), torch.float32, device=DEVICE)
+    scale = None if grad_scale is None else torch.tensor([grad_scale], device=DEVICE)
+    for g in make_grads(shapes, 2, torch.float32):
+        skip = run.step_triton(g, chunk_size=SMALL_CHUNK, clip=clip)
+        assert float(skip) == 0.0
+    before = [t.clone() for t in run.params + run.fims + run.moms + run.steps]
+    grads = make_grads(shapes, 1, torch.float32, seed=7)[0]
+    if grad_scale is not None:
+        grads = [g * grad_scale for g in grads]
+    grads[i].view(-1)[j] = value
+    assert torch.isfinite(grads[i]).all()
+    skip = run.step_triton(grads, chunk_size=SMALL_CHUNK, clip=clip, grad_scale=scale)
+    assert float(skip) == 1.0
+    after = run.params + run.fims + run.moms + run.steps
+    assert all(same_bits(a, b) for a, b in zip(before, after))
+
+
+def test_gradient_just_below_the_square_overflow_steps_like_the_oracle():
+    """1e19 (square 1e38) and the float32 just below 2^64 (square 3.4028232e38) are not skipped:
+    three steps in a multi-chunk and a fused one-chunk tensor match the oracle. Then 2^64 itself
+    (square 2^128 = inf in float32) skips the step and leaves every bit in place."""
+    shapes = [(4097,), (3, 7), (2, 700)]
+    init = make_init(shapes)
+    grads = make_grads(shapes, 3, torch.float32)
+    grads[0][0][[5, 3000]] = torch.tensor([1e19, -BELOW_TWO_64])
+    grads[0][1][1, 2] = BELOW_TWO_64
+    grads[1][2][1, 699] = -1e19
+    fast, same, ref64 = trajectories(init, grads, torch.float32, chunk_size=SMALL_CHUNK,
+                                     device=DEVICE)
+    assert_close_to_oracle(fast, same, ref64, torch.float32)
+    assert [float(s) for s in fast.steps] == [3.0, 3.0, 3.0]  # no step was skipped
+    before = [t.clone() for t in fast.params + fast.fims + fast.moms + fast.steps]
+    last = make_grads(shapes, 1, torch.float32, seed=5)[0]
+    last[1][0, 0] = TWO_64
+    assert float(fast.step_triton(last, chunk_size=SMALL_CHUNK)) == 1.0
+    after = fast.params + fast.fims + fast.moms + fast.steps
+    assert all(same_bits(a, b) for a, b in zip(before, after))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nonfinite_parameter_stays_in_its_element(dtype, bad, monkeypatch):

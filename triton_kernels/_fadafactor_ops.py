@@ -179,8 +179,9 @@ def triton_fadafactor_phase_s(
     grad_scale: Optional[Tensor], *, beta2: float, maximize: bool, chunk_size: int,
 ) -> None:
     """Phase S: per-tile float64 partial row and column sums of g^2, combined per matrix in tile
-    order into the new R, C and R / sum R (``factors``); 1.0 into ``skip`` on a non-finite
-    gradient. Reads grads, fim_rows, fim_cols, steps; writes no state."""
+    order into the new R, C and R / sum R (``factors``); 1.0 into ``skip`` where a gradient's
+    square or a new R or C is not finite in float32. Reads grads, fim_rows, fim_cols, steps;
+    writes no state."""
     # (Phase S has no eps, p or clip: host_scalars gets neutral ones for its beta2 and sign.)
     call = _Call("fadam_fused::triton_fadafactor_phase_s", "S", params,
                  dict(grads=grads, fim_rows=fim_rows, fim_cols=fim_cols, steps=steps),
@@ -199,7 +200,8 @@ def triton_fadafactor_phase_s(
             S_ROWS=max(1, S_BLOCK // tile_c), num_warps=launch.NUM_WARPS),
             blocks=True, aligned=False),
         launch.Kernel(FK._combine_kernel, dict(
-            factor_partials=factor_partials, factors=factors, beta2=h.beta2, DTYPE=dtype,
+            factor_partials=factor_partials, factors=factors, skip=skip, beta2=h.beta2,
+            DTYPE=dtype,
             INTERPRET=launch.INTERPRET, C_BLOCK=C_BLOCK, num_warps=launch.NUM_WARPS),
             blocks=True, aligned=False)])
 
