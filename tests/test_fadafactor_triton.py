@@ -22,10 +22,13 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fadam_fused import FAdafactor, backends, op_contract  # noqa: E402
-from fadam_testing import Problem, make_problem  # noqa: E402
-from fadafactor_testing import (assert_grad_scaler_inputs_work,  # noqa: E402
-                                assert_nonfinite_gradient_skips_the_step, assert_state_dict_moves,
-                                assert_trajectories_close, run_fadafactor, run_oracle64)
+from fadam_testing import make_problem  # noqa: E402
+from fadafactor_testing import (FACTOR_FITS, FACTOR_OVERFLOWS,  # noqa: E402
+                                assert_grad_scaler_inputs_work,
+                                assert_nonfinite_gradient_skips_the_step,
+                                assert_overflow_skips_like_nan, assert_state_dict_moves,
+                                assert_trajectories_close, overflow_problem, run_fadafactor,
+                                run_oracle64)
 from test_fadafactor_reference import edge_problem, embedding_problem  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,51 +142,30 @@ def test_nonfinite_gradient_skips_the_whole_step(bad):
 
 
 # [note: the gradient overflow rule] (triton_kernels/_kernels.py): phase S skips the step when a
-# gradient's float32 square, or a new row or column sum rounded to float32, is not finite.
+# gradient's float32 square, or a new row or column sum rounded to float32, is not finite. The
+# cases are every backend's (fadafactor_testing); chunk 64 cuts (6, 9) into 2 tiles and
+# (2000, 2) into 63, whose partial sums all fit: only the combined sums overflow.
 
 
-def _same_snapshot(a, b):
-    """Bit-identical parameters and state (a skipped step changes nothing)."""
-    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
-    for sa, sb in zip(a["state"], b["state"]):
-        assert sorted(sa) == sorted(sb)
-        assert all(torch.equal(sa[k], sb[k]) if k != "step" else sa[k] == sb[k] for k in sa)
-
-
-def test_row_sums_past_float32_max_skip_the_step():
-    """A (6, 9) gradient of 6e18 (squares 3.6e37, row sums 3.24e38 < FLT_MAX = 3.40e38, column
-    sums 2.16e38) at step 1 is a step like any other, as the oracle takes it. One of 1e19 at step
-    3 (each square, 1e38, fits float32; the new row sums, about 4.1e38, do not) skips the step:
-    everything stays as after step 2 and the skip is counted."""
-    problem = make_problem(shapes=[(6, 9), (4,)], steps=3)
-    problem.grads[0][0] = torch.full((6, 9), 6e18)
-    problem.grads[2][0] = torch.full((6, 9), 1e19)
-    fast, _, opt = run_fadafactor(problem, "triton", device=DEVICE, lr=1e-2)
-    ref64 = run_oracle64(Problem(problem.init, problem.grads[:2], problem.dtype), lr=1e-2)
-    assert_trajectories_close(fast[:2], ref64)
-    assert float(opt.skipped_steps) == 1.0
-    _same_snapshot(fast[2], fast[1])
-
-
-def test_column_sums_past_float32_max_skip_the_step(triton_chunk):
-    """(2000, 2) at 5e17: squares 2.5e35, row sums 5e35, column sums 5e38 > FLT_MAX at step 1
-    (new C = the sums): skipped, the state stays as made, and the next step is the oracle's
-    first. Chunk 64 makes 63 tiles of 32 x 2, whose partial column sums (8e36) all fit: only
-    their combination overflows."""
+@pytest.mark.parametrize("case", FACTOR_OVERFLOWS, ids=[c[0] for c in FACTOR_OVERFLOWS])
+def test_gradient_overflowing_squares_or_factors_skips_the_step(case, triton_chunk):
     triton_chunk(64)
-    problem = make_problem(shapes=[(2000, 2), (3,)], steps=2)
-    problem.grads[0][0] = torch.full((2000, 2), 5e17)
-    fast, params, opt = run_fadafactor(problem, "triton", device=DEVICE, lr=1e-2)
-    assert float(opt.skipped_steps) == 1.0
-    assert all(torch.equal(a, b) for a, b in zip(fast[0]["params"], problem.init))
-    state = fast[0]["state"][0]
-    assert state["step"] == 0.0 and not state["momentum"].any()
-    assert (state["fim_row"] == 1).all() and (state["fim_col"] == 1).all()
-    ref64 = run_oracle64(Problem(problem.init, problem.grads[1:], problem.dtype), lr=1e-2)
-    assert_trajectories_close(fast[1:], ref64)
+    _, shape, value, one_element = case
+    assert_overflow_skips_like_nan("triton", overflow_problem(shape, value, one_element),
+                                   device=DEVICE)
 
 
-def test_gradient_whose_square_overflows_skips_in_phase_s():
+@pytest.mark.parametrize("case", FACTOR_FITS, ids=[c[0] for c in FACTOR_FITS])
+def test_factors_just_under_the_overflow_are_not_skipped_and_match_oracle(case, triton_chunk):
+    triton_chunk(64)
+    _, shape, value, one_element = case
+    problem = overflow_problem(shape, value, one_element)
+    fast, _, opt = run_fadafactor(problem, "triton", device=DEVICE, lr=1e-2)
+    assert float(opt.skipped_steps) == 0.0
+    assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2))
+
+
+def test_gradient_whose_square_overflows_skips_in_phase_s_with_finite_sums():
     """One element of 2e19 (square 4e38: inf in float32) at step 3, where (1 - b2hat) = 0.33
     keeps its new row sum (about 1.3e38) finite: the element rule alone skips the step."""
     assert_nonfinite_gradient_skips_the_step("triton", 2e19, [(6, 9), (4,)], (0, 2, 5),

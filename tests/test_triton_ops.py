@@ -37,6 +37,7 @@ pytest.importorskip("triton")
 
 from fadam_fused import _ext, backends, op_contract  # noqa: E402
 from fadam_fused.reference import fadam_reference  # noqa: E402
+from fadam_testing import SQUARE_FITS, SQUARE_OVERFLOWS  # noqa: E402
 
 TK, _reason = _ext.triton_kernels()
 if TK is None:
@@ -329,66 +330,45 @@ def test_nonfinite_gradient_skips_whole_step(where, bad):
 
 
 # [note: the gradient overflow rule] (triton_kernels/_kernels.py): a finite gradient whose float32
-# square is not finite skips the step. 2^64 is the first float32 whose square rounds to inf; the
-# float32 just below it has a finite square.
-TWO_64 = 2.0 ** 64
-BELOW_TWO_64 = float(torch.nextafter(torch.tensor(TWO_64), torch.tensor(0.0)))
-
-OVERFLOW_CASES = {
-    # (tensor, element, gradient value, grad_scale, clip)
-    "multi_chunk": (0, 2050, 1e20, None, 1.0),         # phase A's reduction
-    "fused_one_chunk": (1, 4, -1e20, None, 1.0),       # phase A reads g alone
-    "multi_chunk_clip_off": (0, 4000, 1e20, None, 0.0),  # every tensor reads g alone
-    # 1e-10 / 1e-30 = 1e20, finite in float32 (a gradient of 1e10 would scale to 1e40 = inf,
-    # which the non-finite rule already catches).
-    "grad_scale": (2, 1399, 1e-10, 1e-30, 1.0),
-    "exactly_2^64": (0, 17, TWO_64, None, 1.0),
-}
-
-
-@pytest.mark.parametrize("case", list(OVERFLOW_CASES))
-def test_finite_gradient_whose_square_overflows_skips_whole_step(case):
-    """A finite float32 gradient of 1e20 (square 1e40) in one element skips the step, as a NaN
-    does: nothing is written, whichever phase-A path the tensor takes."""
-    i, j, value, grad_scale, clip = OVERFLOW_CASES[case]
+# square is not finite skips the step. The cases are every backend's (fadam_testing).
+@pytest.mark.parametrize("where", [(0, 2050, 1.0), (1, 4, 1.0), (0, 4000, 0.0)],
+                         ids=["multi-chunk", "one-chunk-fused", "multi-chunk-clip-off"])
+@pytest.mark.parametrize("case", SQUARE_OVERFLOWS, ids=[c[0] for c in SQUARE_OVERFLOWS])
+def test_gradient_whose_square_overflows_skips_whole_step(case, where):
+    """Phase A raises the skip flag from its reduction (a multi-chunk tensor) or from the
+    gradient-only check (a fused one-chunk tensor, or any tensor with clipping off); nothing is
+    written, as for a NaN."""
+    _, value, scale = case
+    i, j, clip = where
     shapes = [(4097,), (3, 7), (2, 700)]
     run = Run(make_init(shapes), torch.float32, device=DEVICE)
-    scale = None if grad_scale is None else torch.tensor([grad_scale], device=DEVICE)
     for g in make_grads(shapes, 2, torch.float32):
-        skip = run.step_triton(g, chunk_size=SMALL_CHUNK, clip=clip)
-        assert float(skip) == 0.0
+        assert float(run.step_triton(g, chunk_size=SMALL_CHUNK, clip=clip)) == 0.0
     before = [t.clone() for t in run.params + run.fims + run.moms + run.steps]
     grads = make_grads(shapes, 1, torch.float32, seed=7)[0]
-    if grad_scale is not None:
-        grads = [g * grad_scale for g in grads]
+    grad_scale = None
+    if scale is not None:  # the gradients as GradScaler leaves them: scaled by `scale`
+        grads = [g * scale for g in grads]
+        grad_scale = torch.tensor([scale], device=DEVICE)
     grads[i].view(-1)[j] = value
-    assert torch.isfinite(grads[i]).all()
-    skip = run.step_triton(grads, chunk_size=SMALL_CHUNK, clip=clip, grad_scale=scale)
+    skip = run.step_triton(grads, chunk_size=SMALL_CHUNK, clip=clip, grad_scale=grad_scale)
     assert float(skip) == 1.0
     after = run.params + run.fims + run.moms + run.steps
     assert all(same_bits(a, b) for a, b in zip(before, after))
 
 
-def test_gradient_just_below_the_square_overflow_steps_like_the_oracle():
-    """1e19 (square 1e38) and the float32 just below 2^64 (square 3.4028232e38) are not skipped:
-    three steps in a multi-chunk and a fused one-chunk tensor match the oracle. Then 2^64 itself
-    (square 2^128 = inf in float32) skips the step and leaves every bit in place."""
+@pytest.mark.parametrize("g", SQUARE_FITS)
+def test_gradient_with_a_finite_square_is_not_skipped_and_matches_the_oracle(g):
+    """g * g = 1e38 or 3.24e38 fits float32: the steps run, in a multi-chunk and a fused
+    one-chunk tensor, and follow the oracle."""
     shapes = [(4097,), (3, 7), (2, 700)]
-    init = make_init(shapes)
-    grads = make_grads(shapes, 3, torch.float32)
-    grads[0][0][[5, 3000]] = torch.tensor([1e19, -BELOW_TWO_64])
-    grads[0][1][1, 2] = BELOW_TWO_64
-    grads[1][2][1, 699] = -1e19
-    fast, same, ref64 = trajectories(init, grads, torch.float32, chunk_size=SMALL_CHUNK,
-                                     device=DEVICE)
+    grads = make_grads(shapes, 4, torch.float32)
+    grads[1][0][3000] = g
+    grads[1][1][1, 2] = -g
+    fast, same, ref64 = trajectories(make_init(shapes), grads, torch.float32,
+                                     chunk_size=SMALL_CHUNK, device=DEVICE)
+    assert [float(s) for s in fast.steps] == [4.0, 4.0, 4.0]  # no step was skipped
     assert_close_to_oracle(fast, same, ref64, torch.float32)
-    assert [float(s) for s in fast.steps] == [3.0, 3.0, 3.0]  # no step was skipped
-    before = [t.clone() for t in fast.params + fast.fims + fast.moms + fast.steps]
-    last = make_grads(shapes, 1, torch.float32, seed=5)[0]
-    last[1][0, 0] = TWO_64
-    assert float(fast.step_triton(last, chunk_size=SMALL_CHUNK)) == 1.0
-    after = fast.params + fast.fims + fast.moms + fast.steps
-    assert all(same_bits(a, b) for a, b in zip(before, after))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
