@@ -504,10 +504,12 @@ def test_bad_inputs_raise_clear_errors(per_tensor, monkeypatch):
 
 
 def test_op_schemas_declare_mutations_and_empty_group_is_a_no_op():
-    a = str(torch.ops.fadam_fused.triton_phase_a.default._schema)
-    b = str(torch.ops.fadam_fused.triton_phase_b.default._schema)
-    assert "Tensor(a!) partials" in a and "Tensor(b!) skip" in a and "Tensor[] grads" in a
-    assert "Tensor(a!)[] params" in b and "Tensor(b!)[] fims" in b and "Tensor(c!)[] momentums" in b
+    def written(op):  # the arguments the schema declares mutated (alias set names vary: (a!), (a4!))
+        return {a.name for a in op.default._schema.arguments
+                if a.alias_info is not None and a.alias_info.is_write}
+
+    assert written(torch.ops.fadam_fused.triton_phase_a) == {"partials", "skip"}
+    assert written(torch.ops.fadam_fused.triton_phase_b) == {"params", "fims", "momentums"}
     skip = torch.zeros(1, device=DEVICE)
     partials = torch.zeros(0, 2, dtype=torch.float64, device=DEVICE)
     TK.phase_a([], [], [], [], partials, skip, None, beta2=0.999, eps=1e-8, p=0.5,

@@ -357,8 +357,15 @@ class Kernel:
             extra["blocks"] = at
         if self.aligned:
             extra["ALIGNED"] = aligned
-        torch.library.wrap_triton(self.fn)[(programs,)](**operands, **self.args, TABLE=table,
-                                                        **extra)
+        # Interpreted kernels are launched as they are: torch 2.11's wrap_triton refuses an
+        # InterpretedFunction (2.14 passes it through), and an interpreted triton_op runs eagerly.
+        args = dict(self.args, TABLE=table, **extra)
+        if INTERPRET:
+            # triton 3.6's interpreter cannot take a Python bool as a runtime (int1) argument
+            # ("numpy data itemsize (32 bits) exceeds ... int1"); 0 / 1 mean the same to a kernel.
+            args = {k: int(v) if isinstance(v, bool) else v for k, v in args.items()}
+        fn = self.fn if INTERPRET else torch.library.wrap_triton(self.fn)
+        fn[(programs,)](**operands, **args)
 
 
 class Launch:
