@@ -283,38 +283,23 @@ def factored_fim(param: Tensor, grad: Tensor, fim_row: Tensor, fim_col: Tensor, 
     return compute, g, theta, rows, cols, _factored_f(row_norm, cols)
 
 
-def fadafactor_update_tensor(
-    param: Tensor,
-    grad: Tensor,
-    momentum: Tensor,
-    fim_row: Tensor,
-    fim_col: Tensor,
-    step: Tensor,
-    skip: Tensor,
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    clip: float | None,
-    weight_decay: float,
-    p: float,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    upcast: bool = False,
-) -> None:
+def fadafactor_update_tensor(param: Tensor, grad: Tensor, momentum: Tensor, fim_row: Tensor,
+                             fim_col: Tensor, step: Tensor, skip: Tensor, *, beta2: float,
+                             eps: float, p: float, maximize: bool,
+                             grad_scale: Tensor | None = None, upcast: bool = False,
+                             **update) -> None:
     """One FAdafactor update of one parameter of 2 or more dims, in place, unless `skip`.
 
     `fim_row` has shape param.shape[:-1] (R), `fim_col` param.shape[:-2] + param.shape[-1:]
     (C). Then d, ghat, the clip scales, m, w and theta exactly as FAdam (update_tensor, whose
-    arguments these are); parameters of fewer dims are updated by update_tensor itself.
+    arguments these are: `update` holds lr, beta1, clip and weight_decay); parameters of fewer
+    dims are updated by update_tensor itself.
     """
     compute, g, theta, rows, cols, f = factored_fim(
         param, grad, fim_row, fim_col, step, beta2=beta2, maximize=maximize,
         grad_scale=grad_scale, upcast=upcast)
     d = f**p + eps ** (2 * p)
-    _apply(param, momentum, skip, compute, theta, g / d, theta / d, lr=lr, beta1=beta1,
-           clip=clip, weight_decay=weight_decay)
+    _apply(param, momentum, skip, compute, theta, g / d, theta / d, **update)
     keep = skip.to(param.device) != 0
     fim_row.copy_(torch.where(keep, fim_row, rows.to(fim_row.dtype)))
     fim_col.copy_(torch.where(keep, fim_col, cols.to(fim_col.dtype)))
@@ -327,28 +312,21 @@ def fadam_reference(
     fims: list[Tensor],
     state_steps: list[Tensor],
     *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    clip: float | None,
-    weight_decay: float,
-    p: float,
-    maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     upcast: bool = False,
+    **hyper,
 ) -> Tensor:
     """One whole FAdam step over a list of tensors; returns the skip flag (0-dim float32 tensor).
 
-    Steps are incremented (unless the step is skipped); every tensor is updated in place.
+    `hyper` are FAdam's hyperparameters as update_tensor takes them (lr, beta1, beta2, eps, clip,
+    weight_decay, p, maximize). Steps are incremented (unless the step is skipped); every tensor
+    is updated in place.
     """
     skip = nonfinite_flag(grads, found_inf, grad_scale=grad_scale)
     for param, grad, m, f, step in zip(params, grads, momentums, fims, state_steps, strict=True):
         t = step + 1
-        update_tensor(param, grad, m, f, t, skip, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                      clip=clip, weight_decay=weight_decay, p=p, maximize=maximize,
-                      grad_scale=grad_scale, upcast=upcast)
+        update_tensor(param, grad, m, f, t, skip, grad_scale=grad_scale, upcast=upcast, **hyper)
         step.copy_(torch.where(skip.to(step.device) != 0, step, t))
     return skip
 
