@@ -114,11 +114,7 @@ bool tile_sums_scalar(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, i
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-}  // namespace
-}  // namespace fadam
-#include <immintrin.h>
-namespace fadam {
-namespace {
+// (The intrinsics come with at::vec's headers for these builds, as widen()'s in cpu_vec.h.)
 
 // 4 elements of the storage dtype at p, converted to float32, times mul (in float32, as the
 // portable version), widened to float64. 256-bit vectors in the AVX-512 build too (AVX-512
