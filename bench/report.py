@@ -18,7 +18,7 @@ RESULT_COLUMNS = ("workload", "kind", "n_params", "n_tensors", "dtype", "row", "
                   "median_ms", "p20_ms", "p80_ms", "n_samples", "rounds", "bytes_per_param",
                   "state_bytes_per_param", "gbps",
                   "time_vs_adam_fused", "paired_vs_adam_fused_median", "paired_vs_clip_on_median",
-                  "reason")
+                  "paired_vs_fadam_median", "reason")
 
 
 def header(meta: dict[str, Any]) -> str:
@@ -103,6 +103,27 @@ def clip_lines(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def fadam_lines(results: list[dict[str, Any]]) -> list[str]:
+    """One line per fadafactor row timed next to the FAdam row of its backend: its time over
+    FAdam's, and the ratio of the bytes each reads (what the time follows on a CPU whose reads
+    saturate, bench/NOTES.md)."""
+    lines = []
+    for r in results:
+        if "time_vs_fadam" not in r:
+            continue
+        name = r["row"].replace("fadafactor-", "fadam-", 1)
+        fadam = next(x for x in results if x["workload"] == r["workload"] and x["row"] == name)
+        pr = r.get("paired_vs_fadam")
+        paired = f", per-round paired {_fmt_ratio(pr[1])} [p20 {pr[0]:.2f}, p80 {pr[2]:.2f}]" if pr else ""
+        reads = ""
+        if r.get("read_bytes_per_param") and fadam.get("read_bytes_per_param"):
+            mine, theirs = r["read_bytes_per_param"], fadam["read_bytes_per_param"]
+            reads = f" (read bytes/param {mine:.1f} against {theirs:.1f}: {mine / theirs:.2f}x)"
+        lines.append(f"fadafactor on {r['workload']}: {r['row']} takes {_fmt_ratio(r['time_vs_fadam'])} "
+                     f"{name}'s time{paired}{reads}")
+    return lines
+
+
 def summary_text(summ: dict[str, Any], results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"\nfinished in {meta.get('elapsed_s')} s"
              + (f"; load avg {meta['loadavg_end'][0]:.2f} at the end" if meta.get("loadavg_end") else "")]
@@ -123,6 +144,7 @@ def summary_text(summ: dict[str, Any], results: list[dict[str, Any]], meta: dict
                          f"{paired}")
         lines.append(" ".join(parts))
     lines += clip_lines(results)
+    lines += fadam_lines(results)
     # Rows that could not run here at all were listed before the first table.
     skipped = sorted({(r["row"], r["status"], r["reason"]) for r in results
                       if r["status"] not in ("ok", "unavailable")})
@@ -147,7 +169,8 @@ def write_csv(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) ->
         w.writerow(META_COLUMNS + RESULT_COLUMNS)
         for r in results:
             flat = dict(r, paired_vs_adam_fused_median=(r.get("paired_vs_adam_fused") or [None] * 3)[1],
-                        paired_vs_clip_on_median=(r.get("paired_vs_clip_on") or [None] * 3)[1])
+                        paired_vs_clip_on_median=(r.get("paired_vs_clip_on") or [None] * 3)[1],
+                        paired_vs_fadam_median=(r.get("paired_vs_fadam") or [None] * 3)[1])
             w.writerow([meta.get(c) for c in META_COLUMNS] + [_clean(flat.get(c, "")) for c in RESULT_COLUMNS])
 
 
@@ -254,7 +277,7 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         absent = {r["row"]: r["reason"] for r in results if r["status"] == "unavailable"}
         if absent:
             out += ["", "Not run here: " + "; ".join(f"{row} ({why})" for row, why in absent.items())]
-    clip = clip_lines(results)
+    clip = clip_lines(results) + fadam_lines(results)
     if clip:
         out += [""] + [f"- {line}" for line in clip]
     for kind, title in (("size", "Size sweep"), ("count", "Tensor-count sweep"),

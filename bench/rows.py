@@ -55,6 +55,9 @@ class Row:
     backend: str | None = None  # the fadam_fused backend behind the row, if any
     clip: float | None = None   # FAdam(-afactor) rows: the clip they step with (None: off)
     twin: str | None = None     # a -noclip row: the row that differs from it only by clip
+    # A fadafactor row: the FAdam row of its backend, which differs from it only by the factored
+    # FIM (the run pairs them per round, as it pairs every row with torch-adam-fused).
+    fadam: str | None = None
 
     @property
     def clipping(self) -> bool:
@@ -123,7 +126,7 @@ def _fadafactor_row(name: str, backend: str, clip: float | None) -> Row:
 
     return Row(name, "fadafactor", make,
                lambda device: _backend_unavailable(backend, device),
-               backend=backend, clip=clip)
+               backend=backend, clip=clip, fadam=f"fadam-{backend}")
 
 
 def _adam_row(name: str, **kwargs) -> Row:

@@ -457,9 +457,11 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
 
 def add_ratios(results: dict[str, dict[str, Any]], rows: list[rows_mod.Row]) -> None:
     """Every timed row against torch-adam-fused (`time_vs_adam_fused`, `paired_vs_adam_fused`),
-    and a clip-off row against its clip-on twin (`time_vs_clip_on`, `paired_vs_clip_on`)."""
+    a clip-off row against its clip-on twin (`time_vs_clip_on`, `paired_vs_clip_on`), and a
+    fadafactor row against the FAdam row of its backend (`time_vs_fadam`, `paired_vs_fadam`)."""
     pairs = [(r.name, rows_mod.BASELINE, "adam_fused") for r in rows]
     pairs += [(r.name, r.twin, "clip_on") for r in rows if r.twin and not r.clipping]
+    pairs += [(r.name, r.fadam, "fadam") for r in rows if r.fadam]
     for name, ref, suffix in pairs:
         res, base = results[name], results.get(ref, {})
         if "median_ms" in res and base.get("median_ms") and (suffix != "clip_on" or base["clip"]):

@@ -253,6 +253,30 @@ def test_clip_off_rows_are_paired_with_their_clip_on_twin():
     assert "time_vs_clip_on" not in off
 
 
+def test_fadafactor_rows_are_paired_with_the_fadam_row_of_their_backend():
+    def timed(name, medians, reads):
+        return dict(row=name, workload="llm", clip=1.0, median_ms=float(np.median(medians)),
+                    round_medians_ms=medians, read_bytes_per_param=reads)
+    results = {"fadam-cpu": timed("fadam-cpu", [10.0, 12.0, 20.0], 22.0),
+               "fadafactor-cpu": timed("fadafactor-cpu", [8.0, 12.0, 14.0], 18.0),
+               "torch-adam-fused": timed("torch-adam-fused", [5.0, 6.0, 10.0], 16.0)}
+    chosen = rows.select(results)
+    step_bench.add_ratios(results, chosen)
+    mine = results["fadafactor-cpu"]
+    assert mine["time_vs_fadam"] == pytest.approx(12.0 / 12.0)
+    assert mine["paired_vs_fadam"][1] == pytest.approx(0.8)  # rounds: 0.8, 1.0, 0.7
+    assert mine["paired_vs_adam_fused"][1] == pytest.approx(1.6)
+    assert "time_vs_fadam" not in results["fadam-cpu"]
+    line = report.fadam_lines(list(results.values()))
+    assert line == ["fadafactor on llm: fadafactor-cpu takes 1.00x fadam-cpu's time, per-round "
+                    "paired 0.80x [p20 0.74, p80 0.92] (read bytes/param 18.0 against 22.0: 0.82x)"]
+    # Without its FAdam row in the run there is nothing to pair it with.
+    alone = {k: v for k, v in results.items() if k != "fadam-cpu"}
+    del mine["time_vs_fadam"], mine["paired_vs_fadam"]
+    step_bench.add_ratios(alone, rows.select(alone))
+    assert "time_vs_fadam" not in mine
+
+
 def test_plan_rounds_gives_slow_rows_fewer_rounds():
     plan = step_bench.plan_rounds({"fast": 0.01, "slow": 5.0}, budget=20.0, rounds=9)
     assert len(plan["fast"][0]) == 9 and plan["fast"][1] > 0

@@ -12,12 +12,16 @@
 // Determinism: every sum has one fixed order. A tile sums each row's squares over its columns
 // into 8 float64 lanes in column order, and each column's over its rows in row order; the
 // combine adds a row's (column's) tile partials in tile order; sum R is added in row order; a
-// chunk's sums of ghat^2 and w^2 accumulate in float64 lanes in element order, and a tensor's
-// chunks in slot order. No result depends on the thread count.
+// chunk's sums of ghat^2 and w^2 add float32 blocks of 8 vectors of a row segment into float64
+// lanes in element order (SumSq in cpu_vec.h), and a tensor's chunks in slot order. No result depends on the
+// thread count.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "cpu/cpu_vec.h"
 #include "fadam_math.h"
@@ -50,47 +54,126 @@ inline void store_padded(scalar_t* ptr, fVec v, int64_t count) {
 
 // ---- phase S ------------------------------------------------------------------------------------
 
-// One tile's partial sums of g^2: row r's over the tile's columns into row_out[r], column c's over
-// the tile's rows into col_out[c]. Squares are float64, exact (24-bit mantissas), so float32's
-// g * g is the square rounded to float32. Returns false when one of them is not finite ([note:
-// the overflow rule] in fadam_math.h): the row total is at least each of its squares (sums of
+// The order of every sum in a tile (identical in both versions below): row r's squares go into
+// kAcc float64 lanes, lane l taking columns c0 + l, c0 + l + 8, ... in column order; the columns
+// left after the last whole 8 (c1 - c0 not a multiple of 8) are added first, then lanes 0..7 in
+// order. Column c's squares are added in row order, from 0. Squares are float64, exact (24-bit
+// mantissas), so float32's g * g is the square rounded to float32 and fma(x, x, acc) is acc + x * x
+// to the bit.
+constexpr int64_t kAcc = 8;
+
+// Row r's total from its lanes, after adding its leftover columns [cv, c1) (to the total and to
+// their column sums). Returns false when a scaled gradient of the row is not finite ([note: the
+// overflow rule] in fadam_math.h): the row total is at least each of its squares (sums of
 // non-negative terms round monotonically), so only a row whose total is not finite in float32
 // (NaN, or >= 3.4e38: rare) can hold one, and only such a row is read again element by element.
 template <typename scalar_t>
-bool tile_sums(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
-               float mul, double* row_out, double* col_out) {
-  constexpr int64_t kAcc = 8;  // float64 lanes per row: one AVX-512 vector, two AVX2 ones
+inline bool finish_row(const scalar_t* row, int64_t c0, int64_t cv, int64_t c1, float mul,
+                       const double* lanes, double* col_out, double* row_out) {
+  double total = 0.0;
+  for (int64_t c = cv; c < c1; ++c) {
+    const double x = static_cast<double>(static_cast<float>(row[c]) * mul);
+    total += x * x;
+    col_out[c - c0] += x * x;
+  }
+  for (int64_t l = 0; l < kAcc; ++l) {
+    total += lanes[l];
+  }
+  *row_out = total;
+  bool finite = true;
+  if (!factor_ok(static_cast<float>(total))) {
+    for (int64_t c = c0; c < c1; ++c) {
+      finite = finite && !overflows(static_cast<float>(row[c]) * mul);
+    }
+  }
+  return finite;
+}
+
+// One tile's partial sums of g^2: row r's over the tile's columns into row_out[r], column c's over
+// the tile's rows into col_out[c]. Returns false when a scaled gradient is not finite. The
+// portable version (FADAM_CPU_VEC=none); the vector one below gives the same bits.
+template <typename scalar_t>
+bool tile_sums_scalar(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, int64_t c0,
+                      int64_t c1, float mul, double* row_out, double* col_out) {
   std::fill(col_out, col_out + (c1 - c0), 0.0);
+  const int64_t cv = c0 + (c1 - c0) / kAcc * kAcc;
   bool finite = true;
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* row = g + r * cols;
     std::array<double, kAcc> acc{};
-    int64_t c = c0;
-    for (; c + kAcc <= c1; c += kAcc) {
+    for (int64_t c = c0; c < cv; c += kAcc) {
       for (int64_t l = 0; l < kAcc; ++l) {
         const double x = static_cast<double>(static_cast<float>(row[c + l]) * mul);
         acc[l] += x * x;
         col_out[c + l - c0] += x * x;
       }
     }
-    double total = 0.0;
-    for (; c < c1; ++c) {
-      const double x = static_cast<double>(static_cast<float>(row[c]) * mul);
-      total += x * x;
-      col_out[c - c0] += x * x;
-    }
-    for (double a : acc) {
-      total += a;
-    }
-    row_out[r] = total;
-    if (!factor_ok(static_cast<float>(total))) {
-      for (c = c0; c < c1; ++c) {
-        finite = finite && !overflows(static_cast<float>(row[c]) * mul);
-      }
-    }
+    finite &= finish_row(row, c0, cv, c1, mul, acc.data(), col_out, row_out + r);
   }
   return finite;
 }
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// (The intrinsics come with at::vec's headers for these builds, as widen()'s in cpu_vec.h.)
+
+// 4 elements of the storage dtype at p, converted to float32, times mul (in float32, as the
+// portable version), widened to float64. 256-bit vectors in the AVX-512 build too (AVX-512
+// implies AVX2): 8 float64 lanes per row are two of them, and Zen 4 splits a 512-bit FMA into two
+// 256-bit halves anyway. Converting straight from memory (vcvtps2pd ymm, m128) needs no shuffle.
+template <typename scalar_t>
+inline __m256d load4_wide(const scalar_t* p, __m128 mul, bool unit) {
+  __m128 x;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    x = _mm_loadu_ps(p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    // bfloat16 is the upper half of a float32.
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    x = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>);
+    x = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  return _mm256_cvtps_pd(unit ? x : _mm_mul_ps(x, mul));
+}
+
+// The portable version's sums with explicit vectors: per 8 columns of a row, two float64 lane
+// vectors (lanes 0-3 and 4-7) and two column vectors in L1. One row at a time, in memory order:
+// walking 2 or 4 rows side by side (their lane chains then overlap: 0.11 ns per element in L2
+// against 0.15) read the default list 1.1-1.2x slower from DRAM on this VM (bench/NOTES.md).
+template <typename scalar_t>
+bool tile_sums(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+               float mul, double* row_out, double* col_out) {
+  std::fill(col_out, col_out + (c1 - c0), 0.0);
+  const int64_t cv = c0 + (c1 - c0) / kAcc * kAcc;
+  const __m128 vmul = _mm_set1_ps(mul);
+  const bool unit = mul == 1.0f;
+  double* col = col_out - c0;  // col[c]: column c's sum
+  bool finite = true;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* row = g + r * cols;
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    for (int64_t c = c0; c < cv; c += kAcc) {
+      const __m256d x = load4_wide(row + c, vmul, unit);
+      const __m256d y = load4_wide(row + c + 4, vmul, unit);
+      lo = _mm256_fmadd_pd(x, x, lo);
+      hi = _mm256_fmadd_pd(y, y, hi);
+      _mm256_storeu_pd(col + c, _mm256_fmadd_pd(x, x, _mm256_loadu_pd(col + c)));
+      _mm256_storeu_pd(col + c + 4, _mm256_fmadd_pd(y, y, _mm256_loadu_pd(col + c + 4)));
+    }
+    alignas(32) double lanes[kAcc];
+    _mm256_store_pd(lanes, lo);
+    _mm256_store_pd(lanes + 4, hi);
+    finite &= finish_row(row, c0, cv, c1, mul, lanes, col_out, row_out + r);
+  }
+  return finite;
+}
+#else
+template <typename scalar_t>
+bool tile_sums(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+               float mul, double* row_out, double* col_out) {
+  return tile_sums_scalar(g, cols, r0, r1, c0, c1, mul, row_out, col_out);
+}
+#endif
 
 void phase_s(const LaunchDesc& d) {
   if (d.empty()) {
@@ -174,11 +257,12 @@ void phase_s(const LaunchDesc& d) {
 
 // ---- phases A and B -----------------------------------------------------------------------------
 
-// Runs body(row_ptr_offset k, count, rnorm, col ptr) over the elements [begin, end) of a factored
-// tensor, by row segments and vectors of kLanes (the last one of a segment partial).
-template <typename Body>
-inline void for_each_row_vector(const FactorTile& t, const float* factors, int64_t begin,
-                                int64_t end, Body body) {
+// Runs seg(k, j0, j1, rnorm, col) over the row segments of the elements [begin, end) of a
+// factored tensor: element k is column j0 of its row, the segment ends before column j1, rnorm is
+// the row's R / sum R and col its matrix's C.
+template <typename Seg>
+inline void for_each_row_segment(const FactorTile& t, const float* factors, int64_t begin,
+                                 int64_t end, Seg seg) {
   int64_t k = begin;
   while (k < end) {
     const int64_t q = k / t.cols;  // row index over all matrices
@@ -187,32 +271,77 @@ inline void for_each_row_vector(const FactorTile& t, const float* factors, int64
     const int64_t j1 = std::min(t.cols, j0 + (end - k));
     const float* mat = factors + b * t.factors_per_matrix();
     const fVec rnorm(mat[t.rows + t.cols + (q - b * t.rows)]);  // R / sum R after R and C
-    const float* cols = mat + t.rows;
-    for (int64_t j = j0; j < j1; j += kLanes) {
-      body(k + (j - j0), std::min(kLanes, j1 - j), rnorm, cols + j);
-    }
+    seg(k, j0, j1, rnorm, mat + t.rows);
     k += j1 - j0;
   }
 }
 
-// (sum ghat^2, sum w^2) over [begin, end) of tensor `i`, in float64 lanes in element order.
+// Runs body(row_ptr_offset k, count, rnorm, col ptr) over the elements [begin, end) of a factored
+// tensor, by row segments and vectors of kLanes (the last one of a segment partial).
+template <typename Body>
+inline void for_each_row_vector(const FactorTile& t, const float* factors, int64_t begin,
+                                int64_t end, Body body) {
+  for_each_row_segment(t, factors, begin, end,
+                       [&](int64_t k, int64_t j0, int64_t j1, fVec rnorm, const float* cols) {
+    for (int64_t j = j0; j < j1; j += kLanes) {
+      body(k + (j - j0), std::min(kLanes, j1 - j), rnorm, cols + j);
+    }
+  });
+}
+
+// (sum ghat^2, sum w^2) over [begin, end) of tensor `i`, each row segment by blocks of
+// kBlockVectors vectors in element order (SumSq, cpu_vec.h, as FAdam's reduce_chunk): float32
+// squares within a block, the block partials added in float64. Widening every square (two
+// conversions and two float64 FMAs per vector and sum) took phase A 2.0x its read floor on the
+// default list against FAdam's 1.0x (bench/NOTES.md). A block whose partial is not finite (w^2
+// overflows float32 for eps = 1e-30 and theta ~ 1) is summed again in float64 from the same ghat
+// and w.
 template <typename scalar_t, bool kSqrt>
 void reduce_range(const scalar_t* g, const scalar_t* theta, const FactorTile& t,
                   const float* factors, int64_t begin, int64_t end, const Consts& c,
                   double* sums) {
-  WideLanes s_ghat, s_w;
+  SumSq s_ghat, s_w;
   const fVec zero(0.f);
-  for_each_row_vector(t, factors, begin, end,
-                      [&](int64_t k, int64_t count, fVec rnorm, const float* col) {
-    const fVec gv = c.scale_grad(load_padded(g + k, count));
-    const fVec th = load_padded(theta + k, count);
-    const fVec f = factored_fim(rnorm, load_padded(col, count));
-    const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
-    // Padded lanes: g = theta = 0, so ghat = w = 0 * r; r = 1 / eps^(2p) is finite (the optimizer
-    // keeps eps^(2p) a normal float32), and the masks keep them out anyway.
-    const fVec ghat = gv * r, w = th * r;
-    s_ghat.add_square(count < kLanes ? fVec::set(zero, ghat, count) : ghat);
-    s_w.add_square(count < kLanes ? fVec::set(zero, w, count) : w);
+  for_each_row_segment(t, factors, begin, end,
+                       [&](int64_t k, int64_t j0, int64_t j1, fVec rnorm, const float* col) {
+    // ghat and w of the vector at column j (count lanes; the padded ones 0: g = theta = 0 there,
+    // so ghat = w = 0 * r with r = 1 / eps^(2p) finite, the optimizer keeps eps^(2p) a normal
+    // float32, and the masks keep them out anyway).
+    const scalar_t* gr = g + (k - j0);
+    const scalar_t* pr = theta + (k - j0);
+    const auto terms = [&](int64_t j, int64_t count, fVec& ghat, fVec& w) {
+      const fVec gv = c.scale_grad(load_padded(gr + j, count));
+      const fVec th = load_padded(pr + j, count);
+      const fVec r = fisher_inv_denom<kSqrt>(factored_fim(rnorm, load_padded(col + j, count)),
+                                             c.p, c.eps_p);
+      ghat = gv * r;
+      w = th * r;
+      if (count < kLanes) {
+        ghat = fVec::set(zero, ghat, count);
+        w = fVec::set(zero, w, count);
+      }
+    };
+    for (int64_t jb = j0; jb < j1; jb += kBlockVectors * kLanes) {
+      const int64_t je = std::min(j1, jb + kBlockVectors * kLanes);
+      fVec ghat, w;
+      for (int64_t j = jb; j < je; j += kLanes) {
+        terms(j, std::min(kLanes, je - j), ghat, w);
+        s_ghat.add(ghat);
+        s_w.add(w);
+      }
+      if (s_ghat.block_is_finite() && s_w.block_is_finite()) {
+        s_ghat.flush();
+        s_w.flush();
+      } else {
+        s_ghat.discard();
+        s_w.discard();
+        for (int64_t j = jb; j < je; j += kLanes) {
+          terms(j, std::min(kLanes, je - j), ghat, w);
+          s_ghat.add_wide(ghat);
+          s_w.add_wide(w);
+        }
+      }
+    }
   });
   sums[0] = s_ghat.total();
   sums[1] = s_w.total();

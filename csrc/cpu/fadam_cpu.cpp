@@ -34,47 +34,6 @@ namespace fadam {
 
 namespace {
 
-// Sums of squares (float64 or an overflow-safe equivalent, docs/design.md section 5). Each float
-// lane sums kBlockVectors squares in float32, one FMA per vector; flush() then widens that block
-// partial and adds it to float64 lanes, in element order. Widening every square instead (two
-// conversions and two float64 FMAs per vector and sum) made the reduction loop 1.6-1.9x slower
-// (in L2; bench/NOTES.md): most of phase A's arithmetic.
-//
-// Overflow: ghat^2 is bounded (|ghat| <= 1 / sqrt(1 - beta2) at p = 0.5) but w^2 is not: with
-// eps = 1e-30 and a zero gradient w is ~1e28 and w^2 overflows float32 (max 3.4e38). A block whose
-// partial is not finite is summed again in float64 from its ghat and w, which the caller
-// recomputes with the same instructions (reduce_chunk); the result is what float64 throughout
-// would give, up to the float32 rounding of 8 squares per lane (relative 5e-7, on an RMS that is
-// itself rounded to float32 as 1 / s). Squares below 1.2e-38 lose precision in float32; they
-// reach the RMS only when the whole tensor's RMS is < 1e-19, where s = max(1, RMS / clip) = 1.
-constexpr int64_t kBlockVectors = 8;
-
-struct SumSq {
-  fVec block{0.f};
-  WideLanes wide;
-  inline void add(fVec v) {
-    block = at::vec::fmadd(v, v, block);
-  }
-  inline bool block_is_finite() const {
-    return all_zero(block - block);
-  }
-  // Adds the block partial to the float64 lanes (the caller checked it) and starts a new block.
-  inline void flush() {
-    wide.add(block);
-    block = fVec(0.f);
-  }
-  // Drops the block partial: the caller sums the block again with add_wide().
-  inline void discard() {
-    block = fVec(0.f);
-  }
-  inline void add_wide(fVec v) {
-    wide.add_square(v);
-  }
-  inline double total() const {
-    return wide.total();
-  }
-};
-
 struct TensorPtrs {
   void* param;
   const void* grad;
