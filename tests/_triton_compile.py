@@ -189,9 +189,14 @@ def specializations(full=False):
     return out
 
 
-def describe(phase, spec):
-    parts = [f"phase_{phase.lower()}", str(spec.get("dtype", torch.float32)).replace("torch.", "")]
-    parts.append("aligned" if spec.get("aligned", True) and spec.get("table", True) else "unaligned")
+def describe(kernel, spec, label=None):
+    """One specialization in words: `label` (default phase_a / phase_b), the dtype, the alignment
+    of the element kernels A and B, and its variants."""
+    parts = [label or f"phase_{kernel.lower()}",
+             str(spec.get("dtype", torch.float32)).replace("torch.", "")]
+    if kernel in ("A", "B"):
+        parts.append("aligned" if spec.get("aligned", True) and spec.get("table", True)
+                     else "unaligned")
     if not spec.get("sqrt", True):
         parts.append("pow")
     if spec.get("gscale"):
@@ -246,6 +251,38 @@ def trace():
     return [{"grid": [list(g) for g in n.kwargs["grid"]],
              "table": n.kwargs["kwargs"].get("TABLE"),
              "numel": n.kwargs["kwargs"].get("numel_in")} for n in nodes]
+
+
+# ---- run from the tests ----------------------------------------------------------------------
+
+
+def run_script(script, *args):
+    """Runs tests/<script> with `args` in a subprocess without TRITON_INTERPRET (compilation and
+    wrap_triton need the JITFunctions, which the interpreted kernels of the test process are
+    not); returns the JSON of its last line."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), *args],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def assert_compiles_without_spills(script, args, count, max_registers, wants_v4_loads):
+    """Every specialization `script --json *args` lists compiles for sm_80 and sm_90 (one
+    subprocess per arch, in parallel): `count` of them per arch, no spill stores or loads, at most
+    `max_registers` registers, and 128-bit loads in the rows where wants_v4_loads(row)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(ARCHS)) as pool:
+        reports = list(pool.map(lambda arch: run_script(script, "--json", *args,
+                                                        f"--arch={arch}"), ARCHS))
+    for report in reports:
+        assert len(report) == count, f"{len(report)} specializations compiled, expected {count}"
+        for row in report:
+            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+            assert row["registers"] <= max_registers, row
+            if wants_v4_loads(row):
+                assert row["v4_loads"], f"no 128-bit loads in the aligned float32 path: {row}"
 
 
 def _main(argv):

@@ -7,12 +7,7 @@ makes tiles of 8 x 8, so small matrices have several row and column tiles (their
 in phase S), chunks that end mid-row, and multi-chunk phase-A slots.
 """
 
-import json
 import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
@@ -27,6 +22,7 @@ from fadafactor_testing import (assert_grad_scaler_inputs_work,  # noqa: E402
                                 assert_nonfinite_gradient_skips_the_step, assert_state_dict_moves,
                                 assert_trajectories_close, run_fadafactor, run_oracle64)
 from test_fadafactor_reference import edge_problem, embedding_problem  # noqa: E402
+from _triton_compile import assert_compiles_without_spills, run_script  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),
@@ -195,31 +191,15 @@ def test_bad_inputs_are_refused_by_name():
 # ---------------------------------------------------------------------------------------------
 
 
-def _compile_report(arch):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable,
-                          str(Path(__file__).with_name("_fadafactor_triton_compile.py")),
-                          "--json", f"--arch={arch}"],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_kernels_compile_for_sm80_sm90_without_spills():
     """The four kernels in 29 specializations (every dtype; aligned, unaligned, pow, grad_scale,
     lr tensor, per-tensor) compile for sm_80 and sm_90 and ptxas reports no spills. Registers
     (ptxas -v, Triton 3.8): tiles 48-80, combine 32-56, phase A 50-64, phase B 54-64; the bound
     of 96 leaves 5 CTAs of 128 threads per SM. The aligned float32 p = 0.5 phases A and B use
     128-bit loads. About a minute."""
-    with ThreadPoolExecutor(2) as pool:
-        reports = list(pool.map(_compile_report, (80, 90)))
-    for report in reports:
-        assert len(report) == 29, f"{len(report)} specializations compiled, expected 29"
-        for row in report:
-            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
-            assert row["registers"] <= 96, row
-            if row["dtype"] == "float32" and row["aligned"]:
-                assert row["v4_loads"], f"no 128-bit loads in the aligned float32 path: {row}"
+    assert_compiles_without_spills(
+        "_fadafactor_triton_compile.py", [], count=29, max_registers=96,
+        wants_v4_loads=lambda row: row["dtype"] == "float32" and row["aligned"])
 
 
 def test_torch_compile_trace_decomposes_into_per_tensor_kernels():
@@ -228,12 +208,7 @@ def test_torch_compile_trace_decomposes_into_per_tensor_kernels():
     tiles (phase S), matrices (the combine) and chunks (A and B). (80, 1000) has 4 tiles of
     80 x 256 and 2 chunks; (2, 3, 5) two matrices of one tile, fused into phase B; (0, 4) has no
     tile but a C to decay and copy. Runs in a subprocess without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable,
-                          str(Path(__file__).with_name("_fadafactor_triton_compile.py")),
-                          "--trace"], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    kernels = json.loads(out.stdout.strip().splitlines()[-1])
+    kernels = run_script("_fadafactor_triton_compile.py", "--trace")
     assert [(k["kernel"], k["grid"][0][0], k["numel"], k["table"]) for k in kernels] == [
         ("_tiles_kernel", 2, 30, False), ("_combine_kernel", 2, 30, False),
         ("_tiles_kernel", 4, 80000, False), ("_combine_kernel", 1, 80000, False),

@@ -24,11 +24,6 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import gc  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
 import weakref  # noqa: E402
 
 import pytest  # noqa: E402
@@ -37,6 +32,7 @@ pytest.importorskip("triton")
 
 from fadam_fused import backends, op_contract  # noqa: E402
 from fadam_fused.reference import fadam_reference  # noqa: E402
+from _triton_compile import assert_compiles_without_spills, run_script  # noqa: E402
 
 TK, _reason = backends._triton_module()
 if TK is None:
@@ -579,15 +575,6 @@ def test_uncaptured_tables_go_with_their_steps(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def _compile_report(arch):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("_triton_compile.py")),
-                          "--json", "--all", f"--arch={arch}"],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_kernels_compile_for_sm80_sm90_without_spills():
     """Every specialization the optimizer can launch (the whole product: 144 per arch) compiles
     for sm_80 and sm_90 (Triton's compiler, no GPU), and the bundled `ptxas -v` reports no spill
@@ -595,15 +582,10 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
     that keep it so: [note: Triton tuning constants] in triton_kernels/_ops.py. Compilation runs
     in subprocesses (the kernels here are interpreter functions), one per arch in parallel:
     about 2 minutes."""
-    with ThreadPoolExecutor(2) as pool:
-        reports = list(pool.map(_compile_report, (80, 90)))
-    for report in reports:
-        assert len(report) == 144, f"{len(report)} specializations compiled, expected 144"
-        for row in report:
-            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
-            assert row["registers"] <= 128, row
-            if row["dtype"] == "float32" and row["aligned"] and "pow" not in row["kernel"]:
-                assert row["v4_loads"], f"no 128-bit loads in the aligned float32 path: {row}"
+    assert_compiles_without_spills(
+        "_triton_compile.py", ["--all"], count=144, max_registers=128,
+        wants_v4_loads=lambda row: (row["dtype"] == "float32" and row["aligned"]
+                                    and "pow" not in row["kernel"]))
 
 
 def test_torch_compile_trace_decomposes_into_per_tensor_kernels():
@@ -612,11 +594,7 @@ def test_torch_compile_trace_decomposes_into_per_tensor_kernels():
     tensor and phase, gridded by chunks (an empty tensor has no work: no slot to write with
     fuse_one_chunk). Runs in a subprocess without TRITON_INTERPRET (wrap_triton needs the
     compiled-kernel objects)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("_triton_compile.py")),
-                          "--trace"], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    kernels = json.loads(out.stdout.strip().splitlines()[-1])
+    kernels = run_script("_triton_compile.py", "--trace")
     assert [(k["grid"][0][0], k["numel"], k["table"]) for k in kernels] == [
         (2, CHUNK + 4464, False), (1, 10, False),  # phase A
         (2, CHUNK + 4464, False), (1, 10, False)]  # phase B
