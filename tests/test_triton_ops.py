@@ -3,9 +3,9 @@ the two ops called directly, next to the oracle. tests/test_triton_optimizer.py 
 FAdam(backend="triton").
 
 Where the kernels run: Triton decides when the kernels are defined whether they are compiled or
-interpreted (TRITON_INTERPRET=1). Without a GPU this file sets TRITON_INTERPRET=1 itself (unless the
-environment already decides), so the parity tests run in Triton's interpreter on CPU tensors; on a
-GPU machine without the variable they run compiled, on CUDA tensors, and the GPU-only tests
+interpreted (TRITON_INTERPRET=1). Without a GPU tests/conftest.py sets TRITON_INTERPRET=1 (unless
+the environment already decides), so the parity tests run in Triton's interpreter on CPU tensors;
+on a GPU machine without the variable they run compiled, on CUDA tensors, and the GPU-only tests
 (torch.compile) run too. The variable only takes effect if Triton has not been imported yet in this
 process; `make test` exports it for the whole run.
 
@@ -16,25 +16,20 @@ upcast=False for the flash-attention rule on bf16 / fp16). Tolerances as tests/f
 
 from __future__ import annotations
 
-import os
+import gc
+import weakref
 
+import pytest
 import torch
-
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import gc  # noqa: E402
-import weakref  # noqa: E402
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from fadam_fused import backends, op_contract  # noqa: E402
+from fadam_fused import op_contract  # noqa: E402
 from fadam_fused.reference import fadam_reference  # noqa: E402
+from conftest import triton_kernels  # noqa: E402
 from _triton_compile import assert_compiles_without_spills, run_script  # noqa: E402
 
-TK, _reason = backends._triton_module()
+TK, _reason = triton_kernels()
 if TK is None:
     pytest.skip(_reason, allow_module_level=True)
 CHUNK = op_contract.CHUNK_SIZE["triton"]
