@@ -63,12 +63,14 @@ _CHECK = textwrap.dedent("""
     sys.path[:0] = [sys.argv[1], sys.argv[2]]
     import torch
     import fadam_fused
-    from fadam_fused import _ext, op_contract
+    from fadam_fused import _ext
     assert fadam_fused.__file__.startswith(sys.argv[1]), fadam_fused.__file__
     assert _ext.LOAD_ERROR is None and "CPU" in _ext.KERNELS, _ext.LOAD_ERROR
+    import pytest
+    from conftest import set_chunk
     from fadam_testing import (assert_trajectories_close, make_problem, run_optimizer,
                                run_oracle64)
-    op_contract.CHUNK_SIZE["cpu"] = 4096
+    set_chunk(pytest.MonkeyPatch(), "cpu", 4096)
     shapes = [(3, 4096 + 17), (4096,), (33,), (7, 5), (1,), (0,)]
     for dtype in (torch.float32, torch.bfloat16):
         for hyper in ({"lr": 1e-2}, {"lr": 1e-2, "p": 0.75, "clip": 2.0, "maximize": True}):
