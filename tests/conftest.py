@@ -18,10 +18,12 @@ Backends, as `backend` gives them to a test (ids in brackets):
 - [cuda-gpu], [triton-gpu] the CUDA and compiled Triton kernels on CUDA tensors (marked `gpu`).
 
 A backend that cannot run here skips, saying why. Sizes: the interpreter runs a Python call per
-program (about a second per 65536-element chunk) and the emulator ~1 ms per 512-thread block, so
-they run the "small" problems of tests/fadam_testing.py at chunk 64, where several chunks, tiles
-and launches are reached with a few hundred elements; cpu, reference and the GPU backends run
-the "large" ones at their own chunk, and 4096 where a scenario asks for several chunks.
+program (~50 ms on the 2-core VM, about a second per 65536-element chunk) and the emulator ~1 ms
+per 512-thread block, so they run the "small" problems of tests/fadam_testing.py, with chunk 64
+where several chunks, tiles and launches are to be reached with a few hundred elements (always
+on the emulator; on the interpreter in the scenarios that ask for several chunks). cpu, reference
+and the GPU backends run the "large" ones at their own chunk, and 4096 where a scenario asks for
+several chunks.
 """
 
 from __future__ import annotations
@@ -131,7 +133,9 @@ def cuda_emulated(monkeypatch):
 
 
 def _no_gpu() -> str | None:
-    return None if torch.cuda.is_available() else "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    if torch.cuda.is_available():
+        return None
+    return "needs a CUDA GPU (torch.cuda.is_available() is False)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +173,9 @@ class Backend:
 BACKENDS = [
     Backend("cpu", "cpu", CPU, "large", None, 4096),
     Backend("reference", "reference", CPU, "large", None, None),
-    Backend("triton-interpreted", "triton", CPU, "small", 64, 64),
+    # The interpreter's cost is per program: the library's chunk (a program per tensor) but for
+    # the scenarios that ask for several chunks.
+    Backend("triton-interpreted", "triton", CPU, "small", None, 64),
     Backend("cuda-emulated", "cuda", CPU, "small", 64, 64, emulated=True),
     Backend("cuda-gpu", "cuda", CUDA, "large", None, 4096, gpu=True),
     Backend("triton-gpu", "triton", CUDA, "large", None, 4096, gpu=True),
@@ -205,10 +211,28 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("optimizer", OPTIMIZERS, ids=[o.id for o in OPTIMIZERS],
                              indirect=True)
     if _wants(metafunc, "backend"):
+        # The backends this machine runs; those it cannot run are named once, with the reason, in
+        # the report header (pytest_report_header), not skipped in every test. A test only for
+        # backends none of which runs here is generated for them, and skips saying why.
         mark = metafunc.definition.get_closest_marker("backends")
         chosen = [b for b in BACKENDS if mark is None or b.id in mark.args]
+        chosen = [b for b in chosen if _unavailable(b) is None] or chosen
         metafunc.parametrize("backend", [pytest.param(b, id=b.id, marks=[pytest.mark.gpu] * b.gpu)
                                          for b in chosen], indirect=True)
+
+
+@functools.cache
+def _unavailable(spec: Backend) -> str | None:
+    return spec.unavailable()
+
+
+def pytest_report_header(config):
+    missing = [f"{b.id} ({_unavailable(b)})" for b in BACKENDS if _unavailable(b) is not None]
+    ran = ", ".join(b.id for b in BACKENDS if _unavailable(b) is None)
+    lines = [f"scenario backends: {ran}"]
+    if missing:
+        lines.append("scenario backends not run here: " + "; ".join(missing))
+    return lines
 
 
 @pytest.fixture
@@ -221,7 +245,7 @@ def optimizer(request):
 def backend(request, monkeypatch):
     """The backend of the pair, switched on for this test and at its chunk."""
     spec = request.param
-    reason = spec.unavailable()
+    reason = _unavailable(spec)
     if reason is not None:
         pytest.skip(f"{spec.id}: {reason}")
     if spec.emulated:

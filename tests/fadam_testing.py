@@ -239,7 +239,8 @@ def assert_same_bits(a, b) -> None:
 def embedding_problem(rows=200, dim=48, steps=8, touched=0.1, dtype=torch.float32, seed=0):
     """An embedding (rows x dim) and a vector; each step's gradient touches 10% of the rows."""
     gen = torch.Generator().manual_seed(seed)
-    init = [torch.randn(rows, dim, generator=gen).to(dtype), torch.randn(dim, generator=gen).to(dtype)]
+    init = [torch.randn(rows, dim, generator=gen).to(dtype),
+            torch.randn(dim, generator=gen).to(dtype)]
     grads = []
     for _ in range(steps):
         g = torch.zeros(rows, dim)
@@ -325,8 +326,9 @@ def _zero_grad(shapes, steps, zero):
     return lambda dtype: [make_problem(shapes=shapes, steps=steps, zero_grad=zero, dtype=dtype)]
 
 
-# Small: for the emulated CUDA kernels (~1 ms per 512-thread block) and Triton's interpreter (a
-# Python call per program), at chunk 64: (300,) is 5 chunks with a ragged tail, (2, 9, 13) 4.
+# Small, for the emulated CUDA kernels (~1 ms per 512-thread block) and Triton's interpreter
+# (~50 ms per program on the 2-core VM): a handful of tensors and steps. At chunk 64 (300,) is 5
+# chunks with a ragged tail and (2, 9, 13) 4.
 _FADAM_SMALL = [(0,), (1,), (300,), (3, 7), (2, 9, 13)]
 FADAM = Optimizer("fadam", FAdam, factored=False, tiny_eps=(1e-20, 1e-30), cases=[
     *_CASES, ("wd0.1-betas", {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99)}, "shapes"),
@@ -336,7 +338,7 @@ FADAM = Optimizer("fadam", FAdam, factored=False, tiny_eps=(1e-20, 1e-30), cases
     "large": Sizes(DEFAULT_SHAPES, (1, 3), 10, [(3, 4096 + 17), (8192,), (4096,), (7,)],
                    {"multi-chunk": 0, "one-chunk": 2, "tiny": 3},
                    _zero_grad(DEFAULT_SHAPES, 10, (2, 4))),
-    "small": Sizes(_FADAM_SMALL, (1, 3), 5, [(3, 64 + 17), (128,), (64,), (7,)],
+    "small": Sizes(_FADAM_SMALL, (1, 3), 7, [(3, 64 + 17), (128,), (64,), (7,)],
                    {"multi-chunk": 0, "one-chunk": 2, "tiny": 3},
                    _zero_grad(_FADAM_SMALL, 5, (2, 4))),
 })
@@ -352,12 +354,12 @@ FADAFACTOR = Optimizer("fadafactor", FAdafactor, factored=True, tiny_eps=(1e-8, 
                    (3, 5), 9, [(3, 150, 70), (130, 200), (64, 64), (4097,), (2, 5)],
                    {"multi-chunk": 1, "one-chunk": 2, "tiny": 4},
                    lambda dtype: [edge_problem(dtype), embedding_problem(dtype=dtype)]),
-    # At chunk 64: tiles of 8 x 8, 10 chunks and 4 x 3 tiles of (30, 21). Odd shapes, a 3-D
-    # parameter, empty matrices that still have R or C ((0, 4), (5, 0)), a row and a column
-    # vector, and 1-D tensors (FAdam's kernels).
-    "small": Sizes([(3, 7), (2, 5, 6), (30, 21), (9, 1), (1, 9), (0, 4), (5, 0), (13,), (1,)],
-                   (1, 3), 4, [(2, 13, 17), (30, 21), (3, 7), (5,)],
-                   {"multi-chunk": 1, "one-chunk": 2, "tiny": 3},
+    # Odd shapes, a 3-D parameter, empty matrices that still have R or C ((0, 4), (5, 0)), a row
+    # and a column vector, and 1-D tensors (FAdam's kernels). At chunk 64: tiles of 8 x 8; (17,
+    # 13) is 4 chunks (ending mid-row) and 3 x 2 tiles, (2, 9, 11) 4 chunks across its 2 matrices.
+    "small": Sizes([(3, 7), (2, 5, 6), (9, 1), (1, 9), (0, 4), (5, 0), (13,), (1,)],
+                   (1, 3), 4, [(17, 13), (2, 9, 11), (8, 8), (5,)],
+                   {"multi-chunk": 0, "one-chunk": 2, "tiny": 3},
                    lambda dtype: [edge_problem(dtype, steps=3),
                                   embedding_problem(rows=40, dim=12, steps=3, dtype=dtype)]),
 })
