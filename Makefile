@@ -1,7 +1,8 @@
 # make bench : set up .venv, build the extension, run the step microbenchmark on the default device
 # make test  : set up .venv, build the extension, run the test suite
-# make gpu-check : on a machine with an NVIDIA GPU: build for it, run every GPU test and the quick
-#              benchmark on cuda, print a summary (tests, step times, ratios, bytes/param)
+# make gpu-check : on a machine with an NVIDIA GPU, with the torch it has (installs nothing): build
+#              for it, run every GPU test and the quick benchmark on cuda, print a summary
+# make test-torch211 : build and test with torch 2.11.0, the oldest supported, in .venv-torch211
 #
 # Set-up is idempotent: the venv is made once from requirements-dev.txt, and the extension is
 # rebuilt only when csrc/, setup.py or the requirements change. The build includes the CUDA
@@ -26,7 +27,7 @@ export FADAM_HIP_CPU ?= $(if $(wildcard $(HIP_CPU_DIR)/include/hip/hip_runtime.h
 
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: test bench bench-quick build clean gpu-check
+.PHONY: test bench bench-quick build clean gpu-check test-torch211
 
 # The bench requirements too: tests/test_bench_smoke.py runs the benchmark and the example.
 test: $(BUILT) $(BENCH_DEPS)
@@ -53,27 +54,50 @@ $(BUILT): $(DEPS) $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-# The local GPU's compute capability (e.g. 9.0), plus 8.0 and 9.0 that tests/test_cuda_build.py
-# checks; no emulated build (FADAM_HIP_CPU empty). The tests and the benchmark may fail: the summary
-# still prints, and its exit status fails the target then. The build stamp is removed so that the
-# next `make test` or `make bench` rebuilds for TORCH_CUDA_ARCH_LIST as usual.
-GPU_CC = $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1)
-GPU_ARCHS = $(shell printf '8.0\n9.0\n$(GPU_CC)\n' | grep . | sort -u | paste -sd ';' -)
+# gpu-check runs bench/gpu_check.sh (its header says what it needs and writes). It installs
+# nothing: no venv, no pip; it takes PYTHON when given (make gpu-check PYTHON=python3), else the
+# first python3 whose torch has CUDA, builds the extension in place for the local GPU and writes
+# summary.txt, tests.xml, bench.json and log.txt under GPU_OUT. Its build removes .venv's build
+# stamp (GPU_BUILD_STAMP) so that the next `make test` or `make bench` rebuilds for .venv's torch.
+# GPU_TESTS: every test file with GPU tests (tests/test_gpu_check.py checks that none is missing);
+# the NCCL ones need 2 and 4 GPUs and say so when skipped.
 GPU_TESTS := tests/test_cuda.py tests/test_cuda_build.py tests/test_triton_ops.py \
              tests/test_triton_optimizer.py tests/test_optimizer_api.py tests/test_sharded.py \
              tests/test_fadafactor_cuda.py tests/test_fadafactor_triton.py
-GPU_OUT := bench/results
+GPU_OUT ?= bench/results/gpu-check
+# FADAM_GPU_CHECK_DRY_RUN=1 (tests only): no GPU needed; these CPU tests stand in for GPU_TESTS.
+GPU_DRY_RUN_TESTS ?= tests/test_gpu_check_summary.py
+given = $(if $(filter command line environment environment override,$(origin $(1))),$($(1)))
 
-gpu-check: $(BENCH_DEPS)
-	@test -n "$(GPU_CC)" || { echo "gpu-check: no NVIDIA GPU visible (nvidia-smi)"; exit 1; }
-	rm -f $(BUILT) $(GPU_OUT)/gpu_check_tests.xml $(GPU_OUT)/gpu_check_bench.json
-	mkdir -p $(GPU_OUT)
-	FORCE_CUDA=1 FADAM_HIP_CPU= TORCH_CUDA_ARCH_LIST="$(GPU_ARCHS)" \
-	    $(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	-TRITON_INTERPRET=0 $(PY) -m pytest -q -rs $(GPU_TESTS) --junitxml=$(GPU_OUT)/gpu_check_tests.xml
-	-TRITON_INTERPRET=0 $(PY) bench/step_bench.py --quick --device cuda --no-progress \
-	    --json $(GPU_OUT)/gpu_check_bench.json
-	$(PY) bench/gpu_check_summary.py $(GPU_OUT)/gpu_check_tests.xml $(GPU_OUT)/gpu_check_bench.json
+gpu-check:
+	@GPU_OUT="$(GPU_OUT)" GPU_TESTS="$(GPU_TESTS)" GPU_DRY_RUN_TESTS="$(GPU_DRY_RUN_TESTS)" \
+	    GPU_BUILD_STAMP="$(BUILT)" \
+	    GPU_PYTHON="$(call given,PYTHON)" MAX_JOBS="$(call given,MAX_JOBS)" \
+	    TORCH_CUDA_ARCH_LIST="$(call given,TORCH_CUDA_ARCH_LIST)" bash bench/gpu_check.sh
+
+# The oldest supported torch, 2.11.0 (the GPU runners' build), in a venv of its own: it builds
+# and tests a copy of the sources under $(T211_VENV)/src, so that neither venv's build of
+# fadam_fused/_C*.so overwrites the other's. The CPU, emulated CUDA (with HIP-CPU) and, when a
+# toolkit is found, CUDA kernels, then the whole suite (CPU, Triton interpreted, CUDA emulated).
+T211_VENV ?= .venv-torch211
+T211_PY   := $(abspath $(T211_VENV))/bin/python
+T211_SRC  := $(T211_VENV)/src
+T211_DEPS := $(T211_VENV)/.deps-stamp
+T211_TREE := csrc fadam_fused triton_kernels tests bench examples docs setup.py pyproject.toml \
+             README.md Makefile requirements-dev.txt requirements-bench.txt
+
+$(T211_DEPS): requirements-torch211.txt
+	test -x $(T211_PY) || $(PYTHON) -m venv $(T211_VENV)
+	$(T211_PY) -m pip install -q -r requirements-torch211.txt
+	touch $@
+
+test-torch211: $(T211_DEPS)
+	mkdir -p $(T211_SRC)
+	cd $(T211_SRC) && rm -rf $(T211_TREE)
+	# tar keeps the files' times, so ninja rebuilds only what changed since the last run
+	tar -c --exclude='*.so' --exclude=__pycache__ --exclude=bench/results $(T211_TREE) | tar -x -C $(T211_SRC)
+	cd $(T211_SRC) && $(T211_PY) setup.py -q build_ext --inplace
+	cd $(T211_SRC) && $(T211_PY) -m pytest -q -rs -p no:cacheprovider tests
 
 clean:
 	rm -rf build *.egg-info fadam_fused/_C*.so $(BUILT)

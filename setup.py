@@ -20,11 +20,21 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+
+# The extension is compiled against the torch it will run with, which must be installed first
+# (and the build not isolated from it: `pip install --no-build-isolation -e .`).
+try:
+    import torch  # noqa: F401
+except ImportError as exc:
+    sys.exit(f"fadam_fused: building needs torch installed first ({exc}). Install torch 2.11 or "
+             f"newer for your platform (`pip install torch`; see pytorch.org for CUDA builds), "
+             f"then `pip install --no-build-isolation -e .` in this folder.")
 
 
 def _truthy(name):
@@ -121,7 +131,10 @@ def _extensions():
     # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` (ATen/ParallelOpenMP.h) that
     # compiles into this library; without the flag it runs on one thread. The libgomp.so.1 it
     # links resolves to the one torch has already loaded.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden",
+    # -std=c++20: the sources use C++20 (template lambdas in the dispatch). torch 2.14 compiles
+    # extensions as C++20 anyway; torch 2.11 would pass -std=c++17 unless a -std is given, and
+    # nvcc then warns "explicit lambda template parameters are a C++20 feature" on every one.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden",
            "-Wno-unknown-pragmas"]  # at::vec headers carry CUDA-only `#pragma unroll`
     vec = os.environ.get("FADAM_CPU_VEC") or _cpu_vec_default()
     if vec not in _CPU_VEC_FLAGS:
@@ -140,7 +153,7 @@ def _extensions():
     # nvcc's defaults keep IEEE division and sqrt (-prec-div=true -prec-sqrt=true): no fast math.
     # --fmad=false: no FMA contraction, as the CPU build's -ffp-contract=off, so phase A and phase B
     # round fim_update() identically whatever the call site (csrc/cuda/fadam_cuda.cu header).
-    nvcc = ["-O3", "-lineinfo", "--fmad=false", "-DFADAM_WITH_CUDA"]
+    nvcc = ["-O3", "-std=c++20", "-lineinfo", "--fmad=false", "-DFADAM_WITH_CUDA"]
     print(f"fadam_fused: building CPU and CUDA kernels (CUDA_HOME={cuda_home}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
     return [CUDAExtension("fadam_fused._C", sources, include_dirs=include_dirs,

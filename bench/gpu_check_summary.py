@@ -5,7 +5,8 @@
 TESTS.xml is pytest's --junitxml report, BENCH.json the --json output of bench/step_bench.py
 (--quick --device cuda). Prints tests passed / failed / skipped, then the default workload's step
 time of fadam-cuda, fadam-triton, fadafactor-cuda, fadafactor-triton and torch-adam-fused, their
-ratios, bytes per parameter of traffic and of optimizer state.
+ratios, bytes per parameter of traffic and of optimizer state, and one line per reason for the
+other rows that did not run (pytorch_optimizer-fadam where that package is not installed).
 Exits 1 when a test failed or errored (or the report is missing), so `make gpu-check` fails too.
 """
 
@@ -36,6 +37,13 @@ def bench_rows(bench: dict) -> dict[str, dict]:
             if r.get("kind") == "default" and r.get("status") == "ok"}
 
 
+def not_run(bench: dict) -> dict[str, str]:
+    """The default workload's rows that did not run, by row name: why not (a package that is not
+    installed, such as pytorch_optimizer on the GPU runners; a row for another device)."""
+    return {r["row"]: r.get("reason") or r.get("status", "?") for r in bench.get("results", [])
+            if r.get("kind") == "default" and r.get("status") != "ok"}
+
+
 def summary(counts: dict[str, int] | None, bench: dict | None) -> str:
     lines = ["== gpu-check summary =="]
     if counts is None:
@@ -53,10 +61,12 @@ def summary(counts: dict[str, int] | None, bench: dict | None) -> str:
                  f"{workload}, {next(iter(rows.values())).get('dtype', '?')}, median step time")
     adam = rows.get("torch-adam-fused")
     cuda = rows.get("fadam-cuda")
+    skipped = not_run(bench)
     for name in ROWS:
         r = rows.get(name)
         if r is None:
-            lines.append(f"  {name:<17} not run")
+            why = skipped.get(name)
+            lines.append(f"  {name:<17} not run" + (f": {why}" if why else ""))
             continue
         vs_adam = f"{r['median_ms'] / adam['median_ms']:.2f}x torch-adam-fused" if adam else "-"
         state = r.get("state_bytes_per_param")
@@ -66,6 +76,12 @@ def summary(counts: dict[str, int] | None, bench: dict | None) -> str:
     if cuda and rows.get("fadam-triton"):
         lines.append(f"  ratio fadam-triton / fadam-cuda: "
                      f"{rows['fadam-triton']['median_ms'] / cuda['median_ms']:.2f}x")
+    by_reason: dict[str, list[str]] = {}
+    for name, why in skipped.items():
+        if name not in ROWS:
+            by_reason.setdefault(why, []).append(name)
+    for why, names in by_reason.items():
+        lines.append(f"  skipped {', '.join(names)}: {why}")
     return "\n".join(lines)
 
 

@@ -93,6 +93,8 @@ def _backend_unavailable(backend: str, device: torch.device) -> str | None:
     reason = _fadam_import_error()
     if reason is not None:
         return reason
+    if backend == "cpu" and device.type != "cpu":
+        return f"CPU-only row; this run is on {device.type}"
     from fadam_fused import backends
     reason = backends.unavailable_reason(backend, device)
     if backend in ("triton", "cuda") and device.type != "cuda":

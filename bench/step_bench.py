@@ -52,7 +52,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,8 +62,6 @@ if __package__ in (None, ""):  # run as `python bench/step_bench.py`: make `benc
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import report, rows as rows_mod, workloads  # noqa: E402
-
-Probe = Callable[[], Any]  # see run_workload
 
 WARMUP_NOTE = "4 warmup steps per row before timing (2 for rows slower than 50 ms/step)"
 MIN_ROUNDS = 3  # fewest rounds a slow row takes part in: p20/p80 need at least 3 samples
@@ -295,6 +293,36 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
     return meta
 
 
+def busy_threads(samples: int = 10, interval: float = 0.05) -> float | None:
+    """Threads of other processes running or ready to run now: the median over `samples` reads of
+    /proc/loadavg's count of runnable threads, less this one, `interval` s apart (0.5 s).
+
+    Not the load average: the 1-minute average still counts a build that ended a minute ago
+    (`make bench` builds right before it runs) and reads 0.5-0.7 on an idle 2-core VM."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return None
+        if i + 1 < samples:
+            time.sleep(interval)
+    return float(np.median(counts))
+
+
+def print_unavailable(rows: list[rows_mod.Row], device: torch.device) -> None:
+    """One line per reason for the rows that cannot run here (GPU-only rows on a CPU run, a
+    package that is not installed): the same on every workload, so the tables leave them out."""
+    by_reason: dict[str, list[str]] = {}
+    for row in rows:
+        reason = row.unavailable(device)
+        if reason is not None:
+            by_reason.setdefault(reason, []).append(row.name)
+    for reason, names in by_reason.items():
+        print(f"not run here: {', '.join(names)}: {reason}", flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Scheduling and the measurement loop
 
@@ -319,12 +347,8 @@ def plan_rounds(estimates: dict[str, float], budget: float, rounds: int) -> dict
 
 def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device: torch.device,
                  dtype: torch.dtype, threads: int, budget: float, rounds: int, seed: int,
-                 progress=None, probe: Probe | None = None) -> list[dict[str, Any]]:
-    """Time every row on `workload`; one result dict per row (unavailable rows included).
-
-    `probe`, if given, is called before each round and after each sample; a row's result then
-    holds `round_probe`, per round the values before and after its sample (None where it did
-    not run). bench/experiments/placement.py uses it to label where the CPUs ran."""
+                 progress=None) -> list[dict[str, Any]]:
+    """Time every row on `workload`; one result dict per row (unavailable rows included)."""
     results: dict[str, dict[str, Any]] = {}
     numels = workload.numels
     base = dict(workload=workload.name, kind=workload.kind, n_params=workload.n_params,
@@ -393,14 +417,11 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
     samples: dict[str, list[float]] = {name: [] for name in live}
     spent = {name: 0.0 for name in live}
     round_medians: dict[str, list[float | None]] = {name: [None] * rounds for name in live}
-    # The probe between two samples serves as the after of one and the before of the next.
-    round_probe: dict[str, list[list[Any] | None]] = {name: [None] * rounds for name in live}
     plan = plan_rounds(estimates, budget, rounds)
     share = budget / max(1, len(live))
     order = list(live)
     for r in range(rounds):
         shift = r % max(1, len(order))
-        before = probe() if probe else None
         for name in order[shift:] + order[:shift]:
             joins, _ = plan[name]
             if r not in joins:
@@ -415,10 +436,6 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
             spent[name] += time.perf_counter() - t0
             samples[name].extend(got)
             round_medians[name][r] = float(np.median(got)) * 1e3
-            if probe:
-                after = probe()
-                round_probe[name][r] = [before, after]
-                before = after
         if progress is not None:
             progress.update(1)
 
@@ -428,8 +445,6 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
         res.update(median_ms=float(med), p20_ms=float(p20), p80_ms=float(p80), n_samples=len(times),
                    gbps=res["model_bytes"] / (med / 1e3) / 1e9, rounds=len(plan[name][0]),
                    timed_s=round(spent[name], 2), round_medians_ms=round_medians[name])
-        if probe:
-            res["round_probe"] = round_probe[name]
     add_ratios(results, rows)
 
     live.clear()
@@ -465,8 +480,8 @@ def paired_ratio(res: dict[str, Any], base: dict[str, Any]) -> list[float] | Non
 
 
 def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The CPU targets on the default workload: fadam-cpu <= 1.5x torch-adam-fused's time, and
-    >= 8x faster than pytorch_optimizer-fadam (the same entries for the GPU rows)."""
+    """Per fused FAdam row, on the default workload: its time against torch-adam-fused's (and
+    what the traffic model expects of it), and its speed-up over pytorch_optimizer-fadam."""
     by = {(r["kind"], r["row"]): r for r in results}
     out: dict[str, Any] = {}
     for fused in ("fadam-cpu", "fadam-cuda", "fadam-triton"):
@@ -523,6 +538,28 @@ def parse_clip(text: str) -> float | None:
     return value or None
 
 
+def parse_threads(text: str) -> int:
+    """--threads: a whole number >= 1 (0 would leave torch's default in place without saying so)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"threads must be >= 1, got {text}")
+    return value
+
+
+def parse_budget_scale(text: str) -> float:
+    """--budget-scale: a finite number > 0 (0 or less would time nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"budget scale must be finite and > 0, got {text}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -542,9 +579,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "pytorch_optimizer-fadam keeps 1.0 (it cannot turn clipping off)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="param and grad dtype (FAdam state stays float32)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--budget-scale", type=float, default=1.0,
-                    help="multiply every time budget (e.g. 3 for final figures)")
+    ap.add_argument("--threads", type=parse_threads, default=None,
+                    help="torch threads, >= 1 (default: torch's)")
+    ap.add_argument("--budget-scale", type=parse_budget_scale, default=1.0,
+                    help="multiply every time budget, > 0 (e.g. 3 for final figures)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--csv", metavar="PATH")
     ap.add_argument("--json", metavar="PATH")
@@ -564,7 +602,8 @@ def build_workloads(args, device, rows) -> list[workloads.Workload]:
         out.append(workloads.tiny_workload())
     if "default" in kinds:
         if device.type == "cuda":
-            out.append(gpu_default_workload(device, rows, dtype))
+            runnable = [r for r in rows if r.unavailable(device) is None]
+            out.append(gpu_default_workload(device, runnable, dtype))
         else:
             out.append(workloads.llm_workload(workloads.CPU_DEFAULT_PARAMS, workloads.CPU_DEFAULT_D_MODEL))
     if "size" in kinds:
@@ -579,10 +618,8 @@ def build_workloads(args, device, rows) -> list[workloads.Workload]:
     return out
 
 
-def run(args: argparse.Namespace, probe: Probe | None = None
-        ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """Every workload and row `args` names, printed as it goes; returns (meta, results, summary).
-    `probe`: see run_workload."""
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """Every workload and row `args` names, printed as it goes; returns (meta, results, summary)."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
@@ -598,16 +635,18 @@ def run(args: argparse.Namespace, probe: Probe | None = None
                 clip=args.clip, timing=("torch.utils.benchmark.Timer.blocked_autorange"
                                         if device.type == "cpu" else "CUDA events"),
                 warmup=WARMUP_NOTE)
+    if device.type == "cpu":
+        meta["busy_threads_start"] = busy_threads()
     print(report.header(meta), flush=True)
-    load = meta["loadavg_start"]
-    if device.type == "cpu" and load and load[0] > 0.5 + (os.cpu_count() or 1) - threads:
+    busy, cores = meta.get("busy_threads_start"), os.cpu_count() or 1
+    if busy is not None and busy >= max(1.0, cores / 2):
         # With more runnable threads than cores, an OpenMP barrier waits for a descheduled thread
         # for a whole time slice (ms): that made a 1.5 s reference step take 7-20 s and fused
         # Adam's p80 10x its p20. Small workloads and many-op rows suffer most.
-        print(f"WARNING: 1-minute load average {load[0]:.1f} on {os.cpu_count()} cores with {threads} "
-              "threads here: other jobs share (or just shared) the CPU, so these figures may be "
-              "noisy; compare the loadavg_end in the JSON, and rerun on an idle machine for "
-              "published numbers", flush=True)
+        print(f"WARNING: {busy:g} other threads were running on this machine's {cores} cores "
+              f"when the benchmark started, next to its {threads}: the figures may be noisy; rerun "
+              "on an idle machine for figures to keep", flush=True)
+    print_unavailable(rows, device)
 
     try:
         from tqdm import tqdm
@@ -622,7 +661,7 @@ def run(args: argparse.Namespace, probe: Probe | None = None
         progress.set_postfix_str(w.name)
         budget, rounds = budgets[w.kind]
         res = run_workload(w, rows, device, dtype, threads, budget * args.budget_scale, rounds,
-                           args.seed, progress, probe)
+                           args.seed, progress)
         results += res
         progress.write(report.table(w, res))
     progress.close()

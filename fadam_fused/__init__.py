@@ -1,5 +1,6 @@
-"""fadam_fused: fused CUDA, Triton and CPU kernels for the FAdam optimizer (Hwang 2024),
-and FAdafactor, its factored variant (the paper's Algorithm 2).
+"""fadam_fused: fused CUDA, Triton and CPU kernels for the Fisher-preconditioned optimizers:
+FAdam (Hwang 2024), FAdafactor, its factored variant (the paper's Algorithm 2), and AdaFisher
+(Gomes et al., ICLR 2025).
 
     from fadam_fused import FAdam
     opt = FAdam(model.parameters(), lr=1e-3)   # drop-in for torch.optim.AdamW
@@ -8,9 +9,12 @@ docs/design.md has the algorithm and the contract; README.md, building and bench
 """
 
 from . import reference
+from .adafisher import AdaFisher, AdaFisherW
 from .backends import BACKENDS
 from .fadafactor import FAdafactor
-from .optimizer import FAdam, fadam
+from .fadam import FAdam, fadam
+from .optimizer import FisherOptimizer
 
-__all__ = ["FAdam", "FAdafactor", "fadam", "reference", "BACKENDS"]
+__all__ = ["FAdam", "FAdafactor", "AdaFisher", "AdaFisherW", "FisherOptimizer", "fadam",
+           "reference", "BACKENDS"]
 __version__ = "0.1.0"

@@ -8,8 +8,14 @@ import and the dispatcher queries.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.machinery
+import importlib.util
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -25,6 +31,13 @@ def _load() -> str | None:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.fadam_fused.*)
     except ImportError as exc:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not any(os.path.exists(os.path.join(here, "_C" + suffix))
+                   for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+            # Python's own message for a missing submodule of a package that is still importing
+            # blames "a circular import", which sends people looking for the wrong thing.
+            return (f"fadam_fused._C could not be imported: it is not built (no "
+                    f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]} in {here}). {_BUILD_HINT}")
         return f"fadam_fused._C could not be imported ({exc}). {_BUILD_HINT}"
     return None
 
@@ -72,3 +85,43 @@ def _load_emulated() -> str | None:
 # FADAM_CUDA_EMULATE=1: the module is then never imported).
 EMULATED_LOAD_ERROR: str | None = (_load_emulated() if CUDA_EMULATE
                                    else "FADAM_CUDA_EMULATE is not set")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels():
+    """(fadam_fused.triton_kernels, None), or (None, why it cannot be imported)."""
+    try:
+        try:
+            # import_module, not `from . import`: that turns a missing submodule into a plain
+            # ImportError ("cannot import name"), and the source-tree fallback never ran.
+            module = importlib.import_module(f"{__package__}.triton_kernels")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.triton_kernels":
+                raise
+            module = _source_tree_triton_kernels()
+    except ImportError as exc:
+        return None, f"Triton is not usable here ({exc}); install it with `pip install triton`"
+    return module, None
+
+
+def _source_tree_triton_kernels():
+    """Imports ../triton_kernels as fadam_fused.triton_kernels.
+
+    An installed package has it in place (setup.py's package_dir). In a source checkout whose
+    fadam_fused/ comes first on sys.path (pytest from the repo root, `setup.py build_ext
+    --inplace`), the subpackage is not inside fadam_fused/, so load it from beside it.
+    """
+    root = Path(__file__).resolve().parent.parent / "triton_kernels"
+    name = f"{__package__}.triton_kernels"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    if spec is None or not (root / "__init__.py").exists():
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

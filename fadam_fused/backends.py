@@ -1,24 +1,21 @@
-"""The backends and the one helper that chooses among them.
+"""The backends, the one helper that chooses among them, and their op sets.
 
-Every fused backend implements the two ops of [note: the two-phase op contract]
-(fadam_fused/op_contract.py): "cpu" and "cuda" are the C++ kernels behind
-torch.ops.fadam_fused.fadam_phase_{a,b} (one schema, two dispatch keys); "triton" is
-torch.ops.fadam_fused.triton_phase_{a,b}, registered with torch.library.triton_op in
-fadam_fused.triton_kernels. "reference" is not a fused backend: it is the oracle of
-fadam_fused.reference, one tensor at a time. Under FADAM_CUDA_EMULATE=1 (tests), "cuda" is
-torch.ops.fadam_fused.cuda_emulated_phase_{a,b} (and cuda_emulated_fadafactor_phase_{s,a,b}): the
-CUDA kernels compiled for the CPU, on CPU tensors ([note: one CUDA source, two compilers] in
-csrc/cuda/launch.h).
+Every backend implements the ops of [note: the two-phase op contract] and [note: the FAdafactor
+op contract] (fadam_fused/op_contract.py): "cpu" and "cuda" are the C++ kernels behind
+torch.ops.fadam_fused.fadam_phase_{a,b} and fadafactor_phase_{s,a,b} (one schema, two dispatch
+keys); "triton" is torch.ops.fadam_fused.triton_phase_{a,b} and triton_fadafactor_phase_{s,a,b},
+registered with torch.library.triton_op in fadam_fused.triton_kernels; "reference" is the oracle
+of fadam_fused.reference behind the same contract, one tensor at a time. Under
+FADAM_CUDA_EMULATE=1 (tests), "cuda" is torch.ops.fadam_fused.cuda_emulated_phase_{a,b} (and
+cuda_emulated_fadafactor_phase_{s,a,b}): the CUDA kernels compiled for the CPU, on CPU tensors
+([note: one CUDA source, two compilers] in csrc/cuda/launch.h).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-
 import torch
 
-from . import _ext, op_contract
+from . import _ext, op_contract, reference
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
@@ -26,20 +23,7 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: some permutation of the dims is contiguous, so a fused kernel can
-    walk the storage as numel consecutive elements (its operands then share strides). False for
-    strided views such as ``w[:, ::2]``."""
-    if t.is_contiguous():  # the common case, decided in C++: ~0.1 us against ~3 us below
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+is_dense = op_contract.is_dense
 
 
 def unfusable_reason(param: torch.Tensor) -> str | None:
@@ -50,50 +34,6 @@ def unfusable_reason(param: torch.Tensor) -> str | None:
         return (f"is a strided view (shape {tuple(param.shape)}, strides {tuple(param.stride())}), "
                 "not dense")
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_module():
-    """fadam_fused.triton_kernels, or the reason it cannot be imported."""
-    try:
-        try:
-            # import_module, not `from . import`: that turns a missing submodule into a plain
-            # ImportError ("cannot import name"), and the source-tree fallback never ran.
-            triton_kernels = importlib.import_module(f"{__package__}.triton_kernels")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.triton_kernels":
-                raise
-            triton_kernels = _load_source_tree_triton_kernels()
-    except ImportError as exc:
-        return None, f"Triton is not usable here ({exc}); install it with `pip install triton`"
-    return triton_kernels, None
-
-
-def _load_source_tree_triton_kernels():
-    """Imports ../triton_kernels as fadam_fused.triton_kernels.
-
-    An installed package has it in place (setup.py's package_dir). In a source checkout whose
-    fadam_fused/ comes first on sys.path (pytest from the repo root, `setup.py build_ext
-    --inplace`), the subpackage is not inside fadam_fused/, so load it from beside it.
-    """
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent / "triton_kernels"
-    name = f"{__package__}.triton_kernels"
-    spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    if spec is None or not (root / "__init__.py").exists():
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -120,7 +60,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
                     "`pip install --no-build-isolation -e .`")
         return None
     if name == "triton":
-        module, reason = _triton_module()
+        module, reason = _ext.triton_kernels()
         if module is None:
             return reason
         # Triton decided when the kernels were defined whether they are compiled or interpreted
@@ -140,7 +80,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     raise ValueError(f"Invalid backend: {name!r}; expected None or one of {BACKENDS}")
 
 
-def resolve(requested: str | None, device: torch.device) -> str:
+def resolve(requested: str | None, device: torch.device, who: str = "FAdam") -> str:
     """The backend that runs a step on `device`: `requested`, or the fastest available one.
 
     An explicit request that cannot run raises a RuntimeError saying why and how to fix it.
@@ -148,7 +88,7 @@ def resolve(requested: str | None, device: torch.device) -> str:
     if requested is not None:
         reason = unavailable_reason(requested, device)
         if reason is not None:
-            raise RuntimeError(f"FAdam backend={requested!r} cannot run: {reason}")
+            raise RuntimeError(f"{who} backend={requested!r} cannot run: {reason}")
         return requested
     if device.type == "cuda":
         order = ("cuda", "triton", "reference")
@@ -163,37 +103,91 @@ _FUSED: dict[str, op_contract.PhaseOps] = {}  # a plain dict: torch.compile read
 
 
 def fused(name: str) -> op_contract.PhaseOps:
-    """The two ops of fused backend `name` (resolve() has checked that it can run)."""
+    """FAdam's two ops on backend `name` (resolve() has checked that it can run)."""
     if name not in _FUSED:
-        if name == "cuda" and _ext.CUDA_EMULATE:
+        if name == "reference":
+            _FUSED[name] = reference.FADAM_OPS
+        elif name == "cuda" and _ext.CUDA_EMULATE:
             _FUSED[name] = op_contract.phase_ops(name, *op_contract.EMULATED_CUDA_OPS)
         elif name in ("cpu", "cuda"):
             _FUSED[name] = op_contract.phase_ops(name, "fadam_phase_a", "fadam_phase_b")
         elif name == "triton":
-            module, reason = _triton_module()
-            if module is None:
-                raise RuntimeError(reason)
+            _require_triton()
             _FUSED[name] = op_contract.phase_ops(name, "triton_phase_a", "triton_phase_b")
         else:
-            raise ValueError(f"{name!r} is not a fused backend")
+            raise ValueError(f"{name!r} is not a backend")
     return _FUSED[name]
 
 
-# The prefix of each fused backend's FAdafactor ops ([note: the FAdafactor op contract] in
-# op_contract.py): the C++ kernels register "fadafactor" for CPU and CUDA, Triton its own.
-FACTORED_KERNELS = {"cpu": "fadafactor", "cuda": "fadafactor", "triton": "triton_fadafactor"}
 _FACTORED: dict[str, op_contract.FactoredOps] = {}  # a plain dict, as _FUSED
 
 
 def factored(name: str) -> op_contract.FactoredOps:
-    """The three FAdafactor ops of fused backend `name` (one of FACTORED_KERNELS)."""
+    """FAdafactor's three ops on backend `name` (resolve() has checked that it can run): the
+    C++ kernels register "fadafactor" for CPU and CUDA, Triton its own prefix."""
     if name not in _FACTORED:
-        if name == "triton":  # importing the Triton kernels registers their ops
-            module, reason = _triton_module()
-            if module is None:
-                raise RuntimeError(reason)
-        prefix = FACTORED_KERNELS[name]
-        if name == "cuda" and _ext.CUDA_EMULATE:
-            prefix = op_contract.EMULATED_CUDA_FADAFACTOR
-        _FACTORED[name] = op_contract.factored_ops(name, prefix)
+        if name == "reference":
+            _FACTORED[name] = reference.FADAFACTOR_OPS
+        elif name == "cuda" and _ext.CUDA_EMULATE:
+            _FACTORED[name] = op_contract.factored_ops(name,
+                                                       op_contract.EMULATED_CUDA_FADAFACTOR)
+        elif name in ("cpu", "cuda"):
+            _FACTORED[name] = op_contract.factored_ops(name, "fadafactor")
+        elif name == "triton":
+            _require_triton()  # importing the Triton kernels registers their ops
+            _FACTORED[name] = op_contract.factored_ops(name, "triton_fadafactor")
+        else:
+            raise ValueError(f"{name!r} is not a backend")
     return _FACTORED[name]
+
+
+def _require_triton() -> None:
+    module, reason = _ext.triton_kernels()
+    if module is None:
+        raise RuntimeError(reason)
+
+
+_ADAFISHER: dict[str, op_contract.AdaFisherOps] = {}  # a plain dict, as _FUSED
+
+
+def adafisher_available(name: str) -> bool:
+    """Whether backend `name` has the AdaFisher kernels ([note: the AdaFisher op contract]);
+    asked for every parameter on every step, so answered once per backend (and emulation)."""
+    key = (name, _ext.CUDA_EMULATE)
+    found = _AVAILABLE.get(key)
+    if found is None:
+        found = _AVAILABLE[key] = _adafisher_available(name)
+    return found
+
+
+_AVAILABLE: dict[tuple[str, bool], bool] = {}
+
+
+def _adafisher_available(name: str) -> bool:
+    if name == "reference":
+        return True
+    if name == "triton":
+        module, _ = _ext.triton_kernels()
+        return module is not None and hasattr(module, "triton_adafisher_update")
+    op = ("cuda_emulated_" if name == "cuda" and _ext.CUDA_EMULATE else "") + "adafisher_update"
+    key = "CUDA" if name == "cuda" and not _ext.CUDA_EMULATE else "CPU"
+    return (_ext.LOAD_ERROR is None and hasattr(getattr(torch.ops, op_contract.NAMESPACE), op)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"{op_contract.NAMESPACE}::{op}", key))
+
+
+def adafisher(name: str) -> op_contract.AdaFisherOps:
+    """AdaFisher's two ops on backend `name`."""
+    if name not in _ADAFISHER:
+        if name == "reference":
+            _ADAFISHER[name] = reference.ADAFISHER_OPS
+        elif name == "cuda" and _ext.CUDA_EMULATE:
+            _ADAFISHER[name] = op_contract.adafisher_ops(name, "cuda_emulated_")
+        elif name in ("cpu", "cuda"):
+            _ADAFISHER[name] = op_contract.adafisher_ops(name, "")
+        elif name == "triton":
+            _require_triton()
+            _ADAFISHER[name] = op_contract.adafisher_ops(name, "triton_")
+        else:
+            raise ValueError(f"{name!r} is not a backend")
+    return _ADAFISHER[name]

@@ -104,6 +104,38 @@ FADAFACTOR_PHASE_B_SCHEMA = (
     "float weight_decay, bool maximize, int chunk_size, bool fuse_one_chunk) -> ()")
 
 
+# ---- AdaFisher: one update phase, and the gradient check every member can use ------------------
+
+# [note: the AdaFisher op contract]
+# AdaFisher (docs/design.md, section 10) preconditions with a Fisher that is a Kronecker product
+# of two diagonals per layer, F = S H^T + damping, so its step needs no reduction: one update op
+# per (device, dtype) group, which reads g, m, theta and writes m, theta (20 B/param in float32),
+# and computes F per element from two vectors, never materialised:
+#
+# - nonfinite_check (read-only): stores 1 into ``skip`` when any scaled gradient g (grad times
+#   (maximize ? -1 : 1) / grad_scale, in float32) has a square g * g that is not finite: the
+#   family's non-finite rule (docs/design.md, section 6). Reads g only (4 B/param). The engine
+#   calls it before any update, unless a GradScaler's found_inf already decided (its own pass
+#   over the gradients checked them).
+# - adafisher_update: unless ``skip != 0``, for tensor i with (s_offset, h_offset, cols) =
+#   factor_layout[3i:3i+3] and every element e in the tensor's memory order:
+#       F = cols == 0 ? 1 : S[e / cols] * H[e % cols] + damping,
+#           with S = factors[s_offset:], H = factors[h_offset:] (float32)
+#       bc = 1 - beta^t (float64, t = steps[i] after the increment)
+#       AdaFisher (decoupled false):  m = beta m + (1 - beta) (g + weight_decay theta)
+#                                     theta = theta - (lr / bc) (m / F)
+#       AdaFisherW (decoupled true):  m = beta m + (1 - beta) g
+#                                     theta = theta - lr (m / bc / F + weight_decay theta)
+#   with g scaled as above. The caller lays H out in the parameter's memory order (a
+#   channels_last conv weight's columns permuted), so e / cols is always the output channel.
+NONFINITE_CHECK_SCHEMA = "(Tensor[] grads, Tensor(a!) skip, Tensor? grad_scale) -> ()"
+ADAFISHER_UPDATE_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentums, Tensor[] steps, "
+    "Tensor factors, int[] factor_layout, Tensor skip, Tensor? grad_scale, Tensor? lr_tensor, "
+    "*, float lr, float beta, float weight_decay, float damping, bool decoupled, bool maximize, "
+    "int chunk_size) -> ()")
+ADAFISHER_UPDATE_MUTATES = ("params", "momentums")
+
 # Elements per chunk: the partial-sum slot unit and one block's (GPU) or task's (CPU) work.
 # GPUs: 65536, PyTorch's MultiTensorApply chunk; a one-chunk tensor's second pass re-reads
 # 64K x 12 B = 768 KiB, which stays in L2. CPU: 2^20; a one-chunk tensor's g, f, theta (12 MiB in
@@ -153,7 +185,34 @@ EMULATED_CUDA_FADAFACTOR = "cuda_emulated_fadafactor"  # the prefix of its FAdaf
 define_fadafactor_ops("fadafactor")
 
 
+def define_adafisher_ops(prefix: str) -> None:
+    """Defines fadam_fused::<prefix>nonfinite_check and <prefix>adafisher_update ([note: the
+    AdaFisher op contract]); the CPU and CUDA kernels register them with an empty prefix."""
+    _define(f"{prefix}nonfinite_check", NONFINITE_CHECK_SCHEMA)
+    _define(f"{prefix}adafisher_update", ADAFISHER_UPDATE_SCHEMA)
+
+
+define_adafisher_ops("")
+
+
 # ---- chunks and slots ---------------------------------------------------------------------------
+
+
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of the dims is contiguous, so a fused kernel can
+    walk the storage as numel consecutive elements (its operands then share strides). False for
+    strided views such as ``w[:, ::2]``."""
+    if t.is_contiguous():  # the common case, decided in C++: ~0.1 us against ~3 us below
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
 
 
 def nchunks_of(numel: int, chunk_size: int) -> int:
@@ -226,13 +285,47 @@ def factor_offsets(params: Sequence[Tensor], chunk_size: int) -> tuple[list[int]
     return partials, factors
 
 
-def new_factor_buffers(params: Sequence[Tensor], chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Uninitialised (factor_partials float64, factors float32) for `params` (phase S fills
-    them)."""
+def factor_sums(factor_partials: Tensor, params: Sequence[Tensor],
+                chunk_size: int) -> list[tuple[Tensor, Tensor]]:
+    """Per tensor of shape (..., n, m): its float64 row sums [B, n] and column sums [B, m] of
+    g^2, phase S's tile partials added up in tile order (a sharded wrapper all-reduces these)."""
+    offsets = factor_offsets(params, chunk_size)[0]
+    out = []
+    for i, t in enumerate(params):
+        tile = factor_tile(t.shape, chunk_size)
+        b, n, m = tile.batch, tile.rows, tile.cols
+        if t.numel() == 0:
+            zeros = factor_partials.new_zeros
+            out.append((zeros((b, n)), zeros((b, m))))
+            continue
+        region = factor_partials[offsets[i]:offsets[i + 1]].view(b, -1)
+        rows = region[:, :tile.col_tiles * n].view(b, tile.col_tiles, n).sum(1)
+        cols = region[:, tile.col_tiles * n:].view(b, tile.row_tiles, m).sum(1)
+        out.append((rows, cols))
+    return out
+
+
+def factor_regions(factors: Tensor, offset: int, shape) -> tuple[Tensor, Tensor, Tensor]:
+    """Views of R, C and R / sum R of a tensor of `shape` in the factors scratch, whose region
+    starts at `offset` ([note: the FAdafactor op contract]: per matrix R (n), C (m), R / sum R)."""
+    n, m = shape[-2], shape[-1]
+    batch = shape[:-2]
+    count = 1
+    for size in batch:
+        count *= size
+    region = factors[offset:offset + count * (2 * n + m)].view(count, 2 * n + m)
+    return (region[:, :n].view(*batch, n), region[:, n:n + m].view(*batch, m),
+            region[:, n + m:].view(*batch, n))
+
+
+def new_factor_buffers(params: Sequence[Tensor], chunk_size: int,
+                       dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Uninitialised (factor_partials float64, factors of `dtype`: float32 for every fused
+    backend) for `params` (phase S fills them)."""
     partials, factors = factor_offsets(params, chunk_size)
     device = params[0].device
     return (torch.empty(partials[-1], dtype=torch.float64, device=device),
-            torch.empty(factors[-1], dtype=torch.float32, device=device))
+            torch.empty(factors[-1], dtype=dtype, device=device))
 
 
 # ---- host step scalars --------------------------------------------------------------------------
@@ -314,6 +407,25 @@ class FactoredOps:
     phase_a: Callable[..., None]
     phase_b: Callable[..., None]
     chunk_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaFisherOps:
+    """One backend's AdaFisher ops ([note: the AdaFisher op contract]) and its chunk size."""
+
+    name: str
+    nonfinite_check: Callable[..., None]
+    update: Callable[..., None]
+    chunk_size: int
+
+
+def adafisher_ops(backend: str, prefix: str) -> AdaFisherOps:
+    """The backend whose ops are torch.ops.fadam_fused.<prefix>nonfinite_check and
+    <prefix>adafisher_update."""
+    namespace = getattr(torch.ops, NAMESPACE)
+    return AdaFisherOps(backend, getattr(namespace, f"{prefix}nonfinite_check").default,
+                        getattr(namespace, f"{prefix}adafisher_update").default,
+                        CHUNK_SIZE[backend])
 
 
 def factored_ops(backend: str, prefix: str) -> FactoredOps:

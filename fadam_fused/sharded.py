@@ -1,44 +1,37 @@
-"""Sharded parameters (DTensor: FSDP2, HSDP, tensor parallel): the RMS of the whole logical tensor.
+"""Sharded parameters (DTensor: FSDP2, HSDP, tensor parallel): sums over the whole logical tensor.
 
 [note: sharded parameters]
-FAdam's clip scales need RMS(ghat) and RMS(w) over every element of a parameter, but a DTensor
-parameter holds one shard per rank. Clipping by the shard's RMS would train another model than one
-process does, so a step over DTensor parameters runs:
+The family's clip scales need RMS(ghat) and RMS(w) over every element of a parameter, and
+FAdafactor's factors need row and column sums over whole rows and columns, but a DTensor
+parameter holds one shard per rank. A step over DTensor parameters therefore runs every stage on
+each rank's local shards (``to_local()`` of the param, its grad and its DTensor state, placed
+like the param), and between stages the engine hands this module the float64 sums the stage
+made (``Reduction``s: rows of sums, each to be added up over the mesh dims that split its tensor).
+``all_reduce`` adds them up in ONE packed all-reduce per process group (mesh dim) and stage,
+which also carries the step's skip flag and the count of ranks that refused the step, so a NaN
+(or a refused step) on one rank skips the step on every rank. This module knows sums, meshes and
+the op contract's slot layout; it never knows which optimizer made them.
 
-1. phase A on each rank's local shards (``to_local()`` of the param, its grad and its DTensor
-   ``momentum`` / ``fim``, placed like the param), every tensor writing its partial sums
-   (``fuse_one_chunk=False``, [note: the two-phase op contract] in op_contract.py);
-2. the per-tensor float64 pairs (sum ghat^2, sum w^2) all-reduced (SUM) over the mesh dims that
-   split the tensor (``Shard(d)``, and the ``_StridedShard`` of FSDP2 over tensor parallel: every
-   placement but ``Replicate``), plus the step's non-finite flag over every mesh dim, so a NaN on
-   one rank skips the step on all of them (the flag is 0 or 1, so a SUM > 0 is the MAX). One
-   all-reduce per process group (mesh dim) and step packs everything: a row for the flag, then a
-   row per tensor split over that dim. The dims of a mesh are reduced one after another (a sum
-   over several dims is the sum over each in turn), in the order the parameters first use them,
-   which is the same on every rank as long as every rank steps the same parameters (FSDP2 and
-   DTensor autograd give every rank a gradient or none). Payload: 16 bytes per tensor per mesh
-   dim that splits it, plus 16 per group; with clipping off the flag row alone;
-3. phase B on the local shards, with the totals where it reads them: a fused backend adds up a
-   tensor's slots and divides by the local numel, so the first slot gets
-   total * local_numel / global_numel and the others 0; the reference backend gets the totals and
-   the global numel (reference.update_tensor's ``sums`` and ``numel``).
-
-Uneven and empty shards need nothing special: FSDP2 pads dim 0, and a rank whose shard has zero
-rows adds 0 and updates nothing. Nothing here waits on the host for a device: the collectives are
-``dist.all_reduce`` on the default stream (asynchronous towards the host with NCCL; gloo on CPU
-tensors runs them on the host, as it must), and index tensors reach an accelerator through pinned
-memory.
+The dims of a mesh are reduced one after another (a sum over several dims is the sum over each in
+turn), in the order the tensors first use them, which is the same on every rank as long as every
+rank steps the same parameters (FSDP2 and DTensor autograd give every rank a gradient or none).
+Every placement but ``Replicate`` splits a tensor: ``Shard(d)``, and the ``_StridedShard`` of
+FSDP2 over tensor parallel. Uneven and empty shards need nothing special: FSDP2 pads dim 0, and a
+rank whose shard has zero rows adds 0 and updates nothing. Nothing here waits on the host for a
+device: the collectives are ``dist.all_reduce`` on the default stream (asynchronous towards the
+host with NCCL; gloo on CPU tensors runs them on the host, as it must), and index tensors reach
+an accelerator through pinned memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from . import op_contract, reference
+from . import op_contract
 
 if torch.distributed.is_available():
     import torch.distributed as dist
@@ -75,56 +68,25 @@ def check(name: str, param: Tensor, grad: Tensor) -> str | None:
     return None
 
 
+def placed_like(template: Tensor, saved: Tensor) -> Tensor:
+    """`saved` (a loaded state tensor) as float32 state laid out and placed like `template` (the
+    kind's fresh state of the parameter): in the parameter's own layout (a contiguous checkpoint
+    loads into a channels_last parameter's optimizer), and for a DTensor parameter placed like
+    its state. A whole plain tensor loaded into a sharded optimizer (every rank read the same
+    full checkpoint) is cut into this rank's shard without communication."""
+    with torch.inference_mode(False):
+        if is_dtensor(template) and not is_dtensor(saved):
+            whole = saved.to(device=template.device, dtype=torch.float32)
+            return distribute_tensor(whole, template.device_mesh, template.placements,
+                                     src_data_rank=None)
+        return torch.empty_like(template).copy_(saved)
+
+
 def state_like(param: Tensor, saved: Tensor) -> Tensor:
-    """`saved` (a loaded momentum or fim) as float32 state of `param`: in the parameter's own
-    layout (a contiguous checkpoint loads into a channels_last parameter's optimizer), and for a
-    DTensor parameter placed like it. A whole plain tensor loaded into a sharded optimizer (every
-    rank read the same full checkpoint) is cut into this rank's shard without communication."""
-    if is_dtensor(param) and not is_dtensor(saved):
-        whole = saved.to(device=param.device, dtype=torch.float32)
-        return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
-    return torch.empty_like(param, dtype=torch.float32).copy_(saved)
-
-
-@dataclasses.dataclass
-class Shards:
-    """The sharding of one bucket's local tensors, parallel to its lists, and their sums."""
-
-    device: torch.device
-    clip: bool  # False: no RMS, only the flag is reduced
-    global_numels: list[int] = dataclasses.field(default_factory=list)
-    local_numels: list[int] = dataclasses.field(default_factory=list)
-    # Per tensor: (mesh, mesh dims on which it is sharded), the dims its sums are reduced over.
-    layouts: list[tuple[Any, tuple[int, ...]]] = dataclasses.field(default_factory=list)
-    # Phase A's output: a fused backend's partials [n_slots, 2] and its chunk size, or the
-    # reference's per-tensor sums [n, 2]. After all_reduce, `sums` holds the whole tensors' sums.
-    partials: Tensor | None = None
-    chunk_size: int = 0
-    sums: Tensor | None = None
-
-    def add(self, param: Tensor, local_numel: int) -> None:
-        """Records DTensor `param`, whose local shard has `local_numel` elements."""
-        # Every placement but Replicate splits the tensor over that dim: Shard, and the
-        # _StridedShard of FSDP2 over tensor parallel (whose is_shard() is False).
-        dims = tuple(d for d, pl in enumerate(param.placements) if not pl.is_replicate())
-        self.global_numels.append(param.numel())
-        self.local_numels.append(local_numel)
-        self.layouts.append((param.device_mesh, dims))
-
-    def reference_phase_a(self, params: list[Tensor], grads: list[Tensor], fims: list[Tensor],
-                          steps: list[Tensor], *, beta2: float, eps: float, p: float,
-                          maximize: bool, grad_scale: Tensor | None) -> None:
-        """The reference backend's phase A: `sums` of every local shard."""
-        if not self.clip:
-            return
-        self.sums = torch.stack([
-            reference.square_sums(param, grad, f, step, beta2=beta2, eps=eps, p=p,
-                                  maximize=maximize, grad_scale=grad_scale)
-            for param, grad, f, step in zip(params, grads, fims, steps)])
-
-    def reference_args(self, i: int) -> dict[str, Any]:
-        """reference.update_tensor's `sums` and `numel` for tensor i."""
-        return dict(sums=self.sums[i] if self.clip else None, numel=self.global_numels[i])
+    """`saved` as float32 state shaped like `param`, in its layout and placement."""
+    with torch.inference_mode(False):
+        template = torch.empty_like(param, dtype=torch.float32)
+    return placed_like(template, saved)
 
 
 def localize(param: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,6 +99,81 @@ def localize(param: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     return param.to_local(), grad.to_local()
 
 
+@dataclasses.dataclass
+class Layout:
+    """How the tensors of one sharded bucket are split, parallel to its lists of local shards."""
+
+    device: torch.device
+    meshes: list[Any] = dataclasses.field(default_factory=list)
+    # Per tensor: the mesh dims that split it (every placement but Replicate).
+    split_dims: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    placements: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    global_shapes: list[torch.Size] = dataclasses.field(default_factory=list)
+    global_numels: list[int] = dataclasses.field(default_factory=list)
+    local_numels: list[int] = dataclasses.field(default_factory=list)
+
+    def add(self, param: Tensor, local_param: Tensor) -> None:
+        """Records DTensor `param`, whose local shard is `local_param`."""
+        self.meshes.append(param.device_mesh)
+        self.split_dims.append(tuple(d for d, pl in enumerate(param.placements)
+                                     if not pl.is_replicate()))
+        self.placements.append(tuple(param.placements))
+        self.global_shapes.append(param.shape)
+        self.global_numels.append(param.numel())
+        self.local_numels.append(local_param.numel())
+
+    def mesh_dims_splitting(self, i: int, tensor_dims: Sequence[int]) -> tuple[int, ...]:
+        """The mesh dims whose placement shards tensor i along one of `tensor_dims` (negative
+        dims count from the end)."""
+        rank = len(self.global_shapes[i])
+        wanted = {d % rank for d in tensor_dims}
+        return tuple(d for d, pl in enumerate(self.placements[i])
+                     if not pl.is_replicate() and getattr(pl, "dim", None) is not None
+                     and pl.dim % rank in wanted)
+
+
+def groups_of(mesh: Any, dims: Sequence[int] | None = None) -> tuple[Any, ...]:
+    """The process groups of `mesh`'s dims `dims` (all of them by default)."""
+    return tuple(mesh.get_group(d) for d in (range(mesh.ndim) if dims is None else dims))
+
+
+@dataclasses.dataclass
+class Reduction:
+    """Float64 sums to add up across ranks, then ``done(values)``.
+
+    `values` is 1-D; each segment ``(start, end, groups)`` says that ``values[start:end]`` is
+    added up over each of those process groups in turn (consecutive segments with the same
+    groups are one segment: add them with ``segment``). `flag_groups` are the groups the skip
+    flag is reduced over: every dim of the meshes of the tensors behind the sums (also of those
+    with no sums, e.g. with clipping off), or a data-parallel group.
+    """
+
+    values: Tensor | None
+    flag_groups: list[Any] = dataclasses.field(default_factory=list)
+    segments: list[tuple[int, int, tuple[Any, ...]]] = dataclasses.field(default_factory=list)
+    done: Callable[[Tensor], None] | None = None
+
+    def segment(self, start: int, end: int, groups: tuple[Any, ...]) -> None:
+        if not groups or end == start:
+            return
+        if self.segments:
+            s, e, g = self.segments[-1]
+            if e == start and g == groups:
+                self.segments[-1] = (s, end, g)
+                return
+        self.segments.append((start, end, groups))
+
+
+def layout_reduction(layout: "Layout", values: Tensor | None = None) -> Reduction:
+    """A Reduction whose flag goes over every mesh dim of a sharded bucket's tensors."""
+    flag_groups: list[Any] = []
+    for mesh in layout.meshes:
+        for pg in groups_of(mesh):
+            if pg not in flag_groups:
+                flag_groups.append(pg)
+    return Reduction(values, flag_groups)
+
+
 def _index(values: list[int], device: torch.device, dtype=torch.int64) -> Tensor:
     """A host list as a tensor on `device`, without a host sync (pinned memory, async copy)."""
     t = torch.tensor(values, dtype=dtype)
@@ -145,97 +182,111 @@ def _index(values: list[int], device: torch.device, dtype=torch.int64) -> Tensor
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _current_index(device_type: str) -> int:
-    module = getattr(torch, device_type, None)
-    return module.current_device() if module is not None and hasattr(
-        module, "current_device") else 0
+def slot_reduction(partials: Tensor, chunk_size: int, layout: Layout) -> Reduction:
+    """The RMS sums of a sharded bucket's phase A (partials [n_slots, 2] in the slot layout of
+    [note: the two-phase op contract]) as a Reduction over every tensor's split dims.
 
-
-def _local_sums(shards: Shards) -> Tensor:
-    """[n, 2] float64: each tensor's (sum ghat^2, sum w^2) over its local shard."""
-    if shards.sums is not None:  # the reference backend's
-        return shards.sums
-    parts = shards.partials
-    nchunks = [op_contract.nchunks_of(n, shards.chunk_size) for n in shards.local_numels]
-    if all(c == 1 for c in nchunks):
-        return parts
-    # A tensor's slots are consecutive; segment_reduce adds each run in order (deterministic).
-    return torch.segment_reduce(parts, "sum", lengths=_index(nchunks, parts.device), axis=0)
-
-
-def all_reduce(all_shards: list[Shards], skip: dict[torch.device, Tensor]) -> None:
-    """Between the phases: the packed all-reduce of [note: sharded parameters].
-
-    Replaces every Shards' partials (or `sums`) by the whole tensors' sums and sets every flag in
-    `skip` (one per device, all equal) to the flag of every rank of the meshes.
+    Phase B adds up a tensor's slots and divides by the local numel, so ``done`` puts the whole
+    tensor's sums, times local numel / global numel, into the tensor's first slot and zeros the
+    others.
     """
-    if not all_shards:
-        return
-    device = all_shards[0].device  # where the collectives run (a rank's DTensors share one)
-    sums = [_local_sums(s).to(device) if s.clip else None for s in all_shards]
+    nchunks = [op_contract.nchunks_of(n, chunk_size) for n in layout.local_numels]
+    if all(c == 1 for c in nchunks):
+        sums = partials
+    else:  # a tensor's slots are consecutive; segment_reduce adds each run in order
+        sums = torch.segment_reduce(partials, "sum", lengths=_index(nchunks, partials.device),
+                                    axis=0)
+
+    def done(total: Tensor) -> None:
+        scale = [n / g if g else 0.0 for n, g in zip(layout.local_numels, layout.global_numels)]
+        offsets = op_contract.slot_offsets(layout.local_numels, chunk_size)
+        firsts = offsets[:-1]
+        scaled = total.view(-1, 2) * _index(scale, partials.device, torch.float64)[:, None]
+        if offsets[-1] == len(firsts):  # one slot per tensor
+            partials.copy_(scaled)
+        else:
+            partials.zero_()
+            partials.index_copy_(0, _index(firsts, partials.device), scaled)
+
+    red = layout_reduction(layout, sums.reshape(-1))
+    red.done = done
+    for i, (mesh, dims) in enumerate(zip(layout.meshes, layout.split_dims)):
+        red.segment(2 * i, 2 * i + 2, groups_of(mesh, dims))
+    return red
+
+
+def flag_reduction(layout: Layout) -> Reduction:
+    """Only the skip flag, over every mesh dim of the bucket's tensors (clipping off)."""
+    return layout_reduction(layout)
+
+
+def _collective_device(pg: Any, device: torch.device) -> torch.device:
+    """Where `pg` reduces a buffer that lives on `device`: NCCL needs a GPU (FSDP2 with
+    CPUOffloadPolicy keeps CPU shards on an NCCL mesh)."""
+    if device.type == "cpu" and dist.get_backend(pg) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def all_reduce(reductions: Sequence[Reduction], skip: dict[torch.device, Tensor], *,
+               refused: bool = False) -> Tensor:
+    """The packed all-reduce of [note: sharded parameters].
+
+    Adds up every Reduction's segments over their process groups and calls its ``done``, and
+    sets every flag in `skip` (one per device, all equal) to the flag of every rank of the
+    groups. Returns how many ranks refused the step (a float64 0-dim tensor on the collectives'
+    device; this rank counts itself when `refused`).
+    """
+    device = next(iter(skip))
+    for red in reductions:
+        if red.values is not None:
+            device = red.values.device  # where the collectives run (a rank's DTensors share one)
+            break
+    values = [None if r.values is None else r.values.to(device, torch.float64)
+              for r in reductions]
 
     # The process groups in first-use order (the same on every rank: the parameter order), and
-    # per group the (bucket, tensor) pairs sharded over it.
-    groups: dict[str, tuple[Any, str, list[list[int]]]] = {}
-    for b, shards in enumerate(all_shards):
-        for i, (mesh, dims) in enumerate(shards.layouts):
-            for d in range(mesh.ndim):
-                group = mesh.get_group(d)
-                name = group.group_name
-                if name not in groups:
-                    groups[name] = (group, mesh.device_type, [[] for _ in all_shards])
-                if shards.clip and d in dims:
-                    groups[name][2][b].append(i)
+    # per group the (reduction, start, end) ranges added up over it.
+    groups: dict[str, tuple[Any, list[tuple[int, int, int]]]] = {}
 
-    # The flags of all devices are equal here (the optimizer's _combine_devices).
-    flag = skip[device].to(torch.float64).reshape(1, 1).expand(1, 2)
-    for group, device_type, members in groups.values():
-        rows = [flag]
-        for b, idx in enumerate(members):
-            if not idx:
-                continue
-            if len(idx) == sums[b].shape[0]:  # every tensor of the bucket (FSDP2's usual case)
-                rows.append(sums[b])
-            else:
-                rows.append(sums[b].index_select(0, _index(idx, device)))
-        buf = torch.cat(rows)
-        if device_type != device.type:
-            # FSDP2 with CPUOffloadPolicy: CPU shards, NCCL mesh. The CPU kernels read the
-            # result on the host anyway, so the copy back waits for it.
-            on_mesh = buf.to(torch.device(device_type, _current_index(device_type)))
-            dist.all_reduce(on_mesh, op=dist.ReduceOp.SUM, group=group)
-            buf = on_mesh.to(device)
+    def ranges_of(pg):
+        if pg.group_name not in groups:
+            groups[pg.group_name] = (pg, [])
+        return groups[pg.group_name][1]
+
+    for r, red in enumerate(reductions):
+        for pg in red.flag_groups:
+            ranges_of(pg)
+        for start, end, segment_groups in red.segments:
+            for pg in segment_groups:
+                ranges = ranges_of(pg)
+                if ranges and ranges[-1][0] == r and ranges[-1][2] == start:
+                    ranges[-1] = (r, ranges[-1][1], end)
+                else:
+                    ranges.append((r, start, end))
+
+    # [skip, refused]: both 0 or 1 per rank, so a sum > 0 is the max.
+    flag = torch.stack([skip[device].to(device, torch.float64).reshape(()),
+                        torch.full((), float(refused), dtype=torch.float64, device=device)])
+    for pg, ranges in groups.values():
+        buf = torch.cat([flag] + [values[r][start:end] for r, start, end in ranges])
+        there = _collective_device(pg, device)
+        if there != device:  # the CPU kernels read the result on the host anyway: it waits
+            on_there = buf.to(there)
+            dist.all_reduce(on_there, op=dist.ReduceOp.SUM, group=pg)
+            buf = on_there.to(device)
         else:
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-        flag = buf[:1]
-        offset = 1
-        for b, idx in enumerate(members):
-            if not idx:
-                continue
-            if len(idx) == sums[b].shape[0]:
-                sums[b] = buf[offset:offset + len(idx)]
-            else:
-                sums[b] = sums[b].index_copy(0, _index(idx, device), buf[offset:offset + len(idx)])
-            offset += len(idx)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg)
+        flag = buf[:2]
+        offset = 2
+        for r, start, end in ranges:
+            values[r][start:end] = buf[offset:offset + end - start]
+            offset += end - start
 
-    skipped = (flag[0, 0] > 0).to(torch.float32)
+    skipped = (flag.amax() > 0).to(torch.float32)
     for flag_of_device in skip.values():
         flag_of_device.copy_(skipped)
-    for shards, total in zip(all_shards, sums):
-        if not shards.clip:
-            continue
-        if shards.partials is None:
-            shards.sums = total.to(shards.sums.device)
-            continue
-        # Phase B divides a tensor's slot total by its local numel: scale the whole tensor's sums
-        # by local / global, put them in the tensor's first slot and zero the others.
-        parts = shards.partials
-        scale = [n / g if g else 0.0 for n, g in zip(shards.local_numels, shards.global_numels)]
-        offsets = op_contract.slot_offsets(shards.local_numels, shards.chunk_size)
-        firsts = offsets[:-1]
-        scaled = total.to(parts.device) * _index(scale, parts.device, torch.float64)[:, None]
-        if offsets[-1] == len(firsts):  # one slot per tensor
-            parts.copy_(scaled)
-        else:
-            parts.zero_()
-            parts.index_copy_(0, _index(firsts, parts.device), scaled)
+    for red, total in zip(reductions, values):
+        if red.done is not None:
+            red.done(total.to(red.values.device))
+    return flag[1]

@@ -35,10 +35,10 @@ ARCHS = (80, 90)
 
 def _tk():
     """fadam_fused.triton_kernels, imported the way the optimizer imports it (installed, or from
-    ./triton_kernels in a source checkout: fadam_fused.backends)."""
-    from fadam_fused import backends
+    ./triton_kernels in a source checkout: fadam_fused._ext)."""
+    from fadam_fused import _ext
 
-    module, reason = backends._triton_module()
+    module, reason = _ext.triton_kernels()
     if module is None:
         raise ImportError(reason)
     return module

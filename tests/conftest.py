@@ -54,10 +54,12 @@ CUDA = torch.device("cuda")
 
 
 def _forget_ops(monkeypatch) -> None:
-    """The op caches of fadam_fused.backends hold each backend's chunk size and kernels: built
-    anew after a switch (and restored with `monkeypatch`)."""
+    """The op caches of fadam_fused.backends hold each backend's chunk size and kernels (and
+    whether it has AdaFisher's): built anew after a switch (and restored with `monkeypatch`)."""
     monkeypatch.setattr(backends, "_FUSED", {})
     monkeypatch.setattr(backends, "_FACTORED", {})
+    monkeypatch.setattr(backends, "_ADAFISHER", {})
+    monkeypatch.setattr(backends, "_AVAILABLE", {})
 
 
 def set_chunk(monkeypatch, backend: str, chunk: int) -> None:
@@ -102,7 +104,7 @@ def replace_backend_ops(monkeypatch, name: str, ops, factored: bool = False) -> 
 
 def triton_kernels():
     """(fadam_fused.triton_kernels, None), or (None, why it cannot be imported)."""
-    return backends._triton_module()
+    return _ext.triton_kernels()
 
 
 @pytest.fixture
@@ -196,16 +198,21 @@ def _wants(metafunc, name: str) -> bool:
     return name in metafunc.fixturenames and name not in own
 
 
+# A test argument that takes one of each optimizer's own lists of cases, with the optimizer.
+_OWN_CASES = {"optimizer_case": "cases", "optimizer_overflow": "overflows", "optimizer_fit": "fits"}
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_generate_tests(metafunc):
     # After the test's own parametrize marks, so that the backend varies fastest: consecutive
     # tests of one case then share the oracle trajectories tests/test_scenarios.py caches.
     if not _wants(metafunc, "backend") and not _wants(metafunc, "optimizer"):
         return
-    if "optimizer_case" in metafunc.fixturenames:
-        # Each optimizer's own parity cases (fadam_testing.Optimizer.cases).
-        pairs = [(o, case) for o in OPTIMIZERS for case in o.cases]
-        metafunc.parametrize(("optimizer", "optimizer_case"), pairs, indirect=["optimizer"],
+    joint = [name for name in _OWN_CASES if name in metafunc.fixturenames]
+    if joint:
+        # Each optimizer's own cases (fadam_testing.Optimizer.cases, .overflows, .fits).
+        pairs = [(o, case) for o in OPTIMIZERS for case in getattr(o, _OWN_CASES[joint[0]])]
+        metafunc.parametrize(("optimizer", joint[0]), pairs, indirect=["optimizer"],
                              ids=[f"{o.id}-{case[0]}" for o, case in pairs])
     elif _wants(metafunc, "optimizer"):
         metafunc.parametrize("optimizer", OPTIMIZERS, ids=[o.id for o in OPTIMIZERS],

@@ -233,6 +233,48 @@ def assert_same_bits(a, b) -> None:
                 assert same, f"step {k + 1} tensor {i} {key} differs"
 
 
+# The overflow rule (docs/design.md section 6): a step is skipped when a scaled gradient
+# g = grad / grad_scale (negated with maximize) has a float32 square that is not finite: NaN, inf,
+# or |g| >= 2^64 = 1.845e19 (g * g rounds past 3.40e38, float32's max, to inf).
+# (id, the gradient element, grad_scale).
+SQUARE_OVERFLOWS = [
+    ("1e20", 1e20, None),
+    ("-1e20", -1e20, None),
+    ("1.85e19", 1.85e19, None),  # 3.42e38: just over
+    ("1e10-scale-1e-10", 1e10, 1e-10),  # g = 1e20, finite in float32; g * g is not
+    ("1e10-scale-1e-30", 1e10, 1e-30),  # g = 1e40: inf in float32 already
+]
+# Finite squares: 1e38, and 3.24e38 just under the limit. Not skipped.
+SQUARE_FITS = [1e19, 1.8e19]
+
+# FAdafactor's phase S also skips the step when a new R_i or C_j is not finite in float32. At step
+# 1 (b2hat = 0) R and C are this step's sums of g^2 (at step 2 half of them: b2hat ~ 0.5), so the
+# cases are first steps. (id, shape, value, one_element): the factored parameter's first gradient
+# is `value` everywhere, or randn with `value` at one element.
+FACTOR_OVERFLOWS = [
+    ("rows-6x9-1e19", (6, 9), 1e19, False),        # g^2 = 1e38 fits; R_i = 9e38 does not
+    ("cols-2000x2-5e17", (2000, 2), 5e17, False),  # R_i = 5e35 fits; C_j = 2000 x 2.5e35 = 5e38
+    ("square-1e20", (4, 6), 1e20, True),           # g^2 = 1e40 (its float64 row sum would fit)
+]
+# Just under: R_i = 9 x 3.72e37 = 3.35e38, C_j = 2000 x 1.6e35 = 3.2e38 (float32 max 3.40e38).
+FACTOR_FITS = [
+    ("rows-6x9-6.1e18", (6, 9), 6.1e18, False),
+    ("cols-2000x2-4e17", (2000, 2), 4e17, False),
+]
+
+
+def overflow_problem(shape, value, one_element, steps=3) -> Problem:
+    """A factored parameter of `shape` and a 1-D one; the first step's factored gradient is the
+    case's (make_problem's gradients after that)."""
+    problem = make_problem(shapes=[shape, (5,)], steps=steps)
+    if one_element:
+        problem.grads[0][0][(1,) * len(shape)] = value
+    else:
+        problem.grads[0][0] = torch.full(shape, value)
+    return problem
+
+
+
 # ---- the optimizers the scenarios run (tests/conftest.py's `optimizer` fixture) ------------------
 
 
@@ -283,6 +325,8 @@ class Optimizer:
     sizes: dict      # size class ("large", "small") -> Sizes
     tiny_eps: tuple  # the eps values of the edge problems
     cases: list      # the parity cases: (id, hyperparameters, problem)
+    overflows: list = dataclasses.field(default_factory=list)  # its own overflow rule's cases
+    fits: list = dataclasses.field(default_factory=list)       # and those just under it
 
     def run(self, problem, backend, **kw):
         return run_optimizer(problem, backend, cls=self.cls, **kw)
@@ -343,7 +387,8 @@ FADAM = Optimizer("fadam", FAdam, factored=False, tiny_eps=(1e-20, 1e-30), cases
                    _zero_grad(_FADAM_SMALL, 5, (2, 4))),
 })
 
-FADAFACTOR = Optimizer("fadafactor", FAdafactor, factored=True, tiny_eps=(1e-8, 1e-30), cases=[
+FADAFACTOR = Optimizer("fadafactor", FAdafactor, factored=True, tiny_eps=(1e-8, 1e-30),
+                       overflows=FACTOR_OVERFLOWS, fits=FACTOR_FITS, cases=[
     *_CASES, ("paper-llm", {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-12, "weight_decay": 0.1},
               "shapes"),
 ], sizes={

@@ -4,7 +4,8 @@
 
 With FADAM_SHARDED_DEVICE=cuda the same scenarios run on one GPU per rank over NCCL.
 
-Each scenario trains a tiny model for STEPS steps with a sharded FAdam and compares every parameter
+Each scenario trains a tiny model for STEPS steps with a sharded FAdam (or FAdafactor: a scenario
+item's third field, `fsdp_shard0:cpu:fadafactor`) and compares every parameter
 and its whole state (gathered with full_tensor()) with a one-process run of the same model, data and
 optimizer that every rank computes itself. Rank 0 prints "PASS <scenario>" per scenario; any failure
 ends the process with a traceback (torchrun then stops the other ranks). The process group has a
@@ -28,11 +29,24 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fadam_fused import FAdam, sharded  # noqa: E402
+from fadam_fused import AdaFisher, FAdafactor, FAdam, sharded  # noqa: E402
 
 STEPS = 8
 DEVICE = os.environ.get("FADAM_SHARDED_DEVICE", "cpu")
 HYPER = dict(lr=3e-2, clip=0.5, weight_decay=0.1)
+OPTIMIZERS = {"fadam": FAdam, "fadafactor": FAdafactor, "adafisher": AdaFisher}
+OPT = FAdam  # the optimizer of the running scenario (main sets it)
+
+
+def make_opt(model, backend, *, clip=HYPER["clip"], one_process=False, params=None):
+    """OPT over `model` with the scenarios' hyperparameters. AdaFisher measures the model's
+    layers (factors updated every other step); `one_process`: its factors are this rank's alone
+    (the one-process run each rank makes inside the distributed job)."""
+    if OPT is AdaFisher:
+        return AdaFisher(model, params, lr=1e-3, weight_decay=0.1, update_interval=2,
+                         backend=backend, process_group=False if one_process else None)
+    return OPT(model.parameters() if params is None else params, **{**HYPER, "clip": clip},
+               backend=backend)
 RTOL, ATOL = 1e-5, 1e-7
 
 
@@ -67,6 +81,20 @@ class TinyMixed(Tiny):
         h = torch.tanh(self.b(h))
         h = torch.tanh(self.c(h))
         return self.d(h.double()).float()
+
+
+class TinyBatched(Tiny):
+    """Tiny with a 3-D parameter: a batch of 3 matrices of 4 x 5 in a batched matmul. FSDP2's
+    Shard(0) splits its batch dim unevenly (2 and 1 matrices on 2 ranks): each matrix is whole on
+    its rank, so FAdafactor's R and C need no exchange, only the RMS sums."""
+
+    def __init__(self):
+        super().__init__()
+        self.batched = nn.Parameter(torch.randn(3, 4, 5) * 0.3)
+
+    def forward(self, x):
+        z = torch.einsum("ri,bij->rbj", x[:, :4], self.batched).mean(-1)
+        return super().forward(x) + z
 
 
 class TPModel(nn.Module):
@@ -129,6 +157,10 @@ def snapshot(model, opt) -> dict[str, torch.Tensor]:
         out[name] = full(p.detach()).clone()
         for key, value in opt.state[p].items():
             out[f"{name}.{key}"] = full(value).clone()
+    if isinstance(opt, AdaFisher):  # the layers' factors (replicated on every rank)
+        for name, layer in opt._factors.layers.items():
+            name = name.replace("module.", "")
+            out[f"{name}.H"], out[f"{name}.S"] = layer.fisher_in.clone(), layer.fisher_out.clone()
     return out
 
 
@@ -141,13 +173,15 @@ def assert_match(got: dict, want: dict, what: str, rtol=RTOL, atol=ATOL):
 
 def single_run(cls, backend, steps=STEPS, clip=HYPER["clip"]):
     model = make(cls)
-    opt = FAdam(model.parameters(), **{**HYPER, "clip": clip}, backend=backend)
+    opt = make_opt(model, backend, clip=clip, one_process=True)
     train(model, opt, steps)
     return snapshot(model, opt)
 
 
 def assert_clip_binds(cls, backend, ref):
     """The comparison means something only if clip=0.5 changes the result."""
+    if OPT is AdaFisher:  # no clipping
+        return
     unclipped = single_run(cls, backend, clip=None)
     diff = max((unclipped[k] - ref[k]).abs().max().item() for k in ref if "." in k)
     assert diff > 1e-3, f"clip=0.5 does not bind (largest change {diff})"
@@ -196,10 +230,12 @@ def _fsdp(mesh=None, placement_fn=None, cls=Tiny, model=None):
 def _compare_dp(model, backend, world, rank, what, cls=Tiny, collectives=None):
     """FSDP-style data parallel against one process; then, if given, the expected buffer shapes
     of the sums' all-reduces in one more step."""
-    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     train(model, opt, STEPS, rank=rank, world=world)
     ref = single_run(cls, backend)
     assert_match(snapshot(model, opt), ref, what)
+    if isinstance(collectives, dict):
+        collectives = collectives.get(OPT)
     if collectives is not None:
         shapes = all_reduce_shapes(model, opt, rank, world)
         assert shapes == collectives, f"{what}: all-reduces {shapes}, expected {collectives}"
@@ -213,19 +249,25 @@ def fsdp_shard0(backend, rank, world):
     gathered = [None] * world
     dist.all_gather_object(gathered, a_rows)
     assert [0] in gathered, f"no empty shard: {gathered}"
-    # One all-reduce per step: the flag row and the 8 tensors' sums.
+    # FAdam: one all-reduce per step, the flag pair (skip, refused) and the 8 tensors' two sums.
+    # FAdafactor: two. After phase S the flag, the biases' RMS sums (4 x 2) and per weight its
+    # column sums and the two totals of sum R (a: 6 + 2, b: 1 + 2, c: 5 + 2, d: 7 + 2; its row
+    # sums are whole on each rank: Shard(0) splits rows); after phase A the flag and the weights'
+    # RMS sums (4 x 2).
     ref = _compare_dp(model, backend, world, rank, f"fsdp Shard(0) {backend}",
-                      collectives=[(9, 2)])
+                      collectives={FAdam: [(18,)], FAdafactor: [(37,), (10,)]})
     assert_clip_binds(Tiny, backend, ref)
+    if OPT is AdaFisher:
+        return
     # Negative control: without the all-reduce of the sums (each rank clipping by its own
     # shard's sums), the run must not match.
     model = _fsdp()
 
-    def flag_only(original, buf, op, group):  # reduce the flag row only
-        head = buf[:1].clone()
+    def flag_only(original, buf, op, group):  # reduce the flag pair only
+        head = buf[:2].clone()
         original(head, op=op, group=group)
-        buf[:1].copy_(head)
-    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+        buf[:2].copy_(head)
+    opt = make_opt(model, backend)
     with_all_reduce(opt, flag_only)
     train(model, opt, STEPS, rank=rank, world=world)
     got = snapshot(model, opt)
@@ -237,7 +279,7 @@ def fsdp_mixed_dtypes(backend, rank, world):
     """float32 parameters fused and float64 ones on the reference backend (backend=None), both
     sharded: their sums share the one all-reduce."""
     _compare_dp(_fsdp(cls=TinyMixed), None, world, rank, "fsdp float32 + float64", cls=TinyMixed,
-                collectives=[(9, 2)])
+                collectives={FAdam: [(18,)], FAdafactor: [(37,), (10,)]})
 
 
 def fsdp_chunks(backend, rank, world):
@@ -248,6 +290,12 @@ def fsdp_chunks(backend, rank, world):
     with pytest.MonkeyPatch.context() as monkeypatch:
         set_chunk(monkeypatch, backend, 4)
         _compare_dp(_fsdp(), backend, world, rank, f"fsdp Shard(0) 4-element chunks {backend}")
+
+
+def fsdp_batched(backend, rank, world):
+    model = _fsdp(cls=TinyBatched)
+    assert len(model.batched.to_local()) == (2 if rank == 0 else 1), model.batched.to_local().shape
+    _compare_dp(model, backend, world, rank, f"fsdp 3-D batch-sharded {backend}", cls=TinyBatched)
 
 
 def fsdp_shard1(backend, rank, world):
@@ -267,7 +315,8 @@ def hsdp(backend, rank, world):
     assert model.c.weight.placements == (Replicate(), Shard(0)), model.c.weight.placements
     # Two groups: the shard dim carries the flag and the 8 tensors' sums, the replicate dim only
     # the flag (a NaN in one replica skips the step in all).
-    _compare_dp(model, backend, world, rank, f"hsdp {backend}", collectives=[(1, 2), (9, 2)])
+    _compare_dp(model, backend, world, rank, f"hsdp {backend}",
+                collectives={FAdam: [(2,), (18,)], FAdafactor: [(2,), (37,), (2,), (10,)]})
 
 
 def tp(backend, rank, world):
@@ -285,16 +334,26 @@ def tp(backend, rank, world):
                           "down.weight": (Shard(1),), "down.bias": (Replicate(),),
                           "head.weight": None, "head.bias": None,
                           "extra": (Shard(0),)}, placements
-    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     train(model, opt, STEPS)  # tensor parallel: every rank sees the whole batch
     ref = single_run(TPModel, backend)
     assert_match(snapshot(model, opt), ref, f"tensor parallel {backend}")
     assert_clip_binds(TPModel, backend, ref)
-    # One all-reduce: the flag and the sums of the 4 Shard tensors (not down.bias, Replicate).
-    assert all_reduce_shapes(model, opt, 0, 1) == [(5, 2)]
-    # With clipping off there is no RMS: the flag alone.
-    opt = FAdam(model.parameters(), **{**HYPER, "clip": None}, backend=backend)
-    assert all_reduce_shapes(model, opt, 0, 1) == [(1, 2)]
+    if OPT is FAdam:
+        # One all-reduce: the flag and the sums of the 4 Shard tensors (not down.bias,
+        # Replicate).
+        assert all_reduce_shapes(model, opt, 0, 1) == [(10,)]
+        # With clipping off there is no RMS: the flag alone.
+        opt = make_opt(model, backend, clip=None)
+        assert all_reduce_shapes(model, opt, 0, 1) == [(2,)]
+    else:
+        # After phase S: the flag, up.bias's RMS sums (2), and per weight the sums over its
+        # split dim and the two totals: up (8 x 6, rows split) 6 column sums + 2, down (6 x 8,
+        # columns split) 6 row sums + the sum of g^2 (its old R is whole here), extra (5 x 3,
+        # rows split) 3 + 2. After phase A: the flag and the 3 weights' RMS sums.
+        assert all_reduce_shapes(model, opt, 0, 1) == [(24,), (8,)]
+        opt = make_opt(model, backend, clip=None)
+        assert all_reduce_shapes(model, opt, 0, 1) == [(22,), (2,)]
 
 
 def fsdp_tp(backend, rank, world):
@@ -315,13 +374,13 @@ def fsdp_tp(backend, rank, world):
     # Two all-reduces, dp then tp: on dp the flag and the 7 tensors' sums, on tp the flag and
     # up.weight, up.bias and down.weight (down.bias is Replicate on tp).
     _compare_dp(model, backend, dp_world, dp_rank, f"fsdp + tp {backend}", cls=TPModel,
-                collectives=[(8, 2), (4, 2)])
+                collectives={FAdam: [(16,), (8,)]})
 
 
 def errors(backend, rank, world):
     """A DTensor parameter with a plain gradient: an error naming it, and nothing changed."""
     model = _fsdp()
-    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     x, y = data(0)
     nn.functional.mse_loss(model(x), y).backward()
     model.c.weight.grad = torch.zeros_like(model.c.weight.full_tensor())
@@ -337,6 +396,37 @@ def errors(backend, rank, world):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def bad_grad_one_rank(backend, rank, world):
+    """A bad gradient on the last rank only: every rank raises, the last one naming the
+    parameter, nothing changes on any rank, and no rank waits for another (the refusal travels
+    in the step's all-reduce); the next step runs everywhere."""
+    model = _fsdp()
+    opt = make_opt(model, backend)
+    train(model, opt, 2, rank=rank, world=world)
+    before = {k: v.clone() for k, v in _local_snapshot(model, opt).items()}
+    x, y = data(2)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    if rank == world - 1:  # a plain gradient (built locally: full_tensor() is a collective)
+        model.c.weight.grad = torch.zeros(model.c.weight.shape)
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        if rank == world - 1:
+            assert "parameter 4 of its param group" in str(exc), exc
+        elif DEVICE == "cpu":  # gloo: the count of refusing ranks is read on the host
+            assert "refused on another rank" in str(exc), exc
+    else:
+        if DEVICE == "cpu" or rank == world - 1:
+            raise AssertionError(f"rank {rank} stepped past a refusal")
+    after = _local_snapshot(model, opt)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} changed on rank {rank}"
+    train(model, opt, 1, start=3, rank=rank, world=world)
+    assert not torch.equal(before["d.weight"], _local_snapshot(model, opt)["d.weight"])
+
+
 def ddp(backend, rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = DDP(make(Tiny))
@@ -347,8 +437,8 @@ def zero(backend, rank, world):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = DDP(make(Tiny))
-    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FAdam, **HYPER,
-                                  backend=backend)
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=OPT, **HYPER,
+                                  backend=backend)  # FAdam's and FAdafactor's arguments
     train(model, opt, STEPS, rank=rank, world=world)
     ref = single_run(Tiny, backend)
     got = {n.replace("module.", ""): p.detach().clone() for n, p in model.named_parameters()}
@@ -359,14 +449,15 @@ def zero(backend, rank, world):
     held = [(names[p], s) for p, s in opt.optim.state.items()]
     assert held, "this rank holds no state"
     for name, state in held:
-        for key in ("momentum", "fim", "step"):
+        assert state.keys() == {k.split(".")[-1] for k in ref if k.startswith(f"{name}.")}
+        for key in state:
             torch.testing.assert_close(state[key], ref[f"{name}.{key}"], rtol=RTOL, atol=ATOL)
 
 
 def nonfinite(backend, rank, world):
     """A NaN in one rank's gradient shard: every rank skips, everything stays bit-identical."""
     model = _fsdp()
-    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     train(model, opt, 2, rank=rank, world=world)
     before = {k: v.clone() for k, v in _local_snapshot(model, opt).items()}
     x, y = data(2)
@@ -426,68 +517,76 @@ def checkpoint(backend, rank, world):
     import torch.distributed.checkpoint as dcp
     root = os.environ["CKPT_DIR"]
     model = _fsdp()
-    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     train(model, opt, 4, rank=rank, world=world)
-    dcp.save(_state(model, opt), checkpoint_id=os.path.join(root, f"two-{backend}"))
+    name = f"{backend}-{OPT.__name__}"
+    dcp.save(_state(model, opt), checkpoint_id=os.path.join(root, f"two-{name}"))
     train(model, opt, 4, start=4, rank=rank, world=world)
     uninterrupted = snapshot(model, opt)
 
     torch.manual_seed(123)  # other weights, to be overwritten
     model = _fsdp()
-    opt = FAdam(model.parameters(), **HYPER, backend=backend)
-    _load(model, opt, os.path.join(root, f"two-{backend}"))
+    opt = make_opt(model, backend)
+    _load(model, opt, os.path.join(root, f"two-{name}"))
     train(model, opt, 4, start=4, rank=rank, world=world)
     assert_match(snapshot(model, opt), uninterrupted, f"resumed {backend}", rtol=0, atol=0)
     if rank == 0:
-        torch.save(uninterrupted, os.path.join(root, f"two-{backend}-final.pt"))
+        torch.save(uninterrupted, os.path.join(root, f"two-{name}-final.pt"))
 
     # A plain (one-process) optimizer.state_dict() loads into the sharded optimizer, each rank
     # keeping its shard of the whole tensors.
     plain_model = make(Tiny)
-    plain_opt = FAdam(plain_model.parameters(), **HYPER, backend=backend)
+    plain_opt = make_opt(plain_model, backend, one_process=True)
     train(plain_model, plain_opt, 4)
     model = _fsdp(model=copy.deepcopy(plain_model))
-    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     opt.load_state_dict(plain_opt.state_dict())
     train(model, opt, 4, start=4, rank=rank, world=world)
     assert_match(snapshot(model, opt), single_run(Tiny, backend), f"plain -> sharded {backend}")
 
-    one = os.path.join(root, f"one-{backend}")
+    one = os.path.join(root, f"one-{name}")
     if os.path.exists(one):
         model = _fsdp()
-        opt = FAdam(model.parameters(), **HYPER, backend=backend)
+        opt = make_opt(model, backend)
         _load(model, opt, one)
         train(model, opt, 4, start=4, rank=rank, world=world)
         assert_match(snapshot(model, opt), single_run(Tiny, backend), f"1 -> 2 ranks {backend}")
     dist.barrier()
 
 
-def save_one_process(root, backend):
-    """One process, no process group: 4 steps, then a DCP checkpoint at root/one-<backend>."""
+def save_one_process(root, backend, optimizer="fadam"):
+    """One process, no process group: 4 steps, then a DCP checkpoint at
+    root/one-<backend>-<optimizer class>."""
+    global OPT
+    OPT = OPTIMIZERS[optimizer]
     import torch.distributed.checkpoint as dcp
     model = make(Tiny)
-    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     train(model, opt, 4)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save(_state(model, opt), checkpoint_id=os.path.join(root, f"one-{backend}"),
-                 no_dist=True)
+        dcp.save(_state(model, opt), no_dist=True,
+                 checkpoint_id=os.path.join(root, f"one-{backend}-{OPT.__name__}"))
 
 
-def load_two_rank_checkpoint(root, backend):
+def load_two_rank_checkpoint(root, backend, optimizer="fadam"):
     """One process: load the 2-rank checkpoint, 4 more steps; returns (got, the 2-rank result)."""
+    global OPT
+    OPT = OPTIMIZERS[optimizer]
     model = make(Tiny)
-    opt = FAdam(model.parameters(), **HYPER, backend=backend)
+    opt = make_opt(model, backend)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
-        _load(model, opt, os.path.join(root, f"two-{backend}"), no_dist=True)
+        _load(model, opt, os.path.join(root, f"two-{backend}-{OPT.__name__}"), no_dist=True)
     train(model, opt, 4, start=4)
-    return snapshot(model, opt), torch.load(os.path.join(root, f"two-{backend}-final.pt"),
-                                            map_location="cpu")
+    final = os.path.join(root, f"two-{backend}-{OPT.__name__}-final.pt")
+    return snapshot(model, opt), torch.load(final, map_location="cpu")
 
 
-SCENARIOS = {f.__name__: f for f in (fsdp_shard0, fsdp_mixed_dtypes, fsdp_chunks, fsdp_shard1, hsdp, fsdp_tp, tp,
-                                      ddp, zero, nonfinite, errors, triton_fsdp, checkpoint)}
+SCENARIOS = {f.__name__: f for f in (fsdp_shard0, fsdp_mixed_dtypes, fsdp_chunks, fsdp_shard1,
+                                      fsdp_batched, hsdp, fsdp_tp, tp,
+                                      ddp, zero, nonfinite, errors, bad_grad_one_rank, triton_fsdp,
+                                      checkpoint)}
 
 
 def main(argv):
@@ -497,8 +596,10 @@ def main(argv):
     dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
+    global OPT
     for item in argv:
-        name, _, backend = item.partition(":")
+        name, backend, optimizer = (item.split(":") + ["", ""])[:3]
+        OPT = OPTIMIZERS[optimizer or "fadam"]
         try:
             SCENARIOS[name](backend or ("cuda" if DEVICE == "cuda" else "cpu"), rank, world)
             dist.barrier()

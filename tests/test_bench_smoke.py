@@ -2,8 +2,7 @@
 
 Runs bench/step_bench.py on its tiny workload with a couple of rows, and checks the CSV / JSON
 fields and the bytes-per-param traffic model (docs/design.md section 4). The figures themselves
-come from `make bench`, not from here. The experiments of bench/experiments/ have their own tests
-(tests/test_bench_experiments.py).
+come from `make bench`, not from here.
 """
 
 from __future__ import annotations
@@ -130,6 +129,18 @@ def test_clip_flag_parses_none_and_zero_as_off():
     for bad in ("-1", "inf", "nan", "x"):
         with pytest.raises(SystemExit):
             step_bench.parse_args(["--clip", bad])
+
+
+def test_threads_and_budget_scale_are_refused_unless_positive(capsys):
+    assert step_bench.parse_args(["--threads", "3", "--budget-scale", "0.5"]).threads == 3
+    for bad in (["--threads", "0"], ["--threads", "-2"], ["--threads", "1.5"],
+                ["--budget-scale", "0"], ["--budget-scale", "-1"], ["--budget-scale", "inf"],
+                ["--budget-scale", "nan"]):
+        with pytest.raises(SystemExit):
+            step_bench.parse_args(bad)
+        err = capsys.readouterr().err
+        assert f"argument {bad[0]}:" in err and (">= 1" in err or "> 0" in err or
+                                                 "not a whole number" in err), (bad, err)
 
 
 def test_traffic_model_weighted_over_a_workload():
@@ -291,7 +302,6 @@ def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
         assert r["gbps"] == pytest.approx(r["model_bytes"] / (r["median_ms"] / 1e3) / 1e9)
         assert r["read_bytes_per_param"] == pytest.approx(traffic.bytes_per_param(
             family, w.numels, F32, chunk_size=chunk, reads_only=True, clipping=clipping))
-        assert "round_probe" not in r  # no probe unless an experiment passes one
     assert res["torch-adam-fused"]["time_vs_adam_fused"] == pytest.approx(1.0)
     assert res["torch-adam-fused"]["paired_vs_adam_fused"] == pytest.approx([1.0, 1.0, 1.0])
     assert len(res["torch-adam-fused"]["round_medians_ms"]) == step_bench.BUDGETS[True]["default"][1]

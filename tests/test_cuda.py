@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from fadam_fused import _ext, backends, reference
+from fadam_fused import FAdam, _ext, backends, reference
 from fadam_testing import FADAM, make_problem, op_inputs
 
 pytestmark = [

@@ -29,7 +29,7 @@ import torch
 
 from fadam_fused import FAdam, _ext, backends, reference
 from conftest import backend_ops
-from fadam_testing import FADAM, make_problem, op_inputs
+from fadam_testing import FADAM, SQUARE_OVERFLOWS, make_problem, op_inputs
 
 pytestmark = pytest.mark.usefixtures("cuda_emulated")
 
@@ -188,6 +188,38 @@ def test_clip_off_phase_a_writes_no_slot_and_still_checks_gradients(fuse):
     for la, lb in zip(group, frozen):
         for x, y in zip(la, lb):
             torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+
+# ---- the overflow rule -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip", [0.5, 0.0], ids=["clip", "clip-off"])
+@pytest.mark.parametrize("where", [(0, 2047), (1, 9)], ids=["multi-chunk", "one-chunk-fused"])
+@pytest.mark.parametrize("case", SQUARE_OVERFLOWS, ids=[c[0] for c in SQUARE_OVERFLOWS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradient_whose_square_overflows_skips_the_step(dtype, case, where, clip):
+    # A finite g whose g * g is inf would make f inf and freeze the element: phase A raises the
+    # skip flag from reduce_frags (a chunk of the 3-chunk tensor, clip on) or check_frags (the
+    # fused one-chunk tensor, or clipping off), and phase B writes nothing.
+    _, g, scale = case
+    chunk = 1024
+    group = op_inputs(dtype, [(3000,), (10,)])
+    params, grads, fims, moms, steps = group
+    grad_scale = None
+    if scale is not None:  # the gradients as GradScaler leaves them: scaled by `scale`
+        grads[:] = [x * scale for x in grads]
+        grad_scale = torch.tensor(scale)
+    grads[where[0]][where[1]] = g
+    frozen = [t.clone() for t in params + fims + moms]
+    a_kw, b_kw = _kw(chunk, clip)
+    partials = torch.zeros((4, 2), dtype=torch.float64)
+    skip = torch.zeros(())
+    torch.ops.fadam_fused.cuda_emulated_phase_a(params, grads, fims, steps, partials, skip,
+                                                grad_scale, fuse_one_chunk=True, **a_kw)
+    assert float(skip) == 1.0
+    torch.ops.fadam_fused.cuda_emulated_phase_b(params, grads, fims, moms, steps, partials, skip,
+                                                grad_scale, None, fuse_one_chunk=True, **b_kw)
+    assert all(torch.equal(x, y) for x, y in zip(frozen, params + fims + moms))
 
 
 # ---- the lr_tensor rule, the same on both C++ backends ------------------------------------------

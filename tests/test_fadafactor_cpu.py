@@ -1,7 +1,9 @@
 """FAdafactor on backend="cpu" (the fused C++ kernels, csrc/cpu/fadafactor_cpu.cpp) on its own:
-the thread count, the op calls per step, opcheck. tests/test_scenarios.py runs the scenarios
-every backend shares (parity with the float64 oracle, skips, checkpoints, GradScaler, errors)."""
+the thread count, the op calls per step, opcheck, the ops' lr_tensor rule. tests/test_scenarios.py
+runs the scenarios every backend shares (parity with the float64 oracle, skips, overflows,
+checkpoints, GradScaler, errors)."""
 
+import pytest
 import torch
 
 from fadam_fused import FAdafactor, op_contract
@@ -63,3 +65,27 @@ def test_opcheck():
                           (params, grads, rows, cols, moms, factors, partials, skip, None, None),
                           dict(lr=1e-3, beta1=0.9, eps=1e-8, p=0.5, clip=1.0, weight_decay=1e-3,
                                maximize=False, chunk_size=chunk, fuse_one_chunk=False))
+
+
+@pytest.mark.parametrize("lr_tensor", [torch.tensor(1, dtype=torch.int64), torch.tensor(0.1).half(),
+                                       torch.tensor([0.1, 0.2])],
+                         ids=["int64", "float16", "two-elements"])
+def test_lr_tensor_must_be_one_float32_or_float64_element(lr_tensor):
+    # The rule of every backend's ops (describe() in csrc/op_boundary.h), FAdam's and
+    # FAdafactor's alike. A refused call changes nothing.
+    params = [torch.randn(5, 7), torch.randn(2, 3, 4)]
+    grads = [torch.randn_like(p) for p in params]
+    rows = [torch.ones(p.shape[:-1]) for p in params]
+    cols = [torch.ones(p.shape[:-2] + p.shape[-1:]) for p in params]
+    moms = [torch.zeros_like(p) for p in params]
+    chunk = op_contract.CHUNK_SIZE["cpu"]
+    _, factors = op_contract.new_factor_buffers(params, chunk)
+    factors.fill_(1.0)
+    partials = op_contract.new_partials(params, chunk).zero_()
+    before = [t.clone() for t in params + rows + cols + moms]
+    with pytest.raises(RuntimeError, match="lr_tensor must be a one-element float32 or float64"):
+        torch.ops.fadam_fused.fadafactor_phase_b(
+            params, grads, rows, cols, moms, factors, partials, torch.zeros(()), None, lr_tensor,
+            lr=1e-3, beta1=0.9, eps=1e-8, p=0.5, clip=1.0, weight_decay=1e-3, maximize=False,
+            chunk_size=chunk, fuse_one_chunk=True)
+    assert all(torch.equal(x, y) for x, y in zip(before, params + rows + cols + moms))

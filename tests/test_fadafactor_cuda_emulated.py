@@ -48,3 +48,5 @@ def test_chunks_wider_than_the_tile_limit_are_refused_by_the_op():
         torch.ops.fadam_fused.cuda_emulated_fadafactor_phase_s(
             [p], [g], [rows], [cols], [torch.ones(())], partials, factors, torch.zeros(()), None,
             beta2=0.999, maximize=False, chunk_size=chunk)
+
+

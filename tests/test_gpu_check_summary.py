@@ -21,7 +21,11 @@ BENCH = {"meta": {"device": "cuda", "device_name": "NVIDIA H100"},
          "results": [_row("fadam-cuda", 2.0, 40.0), _row("fadam-triton", 3.0, 40.0),
                      _row("torch-adam-fused", 1.6, 28.0), _row("fadam-cuda", 9.0, 40.0, kind="size"),
                      _row("fadafactor-cuda", 2.4, 32.0, state=4.01),
-                     _row("fadam-cpu", 50.0, 40.0, status="skipped")]}
+                     _row("fadam-cpu", 50.0, 40.0, status="skipped"),
+                     dict(_row("pytorch_optimizer-fadam", None, 40.0, status="unavailable"),
+                          reason="pytorch_optimizer is not installed (No module named 'x')"),
+                     dict(_row("fadafactor-triton", None, 32.0, status="error"),
+                          reason="OutOfMemoryError: CUDA out of memory")]}
 
 
 def test_summary_of_canned_reports(tmp_path, capsys):
@@ -39,7 +43,12 @@ def test_summary_of_canned_reports(tmp_path, capsys):
     assert "ratio fadam-triton / fadam-cuda: 1.50x" in out
     assert "1.50x torch-adam-fused" in lines["fadafactor-cuda"]
     assert "32.0 B/param, state 4.01 B/param" in lines["fadafactor-cuda"]
-    assert "not run" in lines["fadafactor-triton"]
+    assert lines["fadafactor-triton"].split(None, 1)[1] == \
+        "not run: OutOfMemoryError: CUDA out of memory"
+    # A row outside the summary's list that did not run: one line that says why.
+    skipped = [line for line in out.splitlines() if "pytorch_optimizer-fadam" in line]
+    assert skipped == ["  skipped pytorch_optimizer-fadam: pytorch_optimizer is not installed "
+                       "(No module named 'x')"], out
 
 
 def test_summary_passes_only_with_no_failure_and_a_benchmark(tmp_path):

@@ -1,6 +1,7 @@
 """Scenarios written once and run for every (optimizer, backend) pair of tests/conftest.py: FAdam
 and FAdafactor, each on cpu, reference, the Triton kernels (interpreted on CPU tensors, compiled
-on a GPU) and the CUDA kernels (emulated on CPU tensors, or on a GPU).
+on a GPU) and the CUDA kernels (emulated on CPU tensors, or on a GPU: those pairs are marked
+pytest.mark.gpu, so `make gpu-check` runs this file).
 
 Each scenario takes its problem from the optimizer's sizes in tests/fadam_testing.py at the
 backend's size class, and compares against the optimizer's float64 oracle with the tolerances of
@@ -23,8 +24,8 @@ import torch
 from fadam_fused import backends
 from fadam_fused.op_contract import smallest_safe_eps
 from conftest import CPU, backend_ops
-from fadam_testing import (_close, assert_same_bits, assert_trajectories_close, make_problem,
-                           snapshot)
+from fadam_testing import (SQUARE_FITS, SQUARE_OVERFLOWS, _close, assert_same_bits,
+                           assert_trajectories_close, make_problem, overflow_problem, snapshot)
 
 # numpy, inside Triton's interpreter, warns about the NaN / inf fed in on purpose and about
 # log2(0) on the pow path.
@@ -228,6 +229,97 @@ def test_nonfinite_parameter_stays_in_its_element(optimizer, backend, bad, dtype
             for snaps in (a, r) + ((same[k],) if same else ()):
                 snaps["params"][i] = snaps["params"][i].nan_to_num(0.0)
     assert_trajectories_close(fast, ref64, same, dtype)
+
+
+# ---- the overflow rule (docs/design.md, section 6) ----------------------------------------------
+
+
+def _first_step(optimizer, backend, init, grads, grad_scale):
+    params = [torch.nn.Parameter(t.to(backend.device, copy=True)) for t in init]
+    opt = optimizer.cls(params, lr=1e-2, backend=backend.name)
+    for p, g in zip(params, grads):
+        p.grad = g.to(backend.device, copy=True)
+    if grad_scale is not None:  # as GradScaler.step sets them
+        opt.grad_scale = torch.tensor(grad_scale, device=backend.device)
+        opt.found_inf = torch.tensor(0.0, device=backend.device)
+    opt.step()
+    return params, opt
+
+
+def assert_first_step_skipped_like_nan(optimizer, backend, problem, grad_scale=None):
+    """The first step of `problem` (finite gradients that overflow float32) is skipped exactly as
+    one with a NaN gradient: parameters unchanged, every state tensor bit-identical to that
+    run's, the skip counted; the next step runs and leaves everything finite."""
+    params, opt = _first_step(optimizer, backend, problem.init, problem.grads[0], grad_scale)
+    nan_grads = [g.clone() for g in problem.grads[0]]
+    nan_grads[-1].view(-1)[0] = float("nan")
+    nan_params, nan_opt = _first_step(optimizer, backend, problem.init, nan_grads, grad_scale)
+    assert float(opt.skipped_steps) == 1.0
+    assert_same_bits(snapshot(nan_params, nan_opt.state), snapshot(params, opt.state))
+    assert all(torch.equal(p.detach().cpu(), t) for p, t in zip(params, problem.init))
+    if grad_scale is not None:
+        del opt.grad_scale, opt.found_inf
+    for p, g in zip(params, problem.grads[1]):
+        p.grad = g.to(backend.device, copy=True)
+    opt.step()
+    assert float(opt.skipped_steps) == 1.0
+    for p in params:
+        assert float(opt.state[p]["step"]) == 1.0
+        assert torch.isfinite(p.detach()).all()
+        assert all(torch.isfinite(v).all() for v in opt.state[p].values())
+
+
+@pytest.mark.parametrize("where", ["multi-chunk", "one-chunk"])
+@pytest.mark.parametrize("case", SQUARE_OVERFLOWS, ids=[c[0] for c in SQUARE_OVERFLOWS])
+def test_gradient_whose_square_overflows_skips_the_step_like_nan(optimizer, backend, case,
+                                                                  where):
+    """A finite gradient g (divided by GradScaler's scale) whose float32 g * g is inf would make
+    f inf and freeze its element (FAdafactor: R and C, then every element of the matrix, NaN):
+    the step is skipped as for a NaN, whether g sits in a tensor done in phase-A slots or in a
+    fused one-chunk one."""
+    backend.use_multi_chunk()
+    sizes = sizes_of(optimizer, backend)
+    _, g, scale = case
+    problem = make_problem(shapes=sizes.multi, steps=2)
+    if scale is not None:  # the gradients as GradScaler leaves them: scaled by `scale`
+        problem.grads[0] = [x * scale for x in problem.grads[0]]
+    spoiled = problem.grads[0][sizes.where[where]].view(-1)
+    spoiled[len(spoiled) // 2] = g
+    assert_first_step_skipped_like_nan(optimizer, backend, problem, grad_scale=scale)
+
+
+def test_overflowing_row_or_column_sums_skip_the_step_like_nan(optimizer, backend,
+                                                               optimizer_overflow):
+    """Finite gradients whose g^2, row sums R or column sums C overflow float32 would turn every
+    parameter, momentum, R and C into NaN: phase S skips the step as for a NaN."""
+    _, shape, value, one_element = optimizer_overflow
+    assert_first_step_skipped_like_nan(optimizer, backend,
+                                       overflow_problem(shape, value, one_element))
+
+
+@pytest.mark.parametrize("g", SQUARE_FITS)
+def test_gradient_with_a_finite_square_is_not_skipped_and_matches_the_oracle(optimizer, backend,
+                                                                             g):
+    """g * g = 1e38 or 3.24e38 fits float32: the step runs, with g in a tensor done in phase-A
+    slots and -g in a fused one-chunk one, and follows the float64 oracle."""
+    backend.use_multi_chunk()
+    sizes = sizes_of(optimizer, backend)
+    problem = make_problem(shapes=sizes.multi, steps=4)
+    multi = problem.grads[1][sizes.where["multi-chunk"]].view(-1)
+    multi[len(multi) // 2] = g
+    problem.grads[1][sizes.where["one-chunk"]].view(-1)[-1] = -g
+    fast, _, opt = run(optimizer, backend, problem, lr=1e-2)
+    assert float(opt.skipped_steps) == 0.0
+    assert_trajectories_close(fast, optimizer.oracle(problem, lr=1e-2))
+
+
+def test_row_and_column_sums_just_under_the_overflow_are_not_skipped(optimizer, backend,
+                                                                     optimizer_fit):
+    _, shape, value, one_element = optimizer_fit
+    problem = overflow_problem(shape, value, one_element)
+    fast, _, opt = run(optimizer, backend, problem, lr=1e-2)
+    assert float(opt.skipped_steps) == 0.0
+    assert_trajectories_close(fast, optimizer.oracle(problem, lr=1e-2))
 
 
 # ---- GradScaler --------------------------------------------------------------------------------
