@@ -291,10 +291,29 @@ def test_gradient_whose_square_overflows_skips_the_step_like_nan(optimizer, back
 def test_overflowing_row_or_column_sums_skip_the_step_like_nan(optimizer, backend,
                                                                optimizer_overflow):
     """Finite gradients whose g^2, row sums R or column sums C overflow float32 would turn every
-    parameter, momentum, R and C into NaN: phase S skips the step as for a NaN."""
+    parameter, momentum, R and C into NaN: phase S skips the step as for a NaN. At the chunk of
+    64 (interpreter, emulator) (6, 9) is 2 tiles and (2000, 2) 63, whose partial sums all fit:
+    only the combined sums overflow."""
+    backend.use_multi_chunk()
     _, shape, value, one_element = optimizer_overflow
     assert_first_step_skipped_like_nan(optimizer, backend,
                                        overflow_problem(shape, value, one_element))
+
+
+def test_a_square_that_overflows_skips_a_later_step_whose_sums_stay_finite(optimizer, backend):
+    """One element of 2e19 (square 4e38: inf in float32) at step 3, where FAdafactor's
+    (1 - b2hat) = 0.33 keeps its new row sum (about 1.3e38) finite: the element rule alone skips
+    the step, leaving parameters and every state tensor bit-identical."""
+    problem = make_problem(shapes=[(6, 9), (4,)], steps=2)
+    _, params, opt = run(optimizer, backend, problem, lr=1e-2)
+    before = snapshot(params, opt.state)
+    gen = torch.Generator().manual_seed(3)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device)
+    params[0].grad[2, 5] = 2e19
+    opt.step()
+    assert_same_bits(before, snapshot(params, opt.state))
+    assert float(opt.skipped_steps) == 1.0
 
 
 @pytest.mark.parametrize("g", SQUARE_FITS)
@@ -315,6 +334,7 @@ def test_gradient_with_a_finite_square_is_not_skipped_and_matches_the_oracle(opt
 
 def test_row_and_column_sums_just_under_the_overflow_are_not_skipped(optimizer, backend,
                                                                      optimizer_fit):
+    backend.use_multi_chunk()  # as the overflowing cases
     _, shape, value, one_element = optimizer_fit
     problem = overflow_problem(shape, value, one_element)
     fast, _, opt = run(optimizer, backend, problem, lr=1e-2)
