@@ -292,8 +292,8 @@ def test_overflowing_row_or_column_sums_skip_the_step_like_nan(optimizer, backen
                                                                optimizer_overflow):
     """Finite gradients whose g^2, row sums R or column sums C overflow float32 would turn every
     parameter, momentum, R and C into NaN: phase S skips the step as for a NaN. At the chunk of
-    64 (interpreter, emulator) (6, 9) is 2 tiles and (2000, 2) 63, whose partial sums all fit:
-    only the combined sums overflow."""
+    64 (interpreter, emulator) (6, 9) is 2 tiles and (200, 2) 7, whose partial sums all fit: only
+    the combined sums overflow."""
     backend.use_multi_chunk()
     _, shape, value, one_element = optimizer_overflow
     assert_first_step_skipped_like_nan(optimizer, backend,
