@@ -184,6 +184,33 @@ BACKENDS = [
 ]
 
 
+# ---- slow preparations in the background --------------------------------------------------------
+#
+# A test module may define start_in_background() and stop_in_background(): work of minutes that
+# its tests wait for (tests/test_cpu_isa_variants.py: two builds of the extension) starts as soon
+# as collection has selected its tests, and its tests run last, so that the work overlaps with the
+# rest of the session. stop_in_background() ends what is left when the session ends.
+
+
+def _prepares_in_background(item) -> bool:
+    return hasattr(getattr(item, "module", None), "start_in_background")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    late = [item for item in items if _prepares_in_background(item)]
+    if late:
+        items[:] = [item for item in items if not _prepares_in_background(item)] + late
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    for module in dict.fromkeys(item.module for item in session.items
+                                if _prepares_in_background(item)):
+        session.config.add_cleanup(module.stop_in_background)
+        module.start_in_background()
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "backends(*ids): run this test on these backends of tests/conftest.py only")

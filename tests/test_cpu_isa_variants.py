@@ -4,8 +4,12 @@
 the AVX2 path (8 float lanes, its own float64 widening in WideLanes) and the portable SSE2 path
 (the generic at::vec fallback) would otherwise never be compiled here, let alone checked. This file
 builds both, CPU only, from a copy of the sources in a temporary directory (two builds in
-parallel, about a minute), and runs a short trajectory of each against the float64 oracle in a
-subprocess that imports that copy.
+parallel, about a minute on 2 idle cores), and runs a short trajectory of each against the float64
+oracle in a subprocess that imports that copy.
+
+The builds start when the session's collection ends (tests/conftest.py calls start_in_background)
+at the lowest CPU priority, and this file's tests run last: the builds use the core that the rest
+of the suite, mostly one Python thread, leaves idle, instead of a minute or two of their own.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -31,30 +35,67 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-def _build(variant: str, root: Path) -> Path:
-    dest = root / variant
-    for name in ("csrc", "fadam_fused", "triton_kernels"):
-        shutil.copytree(ROOT / name, dest / name,
-                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, dest / name)
-    # CPU only: .ci/run exports FORCE_CUDA=1 for the main build, and `make test` FADAM_HIP_CPU,
-    # which this one must not inherit (the emulated CUDA build is not what this file checks, and
-    # it made each variant's build twice as long: both timed out at a load average of 15).
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_CUDA", "FADAM_HIP_CPU")}
-    env.update(FADAM_SKIP_CUDA="1", FADAM_CPU_VEC=variant, MAX_JOBS="1")
-    out = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dest, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"FADAM_CPU_VEC={variant} build failed:\n{out.stderr[-4000:]}"
-    assert list((dest / "fadam_fused").glob("_C*.so")), out.stdout[-2000:]
-    return dest
+class _Build:
+    """One variant's build, in a subprocess at nice 19 (its output in build.log)."""
+
+    def __init__(self, variant: str, root: Path):
+        self.variant, self.dest = variant, root / variant
+        for name in ("csrc", "fadam_fused", "triton_kernels"):
+            shutil.copytree(ROOT / name, self.dest / name,
+                            ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        for name in ("setup.py", "pyproject.toml", "README.md"):
+            shutil.copy(ROOT / name, self.dest / name)
+        # CPU only: .ci/run exports FORCE_CUDA=1 for the main build, and `make test` FADAM_HIP_CPU,
+        # which this one must not inherit (the emulated CUDA build is not what this file checks,
+        # and it made each variant's build twice as long: both timed out at a load average of 15).
+        env = {k: v for k, v in os.environ.items() if k not in ("FORCE_CUDA", "FADAM_HIP_CPU")}
+        env.update(FADAM_SKIP_CUDA="1", FADAM_CPU_VEC=variant, MAX_JOBS="1")
+        self.log = self.dest / "build.log"
+        with open(self.log, "w") as log:  # a file, not a pipe: nobody reads it while it builds
+            self.proc = subprocess.Popen([sys.executable, "setup.py", "build_ext", "--inplace"],
+                                         cwd=self.dest, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(19))
+
+    def wait(self) -> Path:
+        """The variant's directory once its build is done (900 s more at most)."""
+        try:
+            code = self.proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        out = self.log.read_text()
+        assert code == 0, f"FADAM_CPU_VEC={self.variant} build failed:\n{out[-4000:]}"
+        assert list((self.dest / "fadam_fused").glob("_C*.so")), out[-2000:]
+        return self.dest
+
+
+_BUILDS: dict[str, _Build] = {}
+
+
+def start_in_background() -> None:
+    """Starts both builds (tests/conftest.py calls this once collection has selected this file's
+    tests; the builds fixture does if nothing did)."""
+    if not _BUILDS:
+        root = Path(tempfile.mkdtemp(prefix="fadam-isa-"))
+        _BUILDS.update({v: _Build(v, root) for v in VARIANTS})
+
+
+def stop_in_background() -> None:
+    """Ends a build still running (the session stopped before this file's tests) and removes
+    the copies."""
+    for build in _BUILDS.values():
+        if build.proc.poll() is None:
+            build.proc.kill()
+            build.proc.wait()
+    if _BUILDS:
+        shutil.rmtree(next(iter(_BUILDS.values())).dest.parent, ignore_errors=True)
+    _BUILDS.clear()
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("isa")
-    with ThreadPoolExecutor(len(VARIANTS)) as pool:
-        return dict(zip(VARIANTS, pool.map(lambda v: _build(v, root), VARIANTS)))
+def builds():
+    start_in_background()
+    return {v: b.wait() for v, b in _BUILDS.items()}
 
 
 # Runs in the subprocess: the package of the variant's directory, the oracle comparison of
