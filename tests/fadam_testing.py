@@ -257,8 +257,8 @@ FACTOR_OVERFLOWS = [
     ("square-1e20", (4, 6), 1e20, True),           # g^2 = 1e40 (its float64 row sum would fit)
 ]
 # Just under: R_i = 9 x 3.72e37 = 3.35e38, C_j = 200 x 1.59e36 = 3.18e38 (float32 max 3.40e38).
-# 200 rows, not more: Triton's interpreter runs a Python loop per tile (2000 rows cost it 10x, for
-# the same sums), and at the chunk of 64 they are still 7 tiles whose partial sums all fit.
+# 200 rows, not 2000: the same sums, for a tenth of the rows Triton's interpreter walks in Python;
+# at the chunk of 64 they are still 7 tiles whose partial sums all fit.
 FACTOR_FITS = [
     ("rows-6x9-6.1e18", (6, 9), 6.1e18, False),
     ("cols-200x2-1.26e18", (200, 2), 1.26e18, False),
