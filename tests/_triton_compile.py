@@ -256,26 +256,53 @@ def trace():
 # ---- run from the tests ----------------------------------------------------------------------
 
 
-def run_script(script, *args):
-    """Runs tests/<script> with `args` in a subprocess without TRITON_INTERPRET (compilation and
-    wrap_triton need the JITFunctions, which the interpreted kernels of the test process are
-    not); returns the JSON of its last line."""
+def _script(script, *args):
+    """The command and environment of tests/<script> with `args`, without TRITON_INTERPRET
+    (compilation and wrap_triton need the JITFunctions, which the interpreted kernels of the test
+    process are not)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), *args],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return [sys.executable, str(Path(__file__).with_name(script)), *args], env
 
 
-def assert_compiles_without_spills(script, args, count, max_registers, wants_v4_loads):
-    """Every specialization `script --json *args` lists compiles for sm_80 and sm_90 (one
-    subprocess per arch, in parallel): `count` of them per arch, no spill stores or loads, at most
-    `max_registers` registers, and 128-bit loads in the rows where wants_v4_loads(row)."""
-    from concurrent.futures import ThreadPoolExecutor
+def _last_json(code, stdout, stderr):
+    assert code == 0, stderr[-4000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
-    with ThreadPoolExecutor(len(ARCHS)) as pool:
-        reports = list(pool.map(lambda arch: run_script(script, "--json", *args,
-                                                        f"--arch={arch}"), ARCHS))
+
+class ScriptJobs:
+    """A test module's runs of a script in the background (tests/conftest.py's BackgroundJob):
+    the sm_80 and sm_90 compile reports of `compile_args`, and the torch.compile trace."""
+
+    def __init__(self, script, compile_args):
+        self.script, self.compile_args, self.jobs = script, compile_args, {}
+
+    def start(self):
+        from conftest import BackgroundJob
+
+        if not self.jobs:
+            runs = {arch: ("--json", *self.compile_args, f"--arch={arch}") for arch in ARCHS}
+            for name, args in {**runs, "trace": ("--trace",)}.items():
+                argv, env = _script(self.script, *args)
+                self.jobs[name] = BackgroundJob(argv, env=env)
+
+    def stop(self):
+        for job in self.jobs.values():
+            job.stop()
+        self.jobs.clear()
+
+    def result(self, name):
+        """The JSON of job `name` (an arch, or "trace"), once it is done."""
+        self.start()
+        return _last_json(*self.jobs[name].wait())
+
+    def compile_reports(self):
+        return [self.result(arch) for arch in ARCHS]
+
+
+def assert_compiles_without_spills(reports, count, max_registers, wants_v4_loads):
+    """Every specialization of each arch's report (ScriptJobs.compile_reports) compiled: `count`
+    of them per arch, no spill stores or loads, at most `max_registers` registers, and 128-bit
+    loads in the rows where wants_v4_loads(row)."""
     for report in reports:
         assert len(report) == count, f"{len(report)} specializations compiled, expected {count}"
         for row in report:

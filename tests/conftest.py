@@ -40,6 +40,9 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -184,29 +187,69 @@ BACKENDS = [
 ]
 
 
-# ---- slow preparations in the background --------------------------------------------------------
+# ---- slow subprocesses in the background -------------------------------------------------------
 #
-# A test module may define start_in_background() and stop_in_background(): work of minutes that
-# its tests wait for (tests/test_cpu_isa_variants.py: two builds of the extension) starts as soon
-# as collection has selected its tests, and its tests run last, so that the work overlaps with the
-# rest of the session. stop_in_background() ends what is left when the session ends.
+# Subprocesses of minutes (tests/test_cpu_isa_variants.py's two builds of the extension, the sm_80 /
+# sm_90 compilations and torch.compile traces of the Triton kernels) start as soon as collection
+# has selected their tests, at nice 19, and the tests that wait for them (marked `background`) run
+# last: the rest of the suite is mostly one Python thread, and the jobs take the core it leaves
+# idle instead of minutes of their own. A module with such tests defines start_in_background(),
+# which starts its jobs (once), and stop_in_background(), which ends what is left when the session
+# ends (after a failure with -x, say).
 
 
-def _prepares_in_background(item) -> bool:
-    return hasattr(getattr(item, "module", None), "start_in_background")
+class BackgroundJob:
+    """A command run at nice 19 in its own process group, its stdout and stderr in temporary
+    files. A test waiting for it raises the group back to nice 0 (where allowed): it is the
+    critical path then."""
+
+    def __init__(self, argv, cwd=None, env=None):
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._out, stderr=self._err,
+                                     text=True, start_new_session=True,
+                                     preexec_fn=lambda: os.nice(19))
+
+    def wait(self, timeout: float = 900) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr), waiting `timeout` seconds more at most."""
+        if self.proc.poll() is None:
+            try:
+                os.setpriority(os.PRIO_PGRP, self.proc.pid, 0)
+            except OSError:  # not allowed to raise a priority: it finishes at nice 19
+                pass
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        self._out.seek(0)
+        self._err.seek(0)
+        return code, self._out.read(), self._err.read()
+
+    def stop(self) -> None:
+        """Kills the command and what it started (a build's compilers)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+
+def _waits_in_background(item) -> bool:
+    return item.get_closest_marker("background") is not None
 
 
 def pytest_collection_modifyitems(session, config, items):
-    late = [item for item in items if _prepares_in_background(item)]
+    late = [item for item in items if _waits_in_background(item)]
     if late:
-        items[:] = [item for item in items if not _prepares_in_background(item)] + late
+        items[:] = [item for item in items if not _waits_in_background(item)] + late
 
 
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
     for module in dict.fromkeys(item.module for item in session.items
-                                if _prepares_in_background(item)):
+                                if _waits_in_background(item)):
         session.config.add_cleanup(module.stop_in_background)
         module.start_in_background()
 
@@ -214,6 +257,8 @@ def pytest_collection_finish(session):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "backends(*ids): run this test on these backends of tests/conftest.py only")
+    config.addinivalue_line(
+        "markers", "background: waits for its module's start_in_background() jobs; runs last")
 
 
 def _wants(metafunc, name: str) -> bool:

@@ -7,9 +7,8 @@ builds both, CPU only, from a copy of the sources in a temporary directory (two 
 parallel, about a minute on 2 idle cores), and runs a short trajectory of each against the float64
 oracle in a subprocess that imports that copy.
 
-The builds start when the session's collection ends (tests/conftest.py calls start_in_background)
-at the lowest CPU priority, and this file's tests run last: the builds use the core that the rest
-of the suite, mostly one Python thread, leaves idle, instead of a minute or two of their own.
+The builds start when the session's collection ends, at nice 19, and this file's tests run last
+(tests/conftest.py: slow subprocesses in the background).
 """
 
 from __future__ import annotations
@@ -24,6 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BackgroundJob
+
+pytestmark = pytest.mark.background
+
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("avx2", "none")
 
@@ -36,7 +39,7 @@ def _cpu_flags() -> set[str]:
 
 
 class _Build:
-    """One variant's build, in a subprocess at nice 19 (its output in build.log)."""
+    """One variant's build, in a background job."""
 
     def __init__(self, variant: str, root: Path):
         self.variant, self.dest = variant, root / variant
@@ -50,21 +53,13 @@ class _Build:
         # and it made each variant's build twice as long: both timed out at a load average of 15).
         env = {k: v for k, v in os.environ.items() if k not in ("FORCE_CUDA", "FADAM_HIP_CPU")}
         env.update(FADAM_SKIP_CUDA="1", FADAM_CPU_VEC=variant, MAX_JOBS="1")
-        self.log = self.dest / "build.log"
-        with open(self.log, "w") as log:  # a file, not a pipe: nobody reads it while it builds
-            self.proc = subprocess.Popen([sys.executable, "setup.py", "build_ext", "--inplace"],
-                                         cwd=self.dest, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(19))
+        self.job = BackgroundJob([sys.executable, "setup.py", "build_ext", "--inplace"],
+                                 cwd=self.dest, env=env)
 
     def wait(self) -> Path:
         """The variant's directory once its build is done (900 s more at most)."""
-        try:
-            code = self.proc.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        out = self.log.read_text()
-        assert code == 0, f"FADAM_CPU_VEC={self.variant} build failed:\n{out[-4000:]}"
+        code, out, err = self.job.wait()
+        assert code == 0, f"FADAM_CPU_VEC={self.variant} build failed:\n{err[-4000:]}"
         assert list((self.dest / "fadam_fused").glob("_C*.so")), out[-2000:]
         return self.dest
 
@@ -73,8 +68,7 @@ _BUILDS: dict[str, _Build] = {}
 
 
 def start_in_background() -> None:
-    """Starts both builds (tests/conftest.py calls this once collection has selected this file's
-    tests; the builds fixture does if nothing did)."""
+    """Starts both builds (the builds fixture does if tests/conftest.py did not)."""
     if not _BUILDS:
         root = Path(tempfile.mkdtemp(prefix="fadam-isa-"))
         _BUILDS.update({v: _Build(v, root) for v in VARIANTS})
@@ -84,9 +78,7 @@ def stop_in_background() -> None:
     """Ends a build still running (the session stopped before this file's tests) and removes
     the copies."""
     for build in _BUILDS.values():
-        if build.proc.poll() is None:
-            build.proc.kill()
-            build.proc.wait()
+        build.job.stop()
     if _BUILDS:
         shutil.rmtree(next(iter(_BUILDS.values())).dest.parent, ignore_errors=True)
     _BUILDS.clear()

@@ -15,7 +15,7 @@ import torch
 from fadam_fused import FAdafactor, backends, op_contract
 from fadam_testing import FADAFACTOR, assert_same_bits, assert_trajectories_close, make_problem
 from conftest import triton_kernels
-from _triton_compile import assert_compiles_without_spills, run_script
+from _triton_compile import ScriptJobs, assert_compiles_without_spills
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
@@ -86,7 +86,13 @@ def test_bad_inputs_are_refused_by_name():
 # Compilation for sm_80 / sm_90 without a GPU.
 # ---------------------------------------------------------------------------------------------
 
+# The compilations and the trace run in subprocesses started when collection ends, and these tests
+# run last (tests/conftest.py: slow subprocesses in the background).
+_JOBS = ScriptJobs("_fadafactor_triton_compile.py", [])
+start_in_background, stop_in_background = _JOBS.start, _JOBS.stop
 
+
+@pytest.mark.background
 def test_kernels_compile_for_sm80_sm90_without_spills():
     """The four kernels in 29 specializations (every dtype; aligned, unaligned, pow, grad_scale,
     lr tensor, per-tensor) compile for sm_80 and sm_90 and ptxas reports no spills. Registers
@@ -94,17 +100,18 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
     of 96 leaves 5 CTAs of 128 threads per SM. The aligned float32 p = 0.5 phases A and B use
     128-bit loads. About a minute."""
     assert_compiles_without_spills(
-        "_fadafactor_triton_compile.py", [], count=29, max_registers=96,
+        _JOBS.compile_reports(), count=29, max_registers=96,
         wants_v4_loads=lambda row: row["dtype"] == "float32" and row["aligned"])
 
 
+@pytest.mark.background
 def test_torch_compile_trace_decomposes_into_per_tensor_kernels():
     """What torch.compile sees (AOTAutograd on FakeTensors of a fake CUDA device, no GPU needed):
     each op decomposes into Triton kernel calls on the tensors themselves, per tensor, gridded by
     tiles (phase S), matrices (the combine) and chunks (A and B). (80, 1000) has 4 tiles of
     80 x 256 and 2 chunks; (2, 3, 5) two matrices of one tile, fused into phase B; (0, 4) has no
     tile but a C to decay and copy. Runs in a subprocess without TRITON_INTERPRET."""
-    kernels = run_script("_fadafactor_triton_compile.py", "--trace")
+    kernels = _JOBS.result("trace")
     assert [(k["kernel"], k["grid"][0][0], k["numel"], k["table"]) for k in kernels] == [
         ("_tiles_kernel", 2, 30, False), ("_combine_kernel", 2, 30, False),
         ("_tiles_kernel", 4, 80000, False), ("_combine_kernel", 1, 80000, False),

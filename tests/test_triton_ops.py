@@ -27,7 +27,7 @@ pytest.importorskip("triton")
 from fadam_fused import op_contract  # noqa: E402
 from fadam_fused.reference import fadam_reference  # noqa: E402
 from conftest import triton_kernels  # noqa: E402
-from _triton_compile import assert_compiles_without_spills, run_script  # noqa: E402
+from _triton_compile import ScriptJobs, assert_compiles_without_spills  # noqa: E402
 from fadam_testing import SQUARE_FITS, SQUARE_OVERFLOWS  # noqa: E402
 
 TK, _reason = triton_kernels()
@@ -614,7 +614,13 @@ def test_uncaptured_tables_go_with_their_steps(monkeypatch):
 # Compilation for sm_80 / sm_90 without a GPU.
 # ---------------------------------------------------------------------------------------------
 
+# The compilations and the trace run in subprocesses started when collection ends, and these tests
+# run last (tests/conftest.py: slow subprocesses in the background).
+_JOBS = ScriptJobs("_triton_compile.py", ["--all"])
+start_in_background, stop_in_background = _JOBS.start, _JOBS.stop
 
+
+@pytest.mark.background
 def test_kernels_compile_for_sm80_sm90_without_spills():
     """Every specialization the optimizer can launch (the whole product: 144 per arch) compiles
     for sm_80 and sm_90 (Triton's compiler, no GPU), and the bundled `ptxas -v` reports no spill
@@ -623,18 +629,19 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
     in subprocesses (the kernels here are interpreter functions), one per arch in parallel:
     about 2 minutes."""
     assert_compiles_without_spills(
-        "_triton_compile.py", ["--all"], count=144, max_registers=128,
+        _JOBS.compile_reports(), count=144, max_registers=128,
         wants_v4_loads=lambda row: (row["dtype"] == "float32" and row["aligned"]
                                     and "pow" not in row["kernel"]))
 
 
+@pytest.mark.background
 def test_torch_compile_trace_decomposes_into_per_tensor_kernels():
     """What torch.compile sees (AOTAutograd on FakeTensors of a fake CUDA device, no GPU needed):
     each op decomposes into Triton kernel calls on the tensors themselves, one per non-empty
     tensor and phase, gridded by chunks (an empty tensor has no work: no slot to write with
     fuse_one_chunk). Runs in a subprocess without TRITON_INTERPRET (wrap_triton needs the
     compiled-kernel objects)."""
-    kernels = run_script("_triton_compile.py", "--trace")
+    kernels = _JOBS.result("trace")
     assert [(k["grid"][0][0], k["numel"], k["table"]) for k in kernels] == [
         (2, CHUNK + 4464, False), (1, 10, False),  # phase A
         (2, CHUNK + 4464, False), (1, 10, False)]  # phase B
