@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _triton_compile import (ARCHS, _chunk, _source, _tk, _tl_dtypes, has_v4_loads,  # noqa: E402
                              ptxas_report, use_this_checkout)
+from _triton_compile import describe as _describe  # noqa: E402
 
 
 def launch_args(kernel, dtype=torch.float32, aligned=True, sqrt=True, gscale=False, lr=None,
@@ -82,20 +83,7 @@ def specializations():
 
 
 def describe(kernel, spec):
-    parts = [kernel, str(spec.get("dtype", torch.float32)).replace("torch.", "")]
-    if kernel in "AB":
-        parts.append("aligned" if spec.get("aligned", True) and spec.get("table", True)
-                     else "unaligned")
-    for key, word in (("gscale", "grad_scale"),):
-        if spec.get(key):
-            parts.append(word)
-    if not spec.get("sqrt", True):
-        parts.append("pow")
-    if spec.get("lr") is not None:
-        parts.append("lr_" + str(spec["lr"]).replace("torch.", ""))
-    if not spec.get("table", True):
-        parts.append("per-tensor")
-    return " ".join(parts)
+    return _describe(kernel, spec, label=kernel)
 
 
 def compile_ptx(kernel, arch, **spec):

@@ -189,9 +189,14 @@ def specializations(full=False):
     return out
 
 
-def describe(phase, spec):
-    parts = [f"phase_{phase.lower()}", str(spec.get("dtype", torch.float32)).replace("torch.", "")]
-    parts.append("aligned" if spec.get("aligned", True) and spec.get("table", True) else "unaligned")
+def describe(kernel, spec, label=None):
+    """One specialization in words: `label` (default phase_a / phase_b), the dtype, the alignment
+    of the element kernels A and B, and its variants."""
+    parts = [label or f"phase_{kernel.lower()}",
+             str(spec.get("dtype", torch.float32)).replace("torch.", "")]
+    if kernel in ("A", "B"):
+        parts.append("aligned" if spec.get("aligned", True) and spec.get("table", True)
+                     else "unaligned")
     if not spec.get("sqrt", True):
         parts.append("pow")
     if spec.get("gscale"):
@@ -246,6 +251,65 @@ def trace():
     return [{"grid": [list(g) for g in n.kwargs["grid"]],
              "table": n.kwargs["kwargs"].get("TABLE"),
              "numel": n.kwargs["kwargs"].get("numel_in")} for n in nodes]
+
+
+# ---- run from the tests ----------------------------------------------------------------------
+
+
+def _script(script, *args):
+    """The command and environment of tests/<script> with `args`, without TRITON_INTERPRET
+    (compilation and wrap_triton need the JITFunctions, which the interpreted kernels of the test
+    process are not)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return [sys.executable, str(Path(__file__).with_name(script)), *args], env
+
+
+def _last_json(code, stdout, stderr):
+    assert code == 0, stderr[-4000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+class ScriptJobs:
+    """A test module's runs of a script in the background (tests/conftest.py's BackgroundJob):
+    the sm_80 and sm_90 compile reports of `compile_args`, and the torch.compile trace."""
+
+    def __init__(self, script, compile_args):
+        self.script, self.compile_args, self.jobs = script, compile_args, {}
+
+    def start(self):
+        from conftest import BackgroundJob
+
+        if not self.jobs:
+            runs = {arch: ("--json", *self.compile_args, f"--arch={arch}") for arch in ARCHS}
+            for name, args in {**runs, "trace": ("--trace",)}.items():
+                argv, env = _script(self.script, *args)
+                self.jobs[name] = BackgroundJob(argv, env=env)
+
+    def stop(self):
+        for job in self.jobs.values():
+            job.stop()
+        self.jobs.clear()
+
+    def result(self, name):
+        """The JSON of job `name` (an arch, or "trace"), once it is done."""
+        self.start()
+        return _last_json(*self.jobs[name].wait())
+
+    def compile_reports(self):
+        return [self.result(arch) for arch in ARCHS]
+
+
+def assert_compiles_without_spills(reports, count, max_registers, wants_v4_loads):
+    """Every specialization of each arch's report (ScriptJobs.compile_reports) compiled: `count`
+    of them per arch, no spill stores or loads, at most `max_registers` registers, and 128-bit
+    loads in the rows where wants_v4_loads(row)."""
+    for report in reports:
+        assert len(report) == count, f"{len(report)} specializations compiled, expected {count}"
+        for row in report:
+            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+            assert row["registers"] <= max_registers, row
+            if wants_v4_loads(row):
+                assert row["v4_loads"], f"no 128-bit loads in the aligned float32 path: {row}"
 
 
 def use_this_checkout():

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fadam_fused import AdaFisher, FAdafactor, FAdam, backends, op_contract, sharded  # noqa: E402,E501
+from fadam_fused import AdaFisher, FAdafactor, FAdam, sharded  # noqa: E402
 
 STEPS = 8
 DEVICE = os.environ.get("FADAM_SHARDED_DEVICE", "cpu")
@@ -284,17 +284,12 @@ def fsdp_mixed_dtypes(backend, rank, world):
 
 def fsdp_chunks(backend, rank, world):
     """Tensors of several chunks per shard: the C++ backend's chunk set to 4 elements."""
-    saved = dict(op_contract.CHUNK_SIZE)
-    op_contract.CHUNK_SIZE[backend] = 4
-    backends._FUSED.clear()
-    backends._FACTORED.clear()
-    try:
+    import pytest
+    from conftest import set_chunk  # the one place tests switch backends
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        set_chunk(monkeypatch, backend, 4)
         _compare_dp(_fsdp(), backend, world, rank, f"fsdp Shard(0) 4-element chunks {backend}")
-    finally:
-        op_contract.CHUNK_SIZE.clear()
-        op_contract.CHUNK_SIZE.update(saved)
-        backends._FUSED.clear()
-        backends._FACTORED.clear()
 
 
 def fsdp_batched(backend, rank, world):

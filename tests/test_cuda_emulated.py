@@ -1,21 +1,24 @@
-"""backend="cuda"'s kernels (csrc/cuda/) run on the CPU under HIP-CPU, against the float64 oracle.
+"""backend="cuda"'s kernels (csrc/cuda/) run on the CPU under HIP-CPU: the switch, and what the
+emulated kernels have of their own (launch splitting, op-level slots, fuse_one_chunk, clipping
+off, the lr_tensor rule).
 
 fadam_fused._C_cuda_emulated is csrc/cuda/fadam_cuda.cu compiled by g++ with HIP-CPU
 ([note: one CUDA source, two compilers] in csrc/cuda/launch.h): the kernels, the multi-tensor plan,
 the tables and the step scalars of the GPU build, on CPU tensors. setup.py builds it when
 FADAM_HIP_CPU names the HIP-CPU folder (`make test` does when ../shared/third_party/hip-cpu exists);
-without it these tests skip. Users switch it on with FADAM_CUDA_EMULATE=1; here a fixture sets the
-same switch for each test, so the rest of the suite keeps the normal backend="cuda".
+without it these tests skip. Users switch it on with FADAM_CUDA_EMULATE=1; here tests/conftest.py's
+cuda_emulated fixture sets the same switch for each test, so the rest of the suite keeps the
+normal backend="cuda". tests/test_scenarios.py runs the scenarios every backend shares on it
+(its "cuda-emulated" backend).
 
-The scenarios are test_cuda.py's (the GPU suite), at sizes the emulator runs in seconds: it runs a
-block's 512 threads as fibers, ~1 ms per block, so multi-chunk and multi-launch paths are reached by
-shrinking the chunk (the cuda_chunk fixture), not by big tensors. Tolerances: tests/fadam_testing.py.
-What emulation cannot check (races, memory ordering, speed, registers): csrc/cuda/launch.h.
+The emulator runs a block's 512 threads as fibers, ~1 ms per block, so multi-chunk and
+multi-launch paths are reached by shrinking the chunk (the cuda_chunk fixture), not by big
+tensors. Tolerances: tests/fadam_testing.py. What emulation cannot check (races, memory
+ordering, speed, registers): csrc/cuda/launch.h.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import subprocess
@@ -24,47 +27,15 @@ import sys
 import pytest
 import torch
 
-from fadam_fused import FAdam, _ext, backends, op_contract, reference
-from fadam_testing import (SQUARE_FITS, SQUARE_OVERFLOWS,
-                           assert_groups_and_lr_schedule_match_oracle, assert_trajectories_close,
-                           make_problem, op_inputs, run_optimizer, run_oracle64)
-from test_cpu_parity import CASES
-from test_cuda import _snapshot_cpu, assert_snaps_equal, run_on
+from fadam_fused import FAdam, _ext, backends, reference
+from conftest import backend_ops
+from fadam_testing import FADAM, SQUARE_OVERFLOWS, make_problem, op_inputs
 
-op_contract.define_phase_ops(*op_contract.EMULATED_CUDA_OPS)  # as _ext does under the switch
-try:
-    from fadam_fused import _C_cuda_emulated  # noqa: F401
-    _MISSING = None
-except ImportError as exc:
-    _MISSING = (f"the emulated CUDA build is missing ({exc}): build with FADAM_HIP_CPU="
-                "../shared/third_party/hip-cpu (make test does when that folder exists)")
-
-pytestmark = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
+pytestmark = pytest.mark.usefixtures("cuda_emulated")
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CHUNK = 65536  # the CUDA chunk of backends._CHUNK_SIZE
-# test_cpu_parity's default shapes scaled to a 4096 chunk: empty, one-element, one-chunk (fused)
-# and a two-chunk tensor with a ragged tail (4715 = 4096 + 619).
-SHAPES = [(0,), (1,), (1000,), (5, 23, 41), (3, 7)]
-
-
-@pytest.fixture(autouse=True)
-def emulated(monkeypatch):
-    """backend="cuda" runs the emulated kernels on CPU tensors, as under FADAM_CUDA_EMULATE=1."""
-    monkeypatch.setattr(_ext, "CUDA_EMULATE", True)
-    monkeypatch.setattr(_ext, "EMULATED_LOAD_ERROR", None)
-    monkeypatch.setattr(backends, "_FUSED", {})
-
-
-def run(problem, **kw):
-    return run_on(problem, "cuda", device=CPU, **kw)
-
-
-def check(problem, dtype=torch.float32, **hyper):
-    fast, _, _ = run(problem, **hyper)
-    same = None if dtype == torch.float32 else run_optimizer(problem, "reference", **hyper)[0]
-    return assert_trajectories_close(fast, run_oracle64(problem, **hyper), same, dtype)
+CHUNK = 65536  # the CUDA chunk of op_contract.CHUNK_SIZE
 
 
 # ---- the switch ---------------------------------------------------------------------------------
@@ -72,7 +43,7 @@ def check(problem, dtype=torch.float32, **hyper):
 
 def test_backend_cuda_runs_the_emulated_ops():
     assert backends.resolve("cuda", CPU) == "cuda"
-    assert backends.fused("cuda").phase_a is torch.ops.fadam_fused.cuda_emulated_phase_a.default
+    assert backend_ops("cuda").phase_a is torch.ops.fadam_fused.cuda_emulated_phase_a.default
     # Registered as ops of their own: the CPU kernels of fadam_phase_a/b are still csrc/cpu/.
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fadam_fused::cuda_emulated_phase_a", "CPU")
     assert "cuda" in backends.unavailable_reason("cuda", torch.device("meta"))
@@ -85,10 +56,11 @@ def _python(code, **env):
 
 
 def test_environment_switch():
-    code = ("import torch; from fadam_fused import FAdam, backends\n"
+    code = ("import sys; sys.path.insert(0, 'tests')\n"
+            "import torch; from fadam_fused import FAdam; from conftest import backend_ops\n"
             "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
             "FAdam([p], backend='cuda', lr=0.1).step()\n"
-            "print(backends.fused('cuda').phase_a is "
+            "print(backend_ops('cuda').phase_a is "
             "torch.ops.fadam_fused.cuda_emulated_phase_a.default, p.detach().tolist())\n")
     out = _python(code, FADAM_CUDA_EMULATE="1")
     assert out.returncode == 0, out.stderr
@@ -115,16 +87,7 @@ def test_missing_build_says_how_to_build_it(monkeypatch):
     assert torch.equal(p.detach(), torch.ones(3)) and len(opt.state) == 0
 
 
-# ---- parity with the oracle: the CPU test matrix ------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_matches_oracle(case, dtype, cuda_chunk):
-    _, problem_kw, hyper, extra = case
-    cuda_chunk(extra.get("chunk", 4096))
-    problem_kw = {"shapes": SHAPES, **problem_kw}
-    check(make_problem(dtype=dtype, steps=7, **problem_kw), dtype, **hyper)
+# ---- launches ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -135,7 +98,8 @@ def test_more_tensors_than_one_launch_holds(dtype, cuda_chunk):
     shapes = [(2 * 256 + 1 + i,) for i in range(140)] + [(5,), (0,), (1,)]
     assert len(torch.ops.fadam_fused.cuda_emulated_plan([s[0] for s in shapes], 256, True, "a",
                                                         -1, -1)[:, 0].unique()) == 2
-    check(make_problem(shapes=shapes, dtype=dtype, steps=3), dtype, lr=1e-2, clip=0.5)
+    FADAM.check(make_problem(shapes=shapes, dtype=dtype, steps=3), "cuda", dtype, lr=1e-2,
+                clip=0.5)
 
 
 @pytest.mark.parametrize("chunk", [64, 62], ids=["chunk64", "chunk62-scalar-path"])
@@ -149,68 +113,10 @@ def test_more_blocks_than_one_launch_holds(chunk, cuda_chunk):
     rows_a = torch.ops.fadam_fused.cuda_emulated_plan([numel], chunk, True, "a", -1, -1)
     rows_b = torch.ops.fadam_fused.cuda_emulated_plan([numel], chunk, True, "b", -1, -1)
     assert set(rows_a[:, 0].tolist()) == {0, 1} and (rows_b[:, 4] - rows_b[:, 3]).max() == 2
-    check(make_problem(shapes=[(numel,), (5, 7)], steps=1), lr=1e-2, clip=0.5)
+    FADAM.check(make_problem(shapes=[(numel,), (5, 7)], steps=1), "cuda", lr=1e-2, clip=0.5)
 
 
-def test_two_param_groups_and_lr_schedule(cuda_chunk):
-    cuda_chunk(4096)
-    assert_groups_and_lr_schedule_match_oracle(make_problem(shapes=SHAPES, steps=6), run)
-
-
-@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
-def test_tensor_lr_matches_float_lr(lr_dtype):
-    problem = make_problem(steps=3)
-    a, _, _ = run(problem, lr=torch.tensor(0.02, dtype=lr_dtype))
-    b, _, _ = run(problem, lr=0.02)
-    assert_snaps_equal(a, b)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tiny_eps_with_zero_gradient_stays_finite(dtype, cuda_chunk):
-    # w = theta / eps^(2p) ~ 1e30: w^2 overflows float32; the RMS sums are float64.
-    cuda_chunk(4096)
-    problem = make_problem(shapes=SHAPES, steps=5, zero_grad=(2, 3), dtype=dtype)
-    fast, params, _ = run(problem, lr=1e-2, eps=1e-30)
-    for snap in fast:
-        for t in snap.params + [x for x in snap.momentum + snap.fim if x is not None]:
-            assert torch.isfinite(t).all()
-    same = None if dtype == torch.float32 else run_optimizer(problem, "reference", lr=1e-2,
-                                                             eps=1e-30)[0]
-    assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2, eps=1e-30), same, dtype)
-    if dtype == torch.float32:  # a 1e-5 relative decay per step is below a bf16 / fp16 ulp
-        assert not torch.equal(params[2].detach(), problem.init[2])
-
-
-# ---- bitwise properties -------------------------------------------------------------------------
-
-
-def test_deterministic_bitwise(cuda_chunk):
-    cuda_chunk(1024)
-    problem = make_problem(shapes=[(5000,), (1025,), (3, 700), (1024,)], steps=3)
-    assert_snaps_equal(run(problem, lr=1e-2)[0], run(problem, lr=1e-2)[0])
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_unaligned_storage_gives_the_same_bits(dtype, cuda_chunk):
-    # Params and grads one element into a buffer are not 16-byte aligned: the scalar path. It
-    # visits the same elements in the same order per thread as the 128-bit path.
-    cuda_chunk(2048)
-    problem = make_problem(shapes=[(5003,), (1025,), (1,)], steps=3, dtype=dtype)
-    aligned, _, _ = run(problem, lr=1e-2)
-
-    def offset(t):
-        return torch.zeros(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape).copy_(t)
-
-    params = [torch.nn.Parameter(offset(t)) for t in problem.init]
-    assert all(p.data_ptr() % 16 != 0 for p in params)
-    opt = FAdam(params, backend="cuda", lr=1e-2)
-    snaps = []
-    for row in problem.grads:
-        for p, g in zip(params, row):
-            p.grad = offset(g)
-        opt.step()
-        snaps.append(_snapshot_cpu(params, opt.state))
-    assert_snaps_equal(aligned, snaps)
+# ---- the ops called directly --------------------------------------------------------------------
 
 
 def _kw(chunk, clip):
@@ -284,55 +190,7 @@ def test_clip_off_phase_a_writes_no_slot_and_still_checks_gradients(fuse):
             torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_clip_off_multi_chunk_matches_oracle(dtype, cuda_chunk):
-    cuda_chunk(512)
-    check(make_problem(shapes=[(3, 517), (512,), (7,), (0,)], dtype=dtype, steps=5), dtype,
-          lr=1e-2, clip=None, weight_decay=0.1)
-
-
-# ---- non-finite values --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("where", [0, 1, 2], ids=["multi-chunk", "one-chunk", "tiny"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_nonfinite_gradient_skips_the_step_bit_identically(bad, where, dtype, cuda_chunk):
-    # 5003 = 4 * 1024 + 907: the last chunk ends in a ragged fragment (907 % 8 = 3).
-    cuda_chunk(1024)
-    problem = make_problem(shapes=[(5003,), (1000,), (3,)], dtype=dtype, steps=2)
-    _, params, opt = run(problem, lr=1e-2)
-    before = _snapshot_cpu(params, opt.state)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    params[where].grad.view(-1)[-1] = bad
-    opt.step()
-    assert_snaps_equal([before], [_snapshot_cpu(params, opt.state)])
-    assert float(opt.skipped_steps) == 1.0
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    assert not torch.equal(params[0].detach(), before.params[0])
-    assert float(opt.state[params[0]]["step"]) == before.step[0] + 1
-
-
-@pytest.mark.parametrize("shape", [(3000,), (100,)], ids=["multi-chunk", "one-chunk"])
-def test_nan_parameter_same_on_cpu_emulated_cuda_and_reference(shape, cuda_chunk, cpu_chunk):
-    # A NaN parameter (not gradient) does not skip the step: its tensor's RMS(w) counts as
-    # infinite, so the clipped weight decay is 0 for that tensor and the NaN stays in its element.
-    cuda_chunk(1024)
-    cpu_chunk(1024)
-    problem = make_problem(shapes=[shape, (50,)], steps=3)
-    problem.init[0].view(-1)[7] = float("nan")
-    hyper = dict(lr=1e-2, clip=0.5, weight_decay=0.1)
-    runs = {b: run_optimizer(problem, b, **hyper)[0] for b in ("cuda", "cpu", "reference")}
-    for snap in runs["cuda"]:
-        nan = torch.isnan(snap.params[0])
-        assert nan.sum() == 1 and nan.view(-1)[7]
-    for other in ("cpu", "reference"):
-        for a, b in zip(runs["cuda"], runs[other]):
-            for x, y in zip(a.params + a.momentum + a.fim, b.params + b.momentum + b.fim):
-                torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, equal_nan=True)
+# ---- the overflow rule -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("clip", [0.5, 0.0], ids=["clip", "clip-off"])
@@ -364,56 +222,6 @@ def test_gradient_whose_square_overflows_skips_the_step(dtype, case, where, clip
     assert all(torch.equal(x, y) for x, y in zip(frozen, params + fims + moms))
 
 
-@pytest.mark.parametrize("g", SQUARE_FITS)
-def test_gradient_with_a_finite_square_is_not_skipped_and_matches_the_oracle(g, cuda_chunk):
-    # g * g = 1e38 or 3.24e38 fits float32: the step runs, in a multi-chunk tensor (3 chunks of
-    # 1024) and a fused one-chunk tensor, and follows the float64 oracle.
-    cuda_chunk(1024)
-    problem = make_problem(shapes=[(3000,), (5, 7)], steps=4)
-    problem.grads[1][0][2047] = g
-    problem.grads[1][1][2, 3] = -g
-    fast, _, opt = run(problem, lr=1e-2)
-    assert float(opt.skipped_steps) == 0.0
-    assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2))
-
-
-def test_grad_scale_matches_unscaled():
-    # GradScaler's inputs as GradScaler.step sets them. With weight_decay and clipping off, a
-    # scale that were not divided out would shrink the decay 4096x.
-    problem = make_problem(steps=4)
-    hyper = dict(lr=1e-2, weight_decay=0.1, clip=None)
-    params = [torch.nn.Parameter(t.clone()) for t in problem.init]
-    opt = FAdam(params, backend="cuda", **hyper)
-    scaled = []
-    for row in problem.grads:
-        for p, g in zip(params, row):
-            p.grad = g * 4096.0
-        opt.grad_scale = torch.tensor(4096.0)
-        opt.found_inf = torch.tensor(0.0)
-        opt.step()
-        scaled.append(_snapshot_cpu(params, opt.state))
-    del opt.grad_scale, opt.found_inf
-    assert_trajectories_close(scaled, run_oracle64(problem, **hyper))
-
-
-def test_grad_scaler_found_inf_skips():
-    param = torch.nn.Parameter(torch.randn(1000))
-    opt = FAdam([param], lr=1e-2, backend="cuda")
-    param.grad = torch.randn_like(param)
-    opt.step()
-    before = param.detach().clone()
-    state = {k: v.clone() for k, v in opt.state[param].items()}
-    param.grad = torch.randn_like(param)
-    opt.grad_scale = torch.tensor(1.0)
-    opt.found_inf = torch.tensor(1.0)
-    opt.step()
-    del opt.grad_scale, opt.found_inf
-    assert float(opt.skipped_steps) == 1.0
-    assert torch.equal(param.detach(), before)
-    for k, v in state.items():
-        assert torch.equal(opt.state[param][k], v)
-
-
 # ---- the lr_tensor rule, the same on both C++ backends ------------------------------------------
 
 
@@ -434,27 +242,3 @@ def test_lr_tensor_rule(op, lr_tensor):
     for la, lb in zip(group, frozen):
         for x, y in zip(la, lb):
             assert torch.equal(x, y)
-
-
-# ---- state_dict moves ---------------------------------------------------------------------------
-
-
-MOVES = [("cuda", "cpu"), ("cpu", "cuda"), ("cuda", "reference"), ("reference", "cuda")]
-
-
-@pytest.mark.parametrize("first, second", MOVES, ids=[f"{a}-to-{b}" for a, b in MOVES])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_state_dict_round_trip(first, second, dtype):
-    problem = make_problem(shapes=[(4097,), (5, 17, 13), (3,)], dtype=dtype, steps=6, no_grad=(2,))
-    hyper = dict(lr=1e-2, clip=1.0)
-    snaps1, params1, opt1 = run_on(problem, first, device=CPU, steps=3, **hyper)
-    buf = io.BytesIO()
-    torch.save(opt1.state_dict(), buf)
-    buf.seek(0)
-    params2 = [torch.nn.Parameter(p.detach().clone()) for p in params1]
-    opt2 = FAdam(params2, backend=second, **hyper)
-    opt2.load_state_dict(torch.load(buf, map_location="cpu"))
-    assert opt2.param_groups[0]["backend"] == second
-    snaps2, _, _ = run_on(problem, second, device=CPU, params=params2, opt=opt2, start=3, steps=3)
-    same = None if dtype == torch.float32 else run_optimizer(problem, "reference", **hyper)[0]
-    assert_trajectories_close(snaps1 + snaps2, run_oracle64(problem, **hyper), same, dtype)

@@ -3,9 +3,9 @@ the two ops called directly, next to the oracle. tests/test_triton_optimizer.py 
 FAdam(backend="triton").
 
 Where the kernels run: Triton decides when the kernels are defined whether they are compiled or
-interpreted (TRITON_INTERPRET=1). Without a GPU this file sets TRITON_INTERPRET=1 itself (unless the
-environment already decides), so the parity tests run in Triton's interpreter on CPU tensors; on a
-GPU machine without the variable they run compiled, on CUDA tensors, and the GPU-only tests
+interpreted (TRITON_INTERPRET=1). Without a GPU tests/conftest.py sets TRITON_INTERPRET=1 (unless
+the environment already decides), so the parity tests run in Triton's interpreter on CPU tensors;
+on a GPU machine without the variable they run compiled, on CUDA tensors, and the GPU-only tests
 (torch.compile) run too. The variable only takes effect if Triton has not been imported yet in this
 process; `make test` exports it for the whole run.
 
@@ -16,30 +16,21 @@ upcast=False for the flash-attention rule on bf16 / fp16). Tolerances as tests/f
 
 from __future__ import annotations
 
-import os
+import gc
+import weakref
 
+import pytest
 import torch
-
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import gc  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
-import weakref  # noqa: E402
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from fadam_fused import _ext, backends, op_contract  # noqa: E402
+from fadam_fused import op_contract  # noqa: E402
 from fadam_fused.reference import fadam_reference  # noqa: E402
+from conftest import triton_kernels  # noqa: E402
+from _triton_compile import ScriptJobs, assert_compiles_without_spills  # noqa: E402
 from fadam_testing import SQUARE_FITS, SQUARE_OVERFLOWS  # noqa: E402
 
-TK, _reason = _ext.triton_kernels()
+TK, _reason = triton_kernels()
 if TK is None:
     pytest.skip(_reason, allow_module_level=True)
 CHUNK = op_contract.CHUNK_SIZE["triton"]
@@ -623,16 +614,13 @@ def test_uncaptured_tables_go_with_their_steps(monkeypatch):
 # Compilation for sm_80 / sm_90 without a GPU.
 # ---------------------------------------------------------------------------------------------
 
-
-def _compile_report(arch):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("_triton_compile.py")),
-                          "--json", "--all", f"--arch={arch}"],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+# The compilations and the trace run in subprocesses started when collection ends, and these tests
+# run last (tests/conftest.py: slow subprocesses in the background).
+_JOBS = ScriptJobs("_triton_compile.py", ["--all"])
+start_in_background, stop_in_background = _JOBS.start, _JOBS.stop
 
 
+@pytest.mark.background
 def test_kernels_compile_for_sm80_sm90_without_spills():
     """Every specialization the optimizer can launch (the whole product: 144 per arch) compiles
     for sm_80 and sm_90 (Triton's compiler, no GPU), and the bundled `ptxas -v` reports no spill
@@ -640,28 +628,20 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
     that keep it so: [note: Triton tuning constants] in triton_kernels/launch.py. Compilation runs
     in subprocesses (the kernels here are interpreter functions), one per arch in parallel:
     about 2 minutes."""
-    with ThreadPoolExecutor(2) as pool:
-        reports = list(pool.map(_compile_report, (80, 90)))
-    for report in reports:
-        assert len(report) == 144, f"{len(report)} specializations compiled, expected 144"
-        for row in report:
-            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
-            assert row["registers"] <= 128, row
-            if row["dtype"] == "float32" and row["aligned"] and "pow" not in row["kernel"]:
-                assert row["v4_loads"], f"no 128-bit loads in the aligned float32 path: {row}"
+    assert_compiles_without_spills(
+        _JOBS.compile_reports(), count=144, max_registers=128,
+        wants_v4_loads=lambda row: (row["dtype"] == "float32" and row["aligned"]
+                                    and "pow" not in row["kernel"]))
 
 
+@pytest.mark.background
 def test_torch_compile_trace_decomposes_into_per_tensor_kernels():
     """What torch.compile sees (AOTAutograd on FakeTensors of a fake CUDA device, no GPU needed):
     each op decomposes into Triton kernel calls on the tensors themselves, one per non-empty
     tensor and phase, gridded by chunks (an empty tensor has no work: no slot to write with
     fuse_one_chunk). Runs in a subprocess without TRITON_INTERPRET (wrap_triton needs the
     compiled-kernel objects)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("_triton_compile.py")),
-                          "--trace"], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    kernels = json.loads(out.stdout.strip().splitlines()[-1])
+    kernels = _JOBS.result("trace")
     assert [(k["grid"][0][0], k["numel"], k["table"]) for k in kernels] == [
         (2, CHUNK + 4464, False), (1, 10, False),  # phase A
         (2, CHUNK + 4464, False), (1, 10, False)]  # phase B

@@ -1,83 +1,22 @@
-"""FAdam(backend="triton") through the optimizer, on CPU tensors in Triton's interpreter.
+"""FAdam(backend="triton") through the optimizer, where it is Triton's own: the lifetime of the
+launch tables a captured step replays, and which tensors the interpreted kernels take.
 
-tests/test_triton_ops.py drives the Triton ops directly; this file checks the optimizer wiring: the
-backend choice, the step runner (steps, skip, GradScaler state), clipping off, non-finite
-parameters, checkpoints across backends and the lifetime of the launch tables.
-Sizes stay small: the interpreter runs a 65536-element chunk in about a second.
+tests/test_triton_ops.py drives the Triton ops directly; tests/test_scenarios.py runs the
+scenarios every backend shares on it (in Triton's interpreter on CPU tensors without a GPU, as
+tests/conftest.py sets up).
 """
 
 import gc
-import io
-import os
 import weakref
 
+import pytest
 import torch
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
-
-import pytest  # noqa: E402
-
-from fadam_fused import FAdam, backends  # noqa: E402
-from fadam_testing import (assert_groups_and_lr_schedule_match_oracle,  # noqa: E402
-                           assert_trajectories_close, make_problem, run_optimizer, run_oracle64)
+from fadam_fused import FAdam, backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# numpy warns about the NaN / inf parameters fed in on purpose.
-pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
-                                reason=str(backends.unavailable_reason("triton", DEVICE)))]
-SHAPES = [(0,), (1,), (4097,), (3, 7), (70_000,)]  # 70000 elements: two chunks, phase-A slots
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_triton_optimizer_matches_oracle(dtype):
-    problem = make_problem(shapes=SHAPES, steps=4, dtype=dtype, no_grad=(3,))
-    fast, _, _ = run_optimizer(problem, "triton", lr=1e-2, clip=2.0, maximize=True)
-    ref64 = run_oracle64(problem, lr=1e-2, clip=2.0, maximize=True)
-    same = None if dtype == torch.float32 else run_optimizer(problem, "reference", lr=1e-2,
-                                                             clip=2.0, maximize=True)[0]
-    assert_trajectories_close(fast, ref64, same, dtype)
-
-
-def test_triton_optimizer_skips_nonfinite_step_bit_identical():
-    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
-    opt = FAdam(params, lr=1e-2, backend="triton")
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    before = [t.clone() for p in params for t in [p.detach(), *opt.state[p].values()]]
-    params[2].grad[7] = float("nan")
-    opt.step()
-    after = [t.clone() for p in params for t in [p.detach(), *opt.state[p].values()]]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert float(opt.skipped_steps) == 1.0
-
-
-def test_triton_optimizer_clipping_off_matches_oracle():
-    # clip=None: phase A only checks the gradients and phase B reads no slot (s1 = s2 = 1); the
-    # gradients' x3 steps would be clipped with clip=1 (tests/test_triton_ops.py has clip=0).
-    problem = make_problem(shapes=SHAPES, steps=3, no_grad=(1,))
-    fast, _, _ = run_optimizer(problem, "triton", lr=1e-2, clip=None, weight_decay=0.1)
-    assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2, clip=None, weight_decay=0.1))
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_triton_nonfinite_parameter_stays_in_its_element(bad):
-    # A NaN or inf in a parameter does not skip the step: its tensor's RMS(w) counts as infinite,
-    # so that tensor's clipped weight decay is 0 for the step and the NaN stays in its element
-    # (docs/design.md, section 6). Element 70000 - 5 sits in the second chunk's slot; the oracle
-    # does the same in float64.
-    problem = make_problem(shapes=SHAPES, steps=2)
-    problem.init[4][70_000 - 5] = bad
-    problem.init[2][3] = bad  # a tensor done in phase B alone
-    fast, params, opt = run_optimizer(problem, "triton", lr=1e-2, weight_decay=0.5)
-    ref64 = run_oracle64(problem, lr=1e-2, weight_decay=0.5)
-    assert float(opt.skipped_steps) == 0.0
-    for i in (2, 4):
-        a, r = fast[-1].params[i], ref64[-1].params[i]
-        assert torch.equal(a.isnan(), r.isnan()) and int(a.isnan().sum()) == 1
-        fast[-1].params[i], ref64[-1].params[i] = a.nan_to_num(0.0), r.nan_to_num(0.0)
-    assert_trajectories_close(fast[-1:], ref64[-1:])
+pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
+                                reason=str(backends.unavailable_reason("triton", DEVICE)))
 
 
 def _tables_of(opt, cache):
@@ -125,38 +64,6 @@ def test_captured_tables_live_as_long_as_the_optimizer(monkeypatch):
     gc.collect()
     assert all(ref() is None for ref in alive)
     assert not set(memory) & set(cache.captured)
-
-
-@pytest.mark.parametrize("first,second", [("triton", "cpu"), ("cpu", "triton")])
-def test_state_dict_between_triton_and_cpu(first, second):
-    problem = make_problem(shapes=[(4097,), (3, 7)], steps=6)
-    full, _, _ = run_optimizer(problem, first, lr=1e-2)
-    params = [torch.nn.Parameter(t.clone()) for t in problem.init]
-    opt = FAdam(params, lr=1e-2, backend=first)
-    for row in problem.grads[:3]:
-        for p, g in zip(params, row):
-            p.grad = g.clone()
-        opt.step()
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    opt2 = FAdam(params, lr=1e-2, backend=second)
-    opt2.load_state_dict(torch.load(buf, map_location="cpu"))
-    assert opt2.param_groups[0]["backend"] == second  # the loading optimizer's choice stays
-    for row in problem.grads[3:]:
-        for p, g in zip(params, row):
-            p.grad = g.clone()
-        opt2.step()
-    for x, y in zip(params, full[-1].params):
-        torch.testing.assert_close(x.detach(), y, atol=1e-6, rtol=1e-5)
-
-
-def test_triton_two_param_groups_and_lr_schedule():
-    # Per-group hyperparameters (clip, p, weight decay) and an lr changed before every step,
-    # through the optimizer; 70000 elements make two 64K chunks (phase-A slots).
-    assert_groups_and_lr_schedule_match_oracle(
-        make_problem(shapes=SHAPES, steps=4),
-        lambda problem, **kw: run_optimizer(problem, "triton", **kw))
 
 
 def test_interpreted_kernels_refuse_cuda_tensors():
