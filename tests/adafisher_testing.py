@@ -99,9 +99,10 @@ def run(steps, dtype=torch.float32, backend="reference", decoupled=False, micro=
     return snaps, model, opt
 
 
-def run_oracle(steps, decoupled=False, micro=1, update_interval=100, **kw):
-    """Snapshots of the float64 oracle on the same model, data and hyperparameters."""
-    model = make_model(torch.float64)
+def run_oracle(steps, decoupled=False, micro=1, update_interval=100, dtype=torch.float64, **kw):
+    """Snapshots of the oracle (float64, or `dtype`: the same algorithm run at that precision)
+    on the same model, data and hyperparameters."""
+    model = make_model(dtype)
     h = {**HYPER, **kw}
     oracle = AdaFisherReference(model, decoupled=decoupled, update_interval=update_interval,
                                 **h)
@@ -110,7 +111,7 @@ def run_oracle(steps, decoupled=False, micro=1, update_interval=100, **kw):
         for p in model.parameters():
             p.grad = None
         for j in range(micro):
-            x, t = batch(k * micro + j, torch.float64)
+            x, t = batch(k * micro + j, dtype)
             (loss_of(model, x, t) / micro).backward()
         oracle.step()
         snaps.append(snapshot(model, oracle=oracle))
@@ -123,13 +124,13 @@ def assert_close(fast, ref64, same=None, dtype=torch.float32):
         assert a.keys() == r.keys(), (k, sorted(set(a) ^ set(r)))
         for key in a:
             err = (a[key] - r[key]).abs()
-            state = "." in key and key.rsplit(".", 1)[1] in ("momentum", "H", "S")
             if dtype == torch.float32 or same is None:
                 bound = ATOL[torch.float32] + RTOL[torch.float32] * r[key].abs()
             else:
-                slack = 2 * (same[k][key] - r[key]).abs()
-                bound = slack + (ATOL[torch.float32] + RTOL[torch.float32] * r[key].abs()
-                                 if state else ATOL[dtype])
+                # flash-attention's rule, per tensor: the largest error at most twice the
+                # largest error of the oracle run at the same precision, plus the dtype's atol
+                # (the momentum and the factors come from low-precision gradients too)
+                bound = 2 * (same[k][key] - r[key]).abs().max() + ATOL[dtype]
             bad = ~(err <= bound)
             assert not bad.any(), (f"step {k + 1} {key}: {int(bad.sum())} of {err.numel()} out; "
                                    f"max err {err.max().item():.3g}")
