@@ -9,6 +9,17 @@ The `fadafactor-*` rows step fadam_fused.FAdafactor: parameters of 2+ dims (the 
 LLM-shaped workloads) take its factored path, 1-D ones (norm weights, and every tensor of the
 count and small workloads) FAdam's.
 
+The `adafisher-*` rows step fadam_fused.AdaFisher, which needs the layers that hold the
+parameters (its factors belong to layers, [note: AdaFisher factors] in fadam_fused/adafisher.py):
+each 2-D tensor becomes the weight of an nn.Linear(bias=False), each 1-D tensor the weight of an
+nn.LayerNorm(bias=False) (the LLM-shaped lists' norm weights; every tensor of the count and small
+workloads), and a tensor of another rank stays a bare parameter (F = 1). The update interval is
+2^30, so the only factor update is the first warmup step's (no hook measures anything: the
+benchmark runs no forward), and the layers' running factors are set once to seeded random values
+(ADAFISHER_FACTORS): every timed step is the update alone, the part the kernels fuse. Where this
+build has no AdaFisher kernels for a row's backend, the row steps backend="reference" (the
+optimizer refuses an explicit backend without kernels) and its `note` says so in the tables.
+
 The `-noclip` rows step with clip=None whatever `--clip` says. They are not in the default set:
 ask for them next to their clip-on twin (`--rows fadam-cpu,fadam-cpu-noclip`) and the run reports
 clip off against clip on from the same rounds.
@@ -34,27 +45,31 @@ ALL_ROW_NAMES = (
     *(n for b in BACKENDS for n in ((f"fadam-{b}", f"fadam-{b}{NOCLIP}") if b in FUSED_BACKENDS
                                     else (f"fadam-{b}",))),
     *(f"fadafactor-{b}" for b in BACKENDS),
+    *(f"adafisher-{b}" for b in BACKENDS),
     "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop", "pytorch_optimizer-fadam",
 )
-# The default set: every row but the -noclip ones and fadafactor-reference, which is unfused:
-# 1.7 s per step on the 64M default on 2 cores (fadam-reference 1.3 s, measured side by side), a
-# slow row that takes at least 3 timed steps plus warmup on each of the 10 workloads of
-# `make bench`. fadafactor-triton and -cuda are GPU-only: on a CPU run they only say so, and
-# `make gpu-check` times them next to FAdam's.
-ROW_NAMES = tuple(n for n in ALL_ROW_NAMES
-                  if not n.endswith(NOCLIP) and n != "fadafactor-reference")
+# The default set: every row but the -noclip ones, fadafactor-reference and adafisher-reference,
+# which are unfused: 1.7 s per step on the 64M default on 2 cores (fadam-reference 1.3 s, measured
+# side by side), a slow row that takes at least 3 timed steps plus warmup on each of the 10
+# workloads of `make bench`. fadafactor-triton and -cuda, adafisher-triton and -cuda are GPU-only:
+# on a CPU run they only say so, and `make gpu-check` times them next to FAdam's.
+OPT_IN = ("fadafactor-reference", "adafisher-reference")
+ROW_NAMES = tuple(n for n in ALL_ROW_NAMES if not n.endswith(NOCLIP) and n not in OPT_IN)
 BASELINE = "torch-adam-fused"
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    family: str  # traffic model: "adam", "fadam" or "fadafactor" (bench/traffic.py)
+    family: str  # traffic model: "adam", "fadam", "fadafactor" or "adafisher" (bench/traffic.py)
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     unavailable: Callable[[torch.device], str | None]
     backend: str | None = None  # the fadam_fused backend behind the row, if any
     clip: float | None = None   # FAdam(-afactor) rows: the clip they step with (None: off)
     twin: str | None = None     # a -noclip row: the row that differs from it only by clip
+    # What the tables say about how the row ran (an AdaFisher row on the reference fallback),
+    # asked once the row has been built; None when there is nothing to say.
+    note: Callable[[], str | None] = lambda: None
 
     @property
     def clipping(self) -> bool:
@@ -89,7 +104,9 @@ def _fadam_import_error() -> str | None:
 
 def _backend_unavailable(backend: str, device: torch.device) -> str | None:
     """Why a fadam_fused row on `backend` cannot run on `device` (None if it can). FAdam and
-    FAdafactor have kernels on the same backends, so one answer serves both families."""
+    FAdafactor have kernels on the same backends, so one answer serves both families; an
+    AdaFisher row whose backend has no AdaFisher kernels yet runs on the reference instead
+    (its note says so)."""
     reason = _fadam_import_error()
     if reason is not None:
         return reason
@@ -124,6 +141,64 @@ def _fadafactor_row(name: str, backend: str, clip: float | None) -> Row:
     return Row(name, "fadafactor", make,
                lambda device: _backend_unavailable(backend, device),
                backend=backend, clip=clip)
+
+
+# AdaFisher's running factors for the benchmark: uniform in [1e-4, 1e-2], the range they settle
+# in (each is a running average with fixed point gammas[1] / gammas[0] = 0.008 / 0.92 = 0.0087
+# times a min-max normalised value in [0, 1]), so F = S H^T + damping stays in [1e-3, 1.1e-3]
+# and every update is finite. The values do not change the step's cost.
+ADAFISHER_FACTORS = (1e-4, 1e-2)
+ADAFISHER_UPDATE_INTERVAL = 1 << 30  # no factor update after the first step
+
+
+def adafisher_layers(params: list[torch.Tensor]) -> torch.nn.ModuleList:
+    """The layers an AdaFisher row measures: each 2-D parameter the weight of an
+    nn.Linear(bias=False), each 1-D one the weight of an nn.LayerNorm(bias=False); parameters of
+    other ranks are in no layer (F = 1). Built on the meta device, then given the parameters."""
+    from torch import nn
+    layers = nn.ModuleList()
+    for p in params:
+        if p.dim() == 2:
+            layer = nn.Linear(p.shape[1], p.shape[0], bias=False, device="meta")
+        elif p.dim() == 1:
+            layer = nn.LayerNorm(p.shape[0], bias=False, device="meta")
+        else:
+            continue
+        layer.weight = p
+        layers.append(layer)
+    return layers
+
+
+def adafisher_backend(backend: str) -> str:
+    """The backend an AdaFisher row steps: `backend` where this build has AdaFisher kernels for
+    it, else the reference (fadam_fused.backends.adafisher_available)."""
+    from fadam_fused import backends
+    return backend if backends.adafisher_available(backend) else "reference"
+
+
+def _adafisher_row(name: str, backend: str) -> Row:
+    def make(params):
+        from fadam_fused import AdaFisher
+        opt = AdaFisher(adafisher_layers(params), params, lr=LR, beta=BETAS[0],
+                        weight_decay=FADAM_WEIGHT_DECAY, update_interval=ADAFISHER_UPDATE_INTERVAL,
+                        backend=adafisher_backend(backend))
+        low, high = ADAFISHER_FACTORS
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for layer in opt._factors.layers.values():
+                for factor in (layer.fisher_in, layer.fisher_out):
+                    values = torch.rand(factor.shape, generator=gen, dtype=torch.float64)
+                    factor.copy_(low + (high - low) * values)
+        return opt
+
+    def note():
+        if backend == "reference" or adafisher_backend(backend) == backend:
+            return None
+        return (f"ran on the reference backend: this build has no AdaFisher kernels for "
+                f"{backend!r} yet (fadam_fused.backends.adafisher_available)")
+
+    return Row(name, "adafisher", make, lambda device: _backend_unavailable(backend, device),
+               backend=backend, note=note)
 
 
 def _adam_row(name: str, **kwargs) -> Row:
@@ -164,6 +239,7 @@ def all_rows(clip: float | None = FADAM_CLIP) -> list[Row]:
         if backend in FUSED_BACKENDS:
             rows.append(_fadam_row(name + NOCLIP, backend, None, twin=name))
     rows += [_fadafactor_row(f"fadafactor-{backend}", backend, clip) for backend in BACKENDS]
+    rows += [_adafisher_row(f"adafisher-{backend}", backend) for backend in BACKENDS]
     rows += [
         _adam_row("torch-adam-fused", fused=True),
         _adam_row("torch-adam-foreach", foreach=True, fused=False),

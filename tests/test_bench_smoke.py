@@ -121,6 +121,78 @@ def test_traffic_model_of_fadafactor():
         [(2048, 1024)], F32) == 24.0
 
 
+def test_traffic_model_of_adafisher():
+    # The update reads g, m, theta and writes m, theta (20 B in float32; F comes from two small
+    # factor vectors); the non-finite check reads g once more unless a GradScaler checked: 24 B.
+    per = traffic.adafisher_bytes_per_element
+    assert per(F32) == 24 and per(F32, checked=True) == 20
+    assert per(F32, reads_only=True) == 16 and per(F32, reads_only=True, checked=True) == 12
+    assert per(BF16) == 2 * 2 + 2 * 4 + 2 * 2 == 16  # float32 momentum, bf16 params and grads
+    assert per(BF16, checked=True) == 14
+    # Every tensor alike, whatever its rank or size (no chunk-size or clip dependence).
+    shapes = [(280, 250), (70000,), (300,), (7, 11, 13), (0, 5)]
+    n = 70000 * 2 + 300 + 1001
+    for kw in ({}, dict(chunk_size=4096), dict(clipping=False)):
+        assert traffic.model_bytes("adafisher", shapes, F32, **kw) == 24 * n
+        assert traffic.model_bytes("adafisher", shapes, F32, reads_only=True, **kw) == 16 * n
+    w = workloads.llm_workload(workloads.CPU_DEFAULT_PARAMS, workloads.CPU_DEFAULT_D_MODEL)
+    by = {r.name: r for r in rows.all_rows()}
+    for backend in rows.BACKENDS:
+        row = by[f"adafisher-{backend}"]
+        assert row.family == "adafisher" and row.backend == backend and row.clip is None
+        assert row.bytes_per_param(list(w.shapes), F32) == 24.0
+        assert row.bytes_per_param(list(w.shapes), F32, reads_only=True) == 16.0
+        assert step_bench.state_bytes(row, F32) == 4
+
+
+def test_adafisher_rows_time_the_update_alone():
+    """The row's optimizer: Linear layers for matrices, LayerNorm for vectors, other ranks bare;
+    the running factors set once and never updated by the steps; each step is the update with
+    F = S H^T + damping from them (F = 1 for a bare parameter)."""
+    from fadam_fused import AdaFisher
+    w = workloads.tiny_workload()
+    cpu = torch.device("cpu")
+    params = [torch.nn.Parameter(p) for p in step_bench.make_params(w, cpu, F32, 0)]
+    grads = step_bench.make_grads(w, cpu, F32, 0)
+    for p, g in zip(params, grads):
+        p.grad = g
+    before = [p.detach().clone() for p in params]
+    row = {r.name: r for r in rows.all_rows()}["adafisher-cpu"]
+    opt = row.make(params)
+    assert type(opt) is AdaFisher and opt.update_interval == rows.ADAFISHER_UPDATE_INTERVAL
+    assert opt.defaults["lr"] == rows.LR and opt.defaults["beta"] == rows.BETAS[0]
+    assert opt.defaults["weight_decay"] == rows.FADAM_WEIGHT_DECAY
+    assert opt.defaults["backend"] == rows.adafisher_backend("cpu")
+    layers = list(opt._factors.layers.values())
+    # (280, 250) and (64, 64) Linear, (300,) and (1,) LayerNorm; (7, 11, 13) in no layer.
+    assert [type(layer.module).__name__ for layer in layers] == \
+        ["Linear", "Linear", "LayerNorm", "LayerNorm"]
+    assert all(layer.module.weight is params[i] for layer, i in zip(layers, (0, 1, 2, 4)))
+    assert id(params[3]) not in opt._factors.owner
+    low, high = rows.ADAFISHER_FACTORS
+    factors = [(layer.fisher_in.clone(), layer.fisher_out.clone()) for layer in layers]
+    for h, s in factors:
+        assert bool(((h >= low) & (h <= high)).all() and ((s >= low) & (s <= high)).all())
+        assert h.numel() == 1 or h.std() > 0  # random, not a constant
+    opt.step()
+    # Step 1 (t = 1): m = (1 - beta) (g + wd theta), theta -= lr / (1 - beta) m / F.
+    beta, wd, damping = rows.BETAS[0], rows.FADAM_WEIGHT_DECAY, opt.defaults["damping"]
+    fims = {0: torch.outer(factors[0][1], factors[0][0]) + damping,
+            1: torch.outer(factors[1][1], factors[1][0]) + damping,
+            2: factors[2][1] * factors[2][0][0] + damping,
+            3: torch.ones(()),
+            4: factors[3][1] * factors[3][0][0] + damping}
+    for i, (p, theta, g) in enumerate(zip(params, before, grads)):
+        m = (1 - beta) * (g.double() + wd * theta.double())
+        want = theta.double() - rows.LR / (1 - beta) * m / fims[i].double()
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6)
+    for _ in range(3):
+        opt.step()
+    assert not opt._factors.collecting  # no hook would measure anything in the timed steps
+    for layer, (h, s) in zip(layers, factors):
+        assert torch.equal(layer.fisher_in, h) and torch.equal(layer.fisher_out, s)
+
+
 def test_clip_flag_parses_none_and_zero_as_off():
     assert step_bench.parse_args([]).clip == 1.0
     for off in ("none", "None", "off", "0", "0.0"):
@@ -187,25 +259,28 @@ def test_summary_gives_both_traffic_bounds():
 def test_rows_have_their_names_and_gpu_rows_say_why_not():
     assert rows.ROW_NAMES == ("fadam-cpu", "fadam-reference", "fadam-triton", "fadam-cuda",
                               "fadafactor-cpu", "fadafactor-triton", "fadafactor-cuda",
+                              "adafisher-cpu", "adafisher-triton", "adafisher-cuda",
                               "torch-adam-fused", "torch-adam-foreach",
                               "torch-adam-forloop", "pytorch_optimizer-fadam")
     assert rows.ALL_ROW_NAMES == ("fadam-cpu", "fadam-cpu-noclip", "fadam-reference",
                                   "fadam-triton", "fadam-triton-noclip", "fadam-cuda",
                                   "fadam-cuda-noclip", "fadafactor-cpu", "fadafactor-reference",
-                                  "fadafactor-triton", "fadafactor-cuda", "torch-adam-fused",
-                                  "torch-adam-foreach", "torch-adam-forloop",
+                                  "fadafactor-triton", "fadafactor-cuda", "adafisher-cpu",
+                                  "adafisher-reference", "adafisher-triton", "adafisher-cuda",
+                                  "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop",
                                   "pytorch_optimizer-fadam")
-    # -noclip rows and fadafactor-reference (unfused, slow) opt in
+    # -noclip rows, fadafactor-reference and adafisher-reference (unfused, slow) opt in
     assert [r.name for r in rows.select(None)] == list(rows.ROW_NAMES)
     assert [r.name for r in rows.select(["fadafactor-cuda", "fadafactor-triton"])] == \
         ["fadafactor-triton", "fadafactor-cuda"]
     by = {r.name: r for r in rows.all_rows()}
     cpu = torch.device("cpu")
     for name in ("fadam-triton", "fadam-cuda", "fadam-cuda-noclip", "fadafactor-triton",
-                 "fadafactor-cuda"):
+                 "fadafactor-cuda", "adafisher-triton", "adafisher-cuda"):
         reason = by[name].unavailable(cpu)
         assert reason and reason.startswith("GPU-only row; this run is on cpu"), (name, reason)
-    for name in ("fadam-cpu", "fadafactor-cpu", "fadafactor-reference"):
+    for name in ("fadam-cpu", "fadafactor-cpu", "fadafactor-reference", "adafisher-cpu",
+                 "adafisher-reference"):
         assert by[name].unavailable(cpu) is None, name
 
 
@@ -422,3 +497,100 @@ def test_training_example_runs_a_few_steps(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "adamw" in out and "fadam" in out and "final validation loss" in out
     assert png.stat().st_size > 1000
+
+
+def test_cli_times_the_adafisher_rows_and_says_when_they_ran_on_the_reference(tmp_path, capsys):
+    from fadam_fused import backends
+    wanted = ["adafisher-cpu", "adafisher-reference", "adafisher-cuda", "torch-adam-fused"]
+    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
+    step_bench.main(["--device", "cpu", "--quick", "--workloads", "tiny", "--rows", ",".join(wanted),
+                     "--budget-scale", "0.02", "--no-progress", "--csv", str(csv_path),
+                     "--json", str(json_path)])
+    out = capsys.readouterr().out
+    w = workloads.tiny_workload()
+    data = json.loads(json_path.read_text())
+    res = {r["row"]: r for r in data["results"]}
+    assert [r for r in res if res[r]["status"] == "ok"] == \
+        ["adafisher-cpu", "adafisher-reference", "torch-adam-fused"], res
+    assert res["adafisher-cuda"]["reason"].startswith("GPU-only row; this run is on cpu")
+    steps = 4 * w.n_tensors / w.n_params  # the 0-dim float32 step per tensor
+    for name in ("adafisher-cpu", "adafisher-reference"):
+        r = res[name]
+        assert r["bytes_per_param"] == 24.0 and r["read_bytes_per_param"] == 16.0
+        assert r["state_bytes_per_param"] == pytest.approx(4.0 + steps, abs=1e-9)  # momentum
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["paired_vs_adam_fused"] is not None
+    # The fallback is said in the table, the CSV, the summary and the markdown, only where it
+    # happened: adafisher-cpu without AdaFisher CPU kernels; never the reference row itself.
+    fallback = not backends.adafisher_available("cpu")
+    assert "note" not in res["adafisher-reference"]
+    assert ("note" in res["adafisher-cpu"]) == fallback
+    line = "note: adafisher-cpu ran on the reference backend"
+    assert (line in out) == fallback, out
+    assert ("adafisher-cpu on tiny:" in out) and (
+        ("(ran on the reference backend" in out) == fallback)
+    with open(csv_path, newline="") as f:
+        by_row = {line["row"]: line for line in csv.DictReader(f)}
+    assert by_row["adafisher-cpu"]["note"].startswith("ran on the reference") == fallback
+    assert by_row["adafisher-reference"]["note"] == ""
+    md = report.markdown(data["meta"], data["results"])
+    assert re.search(r"^\| adafisher-cpu \|.* \| 4\.00 \|$", md, re.M), md
+    assert ("- adafisher-cpu ran on the reference backend" in md) == fallback
+
+
+def _losses(out):
+    got = re.findall(r"^  (\S+) +step +(\d+) +train ([\d.naif]+) +val ([\d.naif]+)$", out, re.M)
+    return got
+
+
+def test_training_example_runs_adafisher_and_adafisherw(capsys):
+    # AdaFisher takes the model: the example hands it the model, not its parameters.
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import train_char_lm
+
+    train_char_lm.main(["--optimizer", "adafisher,adafisherw", "--steps", "4", "--eval-every", "1",
+                        "--batch", "4", "--context", "32", "--eval-batches", "1",
+                        "--sample-chars", "8", "--plot", ""])
+    got = _losses(capsys.readouterr().out)
+    assert [(n, int(s)) for n, s, _, _ in got] == \
+        [(n, s) for n in ("adafisher", "adafisherw") for s in (1, 2, 3, 4)]
+    for name in ("adafisher", "adafisherw"):
+        train = [float(t) for n, _, t, _ in got if n == name]
+        val = [float(v) for n, _, _, v in got if n == name]
+        assert all(math.isfinite(x) for x in train + val), (name, train, val)
+        # From ~5.3 nats to ~4.0 in 4 steps at lr 1e-3 (the first factor update makes F ~ 1e-2,
+        # large steps): at least 0.3 down, and every validation loss below the one before.
+        assert val[-1] < val[0] - 0.3 and val == sorted(val, reverse=True), (name, val)
+
+
+def test_published_adafisher_computes_what_the_oracle_computes(monkeypatch):
+    """bench/adafisher_vs_published.py's re-implementation of the published step structure
+    against reference.AdaFisherReference (and fadam_fused.AdaFisher), float64; and the check
+    fails when one formula differs (min-max with a relative instead of an absolute 1e-6)."""
+    pytest.importorskip("sklearn")
+    from bench import adafisher_vs_published as vs
+    diffs = vs.check_same_math(batch=16, steps=3)
+    assert diffs["published"] <= 1e-9 and diffs["ours"] <= 1e-5
+    def relative(x):
+        return (x - x.min()) / ((x.max() - x.min()) * (1 + 1e-6))
+    monkeypatch.setattr(vs, "_minmax", relative)
+    with pytest.raises(AssertionError, match="published .* differs"):
+        vs.check_same_math(batch=16, steps=3)
+
+
+def test_published_comparison_cli_times_both(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from bench import adafisher_vs_published as vs
+    path = tmp_path / "vs.json"
+    assert vs.main(["--batch", "16", "--rounds", "3", "--steps", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    for name in ("published", "ours"):
+        r = doc[name]
+        assert r["n"] == 3 and 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    assert doc["ratio_of_medians"] == pytest.approx(doc["ours"]["median_ms"]
+                                                    / doc["published"]["median_ms"])
+    assert doc["paired_ratio"][0] <= doc["paired_ratio"][1] <= doc["paired_ratio"][2]
+    assert "load average" in doc["load_start"] and "load average" in doc["load_end"]
+    assert doc["backend"] in ("cpu", "reference") and doc["check"]["published"] <= 1e-9
+    assert "ours / published:" in out and "same math, float64" in out
