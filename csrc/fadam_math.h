@@ -98,6 +98,38 @@ C10_HOST_DEVICE inline float lr_of(const void* lr_ptr, bool is_double, float lr)
                    : *static_cast<const float*>(lr_ptr);
 }
 
+// [note: the overflow rule]
+// A step is skipped (phase B writes nothing, the caller counts a skipped step: what a NaN
+// gradient does, docs/design.md section 6) when, for any gradient element, the scaled gradient
+// g = grad * grad_mul_of() in float32 has a float32 square g * g that is not finite: NaN and inf
+// gradients, and finite ones from |g| >= 2^64 = 1.845e19 (g * g rounds past float32's max,
+// 3.40e38, to inf). Such a g makes FAdam's f = b2hat f + (1 - b2hat) g^2 inf, and d = inf then
+// freezes that element for good (ghat = w = 0). FAdafactor also skips when a new row sum R_i or
+// column sum C_j, rounded to float32 by factor_update(), is not finite: at step 1 (b2hat = 0) a
+// (6, 9) gradient of 1e19 gives R_i = 9e38 and a (2000, 2) one of 5e17 gives C_j = 5e38, and an
+// inf R or C makes f, then every parameter, momentum, R and C of the matrix, NaN. The kernels
+// check it in FAdam's phase A, for every tensor (the gradient-only pass of fused one-chunk
+// tensors, and of clipping off, squares the g it reads), and in FAdafactor's phase S (g * g in
+// the tiles, R and C in the combine).
+
+// 0 where g * g is finite in float32, NaN where it is not (inf - inf or NaN - NaN): vector code
+// adds it up over a chunk and tests the sum once (the CPU kernels).
+template <typename T>
+C10_HOST_DEVICE inline T overflow_probe(T g) {
+  const T sq = g * g;
+  return sq - sq;
+}
+
+// The rule for one element: true when g * g is not finite in float32 (the step is skipped).
+C10_HOST_DEVICE inline bool overflows(float g) {
+  return overflow_probe(g) != 0.0f;
+}
+
+// The rule for a new R_i or C_j (factor_update()): true when it is finite in float32.
+C10_HOST_DEVICE inline bool factor_ok(float x) {
+  return x - x == 0.0f;
+}
+
 // Per-tensor coefficients: float32, computed once per tensor from float64 step scalars.
 struct FimCoeffs {
   float b2hat;            // beta2-hat of this tensor's step
@@ -158,7 +190,8 @@ C10_HOST_DEVICE inline void fadam_update(
 // and column sums C (m) of g^2 instead of f, and uses f_ij = (R_i / sum_k R_k) C_j; d, ghat, the
 // clip scales, m, w and theta are FAdam's (fisher_denom, fadam_update above). The fused step
 // ([note: the FAdafactor op contract] in fadam_fused/op_contract.py) calls:
-//   factor_update() once per row and column, after the per-tile float64 sums of g^2 are combined;
+//   combine_factors() per matrix: factor_update() once per row and column, after the per-tile
+//   float64 sums of g^2 are combined, and the overflow rule on the new R and C;
 //   row_norm() once per row, with the float64 sum of the rounded new R of its matrix;
 //   factored_fim() per element, in phase A and phase B alike (the same bits in both).
 // R_i / sum R is taken first because it is <= 1: R_i C_j overflows float32 for |g| ~ 1e9 on a
@@ -168,6 +201,27 @@ C10_HOST_DEVICE inline void fadam_update(
 // and rounded to float32 once. b2hat from b2hat_of().
 C10_HOST_DEVICE inline float factor_update(float old, double sum_sq, double b2hat) {
   return static_cast<float>(b2hat * static_cast<double>(old) + (1.0 - b2hat) * sum_sq);
+}
+
+// The new factors of one matrix's n rows (or columns), i = first, first + step, ... < n: factor i
+// from its ntiles tile partials parts[k * n + i], added in tile order, and its old value
+// (factor_update()). Returns whether all of them are finite in float32 ([note: the overflow
+// rule]). The CPU combine walks every i (first 0, step 1), a CUDA thread its own (threadIdx.x,
+// kThreads); Index is int there, as the kernel's other in-matrix indices.
+template <typename Index>
+C10_HOST_DEVICE inline bool combine_factors(const double* parts, Index n, Index ntiles,
+                                            const float* old, float* out, double b2hat,
+                                            Index first, Index step) {
+  bool ok = true;
+  for (Index i = first; i < n; i += step) {
+    double sum = 0.0;
+    for (Index k = 0; k < ntiles; ++k) {
+      sum += parts[static_cast<int64_t>(k) * n + i];
+    }
+    out[i] = factor_update(old[i], sum, b2hat);
+    ok &= factor_ok(out[i]);
+  }
+  return ok;
 }
 
 // R_i / sum R, or 0 when sum R is 0 (an all-zero gradient at step 1: f = 0, d = eps^(2p), no 0/0).

@@ -349,7 +349,7 @@ class AdaFisherBucket(Bucket):
         ops.update(self.params, self.grads, self.momentums, self.steps, factors, layout, skip,
                    grad_scale, lr_tensor, lr=lr, beta=h.beta, weight_decay=h.weight_decay,
                    damping=h.damping, decoupled=self.kind.decoupled, maximize=h.maximize,
-                   chunk_size=ops.chunk_size)
+                   chunk_size=ops.chunk_size, rounding=[])
 
 
 class AdaFisherKind(Kind):

@@ -104,6 +104,29 @@ FADAFACTOR_PHASE_B_SCHEMA = (
     "float weight_decay, bool maximize, int chunk_size, bool fuse_one_chunk) -> ()")
 
 
+# ---- bfloat16 stochastic rounding ---------------------------------------------------------------
+
+# [note: stochastic rounding]
+# With ``bf16_rounding="stochastic"`` every update op (fadam_phase_b, fadafactor_phase_b,
+# adafisher_update) writes a bfloat16 parameter, and a bfloat16 momentum, from its float32 value
+# x by stochastic rounding: r = 16 random bits, result = the upper 16 bits of (bits(x) + r) mod
+# 2^32 for finite x (x unchanged to nearest when NaN or inf). The result rounds away from the
+# truncation with probability equal to the fraction of a bfloat16 ulp that x lies above it, so
+# E[result] = x. The bits come from a counter-based hash, so a step is the same on every backend,
+# needs no host sync and no generator state, and is CUDA-graph capturable:
+#     h = fmix32(seed ^ t); h = fmix32(h ^ lo32(index)); h = fmix32(h ^ hi32(index) ^ stream * 0x9E3779B9)
+#     r = h >> 16
+# where fmix32 is MurmurHash3's 32-bit finaliser (all arithmetic mod 2^32), t the tensor's step
+# after the increment (steps[i] as an integer), stream 0 for the parameter and 1 for the
+# momentum, and index the element's index in the LOGICAL tensor, so that sharding does not change
+# the bits: for local element e (memory order) of a block, index = base + (e / inner_local) *
+# inner_global + e % inner_local (a whole tensor: base 0, inner_local = inner_global = numel).
+# The ops take ``int[] rounding``: empty for round-to-nearest (today's behaviour), else 4 int64
+# per tensor, [seed, base, inner_local, inner_global]; seed is the group's ``rounding_seed`` mixed
+# with the parameter's position in the optimizer (so two tensors of one shape draw different
+# bits). Tensors that are not bfloat16 ignore it. reference.rounding_bits / round_bf16_stochastic
+# are the oracle.
+
 # ---- AdaFisher: one update phase, and the gradient check every member can use ------------------
 
 # [note: the AdaFisher op contract]
@@ -133,7 +156,7 @@ ADAFISHER_UPDATE_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentums, Tensor[] steps, "
     "Tensor factors, int[] factor_layout, Tensor skip, Tensor? grad_scale, Tensor? lr_tensor, "
     "*, float lr, float beta, float weight_decay, float damping, bool decoupled, bool maximize, "
-    "int chunk_size) -> ()")
+    "int chunk_size, int[] rounding) -> ()")
 ADAFISHER_UPDATE_MUTATES = ("params", "momentums")
 
 # Elements per chunk: the partial-sum slot unit and one block's (GPU) or task's (CPU) work.

@@ -519,7 +519,7 @@ def _nonfinite_check(grads, skip, grad_scale) -> None:
 
 def _adafisher_update(params, grads, momentums, steps, factors, factor_layout, skip, grad_scale,
                       lr_tensor, *, lr, beta, weight_decay, damping, decoupled, maximize,
-                      chunk_size) -> None:
+                      chunk_size, rounding=()) -> None:
     lr = lr if lr_tensor is None else lr_tensor
     for i, (param, grad, m, step) in enumerate(zip(params, grads, momentums, steps)):
         s_offset, h_offset, cols = factor_layout[3 * i:3 * i + 3]

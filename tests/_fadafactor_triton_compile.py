@@ -17,27 +17,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _triton_compile import ARCHS, _chunk, _source, _tk, _tl_dtypes, has_v4_loads, ptxas_report  # noqa: E402,E501
+from _triton_compile import (ARCHS, _chunk, _source, _tk, _tl_dtypes, has_v4_loads,  # noqa: E402
+                             ptxas_report, use_this_checkout)
 
 
 def launch_args(kernel, dtype=torch.float32, aligned=True, sqrt=True, gscale=False, lr=None,
                 table=True):
     """The argument dict of one launch as _fadafactor_ops.py builds it (CPU tensors stand in for
     device tensors: only dtypes and 16-byte alignment matter to the specialization)."""
-    fo = _tk()._fadafactor_ops
-    fk = fo.FK
+    tk = _tk()
+    fo, fk, launch = tk._fadafactor_ops, tk._fadafactor_kernels, tk.launch
     chunk = _chunk()
     t32 = lambda n=64: torch.zeros(n, dtype=torch.float32)  # noqa: E731
     if table:
         operands = dict(meta=torch.zeros(64, dtype=torch.int64), n_tensors=300, blocks=4500,
-                        **fo._NO_OPERANDS)
+                        **fo._Call.no_operands)
     else:
         x = torch.zeros(64, dtype=dtype)
         operands = dict(meta=None, n_tensors=0, blocks=0, p_in=x, g_in=x, m_in=t32(),
                         rs_in=t32(), cs_in=t32(), step_in=torch.zeros(()), numel_in=4097,
                         batch_in=3, rows_in=37, cols_in=41, tile_r_in=37, tile_c_in=41,
                         slot_in=3, fpart_in=5, fac_in=7)
-    common = dict(DTYPE=_tl_dtypes()[dtype], TABLE=table, num_warps=fo.NUM_WARPS)
+    common = dict(DTYPE=_tl_dtypes()[dtype], TABLE=table, num_warps=launch.NUM_WARPS)
     if kernel == "tiles":
         tile_c = fo.tile_cols_block(chunk)
         return fk._tiles_kernel, dict(
@@ -47,17 +48,17 @@ def launch_args(kernel, dtype=torch.float32, aligned=True, sqrt=True, gscale=Fal
     if kernel == "combine":
         return fk._combine_kernel, dict(
             **operands, factor_partials=torch.zeros(8, dtype=torch.float64), factors=t32(),
-            beta2=0.999, INTERPRET=False, C_BLOCK=fo.C_BLOCK, **common)
+            skip=t32(1), beta2=0.999, INTERPRET=False, C_BLOCK=fo.C_BLOCK, **common)
     elem = dict(factors=t32(), partials=torch.zeros(8, 2, dtype=torch.float64),
                 gscale=t32(1) if gscale else None, p=0.5, eps_p=1e-8, sign=1.0, chunk_size=chunk,
                 HAS_GSCALE=gscale, SQRT=sqrt, ALIGNED=aligned and table, INTERPRET=False,
-                BLOCK=fo.block_for(0.5 if sqrt else 0.75))
+                BLOCK=launch.block_for(0.5 if sqrt else 0.75))
     if kernel == "A":
         return fk._phase_a_kernel, dict(**operands, **elem, **common)
     return fk._phase_b_kernel, dict(
         **operands, **elem, skip=t32(1), lr_ptr=None if lr is None else torch.zeros(1, dtype=lr),
         lr=1e-3, beta1=0.9, omb1=0.1, clip=1.0, wd=1e-3, fuse_one_chunk=True,
-        HAS_LR=lr is not None, SLOT_BLOCK=fo.SLOT_BLOCK, **common)
+        HAS_LR=lr is not None, SLOT_BLOCK=launch.SLOT_BLOCK, **common)
 
 
 def specializations():
@@ -176,13 +177,7 @@ def trace():
 
 
 def _main(argv):
-    root = str(Path(__file__).resolve().parent.parent)  # a source checkout: fadam_fused
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    # An editable install's finder maps fadam_fused.triton_kernels to the checkout it was
-    # installed from, which need not be this one (a git worktree): compile this one's kernels.
-    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)
-                        and "__editable__" not in getattr(f, "__module__", "")]
+    use_this_checkout()
     if "--trace" in argv:
         print(json.dumps(trace()))
         return

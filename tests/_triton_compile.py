@@ -3,7 +3,7 @@ tests/test_triton_ops.py in subprocesses without TRITON_INTERPRET: compilation a
 the JITFunctions, which the interpreted kernels of the test process are not.
 
 Compilation for sm_80 / sm_90: each specialization is described by the launch arguments the host
-code (triton_kernels/_ops.py) passes; the signature and the alignment attributes are derived from
+code (triton_kernels/_ops.py, through launch.py) passes; the signature and the alignment attributes are derived from
 them with Triton's own specialization function, so what is compiled here is what the JIT would
 compile at that launch. `ptxas -v` (bundled with the triton wheel) then reports registers and
 spills.
@@ -62,7 +62,7 @@ def launch_args(phase, dtype=torch.float32, aligned=True, sqrt=True, gscale=Fals
     """The argument dict of one launch, as _ops.py builds it (CPU tensors stand in for device
     tensors: only their dtype and 16-byte alignment matter to the specialization)."""
     tk = _tk()
-    ops = tk._ops
+    ops = tk.launch
     t32 = lambda: torch.zeros(4, dtype=torch.float32)  # noqa: E731
     if table:
         operands = dict(meta=torch.zeros(64, dtype=torch.int64), n_tensors=300, p_in=None,
@@ -134,7 +134,7 @@ def compile_ptx(phase, arch, **spec):
     src = _source(kernel, args)
     tk = _tk()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": tk._ops.NUM_WARPS})
+                              options={"num_warps": tk.launch.NUM_WARPS})
     return compiled.asm["ptx"]
 
 
@@ -248,10 +248,19 @@ def trace():
              "numel": n.kwargs["kwargs"].get("numel_in")} for n in nodes]
 
 
-def _main(argv):
-    root = str(Path(__file__).resolve().parent.parent)  # a source checkout: fadam_fused
+def use_this_checkout():
+    """Import fadam_fused (and its triton_kernels) from the checkout this file is in. An editable
+    install's finder maps fadam_fused.triton_kernels to the checkout it was installed from, which
+    need not be this one (a git worktree): compile this one's kernels."""
+    root = str(Path(__file__).resolve().parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)
+                        and "__editable__" not in getattr(f, "__module__", "")]
+
+
+def _main(argv):
+    use_this_checkout()
     if "--trace" in argv:
         print(json.dumps(trace()))
         return

@@ -168,3 +168,57 @@ def assert_nonfinite_gradient_skips_the_step(backend: str, bad: float, shapes, w
     for st, p in zip(state, params):
         assert all(torch.equal(v, opt.state[p][k]) for k, v in st.items())
     assert float(opt.skipped_steps) == 1.0
+
+
+# ---- the overflow rule (docs/design.md section 6) -------------------------------------------------
+#
+# Phase S skips the step when a scaled gradient's float32 square is not finite, or when a new R_i or
+# C_j is not finite in float32. At step 1 (b2hat = 0) R and C are this step's sums of g^2 (at step
+# 2 half of them: b2hat ~ 0.5), so the cases are first steps. (id, shape, value, one_element): the
+# factored parameter's first gradient is `value` everywhere, or randn with `value` at one element.
+FACTOR_OVERFLOWS = [
+    ("rows-6x9-1e19", (6, 9), 1e19, False),        # g^2 = 1e38 fits; R_i = 9e38 does not
+    ("cols-2000x2-5e17", (2000, 2), 5e17, False),  # R_i = 5e35 fits; C_j = 2000 x 2.5e35 = 5e38
+    ("square-1e20", (4, 6), 1e20, True),           # g^2 = 1e40 (its float64 row sum would fit)
+]
+# Just under: R_i = 9 x 3.72e37 = 3.35e38, C_j = 2000 x 1.6e35 = 3.2e38 (float32 max 3.40e38).
+FACTOR_FITS = [
+    ("rows-6x9-6.1e18", (6, 9), 6.1e18, False),
+    ("cols-2000x2-4e17", (2000, 2), 4e17, False),
+]
+
+
+def overflow_problem(shape, value, one_element, steps=3) -> Problem:
+    """A factored parameter of `shape` and a 1-D one; the first step's factored gradient is the
+    case's (make_problem's gradients after that)."""
+    problem = make_problem(shapes=[shape, (5,)], steps=steps)
+    if one_element:
+        problem.grads[0][0][(1,) * len(shape)] = value
+    else:
+        problem.grads[0][0] = torch.full(shape, value)
+    return problem
+
+
+def assert_overflow_skips_like_nan(backend: str, problem: Problem, device="cpu") -> None:
+    """The first step of `problem` (finite gradients that overflow float32) is skipped exactly as
+    one with a NaN gradient: parameters unchanged, every state tensor bit-identical to that run's,
+    the skip counted; the next step runs and leaves everything finite."""
+    first = Problem(problem.init, problem.grads[:1], problem.dtype)
+    nan_first = Problem(problem.init, [[g.clone() for g in problem.grads[0]]], problem.dtype)
+    nan_first.grads[0][1][0] = float("nan")  # the 1-D parameter's gradient
+    _, params, opt = run_fadafactor(first, backend, device=device, lr=1e-2)
+    _, nan_params, nan_opt = run_fadafactor(nan_first, backend, device=device, lr=1e-2)
+    assert float(opt.skipped_steps) == 1.0
+    for p, q, t in zip(params, nan_params, problem.init):
+        assert torch.equal(p.detach().cpu(), t)
+        mine, skipped = opt.state[p], nan_opt.state[q]
+        assert sorted(mine) == sorted(skipped)
+        assert all(torch.equal(mine[k], skipped[k]) for k in mine)
+    for p, g in zip(params, problem.grads[1]):
+        p.grad = g.to(device, copy=True)
+    opt.step()
+    assert float(opt.skipped_steps) == 1.0
+    for p in params:
+        assert float(opt.state[p]["step"]) == 1.0
+        assert torch.isfinite(p.detach()).all()
+        assert all(torch.isfinite(v).all() for v in opt.state[p].values())

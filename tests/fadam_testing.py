@@ -190,6 +190,21 @@ def assert_trajectories_close(fast, ref64, same=None, dtype=torch.float32) -> fl
     return worst
 
 
+# The overflow rule (docs/design.md section 6): a step is skipped when a scaled gradient
+# g = grad / grad_scale (negated with maximize) has a float32 square that is not finite: NaN, inf,
+# or |g| >= 2^64 = 1.845e19 (g * g rounds past 3.40e38, float32's max, to inf).
+# (id, the gradient element, grad_scale).
+SQUARE_OVERFLOWS = [
+    ("1e20", 1e20, None),
+    ("-1e20", -1e20, None),
+    ("1.85e19", 1.85e19, None),  # 3.42e38: just over
+    ("1e10-scale-1e-10", 1e10, 1e-10),  # g = 1e20, finite in float32; g * g is not
+    ("1e10-scale-1e-30", 1e10, 1e-30),  # g = 1e40: inf in float32 already
+]
+# Finite squares: 1e38, and 3.24e38 just under the limit. Not skipped.
+SQUARE_FITS = [1e19, 1.8e19]
+
+
 # Two param groups with their own clip, p and weight decay; then an lr changed before every step.
 TWO_GROUPS = [([0, 2, 4], {"lr": 3e-2, "clip": 2.0}), ([1, 3], {"weight_decay": 0.0, "p": 0.75})]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fadam_fused import FAdam, reference
-from fadam_testing import op_inputs
+from fadam_testing import (SQUARE_FITS, SQUARE_OVERFLOWS, assert_trajectories_close, make_problem,
+                           op_inputs, run_optimizer, run_oracle64)
 
 CHUNK = 64  # a tiny chunk so a few hundred elements span several slots
 
@@ -141,7 +142,7 @@ def test_clip_off_phase_a_writes_no_slot_and_still_checks_gradients(fuse):
                                        torch.tensor([0.1, 0.2])],
                          ids=["int64", "float16", "two-elements"])
 def test_lr_tensor_must_be_one_float32_or_float64_element(lr_tensor):
-    # The rule of the CUDA and Triton launchers too (step_scalars() in csrc/fadam_ops.h); the
+    # The rule of the CUDA and Triton launchers too (describe() in csrc/op_boundary.h); the
     # optimizer converts other float dtypes before the call. A refused call changes nothing.
     params, grads, fims, moms, steps, partials = _group()
     before = [t.clone() for t in params + fims + moms]
@@ -216,6 +217,45 @@ def test_phase_a_fused_check_finds_a_nonfinite_gradient_at_every_position(dtype)
             assert flag() == 1.0, f"numel {n}, element {i}"
             grads[t][i] = saved
     assert flag() == 0.0
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0], ids=["clip", "clip-off"])
+@pytest.mark.parametrize("where", [(0, 257), (1, (4, 6))], ids=["multi-chunk", "one-chunk-fused"])
+@pytest.mark.parametrize("case", SQUARE_OVERFLOWS, ids=[c[0] for c in SQUARE_OVERFLOWS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradient_whose_square_overflows_skips_the_step(dtype, case, where, clip):
+    # A finite g whose g * g is inf would make f inf and freeze the element (d = inf, ghat = 0
+    # forever): phase A raises the skip flag, from the reduction (multi-chunk tensor, clip on)
+    # or the gradient-only check (a fused one-chunk tensor, or clipping off), and phase B writes
+    # nothing. 300 elements are 5 chunks of 64 (the last ragged); (5, 7) is one fused chunk.
+    _, g, scale = case
+    params, grads, fims, moms, steps, partials = _group(dtype, shapes=((300,), (5, 7)))
+    grad_scale = None
+    if scale is not None:  # the gradients as GradScaler leaves them: scaled by `scale`
+        grads = [x * scale for x in grads]
+        grad_scale = torch.tensor(scale)
+    grads[where[0]][where[1]] = g
+    before = [t.clone() for t in params + fims + moms]
+    skip = torch.zeros(())
+    a, b = dict(_a_kwargs(), clip=clip), dict(_b_kwargs(), clip=clip)
+    torch.ops.fadam_fused.fadam_phase_a(params, grads, fims, steps, partials, skip, grad_scale, **a)
+    assert float(skip) == 1.0
+    torch.ops.fadam_fused.fadam_phase_b(params, grads, fims, moms, steps, partials, skip,
+                                        grad_scale, None, **b)
+    assert all(torch.equal(x, y) for x, y in zip(before, params + fims + moms))
+
+
+@pytest.mark.parametrize("g", SQUARE_FITS)
+def test_gradient_with_a_finite_square_is_not_skipped_and_matches_the_oracle(g, cpu_chunk):
+    # g * g = 1e38 or 3.24e38 fits float32: the step runs, in a multi-chunk tensor (300 elements,
+    # chunk 64) and a fused one-chunk tensor, and follows the float64 oracle.
+    cpu_chunk(CHUNK)
+    problem = make_problem(shapes=[(300,), (5, 7)], steps=4)
+    problem.grads[1][0][123] = g
+    problem.grads[1][1][2, 3] = -g
+    fast, _, opt = run_optimizer(problem, "cpu", lr=1e-2)
+    assert float(opt.skipped_steps) == 0.0
+    assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2))
 
 
 def test_op_checks_name_the_bad_argument():

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from fadam_fused import FAdam, _ext, backends, op_contract, reference
-from fadam_testing import (assert_groups_and_lr_schedule_match_oracle, assert_trajectories_close,
+from fadam_testing import (SQUARE_FITS, SQUARE_OVERFLOWS,
+                           assert_groups_and_lr_schedule_match_oracle, assert_trajectories_close,
                            make_problem, op_inputs, run_optimizer, run_oracle64)
 from test_cpu_parity import CASES
 from test_cuda import _snapshot_cpu, assert_snaps_equal, run_on
@@ -332,6 +333,48 @@ def test_nan_parameter_same_on_cpu_emulated_cuda_and_reference(shape, cuda_chunk
         for a, b in zip(runs["cuda"], runs[other]):
             for x, y in zip(a.params + a.momentum + a.fim, b.params + b.momentum + b.fim):
                 torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("clip", [0.5, 0.0], ids=["clip", "clip-off"])
+@pytest.mark.parametrize("where", [(0, 2047), (1, 9)], ids=["multi-chunk", "one-chunk-fused"])
+@pytest.mark.parametrize("case", SQUARE_OVERFLOWS, ids=[c[0] for c in SQUARE_OVERFLOWS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradient_whose_square_overflows_skips_the_step(dtype, case, where, clip):
+    # A finite g whose g * g is inf would make f inf and freeze the element: phase A raises the
+    # skip flag from reduce_frags (a chunk of the 3-chunk tensor, clip on) or check_frags (the
+    # fused one-chunk tensor, or clipping off), and phase B writes nothing.
+    _, g, scale = case
+    chunk = 1024
+    group = op_inputs(dtype, [(3000,), (10,)])
+    params, grads, fims, moms, steps = group
+    grad_scale = None
+    if scale is not None:  # the gradients as GradScaler leaves them: scaled by `scale`
+        grads[:] = [x * scale for x in grads]
+        grad_scale = torch.tensor(scale)
+    grads[where[0]][where[1]] = g
+    frozen = [t.clone() for t in params + fims + moms]
+    a_kw, b_kw = _kw(chunk, clip)
+    partials = torch.zeros((4, 2), dtype=torch.float64)
+    skip = torch.zeros(())
+    torch.ops.fadam_fused.cuda_emulated_phase_a(params, grads, fims, steps, partials, skip,
+                                                grad_scale, fuse_one_chunk=True, **a_kw)
+    assert float(skip) == 1.0
+    torch.ops.fadam_fused.cuda_emulated_phase_b(params, grads, fims, moms, steps, partials, skip,
+                                                grad_scale, None, fuse_one_chunk=True, **b_kw)
+    assert all(torch.equal(x, y) for x, y in zip(frozen, params + fims + moms))
+
+
+@pytest.mark.parametrize("g", SQUARE_FITS)
+def test_gradient_with_a_finite_square_is_not_skipped_and_matches_the_oracle(g, cuda_chunk):
+    # g * g = 1e38 or 3.24e38 fits float32: the step runs, in a multi-chunk tensor (3 chunks of
+    # 1024) and a fused one-chunk tensor, and follows the float64 oracle.
+    cuda_chunk(1024)
+    problem = make_problem(shapes=[(3000,), (5, 7)], steps=4)
+    problem.grads[1][0][2047] = g
+    problem.grads[1][1][2, 3] = -g
+    fast, _, opt = run(problem, lr=1e-2)
+    assert float(opt.skipped_steps) == 0.0
+    assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2))
 
 
 def test_grad_scale_matches_unscaled():

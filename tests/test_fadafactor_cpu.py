@@ -7,8 +7,10 @@ import torch
 from fadam_fused import FAdafactor, backends
 from fadam_fused.op_contract import smallest_safe_eps
 from fadam_testing import make_problem
-from fadafactor_testing import (assert_grad_scaler_inputs_work, assert_state_dict_moves,
-                                assert_trajectories_close, run_fadafactor, run_oracle64)
+from fadafactor_testing import (FACTOR_FITS, FACTOR_OVERFLOWS, assert_grad_scaler_inputs_work,
+                                assert_overflow_skips_like_nan, assert_state_dict_moves,
+                                assert_trajectories_close, overflow_problem, run_fadafactor,
+                                run_oracle64)
 from test_fadafactor_reference import SHAPES, edge_problem, embedding_problem
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -137,3 +139,45 @@ def test_opcheck():
                           (params, grads, rows, cols, moms, factors, partials, skip, None, None),
                           dict(lr=1e-3, beta1=0.9, eps=1e-8, p=0.5, clip=1.0, weight_decay=1e-3,
                                maximize=False, chunk_size=chunk, fuse_one_chunk=False))
+
+
+@pytest.mark.parametrize("case", FACTOR_OVERFLOWS, ids=[c[0] for c in FACTOR_OVERFLOWS])
+def test_gradient_overflowing_squares_or_factors_skips_the_step(case):
+    """Finite gradients whose g^2, row sums R or column sums C overflow float32 would turn every
+    parameter, momentum, R and C into NaN (or freeze f at inf): phase S raises the skip flag."""
+    _, shape, value, one_element = case
+    assert_overflow_skips_like_nan("cpu", overflow_problem(shape, value, one_element))
+
+
+@pytest.mark.parametrize("case", FACTOR_FITS, ids=[c[0] for c in FACTOR_FITS])
+def test_factors_just_under_the_overflow_are_not_skipped_and_match_oracle(case):
+    _, shape, value, one_element = case
+    problem = overflow_problem(shape, value, one_element)
+    fast, _, opt = run_fadafactor(problem, "cpu", lr=1e-2)
+    assert float(opt.skipped_steps) == 0.0
+    assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2))
+
+
+@pytest.mark.parametrize("lr_tensor", [torch.tensor(1, dtype=torch.int64), torch.tensor(0.1).half(),
+                                       torch.tensor([0.1, 0.2])],
+                         ids=["int64", "float16", "two-elements"])
+def test_lr_tensor_must_be_one_float32_or_float64_element(lr_tensor):
+    # The rule of every backend's ops (describe() in csrc/op_boundary.h), FAdam's and
+    # FAdafactor's alike. A refused call changes nothing.
+    from fadam_fused import op_contract
+    params = [torch.randn(5, 7), torch.randn(2, 3, 4)]
+    grads = [torch.randn_like(p) for p in params]
+    rows = [torch.ones(p.shape[:-1]) for p in params]
+    cols = [torch.ones(p.shape[:-2] + p.shape[-1:]) for p in params]
+    moms = [torch.zeros_like(p) for p in params]
+    chunk = op_contract.CHUNK_SIZE["cpu"]
+    _, factors = op_contract.new_factor_buffers(params, chunk)
+    factors.fill_(1.0)
+    partials = op_contract.new_partials(params, chunk).zero_()
+    before = [t.clone() for t in params + rows + cols + moms]
+    with pytest.raises(RuntimeError, match="lr_tensor must be a one-element float32 or float64"):
+        torch.ops.fadam_fused.fadafactor_phase_b(
+            params, grads, rows, cols, moms, factors, partials, torch.zeros(()), None, lr_tensor,
+            lr=1e-3, beta1=0.9, eps=1e-8, p=0.5, clip=1.0, weight_decay=1e-3, maximize=False,
+            chunk_size=chunk, fuse_one_chunk=True)
+    assert all(torch.equal(x, y) for x, y in zip(before, params + rows + cols + moms))

@@ -14,9 +14,11 @@ import torch
 
 from fadam_fused import FAdafactor, _ext, backends, op_contract
 from fadam_testing import make_problem
-from fadafactor_testing import (assert_grad_scaler_inputs_work,
-                                assert_nonfinite_gradient_skips_the_step, assert_state_dict_moves,
-                                assert_trajectories_close, run_fadafactor, run_oracle64)
+from fadafactor_testing import (FACTOR_FITS, FACTOR_OVERFLOWS, assert_grad_scaler_inputs_work,
+                                assert_nonfinite_gradient_skips_the_step,
+                                assert_overflow_skips_like_nan, assert_state_dict_moves,
+                                assert_trajectories_close, overflow_problem, run_fadafactor,
+                                run_oracle64)
 from test_fadafactor_reference import CASES, edge_problem, embedding_problem
 
 op_contract.define_phase_ops(*op_contract.EMULATED_CUDA_OPS)  # as _ext does under the switch
@@ -230,3 +232,20 @@ def test_chunks_wider_than_the_tile_limit_are_refused_by_the_op():
         torch.ops.fadam_fused.cuda_emulated_fadafactor_phase_s(
             [p], [g], [rows], [cols], [torch.ones(())], partials, factors, torch.zeros(()), None,
             beta2=0.999, maximize=False, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("case", FACTOR_OVERFLOWS, ids=[c[0] for c in FACTOR_OVERFLOWS])
+def test_gradient_overflowing_squares_or_factors_skips_the_step(case):
+    """Finite gradients whose g^2, row sums R or column sums C overflow float32 would turn every
+    parameter, momentum, R and C into NaN (or freeze f at inf): phase S raises the skip flag."""
+    _, shape, value, one_element = case
+    assert_overflow_skips_like_nan("cuda", overflow_problem(shape, value, one_element))
+
+
+@pytest.mark.parametrize("case", FACTOR_FITS, ids=[c[0] for c in FACTOR_FITS])
+def test_factors_just_under_the_overflow_are_not_skipped_and_match_oracle(case):
+    _, shape, value, one_element = case
+    problem = overflow_problem(shape, value, one_element)
+    fast, _, opt = run_fadafactor(problem, "cuda", lr=1e-2)
+    assert float(opt.skipped_steps) == 0.0
+    assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2))

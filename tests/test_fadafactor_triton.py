@@ -23,9 +23,12 @@ import pytest  # noqa: E402
 
 from fadam_fused import FAdafactor, backends, op_contract  # noqa: E402
 from fadam_testing import make_problem  # noqa: E402
-from fadafactor_testing import (assert_grad_scaler_inputs_work,  # noqa: E402
-                                assert_nonfinite_gradient_skips_the_step, assert_state_dict_moves,
-                                assert_trajectories_close, run_fadafactor, run_oracle64)
+from fadafactor_testing import (FACTOR_FITS, FACTOR_OVERFLOWS,  # noqa: E402
+                                assert_grad_scaler_inputs_work,
+                                assert_nonfinite_gradient_skips_the_step,
+                                assert_overflow_skips_like_nan, assert_state_dict_moves,
+                                assert_trajectories_close, overflow_problem, run_fadafactor,
+                                run_oracle64)
 from test_fadafactor_reference import edge_problem, embedding_problem  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,12 +121,12 @@ def test_state_dict_moves_across_backends(first, second):
 def test_per_tensor_path_matches_oracle_and_the_table_path_bitwise(monkeypatch, triton_chunk):
     """The traced path (torch.compile has no addresses: one launch per tensor, TABLE=False) runs
     the same programs as the table path: the same bits."""
-    from fadam_fused.triton_kernels import _ops
+    from fadam_fused.triton_kernels import launch
 
     triton_chunk(64)
     problem = make_problem(shapes=[(2, 5, 17), (3, 7), (0, 4), (4,)], steps=2)
     table, _, _ = run_fadafactor(problem, "triton", lr=1e-2)
-    monkeypatch.setattr(_ops, "_FORCE_PER_TENSOR", True)
+    monkeypatch.setattr(launch, "FORCE_PER_TENSOR", True)
     per_tensor = _check(problem, torch.float32, lr=1e-2)
     for a, b in zip(table, per_tensor):
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
@@ -135,6 +138,37 @@ def test_per_tensor_path_matches_oracle_and_the_table_path_bitwise(monkeypatch, 
 def test_nonfinite_gradient_skips_the_whole_step(bad):
     # the last element of a tile row of the second matrix
     assert_nonfinite_gradient_skips_the_step("triton", bad, [(4, 6), (2, 3, 5), (3,)], (1, 1, 2, 3),
+                                             device=DEVICE)
+
+
+# [note: the gradient overflow rule] (triton_kernels/_kernels.py): phase S skips the step when a
+# gradient's float32 square, or a new row or column sum rounded to float32, is not finite. The
+# cases are every backend's (fadafactor_testing); chunk 64 cuts (6, 9) into 2 tiles and
+# (2000, 2) into 63, whose partial sums all fit: only the combined sums overflow.
+
+
+@pytest.mark.parametrize("case", FACTOR_OVERFLOWS, ids=[c[0] for c in FACTOR_OVERFLOWS])
+def test_gradient_overflowing_squares_or_factors_skips_the_step(case, triton_chunk):
+    triton_chunk(64)
+    _, shape, value, one_element = case
+    assert_overflow_skips_like_nan("triton", overflow_problem(shape, value, one_element),
+                                   device=DEVICE)
+
+
+@pytest.mark.parametrize("case", FACTOR_FITS, ids=[c[0] for c in FACTOR_FITS])
+def test_factors_just_under_the_overflow_are_not_skipped_and_match_oracle(case, triton_chunk):
+    triton_chunk(64)
+    _, shape, value, one_element = case
+    problem = overflow_problem(shape, value, one_element)
+    fast, _, opt = run_fadafactor(problem, "triton", device=DEVICE, lr=1e-2)
+    assert float(opt.skipped_steps) == 0.0
+    assert_trajectories_close(fast, run_oracle64(problem, lr=1e-2))
+
+
+def test_gradient_whose_square_overflows_skips_in_phase_s_with_finite_sums():
+    """One element of 2e19 (square 4e38: inf in float32) at step 3, where (1 - b2hat) = 0.33
+    keeps its new row sum (about 1.3e38) finite: the element rule alone skips the step."""
+    assert_nonfinite_gradient_skips_the_step("triton", 2e19, [(6, 9), (4,)], (0, 2, 5),
                                              device=DEVICE)
 
 
@@ -208,7 +242,7 @@ def _compile_report(arch):
 def test_kernels_compile_for_sm80_sm90_without_spills():
     """The four kernels in 29 specializations (every dtype; aligned, unaligned, pow, grad_scale,
     lr tensor, per-tensor) compile for sm_80 and sm_90 and ptxas reports no spills. Registers
-    (ptxas -v, Triton 3.8): tiles 48-80, combine 32-56, phase A 50-64, phase B 54-64; the bound
+    (ptxas -v, Triton 3.8): tiles 48-80, combine 40-64, phase A 50-64, phase B 54-64; the bound
     of 96 leaves 5 CTAs of 128 threads per SM. The aligned float32 p = 0.5 phases A and B use
     128-bit loads. About a minute."""
     with ThreadPoolExecutor(2) as pool:

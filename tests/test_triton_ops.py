@@ -37,13 +37,14 @@ pytest.importorskip("triton")
 
 from fadam_fused import _ext, backends, op_contract  # noqa: E402
 from fadam_fused.reference import fadam_reference  # noqa: E402
+from fadam_testing import SQUARE_FITS, SQUARE_OVERFLOWS  # noqa: E402
 
 TK, _reason = _ext.triton_kernels()
 if TK is None:
     pytest.skip(_reason, allow_module_level=True)
 CHUNK = op_contract.CHUNK_SIZE["triton"]
 nchunks_of = op_contract.nchunks_of
-INTERPRET = TK._ops._INTERPRET
+INTERPRET = TK.INTERPRET
 DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels are compiled (TRITON_INTERPRET was not 1 when Triton was first "
@@ -281,9 +282,9 @@ def test_per_tensor_path_matches_table_path_bitwise(dtype, monkeypatch):
     traced = Run(init, dtype, device=DEVICE)
     for g in grads:
         table.step_triton(g, chunk_size=SMALL_CHUNK)
-        monkeypatch.setattr(TK._ops, "_FORCE_PER_TENSOR", True)
+        monkeypatch.setattr(TK.launch, "FORCE_PER_TENSOR", True)
         traced.step_triton(g, chunk_size=SMALL_CHUNK)
-        monkeypatch.setattr(TK._ops, "_FORCE_PER_TENSOR", False)
+        monkeypatch.setattr(TK.launch, "FORCE_PER_TENSOR", False)
     assert bitwise_equal(table, traced)
 
 
@@ -328,6 +329,48 @@ def test_nonfinite_gradient_skips_whole_step(where, bad):
     assert all(same_bits(a, b) for a, b in zip(kept, grads))  # grads are never written
 
 
+# [note: the gradient overflow rule] (triton_kernels/_kernels.py): a finite gradient whose float32
+# square is not finite skips the step. The cases are every backend's (fadam_testing).
+@pytest.mark.parametrize("where", [(0, 2050, 1.0), (1, 4, 1.0), (0, 4000, 0.0)],
+                         ids=["multi-chunk", "one-chunk-fused", "multi-chunk-clip-off"])
+@pytest.mark.parametrize("case", SQUARE_OVERFLOWS, ids=[c[0] for c in SQUARE_OVERFLOWS])
+def test_gradient_whose_square_overflows_skips_whole_step(case, where):
+    """Phase A raises the skip flag from its reduction (a multi-chunk tensor) or from the
+    gradient-only check (a fused one-chunk tensor, or any tensor with clipping off); nothing is
+    written, as for a NaN."""
+    _, value, scale = case
+    i, j, clip = where
+    shapes = [(4097,), (3, 7), (2, 700)]
+    run = Run(make_init(shapes), torch.float32, device=DEVICE)
+    for g in make_grads(shapes, 2, torch.float32):
+        assert float(run.step_triton(g, chunk_size=SMALL_CHUNK, clip=clip)) == 0.0
+    before = [t.clone() for t in run.params + run.fims + run.moms + run.steps]
+    grads = make_grads(shapes, 1, torch.float32, seed=7)[0]
+    grad_scale = None
+    if scale is not None:  # the gradients as GradScaler leaves them: scaled by `scale`
+        grads = [g * scale for g in grads]
+        grad_scale = torch.tensor([scale], device=DEVICE)
+    grads[i].view(-1)[j] = value
+    skip = run.step_triton(grads, chunk_size=SMALL_CHUNK, clip=clip, grad_scale=grad_scale)
+    assert float(skip) == 1.0
+    after = run.params + run.fims + run.moms + run.steps
+    assert all(same_bits(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("g", SQUARE_FITS)
+def test_gradient_with_a_finite_square_is_not_skipped_and_matches_the_oracle(g):
+    """g * g = 1e38 or 3.24e38 fits float32: the steps run, in a multi-chunk and a fused
+    one-chunk tensor, and follow the oracle."""
+    shapes = [(4097,), (3, 7), (2, 700)]
+    grads = make_grads(shapes, 4, torch.float32)
+    grads[1][0][3000] = g
+    grads[1][1][1, 2] = -g
+    fast, same, ref64 = trajectories(make_init(shapes), grads, torch.float32,
+                                     chunk_size=SMALL_CHUNK, device=DEVICE)
+    assert [float(s) for s in fast.steps] == [4.0, 4.0, 4.0]  # no step was skipped
+    assert_close_to_oracle(fast, same, ref64, torch.float32)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nonfinite_parameter_stays_in_its_element(dtype, bad, monkeypatch):
@@ -342,7 +385,7 @@ def test_nonfinite_parameter_stays_in_its_element(dtype, bad, monkeypatch):
     init[1][4] = bad
     grads = make_grads(shapes, 3, dtype)
     for per_tensor in (False, True):
-        monkeypatch.setattr(TK._ops, "_FORCE_PER_TENSOR", per_tensor)
+        monkeypatch.setattr(TK.launch, "FORCE_PER_TENSOR", per_tensor)
         fast, same, ref64 = trajectories(init, grads, dtype, chunk_size=SMALL_CHUNK,
                                          weight_decay=0.5, device=DEVICE)
         assert_close_to_oracle(fast, same, ref64, dtype, nan_params=True)
@@ -432,7 +475,7 @@ def test_phase_a_partials_slot_layout():
 @pytest.mark.parametrize("per_tensor", [False, True], ids=["table", "per-tensor"])
 def test_bad_inputs_raise_clear_errors(per_tensor, monkeypatch):
     # per-tensor: the launches torch.compile traces, which build no table but check the same.
-    monkeypatch.setattr(TK._ops, "_FORCE_PER_TENSOR", per_tensor)
+    monkeypatch.setattr(TK.launch, "FORCE_PER_TENSOR", per_tensor)
     shapes = [(10,), (5,)]
     run = Run(make_init(shapes), torch.float32, device=DEVICE)
     g = [t.to(DEVICE) for t in make_grads(shapes, 1, torch.float32)[0]]
@@ -498,7 +541,7 @@ def test_launch_count_independent_of_tensor_count(monkeypatch):
     """One launch per phase for 3 tensors and for 300; the second step reuses the cached device
     metadata (no rebuild, hence no host-to-device copy)."""
     counts = _count_launches(monkeypatch)
-    cache = TK._ops._TABLES
+    cache = TK.launch.TABLES
     seen = {}
     for n in (3, 300):
         shapes = [(1 + i % 7,) for i in range(n - 1)] + [(2 * SMALL_CHUNK + 5,)]
@@ -520,15 +563,15 @@ def test_launch_count_independent_of_tensor_count(monkeypatch):
 
 
 def test_captured_tables_outlive_the_lru_and_go_with_their_steps(monkeypatch):
-    """[note: Triton metadata tables] in triton_kernels/_ops.py: a table used while a CUDA graph
+    """[note: Triton metadata tables] in triton_kernels/launch.py: a table used while a CUDA graph
     is captured is read again at every replay. It stays (the same object and device memory)
     however many other tables pass through the LRU, as long as the step tensors it serves live,
     and is released with them. The interpreter has no graphs: capture is simulated."""
     _count_launches(monkeypatch)  # the launches are not executed: this is about the host side
-    cache = TK._ops._TABLES
+    cache = TK.launch.TABLES
     monkeypatch.setattr(cache, "entries", 4)
     capturing = [True]
-    monkeypatch.setattr(TK._ops, "_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(TK.launch, "capturing", lambda device: capturing[0])
     shapes = [(3,), (2 * SMALL_CHUNK + 5,)]
     grads = make_grads(shapes, 1, torch.float32)[0]
     run = Run(make_init(shapes), torch.float32, device=DEVICE)
@@ -560,7 +603,7 @@ def test_uncaptured_tables_go_with_their_steps(monkeypatch):
     """A table nobody captured also goes when its step tensors do, not only when the LRU drops
     it; the gradients are not owners (the default zero_grad frees them every step)."""
     _count_launches(monkeypatch)
-    cache = TK._ops._TABLES
+    cache = TK.launch.TABLES
     shapes = [(3,), (5,)]
     run = Run(make_init(shapes), torch.float32, device=DEVICE)
     before = set(cache.lru)
@@ -592,7 +635,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
     """Every specialization the optimizer can launch (the whole product: 144 per arch) compiles
     for sm_80 and sm_90 (Triton's compiler, no GPU), and the bundled `ptxas -v` reports no spill
     stores; the aligned float32 path of p = 0.5 (the default) uses 128-bit loads. The tile sizes
-    that keep it so: [note: Triton tuning constants] in triton_kernels/_ops.py. Compilation runs
+    that keep it so: [note: Triton tuning constants] in triton_kernels/launch.py. Compilation runs
     in subprocesses (the kernels here are interpreter functions), one per arch in parallel:
     about 2 minutes."""
     with ThreadPoolExecutor(2) as pool:

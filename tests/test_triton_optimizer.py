@@ -81,23 +81,24 @@ def test_triton_nonfinite_parameter_stays_in_its_element(bad):
 
 
 def _tables_of(opt, cache):
-    """The keys of the launch tables that serve `opt`'s step tensors."""
+    """The keys of the launch tables that serve `opt`'s step tensors (a key holds the addresses
+    of every operand, as tuples)."""
     steps = {s["step"].data_ptr() for s in opt.state.values()}
     return {key for key in (*cache.lru, *cache.captured)
-            if steps & set(key[-1] if key[0] == "A" else key[-2])}
+            if any(steps & set(part) for part in key if isinstance(part, tuple))}
 
 
 def test_captured_tables_live_as_long_as_the_optimizer(monkeypatch):
     """A CUDA graph that captured a step replays its launch tables ([note: Triton metadata
-    tables] in triton_kernels/_ops.py). With more buckets than the LRU holds, the captured tables
+    tables] in triton_kernels/launch.py). With more buckets than the LRU holds, the captured tables
     stay (same objects, same memory) through eager steps with fresh gradients, and go when the
     optimizer does, while the parameters live on. Capture is simulated: the interpreter has none."""
-    from fadam_fused.triton_kernels import _ops
+    from fadam_fused.triton_kernels import launch
 
-    cache = _ops._TABLES
+    cache = launch.TABLES
     monkeypatch.setattr(cache, "entries", 4)
     capturing = [True]
-    monkeypatch.setattr(_ops, "_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(launch, "capturing", lambda device: capturing[0])
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, generator=gen)) for _ in range(5)]
     groups = [{"params": [p], "lr": 1e-2 * (i + 1)} for i, p in enumerate(params)]
@@ -161,11 +162,11 @@ def test_triton_two_param_groups_and_lr_schedule():
 def test_interpreted_kernels_refuse_cuda_tensors():
     # The metadata table holds device addresses, which the interpreter (it copies tensor
     # arguments to the host) cannot follow: interpreted kernels take CPU tensors only.
-    from fadam_fused.triton_kernels import _ops
+    from fadam_fused import triton_kernels
 
     cuda_reason = backends.unavailable_reason("triton", torch.device("cuda"))
     cpu_reason = backends.unavailable_reason("triton", torch.device("cpu"))
-    if _ops._INTERPRET:
+    if triton_kernels.INTERPRET:
         assert cpu_reason is None
         assert "interpreter" in cuda_reason and "TRITON_INTERPRET" in cuda_reason
     else:

@@ -14,9 +14,15 @@ torch.library.triton_op, so torch.compile traces it.
 
 On CUDA tensors the kernels are compiled by Triton; CPU tensors run only in Triton's interpreter
 (TRITON_INTERPRET=1 set before Triton is first imported), which is how the tests run without a GPU.
+INTERPRET says which of the two this process has. Both optimizers' ops launch through `launch`
+(checks, metadata tables, the launch helper, tuning constants).
+
+Of fadam_fused this package imports op_contract only.
 """
 
-from ._ops import BLOCK, NUM_WARPS, SLOT_BLOCK, triton_phase_a, triton_phase_b
+from . import launch
+from ._ops import triton_phase_a, triton_phase_b
+from .launch import BLOCK, INTERPRET, NUM_WARPS, SLOT_BLOCK
 # FAdafactor's three ops ([note: the FAdafactor op contract] in fadam_fused/op_contract.py),
 # registered as torch.ops.fadam_fused.triton_fadafactor_phase_{s,a,b}.
 from ._fadafactor_ops import (triton_fadafactor_phase_a, triton_fadafactor_phase_b,
@@ -26,5 +32,5 @@ from ._fadafactor_ops import (triton_fadafactor_phase_a, triton_fadafactor_phase
 phase_a, phase_b = triton_phase_a, triton_phase_b
 
 __all__ = ["phase_a", "phase_b", "triton_phase_a", "triton_phase_b", "BLOCK", "NUM_WARPS",
-           "SLOT_BLOCK", "triton_fadafactor_phase_s", "triton_fadafactor_phase_a",
-           "triton_fadafactor_phase_b"]
+           "SLOT_BLOCK", "INTERPRET", "launch", "triton_fadafactor_phase_s",
+           "triton_fadafactor_phase_a", "triton_fadafactor_phase_b"]

@@ -13,26 +13,30 @@ Kernels and their programs (one launch each, any number of tensors):
 - `_tiles_kernel` (phase S, first launch): one program per tile of tile_rows x tile_cols
   (op_contract.factor_tile) of every matrix. It walks its tile in blocks of whole tile rows
   ([S_ROWS, TILE_C]), writes each row's float64 sum of g^2 over the tile, keeps each column's in
-  registers and writes them at the end, and stores 1 into skip on a non-finite gradient.
+  registers and writes them at the end, and stores 1 into skip where g * g is not finite in
+  float32 ([note: the gradient overflow rule] in _kernels.py).
 - `_combine_kernel` (phase S, second launch): one program per matrix. It adds each row's (column's)
   tile partials in tile order, writes the new R and C (factor_update in float64) and, after sum R
-  (block sums in a fixed tree, blocks in row order), R / sum R. The combine needs every tile of its
-  matrix, so it cannot run in the tile launch without a grid-wide barrier; a second launch costs
-  one launch latency per group, against a "last program does the combine" ticket, which would
-  need an atomic counter zeroed before every step (a memset launch, or a persistent buffer that
-  two streams could share) (docs/design.md, section 8).
+  (block sums in a fixed tree, blocks in row order), R / sum R. It stores 1 into skip when a new
+  R_i or C_j is not finite in float32: the row sums of a (6, 9) gradient of 1e19 are 9e38 though
+  each square (1e38) fits, the column sums of (2000, 2) at 5e17 are 5e38. The combine needs every
+  tile of its matrix, so it cannot run in the tile launch without a grid-wide barrier; a second
+  launch costs one launch latency per group, against a "last program does the combine" ticket,
+  which would need an atomic counter zeroed before every step (a memset launch, or a persistent
+  buffer that two streams could share) (docs/design.md, section 8).
 - `_phase_a_kernel` / `_phase_b_kernel`: FAdam's (tensor, chunk) programs and slots; an element k
   of a chunk is row q = k // cols, column j = k % cols of the tensor's stacked matrices, and
   f = (R_q / sum R) C_j is gathered from `factors` (n + m floats per matrix, from L1/L2). Phase B
   also copies each tensor's new R and C into fim_rows / fim_cols, a slice per program.
 
-Tables: every kernel takes one int64 metadata tensor (_fadafactor_ops.py) with the rows ROW_* per
+Tables: every kernel takes one int64 metadata tensor (launch.py) with the rows ROW_* per
 tensor, then the block maps, each entry (tensor << 32) | index; `blocks` is where this kernel's
 block map starts. Without a table (TABLE=False, the traced path) the *_in arguments are one
 tensor's operands and the program id is the index.
 
 Precision as FAdam's (_kernels.py): elements in float32, the sums of squares in float64 (g^2 of a
-finite float32 g cannot overflow there, nor w^2 with eps = 1e-30).
+finite float32 g cannot overflow there, nor w^2 with eps = 1e-30); the new R and C are float32,
+where the overflow rule keeps them finite.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import triton.language as tl
 from . import _kernels as K
 
 # Per-tensor rows of the metadata tensor (row r, tensor t at meta[r * n_tensors + t]); operands a
-# phase does not take are 0 (never dereferenced). _fadafactor_ops._table writes this order.
+# phase does not take are 0 (never dereferenced). _fadafactor_ops._Call.table writes this order.
 (ROW_P, ROW_G, ROW_M, ROW_RS, ROW_CS, ROW_STEP, ROW_NUMEL, ROW_BATCH, ROW_ROWS, ROW_COLS,
  ROW_TILE_R, ROW_TILE_C, ROW_SLOT, ROW_FPART, ROW_FAC) = (tl.constexpr(i) for i in range(15))
 N_ROWS = 15
@@ -179,7 +183,7 @@ def _tiles_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         offs = rr[:, None] * cols + (c0 + cj)[None, :]
         x = tl.load(g_mat + offs, mask=mask, other=0.0).to(tl.float32) * gmul
-        bad = tl.maximum(bad, (~(tl.abs(x) <= K._FLT_MAX)).to(tl.int32))
+        bad = tl.maximum(bad, K._square_overflows(x))
         x64 = x.to(tl.float64)
         sq = x64 * x64
         # tl.sum is a fixed tree over lanes and warps: the same order every run.
@@ -196,7 +200,7 @@ def _combine_kernel(
     meta, n_tensors, blocks,
     p_in, g_in, m_in, rs_in, cs_in, step_in, numel_in, batch_in, rows_in, cols_in, tile_r_in,
     tile_c_in, slot_in, fpart_in, fac_in,
-    factor_partials, factors, beta2: tl.float64,
+    factor_partials, factors, skip, beta2: tl.float64,
     DTYPE: tl.constexpr, TABLE: tl.constexpr, INTERPRET: tl.constexpr, C_BLOCK: tl.constexpr,
 ):
     (b, _p, _g, _m, rs_ptr, cs_ptr, step_ptr, _numel, _batch, rows, cols, tile_r, tile_c, _slot,
@@ -213,6 +217,9 @@ def _combine_kernel(
     norm = new_c + cols
     offs = tl.arange(0, C_BLOCK)
     total = tl.zeros([], tl.float64)
+    # A new R_i or C_j that is not finite in float32 skips the step ([note: the gradient overflow
+    # rule] in _kernels.py); masked lanes hold 0.
+    bad = tl.zeros([C_BLOCK], tl.int32)
     for r in range(0, rows, C_BLOCK):
         o = r + offs
         mask = o < rows
@@ -220,6 +227,7 @@ def _combine_kernel(
         for k in range(0, col_tiles):
             s += tl.load(row_part + k * rows + o, mask=mask, other=0.0)
         new = _factor_update(tl.load(rs_ptr + b * rows + o, mask=mask, other=0.0), s, b2hat)
+        bad = tl.maximum(bad, K._nonfinite(new))
         tl.store(new_r + o, new, mask=mask)
         # sum R of the rounded new R, as the CPU kernel: blocks in row order, a fixed tree in each.
         total += tl.sum(tl.where(mask, new.to(tl.float64), 0.0), axis=0)
@@ -230,7 +238,11 @@ def _combine_kernel(
         for k in range(0, row_tiles):
             s += tl.load(col_part + k * cols + o, mask=mask, other=0.0)
         new = _factor_update(tl.load(cs_ptr + b * cols + o, mask=mask, other=0.0), s, b2hat)
+        bad = tl.maximum(bad, K._nonfinite(new))
         tl.store(new_c + o, new, mask=mask)
+    # Only ever 1.0, from any number of programs: a benign race, no atomics needed.
+    if tl.max(bad, axis=0) != 0:
+        tl.store(skip, 1.0)
     # Each thread reads back the R it stored (same block shape, same layout); the barrier also
     # covers a compiler that would lay the two loops out differently.
     tl.debug_barrier()

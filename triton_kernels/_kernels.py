@@ -19,7 +19,7 @@ overflows float32 (max 3.4e38).
 Work decomposition. A group's tensors are cut into chunks of `chunk_size` elements; one program
 (CTA) owns one (tensor, chunk) pair, found by `_program_operands`, the one prologue of both kernels.
 In the eager path (TABLE=True) the program reads its tensor's addresses, numel and first
-partial-sum slot from one int64 metadata tensor ([note: Triton metadata tables] in _ops.py), so one
+partial-sum slot from one int64 metadata tensor ([note: Triton metadata tables] in launch.py), so one
 launch covers any number of tensors. Under torch.compile tracing there are no addresses
 (FakeTensors), so the host calls the same kernel per tensor with the tensors themselves as
 arguments (TABLE=False, program id = chunk).
@@ -37,15 +37,15 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-# Largest finite float32; |g| <= this is false exactly for inf, -inf and NaN (every comparison with
-# NaN is false). A comparison is not folded away by the compiler the way `g * 0` could be under
+# Largest finite float32; |x| <= this is false exactly for inf, -inf and NaN (every comparison with
+# NaN is false). A comparison is not folded away by the compiler the way `x * 0` could be under
 # fast-math flags, and it costs one FSETP per element.
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 # Row layout of the metadata tensor, the same in both kernels: row r, tensor t is
 # meta[r * n_tensors + t]; phase B has one more row (momentums) after the six common ones; the
 # block map follows the rows, one int64 per program: (tensor index << 32) | chunk index.
-# _ops._table writes the rows in this order.
+# _ops._Call.table writes the rows in this order.
 ROW_P, ROW_G, ROW_F, ROW_STEP, ROW_NUMEL, ROW_SLOT, ROW_M = (tl.constexpr(i) for i in range(7))
 
 
@@ -123,6 +123,29 @@ def _clip_inv_scale(sumsq, numel, clip):
 
 
 @triton.jit
+def _nonfinite(x):
+    """1 (int32) where x is inf, -inf or NaN, else 0."""
+    return (~(tl.abs(x) <= _FLT_MAX)).to(tl.int32)
+
+
+# [note: the gradient overflow rule]
+# A step is skipped (skip = 1, exactly as for a NaN gradient) when, for any gradient element,
+# g = grad * multiplier (the float32 scaled, sign-applied gradient: _grad_mul) has a float32
+# square g * g that is not finite. g^2 is what the FIM takes in (FAdam's f, FAdafactor's row and
+# column sums): an inf there would make f inf for good (d = inf, ghat = 0: the tensor never moves
+# again), or NaN. The rule covers NaN and inf gradients (their squares are NaN and inf) and finite
+# |g| >= 2^64 = 1.8446744e19, whose square rounds past FLT_MAX = 3.4028235e38 (g = 1e19, square
+# 1e38, passes; 1e20 does not). It holds in every FAdam phase-A program, the one-chunk tensors'
+# that only read g included, and in FAdafactor's phase S, which also skips when a new row or
+# column sum, rounded to float32, is not finite (_fadafactor_kernels._combine_kernel). The CPU
+# and CUDA kernels apply the same rule.
+@triton.jit
+def _square_overflows(g):
+    """[note: the gradient overflow rule]: 1 (int32) where g * g (float32) is not finite."""
+    return _nonfinite(g * g)
+
+
+@triton.jit
 def _grad_mul(gscale_ptr, sign, HAS_GSCALE: tl.constexpr):
     """The factor every gradient element is multiplied by: (maximize ? -1 : 1) / grad_scale,
     formed in float64 and rounded once to float32, as the CPU kernel's make_consts does."""
@@ -141,7 +164,8 @@ def _grad_mul(gscale_ptr, sign, HAS_GSCALE: tl.constexpr):
 @triton.jit
 def _reduce_tile(p_ptr, g_ptr, f_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
                  SQRT: tl.constexpr, INTERPRET: tl.constexpr, MASKED: tl.constexpr):
-    """Phase A on one tile: float64 ghat^2 and w^2 and a non-finite flag per lane."""
+    """Phase A on one tile: float64 ghat^2 and w^2 and the overflow flag per lane ([note: the
+    gradient overflow rule])."""
     if MASKED:
         mask = o < n
         g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
@@ -158,7 +182,7 @@ def _reduce_tile(p_ptr, g_ptr, f_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
     w = tl.div_rn(th, d).to(tl.float64)
     g2 = ghat * ghat
     w2 = w * w
-    bad = (~(tl.abs(g) <= _FLT_MAX)).to(tl.int32)
+    bad = _square_overflows(g)
     if MASKED:
         # Lanes past the end hold g = 0, f = 1, theta = 0: harmless, but zero them explicitly so
         # no choice of eps (eps^(2p) may round to 0 in float32) can leak a NaN into the sums.
@@ -170,7 +194,7 @@ def _reduce_tile(p_ptr, g_ptr, f_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
 @triton.jit
 def _reduce_chunk(p_ptr, g_ptr, f_ptr, n, b2hat, omb2, p, eps_p, gmul,
                   SQRT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
-    """(sum ghat^2, sum w^2) in float64 and max non-finite flag over one chunk."""
+    """(sum ghat^2, sum w^2) in float64 and the overflow flag of one chunk."""
     offs = tl.arange(0, BLOCK)
     acc_g = tl.zeros([BLOCK], tl.float64)
     acc_w = tl.zeros([BLOCK], tl.float64)
@@ -194,17 +218,18 @@ def _reduce_chunk(p_ptr, g_ptr, f_ptr, n, b2hat, omb2, p, eps_p, gmul,
 
 @triton.jit
 def _check_chunk(g_ptr, n, gmul, BLOCK: tl.constexpr):
-    """Non-finite flag of one chunk's gradient: phase A of a tensor that phase B does alone."""
+    """The overflow flag of one chunk's gradient, reading g alone: phase A of a tensor that
+    phase B does alone, or of any tensor with clipping off."""
     offs = tl.arange(0, BLOCK)
     bad = tl.zeros([BLOCK], tl.int32)
     n_full = (n // BLOCK) * BLOCK
     for k in range(0, n_full, BLOCK):
         g = tl.load(g_ptr + k + offs).to(tl.float32) * gmul
-        bad = tl.maximum(bad, (~(tl.abs(g) <= _FLT_MAX)).to(tl.int32))
+        bad = tl.maximum(bad, _square_overflows(g))
     if n_full < n:
         o = n_full + offs
         g = tl.load(g_ptr + o, mask=o < n, other=0.0).to(tl.float32) * gmul
-        bad = tl.maximum(bad, (~(tl.abs(g) <= _FLT_MAX)).to(tl.int32))
+        bad = tl.maximum(bad, _square_overflows(g))
     return tl.max(bad, axis=0)
 
 
@@ -292,7 +317,7 @@ def _sum_slots(partials, first, nslots, SLOT_BLOCK: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------
 # The two kernels. Argument conventions (the same leading operands in both, so one host launch
-# helper serves both: _ops._launch):
+# helper serves both: launch.run):
 #   TABLE=True:  meta (int64 [ROWS * n_tensors + n_programs]) holds addresses, numels, slots and
 #                the block map; the *_in arguments are None.
 #   TABLE=False: meta is None; the *_in arguments are this one tensor's operands, numel and first
@@ -381,7 +406,7 @@ def _phase_a_kernel(
     gmul = _grad_mul(gscale, sign, HAS_GSCALE)
     if (clip <= 0.0) | ((numel <= chunk_size) & fuse_one_chunk):
         # Clipping off (no sums at all), or phase B does this one-chunk tensor alone: phase A
-        # only looks for non-finite gradients, reading g alone, and writes no slot.
+        # only applies the overflow rule, reading g alone, and writes no slot.
         bad = _check_chunk(g_ptr, n, gmul, BLOCK)
     else:
         b2hat, omb2 = _fim_coeffs(step_ptr, beta2, INTERPRET)
@@ -406,7 +431,8 @@ def _phase_b_kernel(
     ALIGNED: tl.constexpr, TABLE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr, SLOT_BLOCK: tl.constexpr,
 ):
-    # A non-finite gradient anywhere in the step (or GradScaler's found_inf): change nothing.
+    # A gradient anywhere in the step whose square is not finite ([note: the gradient overflow
+    # rule]), or GradScaler's found_inf: change nothing.
     if tl.load(skip) == 0.0:
         p_ptr, g_ptr, f_ptr, m_ptr, step_ptr, numel, slot, c, n = _program_operands(
             meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in, slot_in, chunk_size,

@@ -17,8 +17,12 @@
 
 #include "fadam_math.h"
 #include "fadam_ops.h"
+#include "op_boundary.h"
 
 namespace fadam {
+
+// The CPU kernels take every op call the contract allows ([note: the op boundary]).
+constexpr KernelLimits kCpuLimits{c10::DeviceType::CPU, "the CPU kernels"};
 
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = fVec::size();
@@ -127,6 +131,38 @@ inline bool all_zero(fVec v) {
   return v.zero_mask() == (1 << kLanes) - 1;
 }
 
+// The launch's element constants as float32 lanes, from the LaunchDesc's host scalars.
+struct Consts {
+  float grad_mul;  // grad_mul_of(): (maximize ? -1 : 1) / grad_scale, read here on the host
+  fVec p, eps_p, vgrad_mul;
+  // grad_mul is exactly 1 (no maximize, no grad scale): the common case skips the multiply, one
+  // of the 7-8 multiplies per vector that load the FMA pipes in each loop (x * 1 = x, so the
+  // bits are the same either way).
+  bool unit_grad;
+  explicit Consts(const HostScalars& s)
+      : grad_mul(grad_mul_of(s.maximize, s.grad_scale)),
+        p(s.p),
+        eps_p(s.eps_p),
+        vgrad_mul(grad_mul),
+        unit_grad(grad_mul == 1.0f) {}
+  // The loaded gradient times grad_mul.
+  inline fVec scale_grad(fVec g) const {
+    return unit_grad ? g : g * vgrad_mul;
+  }
+};
+
+// The per-element constants of the update (fadam_update()), with a tensor's clip scales.
+struct UpdateConsts {
+  fVec beta1, one_minus_beta1, inv_s1, inv_s2, lr, weight_decay;
+  UpdateConsts(const HostScalars& s, float lr_, float inv1, float inv2)
+      : beta1(s.beta1),
+        one_minus_beta1(s.one_minus_beta1),
+        inv_s1(inv1),
+        inv_s2(inv2),
+        lr(lr_),
+        weight_decay(s.weight_decay) {}
+};
+
 struct Item {
   int32_t tensor;
   int64_t chunk;
@@ -136,15 +172,13 @@ struct Item {
 // The (tensor, chunk) items of one phase, heaviest first. `cost(numel, fused)` is the bytes an
 // item of `numel` elements moves; `fused` says that the tensor is one chunk done in one task.
 template <typename Cost>
-inline std::vector<Item> make_items(at::TensorList params, int64_t chunk_size, bool fuse_one_chunk,
-                             Cost cost) {
+inline std::vector<Item> make_items(const LaunchDesc& d, Cost cost) {
   std::vector<Item> items;
-  for (const auto i : c10::irange(params.size())) {
-    const int64_t numel = params[i].numel();
-    const int64_t n = nchunks_of(numel, chunk_size);
-    for (int64_t c = 0; c < n; ++c) {
-      const int64_t len = std::min(chunk_size, numel - c * chunk_size);
-      items.push_back({static_cast<int32_t>(i), c, cost(len, fuse_one_chunk && n == 1)});
+  for (const auto i : c10::irange(d.params.size())) {
+    const int64_t numel = d.params[i].numel();
+    for (int64_t c = 0; c < d.nchunks(i); ++c) {
+      const int64_t len = std::min(d.chunk_size, numel - c * d.chunk_size);
+      items.push_back({static_cast<int32_t>(i), c, cost(len, d.fused(i))});
     }
   }
   // Longest first: the last items to start are the shortest, so the threads finish together.

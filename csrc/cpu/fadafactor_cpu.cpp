@@ -1,6 +1,7 @@
 // CPU kernels of the three FAdafactor ops (TORCH_LIBRARY_IMPL(fadam_fused, CPU)); the contract is
 // [note: the FAdafactor op contract] in fadam_fused/op_contract.py, the math
-// [note: FAdafactor math] in csrc/fadam_math.h.
+// [note: FAdafactor math] in csrc/fadam_math.h. Each launcher reads its inputs from the op's
+// LaunchDesc ([note: the op boundary] in csrc/op_boundary.h), as fadam_cpu.cpp's do.
 //
 // Phase S walks each tensor as tiles of rows x columns (FactorTile); phases A and B walk FAdam's
 // (tensor, chunk) items (make_items, for_each_item in cpu_vec.h), a chunk as row segments:
@@ -47,21 +48,14 @@ inline void store_padded(scalar_t* ptr, fVec v, int64_t count) {
   std::memcpy(ptr, buf, count * sizeof(scalar_t));
 }
 
-// g times (sign / grad_scale), both in float32 as in fadam_cpu.cpp (x * 1 = x: no bit changes
-// without maximize or a scale).
-inline float grad_multiplier(bool maximize, const c10::optional<at::Tensor>& grad_scale) {
-  double mul = maximize ? -1.0 : 1.0;
-  if (grad_scale.has_value()) {
-    mul /= static_cast<double>(*grad_scale->const_data_ptr<float>());
-  }
-  return static_cast<float>(mul);
-}
-
 // ---- phase S ------------------------------------------------------------------------------------
 
 // One tile's partial sums of g^2: row r's over the tile's columns into row_out[r], column c's over
-// the tile's rows into col_out[c]. Squares are float64 (g^2 of a finite float32 never overflows
-// there). Returns false when a gradient is not finite: its row sum is then inf or NaN.
+// the tile's rows into col_out[c]. Squares are float64, exact (24-bit mantissas), so float32's
+// g * g is the square rounded to float32. Returns false when one of them is not finite ([note:
+// the overflow rule] in fadam_math.h): the row total is at least each of its squares (sums of
+// non-negative terms round monotonically), so only a row whose total is not finite in float32
+// (NaN, or >= 3.4e38: rare) can hold one, and only such a row is read again element by element.
 template <typename scalar_t>
 bool tile_sums(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                float mul, double* row_out, double* col_out) {
@@ -89,37 +83,28 @@ bool tile_sums(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, int64_t 
       total += a;
     }
     row_out[r] = total;
-    finite = finite && std::isfinite(total);
+    if (!factor_ok(static_cast<float>(total))) {
+      for (c = c0; c < c1; ++c) {
+        finite = finite && !overflows(static_cast<float>(row[c]) * mul);
+      }
+    }
   }
   return finite;
 }
 
-void phase_s_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim_rows,
-                 at::TensorList fim_cols, at::TensorList steps, at::Tensor factor_partials,
-                 at::Tensor factors, at::Tensor skip, const c10::optional<at::Tensor>& grad_scale,
-                 double beta2, bool maximize, int64_t chunk_size) {
-  const char* op = "fadafactor_phase_s";
-  const auto tiles = check_factored_group(op, c10::DeviceType::CPU, params, grads, fim_rows,
-                                          fim_cols, {}, factors, chunk_size);
-  TORCH_CHECK(steps.size() == params.size(), op, ": one step per param is required");
-  TORCH_CHECK(skip.device().is_cpu() && skip.scalar_type() == at::kFloat && skip.numel() == 1,
-              op, ": skip must be a one-element float32 CPU tensor");
-  const FactorOffsets off = factor_offsets(tiles);
-  TORCH_CHECK(factor_partials.device().is_cpu() && factor_partials.scalar_type() == at::kDouble &&
-                  factor_partials.is_contiguous() &&
-                  factor_partials.numel() == off.partials.back(),
-              op, ": factor_partials must be a contiguous float64 CPU tensor of ",
-              off.partials.back(), " elements");
-  if (params.empty()) {
+void phase_s(const LaunchDesc& d) {
+  if (d.empty()) {
     return;
   }
-  const float mul = grad_multiplier(maximize, grad_scale);
-  double* partials = factor_partials.data_ptr<double>();
-  float* out = factors.data_ptr<float>();
+  const auto& tiles = d.tiles;
+  const FactorOffsets& off = d.factor_off;
+  const float mul = Consts(d.s).grad_mul;
+  double* partials = d.factor_partials;
+  float* out = d.factors;
 
   // Tiles: item.chunk is (b * row_tiles + tr) * col_tiles + tc.
   std::vector<Item> items;
-  for (const auto i : c10::irange(params.size())) {
+  for (const auto i : c10::irange(d.params.size())) {
     const FactorTile& t = tiles[i];
     const int64_t n = t.batch * t.row_tiles() * t.col_tiles();
     for (int64_t k = 0; k < n; ++k) {
@@ -128,8 +113,8 @@ void phase_s_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
   }
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
-  std::atomic<bool> any_nonfinite{false};
-  dispatch(params[0].scalar_type(), 0.5, [&]<typename scalar_t, bool>() {
+  std::atomic<bool> overflow{false};
+  dispatch(d.dtype, d.p, [&]<typename scalar_t, bool>() {
     for_each_item(items, [&](const Item& it) {
       const FactorTile& t = tiles[it.tensor];
       const int64_t tc = it.chunk % t.col_tiles();
@@ -138,21 +123,18 @@ void phase_s_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
       const int64_t r0 = tr * t.tile_rows, r1 = std::min(t.rows, r0 + t.tile_rows);
       const int64_t c0 = tc * t.tile_cols, c1 = std::min(t.cols, c0 + t.tile_cols);
       double* base = partials + off.partials[it.tensor] + b * t.partials_per_matrix();
-      const auto* g = static_cast<const scalar_t*>(grads[it.tensor].const_data_ptr()) +
+      const auto* g = static_cast<const scalar_t*>(d.grads[it.tensor].const_data_ptr()) +
                       b * t.rows * t.cols;
       if (!tile_sums(g, t.cols, r0, r1, c0, c1, mul, base + tc * t.rows,
                      base + t.col_tiles() * t.rows + tr * t.cols + c0)) {
-        any_nonfinite.store(true, std::memory_order_relaxed);
+        overflow.store(true, std::memory_order_relaxed);
       }
     });
   });
-  if (any_nonfinite.load()) {
-    *skip.data_ptr<float>() = 1.0f;
-  }
 
   // The combine: one item per matrix, its partials added in tile order.
   std::vector<Item> matrices;
-  for (const auto i : c10::irange(params.size())) {
+  for (const auto i : c10::irange(d.params.size())) {
     const FactorTile& t = tiles[i];
     for (int64_t b = 0; b < t.batch; ++b) {
       matrices.push_back({static_cast<int32_t>(i), b, t.partials_per_matrix()});
@@ -161,41 +143,36 @@ void phase_s_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
   for_each_item(matrices, [&](const Item& it) {
     const FactorTile& t = tiles[it.tensor];
     const int64_t b = it.chunk;
-    const double b2hat = b2hat_of(beta2, static_cast<double>(*steps[it.tensor].const_data_ptr<float>()));
+    const double b2hat =
+        b2hat_of(d.s.beta2, static_cast<double>(*d.steps[it.tensor].const_data_ptr<float>()));
     const double* rows_p = partials + off.partials[it.tensor] + b * t.partials_per_matrix();
     const double* cols_p = rows_p + t.col_tiles() * t.rows;
-    const float* old_r = fim_rows[it.tensor].const_data_ptr<float>() + b * t.rows;
-    const float* old_c = fim_cols[it.tensor].const_data_ptr<float>() + b * t.cols;
+    const float* old_r = d.fim_rows[it.tensor].const_data_ptr<float>() + b * t.rows;
+    const float* old_c = d.fim_cols[it.tensor].const_data_ptr<float>() + b * t.cols;
     float* new_r = out + off.factors[it.tensor] + b * t.factors_per_matrix();
     float* new_c = new_r + t.rows;
     float* norm = new_c + t.cols;
-    double total = 0.0;
-    for (int64_t r = 0; r < t.rows; ++r) {
-      double s = 0.0;
-      for (int64_t k = 0; k < t.col_tiles(); ++k) {
-        s += rows_p[k * t.rows + r];
-      }
-      new_r[r] = factor_update(old_r[r], s, b2hat);
-      total += static_cast<double>(new_r[r]);
+    const bool rows_ok =
+        combine_factors<int64_t>(rows_p, t.rows, t.col_tiles(), old_r, new_r, b2hat, 0, 1);
+    const bool cols_ok =
+        combine_factors<int64_t>(cols_p, t.cols, t.row_tiles(), old_c, new_c, b2hat, 0, 1);
+    if (!(rows_ok && cols_ok)) {
+      overflow.store(true, std::memory_order_relaxed);
     }
-    for (int64_t c = 0; c < t.cols; ++c) {
-      double s = 0.0;
-      for (int64_t k = 0; k < t.row_tiles(); ++k) {
-        s += cols_p[k * t.cols + c];
-      }
-      new_c[c] = factor_update(old_c[c], s, b2hat);
+    double total = 0.0;  // sum R, in row order
+    for (int64_t r = 0; r < t.rows; ++r) {
+      total += static_cast<double>(new_r[r]);
     }
     for (int64_t r = 0; r < t.rows; ++r) {
       norm[r] = row_norm(new_r[r], total);
     }
   });
+  if (overflow.load()) {
+    *d.skip = 1.0f;
+  }
 }
 
 // ---- phases A and B -----------------------------------------------------------------------------
-
-struct ElemConsts {
-  fVec p, eps_p, mul;
-};
 
 // Runs body(row_ptr_offset k, count, rnorm, col ptr) over the elements [begin, end) of a factored
 // tensor, by row segments and vectors of kLanes (the last one of a segment partial).
@@ -221,13 +198,13 @@ inline void for_each_row_vector(const FactorTile& t, const float* factors, int64
 // (sum ghat^2, sum w^2) over [begin, end) of tensor `i`, in float64 lanes in element order.
 template <typename scalar_t, bool kSqrt>
 void reduce_range(const scalar_t* g, const scalar_t* theta, const FactorTile& t,
-                  const float* factors, int64_t begin, int64_t end, const ElemConsts& c,
+                  const float* factors, int64_t begin, int64_t end, const Consts& c,
                   double* sums) {
   WideLanes s_ghat, s_w;
   const fVec zero(0.f);
   for_each_row_vector(t, factors, begin, end,
                       [&](int64_t k, int64_t count, fVec rnorm, const float* col) {
-    const fVec gv = load_padded(g + k, count) * c.mul;
+    const fVec gv = c.scale_grad(load_padded(g + k, count));
     const fVec th = load_padded(theta + k, count);
     const fVec f = factored_fim(rnorm, load_padded(col, count));
     const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
@@ -241,132 +218,88 @@ void reduce_range(const scalar_t* g, const scalar_t* theta, const FactorTile& t,
   sums[1] = s_w.total();
 }
 
-ElemConsts elem_consts(double eps, double p, float mul) {
-  return {fVec(static_cast<float>(p)), fVec(static_cast<float>(std::pow(eps, 2.0 * p))),
-          fVec(mul)};
-}
-
-void phase_a_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& factors,
-                 at::Tensor partials, const c10::optional<at::Tensor>& grad_scale, double eps,
-                 double p, double clip, bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
-  const char* op = "fadafactor_phase_a";
-  const auto tiles = check_factored_group(op, c10::DeviceType::CPU, params, grads, {}, {}, {},
-                                          factors, chunk_size);
-  const auto offsets = slot_offsets(params, chunk_size);
-  TORCH_CHECK(partials.device().is_cpu() && partials.scalar_type() == at::kDouble &&
-                  partials.dim() == 2 && partials.size(1) == 2 && partials.is_contiguous() &&
-                  partials.size(0) == offsets.back(),
-              op, ": partials must be a contiguous float64 CPU tensor [", offsets.back(), ", 2]");
-  if (params.empty() || !(clip > 0.0)) {
+void phase_a(const LaunchDesc& d) {
+  if (d.empty() || !d.s.clipping) {
     return;  // without clipping no RMS is needed; phase S has checked the gradients
   }
-  const FactorOffsets off = factor_offsets(tiles);
-  const ElemConsts c = elem_consts(eps, p, grad_multiplier(maximize, grad_scale));
-  const int64_t esize = params[0].element_size();
+  const Consts c(d.s);
+  const int64_t esize = d.params[0].element_size();
   // A one-chunk tensor is reduced in phase B (fuse_one_chunk): nothing to do here.
-  const auto items = make_items(params, chunk_size, fuse_one_chunk,
-                                [&](int64_t len, bool fused) { return fused ? 0 : len * 2 * esize; });
-  const float* fac = factors.const_data_ptr<float>();
-  double* out = partials.data_ptr<double>();
-  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
+  const auto items =
+      make_items(d, [&](int64_t len, bool fused) { return fused ? 0 : len * 2 * esize; });
+  dispatch(d.dtype, d.p, [&]<typename scalar_t, bool kSqrt>() {
     for_each_item(items, [&](const Item& it) {
-      if (fuse_one_chunk && offsets[it.tensor + 1] - offsets[it.tensor] == 1) {
+      if (d.fused(it.tensor)) {
         return;
       }
-      const auto numel = params[it.tensor].numel();
-      const int64_t begin = it.chunk * chunk_size;
+      const auto numel = d.params[it.tensor].numel();
+      const int64_t begin = it.chunk * d.chunk_size;
       reduce_range<scalar_t, kSqrt>(
-          static_cast<const scalar_t*>(grads[it.tensor].const_data_ptr()),
-          static_cast<const scalar_t*>(params[it.tensor].const_data_ptr()), tiles[it.tensor],
-          fac + off.factors[it.tensor], begin, std::min(numel, begin + chunk_size), c,
-          out + 2 * (offsets[it.tensor] + it.chunk));
+          static_cast<const scalar_t*>(d.grads[it.tensor].const_data_ptr()),
+          static_cast<const scalar_t*>(d.params[it.tensor].const_data_ptr()), d.tiles[it.tensor],
+          d.factors + d.factor_off.factors[it.tensor], begin,
+          std::min(numel, begin + d.chunk_size), c,
+          d.partials + 2 * (d.slots[it.tensor] + it.chunk));
     });
   });
 }
 
-void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim_rows,
-                 at::TensorList fim_cols, at::TensorList moms, const at::Tensor& factors,
-                 const at::Tensor& partials, const at::Tensor& skip,
-                 const c10::optional<at::Tensor>& grad_scale,
-                 const c10::optional<at::Tensor>& lr_tensor, double lr, double beta1, double eps,
-                 double p, double clip, double weight_decay, bool maximize, int64_t chunk_size,
-                 bool fuse_one_chunk) {
-  const char* op = "fadafactor_phase_b";
-  const auto tiles = check_factored_group(op, c10::DeviceType::CPU, params, grads, fim_rows,
-                                          fim_cols, moms, factors, chunk_size);
-  TORCH_CHECK(moms.size() == params.size() && fim_rows.size() == params.size(), op,
-              ": one momentum, fim_row and fim_col per param is required");
-  const auto offsets = slot_offsets(params, chunk_size);
-  TORCH_CHECK(partials.device().is_cpu() && partials.scalar_type() == at::kDouble &&
-                  partials.dim() == 2 && partials.size(1) == 2 && partials.is_contiguous() &&
-                  partials.size(0) == offsets.back(),
-              op, ": partials must be a contiguous float64 CPU tensor [", offsets.back(), ", 2]");
-  TORCH_CHECK(skip.device().is_cpu() && skip.scalar_type() == at::kFloat && skip.numel() == 1,
-              op, ": skip must be a one-element float32 CPU tensor");
-  if (params.empty() || *skip.const_data_ptr<float>() != 0.0f) {
-    return;  // a non-finite gradient anywhere skips the whole step (docs/design.md, section 6)
+void phase_b(const LaunchDesc& d) {
+  if (d.empty() || *d.skip != 0.0f) {
+    return;  // phase S or A found an overflow anywhere: the whole step is skipped
   }
-  if (lr_tensor.has_value()) {
-    TORCH_CHECK(lr_tensor->numel() == 1 && lr_tensor->device().is_cpu(),
-                op, ": lr_tensor must be a one-element CPU tensor");
-    lr = lr_tensor->to(at::kDouble).const_data_ptr<double>()[0];
-  }
-  const FactorOffsets off = factor_offsets(tiles);
-  const ElemConsts c = elem_consts(eps, p, grad_multiplier(maximize, grad_scale));
-  const float beta1_f = static_cast<float>(beta1);
-  const fVec vbeta1(beta1_f), vomb1(static_cast<float>(1.0 - static_cast<double>(beta1_f))),
-      vlr(static_cast<float>(lr)), vwd(static_cast<float>(weight_decay));
-  const bool clipping = clip > 0.0;
-  const int64_t esize = params[0].element_size();
+  const Consts c(d.s);
+  const float lr = lr_of(d.s.lr_ptr, d.s.lr_is_double, d.s.lr);
+  const bool clipping = d.s.clipping;
+  const int64_t esize = d.params[0].element_size();
   // Bytes per element: g, theta, m read and theta, m written (2 G + 2 P + 8); a fused tensor
   // is first reduced (another G + P, from cache).
-  const auto items = make_items(params, chunk_size, fuse_one_chunk, [&](int64_t len, bool f) {
+  const auto items = make_items(d, [&](int64_t len, bool f) {
     return len * (4 * esize + 8 + (f && clipping ? 2 * esize : 0));
   });
-  const float* fac = factors.const_data_ptr<float>();
-  const double* slots = partials.const_data_ptr<double>();
-  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
+  dispatch(d.dtype, d.p, [&]<typename scalar_t, bool kSqrt>() {
     for_each_item(items, [&](const Item& it) {
-      const FactorTile& t = tiles[it.tensor];
-      const float* tfac = fac + off.factors[it.tensor];
-      auto* theta = static_cast<scalar_t*>(params[it.tensor].data_ptr());
-      const auto* g = static_cast<const scalar_t*>(grads[it.tensor].const_data_ptr());
-      float* m = moms[it.tensor].data_ptr<float>();
-      const int64_t numel = params[it.tensor].numel();
+      const FactorTile& t = d.tiles[it.tensor];
+      const float* tfac = d.factors + d.factor_off.factors[it.tensor];
+      auto* theta = static_cast<scalar_t*>(d.params[it.tensor].data_ptr());
+      const auto* g = static_cast<const scalar_t*>(d.grads[it.tensor].const_data_ptr());
+      float* m = d.moms[it.tensor].data_ptr<float>();
+      const int64_t numel = d.params[it.tensor].numel();
       double sums[2] = {0.0, 0.0};
       if (clipping) {
-        if (fuse_one_chunk && offsets[it.tensor + 1] - offsets[it.tensor] == 1) {
+        if (d.fused(it.tensor)) {
           // Both phases in this task, the second pass from cache.
           reduce_range<scalar_t, kSqrt>(g, theta, t, tfac, 0, numel, c, sums);
         } else {
-          for (int64_t s = offsets[it.tensor]; s < offsets[it.tensor + 1]; ++s) {
-            sums[0] += slots[2 * s];
-            sums[1] += slots[2 * s + 1];
+          for (int64_t s = d.slots[it.tensor]; s < d.slots[it.tensor + 1]; ++s) {
+            sums[0] += d.partials[2 * s];
+            sums[1] += d.partials[2 * s + 1];
           }
         }
       }
-      const fVec inv_s1(static_cast<float>(clip_inv_scale(sums[0], numel, clip)));
-      const fVec inv_s2(static_cast<float>(clip_inv_scale(sums[1], numel, clip)));
-      const int64_t begin = it.chunk * chunk_size;
-      for_each_row_vector(t, tfac, begin, std::min(numel, begin + chunk_size),
+      const UpdateConsts u(d.s, lr, static_cast<float>(clip_inv_scale(sums[0], numel, d.s.clip)),
+                           static_cast<float>(clip_inv_scale(sums[1], numel, d.s.clip)));
+      const int64_t begin = it.chunk * d.chunk_size;
+      for_each_row_vector(t, tfac, begin, std::min(numel, begin + d.chunk_size),
                           [&](int64_t k, int64_t count, fVec rnorm, const float* col) {
-        const fVec gv = load_padded(g + k, count) * c.mul;
+        const fVec gv = c.scale_grad(load_padded(g + k, count));
         fVec th = load_padded(theta + k, count);
         fVec mv = load_padded(m + k, count);
         const fVec f = factored_fim(rnorm, load_padded(col, count));
         const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
-        fadam_update(th, mv, gv * r, th * r, vbeta1, vomb1, inv_s1, inv_s2, vlr, vwd);
+        fadam_update(th, mv, gv * r, th * r, u.beta1, u.one_minus_beta1, u.inv_s1, u.inv_s2, u.lr,
+                     u.weight_decay);
         store_padded(theta + k, th, count);
         mv.store(m + k, count);
       });
     });
   });
   // The new R and C become the state (O(n + m) per matrix).
-  for (const auto i : c10::irange(params.size())) {
-    const FactorTile& t = tiles[i];
-    const float* src = fac + off.factors[i];
-    float* rows = fim_rows[i].data_ptr<float>();
-    float* cols = fim_cols[i].data_ptr<float>();
+  for (const auto i : c10::irange(d.params.size())) {
+    const FactorTile& t = d.tiles[i];
+    const float* src = d.factors + d.factor_off.factors[i];
+    float* rows = d.fim_rows[i].data_ptr<float>();
+    float* cols = d.fim_cols[i].data_ptr<float>();
     for (int64_t b = 0; b < t.batch; ++b) {
       const float* mat = src + b * t.factors_per_matrix();
       std::memcpy(rows + b * t.rows, mat, t.rows * sizeof(float));
@@ -378,9 +311,9 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fadam_fused, CPU, m) {
-  m.impl("fadafactor_phase_s", &phase_s_cpu);
-  m.impl("fadafactor_phase_a", &phase_a_cpu);
-  m.impl("fadafactor_phase_b", &phase_b_cpu);
+  m.impl("fadafactor_phase_s", &fadafactor_phase_s_op<kCpuLimits, &phase_s>);
+  m.impl("fadafactor_phase_a", &fadafactor_phase_a_op<kCpuLimits, &phase_a>);
+  m.impl("fadafactor_phase_b", &fadafactor_phase_b_op<kCpuLimits, &phase_b>);
 }
 
 }  // namespace fadam

@@ -1,4 +1,5 @@
-// CPU kernels of the two FAdam ops (TORCH_LIBRARY_IMPL(fadam_fused, CPU)).
+// CPU kernels of the two FAdam ops (TORCH_LIBRARY_IMPL(fadam_fused, CPU)); each launcher reads
+// its inputs from the op's LaunchDesc ([note: the op boundary] in csrc/op_boundary.h).
 //
 // Work is split into (tensor, chunk) items of chunk_size elements, which the threads of
 // at::parallel_for take heaviest first as they free up (for_each_item). Inside an item the element
@@ -74,19 +75,6 @@ struct SumSq {
   }
 };
 
-// Step scalars shared by the whole launch, as float32 lanes.
-struct Consts {
-  fVec p, eps_p, grad_mul;
-  // grad_mul is exactly 1 (no maximize, no grad scale): the common case skips the multiply, one
-  // of the 7-8 multiplies per vector that load the FMA pipes in each loop (x * 1 = x, so the
-  // bits are the same either way).
-  bool unit_grad;
-  // The loaded gradient times grad_mul.
-  inline fVec scale_grad(fVec g) const {
-    return unit_grad ? g : g * grad_mul;
-  }
-};
-
 struct TensorPtrs {
   void* param;
   const void* grad;
@@ -96,8 +84,9 @@ struct TensorPtrs {
   FimCoeffs fc;
 };
 
-// Runs `body(offset, count)` over [begin, end) in vectors of kLanes; the last, partial vector is
-// run by the caller-provided `tail` on padded copies. Both see whole fVec lanes.
+// Runs `body(offset, count)` over [begin, end) in vectors of kLanes, count = kLanes but for the
+// last, partial vector (count < kLanes), which `body` loads into zero-padded copies (Lanes::load):
+// it sees whole fVec lanes either way.
 template <typename Body>
 inline void for_each_vector(int64_t begin, int64_t end, Body body) {
   int64_t i = begin;
@@ -172,19 +161,21 @@ struct Lanes {
 };
 
 // Phase A of one chunk: (sum ghat^2, sum w^2) over [begin, end) into sums[0..1], by blocks of
-// kBlockVectors vectors in element order (SumSq); returns false if a gradient is not finite. With
-// kKeep (phase B of a fused tensor, [note: CPU fused one-chunk tensors]) it also stores the new f
-// in place and r = 1/d into rbuf[i - begin]; the sums are the same bits either way.
+// kBlockVectors vectors in element order (SumSq); returns false if a gradient's square is not
+// finite ([note: the overflow rule] in fadam_math.h). With kKeep (phase B of a fused tensor,
+// [note: CPU fused one-chunk tensors]) it also stores the new f in place and r = 1/d into
+// rbuf[i - begin]; the sums are the same bits either way.
 //
-// Non-finite gradients: g - g is NaN exactly when g is inf or NaN, so a subtract and an add per
-// vector (on the add pipes, which these loops leave idler than the multiply pipes) detect one
-// while the data is in registers anyway (docs/design.md section 6), and all_zero() reads the
-// accumulator once per chunk. check_chunk() does the same on the gradient alone.
+// The overflow rule: overflow_probe(g) = g * g - g * g is NaN exactly when g * g is inf or NaN,
+// and the square is fim_update()'s own (the compiler computes it once), so a subtract and an add
+// per vector (on the add pipes, which these loops leave idler than the multiply pipes) check it
+// while the data is in registers anyway, and all_zero() reads the accumulator once per chunk.
+// check_chunk() does the same on the gradient alone.
 template <typename scalar_t, bool kSqrt, bool kKeep = false>
 inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const Consts& c,
                          double* sums, float* rbuf = nullptr) {
   const fVec b2hat(t.fc.b2hat), omb2(t.fc.one_minus_b2hat), zero(0.f);
-  fVec nonfinite(0.f);
+  fVec overflow(0.f);
   SumSq s_ghat, s_w;
   // The ragged tail: padded lanes add nothing to the sums (see Lanes).
   const auto valid = [&](fVec v, int64_t count) {
@@ -194,7 +185,7 @@ inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const 
     Lanes<scalar_t, /*kF=*/true, /*kM=*/false> x;
     x.load(t, i, count, c);
     if constexpr (!kKeep) {
-      nonfinite = nonfinite + (x.g - x.g);  // phase B runs only when phase A found none
+      overflow = overflow + overflow_probe(x.g);  // phase B runs only when phase A found none
     }
     const fVec f = fim_update(x.f, x.g, b2hat, omb2);
     const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
@@ -234,22 +225,20 @@ inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const 
   }
   sums[0] = s_ghat.total();
   sums[1] = s_w.total();
-  return all_zero(nonfinite);
+  return all_zero(overflow);
 }
 
-// Phase A of a fused one-chunk tensor, or of any chunk with clipping off: only the non-finite
-// check, so only the gradient is read (4 B per float32 element; Lanes::load would read f and theta
-// too). The chunk is read as kStreams quarters walked side by side: one sequential stream per
+// Phase A of a fused one-chunk tensor, or of any chunk with clipping off: only the overflow check
+// (one multiply more per vector than a finiteness check: free, the loop waits on memory), so
+// only the gradient is read (4 B per float32 element; Lanes::load would read f and theta too).
+// The chunk is read as kStreams quarters walked side by side: one sequential stream per
 // thread left read bandwidth unused, and four streams took 5-8% less time (bench/NOTES.md). The
 // reduction and update loops read 3-4 streams already.
 template <typename scalar_t>
 inline bool check_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const Consts& c) {
   constexpr int64_t kStreams = 4;
   const auto* g = static_cast<const scalar_t*>(t.grad);
-  const auto add_check = [&](fVec& acc, fVec x) {
-    const fVec v = c.scale_grad(x);
-    acc = acc + (v - v);
-  };
+  const auto add_check = [&](fVec& acc, fVec x) { acc = acc + overflow_probe(c.scale_grad(x)); };
   const int64_t quarter = (end - begin) / (kStreams * kLanes) * kLanes;
   std::array<fVec, kStreams> acc;
   acc.fill(fVec(0.f));
@@ -258,34 +247,22 @@ inline bool check_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const C
       add_check(acc[k], load_float(g + i + k * quarter));
     }
   }
-  fVec nonfinite(0.f);
+  fVec overflow(0.f);
   for (const fVec& a : acc) {
-    nonfinite = nonfinite + a;
+    overflow = overflow + a;
   }
   // The rest: fewer than kStreams * kLanes elements.
   for_each_vector(begin + kStreams * quarter, end, [&](int64_t i, int64_t count) {
     if (count == kLanes) {
-      add_check(nonfinite, load_float(g + i));
+      add_check(overflow, load_float(g + i));
     } else {
       alignas(64) scalar_t buf[kLanes] = {};
       std::memcpy(buf, g + i, count * sizeof(scalar_t));
-      add_check(nonfinite, load_float(buf));
+      add_check(overflow, load_float(buf));
     }
   });
-  return all_zero(nonfinite);
+  return all_zero(overflow);
 }
-
-// The per-element constants of the update.
-struct UpdateConsts {
-  fVec beta1, one_minus_beta1, inv_s1, inv_s2, lr, weight_decay;
-  UpdateConsts(const HostScalars& s, float lr_, float inv1, float inv2)
-      : beta1(s.beta1),
-        one_minus_beta1(s.one_minus_beta1),
-        inv_s1(inv1),
-        inv_s2(inv2),
-        lr(lr_),
-        weight_decay(s.weight_decay) {}
-};
 
 // Phase B of one chunk: the new f (the same calls as reduce_chunk, so bitwise the same f), then
 // the momentum and the parameter.
@@ -333,117 +310,87 @@ float* kept_buffer(int64_t numel) {
   return buf.data();
 }
 
-std::vector<TensorPtrs> make_ptrs(at::TensorList params, at::TensorList grads, at::TensorList fims,
-                                  at::TensorList moms, at::TensorList steps, double beta2) {
+// The tensors' pointers and this step's FIM coefficients (the steps are read here, on the host).
+std::vector<TensorPtrs> make_ptrs(const LaunchDesc& d) {
   std::vector<TensorPtrs> out;
-  out.reserve(params.size());
-  for (const auto i : c10::irange(params.size())) {
-    const double step = static_cast<double>(*steps[i].const_data_ptr<float>());
-    out.push_back({params[i].data_ptr(), grads[i].const_data_ptr(), fims[i].data_ptr<float>(),
-                   moms.empty() ? nullptr : moms[i].data_ptr<float>(), params[i].numel(),
-                   fim_coeffs(beta2, step)});
+  out.reserve(d.params.size());
+  for (const auto i : c10::irange(d.params.size())) {
+    const double step = static_cast<double>(*d.steps[i].const_data_ptr<float>());
+    float* mom = d.moms.empty() ? nullptr : d.moms[i].data_ptr<float>();
+    out.push_back({d.params[i].data_ptr(), d.grads[i].const_data_ptr(),
+                   d.fims[i].data_ptr<float>(), mom, d.params[i].numel(),
+                   fim_coeffs(d.s.beta2, step)});
   }
   return out;
 }
 
-Consts make_consts(const HostScalars& s) {
-  const float mul = grad_mul_of(s.maximize, s.grad_scale);
-  return {fVec(s.p), fVec(s.eps_p), fVec(mul), mul == 1.0f};
-}
-
-void phase_a_cpu(at::TensorList params, at::TensorList grads, at::TensorList fims,
-                 at::TensorList steps, at::Tensor partials, at::Tensor skip,
-                 const c10::optional<at::Tensor>& grad_scale, double beta2, double eps, double p,
-                 double clip, bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
-  constexpr const char* op = "fadam_phase_a";
-  check_group(op, c10::DeviceType::CPU, params, grads, fims, {}, steps, partials, skip, grad_scale,
-              chunk_size);
-  if (params.empty()) {
+void phase_a(const LaunchDesc& d) {
+  if (d.empty()) {
     return;
   }
-  const HostScalars scalars =
-      host_scalars(op, params[0].device(), beta2, eps, p, clip, maximize, grad_scale);
   // Only the gradient check (no slot written) for a fused one-chunk tensor, which phase B
   // reduces, and for every tensor with clipping off.
-  const bool clipping = scalars.clipping;
+  const bool clipping = d.s.clipping;
   const auto check_only = [&](bool fused) { return fused || !clipping; };
   // Bytes per element: a checked tensor reads g (4 B in float32); the others read g, f and theta
   // (12 B).
-  const int64_t gsize = params[0].element_size();
-  const auto items = make_items(params, chunk_size, fuse_one_chunk, [&](int64_t len, bool fused) {
+  const int64_t gsize = d.params[0].element_size();
+  const auto items = make_items(d, [&](int64_t len, bool fused) {
     return len * (check_only(fused) ? gsize : 2 * gsize + 4);
   });
-  const auto ptrs = make_ptrs(params, grads, fims, {}, steps, beta2);
-  const auto offsets = slot_offsets(params, chunk_size);
-  const Consts consts = make_consts(scalars);
-  double* out = partials.data_ptr<double>();
-  std::atomic<bool> any_nonfinite{false};
-  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
+  const auto ptrs = make_ptrs(d);
+  const Consts consts(d.s);
+  std::atomic<bool> any_overflow{false};
+  dispatch(d.dtype, d.p, [&]<typename scalar_t, bool kSqrt>() {
     for_each_item(items, [&](const Item& it) {
       const TensorPtrs& t = ptrs[it.tensor];
-      const int64_t begin = it.chunk * chunk_size;
-      const int64_t end = std::min(t.numel, begin + chunk_size);
-      const bool fused = fuse_one_chunk && offsets[it.tensor + 1] - offsets[it.tensor] == 1;
-      double* slot = out + 2 * (offsets[it.tensor] + it.chunk);
-      const bool finite = check_only(fused) ? check_chunk<scalar_t>(t, begin, end, consts)
-                                : reduce_chunk<scalar_t, kSqrt>(t, begin, end, consts, slot);
+      const int64_t begin = it.chunk * d.chunk_size;
+      const int64_t end = std::min(t.numel, begin + d.chunk_size);
+      double* slot = d.partials + 2 * (d.slots[it.tensor] + it.chunk);
+      const bool finite = check_only(d.fused(it.tensor))
+                              ? check_chunk<scalar_t>(t, begin, end, consts)
+                              : reduce_chunk<scalar_t, kSqrt>(t, begin, end, consts, slot);
       if (!finite) {
-        any_nonfinite.store(true, std::memory_order_relaxed);
+        any_overflow.store(true, std::memory_order_relaxed);
       }
     });
   });
-  if (any_nonfinite.load()) {
-    *skip.data_ptr<float>() = 1.0f;
+  if (any_overflow.load()) {
+    *d.skip = 1.0f;
   }
 }
 
-void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fims,
-                 at::TensorList moms, at::TensorList steps, const at::Tensor& partials,
-                 const at::Tensor& skip, const c10::optional<at::Tensor>& grad_scale,
-                 const c10::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
-                 double eps, double p, double clip, double weight_decay, bool maximize,
-                 int64_t chunk_size, bool fuse_one_chunk) {
-  constexpr const char* op = "fadam_phase_b";
-  check_group(op, c10::DeviceType::CPU, params, grads, fims, moms, steps, partials, skip,
-              grad_scale, chunk_size);
-  TORCH_CHECK(moms.size() == params.size(), op, ": one momentum per param is required");
-  if (params.empty()) {
-    return;
+void phase_b(const LaunchDesc& d) {
+  if (d.empty() || *d.skip != 0.0f) {
+    return;  // phase A found an overflow anywhere: the whole step is skipped
   }
-  const HostScalars scalars = host_scalars(op, params[0].device(), beta2, eps, p, clip, maximize,
-                                           grad_scale, lr_tensor, lr, beta1, weight_decay);
-  if (*skip.const_data_ptr<float>() != 0.0f) {
-    return;  // A non-finite gradient anywhere skips the whole step (docs/design.md section 6).
-  }
-  const float lr_f = lr_of(scalars.lr_ptr, scalars.lr_is_double, scalars.lr);
-  const auto offsets = slot_offsets(params, chunk_size);
-  const bool clipping = scalars.clipping;
+  const float lr_f = lr_of(d.s.lr_ptr, d.s.lr_is_double, d.s.lr);
+  const bool clipping = d.s.clipping;
   // [note: CPU fused one-chunk tensors] With clipping, a tensor of one chunk (2^20 elements on
   // the CPU) does both phases in one task of phase B while its data is in cache: a reduction that
   // streams g, f, theta from memory, stores the new f (final: phase A has decided the skip) and
   // keeps r = 1/d in a per-thread scratch buffer, then an update that re-reads g, theta and r
   // from cache and needs no sqrt or division (0.8x the time of recomputing them, bench/NOTES.md).
   // DRAM sees g, f, theta once (docs/design.md section 4).
-  const auto fused = [&](size_t i) { return fuse_one_chunk && offsets[i + 1] - offsets[i] == 1; };
   // Bytes per element: the update moves 2 G + 2 P + 16 (28 B in float32); a fused tensor is
   // first reduced (another G + P + 4, from cache, at the same arithmetic cost).
-  const int64_t esize = params[0].element_size();
-  const auto items = make_items(params, chunk_size, fuse_one_chunk, [&](int64_t len, bool f) {
+  const int64_t esize = d.params[0].element_size();
+  const auto items = make_items(d, [&](int64_t len, bool f) {
     return len * (4 * esize + 16 + (f && clipping ? 2 * esize + 4 : 0));
   });
-  const auto ptrs = make_ptrs(params, grads, fims, moms, steps, beta2);
-  const Consts consts = make_consts(scalars);
-  const double* slots = partials.const_data_ptr<double>();
+  const auto ptrs = make_ptrs(d);
+  const Consts consts(d.s);
+  const double* slots = d.partials;
   const auto update_consts = [&](const TensorPtrs& t, const double* sums) {
-    return UpdateConsts(scalars, lr_f, static_cast<float>(clip_inv_scale(sums[0], t.numel, clip)),
-                        static_cast<float>(clip_inv_scale(sums[1], t.numel, clip)));
+    return UpdateConsts(d.s, lr_f, static_cast<float>(clip_inv_scale(sums[0], t.numel, d.s.clip)),
+                        static_cast<float>(clip_inv_scale(sums[1], t.numel, d.s.clip)));
   };
 
-  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
+  dispatch(d.dtype, d.p, [&]<typename scalar_t, bool kSqrt>() {
     for_each_item(items, [&](const Item& it) {
       const TensorPtrs& t = ptrs[it.tensor];
       double sums[2] = {0.0, 0.0};
-      if (clipping && fused(it.tensor)) {
+      if (clipping && d.fused(it.tensor)) {
         float* rbuf = kept_buffer(t.numel);
         reduce_chunk<scalar_t, kSqrt, /*kKeep=*/true>(t, 0, t.numel, consts, sums, rbuf);
         update_kept_chunk<scalar_t>(t, rbuf, consts, update_consts(t, sums));
@@ -452,13 +399,13 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
       if (clipping) {
         // The tensor's phase-A slots in slot order: every chunk of the tensor gets the same
         // bits (a few hundred additions at most: chunks are 2^20 elements on the CPU).
-        for (int64_t s = offsets[it.tensor]; s < offsets[it.tensor + 1]; ++s) {
+        for (int64_t s = d.slots[it.tensor]; s < d.slots[it.tensor + 1]; ++s) {
           sums[0] += slots[2 * s];
           sums[1] += slots[2 * s + 1];
         }
       }
-      const int64_t begin = it.chunk * chunk_size;
-      const int64_t end = std::min(t.numel, begin + chunk_size);
+      const int64_t begin = it.chunk * d.chunk_size;
+      const int64_t end = std::min(t.numel, begin + d.chunk_size);
       update_chunk<scalar_t, kSqrt>(t, begin, end, consts, update_consts(t, sums));
     });
   });
@@ -467,8 +414,8 @@ void phase_b_cpu(at::TensorList params, at::TensorList grads, at::TensorList fim
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fadam_fused, CPU, m) {
-  m.impl("fadam_phase_a", &phase_a_cpu);
-  m.impl("fadam_phase_b", &phase_b_cpu);
+  m.impl("fadam_phase_a", &fadam_phase_a_op<kCpuLimits, &phase_a>);
+  m.impl("fadam_phase_b", &fadam_phase_b_op<kCpuLimits, &phase_b>);
 }
 
 }  // namespace fadam

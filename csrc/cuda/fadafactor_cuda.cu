@@ -1,7 +1,9 @@
 // CUDA kernels of the three FAdafactor ops (TORCH_LIBRARY_IMPL(fadam_fused, CUDA)); the contract is
 // [note: the FAdafactor op contract] in fadam_fused/op_contract.py, the math [note: FAdafactor
 // math] in csrc/fadam_math.h. Like fadam_cuda.cu, this source also compiles with g++ and HIP-CPU
-// into the emulated test build ([note: one CUDA source, two compilers] in cuda/launch.h).
+// into the emulated test build ([note: one CUDA source, two compilers] in cuda/launch.h), and its
+// launchers read the op's LaunchDesc ([note: the op boundary] in csrc/op_boundary.h) and launch
+// through launch_plan() (kernel_common.cuh).
 //
 // Four kernels, each one launch per group unless the tables fill ([note: CUDA multi-tensor plan]):
 //
@@ -11,10 +13,11 @@
 //   tree and lane 0 stores the row's partial. Each lane also keeps its columns' sums over the
 //   warp's rows in registers; the 16 warps' column sums are added in warp order through shared
 //   memory. Reads g once, coalesced (a warp reads 32 consecutive elements of a row). Sets skip
-//   when a row sum is not finite (a non-finite gradient).
+//   when a g * g is not finite ([note: the overflow rule] in fadam_math.h).
 // - combine_kernel (phase S): one block per matrix (also for empty ones, whose R or C still
 //   decays). Adds each row's (column's) tile partials in tile order, stores the new R and C
 //   (factor_update) and, after sum R (each thread's rows in order, then a fixed tree), R / sum R.
+//   Sets skip when a new R_i or C_j is not finite in float32 (the overflow rule).
 //   It needs every tile of its matrix, hence a second launch (docs/design.md, section 8).
 // - phase_a_kernel / phase_b_kernel: FAdam's (tensor, chunk) blocks, slots and fused one-chunk
 //   rule, through the per-chunk loops of kernel_common.cuh with f = (R_q / sum R) C_j
@@ -29,7 +32,6 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -44,9 +46,7 @@
 namespace fadam::cuda::factored {
 namespace {
 
-// Tile columns per block: each lane keeps the column sums of 8 columns (16 registers in float64).
-// factor_tile() gives isqrt(chunk_size) = 256 at the 65536 chunk; larger chunks are refused.
-constexpr int kMaxTileCols = 256;
+// Tile columns per lane (kMaxTileCols in kernel_common.cuh: the widest tile the op accepts).
 constexpr int kColsPerLane = kMaxTileCols / 32;
 
 // The tables of one launch (structure of arrays). Operands a kernel does not use are nullptr.
@@ -71,19 +71,44 @@ struct Tables {
   uint8_t flags[kMaxTensors];
   uint16_t block_tensor[kMaxBlocks];
   int32_t block_index[kMaxBlocks];  // tile, matrix or first chunk, by kernel
+
+  // Fills the tables of one launch of the plan (host side).
+  void fill(const Launch& launch, const LaunchDesc& d) {
+    const int64_t v = 16 / static_cast<int64_t>(d.params[0].element_size());
+    for (size_t k = 0; k < launch.tensors.size(); ++k) {
+      const PlanTensor& pt = launch.tensors[k];
+      const auto i = static_cast<size_t>(pt.tensor);
+      const FactorTile& ft = d.tiles[i];
+      param[k] = d.params[i].data_ptr();
+      grad[k] = d.grads[i].const_data_ptr();
+      mom[k] = d.moms.empty() ? nullptr : d.moms[i].data_ptr<float>();
+      fim_row[k] = d.fim_rows.empty() ? nullptr : d.fim_rows[i].data_ptr<float>();
+      fim_col[k] = d.fim_cols.empty() ? nullptr : d.fim_cols[i].data_ptr<float>();
+      step[k] = d.steps.empty() ? nullptr : d.steps[i].const_data_ptr<float>();
+      factors[k] = d.factors + d.factor_off.factors[i];
+      fpart[k] = d.factor_partials == nullptr ? nullptr
+                                              : d.factor_partials + d.factor_off.partials[i];
+      numel[k] = d.params[i].numel();
+      slot0[k] = pt.slot0;
+      batch[k] = static_cast<int32_t>(ft.batch);
+      rows[k] = static_cast<int32_t>(ft.rows);
+      cols[k] = static_cast<int32_t>(ft.cols);
+      tile_rows[k] = static_cast<int32_t>(ft.tile_rows);
+      tile_cols[k] = static_cast<int32_t>(ft.tile_cols);
+      nchunks[k] = static_cast<int32_t>(pt.nchunks);
+      per_block[k] = static_cast<int32_t>(pt.per_block);
+      const bool vec = d.chunk_size % v == 0 && aligned16(param[k]) && aligned16(grad[k]) &&
+                       (mom[k] == nullptr || aligned16(mom[k]));
+      flags[k] = static_cast<uint8_t>((pt.fused ? kFlagFused : 0) | (vec ? kFlagVector : 0));
+    }
+    for (size_t b = 0; b < launch.blocks.size(); ++b) {
+      block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
+      block_index[b] = launch.blocks[b].chunk;
+    }
+  }
 };
 
-struct Scalars : HostScalars {
-  double* partials;  // [n_slots, 2]
-  float* skip;       // one element
-  int64_t chunk_size;
-};
-
-struct Args {
-  Tables t;
-  Scalars s;
-};
-static_assert(sizeof(Args) <= 32764, "launch tables exceed the kernel parameter space");
+using FactoredArgs = Args<Tables>;
 
 // A matrix's geometry, from the tables.
 struct Matrix {
@@ -107,7 +132,7 @@ __device__ __forceinline__ Matrix matrix_of(const Tables& t, int tensor) {
 // ---- phase S ------------------------------------------------------------------------------------
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) tiles_kernel(const __grid_constant__ Args args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) tiles_kernel(const __grid_constant__ FactoredArgs args) {
   __shared__ float grad_mul;
   __shared__ double col_sums[kWarps][kMaxTileCols];  // 32 KB
   const Tables& t = args.t;
@@ -144,8 +169,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tiles_kernel(const __gri
     for (int q = 0; q < kColsPerLane; ++q) {
       const int c = c0 + lane + 32 * q;
       if (c < c1) {
-        // g^2 in float64 from the float32 scaled g, as the CPU kernel: finite for every finite g.
-        const double x = static_cast<double>(static_cast<float>(row[c]) * grad_mul);
+        // g^2 in float64 from the float32 scaled g, as the CPU kernel (exact, 24-bit mantissas);
+        // the overflow rule is on the float32 g * g.
+        const float gf = static_cast<float>(row[c]) * grad_mul;
+        bad |= overflows(gf);
+        const double x = static_cast<double>(gf);
         sum += x * x;
         col_acc[q] += x * x;
       }
@@ -153,7 +181,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tiles_kernel(const __gri
     sum = warp_sum(sum);
     if (lane == 0) {
       row_out[r] = sum;
-      bad |= !(sum <= DBL_MAX);  // NaN or inf: a non-finite gradient in this row
     }
   }
 #pragma unroll
@@ -173,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tiles_kernel(const __gri
   }
 }
 
-__global__ void __launch_bounds__(kThreads, kMinBlocks) combine_kernel(const __grid_constant__ Args args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) combine_kernel(const __grid_constant__ FactoredArgs args) {
   __shared__ double b2hat;
   __shared__ double total_rows;
   __shared__ double scratch[2 * kWarps];
@@ -192,21 +219,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) combine_kernel(const __g
   float* new_r = t.factors[tensor] + b * m.factors;
   float* new_c = new_r + m.rows;
   float* norm = new_c + m.cols;
-  double total = 0.0, unused = 0.0;
-  for (int r = threadIdx.x; r < m.rows; r += kThreads) {
-    double sum = 0.0;
-    for (int k = 0; k < m.col_tiles; ++k) {
-      sum += row_parts[static_cast<int64_t>(k) * m.rows + r];
-    }
-    new_r[r] = factor_update(old_r[r], sum, b2hat);
-    total += static_cast<double>(new_r[r]);
+  const int first = static_cast<int>(threadIdx.x);
+  const bool rows_ok =
+      combine_factors(row_parts, m.rows, m.col_tiles, old_r, new_r, b2hat, first, kThreads);
+  const bool cols_ok =
+      combine_factors(col_parts, m.cols, m.row_tiles, old_c, new_c, b2hat, first, kThreads);
+  if (!(rows_ok && cols_ok)) {
+    *args.s.skip = 1.0f;  // every writer stores the same value; 0 is never stored
   }
-  for (int c = threadIdx.x; c < m.cols; c += kThreads) {
-    double sum = 0.0;
-    for (int k = 0; k < m.row_tiles; ++k) {
-      sum += col_parts[static_cast<int64_t>(k) * m.cols + c];
-    }
-    new_c[c] = factor_update(old_c[c], sum, b2hat);
+  double total = 0.0, unused = 0.0;
+  for (int r = first; r < m.rows; r += kThreads) {  // this thread's rows, in order
+    total += static_cast<double>(new_r[r]);
   }
   block_sum2(total, unused, scratch);
   if (threadIdx.x == 0) {
@@ -305,7 +328,7 @@ __device__ __forceinline__ Chunk<scalar_t> chunk_of(const Tables& t, int tensor,
 }
 
 template <typename scalar_t, bool kSqrt>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) phase_a_kernel(const __grid_constant__ Args args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) phase_a_kernel(const __grid_constant__ FactoredArgs args) {
   __shared__ BlockScalars bs;
   __shared__ double scratch[2 * kWarps];
   const int tensor = args.t.block_tensor[blockIdx.x];
@@ -316,15 +339,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) phase_a_kernel(const __g
   __syncthreads();
   const auto c = chunk_of<scalar_t>(args.t, tensor, chunk, args.s.chunk_size);
   double s1 = 0.0, s2 = 0.0;
-  bool unused = false;  // phase S has checked the gradients
+  bool unused = false;  // phase S has checked the gradients (the overflow rule)
   reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim, bs.grad_mul, args.s.p, args.s.eps_p, s1,
                       s2, unused);
   store_slot(s1, s2, args.s.partials + 2 * (args.t.slot0[tensor] + chunk), scratch);
 }
 
 template <typename scalar_t, bool kSqrt>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) phase_b_kernel(const __grid_constant__ Args args) {
-  // A non-finite gradient anywhere in the group skips the whole step (docs/design.md section 6).
+__global__ void __launch_bounds__(kThreads, kMinBlocks) phase_b_kernel(const __grid_constant__ FactoredArgs args) {
+  // An overflow anywhere in the group skips the whole step ([note: the overflow rule]).
   if (*args.s.skip != 0.0f) {
     return;
   }
@@ -375,17 +398,14 @@ enum class Kernel { kTiles, kCombine, kPhaseA, kPhaseB };
 // The launches of one kernel over the group. Tiles: one block per tile; combine: one per matrix
 // with factors (rows + cols > 0); phase A: one per chunk of the tensors that are not fused;
 // phase B: FAdam's phase-B blocks, plus one for an empty tensor whose R or C must be stored.
-std::vector<Launch> plan(Kernel kernel, const std::vector<FactorTile>& tiles,
-                         at::TensorList params, int64_t chunk_size, bool fuse_one_chunk) {
-  check_chunk_size(chunk_size);
+std::vector<Launch> plan(Kernel kernel, const LaunchDesc& d) {
+  check_chunk_size(d.chunk_size);
   std::vector<Launch> launches;
-  int64_t slot0 = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const FactorTile& ft = tiles[i];
-    const int64_t numel = params[i].numel();
-    const int64_t nchunks = checked_nchunks(static_cast<int64_t>(i), numel, chunk_size);
-    PlanTensor t{static_cast<int64_t>(i), nchunks, slot0, 1, fuse_one_chunk && nchunks == 1};
-    slot0 += nchunks;
+  for (size_t i = 0; i < d.params.size(); ++i) {
+    const FactorTile& ft = d.tiles[i];
+    const int64_t numel = d.params[i].numel();
+    const int64_t nchunks = checked_nchunks(static_cast<int64_t>(i), numel, d.chunk_size);
+    PlanTensor t{static_cast<int64_t>(i), nchunks, d.slots[i], 1, d.fused(i)};
     const bool has_factors = ft.batch > 0 && ft.rows + ft.cols > 0;
     int64_t nblocks = 0;
     switch (kernel) {
@@ -410,197 +430,23 @@ std::vector<Launch> plan(Kernel kernel, const std::vector<FactorTile>& tiles,
   return trim_plan(std::move(launches));
 }
 
-struct Operands {
-  at::TensorList params, grads, fim_rows, fim_cols, moms, steps;
-  double* factor_partials;
-  float* factors;
-};
-
-void fill_tables(Tables& tab, const Launch& launch, const Operands& op,
-                 const std::vector<FactorTile>& tiles, const FactorOffsets& off,
-                 int64_t chunk_size) {
-  const int64_t v = 16 / static_cast<int64_t>(op.params[0].element_size());
-  for (size_t k = 0; k < launch.tensors.size(); ++k) {
-    const PlanTensor& pt = launch.tensors[k];
-    const auto i = static_cast<size_t>(pt.tensor);
-    const FactorTile& ft = tiles[i];
-    tab.param[k] = op.params[i].data_ptr();
-    tab.grad[k] = op.grads[i].const_data_ptr();
-    tab.mom[k] = op.moms.empty() ? nullptr : op.moms[i].data_ptr<float>();
-    tab.fim_row[k] = op.fim_rows.empty() ? nullptr : op.fim_rows[i].data_ptr<float>();
-    tab.fim_col[k] = op.fim_cols.empty() ? nullptr : op.fim_cols[i].data_ptr<float>();
-    tab.step[k] = op.steps.empty() ? nullptr : op.steps[i].const_data_ptr<float>();
-    tab.factors[k] = op.factors + off.factors[i];
-    tab.fpart[k] = op.factor_partials == nullptr ? nullptr : op.factor_partials + off.partials[i];
-    tab.numel[k] = op.params[i].numel();
-    tab.slot0[k] = pt.slot0;
-    tab.batch[k] = static_cast<int32_t>(ft.batch);
-    tab.rows[k] = static_cast<int32_t>(ft.rows);
-    tab.cols[k] = static_cast<int32_t>(ft.cols);
-    tab.tile_rows[k] = static_cast<int32_t>(ft.tile_rows);
-    tab.tile_cols[k] = static_cast<int32_t>(ft.tile_cols);
-    tab.nchunks[k] = static_cast<int32_t>(pt.nchunks);
-    tab.per_block[k] = static_cast<int32_t>(pt.per_block);
-    const bool vec = chunk_size % v == 0 && aligned16(tab.param[k]) && aligned16(tab.grad[k]) &&
-                     (tab.mom[k] == nullptr || aligned16(tab.mom[k]));
-    tab.flags[k] = static_cast<uint8_t>((pt.fused ? kFlagFused : 0) | (vec ? kFlagVector : 0));
-  }
-  for (size_t b = 0; b < launch.blocks.size(); ++b) {
-    tab.block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
-    tab.block_index[b] = launch.blocks[b].chunk;
-  }
+void phase_s(const LaunchDesc& d) {
+  launch_plan<Tables>(d, plan(Kernel::kTiles, d),
+                      []<typename K>(K) { return &tiles_kernel<typename K::type>; });
+  launch_plan<Tables>(d, plan(Kernel::kCombine, d), [](auto) { return &combine_kernel; });
 }
 
-// The group's checks (check_factored_group() in fadam_ops.h) and the limits of these kernels.
-std::vector<FactorTile> check_inputs(const char* op, at::TensorList params, at::TensorList grads,
-                                     at::TensorList fim_rows, at::TensorList fim_cols,
-                                     at::TensorList moms, const at::Tensor& factors,
-                                     int64_t chunk_size) {
-  auto tiles = check_factored_group(op, kDeviceType, params, grads, fim_rows, fim_cols, moms,
-                                    factors, chunk_size);
-  for (size_t i = 0; i < tiles.size(); ++i) {
-    const FactorTile& ft = tiles[i];
-    TORCH_CHECK(ft.tile_cols <= kMaxTileCols, op, ": chunk_size ", chunk_size, " makes tiles ",
-                ft.tile_cols, " columns wide; the CUDA kernels take at most ", kMaxTileCols,
-                " (chunk_size < ", (kMaxTileCols + 1) * (kMaxTileCols + 1), ")");
-    TORCH_CHECK(ft.batch <= INT32_MAX && ft.rows < (int64_t{1} << 30) &&
-                    ft.cols <= (int64_t{1} << 30), op,
-                ": params[", i, "] is ", ft.batch, " matrices of ", ft.rows, " x ", ft.cols,
-                "; the CUDA kernels take fewer than 2^31 matrices, fewer than 2^30 rows and at "
-                "most 2^30 columns");
-  }
-  if (!params.empty()) {
-    check_same_device(op, factors, "factors", params[0].device());  // params share one device
-  }
-  return tiles;
-}
-
-void check_skip(const char* op, const at::Tensor& skip, const at::Device& device) {
-  TORCH_CHECK(skip.device() == device && skip.scalar_type() == at::kFloat && skip.numel() == 1,
-              op, ": skip must be a one-element float32 tensor on ", device);
-}
-
-void check_partials(const char* op, const at::Tensor& partials, at::TensorList params,
-                    int64_t chunk_size) {
-  const auto offsets = slot_offsets(params, chunk_size);
-  TORCH_CHECK(partials.device() == params[0].device() && partials.scalar_type() == at::kDouble &&
-                  partials.dim() == 2 && partials.size(1) == 2 && partials.is_contiguous() &&
-                  partials.size(0) == offsets.back() && aligned16(partials.const_data_ptr()),
-              op, ": partials must be a contiguous, 16-byte aligned float64 tensor [",
-              offsets.back(), ", 2] on ", params[0].device());
-}
-
-void phase_s_cuda(at::TensorList params, at::TensorList grads, at::TensorList fim_rows,
-                  at::TensorList fim_cols, at::TensorList steps, at::Tensor factor_partials,
-                  at::Tensor factors, at::Tensor skip, const c10::optional<at::Tensor>& grad_scale,
-                  double beta2, bool maximize, int64_t chunk_size) {
-  constexpr const char* op = "fadafactor_phase_s";
-  const auto tiles = check_inputs(op, params, grads, fim_rows, fim_cols, {}, factors, chunk_size);
-  TORCH_CHECK(steps.size() == params.size() && fim_rows.size() == params.size(), op,
-              ": one fim_row, fim_col and step per param is required");
-  if (params.empty()) {
-    return;
-  }
-  const at::Device device = params[0].device();
-  for (size_t i = 0; i < steps.size(); ++i) {
-    TORCH_CHECK(steps[i].device() == device && steps[i].scalar_type() == at::kFloat &&
-                    steps[i].numel() == 1,
-                op, ": steps[", i, "] must be a one-element float32 tensor on ", device);
-  }
-  check_skip(op, skip, device);
-  const FactorOffsets off = factor_offsets(tiles);
-  TORCH_CHECK(factor_partials.device() == device && factor_partials.scalar_type() == at::kDouble &&
-                  factor_partials.is_contiguous() && factor_partials.numel() == off.partials.back(),
-              op, ": factor_partials must be a contiguous float64 tensor of ", off.partials.back(),
-              " elements on ", device);
-  Args args{};
-  // Phase S uses beta2, maximize and grad_scale; eps, p and clip are placeholders.
-  static_cast<HostScalars&>(args.s) = host_scalars(op, device, beta2, 1.0, 0.5, 0.0, maximize,
-                                                   grad_scale);
-  args.s.skip = skip.data_ptr<float>();
-  args.s.chunk_size = chunk_size;
-  const Operands ops{params, grads, fim_rows, fim_cols, {}, steps,
-                     factor_partials.data_ptr<double>(), factors.data_ptr<float>()};
-  const LaunchScope scope(device);
-  dispatch(params[0].scalar_type(), 0.5, [&]<typename scalar_t, bool>() {
-    for (const Launch& launch : plan(Kernel::kTiles, tiles, params, chunk_size, false)) {
-      fill_tables(args.t, launch, ops, tiles, off, chunk_size);
-      scope.launch(tiles_kernel<scalar_t>, static_cast<unsigned>(launch.blocks.size()), kThreads,
-                   args);
-    }
-  });
-  for (const Launch& launch : plan(Kernel::kCombine, tiles, params, chunk_size, false)) {
-    fill_tables(args.t, launch, ops, tiles, off, chunk_size);
-    scope.launch(combine_kernel, static_cast<unsigned>(launch.blocks.size()), kThreads, args);
-  }
-}
-
-void phase_a_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& factors,
-                  at::Tensor partials, const c10::optional<at::Tensor>& grad_scale, double eps,
-                  double p, double clip, bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
-  constexpr const char* op = "fadafactor_phase_a";
-  const auto tiles = check_inputs(op, params, grads, {}, {}, {}, factors, chunk_size);
-  if (params.empty()) {
-    return;
-  }
-  check_partials(op, partials, params, chunk_size);
-  if (!(clip > 0.0)) {
+void phase_a(const LaunchDesc& d) {
+  if (!d.s.clipping) {
     return;  // without clipping no RMS is needed; phase S has checked the gradients
   }
-  const at::Device device = params[0].device();
-  Args args{};
-  static_cast<HostScalars&>(args.s) = host_scalars(op, device, 0.0, eps, p, clip, maximize,
-                                                   grad_scale);
-  args.s.partials = partials.data_ptr<double>();
-  args.s.chunk_size = chunk_size;
-  const Operands ops{params, grads, {}, {}, {}, {}, nullptr,
-                     const_cast<float*>(factors.const_data_ptr<float>())};  // read only here
-  const FactorOffsets off = factor_offsets(tiles);
-  const LaunchScope scope(device);
-  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
-    for (const Launch& launch : plan(Kernel::kPhaseA, tiles, params, chunk_size, fuse_one_chunk)) {
-      fill_tables(args.t, launch, ops, tiles, off, chunk_size);
-      scope.launch(phase_a_kernel<scalar_t, kSqrt>, static_cast<unsigned>(launch.blocks.size()),
-                   kThreads, args);
-    }
-  });
+  launch_plan<Tables>(d, plan(Kernel::kPhaseA, d),
+                      []<typename K>(K) { return &phase_a_kernel<typename K::type, K::sqrt>; });
 }
 
-void phase_b_cuda(at::TensorList params, at::TensorList grads, at::TensorList fim_rows,
-                  at::TensorList fim_cols, at::TensorList moms, const at::Tensor& factors,
-                  const at::Tensor& partials, const at::Tensor& skip,
-                  const c10::optional<at::Tensor>& grad_scale,
-                  const c10::optional<at::Tensor>& lr_tensor, double lr, double beta1, double eps,
-                  double p, double clip, double weight_decay, bool maximize, int64_t chunk_size,
-                  bool fuse_one_chunk) {
-  constexpr const char* op = "fadafactor_phase_b";
-  const auto tiles = check_inputs(op, params, grads, fim_rows, fim_cols, moms, factors,
-                                  chunk_size);
-  TORCH_CHECK(moms.size() == params.size() && fim_rows.size() == params.size(), op,
-              ": one momentum, fim_row and fim_col per param is required");
-  if (params.empty()) {
-    return;
-  }
-  const at::Device device = params[0].device();
-  check_partials(op, partials, params, chunk_size);
-  check_skip(op, skip, device);
-  Args args{};
-  static_cast<HostScalars&>(args.s) = host_scalars(op, device, 0.0, eps, p, clip, maximize,
-                                                   grad_scale, lr_tensor, lr, beta1, weight_decay);
-  args.s.partials = const_cast<double*>(partials.const_data_ptr<double>());  // read only here
-  args.s.skip = const_cast<float*>(skip.const_data_ptr<float>());            // read only here
-  args.s.chunk_size = chunk_size;
-  const Operands ops{params, grads, fim_rows, fim_cols, moms, {}, nullptr,
-                     const_cast<float*>(factors.const_data_ptr<float>())};  // read only here
-  const FactorOffsets off = factor_offsets(tiles);
-  const LaunchScope scope(device);
-  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
-    for (const Launch& launch : plan(Kernel::kPhaseB, tiles, params, chunk_size, fuse_one_chunk)) {
-      fill_tables(args.t, launch, ops, tiles, off, chunk_size);
-      scope.launch(phase_b_kernel<scalar_t, kSqrt>, static_cast<unsigned>(launch.blocks.size()),
-                   kThreads, args);
-    }
-  });
+void phase_b(const LaunchDesc& d) {
+  launch_plan<Tables>(d, plan(Kernel::kPhaseB, d),
+                      []<typename K>(K) { return &phase_b_kernel<typename K::type, K::sqrt>; });
 }
 
 }  // namespace
@@ -609,10 +455,12 @@ void phase_b_cuda(at::TensorList params, at::TensorList grads, at::TensorList fi
 // Under the emulated build, ops of their own (cuda_emulated_fadafactor_phase_*, defined with the
 // same schemas by fadam_fused/op_contract.py), so they never shadow the CPU kernels.
 TORCH_LIBRARY_IMPL(fadam_fused, FADAM_CUDA_DISPATCH_KEY, m) {
+  using fadam::cuda::kCudaLimits;
+  namespace f = fadam::cuda::factored;
   m.impl(FADAM_CUDA_OP("fadafactor_phase_s", "cuda_emulated_fadafactor_phase_s"),
-         &fadam::cuda::factored::phase_s_cuda);
+         &fadam::fadafactor_phase_s_op<kCudaLimits, &f::phase_s>);
   m.impl(FADAM_CUDA_OP("fadafactor_phase_a", "cuda_emulated_fadafactor_phase_a"),
-         &fadam::cuda::factored::phase_a_cuda);
+         &fadam::fadafactor_phase_a_op<kCudaLimits, &f::phase_a>);
   m.impl(FADAM_CUDA_OP("fadafactor_phase_b", "cuda_emulated_fadafactor_phase_b"),
-         &fadam::cuda::factored::phase_b_cuda);
+         &fadam::fadafactor_phase_b_op<kCudaLimits, &f::phase_b>);
 }

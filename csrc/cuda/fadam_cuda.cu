@@ -1,6 +1,8 @@
 // CUDA kernels of the two FAdam ops (TORCH_LIBRARY_IMPL(fadam_fused, CUDA)), docs/design.md
 // section 3. The same source also compiles with g++ and HIP-CPU into the emulated test build
-// ([note: one CUDA source, two compilers] in cuda/launch.h, which holds all that differs).
+// ([note: one CUDA source, two compilers] in cuda/launch.h, which holds all that differs). The
+// launchers read the op's LaunchDesc ([note: the op boundary] in csrc/op_boundary.h) and launch
+// through launch_plan() (kernel_common.cuh), as FAdafactor's do.
 //
 // Multi-tensor: a launch covers up to kMaxTensors tensors and kMaxBlocks blocks whose tables are
 // passed by value ([note: CUDA multi-tensor plan] in multi_tensor_plan.h, which also says what each
@@ -77,26 +79,40 @@ struct Tables {
   uint8_t flags[kMaxTensors];
   uint16_t block_tensor[kMaxBlocks];
   int32_t block_chunk[kMaxBlocks];
+
+  // Fills the tables of one launch of the plan (host side).
+  void fill(const Launch& launch, const LaunchDesc& d) {
+    const int64_t v = 16 / static_cast<int64_t>(d.params[0].element_size());
+    for (size_t k = 0; k < launch.tensors.size(); ++k) {
+      const PlanTensor& pt = launch.tensors[k];
+      const auto i = static_cast<size_t>(pt.tensor);
+      param[k] = d.params[i].data_ptr();
+      grad[k] = d.grads[i].const_data_ptr();
+      fim[k] = d.fims[i].data_ptr<float>();
+      mom[k] = d.moms.empty() ? nullptr : d.moms[i].data_ptr<float>();
+      step[k] = d.steps[i].const_data_ptr<float>();
+      numel[k] = d.params[i].numel();
+      slot0[k] = pt.slot0;
+      nchunks[k] = static_cast<int32_t>(pt.nchunks);
+      per_block[k] = static_cast<int32_t>(pt.per_block);
+      const bool vec = d.chunk_size % v == 0 && aligned16(param[k]) && aligned16(grad[k]) &&
+                       aligned16(fim[k]) && (mom[k] == nullptr || aligned16(mom[k]));
+      flags[k] = static_cast<uint8_t>((pt.fused ? kFlagFused : 0) | (vec ? kFlagVector : 0));
+    }
+    for (size_t b = 0; b < launch.blocks.size(); ++b) {
+      block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
+      block_chunk[b] = launch.blocks[b].chunk;
+    }
+  }
 };
 
-// Launch-wide scalars (host_scalars() in fadam_ops.h) and device pointers.
-struct Scalars : HostScalars {
-  double* partials;           // [n_slots, 2]
-  float* skip;                // one element
-  int64_t chunk_size;
-};
-
-struct Args {
-  Tables t;
-  Scalars s;
-};
-// 32764 bytes is the kernel-parameter limit on Volta+ with CUDA 12.1+ (4096 before).
-static_assert(sizeof(Args) <= 32764, "launch tables exceed the kernel parameter space");
+using FAdamArgs = Args<Tables>;
 
 // ---- per-block scalars ------------------------------------------------------------------------
 
 // Thread 0 only: block_scalars() with this tensor's step.
-__device__ __forceinline__ void block_prologue(const Args& args, int tensor, BlockScalars& bs) {
+__device__ __forceinline__ void block_prologue(const FAdamArgs& args, int tensor,
+                                               BlockScalars& bs) {
   bs = block_scalars(args.s, args.t.step[tensor]);
 }
 
@@ -168,7 +184,7 @@ __device__ __forceinline__ StoredFim stored_fim(const ChunkPtrs<scalar_t>& c,
 // __grid_constant__: the tables stay in the kernel parameter bank (indexed constant loads with a
 // block-uniform index) instead of being copied to local memory.
 template <typename scalar_t, bool kSqrt>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(const __grid_constant__ Args args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(const __grid_constant__ FAdamArgs args) {
   __shared__ BlockScalars bs;
   __shared__ double scratch[2 * kWarps];
   const int tensor = args.t.block_tensor[blockIdx.x];
@@ -180,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(con
   const auto c = chunk_ptrs<scalar_t>(args.t, tensor, chunk, args.s.chunk_size);
   bool bad = false;
   if (!args.s.clipping || (args.t.flags[tensor] & kFlagFused)) {
-    // Only the non-finite check: phase B reduces a fused tensor, and without clipping nothing
+    // Only the overflow check: phase B reduces a fused tensor, and without clipping nothing
     // needs the sums.
     check_frags(c.grad, c.n, c.vec, bs.grad_mul, bad);
   } else {
@@ -195,9 +211,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(con
 }
 
 template <typename scalar_t, bool kSqrt>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(const __grid_constant__ Args args) {
-  // A non-finite gradient anywhere in the group skips the whole step (docs/design.md section 6).
-  // Phase A ran earlier on this stream, so *skip is final; the branch is uniform over the block.
+__global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(const __grid_constant__ FAdamArgs args) {
+  // An overflow anywhere in the group skips the whole step ([note: the overflow rule]). Phase A
+  // ran earlier on this stream, so *skip is final; the branch is uniform over the block.
   if (*args.s.skip != 0.0f) {
     return;
   }
@@ -228,94 +244,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(con
 
 // ---- host side --------------------------------------------------------------------------------
 
-// Fills the tables of one launch from the plan.
-void fill_tables(Tables& tab, const Launch& launch, at::TensorList params, at::TensorList grads,
-                 at::TensorList fims, at::TensorList moms, at::TensorList steps,
-                 int64_t chunk_size) {
-  const int64_t v = 16 / static_cast<int64_t>(params[0].element_size());
-  for (size_t k = 0; k < launch.tensors.size(); ++k) {
-    const PlanTensor& pt = launch.tensors[k];
-    const auto i = static_cast<size_t>(pt.tensor);
-    tab.param[k] = params[i].data_ptr();
-    tab.grad[k] = grads[i].const_data_ptr();
-    tab.fim[k] = fims[i].data_ptr<float>();
-    tab.mom[k] = moms.empty() ? nullptr : moms[i].data_ptr<float>();
-    tab.step[k] = steps[i].const_data_ptr<float>();
-    tab.numel[k] = params[i].numel();
-    tab.slot0[k] = pt.slot0;
-    tab.nchunks[k] = static_cast<int32_t>(pt.nchunks);
-    tab.per_block[k] = static_cast<int32_t>(pt.per_block);
-    const bool vec = chunk_size % v == 0 && aligned16(tab.param[k]) && aligned16(tab.grad[k]) &&
-                     aligned16(tab.fim[k]) && (tab.mom[k] == nullptr || aligned16(tab.mom[k]));
-    tab.flags[k] = static_cast<uint8_t>((pt.fused ? kFlagFused : 0) | (vec ? kFlagVector : 0));
-  }
-  for (size_t b = 0; b < launch.blocks.size(); ++b) {
-    tab.block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
-    tab.block_chunk[b] = launch.blocks[b].chunk;
-  }
+void phase_a(const LaunchDesc& d) {
+  launch_plan<Tables>(
+      d, make_plan(numels_of(d.params), d.chunk_size, d.fuse_one_chunk, Phase::A),
+      []<typename K>(K) { return &fadam_phase_a_kernel<typename K::type, K::sqrt>; });
 }
 
-void phase_a_cuda(at::TensorList params, at::TensorList grads, at::TensorList fims,
-                  at::TensorList steps, at::Tensor partials, at::Tensor skip,
-                  const c10::optional<at::Tensor>& grad_scale, double beta2, double eps, double p,
-                  double clip, bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
-  constexpr const char* op = "fadam_phase_a";
-  check_group(op, kDeviceType, params, grads, fims, {}, steps, partials, skip, grad_scale,
-              chunk_size);
-  if (params.empty()) {
-    return;
-  }
-  const at::Device device = params[0].device();
-  check_same_device(op, partials, "partials", device);
-  Args args{};
-  static_cast<HostScalars&>(args.s) =
-      host_scalars(op, device, beta2, eps, p, clip, maximize, grad_scale);
-  args.s.partials = partials.data_ptr<double>();
-  args.s.skip = skip.data_ptr<float>();
-  args.s.chunk_size = chunk_size;
-  const auto plan = make_plan(numels_of(params), chunk_size, fuse_one_chunk, Phase::A);
-  const LaunchScope scope(device);
-  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
-    for (const Launch& launch : plan) {
-      fill_tables(args.t, launch, params, grads, fims, {}, steps, chunk_size);
-      scope.launch(fadam_phase_a_kernel<scalar_t, kSqrt>,
-                   static_cast<unsigned>(launch.blocks.size()), kThreads, args);
-    }
-  });
-}
-
-void phase_b_cuda(at::TensorList params, at::TensorList grads, at::TensorList fims,
-                  at::TensorList moms, at::TensorList steps, const at::Tensor& partials,
-                  const at::Tensor& skip, const c10::optional<at::Tensor>& grad_scale,
-                  const c10::optional<at::Tensor>& lr_tensor, double lr, double beta1,
-                  double beta2, double eps, double p, double clip, double weight_decay,
-                  bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
-  constexpr const char* op = "fadam_phase_b";
-  check_group(op, kDeviceType, params, grads, fims, moms, steps, partials, skip, grad_scale,
-              chunk_size);
-  TORCH_CHECK(moms.size() == params.size(), op, ": one momentum per param is required");
-  if (params.empty()) {
-    return;
-  }
-  const at::Device device = params[0].device();
-  check_same_device(op, partials, "partials", device);
-  TORCH_CHECK(aligned16(partials.const_data_ptr()), op,
-              ": partials must be 16-byte aligned (slots are read as one 128-bit load)");
-  Args args{};
-  static_cast<HostScalars&>(args.s) = host_scalars(op, device, beta2, eps, p, clip, maximize,
-                                                   grad_scale, lr_tensor, lr, beta1, weight_decay);
-  args.s.partials = const_cast<double*>(partials.const_data_ptr<double>());  // read only here
-  args.s.skip = const_cast<float*>(skip.const_data_ptr<float>());            // read only here
-  args.s.chunk_size = chunk_size;
-  const auto plan = make_plan(numels_of(params), chunk_size, fuse_one_chunk, Phase::B);
-  const LaunchScope scope(device);
-  dispatch(params[0].scalar_type(), p, [&]<typename scalar_t, bool kSqrt>() {
-    for (const Launch& launch : plan) {
-      fill_tables(args.t, launch, params, grads, fims, moms, steps, chunk_size);
-      scope.launch(fadam_phase_b_kernel<scalar_t, kSqrt>,
-                   static_cast<unsigned>(launch.blocks.size()), kThreads, args);
-    }
-  });
+void phase_b(const LaunchDesc& d) {
+  launch_plan<Tables>(
+      d, make_plan(numels_of(d.params), d.chunk_size, d.fuse_one_chunk, Phase::B),
+      []<typename K>(K) { return &fadam_phase_b_kernel<typename K::type, K::sqrt>; });
 }
 
 // ---- the plan as an op, for tests (tests/test_cuda_build.py) -----------------------------------
@@ -373,6 +311,9 @@ TORCH_LIBRARY_FRAGMENT(fadam_fused, m) {
 // with the same schemas by fadam_fused/op_contract.py), so they never shadow the CPU kernels of
 // fadam_phase_a/b.
 TORCH_LIBRARY_IMPL(fadam_fused, FADAM_CUDA_DISPATCH_KEY, m) {
-  m.impl(FADAM_CUDA_OP("fadam_phase_a", "cuda_emulated_phase_a"), &fadam::cuda::phase_a_cuda);
-  m.impl(FADAM_CUDA_OP("fadam_phase_b", "cuda_emulated_phase_b"), &fadam::cuda::phase_b_cuda);
+  using fadam::cuda::kCudaLimits;
+  m.impl(FADAM_CUDA_OP("fadam_phase_a", "cuda_emulated_phase_a"),
+         &fadam::fadam_phase_a_op<kCudaLimits, &fadam::cuda::phase_a>);
+  m.impl(FADAM_CUDA_OP("fadam_phase_b", "cuda_emulated_phase_b"),
+         &fadam::fadam_phase_b_op<kCudaLimits, &fadam::cuda::phase_b>);
 }

@@ -1,7 +1,8 @@
 // Device and host helpers shared by the CUDA kernels of FAdam (fadam_cuda.cu) and FAdafactor
-// (fadafactor_cuda.cu): the block shape, the loads and stores of one fragment, the deterministic
-// block reductions, and small host checks. Included after cuda/launch.h, so the same helpers
-// compile with nvcc and with HIP-CPU ([note: one CUDA source, two compilers]).
+// (fadafactor_cuda.cu): the block shape, the kernels' argument (Args), the loads and stores of one
+// fragment, the deterministic block reductions, the per-chunk loops, and the one launcher shape of
+// every kernel (launch_plan). Included after cuda/launch.h, so the same helpers compile with nvcc
+// and with HIP-CPU ([note: one CUDA source, two compilers]).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,8 +12,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "cuda/multi_tensor_plan.h"
 #include "fadam_math.h"
 #include "fadam_ops.h"
+#include "op_boundary.h"
 
 namespace fadam::cuda {
 
@@ -24,6 +27,37 @@ constexpr int kWarps = kThreads / 32;
 // the bf16/fp16 phase-B kernels take 72 registers, which leaves one 512-thread block per SM (25%
 // occupancy) and too few loads in flight to saturate HBM.
 constexpr int kMinBlocks = 2;
+// FAdafactor's phase-S tile kernel (fadafactor_cuda.cu) keeps each lane's column sums of 8
+// columns in registers (16 in float64): tiles of at most 32 x 8 = 256 columns. factor_tile() gives
+// isqrt(chunk_size) = 256 at the 65536 chunk; larger chunks are refused (kCudaLimits).
+constexpr int kMaxTileCols = 256;
+
+// What the CUDA kernels take beyond the op contract ([note: the op boundary]): 32-bit indices
+// inside a chunk and in the plan's block entries, a slot read as one 128-bit load, and the tile
+// width above. Not `inline`: an internal-linkage constant per library, since fadam_fused._C and
+// _C_cuda_emulated (kDeviceType CPU) are loaded into one process, where the dynamic linker would
+// give both libraries one copy of an inline variable.
+constexpr KernelLimits kCudaLimits{kDeviceType, "the CUDA kernels", int64_t{1} << 30,
+                                          /*aligned_partials=*/true, kMaxTileCols,
+                                          /*int32_geometry=*/true};
+
+// ---- the kernels' argument ------------------------------------------------------------------------
+
+// Launch-wide scalars (the LaunchDesc's host scalars) and device pointers, for every kernel.
+struct Scalars : HostScalars {
+  double* partials;  // [n_slots, 2]
+  float* skip;       // one element
+  int64_t chunk_size;
+};
+
+// The one argument of every kernel, passed by value in the kernel parameter space with the
+// launch's tables (one Tables struct per optimizer: the tensor and block tables of [note: CUDA
+// multi-tensor plan]), as PyTorch's MultiTensorApply passes its TensorListMetadata.
+template <typename Tables>
+struct Args {
+  Tables t;
+  Scalars s;
+};
 
 // ---- loads and stores of one fragment ---------------------------------------------------------
 
@@ -169,7 +203,8 @@ __device__ __forceinline__ BlockScalars block_scalars(const HostScalars& s, cons
 // ff.at() on the same inputs, so phase A reduces the f that phase B applies, bit for bit.
 
 // Phase-A work on n elements: float64 sums of ghat^2 and w^2 (per thread, in fragment order) and
-// the non-finite check of the (scaled) gradient.
+// the overflow check of the scaled gradient ([note: the overflow rule] in fadam_math.h; its g * g
+// is fim_update()'s).
 template <bool kSqrt, typename scalar_t, typename Fim>
 __device__ __forceinline__ void reduce_frags(const scalar_t* grad, const scalar_t* param, int n,
                                              bool vec, const Fim& fim, float grad_mul, float p,
@@ -184,7 +219,7 @@ __device__ __forceinline__ void reduce_frags(const scalar_t* grad, const scalar_
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const float gj = g[j] * grad_mul;
-      bad |= !::isfinite(gj);
+      bad |= overflows(gj);
       const float r = fisher_inv_denom<kSqrt>(ff.at(j, gj), p, eps_p);
       if (kFull || j < count) {  // not the padding of a ragged fragment (fadam_cuda.cu header)
         const double ghat = static_cast<double>(gj * r);
@@ -196,7 +231,7 @@ __device__ __forceinline__ void reduce_frags(const scalar_t* grad, const scalar_
   });
 }
 
-// The non-finite check alone (phase A of a fused one-chunk tensor, or with clipping off).
+// The overflow check alone (phase A of a fused one-chunk tensor, or with clipping off).
 template <typename scalar_t>
 __device__ __forceinline__ void check_frags(const scalar_t* grad, int n, bool vec, float grad_mul,
                                             bool& bad) {
@@ -206,7 +241,7 @@ __device__ __forceinline__ void check_frags(const scalar_t* grad, int n, bool ve
     load_frag<decltype(full)::value>(g, grad + i, count, 0.0f);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      bad |= !::isfinite(g[j] * grad_mul);
+      bad |= overflows(g[j] * grad_mul);
     }
   });
 }
@@ -311,9 +346,37 @@ inline std::vector<int64_t> numels_of(at::TensorList params) {
   return out;
 }
 
-inline void check_same_device(const char* op, const at::Tensor& t, const char* name,
-                       const at::Device& device) {
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+// One instantiation of a kernel: its storage dtype and whether p == 0.5 (dispatch()).
+template <typename scalar_t, bool kSqrt>
+struct Instance {
+  using type = scalar_t;
+  static constexpr bool sqrt = kSqrt;
+};
+
+// The launcher of every kernel: `kernel_of(Instance<scalar_t, kSqrt>{})` is the kernel for the
+// group's dtype and p, launched once per launch of `plan` on the params' device and stream, with
+// its tables filled by Tables::fill(launch, d). One shape for both optimizers, as PyTorch's
+// multi_tensor_apply serves all its fused optimizers.
+template <typename Tables, typename KernelOf>
+void launch_plan(const LaunchDesc& d, const std::vector<Launch>& plan, KernelOf&& kernel_of) {
+  // 32764 bytes is the kernel-parameter limit on Volta+ with CUDA 12.1+ (4096 before).
+  static_assert(sizeof(Args<Tables>) <= 32764, "launch tables exceed the kernel parameter space");
+  if (plan.empty()) {
+    return;  // no block to run (no tensors, or none that this kernel works on)
+  }
+  Args<Tables> args{};
+  static_cast<HostScalars&>(args.s) = d.s;
+  args.s.partials = d.partials;
+  args.s.skip = d.skip;
+  args.s.chunk_size = d.chunk_size;
+  const LaunchScope scope(d.device);
+  dispatch(d.dtype, d.p, [&]<typename scalar_t, bool kSqrt>() {
+    const auto kernel = kernel_of(Instance<scalar_t, kSqrt>{});
+    for (const Launch& launch : plan) {
+      args.t.fill(launch, d);
+      scope.launch(kernel, static_cast<unsigned>(launch.blocks.size()), kThreads, args);
+    }
+  });
 }
 
 }  // namespace fadam::cuda

@@ -5,7 +5,8 @@
 //
 // [note: one CUDA source, two compilers]
 // nvcc (setup.py's CUDA build, fadam_fused._C): kernels for the GPU, launched on the current
-// stream under a device guard, registered as fadam_fused::fadam_phase_a/b for DispatchKey::CUDA.
+// stream under a device guard, registered as fadam_fused::fadam_phase_a/b and
+// fadafactor_phase_s/a/b for DispatchKey::CUDA.
 // g++ with HIP-CPU (setup.py's test build when FADAM_HIP_CPU names the HIP-CPU folder,
 // fadam_fused._C_cuda_emulated, via cuda/fadam_cuda_emulated.cpp): the same kernels run on the
 // CPU, each block's 512 threads as fibers, registered as fadam_fused::cuda_emulated_phase_a/b and

@@ -13,7 +13,8 @@
 //     tensor's (it writes zeros), so phase B never reads an unwritten slot. With clipping off the
 //     same blocks only check the gradient and write no slot (phase B then reads none).
 //   phase A, fused one-chunk tensor (fuse_one_chunk, nchunks == 1): one block that only checks the
-//     gradient for non-finite values; its slot is left alone. Empty: no block (nothing to check).
+//     gradient ([note: the overflow rule] in fadam_math.h); its slot is left alone. Empty: no
+//     block (nothing to check).
 //   phase B, fused one-chunk tensor: one block, reduce + update (both phases, data re-read from
 //     L1/L2). Empty: no block.
 //   phase B, other tensors: a block updates `per_block` consecutive chunks after summing all the
@@ -171,7 +172,7 @@ inline std::vector<Launch> make_plan(const std::vector<int64_t>& numels, int64_t
     if (phase == Phase::B) {
       nblocks = phase_b_blocks(t, numel);
     } else if (fused) {
-      nblocks = numel == 0 ? 0 : 1;  // the non-finite check only
+      nblocks = numel == 0 ? 0 : 1;  // the overflow check only
     }
     append_blocks(launches, t, nblocks, max_tensors, max_blocks);
   }
