@@ -18,7 +18,7 @@ RESULT_COLUMNS = ("workload", "kind", "n_params", "n_tensors", "dtype", "row", "
                   "median_ms", "p20_ms", "p80_ms", "n_samples", "rounds", "bytes_per_param",
                   "state_bytes_per_param", "gbps",
                   "time_vs_adam_fused", "paired_vs_adam_fused_median", "paired_vs_clip_on_median",
-                  "reason", "note")
+                  "reason")
 
 
 # Rows of fadam_fused's optimizers, drawn with solid lines in the plot (the others dashed).
@@ -88,7 +88,6 @@ def table(w: Workload, results: list[dict[str, Any]]) -> str:
             lines.append(f"{r['row']:<24} not run ({r['status']}): {r['reason']}")
             continue
         lines.append(f"{r['row']:<24} " + " ".join(c.rjust(w) for c, w in zip(_cells(r), TABLE_WIDTHS)))
-    lines += [f"note: {r['row']} {r['note']}" for r in results if r.get("note")]
     return "\n".join(lines)
 
 
@@ -126,8 +125,6 @@ def summary_text(summ: dict[str, Any], results: list[dict[str, Any]], meta: dict
             paired = f", per-round paired {ps[1]:.1f}x [p20 {ps[0]:.1f}, p80 {ps[2]:.1f}]" if ps else ""
             parts.append(f"{e['speedup_vs_pytorch_optimizer']:.1f}x faster than pytorch_optimizer-fadam"
                          f"{paired}")
-        if e.get("note"):
-            parts.append(f"({e['note']})")
         lines.append(" ".join(parts))
     lines += clip_lines(results)
     # Rows that could not run here at all were listed before the first table.
@@ -258,9 +255,6 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
             cells = _cells(r)
             del cells[3]  # n: the markdown table leaves it out
             out.append(f"| {r['row']} | " + " | ".join(cells) + " |")
-        notes = [f"- {r['row']} {r['note']}" for r in default if r.get("note")]
-        if notes:
-            out += [""] + notes
         absent = {r["row"]: r["reason"] for r in results if r["status"] == "unavailable"}
         if absent:
             out += ["", "Not run here: " + "; ".join(f"{row} ({why})" for row, why in absent.items())]

@@ -9,16 +9,18 @@ The `fadafactor-*` rows step fadam_fused.FAdafactor: parameters of 2+ dims (the 
 LLM-shaped workloads) take its factored path, 1-D ones (norm weights, and every tensor of the
 count and small workloads) FAdam's.
 
-The `adafisher-*` rows step fadam_fused.AdaFisher, which needs the layers that hold the
-parameters (its factors belong to layers, [note: AdaFisher factors] in fadam_fused/adafisher.py):
-each 2-D tensor becomes the weight of an nn.Linear(bias=False), each 1-D tensor the weight of an
-nn.LayerNorm(bias=False) (the LLM-shaped lists' norm weights; every tensor of the count and small
-workloads), and a tensor of another rank stays a bare parameter (F = 1). The update interval is
-2^30, so the only factor update is the first warmup step's (no hook measures anything: the
-benchmark runs no forward), and the layers' running factors are set once to seeded random values
-(ADAFISHER_FACTORS): every timed step is the update alone, the part the kernels fuse. Where this
-build has no AdaFisher kernels for a row's backend, the row steps backend="reference" (the
-optimizer refuses an explicit backend without kernels) and its `note` says so in the tables.
+The `adafisher-*` rows step fadam_fused.AdaFisher, whose factors belong to layers ([note:
+AdaFisher factors] in fadam_fused/adafisher.py), so each row builds the layers the engine would
+see over the list: each 2-D tensor the weight of an nn.Linear(bias=False), each 1-D tensor the
+weight of an nn.LayerNorm(bias=False) (the LLM-shaped lists' norm weights; every tensor of the
+count and small workloads), a tensor of another rank a bare parameter (F = 1). Building the row
+runs one forward of every layer on ADAFISHER_ROWS seeded random input rows and one backward
+(torch.autograd.grad to the inputs: the shared p.grad stay untouched), so the hooks measure real
+H and S; the first warmup step folds them into the running factors. With an update interval of
+2^30 no later step measures or folds anything: every timed step is step() alone (the non-finite
+check and the update with F = S H^T + damping from the two factor vectors), the part the kernels
+fuse; forward, backward and the factor update are not timed. A row whose backend has no
+AdaFisher kernels in this build is not run and says so (fadam_fused.backends.adafisher_available).
 
 The `-noclip` rows step with clip=None whatever `--clip` says. They are not in the default set:
 ask for them next to their clip-on twin (`--rows fadam-cpu,fadam-cpu-noclip`) and the run reports
@@ -67,9 +69,6 @@ class Row:
     backend: str | None = None  # the fadam_fused backend behind the row, if any
     clip: float | None = None   # FAdam(-afactor) rows: the clip they step with (None: off)
     twin: str | None = None     # a -noclip row: the row that differs from it only by clip
-    # What the tables say about how the row ran (an AdaFisher row on the reference fallback),
-    # asked once the row has been built; None when there is nothing to say.
-    note: Callable[[], str | None] = lambda: None
 
     @property
     def clipping(self) -> bool:
@@ -104,9 +103,8 @@ def _fadam_import_error() -> str | None:
 
 def _backend_unavailable(backend: str, device: torch.device) -> str | None:
     """Why a fadam_fused row on `backend` cannot run on `device` (None if it can). FAdam and
-    FAdafactor have kernels on the same backends, so one answer serves both families; an
-    AdaFisher row whose backend has no AdaFisher kernels yet runs on the reference instead
-    (its note says so)."""
+    FAdafactor have kernels on the same backends, so one answer serves both families
+    (AdaFisher's rows add their own check, _adafisher_unavailable)."""
     reason = _fadam_import_error()
     if reason is not None:
         return reason
@@ -143,12 +141,11 @@ def _fadafactor_row(name: str, backend: str, clip: float | None) -> Row:
                backend=backend, clip=clip)
 
 
-# AdaFisher's running factors for the benchmark: uniform in [1e-4, 1e-2], the range they settle
-# in (each is a running average with fixed point gammas[1] / gammas[0] = 0.008 / 0.92 = 0.0087
-# times a min-max normalised value in [0, 1]), so F = S H^T + damping stays in [1e-3, 1.1e-3]
-# and every update is finite. The values do not change the step's cost.
-ADAFISHER_FACTORS = (1e-4, 1e-2)
-ADAFISHER_UPDATE_INTERVAL = 1 << 30  # no factor update after the first step
+# Input rows of the one forward that measures the AdaFisher rows' factors: H and S are means over
+# rows, so a few give factors of the right kind; 8 rows of the 64M default's 2048-wide layers are
+# ~3 MFLOP each, nothing next to the step.
+ADAFISHER_ROWS = 8
+ADAFISHER_UPDATE_INTERVAL = 1 << 30  # the first step's factor update is the only one
 
 
 def adafisher_layers(params: list[torch.Tensor]) -> torch.nn.ModuleList:
@@ -169,36 +166,47 @@ def adafisher_layers(params: list[torch.Tensor]) -> torch.nn.ModuleList:
     return layers
 
 
-def adafisher_backend(backend: str) -> str:
-    """The backend an AdaFisher row steps: `backend` where this build has AdaFisher kernels for
-    it, else the reference (fadam_fused.backends.adafisher_available)."""
+def measure_factors(layers: torch.nn.ModuleList, seed: int = 0) -> None:
+    """One forward of every layer on ADAFISHER_ROWS seeded random rows and one backward of a
+    seeded random projection of the outputs to the inputs only: the optimizer's hooks see each
+    layer's input and output gradient, and no p.grad is written."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs, loss = [], 0.0
+    with torch.enable_grad():
+        for layer in layers:
+            w = layer.weight
+            x = torch.randn(ADAFISHER_ROWS, w.shape[-1], generator=gen).to(w.device, w.dtype)
+            x.requires_grad_(True)
+            out = layer(x)
+            proj = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+            loss = loss + (out * proj).sum()
+            inputs.append(x)
+        if inputs:
+            torch.autograd.grad(loss, inputs)
+
+
+def _adafisher_unavailable(backend: str, device: torch.device) -> str | None:
+    reason = _backend_unavailable(backend, device)
+    if reason is not None:
+        return reason
     from fadam_fused import backends
-    return backend if backends.adafisher_available(backend) else "reference"
+    if not backends.adafisher_available(backend):
+        return (f"this build has no AdaFisher kernels for {backend!r} "
+                "(fadam_fused.backends.adafisher_available)")
+    return None
 
 
 def _adafisher_row(name: str, backend: str) -> Row:
     def make(params):
         from fadam_fused import AdaFisher
-        opt = AdaFisher(adafisher_layers(params), params, lr=LR, beta=BETAS[0],
-                        weight_decay=FADAM_WEIGHT_DECAY, update_interval=ADAFISHER_UPDATE_INTERVAL,
-                        backend=adafisher_backend(backend))
-        low, high = ADAFISHER_FACTORS
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for layer in opt._factors.layers.values():
-                for factor in (layer.fisher_in, layer.fisher_out):
-                    values = torch.rand(factor.shape, generator=gen, dtype=torch.float64)
-                    factor.copy_(low + (high - low) * values)
+        layers = adafisher_layers(params)
+        opt = AdaFisher(layers, params, lr=LR, beta=BETAS[0], weight_decay=FADAM_WEIGHT_DECAY,
+                        update_interval=ADAFISHER_UPDATE_INTERVAL, backend=backend)
+        measure_factors(layers)
         return opt
 
-    def note():
-        if backend == "reference" or adafisher_backend(backend) == backend:
-            return None
-        return (f"ran on the reference backend: this build has no AdaFisher kernels for "
-                f"{backend!r} yet (fadam_fused.backends.adafisher_available)")
-
-    return Row(name, "adafisher", make, lambda device: _backend_unavailable(backend, device),
-               backend=backend, note=note)
+    return Row(name, "adafisher", make, lambda device: _adafisher_unavailable(backend, device),
+               backend=backend)
 
 
 def _adam_row(name: str, **kwargs) -> Row:

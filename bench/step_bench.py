@@ -193,13 +193,18 @@ def state_bytes(row: rows_mod.Row, dtype: torch.dtype) -> int:
 
 
 def measured_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's per-parameter state (`opt.state`), each storage
-    counted once: momentum / fim / exp_avg..., the factored fim_row and fim_col, and the 0-dim
-    float32 `step` tensors (4 B each: 8e-6 B/param over the 128 tensors of the 64M default).
-    Entries that are not tensors (pytorch_optimizer keeps its step count in the param group) hold
-    no device memory worth counting."""
+    """Bytes of every tensor in the optimizer's per-parameter state, each storage counted once:
+    momentum / fim / exp_avg..., the factored fim_row and fim_col, and the 0-dim float32 `step`
+    tensors (4 B each: 8e-6 B/param over the 128 tensors of the 64M default); for AdaFisher
+    also its layers' factors H and S, which its state_dict() puts in each layer weight's state
+    (they live with the layers, not in `opt.state`; O(rows + cols) floats per layer). Entries
+    that are not tensors (pytorch_optimizer keeps its step count in the param group) hold no
+    device memory worth counting."""
     seen: dict[tuple[str, int], int] = {}
-    for state in opt.state.values():
+    states = list(opt.state.values())
+    if hasattr(opt, "remove_hooks"):  # an AdaFisher: its factors are in state_dict() only
+        states += list(opt.state_dict()["state"].values())
+    for state in states:
         for value in state.values():
             if isinstance(value, torch.Tensor):
                 storage = value.untyped_storage()
@@ -400,9 +405,6 @@ def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device:
             # params and grads, measured rather than modelled.
             results[row.name]["state_bytes_per_param"] = (
                 measured_state_bytes(opt) / workload.n_params if workload.n_params else math.nan)
-            note = row.note()
-            if note:
-                results[row.name]["note"] = note
             live[row.name] = (opt, timer)
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -491,7 +493,7 @@ SUMMARY_ROWS = ("fadam-cpu", "fadam-cuda", "fadam-triton",
 def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per fused FAdam and AdaFisher row, on the default workload: its time against
     torch-adam-fused's (and what the traffic model expects of it); for FAdam also its speed-up
-    over pytorch_optimizer-fadam; an AdaFisher row's note when it ran on the reference."""
+    over pytorch_optimizer-fadam."""
     by = {(r["kind"], r["row"]): r for r in results}
     out: dict[str, Any] = {}
     for fused in SUMMARY_ROWS:
@@ -505,8 +507,6 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             entry["paired_vs_adam_fused"] = mine.get("paired_vs_adam_fused")
             entry["memory_bound_expectation"] = mine["bytes_per_param"] / adam["bytes_per_param"]
             entry["read_bytes_ratio"] = mine["read_bytes_per_param"] / adam["read_bytes_per_param"]
-        if mine.get("note"):
-            entry["note"] = mine["note"]
         if po and "median_ms" in po and fused.startswith("fadam-"):
             entry["speedup_vs_pytorch_optimizer"] = po["median_ms"] / mine["median_ms"]
             inverse = paired_ratio(po, mine)  # pytorch_optimizer's time / ours, per round
