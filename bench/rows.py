@@ -51,10 +51,12 @@ ALL_ROW_NAMES = (
     "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop", "pytorch_optimizer-fadam",
 )
 # The default set: every row but the -noclip ones, fadafactor-reference and adafisher-reference,
-# which are unfused: 1.7 s per step on the 64M default on 2 cores (fadam-reference 1.3 s, measured
-# side by side), a slow row that takes at least 3 timed steps plus warmup on each of the 10
-# workloads of `make bench`. fadafactor-triton and -cuda, adafisher-triton and -cuda are GPU-only:
-# on a CPU run they only say so, and `make gpu-check` times them next to FAdam's.
+# which are unfused: fadafactor-reference took 1.7 s per step on the 64M default on 2 cores
+# (fadam-reference 1.3 s, measured side by side), a slow row that takes at least 3 timed steps
+# plus warmup on each of the 10 workloads of `make bench`; adafisher-reference is the same kind of
+# per-tensor PyTorch step (not timed on the 64M default yet: bench/NOTES.md, "AdaFisher").
+# fadafactor-triton and -cuda, adafisher-triton and -cuda are GPU-only: on a CPU run they only say
+# so, and `make gpu-check` times them next to FAdam's.
 OPT_IN = ("fadafactor-reference", "adafisher-reference")
 ROW_NAMES = tuple(n for n in ALL_ROW_NAMES if not n.endswith(NOCLIP) and n not in OPT_IN)
 BASELINE = "torch-adam-fused"
