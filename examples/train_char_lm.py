@@ -8,6 +8,7 @@ batches, so the curves differ only by the optimizer.
     .venv/bin/python examples/train_char_lm.py             # 300 steps per optimizer, 1-2 min on 2 cores
     .venv/bin/python examples/train_char_lm.py --steps 5   # a smoke run in seconds
     .venv/bin/python examples/train_char_lm.py --optimizers adamw,fadam,fadafactor
+    .venv/bin/python examples/train_char_lm.py --optimizer adafisher   # takes the model, not its parameters
 
 The plot is named after the optimizers that ran (examples/out/char_lm_loss_adamw_fadam.png by
 default), so a run of one optimizer does not overwrite a comparison. The time printed per
