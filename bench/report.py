@@ -21,6 +21,10 @@ RESULT_COLUMNS = ("workload", "kind", "n_params", "n_tensors", "dtype", "row", "
                   "paired_vs_fadam_median", "reason")
 
 
+# Rows of fadam_fused's optimizers, drawn with solid lines in the plot (the others dashed).
+FUSED_FAMILIES = ("fadam-", "fadafactor-", "adafisher-")
+
+
 def header(meta: dict[str, Any]) -> str:
     load = meta.get("loadavg_start")
     load_s = f", load avg {load[0]:.2f}" if load else ""
@@ -221,7 +225,7 @@ def plot(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None
             xs = [p["n_params"] if kind == "size" else p["n_tensors"] for p in pts]
             ys = [p["median_ms"] for p in pts]
             err = [[p["median_ms"] - p["p20_ms"] for p in pts], [p["p80_ms"] - p["median_ms"] for p in pts]]
-            style = "-" if name.startswith(("fadam-", "fadafactor-")) else "--"
+            style = "-" if name.startswith(FUSED_FAMILIES) else "--"
             ax.errorbar(xs, ys, yerr=err, fmt=style + "o", ms=3, capsize=2, label=name,
                         color=colors[name])
         ax.set_xscale("log")
@@ -238,7 +242,7 @@ def plot(path: str, meta: dict[str, Any], results: list[dict[str, Any]]) -> None
     legend_rows = 0
     if any(k in ("size", "count") for k in kinds):
         handles = [plt.Line2D([], [], color=colors[n], marker="o", ms=4,
-                              ls="-" if n.startswith(("fadam-", "fadafactor-")) else "--")
+                              ls="-" if n.startswith(FUSED_FAMILIES) else "--")
                    for n in names]
         ncol = min(len(names), 3 * len(kinds))
         legend_rows = -(-len(names) // ncol)

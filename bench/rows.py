@@ -9,6 +9,19 @@ The `fadafactor-*` rows step fadam_fused.FAdafactor: parameters of 2+ dims (the 
 LLM-shaped workloads) take its factored path, 1-D ones (norm weights, and every tensor of the
 count and small workloads) FAdam's.
 
+The `adafisher-*` rows step fadam_fused.AdaFisher, whose factors belong to layers ([note:
+AdaFisher factors] in fadam_fused/adafisher.py), so each row builds the layers the engine would
+see over the list: each 2-D tensor the weight of an nn.Linear(bias=False), each 1-D tensor the
+weight of an nn.LayerNorm(bias=False) (the LLM-shaped lists' norm weights; every tensor of the
+count and small workloads), a tensor of another rank a bare parameter (F = 1). Building the row
+runs one forward of every layer on ADAFISHER_ROWS seeded random input rows and one backward
+(torch.autograd.grad to the inputs: the shared p.grad stay untouched), so the hooks measure real
+H and S; the first warmup step folds them into the running factors. With an update interval of
+2^30 no later step measures or folds anything: every timed step is step() alone (the non-finite
+check and the update with F = S H^T + damping from the two factor vectors), the part the kernels
+fuse; forward, backward and the factor update are not timed. A row whose backend has no
+AdaFisher kernels in this build is not run and says so (fadam_fused.backends.adafisher_available).
+
 The `-noclip` rows step with clip=None whatever `--clip` says. They are not in the default set:
 ask for them next to their clip-on twin (`--rows fadam-cpu,fadam-cpu-noclip`) and the run reports
 clip off against clip on from the same rounds.
@@ -34,22 +47,25 @@ ALL_ROW_NAMES = (
     *(n for b in BACKENDS for n in ((f"fadam-{b}", f"fadam-{b}{NOCLIP}") if b in FUSED_BACKENDS
                                     else (f"fadam-{b}",))),
     *(f"fadafactor-{b}" for b in BACKENDS),
+    *(f"adafisher-{b}" for b in BACKENDS),
     "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop", "pytorch_optimizer-fadam",
 )
-# The default set: every row but the -noclip ones and fadafactor-reference, which is unfused:
-# 1.7 s per step on the 64M default on 2 cores (fadam-reference 1.3 s, measured side by side), a
-# slow row that takes at least 3 timed steps plus warmup on each of the 10 workloads of
-# `make bench`. fadafactor-triton and -cuda are GPU-only: on a CPU run they only say so, and
-# `make gpu-check` times them next to FAdam's.
-ROW_NAMES = tuple(n for n in ALL_ROW_NAMES
-                  if not n.endswith(NOCLIP) and n != "fadafactor-reference")
+# The default set: every row but the -noclip ones, fadafactor-reference and adafisher-reference,
+# which are unfused: fadafactor-reference took 1.7 s per step on the 64M default on 2 cores
+# (fadam-reference 1.3 s, measured side by side), a slow row that takes at least 3 timed steps
+# plus warmup on each of the 10 workloads of `make bench`; adafisher-reference is the same kind of
+# per-tensor PyTorch step (not timed on the 64M default yet: bench/NOTES.md, "AdaFisher").
+# fadafactor-triton and -cuda, adafisher-triton and -cuda are GPU-only: on a CPU run they only say
+# so, and `make gpu-check` times them next to FAdam's.
+OPT_IN = ("fadafactor-reference", "adafisher-reference")
+ROW_NAMES = tuple(n for n in ALL_ROW_NAMES if not n.endswith(NOCLIP) and n not in OPT_IN)
 BASELINE = "torch-adam-fused"
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    family: str  # traffic model: "adam", "fadam" or "fadafactor" (bench/traffic.py)
+    family: str  # traffic model: "adam", "fadam", "fadafactor" or "adafisher" (bench/traffic.py)
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     unavailable: Callable[[torch.device], str | None]
     backend: str | None = None  # the fadam_fused backend behind the row, if any
@@ -92,7 +108,8 @@ def _fadam_import_error() -> str | None:
 
 def _backend_unavailable(backend: str, device: torch.device) -> str | None:
     """Why a fadam_fused row on `backend` cannot run on `device` (None if it can). FAdam and
-    FAdafactor have kernels on the same backends, so one answer serves both families."""
+    FAdafactor have kernels on the same backends, so one answer serves both families
+    (AdaFisher's rows add their own check, _adafisher_unavailable)."""
     reason = _fadam_import_error()
     if reason is not None:
         return reason
@@ -127,6 +144,74 @@ def _fadafactor_row(name: str, backend: str, clip: float | None) -> Row:
     return Row(name, "fadafactor", make,
                lambda device: _backend_unavailable(backend, device),
                backend=backend, clip=clip, fadam=f"fadam-{backend}")
+
+
+# Input rows of the one forward that measures the AdaFisher rows' factors: H and S are means over
+# rows, so a few give factors of the right kind; 8 rows of the 64M default's 2048-wide layers are
+# ~3 MFLOP each, nothing next to the step.
+ADAFISHER_ROWS = 8
+ADAFISHER_UPDATE_INTERVAL = 1 << 30  # the first step's factor update is the only one
+
+
+def adafisher_layers(params: list[torch.Tensor]) -> torch.nn.ModuleList:
+    """The layers an AdaFisher row measures: each 2-D parameter the weight of an
+    nn.Linear(bias=False), each 1-D one the weight of an nn.LayerNorm(bias=False); parameters of
+    other ranks are in no layer (F = 1). Built on the meta device, then given the parameters."""
+    from torch import nn
+    layers = nn.ModuleList()
+    for p in params:
+        if p.dim() == 2:
+            layer = nn.Linear(p.shape[1], p.shape[0], bias=False, device="meta")
+        elif p.dim() == 1:
+            layer = nn.LayerNorm(p.shape[0], bias=False, device="meta")
+        else:
+            continue
+        layer.weight = p
+        layers.append(layer)
+    return layers
+
+
+def measure_factors(layers: torch.nn.ModuleList, seed: int = 0) -> None:
+    """One forward of every layer on ADAFISHER_ROWS seeded random rows and one backward of a
+    seeded random projection of the outputs to the inputs only: the optimizer's hooks see each
+    layer's input and output gradient, and no p.grad is written."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs, loss = [], 0.0
+    with torch.enable_grad():
+        for layer in layers:
+            w = layer.weight
+            x = torch.randn(ADAFISHER_ROWS, w.shape[-1], generator=gen).to(w.device, w.dtype)
+            x.requires_grad_(True)
+            out = layer(x)
+            proj = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+            loss = loss + (out * proj).sum()
+            inputs.append(x)
+        if inputs:
+            torch.autograd.grad(loss, inputs)
+
+
+def _adafisher_unavailable(backend: str, device: torch.device) -> str | None:
+    reason = _backend_unavailable(backend, device)
+    if reason is not None:
+        return reason
+    from fadam_fused import backends
+    if not backends.adafisher_available(backend):
+        return (f"this build has no AdaFisher kernels for {backend!r} "
+                "(fadam_fused.backends.adafisher_available)")
+    return None
+
+
+def _adafisher_row(name: str, backend: str) -> Row:
+    def make(params):
+        from fadam_fused import AdaFisher
+        layers = adafisher_layers(params)
+        opt = AdaFisher(layers, params, lr=LR, beta=BETAS[0], weight_decay=FADAM_WEIGHT_DECAY,
+                        update_interval=ADAFISHER_UPDATE_INTERVAL, backend=backend)
+        measure_factors(layers)
+        return opt
+
+    return Row(name, "adafisher", make, lambda device: _adafisher_unavailable(backend, device),
+               backend=backend)
 
 
 def _adam_row(name: str, **kwargs) -> Row:
@@ -167,6 +252,7 @@ def all_rows(clip: float | None = FADAM_CLIP) -> list[Row]:
         if backend in FUSED_BACKENDS:
             rows.append(_fadam_row(name + NOCLIP, backend, None, twin=name))
     rows += [_fadafactor_row(f"fadafactor-{backend}", backend, clip) for backend in BACKENDS]
+    rows += [_adafisher_row(f"adafisher-{backend}", backend) for backend in BACKENDS]
     rows += [
         _adam_row("torch-adam-fused", fused=True),
         _adam_row("torch-adam-foreach", foreach=True, fused=False),

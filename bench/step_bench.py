@@ -183,21 +183,28 @@ def checksum(tensors: list[torch.Tensor]) -> float:
 
 def state_bytes(row: rows_mod.Row, dtype: torch.dtype) -> int:
     """Bytes of optimizer state per parameter, for the memory check before a run: 2 tensors, param
-    dtype for Adam, float32 for FAdam. FAdafactor is given FAdam's 8, its figure for 1-D tensors
-    and an upper bound for matrices (4 + 4 (n + m) / (n m)). The results' state_bytes_per_param is
-    measured instead (measured_state_bytes)."""
+    dtype for Adam, float32 for FAdam; AdaFisher's one float32 momentum. FAdafactor is given FAdam's
+    8, its figure for 1-D tensors and an upper bound for matrices (4 + 4 (n + m) / (n m)). The
+    results' state_bytes_per_param is measured instead (measured_state_bytes)."""
     size = torch.empty((), dtype=dtype).element_size()
+    if row.family == "adafisher":
+        return 4
     return 2 * (size if row.family == "adam" else 4)
 
 
 def measured_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's per-parameter state (`opt.state`), each storage
-    counted once: momentum / fim / exp_avg..., the factored fim_row and fim_col, and the 0-dim
-    float32 `step` tensors (4 B each: 8e-6 B/param over the 128 tensors of the 64M default).
-    Entries that are not tensors (pytorch_optimizer keeps its step count in the param group) hold
-    no device memory worth counting."""
+    """Bytes of every tensor in the optimizer's per-parameter state, each storage counted once:
+    momentum / fim / exp_avg..., the factored fim_row and fim_col, and the 0-dim float32 `step`
+    tensors (4 B each: 8e-6 B/param over the 128 tensors of the 64M default); for AdaFisher
+    also its layers' factors H and S, which its state_dict() puts in each layer weight's state
+    (they live with the layers, not in `opt.state`; O(rows + cols) floats per layer). Entries
+    that are not tensors (pytorch_optimizer keeps its step count in the param group) hold no
+    device memory worth counting."""
     seen: dict[tuple[str, int], int] = {}
-    for state in opt.state.values():
+    states = list(opt.state.values())
+    if hasattr(opt, "remove_hooks"):  # an AdaFisher: its factors are in state_dict() only
+        states += list(opt.state_dict()["state"].values())
+    for state in states:
         for value in state.values():
             if isinstance(value, torch.Tensor):
                 storage = value.untyped_storage()
@@ -481,12 +488,17 @@ def paired_ratio(res: dict[str, Any], base: dict[str, Any]) -> list[float] | Non
     return [float(x) for x in np.percentile(pairs, [20, 50, 80])]
 
 
+SUMMARY_ROWS = ("fadam-cpu", "fadam-cuda", "fadam-triton",
+                "adafisher-cpu", "adafisher-cuda", "adafisher-triton")
+
+
 def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per fused FAdam row, on the default workload: its time against torch-adam-fused's (and
-    what the traffic model expects of it), and its speed-up over pytorch_optimizer-fadam."""
+    """Per fused FAdam and AdaFisher row, on the default workload: its time against
+    torch-adam-fused's (and what the traffic model expects of it); for FAdam also its speed-up
+    over pytorch_optimizer-fadam."""
     by = {(r["kind"], r["row"]): r for r in results}
     out: dict[str, Any] = {}
-    for fused in ("fadam-cpu", "fadam-cuda", "fadam-triton"):
+    for fused in SUMMARY_ROWS:
         mine, adam, po = by.get(("default", fused)), by.get(("default", "torch-adam-fused")), \
             by.get(("default", "pytorch_optimizer-fadam"))
         if not mine or "median_ms" not in mine:
@@ -497,7 +509,7 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             entry["paired_vs_adam_fused"] = mine.get("paired_vs_adam_fused")
             entry["memory_bound_expectation"] = mine["bytes_per_param"] / adam["bytes_per_param"]
             entry["read_bytes_ratio"] = mine["read_bytes_per_param"] / adam["read_bytes_per_param"]
-        if po and "median_ms" in po:
+        if po and "median_ms" in po and fused.startswith("fadam-"):
             entry["speedup_vs_pytorch_optimizer"] = po["median_ms"] / mine["median_ms"]
             inverse = paired_ratio(po, mine)  # pytorch_optimizer's time / ours, per round
             entry["paired_speedup_vs_pytorch_optimizer"] = inverse

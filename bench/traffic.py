@@ -46,15 +46,27 @@ Per element, with P = parameter bytes, G = gradient bytes, S = bytes of one stat
   of 32 B. Against Adam's 28 and FAdam's 40 (docs/design.md section 8: 32 B, 24 B with clipping
   off or one chunk).
 
+  AdaFisher (fadam_fused.AdaFisher, AdaFisherW), every tensor: F = S H^T + damping is computed
+  per element from the layer's two factor vectors (O(rows + cols) floats per tensor, read from
+  cache, not counted), so the update reads g, m, theta and writes m, theta = G + 2S + 2P
+  (fp32: 20 B). Before it the step checks every gradient for non-finite values, one more read of
+  g, unless a GradScaler's found_inf already did (`checked=True`; the benchmark has no
+  GradScaler, so its rows count the check)        = 2G + 2S + 2P  (fp32: 24 B; bf16: 16 B)
+  S = 4: the momentum is float32 whatever the parameter dtype; 4 B of state per parameter, half
+  of Adam's and FAdam's 8. The factor update (every `update_interval` steps: hooks, min-max, the
+  running average) is not part of the step the kernels fuse and is not counted.
+
 Reads alone (`reads_only=True`): Adam G + P + 2S (fp32 16 B); FAdam multi-chunk with clipping
 2G + 3S + 2P (28 B); one-chunk or clipping off 2G + 2S + P (20 B); FAdafactor multi-chunk with
-clipping 3G + S + 2P (24 B), one-chunk or clipping off 2G + S + P (16 B). Where a machine's reads
+clipping 3G + S + 2P (24 B), one-chunk or clipping off 2G + S + P (16 B); AdaFisher 2G + S + P
+(16 B; G + S + P = 12 B after a GradScaler's check). Where a machine's reads
 saturate and its writes ride along, FAdam's time over Adam's follows the ratio of read bytes more
 than that of total bytes (bench/NOTES.md has the measurements), so the run reports both.
 
 A workload's bytes/param is the numel-weighted mean over its tensors, so an LLM-shaped list (nearly
 all parameters in big matrices) sits near 40 B and a list of many small tensors near 32 B (FAdam;
-FAdafactor near 32 B and 24 B on 2-D matrices, FAdam's figures on 1-D tensors).
+FAdafactor near 32 B and 24 B on 2-D matrices, FAdam's figures on 1-D tensors; AdaFisher 24 B
+on any list).
 
 A workload is given as its tensors' shapes; a plain int is a 1-D tensor of that many elements
 (only the "fadafactor" family looks at the number of dims).
@@ -74,7 +86,7 @@ DEFAULT_CHUNK_SIZE = 65536
 
 FADAM_STATE_DTYPE = torch.float32  # docs/design.md section 5: momentum and fim are float32
 
-FAMILIES = ("adam", "fadam", "fadafactor")
+FAMILIES = ("adam", "fadam", "fadafactor", "adafisher")
 
 Shape = Union[int, Sequence[int]]  # a tensor's shape, or the numel of a 1-D tensor
 
@@ -127,6 +139,20 @@ def fadafactor_bytes_per_element(numel: int, param_dtype: torch.dtype,
     return 3 * g + 2 * s + 3 * p if three_pass else 2 * g + 2 * s + 2 * p
 
 
+def adafisher_bytes_per_element(param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None,
+                                reads_only: bool = False, checked: bool = False) -> int:
+    """2G + 2S + 2P (the non-finite check's read of g, then the update); G + 2S + 2P when a
+    GradScaler's found_inf has checked the gradients already (`checked`). S = 4 (the float32
+    momentum). Reads alone: 2G + S + P, or G + S + P."""
+    p = _size(param_dtype)
+    g = _size(grad_dtype or param_dtype)
+    s = _size(FADAM_STATE_DTYPE)
+    check = 0 if checked else g
+    if reads_only:
+        return check + g + s + p
+    return check + g + 2 * s + 2 * p
+
+
 def _shape(size: Shape) -> tuple[int, ...]:
     return (size,) if isinstance(size, int) else tuple(size)
 
@@ -147,6 +173,8 @@ def model_bytes(family: str, shapes: Iterable[Shape], param_dtype: torch.dtype,
             continue  # an empty tensor moves nothing
         if family == "adam":
             total += n * adam_bytes_per_element(param_dtype, grad_dtype, reads_only)
+        elif family == "adafisher":  # every tensor alike: F comes from two small vectors
+            total += n * adafisher_bytes_per_element(param_dtype, grad_dtype, reads_only)
         elif family == "fadafactor" and len(shape) >= 2:  # factored (reference.is_factored)
             total += n * fadafactor_bytes_per_element(n, param_dtype, grad_dtype, chunk_size,
                                                       reads_only, clipping)

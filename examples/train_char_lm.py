@@ -8,6 +8,7 @@ batches, so the curves differ only by the optimizer.
     .venv/bin/python examples/train_char_lm.py             # 300 steps per optimizer, 1-2 min on 2 cores
     .venv/bin/python examples/train_char_lm.py --steps 5   # a smoke run in seconds
     .venv/bin/python examples/train_char_lm.py --optimizers adamw,fadam,fadafactor
+    .venv/bin/python examples/train_char_lm.py --optimizer adafisher   # takes the model, not its parameters
 
 The plot is named after the optimizers that ran (examples/out/char_lm_loss_adamw_fadam.png by
 default), so a run of one optimizer does not overwrite a comparison. The time printed per
@@ -33,10 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 try:
-    from fadam_fused import FAdafactor, FAdam
+    from fadam_fused import AdaFisher, AdaFisherW, FAdafactor, FAdam
 except ImportError:  # running from a checkout without `pip install -e .`: use the checkout's package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from fadam_fused import FAdafactor, FAdam
+    from fadam_fused import AdaFisher, AdaFisherW, FAdafactor, FAdam
+
+OPTIMIZERS = ("adamw", "fadam", "fadafactor", "adafisher", "adafisherw")
 
 # Modules whose source makes the corpus: ~420 KB of Python with docstrings on CPython 3.11, all in
 # every CPython 3.10+ install (a missing one is skipped, so a trimmed stdlib still works).
@@ -99,9 +102,17 @@ def evaluate(model: nn.Module, val_batches: list[tuple[torch.Tensor, torch.Tenso
     return sum(losses) / len(losses)
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    params = model.parameters()
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr)  # weight_decay 0.01, torch's default
+    # AdaFisher takes the model: it hooks its Linear and LayerNorm layers to measure their Fisher
+    # factors (every 100 steps by default, the published TCov; the attention's packed in_proj
+    # weight and the embeddings belong to no such layer and get F = 1, momentum alone).
+    if name == "adafisher":
+        return AdaFisher(model, lr=lr)
+    if name == "adafisherw":  # decoupled weight decay, the published AdaFisherW's 0.01
+        return AdaFisherW(model, lr=lr, weight_decay=0.01)
     # FAdam's defaults are the paper's: betas (0.9, 0.999), clip 1.0, weight_decay 1e-3 (applied as
     # a natural gradient, so it is not comparable number-for-number with AdamW's 0.01).
     if name == "fadafactor":  # the same arguments; about half of FAdam's optimizer-state memory
@@ -112,7 +123,7 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 def train(name: str, args, data_train, val_batches, vocab: int) -> dict:
     torch.manual_seed(args.seed)  # same initial weights for every optimizer
     model = CharTransformer(vocab, args.context)
-    opt = make_optimizer(name, model.parameters(), args.lr)
+    opt = make_optimizer(name, model, args.lr)
     # Linear warmup over the first 10% of steps, then cosine decay to 10% of lr.
     warm = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -167,14 +178,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     # --optimizer too: the spelling people type for a single one.
     ap.add_argument("--optimizers", "--optimizer", dest="optimizers", default="adamw,fadam",
-                    help="comma list of adamw, fadam, fadafactor (default adamw,fadam)")
+                    help=f"comma list of {', '.join(OPTIMIZERS)} (default adamw,fadam)")
     ap.add_argument("--plot", default=None,
                     help="PNG path ('' for none; default examples/out/char_lm_loss_<optimizers>.png)")
     args = ap.parse_args(argv)
     names = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     for name in names:
-        if name not in ("adamw", "fadam", "fadafactor"):
-            raise SystemExit(f"unknown optimizer {name!r}; use adamw, fadam, fadafactor")
+        if name not in OPTIMIZERS:
+            raise SystemExit(f"unknown optimizer {name!r}; use {', '.join(OPTIMIZERS)}")
     if args.plot is None:
         args.plot = f"examples/out/char_lm_loss_{'_'.join(names)}.png"
 

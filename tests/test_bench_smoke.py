@@ -121,6 +121,103 @@ def test_traffic_model_of_fadafactor():
         [(2048, 1024)], F32) == 24.0
 
 
+def test_traffic_model_of_adafisher():
+    # The update reads g, m, theta and writes m, theta (20 B in float32; F comes from two small
+    # factor vectors); the non-finite check reads g once more unless a GradScaler checked: 24 B.
+    per = traffic.adafisher_bytes_per_element
+    assert per(F32) == 24 and per(F32, checked=True) == 20
+    assert per(F32, reads_only=True) == 16 and per(F32, reads_only=True, checked=True) == 12
+    assert per(BF16) == 2 * 2 + 2 * 4 + 2 * 2 == 16  # float32 momentum, bf16 params and grads
+    assert per(BF16, checked=True) == 14
+    # Every tensor alike, whatever its rank or size (no chunk-size or clip dependence).
+    shapes = [(280, 250), (70000,), (300,), (7, 11, 13), (0, 5)]
+    n = 70000 * 2 + 300 + 1001
+    for kw in ({}, dict(chunk_size=4096), dict(clipping=False)):
+        assert traffic.model_bytes("adafisher", shapes, F32, **kw) == 24 * n
+        assert traffic.model_bytes("adafisher", shapes, F32, reads_only=True, **kw) == 16 * n
+    w = workloads.llm_workload(workloads.CPU_DEFAULT_PARAMS, workloads.CPU_DEFAULT_D_MODEL)
+    by = {r.name: r for r in rows.all_rows()}
+    for backend in rows.BACKENDS:
+        row = by[f"adafisher-{backend}"]
+        assert row.family == "adafisher" and row.backend == backend and row.clip is None
+        assert row.bytes_per_param(list(w.shapes), F32) == 24.0
+        assert row.bytes_per_param(list(w.shapes), F32, reads_only=True) == 16.0
+        assert step_bench.state_bytes(row, F32) == 4
+
+
+def test_adafisher_rows_time_the_update_alone():
+    """The row's optimizer: Linear layers for matrices, LayerNorm for vectors, other ranks bare;
+    factors measured by one forward/backward at build time (no p.grad written), folded by the
+    first step and never again; each step is the update with F = S H^T + damping from them
+    (F = 1 for a bare parameter)."""
+    from fadam_fused import AdaFisher
+    w = workloads.tiny_workload()
+    cpu = torch.device("cpu")
+    params = [torch.nn.Parameter(p) for p in step_bench.make_params(w, cpu, F32, 0)]
+    grads = step_bench.make_grads(w, cpu, F32, 0)
+    for p, g in zip(params, grads):
+        p.grad = g
+    grads_before = [g.clone() for g in grads]
+    before = [p.detach().clone() for p in params]
+    row = {r.name: r for r in rows.all_rows()}["adafisher-reference"]
+    opt = row.make(params)
+    assert type(opt) is AdaFisher and opt.update_interval == rows.ADAFISHER_UPDATE_INTERVAL
+    assert opt.defaults["lr"] == rows.LR and opt.defaults["beta"] == rows.BETAS[0]
+    assert opt.defaults["weight_decay"] == rows.FADAM_WEIGHT_DECAY
+    assert opt.defaults["backend"] == "reference"
+    assert all(p.grad is g and torch.equal(g, b) for p, g, b in zip(params, grads, grads_before))
+    opt.step()
+    state = opt.state_dict()["state"]
+    # (280, 250) and (64, 64) Linear, (300,) and (1,) LayerNorm; (7, 11, 13) in no layer.
+    assert [state[i].get("fisher_layer") for i in range(5)] == ["0", "1", "2", None, "3"]
+    factors = {i: (state[i]["fisher_in"].clone(), state[i]["fisher_out"].clone())
+               for i in (0, 1, 2, 4)}
+    assert [tuple(h.shape) + tuple(s.shape) for h, s in factors.values()] == \
+        [(250, 280), (64, 64), (2, 300), (2, 1)]
+    # One fold of a real measurement: 0.08 * 1 + 0.008 * minmax(new), so the smallest entry
+    # of a factor of 2+ entries is 0.08 and the largest 0.008 range / (range + 1e-6) below
+    # 0.088 (the smallest range here, a factor's of ~7e-3, puts it 1.1e-6 below).
+    for h, s in factors.values():
+        for f in (h, s) if s.numel() > 1 else (h,):
+            assert f.min().item() == pytest.approx(0.08, abs=1e-7)
+            assert f.max().item() == pytest.approx(0.088, abs=1e-5)
+    # Step 1 (t = 1): m = (1 - beta) (g + wd theta), theta -= lr / (1 - beta) m / F.
+    beta, wd, damping = rows.BETAS[0], rows.FADAM_WEIGHT_DECAY, opt.defaults["damping"]
+    fims = {0: torch.outer(factors[0][1], factors[0][0]) + damping,
+            1: torch.outer(factors[1][1], factors[1][0]) + damping,
+            2: factors[2][1] * factors[2][0][0] + damping,
+            3: torch.ones(()),
+            4: factors[4][1] * factors[4][0][0] + damping}
+    for i, (p, theta, g) in enumerate(zip(params, before, grads)):
+        m = (1 - beta) * (g.double() + wd * theta.double())
+        want = theta.double() - rows.LR / (1 - beta) * m / fims[i].double()
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6)
+    for _ in range(3):
+        opt.step()
+    later = opt.state_dict()["state"]
+    for i, (h, s) in factors.items():  # no factor update in the timed steps
+        assert torch.equal(later[i]["fisher_in"], h) and torch.equal(later[i]["fisher_out"], s)
+    # The factors count in the state column: 4 B/param of momentum, 4 B per step counter and
+    # per factor entry.
+    entries = sum(h.numel() + s.numel() for h, s in factors.values())
+    assert step_bench.measured_state_bytes(opt) == 4 * (w.n_params + w.n_tensors + entries)
+
+
+def test_adafisher_rows_without_kernels_are_not_run_and_say_why():
+    from fadam_fused import backends
+    by = {r.name: r for r in rows.all_rows()}
+    cpu = torch.device("cpu")
+    reason = by["adafisher-cpu"].unavailable(cpu)
+    if backends.adafisher_available("cpu"):
+        assert reason is None
+    else:
+        assert reason == ("this build has no AdaFisher kernels for 'cpu' "
+                          "(fadam_fused.backends.adafisher_available)")
+    assert by["adafisher-reference"].unavailable(cpu) is None
+    for name in ("adafisher-triton", "adafisher-cuda"):
+        assert by[name].unavailable(cpu).startswith("GPU-only row; this run is on cpu")
+
+
 def test_clip_flag_parses_none_and_zero_as_off():
     assert step_bench.parse_args([]).clip == 1.0
     for off in ("none", "None", "off", "0", "0.0"):
@@ -187,25 +284,27 @@ def test_summary_gives_both_traffic_bounds():
 def test_rows_have_their_names_and_gpu_rows_say_why_not():
     assert rows.ROW_NAMES == ("fadam-cpu", "fadam-reference", "fadam-triton", "fadam-cuda",
                               "fadafactor-cpu", "fadafactor-triton", "fadafactor-cuda",
+                              "adafisher-cpu", "adafisher-triton", "adafisher-cuda",
                               "torch-adam-fused", "torch-adam-foreach",
                               "torch-adam-forloop", "pytorch_optimizer-fadam")
     assert rows.ALL_ROW_NAMES == ("fadam-cpu", "fadam-cpu-noclip", "fadam-reference",
                                   "fadam-triton", "fadam-triton-noclip", "fadam-cuda",
                                   "fadam-cuda-noclip", "fadafactor-cpu", "fadafactor-reference",
-                                  "fadafactor-triton", "fadafactor-cuda", "torch-adam-fused",
-                                  "torch-adam-foreach", "torch-adam-forloop",
+                                  "fadafactor-triton", "fadafactor-cuda", "adafisher-cpu",
+                                  "adafisher-reference", "adafisher-triton", "adafisher-cuda",
+                                  "torch-adam-fused", "torch-adam-foreach", "torch-adam-forloop",
                                   "pytorch_optimizer-fadam")
-    # -noclip rows and fadafactor-reference (unfused, slow) opt in
+    # -noclip rows, fadafactor-reference and adafisher-reference (unfused, slow) opt in
     assert [r.name for r in rows.select(None)] == list(rows.ROW_NAMES)
     assert [r.name for r in rows.select(["fadafactor-cuda", "fadafactor-triton"])] == \
         ["fadafactor-triton", "fadafactor-cuda"]
     by = {r.name: r for r in rows.all_rows()}
     cpu = torch.device("cpu")
     for name in ("fadam-triton", "fadam-cuda", "fadam-cuda-noclip", "fadafactor-triton",
-                 "fadafactor-cuda"):
+                 "fadafactor-cuda", "adafisher-triton", "adafisher-cuda"):
         reason = by[name].unavailable(cpu)
         assert reason and reason.startswith("GPU-only row; this run is on cpu"), (name, reason)
-    for name in ("fadam-cpu", "fadafactor-cpu", "fadafactor-reference"):
+    for name in ("fadam-cpu", "fadafactor-cpu", "fadafactor-reference", "adafisher-reference"):
         assert by[name].unavailable(cpu) is None, name
 
 
@@ -446,3 +545,136 @@ def test_training_example_runs_a_few_steps(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "adamw" in out and "fadam" in out and "final validation loss" in out
     assert png.stat().st_size > 1000
+
+
+def test_cli_times_the_adafisher_rows(tmp_path, capsys):
+    from fadam_fused import backends
+    wanted = ["adafisher-cpu", "adafisher-reference", "adafisher-cuda", "torch-adam-fused"]
+    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
+    step_bench.main(["--device", "cpu", "--quick", "--workloads", "tiny", "--rows", ",".join(wanted),
+                     "--budget-scale", "0.02", "--no-progress", "--csv", str(csv_path),
+                     "--json", str(json_path)])
+    out = capsys.readouterr().out
+    w = workloads.tiny_workload()
+    data = json.loads(json_path.read_text())
+    res = {r["row"]: r for r in data["results"]}
+    cpu_kernels = backends.adafisher_available("cpu")
+    ran = [n for n in ("adafisher-cpu", "adafisher-reference") if n != "adafisher-cpu" or cpu_kernels]
+    assert [r for r in res if res[r]["status"] == "ok"] == ran + ["torch-adam-fused"], res
+    assert res["adafisher-cuda"]["reason"].startswith("GPU-only row; this run is on cpu")
+    if not cpu_kernels:  # said once, in one line, before the tables
+        assert res["adafisher-cpu"]["status"] == "unavailable"
+        assert "this build has no AdaFisher kernels for 'cpu'" in res["adafisher-cpu"]["reason"]
+        assert out.count("this build has no AdaFisher kernels for 'cpu'") == 1, out
+    # Momentum (4 B/param), a 4 B step counter per tensor, and the factors: H and S of the two
+    # Linear layers (250 + 280, 64 + 64) and the two LayerNorms (2 + 300, 2 + 1).
+    extra = 4 * (w.n_tensors + 250 + 280 + 64 + 64 + 2 + 300 + 2 + 1) / w.n_params
+    for name in ran:
+        r = res[name]
+        assert r["bytes_per_param"] == 24.0 and r["read_bytes_per_param"] == 16.0
+        assert r["state_bytes_per_param"] == pytest.approx(4.0 + extra, abs=1e-9)
+        # (No paired ratio asserted: at --budget-scale 0.02 a loaded machine leaves the slow
+        # reference row fewer than the 3 shared rounds a pairing needs.)
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    md = report.markdown(data["meta"], data["results"])
+    assert re.search(r"^\| adafisher-reference \|.* \| 4\.05 \|$", md, re.M), md
+
+
+def _losses(out):
+    got = re.findall(r"^  (\S+) +step +(\d+) +train ([\d.naif]+) +val ([\d.naif]+)$", out, re.M)
+    return got
+
+
+def test_training_example_runs_adafisher_and_adafisherw(capsys):
+    # AdaFisher takes the model: the example hands it the model, not its parameters.
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import train_char_lm
+
+    train_char_lm.main(["--optimizer", "adafisher,adafisherw", "--steps", "4", "--eval-every", "1",
+                        "--batch", "4", "--context", "32", "--eval-batches", "1",
+                        "--sample-chars", "8", "--plot", ""])
+    got = _losses(capsys.readouterr().out)
+    assert [(n, int(s)) for n, s, _, _ in got] == \
+        [(n, s) for n in ("adafisher", "adafisherw") for s in (1, 2, 3, 4)]
+    for name in ("adafisher", "adafisherw"):
+        train = [float(t) for n, _, t, _ in got if n == name]
+        val = [float(v) for n, _, _, v in got if n == name]
+        assert all(math.isfinite(x) for x in train + val), (name, train, val)
+        # From ~5.3 nats to ~4.0 in 4 steps at lr 1e-3 (the first factor update makes F ~ 1e-2,
+        # large steps): at least 0.3 down, and every validation loss below the one before.
+        assert val[-1] < val[0] - 0.3 and val == sorted(val, reverse=True), (name, val)
+
+
+def test_published_adafisher_computes_what_the_oracle_computes(monkeypatch):
+    """bench/adafisher_vs_published.py's published algorithm against reference.AdaFisherReference
+    (and fadam_fused.AdaFisher) in float64, and against fadam_fused.AdaFisher in float32; the
+    check fails when one formula differs (min-max with a relative instead of an absolute 1e-6)."""
+    pytest.importorskip("sklearn")
+    from bench import adafisher_vs_published as vs
+    diffs = vs.check_same_math(batch=16, steps=3)
+    assert diffs["published_float64"] <= 1e-12 and diffs["ours_float64"] <= 1e-6
+    assert diffs["ours_vs_published_float32"] <= 1e-5
+    def relative(x, epsilon=1e-6):
+        return (x - x.min()) / ((x.max() - x.min()) * (1 + epsilon))
+    monkeypatch.setattr(vs, "_minmax", relative)
+    with pytest.raises(AssertionError, match="published .* differs"):
+        vs.check_same_math(batch=16, steps=3)
+
+
+def test_published_comparison_cli_times_both(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from bench import adafisher_vs_published as vs
+    path = tmp_path / "vs.json"
+    assert vs.main(["--batch", "16", "--rounds", "3", "--steps", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    for name in ("published", "ours"):
+        r = doc[name]
+        assert r["n"] == 3 and 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    assert doc["ratio_of_medians"] == pytest.approx(doc["ours"]["median_ms"]
+                                                    / doc["published"]["median_ms"])
+    assert doc["paired_ratio"][0] <= doc["paired_ratio"][1] <= doc["paired_ratio"][2]
+    assert "load average" in doc["load_start"] and "load average" in doc["load_end"]
+    assert doc["backend"] in ("cpu", "reference") and doc["check"]["published_float64"] <= 1e-12
+    assert "ours / published:" in out and "same math, 4 steps: float64" in out
+
+
+def test_digits_example_trains_adafisher_and_adamw_and_writes_the_figure(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import train_digits_cnn
+
+    png = tmp_path / "digits.png"
+    assert train_digits_cnn.main(["--steps", "12", "--seeds", "0", "--batch", "32",
+                                  "--update-interval", "5", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(png.with_suffix(".json").read_text())
+    assert list(doc["optimizers"]) == ["adafisher", "adamw"] and doc["steps"] == 12
+    for name, lr in (("adafisher", train_digits_cnn.LRS["adafisher"]),
+                     ("adamw", train_digits_cnn.LRS["adamw"])):
+        r = doc["optimizers"][name]
+        acc = r["test_accuracy"][0]
+        assert r["lr"] == lr and f"{name:<10} lr {lr:<8g} test accuracy {acc:6.2f}%" in out
+        # 12 steps of 32 images from 10% (chance) on 360 test images: both well above chance.
+        assert 30.0 < acc <= 100.0 and math.isfinite(r["final_loss"][0]), (name, r)
+    assert "adafisher - adamw:" in out
+    try:
+        import matplotlib  # noqa: F401  (requirements-bench.txt; without it, the JSON alone)
+    except ImportError:
+        assert not png.exists() and "no figure: matplotlib is not installed" in out
+    else:
+        assert png.stat().st_size > 1000 and f"wrote {png}" in out
+
+
+def test_digits_example_skips_adafisher_on_a_backend_without_its_kernels(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from fadam_fused import backends
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import train_digits_cnn
+
+    assert train_digits_cnn.main(["--steps", "2", "--seeds", "0", "--backend", "cpu",
+                                  "--plot", ""]) == 0
+    out = capsys.readouterr().out
+    skipped = "skipped adafisher: this build has no AdaFisher kernels for backend 'cpu'"
+    assert (skipped in out) == (not backends.adafisher_available("cpu")), out
+    assert "adamw      lr" in out
