@@ -51,7 +51,8 @@ class FAdamBucket(Bucket):
         ops.phase_b(self.params, self.grads, self.fims, self.momentums, self.steps, self.partials,
                     skip, grad_scale, lr_tensor, lr=lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
                     p=h.p, clip=h.clip, weight_decay=h.weight_decay, maximize=h.maximize,
-                    chunk_size=ops.chunk_size, fuse_one_chunk=self.shards is None)
+                    chunk_size=ops.chunk_size, fuse_one_chunk=self.shards is None,
+                    rounding=list(h.rounding))
         self.partials = None
 
 

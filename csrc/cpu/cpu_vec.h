@@ -12,12 +12,15 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "fadam_math.h"
 #include "fadam_ops.h"
 #include "op_boundary.h"
+#include "stochastic_round.h"
 
 namespace fadam {
 
@@ -55,6 +58,108 @@ inline void store_float(scalar_t* ptr, fVec v) {
     v.store(ptr);
   } else {
     at::vec::convert_from_float<scalar_t>(v, v).store(ptr, kLanes);
+  }
+}
+
+// ---- stochastic rounding ([note: stochastic rounding] in fadam_fused/op_contract.py) --------
+
+// One tensor's stochastic rounding in a CPU kernel: its row of the op's rounding list and the
+// per-tensor part of the hash (tensor_key, from the step read on the host). `on` is false for
+// round to nearest (an empty rounding list).
+struct Rounder {
+  bool on = false;
+  uint32_t key = 0;
+  RoundingArgs where{};
+
+  Rounder() = default;
+  Rounder(const LaunchDesc& d, size_t i, double step) {
+    if (!d.rounding.empty()) {
+      on = true;
+      where = d.rounding[i];
+      key = tensor_key(where.seed, static_cast<uint32_t>(static_cast<int64_t>(step)));
+    }
+  }
+
+  // kLanes lanes of v rounded stochastically to bfloat16 bits; lane j is local element e0 + j.
+  // The contiguous case (a whole tensor, or a shard that is one run of the logical tensor) is a
+  // fixed-length loop of uint32 multiplies, xors and shifts that the compiler vectorises (two
+  // fmix32 per element: 4 vpmulld); a run crossing 2^32 or a strided shard takes the general
+  // index.
+  inline void bits(fVec v, int64_t e0, uint32_t stream, uint16_t* out) const {
+    alignas(64) float x[kLanes];
+    v.store(x);
+    const uint32_t salt = stream * kStreamMul;
+    const uint64_t first = static_cast<uint64_t>(where.base + e0);
+    const uint32_t lo0 = static_cast<uint32_t>(first);
+    if (where.whole() && lo0 <= UINT32_MAX - kLanes) {
+      const uint32_t hi = static_cast<uint32_t>(first >> 32) ^ salt;
+      alignas(64) uint32_t u[kLanes];
+      std::memcpy(u, x, sizeof(u));
+      for (int64_t j = 0; j < kLanes; ++j) {
+        uint32_t h = fmix32(key ^ (lo0 + static_cast<uint32_t>(j)));
+        h = fmix32(h ^ hi) >> 16;
+        const bool special = (u[j] & 0x7F800000u) == 0x7F800000u;
+        const uint16_t rounded = static_cast<uint16_t>((u[j] + h) >> 16);
+        const uint16_t nearest =
+            (u[j] & 0x007FFFFFu) ? uint16_t{0x7FC0} : static_cast<uint16_t>(u[j] >> 16);
+        out[j] = special ? nearest : rounded;
+      }
+      return;
+    }
+    for (int64_t j = 0; j < kLanes; ++j) {
+      out[j] = bf16_bits_stochastic(x[j], rounding_bits(key, where.index(e0 + j), stream));
+    }
+  }
+};
+
+// Stores `count` lanes of v into dst (local element e0 onwards) in dtype T: stochastically
+// rounded when T is bfloat16 and `r` is on, else to nearest (store_float).
+template <typename T>
+inline void store_lanes(T* dst, fVec v, int64_t count, const Rounder& r, int64_t e0,
+                        uint32_t stream) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (r.on) {
+      alignas(64) uint16_t out[kLanes];
+      r.bits(v, e0, stream, out);
+      std::memcpy(dst, out, count * sizeof(uint16_t));
+      return;
+    }
+  }
+  if (count == kLanes) {
+    store_float(dst, v);
+  } else {
+    alignas(64) T buf[kLanes];
+    store_float(buf, v);
+    std::memcpy(dst, buf, count * sizeof(T));
+  }
+}
+
+// A momentum of float32 or bfloat16 (momentum_dtype), loaded as float32 lanes (zero-padded past
+// `count`) and stored back (bfloat16: stochastically when `r` is on, stream 1).
+inline fVec load_mom(const void* m, bool bf16, int64_t i, int64_t count) {
+  if (bf16) {
+    const auto* p = static_cast<const at::BFloat16*>(m) + i;
+    if (count == kLanes) {
+      return load_float(p);
+    }
+    alignas(64) at::BFloat16 buf[kLanes] = {};
+    std::memcpy(buf, p, count * sizeof(at::BFloat16));
+    return load_float(buf);
+  }
+  const auto* p = static_cast<const float*>(m) + i;
+  if (count == kLanes) {
+    return fVec::loadu(p);
+  }
+  alignas(64) float buf[kLanes] = {};
+  std::memcpy(buf, p, count * sizeof(float));
+  return fVec::loadu(buf);
+}
+
+inline void store_mom(void* m, bool bf16, fVec v, int64_t i, int64_t count, const Rounder& r) {
+  if (bf16) {
+    store_lanes(static_cast<at::BFloat16*>(m) + i, v, count, r, i, kStreamMomentum);
+  } else {
+    v.store(static_cast<float*>(m) + i, count);
   }
 }
 
