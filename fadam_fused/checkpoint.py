@@ -91,7 +91,7 @@ def check(opt: "FisherOptimizer", state_dict: dict[str, Any]) -> list[Pair]:
 def restore(opt: "FisherOptimizer", state_dict: dict[str, Any], pairs: list[Pair]) -> None:
     """After torch.optim's load: every parameter's state from the saved tensors (module doc)."""
     saved_state = state_dict["state"]
-    for saved_group, group, _, saved_id, param in pairs:
+    for saved_group, _, _, saved_id, param in pairs:
         saved = saved_state.get(saved_id)
         if not saved:
             continue
@@ -102,7 +102,7 @@ def restore(opt: "FisherOptimizer", state_dict: dict[str, Any], pairs: list[Pair
         # takes the group's momentum_dtype (a bfloat16 momentum loads into a float32 one and
         # back: the group, restored from the checkpoint, decides).
         template = kind.new_state(param)
-        momentum_dtype = group.get("momentum_dtype", torch.float32)
+        momentum_dtype = saved_group.get("momentum_dtype", torch.float32)  # the loaded group's
         for key in kind.state_shapes(param):
             like = template[key]
             if key == "momentum" and momentum_dtype != like.dtype:

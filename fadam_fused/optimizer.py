@@ -186,7 +186,8 @@ class FisherOptimizer(Optimizer):
             planner.group(index, group["params"], [p.grad for p in group["params"]],
                           backend=group["backend"], lr=group["lr"], name=_namer(group),
                           momentum_dtype=group.get("momentum_dtype", torch.float32),
-                          first_position=position)
+                          first_position=position,
+                          stochastic=group.get("bf16_rounding") == "stochastic")
             position += len(group["params"])
         if not planner.refusals:
             planner.commit()
