@@ -299,14 +299,18 @@ def test_a_float32_momentum_checkpoint_loads_into_a_bfloat16_group_and_back():
     saved = opt.state_dict()
     saved["param_groups"][0]["momentum_dtype"] = torch.bfloat16
     opt.load_state_dict(saved)
-    for p in params:
+    for i, p in enumerate(params):
         assert opt.state[p]["momentum"].dtype == torch.bfloat16
-        assert torch.equal(opt.state[p]["momentum"],
-                           saved["state"][params.index(p)]["momentum"].bfloat16())
+        assert torch.equal(opt.state[p]["momentum"], saved["state"][i]["momentum"].bfloat16())
     bad = copy.deepcopy(saved)
     bad["state"][0]["momentum"][0] = float("nan")
     with pytest.raises(ValueError, match="saved 'momentum' of parameter 0 .* NaN"):
         opt.load_state_dict(bad)
+    bad = copy.deepcopy(saved)
+    bad["param_groups"][0]["momentum_dtype"] = torch.float16
+    with pytest.raises(ValueError, match="param group 0 .* Invalid momentum_dtype"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["momentum_dtype"] == torch.bfloat16
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
