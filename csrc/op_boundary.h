@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "fadam_ops.h"
+#include "stochastic_round.h"
 
 namespace fadam {
 
@@ -33,6 +34,10 @@ struct KernelLimits {
   bool aligned_partials = false;         // the slots are read as 128-bit loads
   int64_t max_tile_cols = INT64_MAX;     // FAdafactor phase S
   bool int32_geometry = false;           // chunks, matrices, rows and columns fit 32-bit indices
+  // Stochastic rounding and bfloat16 momentums ([note: stochastic rounding] in
+  // fadam_fused/op_contract.py): the CPU kernels take them; the CUDA kernels not yet (the
+  // optimizer then runs such a group on Triton or the reference).
+  bool stochastic_rounding = true;
 };
 
 enum class OpKind { kFAdamA, kFAdamB, kFactoredS, kFactoredA, kFactoredB };
@@ -54,6 +59,9 @@ struct OpArgs {
   bool maximize = false;
   int64_t chunk_size = 0;
   bool fuse_one_chunk = false;
+  // The update ops' stochastic rounding list ([note: stochastic rounding] in
+  // fadam_fused/op_contract.py): empty, or 4 int64 per tensor.
+  at::IntArrayRef rounding;
 };
 
 // One validated op call: all a launcher reads. Lists the op does not take are empty, pointers
@@ -75,6 +83,10 @@ struct LaunchDesc {
   std::vector<int64_t> slots;          // slot_offsets(params): tensor i's first slot, then n_slots
   std::vector<FactorTile> tiles;       // FAdafactor: tensor i's tiles
   FactorOffsets factor_off;            // FAdafactor: tensor i's regions of the two factor buffers
+  // Stochastic rounding: one row per tensor when the op was given a rounding list AND the
+  // parameters are bfloat16 (other dtypes ignore it), else empty: round to nearest.
+  std::vector<RoundingArgs> rounding;
+  bool mom_bf16 = false;               // the momentums are bfloat16 (else float32)
 
   bool empty() const {
     return params.empty();
@@ -164,7 +176,8 @@ inline LaunchDesc describe(const char* op, const KernelLimits& lim, const OpArgs
     };
     same_layout(d.grads, "grads", dtype);
     same_layout(d.fims, "fims", at::kFloat);
-    same_layout(d.moms, "momentums", at::kFloat);
+    // Momentums: float32, or bfloat16 (momentum_dtype=torch.bfloat16), the same for the list.
+    same_layout(d.moms, "momentums", d.moms.empty() ? at::kFloat : d.moms[0].scalar_type());
     auto factor_state = [&](at::TensorList l, const char* name, at::IntArrayRef want) {
       if (l.empty()) {
         return;
@@ -185,6 +198,36 @@ inline LaunchDesc describe(const char* op, const KernelLimits& lim, const OpArgs
       const at::Tensor& t = d.steps[i];
       TORCH_CHECK(t.device() == device && t.scalar_type() == at::kFloat && t.numel() == 1, op,
                   ": steps[", i, "] must be a one-element float32 tensor on ", device);
+    }
+  }
+
+  TORCH_CHECK(lim.stochastic_rounding || (a.rounding.empty() && (a.moms == std::nullopt ||
+                                                                  a.moms->empty() ||
+                                                                  (*a.moms)[0].scalar_type() ==
+                                                                      at::kFloat)),
+              op, ": ", lim.kernels, " do not implement stochastic rounding or bfloat16 "
+              "momentums yet: pass an empty rounding list and float32 momentums (the optimizer "
+              "runs such a group on backend='triton' or 'reference')");
+  if (!d.moms.empty()) {
+    const at::ScalarType m = d.moms[0].scalar_type();
+    TORCH_CHECK(m == at::kFloat || m == at::kBFloat16, op,
+                ": momentums must be float32 or bfloat16, got ", m);
+    d.mom_bf16 = m == at::kBFloat16;
+  }
+  if (!a.rounding.empty()) {
+    TORCH_CHECK(a.rounding.size() == 4 * n, op, ": rounding must be empty or hold 4 int64 per "
+                "tensor ([seed, base, inner_local, inner_global]), got ", a.rounding.size(),
+                " for ", n, " tensors");
+    for (size_t i = 0; i < n; ++i) {
+      const RoundingArgs r{a.rounding[4 * i], a.rounding[4 * i + 1], a.rounding[4 * i + 2],
+                           a.rounding[4 * i + 3]};
+      TORCH_CHECK(r.base >= 0 && r.inner_local > 0 && r.inner_global >= r.inner_local, op,
+                  ": rounding[", 4 * i, ":", 4 * i + 4, "] of params[", i, "] must have base >= "
+                  "0 and 0 < inner_local <= inner_global, got base ", r.base, ", inner_local ",
+                  r.inner_local, ", inner_global ", r.inner_global);
+      if (dtype == at::kBFloat16 || d.mom_bf16) {
+        d.rounding.push_back(r);
+      }
     }
   }
 
@@ -321,14 +364,16 @@ void fadam_phase_b_op(at::TensorList params, at::TensorList grads, at::TensorLis
                       const at::Tensor& skip, const c10::optional<at::Tensor>& grad_scale,
                       const c10::optional<at::Tensor>& lr_tensor, double lr, double beta1,
                       double beta2, double eps, double p, double clip, double weight_decay,
-                      bool maximize, int64_t chunk_size, bool fuse_one_chunk) {
+                      bool maximize, int64_t chunk_size, bool fuse_one_chunk,
+                      at::IntArrayRef rounding) {
   kLaunch(describe("fadam_phase_b", kLimits,
                    {.kind = OpKind::kFAdamB, .params = params, .grads = grads, .fims = fims,
                     .moms = moms, .steps = steps, .partials = &partials, .skip = &skip,
                     .grad_scale = &grad_scale, .lr_tensor = &lr_tensor, .lr = lr, .beta1 = beta1,
                     .beta2 = beta2, .eps = eps, .p = p, .clip = clip,
                     .weight_decay = weight_decay, .maximize = maximize,
-                    .chunk_size = chunk_size, .fuse_one_chunk = fuse_one_chunk}));
+                    .chunk_size = chunk_size, .fuse_one_chunk = fuse_one_chunk,
+                    .rounding = rounding}));
 }
 
 template <const KernelLimits& kLimits, Launcher kLaunch>
@@ -359,20 +404,21 @@ void fadafactor_phase_a_op(at::TensorList params, at::TensorList grads, const at
 
 template <const KernelLimits& kLimits, Launcher kLaunch>
 void fadafactor_phase_b_op(at::TensorList params, at::TensorList grads, at::TensorList fim_rows,
-                           at::TensorList fim_cols, at::TensorList moms, const at::Tensor& factors,
+                           at::TensorList fim_cols, at::TensorList moms, at::TensorList steps,
+                           const at::Tensor& factors,
                            const at::Tensor& partials, const at::Tensor& skip,
                            const c10::optional<at::Tensor>& grad_scale,
                            const c10::optional<at::Tensor>& lr_tensor, double lr, double beta1,
                            double eps, double p, double clip, double weight_decay, bool maximize,
-                           int64_t chunk_size, bool fuse_one_chunk) {
+                           int64_t chunk_size, bool fuse_one_chunk, at::IntArrayRef rounding) {
   kLaunch(describe("fadafactor_phase_b", kLimits,
                    {.kind = OpKind::kFactoredB, .params = params, .grads = grads,
-                    .fim_rows = fim_rows, .fim_cols = fim_cols, .moms = moms,
+                    .fim_rows = fim_rows, .fim_cols = fim_cols, .moms = moms, .steps = steps,
                     .partials = &partials, .factors = &factors, .skip = &skip,
                     .grad_scale = &grad_scale, .lr_tensor = &lr_tensor, .lr = lr, .beta1 = beta1,
                     .eps = eps, .p = p, .clip = clip, .weight_decay = weight_decay,
                     .maximize = maximize, .chunk_size = chunk_size,
-                    .fuse_one_chunk = fuse_one_chunk}));
+                    .fuse_one_chunk = fuse_one_chunk, .rounding = rounding}));
 }
 
 }  // namespace fadam

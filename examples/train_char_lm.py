@@ -9,6 +9,13 @@ batches, so the curves differ only by the optimizer.
     .venv/bin/python examples/train_char_lm.py --steps 5   # a smoke run in seconds
     .venv/bin/python examples/train_char_lm.py --optimizers adamw,fadam,fadafactor
     .venv/bin/python examples/train_char_lm.py --optimizer adafisher   # takes the model, not its parameters
+    .venv/bin/python examples/train_char_lm.py --optimizers fadam,fadam_bf16,fadam_bf16_sr --lr 1e-4
+
+The last compares pure bfloat16 training (weights, activations, gradients and momentum in
+bfloat16; no float32 master copy) with round-to-nearest updates (fadam_bf16), which stall once an
+update is below half a bfloat16 ulp of its weight, and with stochastic rounding
+(fadam_bf16_sr: bf16_rounding="stochastic", momentum_dtype=torch.bfloat16), against float32
+weights (fadam).
 
 The plot is named after the optimizers that ran (examples/out/char_lm_loss_adamw_fadam.png by
 default), so a run of one optimizer does not overwrite a comparison. The time printed per
@@ -97,13 +104,23 @@ def batches(data: torch.Tensor, batch: int, context: int, gen: torch.Generator):
 @torch.no_grad()
 def evaluate(model: nn.Module, val_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     model.eval()
-    losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() for x, y in val_batches]
+    losses = [F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).item()
+              for x, y in val_batches]
     model.train()
     return sum(losses) / len(losses)
 
 
+# Pure bfloat16 runs: the model is bfloat16 and FAdam writes it without a float32 copy.
+BF16 = {"fadam_bf16": dict(bf16_rounding="nearest"),
+        "fadam_bf16_sr": dict(bf16_rounding="stochastic", rounding_seed=0,
+                              momentum_dtype=torch.bfloat16)}
+NAMES = (*OPTIMIZERS, *BF16)
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     params = model.parameters()
+    if name in BF16:
+        return FAdam(params, lr=lr, **BF16[name])
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr)  # weight_decay 0.01, torch's default
     # AdaFisher takes the model: it hooks its Linear and LayerNorm layers to measure their Fisher
@@ -123,6 +140,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimi
 def train(name: str, args, data_train, val_batches, vocab: int) -> dict:
     torch.manual_seed(args.seed)  # same initial weights for every optimizer
     model = CharTransformer(vocab, args.context)
+    if name in BF16:
+        model = model.to(torch.bfloat16)
     opt = make_optimizer(name, model, args.lr)
     # Linear warmup over the first 10% of steps, then cosine decay to 10% of lr.
     warm = max(1, args.steps // 10)
@@ -135,7 +154,7 @@ def train(name: str, args, data_train, val_batches, vocab: int) -> dict:
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
         x, y = next(stream)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -160,7 +179,7 @@ def sample(model: CharTransformer, prompt: str, stoi: dict, itos: list, n: int, 
     idx = torch.tensor([[stoi.get(c, 0) for c in prompt]])
     model.eval()
     for _ in range(n):
-        logits = model(idx[:, -model.context:])[0, -1] / 0.8
+        logits = model(idx[:, -model.context:])[0, -1].float() / 0.8
         nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
         idx = torch.cat([idx, nxt[None]], dim=1)
     return "".join(itos[i] for i in idx[0].tolist())
@@ -178,14 +197,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     # --optimizer too: the spelling people type for a single one.
     ap.add_argument("--optimizers", "--optimizer", dest="optimizers", default="adamw,fadam",
-                    help=f"comma list of {', '.join(OPTIMIZERS)} (default adamw,fadam)")
+                    help=f"comma list of {', '.join(NAMES)} (default adamw,fadam)")
     ap.add_argument("--plot", default=None,
                     help="PNG path ('' for none; default examples/out/char_lm_loss_<optimizers>.png)")
     args = ap.parse_args(argv)
     names = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     for name in names:
-        if name not in OPTIMIZERS:
-            raise SystemExit(f"unknown optimizer {name!r}; use {', '.join(OPTIMIZERS)}")
+        if name not in NAMES:
+            raise SystemExit(f"unknown optimizer {name!r}; use {', '.join(NAMES)}")
     if args.plot is None:
         args.plot = f"examples/out/char_lm_loss_{'_'.join(names)}.png"
 

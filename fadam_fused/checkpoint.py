@@ -6,8 +6,8 @@ parameter's kind needs, tensors of the shapes it needs, values that can be train
 a FIM and its factors >= 0) and a step count that is a finite whole number >= 0. Any failure
 raises a ValueError naming the parameter while the optimizer is untouched. ``restore`` runs after
 torch.optim's own load: it re-reads the saved state at full precision (float32, not the
-parameter's dtype), on each parameter's device, in its layout (contiguous for a factor), placed
-like a DTensor parameter.
+parameter's dtype; the momentum in its group's momentum_dtype), on each parameter's device, in
+its layout (contiguous for a factor), placed like a DTensor parameter.
 """
 
 from __future__ import annotations
@@ -98,10 +98,17 @@ def restore(opt: "FisherOptimizer", state_dict: dict[str, Any], pairs: list[Pair
         kind = opt.kind_of(param)
         state = opt.state[param]
         # The kind's fresh state says where each tensor lives: the parameter's layout (or a
-        # factor's contiguous one), device, and a DTensor parameter's placements.
+        # factor's contiguous one), device, and a DTensor parameter's placements; the momentum
+        # takes the group's momentum_dtype (a bfloat16 momentum loads into a float32 one and
+        # back: the group, restored from the checkpoint, decides).
         template = kind.new_state(param)
+        momentum_dtype = saved_group.get("momentum_dtype", torch.float32)  # the loaded group's
         for key in kind.state_shapes(param):
-            state[key] = sharded.placed_like(template[key], saved[key])
+            like = template[key]
+            if key == "momentum" and momentum_dtype != like.dtype:
+                with torch.inference_mode(False):
+                    like = like.to(momentum_dtype)
+            state[key] = sharded.placed_like(like, saved[key])
         step = saved["step"] if "step" in saved else saved_group["step"]
         if isinstance(step, torch.Tensor):
             step = sharded.local(step)

@@ -117,10 +117,13 @@ def grad_mismatch(who: str, name: str, param: Tensor, grad: Tensor) -> str | Non
 
 
 def state_problem(who: str, name: str, param: Tensor, state: dict[str, Any],
-                  shapes: dict[str, torch.Size]) -> str | None:
+                  shapes: dict[str, torch.Size],
+                  dtypes: dict[str, Any] | None = None) -> str | None:
     """Why the state of `param` cannot be stepped (None: it can): a missing key, or a tensor of
-    another shape, dtype or device than the kernels need. `shapes` are the float32 state tensors
-    of the parameter's kind besides ``step`` (one float32 element)."""
+    another shape, dtype or device than the kernels need. `shapes` are the state tensors of the
+    parameter's kind besides ``step`` (one float32 element), float32 unless `dtypes` names
+    another dtype for a key (the momentum of a momentum_dtype=torch.bfloat16 group; a tuple: any
+    of them)."""
     fix = "load it with load_state_dict, which converts it"
     afresh = "clear this parameter's state (opt.state.pop(param)) to start it afresh"
     for key, shape in (("step", None), *shapes.items()):
@@ -136,9 +139,16 @@ def state_problem(who: str, name: str, param: Tensor, state: dict[str, Any],
             return (f"The {who} state {key!r} of {name} has shape {tuple(value.shape)} but the "
                     f"parameter now has shape {tuple(param.shape)}{need} (was param.data "
                     f"replaced?); {afresh}.")
-        if value.dtype != torch.float32 or value.device != param.device:
-            return (f"The {who} state {key!r} of {name} must be float32 on {param.device}, got "
-                    f"{value.dtype} on {value.device}; {fix}.")
+        want = (dtypes or {}).get(key, torch.float32)
+        wanted = want if isinstance(want, tuple) else (want,)
+        if value.dtype not in wanted or value.device != param.device:
+            names = " or ".join(str(w).removeprefix("torch.") for w in wanted)
+            hint = fix
+            if key == "momentum" and value.dtype in (torch.float32, torch.bfloat16):
+                hint = ("its group's momentum_dtype says otherwise: load a state_dict (which "
+                        f"converts it), or {afresh}")
+            return (f"The {who} state {key!r} of {name} must be {names} on {param.device}, got "
+                    f"{value.dtype} on {value.device}; {hint}.")
         if value.is_inference() and not torch.is_inference_mode_enabled():
             return (f"The {who} state {key!r} of {name} is an inference tensor (made under "
                     "torch.inference_mode()) and cannot be updated outside it; step inside "

@@ -151,10 +151,10 @@ class FactoredBucket(Bucket):
         h, ops = self.hyper, self.ops
         lr_tensor, lr = engine.lr_args(h.lr, self.device)
         ops.phase_b(self.params, self.grads, self.fim_rows, self.fim_cols, self.momentums,
-                    self.factors, self.partials, skip, grad_scale, lr_tensor, lr=lr,
+                    self.steps, self.factors, self.partials, skip, grad_scale, lr_tensor, lr=lr,
                     beta1=h.beta1, eps=h.eps, p=h.p, clip=h.clip, weight_decay=h.weight_decay,
                     maximize=h.maximize, chunk_size=ops.chunk_size,
-                    fuse_one_chunk=self.shards is None)
+                    fuse_one_chunk=self.shards is None, rounding=list(h.rounding))
         if self.shards is not None:
             # A rank whose block of a split matrix is empty (FSDP2's last rows) still holds R or
             # C for its rows or columns: kept in step with the other ranks' copies here (the ops

@@ -51,7 +51,8 @@ class FAdamBucket(Bucket):
         ops.phase_b(self.params, self.grads, self.fims, self.momentums, self.steps, self.partials,
                     skip, grad_scale, lr_tensor, lr=lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
                     p=h.p, clip=h.clip, weight_decay=h.weight_decay, maximize=h.maximize,
-                    chunk_size=ops.chunk_size, fuse_one_chunk=self.shards is None)
+                    chunk_size=ops.chunk_size, fuse_one_chunk=self.shards is None,
+                    rounding=list(h.rounding))
         self.partials = None
 
 
@@ -116,13 +117,28 @@ class FAdam(FisherOptimizer):
             ``"reference"`` (the plain-PyTorch oracle), or None to pick the fastest available for
             each device. The group stores this request, never the resolved choice, so a checkpoint
             moves between machines.
+        bf16_rounding (str, default "nearest"): how a bfloat16 parameter (and a bfloat16
+            momentum) is written: "nearest" rounds to nearest even, as torch; "stochastic" rounds
+            up with probability equal to the fraction of an ulp the float32 result lies above
+            the truncation, so the expected stored value is the float32 one and updates below
+            half an ulp are not lost: bfloat16 training without a float32 master copy
+            ([note: stochastic rounding] in op_contract.py). Other dtypes ignore it. The CUDA
+            kernels have none yet: such a group runs on Triton's kernels on a GPU.
+        rounding_seed (int or None, default None): the group's seed of the rounding bits, mixed
+            with each parameter's position in the optimizer; None draws one from torch's
+            default CPU generator when the group rounds stochastically (torch.manual_seed makes
+            it reproducible). Saved in ``state_dict`` with the group, so a resumed run
+            continues the same bits.
+        momentum_dtype (torch.dtype, default torch.float32): the momentum state's dtype;
+            torch.bfloat16 keeps 6 B of state per parameter instead of 8 (the FIM, and
+            FAdafactor's factors, stay float32).
 
     Numbers may be Python or numpy scalars (and one-element CPU tensors for all but lr, which may
     be a tensor on any device); the groups store them as floats.
 
     State per parameter: ``step`` (float32 0-dim tensor on the parameter's device), ``momentum``
-    and ``fim`` (float32 whatever the parameter dtype: with beta2 = 0.999 a bfloat16 FIM cannot
-    move, as 0.999 f rounds back to f).
+    and ``fim`` (float32 whatever the parameter dtype, the momentum in ``momentum_dtype``: with
+    beta2 = 0.999 a bfloat16 FIM cannot move, as 0.999 f rounds back to f).
 
     Non-finite values: if any gradient of a step holds a NaN or inf, or one whose square
     overflows float32 (|g| >= 1.8e19 after GradScaler's scale: the FIM would become inf and the

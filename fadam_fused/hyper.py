@@ -27,6 +27,14 @@ from . import op_contract
 # The group keys of every optimizer of the family (the optimizer adds "backend").
 KEYS = ("lr", "betas", "eps", "clip", "weight_decay", "p", "maximize")
 
+# bfloat16 storage ([note: stochastic rounding] in op_contract.py): how a bfloat16 parameter (and
+# a bfloat16 momentum) is written, and the momentum's dtype. Groups saved before these keys
+# existed load with the defaults: today's round to nearest and a float32 momentum.
+ROUNDINGS = ("nearest", "stochastic")
+MOMENTUM_DTYPES = (torch.float32, torch.bfloat16)
+STORAGE_DEFAULTS = {"bf16_rounding": "nearest", "rounding_seed": None,
+                    "momentum_dtype": torch.float32}
+
 
 @dataclasses.dataclass(frozen=True)
 class Hyper:
@@ -40,6 +48,43 @@ class Hyper:
     weight_decay: float
     p: float
     maximize: bool
+    bf16_rounding: str = "nearest"
+    rounding_seed: int | None = None
+    momentum_dtype: torch.dtype = torch.float32
+    # One bucket's ``int[] rounding`` argument (4 int64 per tensor), filled in by
+    # plan.make_buckets for a stochastic bucket of bfloat16 tensors; empty: round to nearest.
+    rounding: tuple[int, ...] = ()
+
+
+def check_storage(group: dict[str, Any]) -> tuple[str, int | None, torch.dtype]:
+    """(bf16_rounding, rounding_seed, momentum_dtype) of `group`, or a ValueError. A stochastic
+    group's seed is drawn by ``normalize`` when it is None; a step refuses a stochastic group
+    whose seed is still None (one assigned between steps), rather than draw it mid-training."""
+    rounding = group.get("bf16_rounding", "nearest")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"Invalid bf16_rounding value: {rounding!r}; expected 'nearest' (round "
+                         "to nearest even, as torch) or 'stochastic' (unbiased: bfloat16 "
+                         "training without a float32 master copy)")
+    seed = group.get("rounding_seed")
+    if seed is not None:
+        if isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point():
+            seed = int(seed)  # sync-ok: a CPU tensor, checked at construction and load
+        if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                or not 0 <= int(seed) < 1 << 63):
+            raise ValueError(f"Invalid rounding_seed value: {seed!r}; expected None (drawn from "
+                             "torch's default generator) or an integer in [0, 2^63)")
+        seed = int(seed)
+    dtype = group.get("momentum_dtype", torch.float32)
+    if dtype not in MOMENTUM_DTYPES:
+        raise ValueError(f"Invalid momentum_dtype value: {dtype!r}; expected torch.float32 or "
+                         "torch.bfloat16 (the FIM and its factors stay float32)")
+    return rounding, seed, dtype
+
+
+def draw_seed() -> int:
+    """A rounding seed from torch's default CPU generator (torch.manual_seed makes it
+    reproducible)."""
+    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64))  # sync-ok: a CPU tensor
 
 
 def number(name: str, x: Any) -> float:
@@ -122,8 +167,10 @@ def check(group: dict[str, Any], *, read_lr: bool) -> Hyper:
     maximize = group["maximize"]
     if not is_bool(maximize):
         raise ValueError(f"Invalid maximize value: {maximize!r}; expected True or False")
+    rounding, seed, momentum_dtype = check_storage(group)
     return Hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip=clip or 0.0,
-                 weight_decay=weight_decay, p=p, maximize=bool(maximize))
+                 weight_decay=weight_decay, p=p, maximize=bool(maximize),
+                 bf16_rounding=rounding, rounding_seed=seed, momentum_dtype=momentum_dtype)
 
 
 def normalize(group: dict[str, Any]) -> None:
@@ -137,3 +184,9 @@ def normalize(group: dict[str, Any]) -> None:
     if group["clip"] is not None:
         group["clip"] = number("clip", group["clip"])
     group["maximize"] = bool(group["maximize"])
+    for key, default in STORAGE_DEFAULTS.items():
+        group.setdefault(key, default)
+    _, seed, _ = check_storage(group)
+    if group["bf16_rounding"] == "stochastic" and seed is None:
+        seed = draw_seed()
+    group["rounding_seed"] = seed

@@ -56,7 +56,7 @@ PHASE_B_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] fims, Tensor(c!)[] momentums, "
     "Tensor[] steps, Tensor partials, Tensor skip, Tensor? grad_scale, Tensor? lr_tensor, *, "
     "float lr, float beta1, float beta2, float eps, float p, float clip, float weight_decay, "
-    "bool maximize, int chunk_size, bool fuse_one_chunk) -> ()")
+    "bool maximize, int chunk_size, bool fuse_one_chunk, int[] rounding=[]) -> ()")
 PHASE_A_MUTATES = ("partials", "skip")
 PHASE_B_MUTATES = ("params", "fims", "momentums")
 
@@ -78,6 +78,7 @@ PHASE_B_MUTATES = ("params", "fims", "momentums")
 #   with FAdam's chunks, slots and fuse_one_chunk rule. Not called when clipping is off.
 # - phase B: FAdam's phase B with f from ``factors``: reads g, m, theta, writes m and theta, and
 #   copies the new R and C from ``factors`` into ``fim_rows`` / ``fim_cols``; a no-op on a skip.
+#   It takes the steps only for the hash of stochastic rounding ([note: stochastic rounding]).
 #
 # Layout. Tensor i is seen as B = prod(shape[:-2]) matrices of n rows and m columns, cut into
 # tiles of tile_rows x tile_cols (factor_tile()); per matrix, factor_partials holds
@@ -99,9 +100,10 @@ FADAFACTOR_PHASE_A_SCHEMA = (
     "*, float eps, float p, float clip, bool maximize, int chunk_size, bool fuse_one_chunk) -> ()")
 FADAFACTOR_PHASE_B_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] fim_rows, Tensor(c!)[] fim_cols, "
-    "Tensor(d!)[] momentums, Tensor factors, Tensor partials, Tensor skip, Tensor? grad_scale, "
-    "Tensor? lr_tensor, *, float lr, float beta1, float eps, float p, float clip, "
-    "float weight_decay, bool maximize, int chunk_size, bool fuse_one_chunk) -> ()")
+    "Tensor(d!)[] momentums, Tensor[] steps, Tensor factors, Tensor partials, Tensor skip, "
+    "Tensor? grad_scale, Tensor? lr_tensor, *, float lr, float beta1, float eps, float p, "
+    "float clip, float weight_decay, bool maximize, int chunk_size, bool fuse_one_chunk, "
+    "int[] rounding=[]) -> ()")
 
 
 # ---- bfloat16 stochastic rounding ---------------------------------------------------------------
@@ -126,6 +128,37 @@ FADAFACTOR_PHASE_B_SCHEMA = (
 # with the parameter's position in the optimizer (so two tensors of one shape draw different
 # bits). Tensors that are not bfloat16 ignore it. reference.rounding_bits / round_bf16_stochastic
 # are the oracle.
+#
+# The per-tensor seed (tensor_seed): fmix32 of the group seed's two 32-bit halves xor-ed with
+# (position + 1) * 0x9E3779B9, the parameter's index in the optimizer (over all groups, in group
+# order), so two tensors of a group, or the same tensor of two groups with one seed, differ. A
+# sharded bucket's rows come from sharded.Layout.rounding_row: the local block's place in the
+# logical tensor, so one process and N ranks draw the same bits.
+#
+# Where it runs: csrc/stochastic_round.h (the CPU kernels; host+device, for the CUDA kernels to
+# come), triton_kernels/_rounding.py (Triton's phase B kernels) and the reference. The CUDA
+# kernels refuse a non-empty rounding list and bfloat16 momentums (KernelLimits in
+# csrc/op_boundary.h): the planner runs such a group on Triton's kernels (same device), else on
+# the reference, and refuses backend="cuda" for it by name.
+
+_MASK32 = 0xFFFFFFFF
+
+
+def fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finaliser on a Python int (csrc/stochastic_round.h's fmix32)."""
+    h &= _MASK32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def tensor_seed(group_seed: int, position: int) -> int:
+    """The seed of the parameter at `position` in the optimizer, from its group's rounding_seed
+    (a 32-bit value: the hash reads the low 32 bits of a seed)."""
+    mixed = (group_seed ^ (group_seed >> 32) ^ ((position + 1) * 0x9E3779B9)) & _MASK32
+    return fmix32(mixed)
 
 # ---- AdaFisher: one update phase, and the gradient check every member can use ------------------
 

@@ -54,10 +54,15 @@ class FisherOptimizer(Optimizer):
         *,
         maximize: bool = False,
         backend: str | None = None,
+        bf16_rounding: str = "nearest",
+        rounding_seed: int | None = None,
+        momentum_dtype: torch.dtype = torch.float32,
     ) -> None:
         self._init_optimizer(params, dict(lr=lr, betas=betas, eps=eps, clip=clip,
                                           weight_decay=weight_decay, p=p, maximize=maximize,
-                                          backend=backend))
+                                          backend=backend, bf16_rounding=bf16_rounding,
+                                          rounding_seed=rounding_seed,
+                                          momentum_dtype=momentum_dtype))
 
     def _init_optimizer(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
                         defaults: dict[str, Any]) -> None:
@@ -129,6 +134,8 @@ class FisherOptimizer(Optimizer):
             group.setdefault("backend", None)
             group.setdefault("clip", 1.0)
             group.setdefault("p", 0.5)
+            for key, default in hyper.STORAGE_DEFAULTS.items():
+                group.setdefault(key, default)
         if getattr(self, "skipped_steps", None) is None:
             self.skipped_steps = torch.zeros((), dtype=torch.float32,
                                              device=engine.first_device(self.param_groups))
@@ -174,9 +181,14 @@ class FisherOptimizer(Optimizer):
         """
         planner = plan.Planner(self.who, self.state, self.kind_of, checked=self._checked,
                                collect=self._sharded)
+        position = 0  # a parameter's place in the optimizer: it seeds its stochastic rounding
         for index, group in enumerate(self.param_groups):
             planner.group(index, group["params"], [p.grad for p in group["params"]],
-                          backend=group["backend"], lr=group["lr"], name=_namer(group))
+                          backend=group["backend"], lr=group["lr"], name=_namer(group),
+                          momentum_dtype=group.get("momentum_dtype", torch.float32),
+                          first_position=position,
+                          stochastic=group.get("bf16_rounding") == "stochastic")
+            position += len(group["params"])
         if not planner.refusals:
             planner.commit()
             # Every check has passed: the state of new parameters joins the optimizer.
@@ -203,6 +215,12 @@ class FisherOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         hypers = [self._check_group(group, read_lr=False) for group in self.param_groups]
+        for index, h in enumerate(hypers):
+            if getattr(h, "bf16_rounding", "nearest") == "stochastic" and h.rounding_seed is None:
+                raise ValueError(
+                    f"{self.who}: param group {index} has bf16_rounding='stochastic' but "
+                    "rounding_seed None; set group['rounding_seed'] to an integer (the "
+                    "constructor, add_param_group and load_state_dict draw one)")
         params, grads, states, layout, refusals = [], [], [], [], []
         self._init_group(params, grads, states, layout, refusals)
         buckets = self._buckets(hypers, params, grads, states, layout)

@@ -21,12 +21,13 @@ changes anywhere, and every rank raises (sharded.all_reduce carries the count of
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from . import backends, checks, sharded
+from . import backends, checks, op_contract, sharded
 from .engine import Bucket, Kind
 
 # Tensor types of the common path (anything else, e.g. a DTensor, is checked in full).
@@ -45,6 +46,7 @@ class BucketSpec(NamedTuple):
     first_state: int    # states[first_state:first_state + len(kind.state_keys) * (end - first)]
     sharded: bool       # DTensor parameters: the bucket takes their local shards
     copies: tuple[int, ...]  # bucket indices whose gradient is copied into the param's layout
+    positions: tuple[int, ...] = ()  # each parameter's place in the optimizer (rounding seeds)
 
 
 class Refusal(Exception):
@@ -84,14 +86,21 @@ class Planner:
         # state tensors in the kind's state_keys order)]
         self.buckets: dict[tuple, list[tuple[Tensor, Tensor, dict[str, Any], tuple]]] = {}
         self.kinds: dict[str, Kind] = {}
+        self.momentum_dtype: torch.dtype | None = _F32  # the current group's (see group)
 
     # ---- one group --------------------------------------------------------------------------
 
     def group(self, index: int, params: Sequence[Tensor], grads: Sequence[Tensor | None], *,
-              backend: str | None, lr: float | Tensor, name: Callable[[int], str]) -> None:
+              backend: str | None, lr: float | Tensor, name: Callable[[int], str],
+              momentum_dtype: torch.dtype | None = torch.float32,
+              first_position: int = 0, stochastic: bool = False) -> None:
         """Checks the tensors of param group `index` (or of the functional form's lists):
         `grads` parallel to `params`, `backend` the group's request, `name(i)` how errors name
-        parameter i."""
+        parameter i, `momentum_dtype` the group's (None: float32 or bfloat16, the functional
+        form's lists as given), `first_position` the optimizer's index of params[0],
+        `stochastic` whether the group rounds bfloat16 stochastically."""
+        self.momentum_dtype = momentum_dtype
+        bf16_momentum = momentum_dtype == torch.bfloat16
         fused_only = backend not in (None, "reference")
         lr_device = lr.device if isinstance(lr, Tensor) else None
         resolved: dict[torch.device, str] = {}
@@ -118,6 +127,17 @@ class Planner:
                         raise Refusal(ValueError,
                                       f"Tensor lr is on {lr_device} but {name(i)} is on "
                                       f"{device}; put lr on the CPU or on the parameters' device")
+                if chosen == "cuda" and (bf16_momentum or (
+                        stochastic and param.dtype == torch.bfloat16)):
+                    # The CUDA kernels have no stochastic rounding or bfloat16 momentum yet
+                    # ([note: stochastic rounding]): Triton's kernels do it on the same device.
+                    if fused_only:
+                        raise Refusal(RuntimeError,
+                                      f"{self.who} backend='cuda' cannot update {name(i)}: the "
+                                      "CUDA kernels have no stochastic rounding or bfloat16 "
+                                      "momentum yet; use backend=None, 'triton' or 'reference'")
+                    chosen = ("triton" if backends.unavailable_reason("triton", device) is None
+                              else "reference")
                 if not fusable or (chosen != "reference"
                                    and kind.unfused_reason(param) is not None):
                     chosen = "reference"
@@ -138,6 +158,9 @@ class Planner:
                                                   fused=chosen != "reference", common=common)
                 else:
                     state = self.new_state[param] = kind.new_state(param)
+                    if momentum_dtype not in (None, _F32) and "momentum" in state:
+                        with torch.inference_mode(False):
+                            state["momentum"] = state["momentum"].to(momentum_dtype)
                     tensors = kind.state_of(state)
             except Refusal as refusal:
                 if not self.collect:
@@ -155,7 +178,7 @@ class Planner:
             entries = self.buckets.get(key)
             if entries is None:
                 entries = self.buckets[key] = []
-            entries.append((param, grad, state, tensors))
+            entries.append((param, grad, state, tensors, first_position + i))
 
     def _backend(self, requested: str | None, device: torch.device) -> str:
         try:
@@ -206,11 +229,13 @@ class Planner:
         ids = tuple(map(id, tensors))
         seen = self.checked.get(param) if common else None
         if (seen is not None and seen[0] == ids and seen[1] == param.shape
-                and seen[2] is param.dtype and seen[3] == device and seen[4] >= fused):
+                and seen[2] is param.dtype and seen[3] == device and seen[4] >= fused
+                and seen[6] is self.momentum_dtype):
             return tensors
         if self._check_state(name, param, kind, state, fused) and common:
             # Clean, and the entry keeps the tensors alive, so their ids cannot be reused.
-            self.checked[param] = (ids, param.shape, param.dtype, device, fused, tensors)
+            self.checked[param] = (ids, param.shape, param.dtype, device, fused, tensors,
+                                   self.momentum_dtype)
         return tensors
 
     def _check_state(self, name: str, param: Tensor, kind: Kind, state: dict[str, Any],
@@ -220,7 +245,9 @@ class Planner:
         tensors shaped like it, contiguous for the others). State in another layout is
         re-laid out at commit (returns False then)."""
         shapes = kind.state_shapes(param)
-        why = checks.state_problem(self.who, name, param, state, shapes)
+        want = self.momentum_dtype
+        dtypes = {"momentum": (_F32, torch.bfloat16) if want is None else want}
+        why = checks.state_problem(self.who, name, param, state, shapes, dtypes)
         if why is not None:
             self._refuse(RuntimeError, why)
         clean = True
@@ -259,9 +286,10 @@ class Planner:
         tensors in its kind's ``state_keys`` order), and one BucketSpec per bucket."""
         for (index, name, _, _, is_sharded, kind_name), entries in self.buckets.items():
             first, first_state = len(params), len(states)
-            copies = []
+            copies, positions = [], []
             kind = self.kinds[kind_name]
-            for j, (param, grad, state, tensors) in enumerate(entries):
+            for j, (param, grad, state, tensors, position) in enumerate(entries):
+                positions.append(position)
                 if id(state) in self.relaid:
                     tensors = kind.state_of(state)
                 # The kernels walk a parameter, its gradient and its state in one memory order.
@@ -275,7 +303,7 @@ class Planner:
                 grads.append(grad)
                 states.extend(tensors)
             layout.append(BucketSpec(index, name, kind_name, first, len(params), first_state,
-                                     is_sharded, tuple(copies)))
+                                     is_sharded, tuple(copies), tuple(positions)))
 
 
 def make_buckets(hypers: Sequence[Any], kinds: dict[str, Kind], params: list[Tensor],
@@ -306,6 +334,30 @@ def make_buckets(hypers: Sequence[Any], kinds: dict[str, Kind], params: list[Ten
                     local_grad = torch.empty_like(local_param).copy_(local_grad)
                 bucket_params[j], bucket_grads[j] = local_param, local_grad
             bucket_states = [sharded.local(t) for t in bucket_states]
-        buckets.append(kind.bucket(spec.backend, hypers[spec.group], bucket_params,
+        hyper = _with_rounding(hypers[spec.group], spec, kind, bucket_params, bucket_states,
+                               shards)
+        buckets.append(kind.bucket(spec.backend, hyper, bucket_params,
                                    bucket_grads, bucket_states, shards, originals))
     return buckets
+
+
+def _with_rounding(hyper: Any, spec: BucketSpec, kind: Kind, params: list[Tensor],
+                   states: list[Tensor], shards: sharded.Layout | None) -> Any:
+    """`hyper` with its bucket's ``rounding`` list ([note: stochastic rounding] in
+    op_contract.py) when the group rounds stochastically and the bucket holds a bfloat16
+    parameter or momentum; else `hyper` as it is (an empty list: round to nearest)."""
+    if getattr(hyper, "bf16_rounding", "nearest") != "stochastic" or not params:
+        return hyper
+    momentums = (states[kind.state_keys.index("momentum")::len(kind.state_keys)]
+                 if "momentum" in kind.state_keys else [])
+    if params[0].dtype != torch.bfloat16 and not any(
+            m.dtype == torch.bfloat16 for m in momentums):
+        return hyper
+    rounding: list[int] = []
+    for j, param in enumerate(params):
+        seed = op_contract.tensor_seed(hyper.rounding_seed, spec.positions[j])
+        if shards is None:
+            rounding += [seed, 0, max(1, param.numel()), max(1, param.numel())]
+        else:
+            rounding += shards.rounding_row(j, seed)
+    return dataclasses.replace(hyper, rounding=tuple(rounding))

@@ -189,6 +189,7 @@ def update_tensor(
     upcast: bool = False,
     sums: Tensor | None = None,
     numel: int | None = None,
+    rounding: Sequence[int] | None = None,
 ) -> None:
     """One FAdam update of one tensor, in place, unless `skip` (a 0-dim tensor) is nonzero.
 
@@ -197,17 +198,21 @@ def update_tensor(
 
     The two RMS values are over this tensor, unless its sums were computed elsewhere: then from
     `sums` (float64 [2]: sum ghat^2 and sum w^2, see square_sums) over `numel` elements.
+
+    `rounding`: this tensor's [seed, base, inner_local, inner_global] row of the ops' rounding
+    list: a bfloat16 parameter and a bfloat16 momentum are then stored by stochastic rounding
+    (store_rounded); None: to nearest.
     """
     compute, g, theta, f, ghat, w = _natural(param, grad, fim, step, beta2=beta2, eps=eps, p=p,
                                              maximize=maximize, grad_scale=grad_scale,
                                              upcast=upcast)
     _apply(param, momentum, skip, compute, theta, ghat, w, lr=lr, beta1=beta1, clip=clip,
-           weight_decay=weight_decay, sums=sums, numel=numel)
+           weight_decay=weight_decay, sums=sums, numel=numel, rounding=rounding, step=step)
     fim.copy_(torch.where(skip.to(fim.device) != 0, fim, f.to(fim.dtype)))
 
 
 def _apply(param, momentum, skip, compute, theta, ghat, w, *, lr, beta1, clip, weight_decay,
-           sums=None, numel=None) -> None:
+           sums=None, numel=None, rounding=None, step=None) -> None:
     """The clipped momentum and parameter update from ghat and w (shared by FAdam and
     FAdafactor, which differ only in f); writes `param` and `momentum` unless `skip`."""
     sum_ghat2, sum_w2 = (None, None) if sums is None else sums
@@ -220,8 +225,28 @@ def _apply(param, momentum, skip, compute, theta, ghat, w, *, lr, beta1, clip, w
     theta = theta - lr_t * (m + weight_decay * (w / s2))
 
     keep = skip.to(param.device) != 0
-    param.copy_(torch.where(keep, param, theta.to(param.dtype)))
-    momentum.copy_(torch.where(keep, momentum, m.to(momentum.dtype)))
+    store_rounded(param, theta, keep, rounding, step, 0)
+    store_rounded(momentum, m, keep, rounding, step, 1)
+
+
+def store_rounded(dst: Tensor, new: Tensor, keep: Tensor, rounding: Sequence[int] | None,
+                  step: Tensor | None, stream: int) -> None:
+    """dst <- new (unless `keep`) in dst's dtype: to nearest, or for a bfloat16 dst with a
+    `rounding` row [seed, base, inner_local, inner_global] stochastically, element e of dst's
+    memory order drawing rounding_bits(seed, step, logical_index(...)[e], stream)."""
+    if rounding is None or len(rounding) == 0 or dst.dtype != torch.bfloat16:
+        value = new.to(dst.dtype)
+    else:
+        seed, base, inner_local, inner_global = (int(x) for x in rounding)
+        order = (list(range(dst.dim())) if dst.is_contiguous()
+                 else sorted(range(dst.dim()), key=lambda d: -dst.stride(d)))
+        x = new.expand(dst.shape).permute(order).reshape(-1).to(torch.float32)
+        index = logical_index(x.numel(), base, inner_local, inner_global, x.device)
+        bits = rounding_bits(seed, step, index, stream)
+        permuted = [dst.shape[d] for d in order]
+        inverse = [order.index(d) for d in range(dst.dim())]
+        value = round_bf16_stochastic(x, bits).view(permuted).permute(inverse)
+    dst.copy_(torch.where(keep, dst, value))
 
 
 # ---- FAdafactor (the paper's Algorithm 2) -------------------------------------------------------
@@ -351,16 +376,21 @@ def _fadam_phase_a(params, grads, fims, steps, partials, skip, grad_scale, *, be
                                   maximize=maximize, grad_scale=grad_scale)
 
 
+def _rounding_row(rounding: Sequence[int], i: int) -> Sequence[int] | None:
+    return rounding[4 * i:4 * i + 4] if len(rounding) else None
+
+
 def _fadam_phase_b(params, grads, fims, momentums, steps, partials, skip, grad_scale, lr_tensor,
                    *, lr, beta1, beta2, eps, p, clip, weight_decay, maximize, chunk_size,
-                   fuse_one_chunk) -> None:
+                   fuse_one_chunk, rounding=()) -> None:
     lr = lr if lr_tensor is None else lr_tensor
     given = clip > 0 and not fuse_one_chunk
     for i, (param, grad, fim, m, step) in enumerate(zip(params, grads, fims, momentums, steps)):
         update_tensor(param, grad, m, fim, step, skip, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                       clip=clip, weight_decay=weight_decay, p=p, maximize=maximize,
                       grad_scale=grad_scale, sums=partials[i] if given else None,
-                      numel=param.numel() if given else None)
+                      numel=param.numel() if given else None,
+                      rounding=_rounding_row(rounding, i))
 
 
 def _fadafactor_phase_s(params, grads, fim_rows, fim_cols, steps, factor_partials, factors, skip,
@@ -409,9 +439,9 @@ def _fadafactor_phase_a(params, grads, factors, partials, grad_scale, *, eps, p,
         partials[i] = _square_sums(ghat, w)
 
 
-def _fadafactor_phase_b(params, grads, fim_rows, fim_cols, momentums, factors, partials, skip,
-                        grad_scale, lr_tensor, *, lr, beta1, eps, p, clip, weight_decay, maximize,
-                        chunk_size, fuse_one_chunk) -> None:
+def _fadafactor_phase_b(params, grads, fim_rows, fim_cols, momentums, steps, factors, partials,
+                        skip, grad_scale, lr_tensor, *, lr, beta1, eps, p, clip, weight_decay,
+                        maximize, chunk_size, fuse_one_chunk, rounding=()) -> None:
     lr = lr if lr_tensor is None else lr_tensor
     given = clip > 0 and not fuse_one_chunk
     offsets = op_contract.factor_offsets(params, chunk_size)[1]
@@ -423,7 +453,8 @@ def _fadafactor_phase_b(params, grads, fim_rows, fim_cols, momentums, factors, p
             grad_scale=grad_scale)
         _apply(param, m, skip, compute, theta, ghat, w, lr=lr, beta1=beta1, clip=clip,
                weight_decay=weight_decay, sums=partials[i] if given else None,
-               numel=param.numel() if given else None)
+               numel=param.numel() if given else None, rounding=_rounding_row(rounding, i),
+               step=steps[i])
         fim_row.copy_(torch.where(keep, fim_row, rows.to(fim_row.dtype)))
         fim_col.copy_(torch.where(keep, fim_col, cols.to(fim_col.dtype)))
 

@@ -69,14 +69,15 @@ def check(name: str, param: Tensor, grad: Tensor) -> str | None:
 
 
 def placed_like(template: Tensor, saved: Tensor) -> Tensor:
-    """`saved` (a loaded state tensor) as float32 state laid out and placed like `template` (the
-    kind's fresh state of the parameter): in the parameter's own layout (a contiguous checkpoint
-    loads into a channels_last parameter's optimizer), and for a DTensor parameter placed like
-    its state. A whole plain tensor loaded into a sharded optimizer (every rank read the same
-    full checkpoint) is cut into this rank's shard without communication."""
+    """`saved` (a loaded state tensor) as state of `template`'s dtype, laid out and placed like
+    `template` (the kind's fresh state of the parameter): in the parameter's layout (a
+    contiguous checkpoint loads into a channels_last parameter's optimizer), and for a DTensor
+    parameter placed like its state. A whole plain tensor loaded into a sharded optimizer
+    (every rank read the same full checkpoint) is cut into this rank's shard without
+    communication."""
     with torch.inference_mode(False):
         if is_dtensor(template) and not is_dtensor(saved):
-            whole = saved.to(device=template.device, dtype=torch.float32)
+            whole = saved.to(device=template.device, dtype=template.dtype)
             return distribute_tensor(whole, template.device_mesh, template.placements,
                                      src_data_rank=None)
         return torch.empty_like(template).copy_(saved)
@@ -111,9 +112,21 @@ class Layout:
     global_shapes: list[torch.Size] = dataclasses.field(default_factory=list)
     global_numels: list[int] = dataclasses.field(default_factory=list)
     local_numels: list[int] = dataclasses.field(default_factory=list)
+    # Per tensor: (base, inner_local, inner_global) of its local block in the logical tensor
+    # ([note: stochastic rounding] in op_contract.py), or None where the block is not one
+    # rectangular slice along one dim (see _block_place), with this rank's coordinate then.
+    places: list[tuple[int, int, int] | None] = dataclasses.field(default_factory=list)
+    coordinates: list[int] = dataclasses.field(default_factory=list)
 
     def add(self, param: Tensor, local_param: Tensor) -> None:
         """Records DTensor `param`, whose local shard is `local_param`."""
+        place = _block_place(param, local_param)
+        self.places.append(place)
+        coordinate = 0
+        if place is None:
+            for size, c in zip(param.device_mesh.shape, param.device_mesh.get_coordinate() or ()):
+                coordinate = coordinate * size + c
+        self.coordinates.append(coordinate)
         self.meshes.append(param.device_mesh)
         self.split_dims.append(tuple(d for d, pl in enumerate(param.placements)
                                      if not pl.is_replicate()))
@@ -121,6 +134,20 @@ class Layout:
         self.global_shapes.append(param.shape)
         self.global_numels.append(param.numel())
         self.local_numels.append(local_param.numel())
+
+    def rounding_row(self, i: int, seed: int) -> list[int]:
+        """Tensor i's [seed, base, inner_local, inner_global] row of the update ops' rounding
+        list: its local block's place in the logical tensor, so that sharding does not change
+        the bits. A block that is no single slice (two mesh dims splitting two tensor dims,
+        FSDP2's strided shard over tensor parallel, a non-contiguous shard) falls back to its
+        local index with the rank's mesh coordinate mixed into the seed: still unbiased, but
+        not the bits of one process."""
+        place = self.places[i]
+        if place is None:
+            mixed = op_contract.fmix32(seed ^ ((self.coordinates[i] + 1) * 0x85EBCA6B))
+            numel = max(1, self.local_numels[i])
+            return [mixed, 0, numel, numel]
+        return [seed, *place]
 
     def mesh_dims_splitting(self, i: int, tensor_dims: Sequence[int]) -> tuple[int, ...]:
         """The mesh dims whose placement shards tensor i along one of `tensor_dims` (negative
@@ -130,6 +157,36 @@ class Layout:
         return tuple(d for d, pl in enumerate(self.placements[i])
                      if not pl.is_replicate() and getattr(pl, "dim", None) is not None
                      and pl.dim % rank in wanted)
+
+
+def _block_place(param: Tensor, local_param: Tensor) -> tuple[int, int, int] | None:
+    """(base, inner_local, inner_global) of DTensor `param`'s local block `local_param` when the
+    block is the whole tensor or a slice [o, o + k) of one dim d (FSDP2's Shard(0), a tensor
+    parallel Shard(d)): local element e is then logical element base + (e / inner_local) *
+    inner_global + e % inner_local with inner = the elements after dim d, base = o * inner,
+    inner_local = k * inner, inner_global = size(d) * inner. None otherwise."""
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover - a torch without them: the fallback
+        return None
+    if any(isinstance(pl, _StridedShard) for pl in param.placements):
+        return None
+    if not local_param.is_contiguous():
+        return None
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                          param.placements)
+    split = [d for d, (k, n, o) in enumerate(zip(shape, param.shape, offset)) if k != n or o]
+    if tuple(shape) != tuple(local_param.shape) or len(split) > 1:
+        return None
+    numel = param.numel()
+    if not split or local_param.numel() == 0:
+        return (0, max(1, numel), max(1, numel))
+    d = split[0]
+    inner = 1
+    for size in param.shape[d + 1:]:
+        inner *= size
+    return (offset[d] * inner, shape[d] * inner, param.shape[d] * inner)
 
 
 def groups_of(mesh: Any, dims: Sequence[int] | None = None) -> tuple[Any, ...]:

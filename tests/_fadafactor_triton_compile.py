@@ -131,8 +131,8 @@ def trace():
         ops.triton_fadafactor_phase_a(params, grads, factors, partials, None, eps=1e-8, p=0.5,
                                       clip=1.0, maximize=False, chunk_size=chunk,
                                       fuse_one_chunk=True)
-        ops.triton_fadafactor_phase_b(params, grads, rows, cols, moms, factors, partials, skip,
-                                      None, lr_tensor, lr=0.0, beta1=0.9, eps=1e-8, p=0.5,
+        ops.triton_fadafactor_phase_b(params, grads, rows, cols, moms, steps, factors, partials,
+                                      skip, None, lr_tensor, lr=0.0, beta1=0.9, eps=1e-8, p=0.5,
                                       clip=1.0, weight_decay=1e-3, maximize=False,
                                       chunk_size=chunk, fuse_one_chunk=True)
 

@@ -583,10 +583,47 @@ def load_two_rank_checkpoint(root, backend, optimizer="fadam"):
     return snapshot(model, opt), torch.load(final, map_location="cpu")
 
 
+def stochastic(backend, rank, world):
+    """bfloat16 parameters with stochastic rounding and bfloat16 momentums, sharded as FSDP2
+    (Shard(0)) and tensor parallel (Shard(1)) do, unevenly: the same bits as one process, since
+    each element draws the bits of its place in the logical tensor. Clipping is off, so every
+    element's float32 math is local (the RMS sums of a sharded tensor add up in another order)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh(DEVICE, (world,))
+    gen = torch.Generator().manual_seed(0)
+    layout = [((7, 5), Shard(0)), ((3, 9), Shard(1)), ((11,), Shard(0)), ((2, 3, 5), Shard(1))]
+    fulls = [torch.randn(shape, generator=gen).bfloat16() for shape, _ in layout]
+    grads = [[torch.randn(shape, generator=gen).bfloat16() for shape, _ in layout]
+             for _ in range(4)]
+
+    def run(params, place, rounding="stochastic"):
+        opt = FAdam(params, lr=1e-2, clip=None, backend=backend, bf16_rounding=rounding,
+                    rounding_seed=42, momentum_dtype=torch.bfloat16)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = place(g.to(DEVICE), p)
+            opt.step()
+        return opt
+
+    shards = [nn.Parameter(distribute_tensor(f.to(DEVICE), mesh, [pl]))
+              for f, (_, pl) in zip(fulls, layout)]
+    opt = run(shards, lambda g, p: distribute_tensor(g, mesh, p.placements))
+    whole = [nn.Parameter(f.clone().to(DEVICE)) for f in fulls]
+    one = run(whole, lambda g, p: g)
+    for a, b in zip(shards, whole):
+        assert torch.equal(a.full_tensor(), b.detach()), a.placements
+        for key in ("momentum", "fim", "step"):
+            assert torch.equal(full(opt.state[a][key]), one.state[b][key]), (key, a.placements)
+    nearest = [nn.Parameter(f.clone().to(DEVICE)) for f in fulls]
+    run(nearest, lambda g, p: g, rounding="nearest")
+    assert any(not torch.equal(a.detach(), b.detach()) for a, b in zip(whole, nearest))
+
+
 SCENARIOS = {f.__name__: f for f in (fsdp_shard0, fsdp_mixed_dtypes, fsdp_chunks, fsdp_shard1,
                                       fsdp_batched, hsdp, fsdp_tp, tp,
                                       ddp, zero, nonfinite, errors, bad_grad_one_rank, triton_fsdp,
-                                      checkpoint)}
+                                      checkpoint, stochastic)}
 
 
 def main(argv):

@@ -62,7 +62,8 @@ def test_opcheck():
                                fuse_one_chunk=False))
     moms = [torch.zeros_like(p) for p in params]
     torch.library.opcheck(ops.fadafactor_phase_b.default,
-                          (params, grads, rows, cols, moms, factors, partials, skip, None, None),
+                          (params, grads, rows, cols, moms, steps, factors, partials, skip, None,
+                           None),
                           dict(lr=1e-3, beta1=0.9, eps=1e-8, p=0.5, clip=1.0, weight_decay=1e-3,
                                maximize=False, chunk_size=chunk, fuse_one_chunk=False))
 
@@ -85,7 +86,8 @@ def test_lr_tensor_must_be_one_float32_or_float64_element(lr_tensor):
     before = [t.clone() for t in params + rows + cols + moms]
     with pytest.raises(RuntimeError, match="lr_tensor must be a one-element float32 or float64"):
         torch.ops.fadam_fused.fadafactor_phase_b(
-            params, grads, rows, cols, moms, factors, partials, torch.zeros(()), None, lr_tensor,
+            params, grads, rows, cols, moms, [torch.ones(()) for _ in params], factors, partials,
+            torch.zeros(()), None, lr_tensor,
             lr=1e-3, beta1=0.9, eps=1e-8, p=0.5, clip=1.0, weight_decay=1e-3, maximize=False,
             chunk_size=chunk, fuse_one_chunk=True)
     assert all(torch.equal(x, y) for x, y in zip(before, params + rows + cols + moms))

@@ -56,6 +56,7 @@ TWO_RANKS = ([f"{s}:{b}" for s in ("fsdp_shard0", "fsdp_shard1", "tp", "ddp", "z
                                                 "checkpoint")
                 for b in BACKENDS]
              + [f"{s}:reference:adafisher" for s in ("ddp", "fsdp_shard0", "nonfinite")]
+             + ["stochastic:cpu", "stochastic:reference"]
              + ["fsdp_chunks:cpu", "fsdp_chunks:cpu:fadafactor", "fsdp_mixed_dtypes",
                 "fsdp_mixed_dtypes::fadafactor"]
              + (["triton_fsdp", "triton_fsdp::fadafactor"] if _triton_importable() else [])

@@ -78,3 +78,94 @@ def test_interpreted_kernels_refuse_cuda_tensors():
         assert "interpreter" in cuda_reason and "TRITON_INTERPRET" in cuda_reason
     else:
         assert cuda_reason is None and "CUDA tensors" in cpu_reason
+
+
+# ---- bfloat16 stochastic rounding on the GPU: compiled kernels, torch.compile, graph capture ----
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _sr_problem(device, seed=0):
+    """bf16 parameters with a preset state of step 3 and a bf16 momentum, and zero gradients:
+    the exact update of tests/test_stochastic_rounding.py (theta' = theta - lr beta1 m)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(37,), (5, 300), (70000,)]  # the last: two GPU chunks
+    params = [torch.randn(s, generator=gen).bfloat16().to(device).requires_grad_()
+              for s in shapes]
+    moms = [(torch.randn(s, generator=gen) * 0.3).bfloat16().to(device) for s in shapes]
+    return params, moms
+
+
+def _sr_opt(params, moms, backend):
+    opt = FAdam(params, lr=1e-3, weight_decay=0.0, backend=backend, bf16_rounding="stochastic",
+                rounding_seed=1234, momentum_dtype=torch.bfloat16)
+    for p, m in zip(params, moms):
+        state = FAdam.kind_of(p).new_state(p)
+        state["momentum"], state["step"] = m.clone(), torch.tensor(3.0, device=p.device)
+        opt.state[p] = state
+        p.grad = torch.zeros_like(p)
+    return opt
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_gpu_stochastic_rounding_matches_the_oracle(backend):
+    """The compiled Triton kernels draw the oracle's bits (backend=None: the CUDA kernels have no
+    stochastic rounding yet, so the group runs on Triton's)."""
+    from test_stochastic_rounding import _oracle
+    params, moms = _sr_problem("cuda")
+    before = [p.detach().cpu() for p in params]
+    opt = _sr_opt(params, moms, backend)
+    opt.step()
+    want_p, want_m = _oracle(before, [m.cpu() for m in moms])
+    for p, w in zip(params, want_p):
+        assert torch.equal(p.detach().cpu(), w)
+    for p, w in zip(params, want_m):
+        assert torch.equal(opt.state[p]["momentum"].cpu(), w)
+
+
+@needs_gpu
+def test_gpu_cuda_backend_refuses_stochastic_rounding_by_name():
+    params, moms = _sr_problem("cuda")
+    opt = _sr_opt(params, moms, "cuda")
+    with pytest.raises(RuntimeError, match="CUDA kernels have no stochastic rounding"):
+        opt.step()
+
+
+@needs_gpu
+def test_gpu_stochastic_rounding_in_a_captured_graph_and_compiled():
+    """A step captured in a CUDA graph, and one traced by torch.compile, give the eager bits."""
+    ref_params, moms = _sr_problem("cuda")
+    ref = _sr_opt(ref_params, moms, "triton")
+    ref.step()
+    params, _ = _sr_problem("cuda")
+    opt = _sr_opt(params, moms, "triton")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        opt.step()  # warm-up: tables and the rounding rows reach the device before capture
+    for p, m in zip(params, moms):  # back to the preset state, in place
+        opt.state[p]["momentum"].copy_(m)
+        opt.state[p]["step"].fill_(3.0)
+        opt.state[p]["fim"].fill_(1.0)
+    fresh, _ = _sr_problem("cuda")
+    for p, q in zip(params, fresh):
+        p.data.copy_(q.detach())
+    with torch.cuda.graph(graph):
+        opt.step()
+    for p, q in zip(params, fresh):  # capture ran nothing: restore and replay once
+        p.data.copy_(q.detach())
+    for p, m in zip(params, moms):
+        opt.state[p]["momentum"].copy_(m)
+        opt.state[p]["step"].fill_(3.0)
+        opt.state[p]["fim"].fill_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p.detach(), q.detach())
+    compiled_params, _ = _sr_problem("cuda")
+    compiled = _sr_opt(compiled_params, moms, "triton")
+    torch.compile(compiled.step)()
+    for p, q in zip(compiled_params, ref_params):
+        assert torch.equal(p.detach(), q.detach())

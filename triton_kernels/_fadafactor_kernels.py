@@ -86,7 +86,7 @@ def _factored_fim(row_norm_i, col_j):
 @triton.jit
 def _operands(meta, n_tensors, blocks, p_in, g_in, m_in, rs_in, cs_in, step_in, numel_in,
               batch_in, rows_in, cols_in, tile_r_in, tile_c_in, slot_in, fpart_in, fac_in,
-              DTYPE: tl.constexpr, TABLE: tl.constexpr):
+              DTYPE: tl.constexpr, TABLE: tl.constexpr, MDTYPE: tl.constexpr = tl.float32):
     """This program's index (tile, matrix or chunk, by kernel) and its tensor's operands and
     sizes: (idx, p, g, m, rs, cs, step, numel, batch, rows, cols, tile_r, tile_c, slot, fpart,
     fac).
@@ -99,7 +99,7 @@ def _operands(meta, n_tensors, blocks, p_in, g_in, m_in, rs_in, cs_in, step_in, 
         idx = blk & 0xFFFFFFFF
         p_ptr = K._pointer(meta, ROW_P, n_tensors, t, DTYPE, False)
         g_ptr = K._pointer(meta, ROW_G, n_tensors, t, DTYPE, False)
-        m_ptr = K._pointer(meta, ROW_M, n_tensors, t, tl.float32, False)
+        m_ptr = K._pointer(meta, ROW_M, n_tensors, t, MDTYPE, False)
         rs_ptr = K._pointer(meta, ROW_RS, n_tensors, t, tl.float32, False)
         cs_ptr = K._pointer(meta, ROW_CS, n_tensors, t, tl.float32, False)
         step_ptr = K._pointer(meta, ROW_STEP, n_tensors, t, tl.float32, False)
@@ -315,17 +315,18 @@ def _reduce_chunk(p_ptr, g_ptr, fac_ptr, n, j0, i0, rows, cols, p, eps_p, gmul,
 
 @triton.jit
 def _update_tile(p_ptr, g_ptr, m_ptr, fac_ptr, o, n, j0, i0, rows, cols, p, eps_p, gmul,
-                 beta1, omb1, inv_s1, inv_s2, lr, wd,
-                 SQRT: tl.constexpr, INTERPRET: tl.constexpr, MASKED: tl.constexpr):
+                 beta1, omb1, inv_s1, inv_s2, lr, wd, sr,
+                 SQRT: tl.constexpr, INTERPRET: tl.constexpr, MASKED: tl.constexpr,
+                 SR_P: tl.constexpr, SR_M: tl.constexpr):
     th, ghat, w = _natural_tile(p_ptr, g_ptr, fac_ptr, o, n, j0, i0, rows, cols, p, eps_p,
                                 gmul, SQRT, INTERPRET, MASKED)
     if MASKED:
         mask = o < n
-        m = tl.load(m_ptr + o, mask=mask, other=0.0)
+        m = tl.load(m_ptr + o, mask=mask, other=0.0).to(tl.float32)
     else:
-        m = tl.load(m_ptr + o)
+        m = tl.load(m_ptr + o).to(tl.float32)
     th, m = K._fadam_update(th, m, ghat, w, beta1, omb1, inv_s1, inv_s2, lr, wd)
-    th = K._to_storage(th, p_ptr.dtype.element_ty, INTERPRET)
+    th, m = K._store_update(p_ptr, m_ptr, o, th, m, sr, SR_P, SR_M, INTERPRET)
     if MASKED:
         tl.store(m_ptr + o, m, mask=mask)
         tl.store(p_ptr + o, th, mask=mask)
@@ -406,19 +407,25 @@ def _copy_factors(src, dst, stride_src, per_src, begin, end, BLOCK: tl.constexpr
 def _phase_b_kernel(
     meta, n_tensors, blocks,
     p_in, g_in, m_in, rs_in, cs_in, step_in, numel_in, batch_in, rows_in, cols_in, tile_r_in,
-    tile_c_in, slot_in, fpart_in, fac_in,
-    factors, partials, skip, gscale, lr_ptr,
+    tile_c_in, slot_in, fpart_in, fac_in, rnd_in,
+    factors, partials, skip, gscale, lr_ptr, rnd,
     lr, beta1, omb1, eps_p, p, clip: tl.float64, wd, sign, chunk_size, fuse_one_chunk,
     DTYPE: tl.constexpr, HAS_GSCALE: tl.constexpr, HAS_LR: tl.constexpr, SQRT: tl.constexpr,
     ALIGNED: tl.constexpr, TABLE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr, SLOT_BLOCK: tl.constexpr,
+    MDTYPE: tl.constexpr, SR: tl.constexpr, SR_P: tl.constexpr, SR_M: tl.constexpr,
 ):
     # A non-finite gradient anywhere in the step (or GradScaler's found_inf): change nothing.
     if tl.load(skip) == 0.0:
-        (c, p_ptr, g_ptr, m_ptr, rs_ptr, cs_ptr, _st, numel, batch, rows, cols, _tr, _tc, slot,
-         _fpart, fac) = _operands(meta, n_tensors, blocks, p_in, g_in, m_in, rs_in, cs_in,
+        (c, p_ptr, g_ptr, m_ptr, rs_ptr, cs_ptr, step_ptr, numel, batch, rows, cols, _tr, _tc,
+         slot, _fpart, fac) = _operands(meta, n_tensors, blocks, p_in, g_in, m_in, rs_in, cs_in,
             step_in, numel_in, batch_in, rows_in, cols_in, tile_r_in, tile_c_in, slot_in, fpart_in,
-            fac_in, DTYPE, TABLE)
+            fac_in, DTYPE, TABLE, MDTYPE)
+        if TABLE:
+            t = tl.load(meta + blocks + tl.program_id(0)) >> 32
+        else:
+            t = c * 0
+        sr = K._sr_row(rnd, rnd_in, t, step_ptr, c, chunk_size, SR, TABLE)
         # The new R and C become the state: program c of the tensor's nch copies its slice
         # (a tensor without elements, e.g. (0, 4), still has R or C and gets one program).
         nch = tl.maximum((numel + chunk_size - 1) // chunk_size, 1)
@@ -459,9 +466,9 @@ def _phase_b_kernel(
             n_full = (n // BLOCK) * BLOCK
             for k in range(0, n_full, BLOCK):
                 _update_tile(p_ptr, g_ptr, m_ptr, fac_ptr, k + offs, n, j0, i0, rows32,
-                             cols32, p, eps_p, gmul, beta1, omb1, inv_s1, inv_s2, lr_v, wd,
-                             SQRT, INTERPRET, False)
+                             cols32, p, eps_p, gmul, beta1, omb1, inv_s1, inv_s2, lr_v, wd, sr,
+                             SQRT, INTERPRET, False, SR_P, SR_M)
             if n_full < n:
                 _update_tile(p_ptr, g_ptr, m_ptr, fac_ptr, n_full + offs, n, j0, i0, rows32,
-                             cols32, p, eps_p, gmul, beta1, omb1, inv_s1, inv_s2, lr_v, wd,
-                             SQRT, INTERPRET, True)
+                             cols32, p, eps_p, gmul, beta1, omb1, inv_s1, inv_s2, lr_v, wd, sr,
+                             SQRT, INTERPRET, True, SR_P, SR_M)

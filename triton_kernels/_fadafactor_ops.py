@@ -57,7 +57,8 @@ class _Call(launch.Launch):
     def __init__(self, op: str, phase: str, params: Sequence[Tensor], lists: dict,
                  buffers: dict, skip: Optional[Tensor], grad_scale: Optional[Tensor],
                  lr_tensor: Optional[Tensor], scalars: op_contract.HostScalars, *,
-                 p: float = 0.5, chunk_size: int, fuse: bool = False):
+                 p: float = 0.5, chunk_size: int, fuse: bool = False,
+                 rounding: Sequence[int] = ()):
         self.device = launch.check_call(op, params, next(iter(buffers.values())), chunk_size,
                                         skip=skip, grad_scale=grad_scale, lr_tensor=lr_tensor,
                                         lengths=lists)
@@ -74,6 +75,9 @@ class _Call(launch.Launch):
         self.owners = {"S": lists.get("steps"), "A": params, "B": lists.get("momentums")}[phase]
         self.key = (chunk_size, fuse, tuple(tuple(p.shape) for p in params))
         self.sizes = tuple(b.numel() for b in buffers.values())
+        self.sr = launch.Rounding(op, params, lists.get("momentums"), rounding, self.device)
+        if phase == "B":  # its kernel takes the rounding rows
+            self.no_operands = dict(self.no_operands, rnd_in=None)
 
     @functools.cached_property
     def offsets(self):
@@ -94,7 +98,7 @@ class _Call(launch.Launch):
         launch.check_params(op, params, _contiguous_matrices,
                             "a contiguous tensor of 2 or more dims")
         for i, p in enumerate(params):
-            shapes = {"grads": (p.shape, p.dtype), "momentums": (p.shape, torch.float32),
+            shapes = {"grads": (p.shape, p.dtype), "momentums": (p.shape, self.sr.mdtype),
                       "fim_rows": (p.shape[:-1], torch.float32),
                       "fim_cols": (p.shape[:-2] + p.shape[-1:], torch.float32)}
             for name, (shape, want) in shapes.items():
@@ -134,12 +138,15 @@ class _Call(launch.Launch):
         filler = self.lists["steps"][i] if self.phase == "S" else self.buffers["factors"]
         pick = lambda name: self.lists[name][i] if name in self.lists else filler  # noqa: E731
         grad = self.lists["grads"][i]
-        return dict(p_in=grad if self.phase == "S" else self.params[i], g_in=grad,
-                    m_in=pick("momentums"), rs_in=pick("fim_rows"), cs_in=pick("fim_cols"),
-                    step_in=pick("steps"), numel_in=numels[i], batch_in=t.batch,
-                    rows_in=t.rows, cols_in=t.cols, tile_r_in=t.tile_rows,
-                    tile_c_in=t.tile_cols, slot_in=slots[i], fpart_in=fparts[i],
-                    fac_in=facs[i])
+        out = dict(p_in=grad if self.phase == "S" else self.params[i], g_in=grad,
+                   m_in=pick("momentums"), rs_in=pick("fim_rows"), cs_in=pick("fim_cols"),
+                   step_in=pick("steps"), numel_in=numels[i], batch_in=t.batch,
+                   rows_in=t.rows, cols_in=t.cols, tile_r_in=t.tile_rows,
+                   tile_c_in=t.tile_cols, slot_in=slots[i], fpart_in=fparts[i],
+                   fac_in=facs[i])
+        if self.phase == "B":
+            out["rnd_in"] = self.sr.row(i)
+        return out
 
     def table(self, addresses: list[list[int]]) -> launch.Rows:
         numels, tiles, slots, fparts, facs = self.offsets
@@ -228,19 +235,21 @@ def triton_fadafactor_phase_a(
                          schema=op_contract.FADAFACTOR_PHASE_B_SCHEMA)
 def triton_fadafactor_phase_b(
     params: list[Tensor], grads: list[Tensor], fim_rows: list[Tensor], fim_cols: list[Tensor],
-    momentums: list[Tensor], factors: Tensor, partials: Tensor, skip: Tensor,
-    grad_scale: Optional[Tensor], lr_tensor: Optional[Tensor], *, lr: float, beta1: float,
-    eps: float, p: float, clip: float, weight_decay: float, maximize: bool, chunk_size: int,
-    fuse_one_chunk: bool,
+    momentums: list[Tensor], steps: list[Tensor], factors: Tensor, partials: Tensor,
+    skip: Tensor, grad_scale: Optional[Tensor], lr_tensor: Optional[Tensor], *, lr: float,
+    beta1: float, eps: float, p: float, clip: float, weight_decay: float, maximize: bool,
+    chunk_size: int, fuse_one_chunk: bool, rounding: Sequence[int] = (),
 ) -> None:
     """Phase B: unless skip != 0, the FAdam update of momentums and params with f from
-    ``factors``, and the new R and C copied into fim_rows / fim_cols."""
+    ``factors`` (a bfloat16 one stochastically rounded with a `rounding` list), and the new R
+    and C copied into fim_rows / fim_cols."""
     call = _Call("fadam_fused::triton_fadafactor_phase_b", "B", params,
-                 dict(grads=grads, fim_rows=fim_rows, fim_cols=fim_cols, momentums=momentums),
+                 dict(grads=grads, fim_rows=fim_rows, fim_cols=fim_cols, momentums=momentums,
+                      steps=steps),
                  dict(factors=factors, partials=partials), skip, grad_scale, lr_tensor,
                  op_contract.host_scalars(beta2=0.0, eps=eps, p=p, clip=clip, maximize=maximize,
                                           lr=lr, beta1=beta1, weight_decay=weight_decay),
-                 p=p, chunk_size=chunk_size, fuse=bool(fuse_one_chunk))
+                 p=p, chunk_size=chunk_size, fuse=bool(fuse_one_chunk), rounding=rounding)
     if not params:
         return
     h = call.scalars
@@ -248,4 +257,4 @@ def triton_fadafactor_phase_b(
         FK._phase_b_kernel, skip=skip, lr_ptr=lr_tensor, lr=h.lr, beta1=h.beta1,
         omb1=h.one_minus_beta1, clip=h.clip, wd=h.weight_decay,
         fuse_one_chunk=bool(fuse_one_chunk), HAS_LR=lr_tensor is not None,
-        SLOT_BLOCK=launch.SLOT_BLOCK)])
+        SLOT_BLOCK=launch.SLOT_BLOCK, **call.sr.kernel_args())])

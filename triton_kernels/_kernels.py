@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from . import _rounding as R
+
 # Largest finite float32; |x| <= this is false exactly for inf, -inf and NaN (every comparison with
 # NaN is false). A comparison is not folded away by the compiler the way `x * 0` could be under
 # fast-math flags, and it costs one FSETP per element.
@@ -252,20 +254,54 @@ def _to_storage(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _store_update(p_ptr, m_ptr, o, th, m, sr, SR_P: tl.constexpr, SR_M: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """theta and m in their storage dtypes: a bfloat16 one stochastically rounded when SR_P /
+    SR_M ([note: stochastic rounding]; `sr` = (key, e0, base, inner_local, inner_global)), else
+    to nearest. Shared by FAdam's and FAdafactor's phase B."""
+    key, e0, base, inner_local, inner_global = sr
+    if SR_P:
+        th = R.rounded(th, o, key, e0, base, inner_local, inner_global, 0)
+    else:
+        th = _to_storage(th, p_ptr.dtype.element_ty, INTERPRET)
+    if SR_M:
+        m = R.rounded(m, o, key, e0, base, inner_local, inner_global, 1)
+    else:
+        m = _to_storage(m, m_ptr.dtype.element_ty, INTERPRET)
+    return th, m
+
+
+@triton.jit
+def _sr_row(rnd, rnd_in, t, step_ptr, c, chunk_size, SR: tl.constexpr, TABLE: tl.constexpr):
+    """(key, e0, base, inner_local, inner_global) of this program's chunk c: its tensor's
+    stochastic-rounding row and the chunk's first element; zeros without SR."""
+    e0 = c * chunk_size
+    if SR:
+        key, base, inner_local, inner_global = R.row(rnd, rnd_in, t, step_ptr, TABLE)
+    else:
+        key = tl.full([], 0, tl.uint32)
+        base = e0 * 0
+        inner_local = e0 * 0 + 1
+        inner_global = e0 * 0 + 1
+    return key, e0, base, inner_local, inner_global
+
+
+@triton.jit
 def _update_tile(p_ptr, g_ptr, f_ptr, m_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
-                 beta1, omb1, inv_s1, inv_s2, lr, wd,
-                 SQRT: tl.constexpr, INTERPRET: tl.constexpr, MASKED: tl.constexpr):
+                 beta1, omb1, inv_s1, inv_s2, lr, wd, sr,
+                 SQRT: tl.constexpr, INTERPRET: tl.constexpr, MASKED: tl.constexpr,
+                 SR_P: tl.constexpr, SR_M: tl.constexpr):
     """Phase B on one tile: the new f, m and theta, stored in their storage dtypes."""
     if MASKED:
         mask = o < n
         g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
         f = tl.load(f_ptr + o, mask=mask, other=1.0)
-        m = tl.load(m_ptr + o, mask=mask, other=0.0)
+        m = tl.load(m_ptr + o, mask=mask, other=0.0).to(tl.float32)
         th = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
     else:
         g = tl.load(g_ptr + o).to(tl.float32)
         f = tl.load(f_ptr + o)
-        m = tl.load(m_ptr + o)
+        m = tl.load(m_ptr + o).to(tl.float32)
         th = tl.load(p_ptr + o).to(tl.float32)
     g = g * gmul
     f = _fim_update(f, g, b2hat, omb2)
@@ -273,7 +309,7 @@ def _update_tile(p_ptr, g_ptr, f_ptr, m_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
     ghat = tl.div_rn(g, d)
     w = tl.div_rn(th, d)
     th, m = _fadam_update(th, m, ghat, w, beta1, omb1, inv_s1, inv_s2, lr, wd)
-    th = _to_storage(th, p_ptr.dtype.element_ty, INTERPRET)
+    th, m = _store_update(p_ptr, m_ptr, o, th, m, sr, SR_P, SR_M, INTERPRET)
     if MASKED:
         tl.store(f_ptr + o, f, mask=mask)
         tl.store(m_ptr + o, m, mask=mask)
@@ -286,16 +322,17 @@ def _update_tile(p_ptr, g_ptr, f_ptr, m_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
 
 @triton.jit
 def _update_chunk(p_ptr, g_ptr, f_ptr, m_ptr, n, b2hat, omb2, p, eps_p, gmul,
-                  beta1, omb1, inv_s1, inv_s2, lr, wd,
-                  SQRT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+                  beta1, omb1, inv_s1, inv_s2, lr, wd, sr,
+                  SQRT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
+                  SR_P: tl.constexpr, SR_M: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     n_full = (n // BLOCK) * BLOCK
     for k in range(0, n_full, BLOCK):
         _update_tile(p_ptr, g_ptr, f_ptr, m_ptr, k + offs, n, b2hat, omb2, p, eps_p, gmul,
-                     beta1, omb1, inv_s1, inv_s2, lr, wd, SQRT, INTERPRET, False)
+                     beta1, omb1, inv_s1, inv_s2, lr, wd, sr, SQRT, INTERPRET, False, SR_P, SR_M)
     if n_full < n:
         _update_tile(p_ptr, g_ptr, f_ptr, m_ptr, n_full + offs, n, b2hat, omb2, p, eps_p, gmul,
-                     beta1, omb1, inv_s1, inv_s2, lr, wd, SQRT, INTERPRET, True)
+                     beta1, omb1, inv_s1, inv_s2, lr, wd, sr, SQRT, INTERPRET, True, SR_P, SR_M)
 
 
 @triton.jit
@@ -339,10 +376,12 @@ def _pointer(meta, row, n_tensors, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr
 @triton.jit
 def _program_operands(meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in, slot_in,
                       chunk_size, DTYPE: tl.constexpr, HAS_M: tl.constexpr,
-                      ALIGNED: tl.constexpr, TABLE: tl.constexpr):
+                      ALIGNED: tl.constexpr, TABLE: tl.constexpr,
+                      MDTYPE: tl.constexpr = tl.float32):
     """The prologue of both kernels: this program's chunk c of its tensor, the operands offset to
     the chunk's first element, the tensor's numel and first slot, and the chunk's element count n
-    (int32). Without HAS_M the momentum pointer is the fim's (never dereferenced)."""
+    (int32), and the tensor's index t (0 on the traced path). Without HAS_M the momentum pointer
+    is the fim's (never dereferenced); MDTYPE is the momentum's dtype (momentum_dtype)."""
     pid = tl.program_id(0)
     if TABLE:
         if HAS_M:
@@ -356,7 +395,7 @@ def _program_operands(meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in
         g_ptr = _pointer(meta, ROW_G, n_tensors, t, DTYPE, ALIGNED)
         f_ptr = _pointer(meta, ROW_F, n_tensors, t, tl.float32, ALIGNED)
         if HAS_M:
-            m_ptr = _pointer(meta, ROW_M, n_tensors, t, tl.float32, ALIGNED)
+            m_ptr = _pointer(meta, ROW_M, n_tensors, t, MDTYPE, ALIGNED)
         else:
             m_ptr = f_ptr
         step_ptr = _pointer(meta, ROW_STEP, n_tensors, t, tl.float32, False)
@@ -364,6 +403,7 @@ def _program_operands(meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in
         slot = tl.load(meta + ROW_SLOT * n_tensors + t)
     else:
         c = pid.to(tl.int64)
+        t = c * 0
         p_ptr = p_in
         g_ptr = g_in
         f_ptr = f_in
@@ -386,7 +426,7 @@ def _program_operands(meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in
         g_ptr = tl.multiple_of(g_ptr, 16)
         f_ptr = tl.multiple_of(f_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
-    return p_ptr, g_ptr, f_ptr, m_ptr, step_ptr, numel, slot, c, n
+    return p_ptr, g_ptr, f_ptr, m_ptr, step_ptr, numel, slot, c, n, t
 
 
 # n_tensors, numel_in and slot_in are not specialised (Triton would otherwise compile separate
@@ -400,7 +440,7 @@ def _phase_a_kernel(
     DTYPE: tl.constexpr, HAS_GSCALE: tl.constexpr, SQRT: tl.constexpr, ALIGNED: tl.constexpr,
     TABLE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    p_ptr, g_ptr, f_ptr, _m_ptr, step_ptr, numel, slot, c, n = _program_operands(
+    p_ptr, g_ptr, f_ptr, _m_ptr, step_ptr, numel, slot, c, n, _t = _program_operands(
         meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in, slot_in, chunk_size,
         DTYPE, False, ALIGNED, TABLE)
     gmul = _grad_mul(gscale, sign, HAS_GSCALE)
@@ -423,20 +463,22 @@ def _phase_a_kernel(
 @triton.jit(do_not_specialize=["n_tensors", "numel_in", "slot_in"])
 def _phase_b_kernel(
     meta, n_tensors,
-    p_in, g_in, f_in, step_in, m_in, numel_in, slot_in,
-    partials, skip, gscale, lr_ptr,
+    p_in, g_in, f_in, step_in, m_in, numel_in, slot_in, rnd_in,
+    partials, skip, gscale, lr_ptr, rnd,
     lr, beta1, omb1, beta2: tl.float64, eps_p, p, clip: tl.float64, wd, sign,
     chunk_size, fuse_one_chunk,
     DTYPE: tl.constexpr, HAS_GSCALE: tl.constexpr, HAS_LR: tl.constexpr, SQRT: tl.constexpr,
     ALIGNED: tl.constexpr, TABLE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr, SLOT_BLOCK: tl.constexpr,
+    MDTYPE: tl.constexpr, SR: tl.constexpr, SR_P: tl.constexpr, SR_M: tl.constexpr,
 ):
     # A gradient anywhere in the step whose square is not finite ([note: the gradient overflow
     # rule]), or GradScaler's found_inf: change nothing.
     if tl.load(skip) == 0.0:
-        p_ptr, g_ptr, f_ptr, m_ptr, step_ptr, numel, slot, c, n = _program_operands(
+        p_ptr, g_ptr, f_ptr, m_ptr, step_ptr, numel, slot, c, n, t = _program_operands(
             meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in, slot_in, chunk_size,
-            DTYPE, True, ALIGNED, TABLE)
+            DTYPE, True, ALIGNED, TABLE, MDTYPE)
+        sr = _sr_row(rnd, rnd_in, t, step_ptr, c, chunk_size, SR, TABLE)
         gmul = _grad_mul(gscale, sign, HAS_GSCALE)
         b2hat, omb2 = _fim_coeffs(step_ptr, beta2, INTERPRET)
         if HAS_LR:
@@ -459,5 +501,5 @@ def _phase_b_kernel(
             inv_s1 = _clip_inv_scale(sum_g, numel, clip)
             inv_s2 = _clip_inv_scale(sum_w, numel, clip)
         _update_chunk(p_ptr, g_ptr, f_ptr, m_ptr, n, b2hat, omb2, p, eps_p, gmul,
-                      beta1, omb1, inv_s1.to(tl.float32), inv_s2.to(tl.float32), lr_v, wd,
-                      SQRT, INTERPRET, BLOCK)
+                      beta1, omb1, inv_s1.to(tl.float32), inv_s2.to(tl.float32), lr_v, wd, sr,
+                      SQRT, INTERPRET, BLOCK, SR_P, SR_M)

@@ -45,7 +45,8 @@ class _Call(launch.Launch):
                  fims: Sequence[Tensor], steps: Sequence[Tensor],
                  momentums: Optional[Sequence[Tensor]], partials: Tensor, skip: Tensor,
                  grad_scale: Optional[Tensor], lr_tensor: Optional[Tensor],
-                 scalars: op_contract.HostScalars, *, p: float, chunk_size: int, fuse: bool):
+                 scalars: op_contract.HostScalars, *, p: float, chunk_size: int, fuse: bool,
+                 rounding: Sequence[int] = ()):
         lists = dict(grads=grads, fims=fims, steps=steps)
         if momentums is not None:
             lists["momentums"] = momentums
@@ -63,6 +64,9 @@ class _Call(launch.Launch):
         self.numels = [t.numel() for t in params]
         self.key = (chunk_size, fuse, self.clipping, tuple(self.numels))
         self.sizes = (partials.size(0),)
+        self.sr = launch.Rounding(op, params, momentums, rounding, self.device)
+        if momentums is not None:  # phase B: its kernel takes the rounding rows
+            self.no_operands = dict(self.no_operands, rnd_in=None)
 
     @functools.cached_property
     def slots(self) -> list[int]:
@@ -71,7 +75,7 @@ class _Call(launch.Launch):
     def check(self) -> None:
         op, device, params = self.op, self.device, self.params
         launch.check_params(op, params, op_contract.is_dense, "dense and non-overlapping")
-        wants = dict(grads=params[0].dtype, fims=torch.float32, momentums=torch.float32)
+        wants = dict(grads=params[0].dtype, fims=torch.float32, momentums=self.sr.mdtype)
         for i, p in enumerate(params):
             for name, want in wants.items():
                 if name in self.lists:
@@ -87,10 +91,13 @@ class _Call(launch.Launch):
 
     def tensor_operands(self, i: int) -> dict:
         m = self.lists.get("momentums")
-        return dict(p_in=self.params[i], g_in=self.lists["grads"][i],
-                    f_in=self.lists["fims"][i], step_in=self.lists["steps"][i],
-                    m_in=None if m is None else m[i], numel_in=self.numels[i],
-                    slot_in=self.slots[i])
+        out = dict(p_in=self.params[i], g_in=self.lists["grads"][i],
+                   f_in=self.lists["fims"][i], step_in=self.lists["steps"][i],
+                   m_in=None if m is None else m[i], numel_in=self.numels[i],
+                   slot_in=self.slots[i])
+        if m is not None:
+            out["rnd_in"] = self.sr.row(i)
+        return out
 
     def table(self, addresses: list[list[int]]) -> launch.Rows:
         # Element operands (not the step counters, read as scalars) decide the vectorised path.
@@ -142,14 +149,18 @@ def triton_phase_b(
     steps: list[Tensor], partials: Tensor, skip: Tensor, grad_scale: Optional[Tensor],
     lr_tensor: Optional[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, p: float,
     clip: float, weight_decay: float, maximize: bool, chunk_size: int, fuse_one_chunk: bool,
+    rounding: Sequence[int] = (),
 ) -> None:
-    """Phase B: unless skip != 0, the FAdam update of fims, momentums and params."""
+    """Phase B: unless skip != 0, the FAdam update of fims, momentums and params; a bfloat16
+    param or momentum stochastically rounded with a `rounding` list ([note: stochastic
+    rounding])."""
     h = op_contract.host_scalars(beta2=beta2, eps=eps, p=p, clip=clip, maximize=maximize, lr=lr,
                                  beta1=beta1, weight_decay=weight_decay)
     call = _Call("fadam_fused::triton_phase_b", "B", params, grads, fims, steps, momentums,
                  partials, skip, grad_scale, lr_tensor, h, p=p, chunk_size=chunk_size,
-                 fuse=bool(fuse_one_chunk))
+                 fuse=bool(fuse_one_chunk), rounding=rounding)
     if params:
         launch.run(call, [call.kernel(
             K._phase_b_kernel, lr_ptr=lr_tensor, lr=h.lr, beta1=h.beta1, omb1=h.one_minus_beta1,
-            wd=h.weight_decay, HAS_LR=lr_tensor is not None, SLOT_BLOCK=launch.SLOT_BLOCK)])
+            wd=h.weight_decay, HAS_LR=lr_tensor is not None, SLOT_BLOCK=launch.SLOT_BLOCK,
+            **call.sr.kernel_args())])

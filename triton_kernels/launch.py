@@ -332,6 +332,64 @@ def is_traced(tensors: Iterable[Tensor]) -> bool:
     return any(isinstance(t, FunctionalTensor) or is_fake(t) for t in tensors)
 
 
+class Rounding:
+    """An update op's stochastic rounding ([note: stochastic rounding] in
+    fadam_fused/op_contract.py), checked and described once per call: whether a bfloat16
+    parameter (SR_P) and a bfloat16 momentum (SR_M) are rounded stochastically, the momentum's
+    dtype, and the rounding list as an int64 device tensor (`rnd`), cached per (device, list) so
+    that a steady-state step copies nothing to the device (and a captured graph reads the same
+    tensor at replay)."""
+
+    _cache: "collections.OrderedDict[tuple, Tensor]" = collections.OrderedDict()
+
+    def __init__(self, op: str, params: Sequence[Tensor],
+                 momentums: Optional[Sequence[Tensor]], rounding: Sequence[int],
+                 device: torch.device):
+        rounding = [int(x) for x in rounding]
+        n = len(params)
+        self.mdtype = momentums[0].dtype if momentums else torch.float32
+        if self.mdtype not in (torch.float32, torch.bfloat16):
+            fail(op, f"momentums must be float32 or bfloat16, got {self.mdtype}")
+        if rounding and len(rounding) != 4 * n:
+            fail(op, f"rounding must be empty or hold 4 int64 per tensor ([seed, base, "
+                     f"inner_local, inner_global]), got {len(rounding)} for {n} tensors")
+        for i in range(n if rounding else 0):
+            base, inner_local, inner_global = rounding[4 * i + 1:4 * i + 4]
+            if not (base >= 0 and 0 < inner_local <= inner_global):
+                fail(op, f"rounding[{4 * i}:{4 * i + 4}] of params[{i}] must have base >= 0 and "
+                         f"0 < inner_local <= inner_global, got {rounding[4 * i:4 * i + 4]}")
+        self.sr_p = bool(rounding) and n > 0 and params[0].dtype == torch.bfloat16
+        self.sr_m = bool(rounding) and self.mdtype == torch.bfloat16
+        self.rnd = None
+        if self.sr_p or self.sr_m:
+            self.rnd = self._tensor(tuple(rounding), device, is_traced(params))
+
+    @classmethod
+    def _tensor(cls, rounding: tuple, device: torch.device, traced: bool) -> Tensor:
+        if traced:  # a constant of the traced graph
+            return torch.tensor(rounding, dtype=torch.int64, device=device)
+        key = (device, rounding)
+        t = cls._cache.get(key)
+        if t is None:
+            t = torch.tensor(rounding, dtype=torch.int64)
+            if device.type == "cuda":
+                t = t.pin_memory().to(device, non_blocking=True)
+            cls._cache[key] = t
+            while len(cls._cache) > CACHE_ENTRIES:
+                cls._cache.popitem(last=False)
+        else:
+            cls._cache.move_to_end(key)
+        return t
+
+    def row(self, i: int) -> Optional[Tensor]:
+        """Tensor i's row (the traced path's rnd_in)."""
+        return None if self.rnd is None else self.rnd[4 * i:4 * i + 4]
+
+    def kernel_args(self) -> dict:
+        return dict(rnd=self.rnd, MDTYPE=tl_dtype(self.mdtype), SR=self.sr_p or self.sr_m,
+                    SR_P=self.sr_p, SR_M=self.sr_m)
+
+
 # Tests set this to exercise the per-tensor (TABLE=False) path in the interpreter.
 FORCE_PER_TENSOR = False
 

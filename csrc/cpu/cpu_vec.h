@@ -12,12 +12,15 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "fadam_math.h"
 #include "fadam_ops.h"
 #include "op_boundary.h"
+#include "stochastic_round.h"
 
 namespace fadam {
 
@@ -55,6 +58,153 @@ inline void store_float(scalar_t* ptr, fVec v) {
     v.store(ptr);
   } else {
     at::vec::convert_from_float<scalar_t>(v, v).store(ptr, kLanes);
+  }
+}
+
+// ---- stochastic rounding ([note: stochastic rounding] in fadam_fused/op_contract.py) --------
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// fmix32 of 8 uint32 lanes.
+inline __m256i fmix32_x8(__m256i h) {
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+// The bfloat16 bits of 8 float32 lanes x, stochastically rounded, lane j drawing the bits of
+// index lo0 + j (whose high half, xor the stream's salt, is hi_salt): bf16_bits_stochastic and
+// rounding_bits of csrc/stochastic_round.h, 8 lanes at a time (the compiler left the scalar loop
+// of 8 hashes mostly unvectorised: 1.2-1.7x the step time of round to nearest).
+inline void stochastic_bf16_x8(__m256 x, uint32_t key, uint32_t lo0, uint32_t hi_salt,
+                               uint16_t* out) {
+  const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo0)),
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i h = fmix32_x8(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(key)), idx));
+  h = fmix32_x8(_mm256_xor_si256(h, _mm256_set1_epi32(static_cast<int>(hi_salt))));
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_srli_epi32(h, 16)), 16);
+  // inf and NaN: to nearest (inf keeps its bits, a NaN becomes 0x7FC0).
+  const __m256i expo = _mm256_set1_epi32(0x7F800000);
+  const __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(u, expo), expo);
+  const __m256i nan = _mm256_andnot_si256(
+      _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x007FFFFF)),
+                         _mm256_setzero_si256()),
+      special);
+  __m256i bits = _mm256_blendv_epi8(rounded, _mm256_srli_epi32(u, 16), special);
+  bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC0), nan);
+  // 8 x uint32 (< 2^16) -> 8 x uint16: packus works per 128-bit half, then the halves' low
+  // quadwords are joined.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+}
+#endif
+
+// One tensor's stochastic rounding in a CPU kernel: its row of the op's rounding list and the
+// per-tensor part of the hash (tensor_key, from the step read on the host). `on` is false for
+// round to nearest (an empty rounding list).
+struct Rounder {
+  bool on = false;
+  uint32_t key = 0;
+  RoundingArgs where{};
+
+  Rounder() = default;
+  Rounder(const LaunchDesc& d, size_t i, double step) {
+    if (!d.rounding.empty()) {
+      on = true;
+      where = d.rounding[i];
+      key = tensor_key(where.seed, static_cast<uint32_t>(static_cast<int64_t>(step)));
+    }
+  }
+
+  // kLanes lanes of v rounded stochastically to bfloat16 bits; lane j is local element e0 + j.
+  // The contiguous case (a whole tensor, or a shard that is one run of the logical tensor) is a
+  // fixed-length loop of uint32 multiplies, xors and shifts that the compiler vectorises (two
+  // fmix32 per element: 4 vpmulld); a run crossing 2^32 or a strided shard takes the general
+  // index.
+  inline void bits(fVec v, int64_t e0, uint32_t stream, uint16_t* out) const {
+    alignas(64) float x[kLanes];
+    v.store(x);
+    const uint32_t salt = stream * kStreamMul;
+    const uint64_t first = static_cast<uint64_t>(where.base + e0);
+    const uint32_t lo0 = static_cast<uint32_t>(first);
+    if (where.whole() && lo0 <= UINT32_MAX - kLanes) {
+      const uint32_t hi = static_cast<uint32_t>(first >> 32) ^ salt;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+      for (int64_t q = 0; q < kLanes; q += 8) {
+        stochastic_bf16_x8(_mm256_load_ps(x + q), key, lo0 + static_cast<uint32_t>(q), hi,
+                           out + q);
+      }
+      return;
+#endif
+      alignas(64) uint32_t u[kLanes];
+      std::memcpy(u, x, sizeof(u));
+      for (int64_t j = 0; j < kLanes; ++j) {
+        uint32_t h = fmix32(key ^ (lo0 + static_cast<uint32_t>(j)));
+        h = fmix32(h ^ hi) >> 16;
+        const bool special = (u[j] & 0x7F800000u) == 0x7F800000u;
+        const uint16_t rounded = static_cast<uint16_t>((u[j] + h) >> 16);
+        const uint16_t nearest =
+            (u[j] & 0x007FFFFFu) ? uint16_t{0x7FC0} : static_cast<uint16_t>(u[j] >> 16);
+        out[j] = special ? nearest : rounded;
+      }
+      return;
+    }
+    for (int64_t j = 0; j < kLanes; ++j) {
+      out[j] = bf16_bits_stochastic(x[j], rounding_bits(key, where.index(e0 + j), stream));
+    }
+  }
+};
+
+// Stores `count` lanes of v into dst (local element e0 onwards) in dtype T: stochastically
+// rounded when T is bfloat16 and `r` is on, else to nearest (store_float).
+template <typename T>
+inline void store_lanes(T* dst, fVec v, int64_t count, const Rounder& r, int64_t e0,
+                        uint32_t stream) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (r.on) {
+      alignas(64) uint16_t out[kLanes];
+      r.bits(v, e0, stream, out);
+      std::memcpy(dst, out, count * sizeof(uint16_t));
+      return;
+    }
+  }
+  if (count == kLanes) {
+    store_float(dst, v);
+  } else {
+    alignas(64) T buf[kLanes];
+    store_float(buf, v);
+    std::memcpy(dst, buf, count * sizeof(T));
+  }
+}
+
+// A momentum of float32 or bfloat16 (momentum_dtype), loaded as float32 lanes (zero-padded past
+// `count`) and stored back (bfloat16: stochastically when `r` is on, stream 1).
+inline fVec load_mom(const void* m, bool bf16, int64_t i, int64_t count) {
+  if (bf16) {
+    const auto* p = static_cast<const at::BFloat16*>(m) + i;
+    if (count == kLanes) {
+      return load_float(p);
+    }
+    alignas(64) at::BFloat16 buf[kLanes] = {};
+    std::memcpy(buf, p, count * sizeof(at::BFloat16));
+    return load_float(buf);
+  }
+  const auto* p = static_cast<const float*>(m) + i;
+  if (count == kLanes) {
+    return fVec::loadu(p);
+  }
+  alignas(64) float buf[kLanes] = {};
+  std::memcpy(buf, p, count * sizeof(float));
+  return fVec::loadu(buf);
+}
+
+inline void store_mom(void* m, bool bf16, fVec v, int64_t i, int64_t count, const Rounder& r) {
+  if (bf16) {
+    store_lanes(static_cast<at::BFloat16*>(m) + i, v, count, r, i, kStreamMomentum);
+  } else {
+    v.store(static_cast<float*>(m) + i, count);
   }
 }
 

@@ -392,8 +392,10 @@ void phase_b(const LaunchDesc& d) {
       const float* tfac = d.factors + d.factor_off.factors[it.tensor];
       auto* theta = static_cast<scalar_t*>(d.params[it.tensor].data_ptr());
       const auto* g = static_cast<const scalar_t*>(d.grads[it.tensor].const_data_ptr());
-      float* m = d.moms[it.tensor].data_ptr<float>();
+      void* m = d.moms[it.tensor].data_ptr();
       const int64_t numel = d.params[it.tensor].numel();
+      const Rounder round(d, it.tensor,
+                          static_cast<double>(*d.steps[it.tensor].const_data_ptr<float>()));
       double sums[2] = {0.0, 0.0};
       if (clipping) {
         if (d.fused(it.tensor)) {
@@ -413,13 +415,13 @@ void phase_b(const LaunchDesc& d) {
                           [&](int64_t k, int64_t count, fVec rnorm, const float* col) {
         const fVec gv = c.scale_grad(load_padded(g + k, count));
         fVec th = load_padded(theta + k, count);
-        fVec mv = load_padded(m + k, count);
+        fVec mv = load_mom(m, d.mom_bf16, k, count);
         const fVec f = factored_fim(rnorm, load_padded(col, count));
         const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
         fadam_update(th, mv, gv * r, th * r, u.beta1, u.one_minus_beta1, u.inv_s1, u.inv_s2, u.lr,
                      u.weight_decay);
-        store_padded(theta + k, th, count);
-        mv.store(m + k, count);
+        store_lanes(theta + k, th, count, round, k, kStreamParam);
+        store_mom(m, d.mom_bf16, mv, k, count, round);
       });
     });
   });

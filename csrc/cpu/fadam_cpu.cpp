@@ -38,9 +38,11 @@ struct TensorPtrs {
   void* param;
   const void* grad;
   float* fim;
-  float* mom;  // nullptr in phase A
+  void* mom;  // nullptr in phase A; float32, or bfloat16 when mom_bf16
   int64_t numel;
   FimCoeffs fc;
+  bool mom_bf16;
+  Rounder round;  // phase B's stochastic rounding of a bfloat16 theta / m (off: to nearest)
 };
 
 // Runs `body(offset, count)` over [begin, end) in vectors of kLanes, count = kLanes but for the
@@ -76,7 +78,7 @@ struct Lanes {
         f = fVec::loadu(t.fim + i);
       }
       if constexpr (kM) {
-        m = fVec::loadu(t.mom + i);
+        m = load_mom(t.mom, t.mom_bf16, i, count);
       }
     } else {
       alignas(64) scalar_t gb[kLanes] = {};
@@ -92,29 +94,21 @@ struct Lanes {
         f = fVec::loadu(fb);
       }
       if constexpr (kM) {
-        alignas(64) float mb[kLanes] = {};
-        std::memcpy(mb, t.mom + i, count * sizeof(float));
-        m = fVec::loadu(mb);
+        m = load_mom(t.mom, t.mom_bf16, i, count);
       }
     }
     g = c.scale_grad(g);
   }
 
-  // Stores theta, and f and m where loaded (Vectorized::store(ptr, count) stores `count` lanes).
+  // Stores theta, and f and m where loaded (Vectorized::store(ptr, count) stores `count` lanes);
+  // a bfloat16 theta or m stochastically rounded when the tensor's Rounder is on.
   inline void store(const TensorPtrs& t, int64_t i, int64_t count) const {
-    auto* pp = static_cast<scalar_t*>(t.param) + i;
-    if (count == kLanes) {
-      store_float(pp, theta);
-    } else {
-      alignas(64) scalar_t pb[kLanes];
-      store_float(pb, theta);
-      std::memcpy(pp, pb, count * sizeof(scalar_t));
-    }
+    store_lanes(static_cast<scalar_t*>(t.param) + i, theta, count, t.round, i, kStreamParam);
     if constexpr (kF) {
       f.store(t.fim + i, count);
     }
     if constexpr (kM) {
-      m.store(t.mom + i, count);
+      store_mom(t.mom, t.mom_bf16, m, i, count, t.round);
     }
   }
 };
@@ -275,10 +269,10 @@ std::vector<TensorPtrs> make_ptrs(const LaunchDesc& d) {
   out.reserve(d.params.size());
   for (const auto i : c10::irange(d.params.size())) {
     const double step = static_cast<double>(*d.steps[i].const_data_ptr<float>());
-    float* mom = d.moms.empty() ? nullptr : d.moms[i].data_ptr<float>();
+    void* mom = d.moms.empty() ? nullptr : d.moms[i].data_ptr();
     out.push_back({d.params[i].data_ptr(), d.grads[i].const_data_ptr(),
                    d.fims[i].data_ptr<float>(), mom, d.params[i].numel(),
-                   fim_coeffs(d.s.beta2, step)});
+                   fim_coeffs(d.s.beta2, step), d.mom_bf16, Rounder(d, i, step)});
   }
   return out;
 }

@@ -1,0 +1,335 @@
+"""bfloat16 stochastic rounding ([note: stochastic rounding] in fadam_fused/op_contract.py) and
+bfloat16 momentums, on every backend that runs here: the CPU kernels, the reference and Triton's
+kernels in the interpreter (the CUDA kernels, compiled Triton and graph capture: the GPU files).
+
+The bit-exact cases use an update every backend computes with the same float32 operations: a zero
+gradient and no weight decay give m' = beta1 m and theta' = theta - lr m' (ghat = 0, and the weight
+decay term is 0 * w), so the stored bfloat16 bits differ only by the rounding, which the oracle
+(reference.rounding_bits / round_bf16_stochastic) predicts element by element.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
+
+import pytest  # noqa: E402
+
+from fadam_fused import FAdafactor, FAdam, backends, op_contract, reference  # noqa: E402
+
+CPU = torch.device("cpu")
+BACKENDS = [b for b in ("cpu", "reference", "triton") if backends.unavailable_reason(b, CPU) is None]
+# Several chunks per tensor on the fused backends, so a chunk's first element (e0) counts.
+CHUNKS = {"cpu": 500, "triton": 512}
+SHAPES = [(37,), (5, 300), (3,), (2, 3, 41)]
+OPTIMIZERS = {"fadam": FAdam, "fadafactor": FAdafactor}
+BETA1, LR = 0.9, 1e-3
+M32, M16 = torch.float32, torch.bfloat16
+# (backend, optimizer, momentum dtype). Triton's interpreter takes ~15-30 s per FAdafactor case:
+# it runs the two cases that cover its kernels' paths (SR of theta alone, of theta and m).
+BIT_CASES = ([(b, name, m) for b in BACKENDS if b != "triton" for name in OPTIMIZERS
+              for m in (M32, M16)]
+             + ([("triton", "fadam", M32), ("triton", "fadafactor", M16)]
+                if "triton" in BACKENDS else []))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    for backend, chunk in CHUNKS.items():
+        monkeypatch.setitem(op_contract.CHUNK_SIZE, backend, chunk)
+    monkeypatch.setattr(backends, "_FUSED", {})
+    monkeypatch.setattr(backends, "_FACTORED", {})
+
+
+def _preset(opt, params, momentums, step):
+    """Gives every parameter the state of step `step` with the given momentums."""
+    for p, m in zip(params, momentums):
+        state = type(opt).kind_of(p).new_state(p)
+        state["momentum"] = m.clone()
+        state["step"] = torch.tensor(float(step))
+        opt.state[p] = state
+
+
+def _exact_step(cls, backend, rounding, momentum_dtype, *, shapes=SHAPES, step=3, seed=1234,
+                lr=LR, theta=None, momentum=None):
+    """One step of the exact update (module doc); returns (params before, momentums before,
+    params after, momentums after)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [(torch.randn(s, generator=gen) if theta is None else torch.full(s, theta))
+              .bfloat16().requires_grad_() for s in shapes]
+    moms = [(torch.randn(s, generator=gen) * 0.3 if momentum is None else torch.full(s, momentum))
+            .to(momentum_dtype) for s in shapes]
+    opt = cls(params, lr=lr, betas=(BETA1, 0.999), weight_decay=0.0, backend=backend,
+              bf16_rounding=rounding, rounding_seed=seed, momentum_dtype=momentum_dtype)
+    _preset(opt, params, moms, step)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return before, moms, [p.detach().clone() for p in params], [opt.state[p]["momentum"]
+                                                                for p in params]
+
+
+def _oracle(before, moms, *, step=3, seed=1234, lr=LR, stochastic=True):
+    """The oracle's params and momentums after the exact step."""
+    f32 = op_contract.f32
+    params, momentums = [], []
+    t = torch.tensor(float(step + 1))
+    for position, (theta, m) in enumerate(zip(before, moms)):
+        m_new = f32(BETA1) * m.float()
+        x = theta.float() - f32(lr) * m_new
+        if not stochastic:
+            params.append(x.bfloat16())
+            momentums.append(m_new.to(m.dtype))
+            continue
+        index = torch.arange(x.numel())
+        key = op_contract.tensor_seed(seed, position)
+        params.append(reference.round_bf16_stochastic(
+            x.reshape(-1), reference.rounding_bits(key, t, index, 0)).view(x.shape))
+        if m.dtype == torch.bfloat16:
+            m_new = reference.round_bf16_stochastic(
+                m_new.reshape(-1), reference.rounding_bits(key, t, index, 1)).view(x.shape)
+        momentums.append(m_new.to(m.dtype))
+    return params, momentums
+
+
+@pytest.mark.parametrize("backend,name,momentum_dtype", BIT_CASES,
+                         ids=[f"{b}-{n}-{str(m)[-8:]}" for b, n, m in BIT_CASES])
+def test_same_bits_as_the_oracle_on_every_backend(small_chunks, backend, name, momentum_dtype):
+    cls = OPTIMIZERS[name]
+    before, moms, params, momentums = _exact_step(cls, backend, "stochastic", momentum_dtype)
+    want_p, want_m = _oracle(before, moms)
+    for got, want in zip(params + momentums, want_p + want_m):
+        assert got.dtype == want.dtype
+        assert torch.equal(got, want)
+    # Nearest gives the oracle's nearest bits, and differs from stochastic somewhere.
+    _, _, near_p, near_m = _exact_step(cls, backend, "nearest", momentum_dtype)
+    near_want_p, near_want_m = _oracle(before, moms, stochastic=False)
+    for got, want in zip(near_p + near_m, near_want_p + near_want_m):
+        assert torch.equal(got, want)
+    assert any(not torch.equal(a, b) for a, b in zip(params, near_p))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_is_unbiased_where_nearest_stalls(backend):
+    """theta = 1.5 (bfloat16 ulp 2^-7), an update of 0.01 ulp: round to nearest leaves every
+    element at 1.5; stochastic rounding moves 1% of them down one ulp, so the mean over N
+    elements is the float32 result within its standard error ulp sqrt(q (1 - q) / N)."""
+    # 2^14 elements: 5 standard errors are 0.004 ulp; 2^12 in Triton's (slow) interpreter: 0.008.
+    n, ulp = 1 << (12 if backend == "triton" else 14), 2.0 ** -7
+    lr = 0.01 * ulp / op_contract.f32(BETA1)  # m' = beta1 * 1
+    shapes = [(n,)]
+    before, moms, sr, sr_m = _exact_step(FAdam, backend, "stochastic", torch.bfloat16,
+                                         shapes=shapes, lr=lr, theta=1.5, momentum=1.0)
+    _, _, near, _ = _exact_step(FAdam, backend, "nearest", torch.bfloat16, shapes=shapes, lr=lr,
+                                theta=1.5, momentum=1.0)
+    x = 1.5 - op_contract.f32(lr) * op_contract.f32(BETA1)  # the float32 result (exact here)
+    assert torch.equal(near[0], before[0])  # nearest: stalled
+    q = (1.5 - x) / ulp
+    sigma = ulp * math.sqrt(q * (1 - q) / n)
+    mean = sr[0].double().mean().item()
+    assert abs(mean - x) <= 5 * sigma, (mean, x, sigma)
+    assert set(sr[0].double().unique().tolist()) == {1.5, 1.5 - ulp}
+    # The bfloat16 momentum: 0.9 lies between grid points 2^-8 apart; its mean is 0.9.
+    m_x = op_contract.f32(BETA1)
+    m_ulp = 2.0 ** -8
+    q_m = (m_x - math.floor(m_x / m_ulp) * m_ulp) / m_ulp
+    sigma_m = m_ulp * math.sqrt(q_m * (1 - q_m) / n)
+    assert abs(sr_m[0].double().mean().item() - m_x) <= 5 * sigma_m
+
+
+def _random_run(cls, backend, steps, *, opt=None, params=None, grads, momentum_dtype, seed=None):
+    if opt is None:
+        opt = cls(params, lr=1e-2, backend=backend, bf16_rounding="stochastic",
+                  rounding_seed=seed, momentum_dtype=momentum_dtype)
+    for k in range(steps):
+        for p, g in zip(opt.param_groups[0]["params"], grads[k]):
+            p.grad = g.clone()
+        opt.step()
+    return opt
+
+
+def _grads(shapes, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen).bfloat16() for s in shapes] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_resume_from_a_state_dict_continues_the_same_bits(backend, name):
+    cls = OPTIMIZERS[name]
+    grads = _grads(SHAPES, 6)
+    torch.manual_seed(7)  # the seed is drawn from torch's default generator
+    params = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
+    opt = _random_run(cls, backend, 3, params=params, grads=grads, momentum_dtype=torch.bfloat16)
+    seed = opt.param_groups[0]["rounding_seed"]
+    assert isinstance(seed, int)
+    saved = copy.deepcopy(opt.state_dict())
+    saved_params = [p.detach().clone() for p in params]
+    _random_run(cls, backend, 3, opt=opt, grads=grads[3:], momentum_dtype=torch.bfloat16)
+
+    torch.manual_seed(99)  # another default seed: the checkpoint's must win
+    resumed = [p.clone().requires_grad_() for p in saved_params]
+    opt2 = cls(resumed, lr=1e-2, backend=backend, bf16_rounding="stochastic",
+               momentum_dtype=torch.bfloat16)
+    assert opt2.param_groups[0]["rounding_seed"] != seed
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["rounding_seed"] == seed
+    assert all(opt2.state[p]["momentum"].dtype == torch.bfloat16 for p in resumed)
+    _random_run(cls, backend, 3, opt=opt2, grads=grads[3:], momentum_dtype=torch.bfloat16)
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+        for key, value in opt.state[a].items():
+            assert torch.equal(value, opt2.state[b][key]), key
+
+
+def test_the_default_seed_is_reproducible_and_saved():
+    def seed_of():
+        torch.manual_seed(3)
+        p = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+        return FAdam([p], bf16_rounding="stochastic").param_groups[0]["rounding_seed"]
+
+    assert seed_of() == seed_of()
+    torch.manual_seed(3)
+    p = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    opt = FAdam([p])  # nearest: draws nothing, saves None
+    assert opt.param_groups[0]["rounding_seed"] is None
+    assert opt.state_dict()["param_groups"][0]["bf16_rounding"] == "nearest"
+
+
+@pytest.mark.parametrize("backend,name", [(b, n) for b in BACKENDS for n in OPTIMIZERS
+                                          if b != "triton" or n == "fadam"])
+def test_a_nonfinite_gradient_skips_the_step_bit_identically(small_chunks, backend, name):
+    cls = OPTIMIZERS[name]
+    params = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
+    opt = _random_run(cls, backend, 2, params=params, grads=_grads(SHAPES, 2), seed=5,
+                      momentum_dtype=torch.bfloat16)
+    before = [p.detach().clone() for p in params]
+    state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    grads = _grads(SHAPES, 1, seed=2)
+    grads[0][1][2, 3] = float("nan")
+    _random_run(cls, backend, 1, opt=opt, grads=grads, momentum_dtype=torch.bfloat16)
+    assert opt.skipped_steps.item() == 1
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, state[p][key]), key
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_bfloat16_momentum_follows_the_oracle(name):
+    """Random gradients over 8 steps, the CPU kernels against the reference ops: the float32
+    math agrees to ulps, which can flip a stochastic rounding of theta or m one bfloat16 ulp
+    (both backends draw the same bits, so nearly every element is identical)."""
+    cls = OPTIMIZERS[name]
+    grads = _grads(SHAPES, 8)
+    runs = {}
+    for backend in ("cpu", "reference"):
+        torch.manual_seed(0)
+        params = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
+        opt = _random_run(cls, backend, 8, params=params, grads=grads, seed=11,
+                          momentum_dtype=torch.bfloat16)
+        runs[backend] = (params, [opt.state[p]["momentum"] for p in params], opt)
+    (cp, cm, copt), (rp, rm, _) = runs["cpu"], runs["reference"]
+    same = total = 0
+    for a, b in zip(cp + cm, rp + rm):
+        assert a.dtype == b.dtype == torch.bfloat16
+        ulp = torch.maximum(a.abs(), b.abs()).float() * 2.0 ** -7
+        assert ((a.float() - b.float()).abs() <= ulp).all()
+        same += (a == b).sum().item()
+        total += a.numel()
+    assert same >= 0.99 * total, (same, total)
+    # The state is 6 B per parameter for FAdam: a bfloat16 momentum and a float32 FIM.
+    if name == "fadam":
+        numel = sum(p.numel() for p in cp)
+        state_bytes = sum(copt.state[p][k].nbytes for p in cp for k in ("momentum", "fim"))
+        assert state_bytes == 6 * numel
+
+
+def test_stochastic_rounding_leaves_float32_parameters_as_nearest():
+    grads = [[g.float() for g in step] for step in _grads(SHAPES, 3)]
+    out = []
+    for rounding in ("nearest", "stochastic"):
+        torch.manual_seed(0)
+        params = [torch.randn(s).requires_grad_() for s in SHAPES]
+        opt = FAdam(params, backend="cpu", bf16_rounding=rounding, rounding_seed=1)
+        for k in range(3):
+            for p, g in zip(params, grads[k]):
+                p.grad = g
+            opt.step()
+        out.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def test_refused_options_name_the_problem():
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid bf16_rounding value: 'up'"):
+        FAdam([p], bf16_rounding="up")
+    with pytest.raises(ValueError, match="Invalid momentum_dtype value"):
+        FAdafactor([p], momentum_dtype=torch.float16)
+    with pytest.raises(ValueError, match="Invalid rounding_seed value"):
+        FAdam([p], rounding_seed=-1)
+    with pytest.raises(ValueError, match="Invalid rounding_seed value"):
+        FAdam([p], rounding_seed=1.5)
+    # A group switched to stochastic between steps with no seed is refused before any write.
+    opt = FAdam([p])
+    opt.param_groups[0]["bf16_rounding"] = "stochastic"
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="rounding_seed None"):
+        opt.step()
+    assert torch.equal(p, torch.zeros_like(p)) and not opt.state
+
+
+def test_a_momentum_of_another_dtype_than_the_group_says_is_refused_by_name():
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    opt = FAdam([("w", p)], momentum_dtype=torch.bfloat16, backend="cpu")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.param_groups[0]["momentum_dtype"] = torch.float32
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="state 'momentum' of parameter 'w' must be float32"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
+def test_a_float32_momentum_checkpoint_loads_into_a_bfloat16_group_and_back():
+    params = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
+    opt = _random_run(FAdam, "cpu", 2, params=params, grads=_grads(SHAPES, 2), seed=1,
+                      momentum_dtype=torch.float32)
+    saved = opt.state_dict()
+    saved["param_groups"][0]["momentum_dtype"] = torch.bfloat16
+    opt.load_state_dict(saved)
+    for i, p in enumerate(params):
+        assert opt.state[p]["momentum"].dtype == torch.bfloat16
+        assert torch.equal(opt.state[p]["momentum"], saved["state"][i]["momentum"].bfloat16())
+    bad = copy.deepcopy(saved)
+    bad["state"][0]["momentum"][0] = float("nan")
+    with pytest.raises(ValueError, match="saved 'momentum' of parameter 0 .* NaN"):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(saved)
+    bad["param_groups"][0]["momentum_dtype"] = torch.float16
+    with pytest.raises(ValueError, match="param group 0 .* Invalid momentum_dtype"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["momentum_dtype"] == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_the_ops_refuse_a_rounding_list_of_the_wrong_length(backend):
+    if backend not in BACKENDS:
+        pytest.skip(f"{backend} is not available here")
+    ops = backends.fused(backend)
+    params = [torch.zeros(4, dtype=torch.bfloat16)]
+    fims, moms = [torch.ones(4)], [torch.zeros(4)]
+    partials = op_contract.new_partials(params, ops.chunk_size)
+    with pytest.raises((RuntimeError, ValueError), match="rounding must be empty or hold 4"):
+        ops.phase_b(params, [torch.zeros(4, dtype=torch.bfloat16)], fims, moms,
+                    [torch.ones(())], partials, torch.zeros(()), None, None, lr=1e-3, beta1=0.9,
+                    beta2=0.999, eps=1e-8, p=0.5, clip=1.0, weight_decay=0.0, maximize=False,
+                    chunk_size=ops.chunk_size, fuse_one_chunk=True, rounding=[1, 0, 4])
+    assert torch.equal(params[0], torch.zeros(4, dtype=torch.bfloat16))
