@@ -39,7 +39,8 @@ constexpr int kMaxTileCols = 256;
 // give both libraries one copy of an inline variable.
 constexpr KernelLimits kCudaLimits{kDeviceType, "the CUDA kernels", int64_t{1} << 30,
                                           /*aligned_partials=*/true, kMaxTileCols,
-                                          /*int32_geometry=*/true};
+                                          /*int32_geometry=*/true,
+                                          /*check_chunk_size=*/65536};
 
 // ---- the kernels' argument ------------------------------------------------------------------------
 
