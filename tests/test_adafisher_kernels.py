@@ -221,6 +221,28 @@ def test_update_is_a_no_op_when_skip_is_set(backend, dtype):
         assert torch.equal(a, b) and a.stride() == b.stride()
 
 
+@pytest.mark.skipif(REASONS["triton"] is not None, reason=str(REASONS["triton"]))
+def test_triton_per_tensor_launches_match_the_table_launch(monkeypatch):
+    """The traced path's launches (one per tensor, no table: what torch.compile emits) give the
+    table launch's bits."""
+    from fadam_fused.triton_kernels import launch
+
+    ops, device = _ops("triton"), DEVICES["triton"]
+    case = dict(decoupled=True, weight_decay=1e-2, maximize=True, grad_scale=0.5)
+    table = _problem(torch.bfloat16, device)
+    _update(ops, table, chunk_size=CHUNK["triton"], **case)
+    monkeypatch.setattr(launch, "FORCE_PER_TENSOR", True)
+    per_tensor = _problem(torch.bfloat16, device)
+    _update(ops, per_tensor, chunk_size=CHUNK["triton"], **case)
+    skip = torch.zeros(1, device=device)
+    grads = per_tensor[1]
+    grads[4][7] = float("nan")
+    ops.nonfinite_check(grads, skip, None)
+    assert float(skip) == 1.0
+    for a, b in zip(table[0] + table[2], per_tensor[0] + per_tensor[2]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_update_refuses_rounding_and_a_layout_past_factors(backend):
     device = DEVICES[backend]
