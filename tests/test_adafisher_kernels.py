@@ -171,6 +171,11 @@ def _assert_state_close(fast, ref64, same, dtype):
         assert a.stride() == r.stride(), f"params[{i}] changed its layout"
 
 
+# Backends that round every operation as the reference op's float32 run does ([note: AdaFisher
+# math]: -ffp-contract=off on the CPU, the interpreter's numpy), so they give its exact bits. Not
+# the GPU ones: Triton contracts multiply-adds into FMAs.
+BITWISE = ("cpu", "cuda_emulated") + (("triton",) if not GPU else ())
+
 # Every case in float32; two each in bfloat16 and float16 (the interpreter's time is the limit).
 UPDATES = ([(torch.float32, n, c) for n, c in CASES] +
            [(torch.bfloat16, *CASES[k]) for k in (1, 3)] +
@@ -190,6 +195,9 @@ def test_update_matches_the_reference_op(backend, dtype, name, case):
     _update(reference.ADAFISHER_OPS, ref64, chunk_size=chunk, **case)
     _update(reference.ADAFISHER_OPS, same, chunk_size=chunk, **case)
     _assert_state_close(state, ref64, same, dtype)
+    if backend in BITWISE:
+        for a, b in zip(state[0] + state[2], same[0] + same[2]):
+            assert torch.equal(a.cpu(), b), "not the reference op's float32 bits"
     # Something moved: every non-empty momentum, and the parameters (a bfloat16 one may keep
     # its value when lr m / F is below half its ulp).
     before = _problem(dtype, device)
