@@ -63,7 +63,8 @@ $(BUILT): $(DEPS) $(SOURCES)
 # the NCCL ones need 2 and 4 GPUs and say so when skipped.
 GPU_TESTS := tests/test_cuda.py tests/test_cuda_build.py tests/test_triton_ops.py \
              tests/test_triton_optimizer.py tests/test_optimizer_api.py tests/test_sharded.py \
-             tests/test_fadafactor_cuda.py tests/test_fadafactor_triton.py tests/test_scenarios.py
+             tests/test_fadafactor_cuda.py tests/test_fadafactor_triton.py tests/test_scenarios.py \
+             tests/test_adafisher_kernels.py
 GPU_OUT ?= bench/results/gpu-check
 # FADAM_GPU_CHECK_DRY_RUN=1 (tests only): no GPU needed; these CPU tests stand in for GPU_TESTS.
 GPU_DRY_RUN_TESTS ?= tests/test_gpu_check_summary.py

@@ -98,6 +98,16 @@ C10_HOST_DEVICE inline float lr_of(const void* lr_ptr, bool is_double, float lr)
                    : *static_cast<const float*>(lr_ptr);
 }
 
+// The step's lr in float64: *lr_ptr (float64, or float32 widened), else `lr`. AdaFisher forms
+// lr / (1 - beta^t) in float64 before rounding it ([note: AdaFisher math] below).
+C10_HOST_DEVICE inline double lr64_of(const void* lr_ptr, bool is_double, double lr) {
+  if (lr_ptr == nullptr) {
+    return lr;
+  }
+  return is_double ? *static_cast<const double*>(lr_ptr)
+                   : static_cast<double>(*static_cast<const float*>(lr_ptr));
+}
+
 // [note: the overflow rule]
 // A step is skipped (phase B writes nothing, the caller counts a skipped step: what a NaN
 // gradient does, docs/design.md section 6) when, for any gradient element, the scaled gradient
@@ -233,6 +243,46 @@ C10_HOST_DEVICE inline float row_norm(float row, double total) {
 template <typename T>
 C10_HOST_DEVICE inline T factored_fim(T row_norm_i, T col_j) {
   return row_norm_i * col_j;
+}
+
+// [note: AdaFisher math]
+// AdaFisher's update of one element ([note: the AdaFisher op contract] in
+// fadam_fused/op_contract.py; docs/design.md, section 10), for every C++ backend (T = float, or
+// the CPU's Vectorized<float>); the Triton kernels mirror it in triton_kernels/_adafisher_kernels.py.
+// The order of operations is the published implementation's and the oracle's
+// (reference.adafisher_update_tensor): each step is rounded to float32 as the oracle's float32
+// run rounds it, so a float32 parameter follows it to the last ulp or so.
+//   F = S[e / cols] H[e % cols] + damping  (1 where cols == 0)
+//   AdaFisher:   m = beta m + (1 - beta) (g + wd theta);  theta = theta - float32(lr / bc) (m / F)
+//   AdaFisherW:  m = beta m + (1 - beta) g;               theta = theta - lr (m / bc / F + wd theta)
+// with bc = 1 - beta^t in float64 (t after the increment), rounded to float32 once per tensor.
+
+// Per-tensor coefficients: `a` is float32(lr / bc) (AdaFisher) or float32(lr) (AdaFisherW), `bc`
+// float32(bc) (read by AdaFisherW only).
+struct AdaCoeffs {
+  float a, bc;
+};
+
+C10_HOST_DEVICE inline AdaCoeffs ada_coeffs(double beta, double step, double lr, bool decoupled) {
+  const double bc = 1.0 - ::pow(beta, step);
+  return {static_cast<float>(decoupled ? lr : lr / bc), static_cast<float>(bc)};
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T adafisher_fim(T s, T h, T damping) {
+  return s * h + damping;
+}
+
+template <bool kDecoupled, typename T>
+C10_HOST_DEVICE inline void adafisher_update(T& theta, T& m, T g, T fim, T beta, T one_minus_beta,
+                                             T weight_decay, T a, T bc) {
+  if constexpr (kDecoupled) {
+    m = beta * m + one_minus_beta * g;
+    theta = theta - a * (m / bc / fim + weight_decay * theta);
+  } else {
+    m = beta * m + one_minus_beta * (g + weight_decay * theta);
+    theta = theta - a * (m / fim);
+  }
 }
 
 }  // namespace fadam

@@ -79,6 +79,19 @@ struct HostScalars {
   float beta1;
   float one_minus_beta1;       // 1 - beta1 from the float32 beta1, in float64, rounded once
   float weight_decay;
+  // AdaFisher's update ([note: the AdaFisher op contract] in fadam_fused/op_contract.py).
+  double lr64;                 // `lr` unrounded: lr / (1 - beta^t) is formed in float64
+  double beta;                 // bc = 1 - beta^t in float64
+  float beta_f;                // beta rounded to float32
+  float one_minus_beta;        // 1 - beta in float64, rounded once
+  float damping;
+  bool decoupled;              // AdaFisherW
+};
+
+// Where tensor i of AdaFisher's update finds F = S[e / cols] H[e % cols] + damping: S at
+// factors[s_offset], H at factors[h_offset]; cols == 0 means F = 1.
+struct AdaLayout {
+  int64_t s_offset, h_offset, cols;
 };
 
 // How phase S of FAdafactor cuts a factored tensor: the C++ twin of op_contract.factor_tile()

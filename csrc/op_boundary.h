@@ -1,8 +1,8 @@
-// The C++ boundary of the five ops, written once for every backend: their C++ signatures, every
+// The C++ boundary of the seven ops, written once for every backend: their C++ signatures, every
 // check of their arguments, and the validated launch description the launchers read.
 //
 // [note: the op boundary]
-// A backend registers `&fadam_phase_a_op<kLimits, &launcher>` (likewise for the four other ops).
+// A backend registers `&fadam_phase_a_op<kLimits, &launcher>` (likewise for the six other ops).
 // That function is the op's C++ signature (the schema is defined in fadam_fused/op_contract.py);
 // it builds a LaunchDesc with describe() and calls the backend's launcher with it. describe() runs
 // every check of the contract ([note: the two-phase op contract] in fadam_ops.h, [note: the
@@ -38,9 +38,13 @@ struct KernelLimits {
   // fadam_fused/op_contract.py): the CPU kernels take them; the CUDA kernels not yet (the
   // optimizer then runs such a group on Triton or the reference).
   bool stochastic_rounding = true;
+  int64_t check_chunk_size = int64_t{1} << 20;  // the chunk of nonfinite_check, which takes none
 };
 
-enum class OpKind { kFAdamA, kFAdamB, kFactoredS, kFactoredA, kFactoredB };
+enum class OpKind {
+  kFAdamA, kFAdamB, kFactoredS, kFactoredA, kFactoredB,
+  kNonfiniteCheck, kAdaFisherUpdate  // [note: the AdaFisher op contract] in op_contract.py
+};
 
 // The arguments of one op call, by name. An absent list or tensor is one the op does not take.
 struct OpArgs {
@@ -62,6 +66,11 @@ struct OpArgs {
   // The update ops' stochastic rounding list ([note: stochastic rounding] in
   // fadam_fused/op_contract.py): empty, or 4 int64 per tensor.
   at::IntArrayRef rounding;
+  // AdaFisher's update: (s_offset, h_offset, cols) per tensor into `factors`, its momentum
+  // coefficient and damping.
+  std::optional<at::IntArrayRef> factor_layout;
+  double beta = 0.0, damping = 0.0;
+  bool decoupled = false;
 };
 
 // One validated op call: all a launcher reads. Lists the op does not take are empty, pointers
@@ -87,6 +96,7 @@ struct LaunchDesc {
   // parameters are bfloat16 (other dtypes ignore it), else empty: round to nearest.
   std::vector<RoundingArgs> rounding;
   bool mom_bf16 = false;               // the momentums are bfloat16 (else float32)
+  std::vector<AdaLayout> ada;          // AdaFisher's update: tensor i's S and H in `factors`
 
   bool empty() const {
     return params.empty();
@@ -113,7 +123,8 @@ T* mutable_ptr(const at::Tensor& t, bool mutated) {
 // Python layer has already checked the user-facing shapes and names (fadam_fused/optimizer.py);
 // these guard direct op calls and say what the kernels assume.
 inline LaunchDesc describe(const char* op, const KernelLimits& lim, const OpArgs& a) {
-  const bool fadam = a.kind == OpKind::kFAdamA || a.kind == OpKind::kFAdamB;
+  const bool factored = a.kind == OpKind::kFactoredS || a.kind == OpKind::kFactoredA ||
+                        a.kind == OpKind::kFactoredB;
   const size_t n = a.params.size();
   auto list = [&](const std::optional<at::TensorList>& l, const char* name) -> at::TensorList {
     if (!l.has_value()) {
@@ -156,7 +167,7 @@ inline LaunchDesc describe(const char* op, const KernelLimits& lim, const OpArgs
     const at::Tensor& p = a.params[i];
     TORCH_CHECK(p.device() == device && p.scalar_type() == dtype, op, ": params[", i,
                 "] must share the device and dtype of params[0] (", device, ", ", dtype, ")");
-    if (fadam) {
+    if (!factored) {
       TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i,
                   "] must be dense and non-overlapping");
     } else {
@@ -239,7 +250,7 @@ inline LaunchDesc describe(const char* op, const KernelLimits& lim, const OpArgs
                   " elements: more than 2^31 chunks of ", a.chunk_size, " for ", lim.kernels);
     }
   }
-  if (!fadam) {
+  if (factored) {
     for (size_t i = 0; i < n; ++i) {
       const FactorTile t = factor_tile(a.params[i].sizes(), a.chunk_size);
       TORCH_CHECK(t.tile_cols <= lim.max_tile_cols, op, ": chunk_size ", a.chunk_size,
@@ -262,7 +273,8 @@ inline LaunchDesc describe(const char* op, const KernelLimits& lim, const OpArgs
                 t.device());
   };
   const bool mutates_partials = a.kind == OpKind::kFAdamA || a.kind == OpKind::kFactoredA;
-  const bool mutates_skip = a.kind == OpKind::kFAdamA || a.kind == OpKind::kFactoredS;
+  const bool mutates_skip = a.kind == OpKind::kFAdamA || a.kind == OpKind::kFactoredS ||
+                            a.kind == OpKind::kNonfiniteCheck;
   const bool mutates_factors = a.kind == OpKind::kFactoredS;
   if (a.partials != nullptr) {
     const at::Tensor& t = *a.partials;
@@ -286,7 +298,39 @@ inline LaunchDesc describe(const char* op, const KernelLimits& lim, const OpArgs
                 d.factor_off.partials.back(), " elements, got ", t.numel());
     d.factor_partials = detail::mutable_ptr<double>(t, mutates_factors);
   }
-  if (a.factors != nullptr) {
+  if (a.factors != nullptr && a.kind == OpKind::kAdaFisherUpdate) {
+    // [note: the AdaFisher op contract]: every tensor's S and H pieces lie inside `factors`, and
+    // S H^T has the tensor's numel (rows = numel / cols), so the kernels index without checks.
+    const at::Tensor& t = *a.factors;
+    on_device(t, "factors");
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous(), op,
+                ": factors must be a contiguous 1-dim float32 tensor, got ", t.scalar_type(),
+                " of sizes ", t.sizes());
+    const at::IntArrayRef layout = *a.factor_layout;
+    TORCH_CHECK(layout.size() == 3 * n, op, ": factor_layout must hold 3 integers per param (",
+                3 * n, "), got ", layout.size());
+    const int64_t size = t.numel();
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t s_off = layout[3 * i], h_off = layout[3 * i + 1], cols = layout[3 * i + 2];
+      const int64_t numel = a.params[i].numel();
+      TORCH_CHECK(cols >= 0, op, ": factor_layout gives params[", i, "] ", cols, " columns");
+      int64_t rows = 0;
+      if (cols > 0) {
+        TORCH_CHECK(numel % cols == 0, op, ": params[", i, "] has ", numel,
+                    " elements, not a whole number of rows of ", cols, " columns");
+        rows = numel / cols;
+        TORCH_CHECK(s_off >= 0 && h_off >= 0 && s_off <= size - rows && h_off <= size - cols,
+                    op, ": factor_layout of params[", i, "] (S at ", s_off, ", ", rows,
+                    " rows; H at ", h_off, ", ", cols, " columns) reaches past factors (", size,
+                    " elements)");
+        TORCH_CHECK(!lim.int32_geometry || (rows <= INT32_MAX && cols < (int64_t{1} << 30)), op,
+                    ": params[", i, "] is ", rows, " rows of ", cols, " columns; ", lim.kernels,
+                    " take fewer than 2^31 rows and 2^30 columns");
+      }
+      d.ada.push_back({s_off, h_off, cols});
+    }
+    d.factors = const_cast<float*>(t.const_data_ptr<float>());
+  } else if (a.factors != nullptr) {
     const at::Tensor& t = *a.factors;
     on_device(t, "factors");
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous() &&
@@ -334,10 +378,28 @@ inline LaunchDesc describe(const char* op, const KernelLimits& lim, const OpArgs
   s.beta1 = static_cast<float>(a.beta1);
   s.one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(s.beta1));
   s.weight_decay = static_cast<float>(a.weight_decay);
+  // AdaFisher ([note: the AdaFisher op contract]): the rounding of the float64 oracle's float32
+  // run, whose torch ops round each Python scalar to float32 (beta, 1 - beta from float64,
+  // weight_decay, damping, lr); lr / bc is formed in float64 per tensor, so lr stays float64 too.
+  s.lr64 = a.lr;
+  s.beta = a.beta;
+  s.beta_f = static_cast<float>(a.beta);
+  s.one_minus_beta = static_cast<float>(1.0 - a.beta);
+  s.damping = static_cast<float>(a.damping);
+  s.decoupled = a.decoupled;
+  if (a.kind == OpKind::kAdaFisherUpdate) {
+    // [note: stochastic rounding] is not wired into the AdaFisher kernels yet: the argument
+    // exists so that the schema is final; every store of theta and m is in one place per
+    // backend (store_update() in csrc/cpu/adafisher_cpu.cpp and csrc/cuda/adafisher_cuda.cu,
+    // _store in triton_kernels/_adafisher_kernels.py).
+    TORCH_CHECK(a.rounding.empty(), op, ": stochastic rounding (a non-empty `rounding`, ",
+                a.rounding.size(), " integers) is not implemented by ", lim.kernels,
+                " yet; pass rounding=[] (round to nearest)");
+  }
   return d;
 }
 
-// ---- the five ops' C++ signatures ---------------------------------------------------------------
+// ---- the seven ops' C++ signatures ---------------------------------------------------------------
 //
 // kLaunch is the backend's launcher of that op, kLimits its kernels' limits ([note: the op
 // boundary]). Argument order and names: the schemas of fadam_fused/op_contract.py.
@@ -419,6 +481,33 @@ void fadafactor_phase_b_op(at::TensorList params, at::TensorList grads, at::Tens
                     .eps = eps, .p = p, .clip = clip, .weight_decay = weight_decay,
                     .maximize = maximize, .chunk_size = chunk_size,
                     .fuse_one_chunk = fuse_one_chunk, .rounding = rounding}));
+}
+
+template <const KernelLimits& kLimits, Launcher kLaunch>
+void nonfinite_check_op(at::TensorList grads, at::Tensor skip,
+                        const c10::optional<at::Tensor>& grad_scale) {
+  // The gradients stand in for the params: the check reads nothing else.
+  kLaunch(describe("nonfinite_check", kLimits,
+                   {.kind = OpKind::kNonfiniteCheck, .params = grads, .grads = grads,
+                    .skip = &skip, .grad_scale = &grad_scale,
+                    .chunk_size = kLimits.check_chunk_size}));
+}
+
+template <const KernelLimits& kLimits, Launcher kLaunch>
+void adafisher_update_op(at::TensorList params, at::TensorList grads, at::TensorList moms,
+                         at::TensorList steps, const at::Tensor& factors,
+                         at::IntArrayRef factor_layout, const at::Tensor& skip,
+                         const c10::optional<at::Tensor>& grad_scale,
+                         const c10::optional<at::Tensor>& lr_tensor, double lr, double beta,
+                         double weight_decay, double damping, bool decoupled, bool maximize,
+                         int64_t chunk_size, at::IntArrayRef rounding) {
+  kLaunch(describe("adafisher_update", kLimits,
+                   {.kind = OpKind::kAdaFisherUpdate, .params = params, .grads = grads,
+                    .moms = moms, .steps = steps, .factors = &factors, .skip = &skip,
+                    .grad_scale = &grad_scale, .lr_tensor = &lr_tensor, .lr = lr,
+                    .weight_decay = weight_decay, .maximize = maximize, .chunk_size = chunk_size,
+                    .rounding = rounding, .factor_layout = factor_layout, .beta = beta,
+                    .damping = damping, .decoupled = decoupled}));
 }
 
 }  // namespace fadam

@@ -73,6 +73,7 @@ def _load_emulated() -> str | None:
         return LOAD_ERROR
     op_contract.define_phase_ops(*op_contract.EMULATED_CUDA_OPS)  # the build registers kernels only
     op_contract.define_fadafactor_ops(op_contract.EMULATED_CUDA_FADAFACTOR)
+    op_contract.define_adafisher_ops(op_contract.EMULATED_CUDA_ADAFISHER)
     try:
         from . import _C_cuda_emulated  # noqa: F401  (kernels of torch.ops.fadam_fused.cuda_emulated_*)
     except ImportError as exc:

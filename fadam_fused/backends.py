@@ -1,13 +1,16 @@
 """The backends, the one helper that chooses among them, and their op sets.
 
-Every backend implements the ops of [note: the two-phase op contract] and [note: the FAdafactor
-op contract] (fadam_fused/op_contract.py): "cpu" and "cuda" are the C++ kernels behind
-torch.ops.fadam_fused.fadam_phase_{a,b} and fadafactor_phase_{s,a,b} (one schema, two dispatch
-keys); "triton" is torch.ops.fadam_fused.triton_phase_{a,b} and triton_fadafactor_phase_{s,a,b},
+Every backend implements the ops of [note: the two-phase op contract], [note: the FAdafactor
+op contract] and [note: the AdaFisher op contract] (fadam_fused/op_contract.py): "cpu" and "cuda"
+are the C++ kernels behind torch.ops.fadam_fused.fadam_phase_{a,b}, fadafactor_phase_{s,a,b},
+nonfinite_check and adafisher_update (one schema, two dispatch keys); "triton" is
+torch.ops.fadam_fused.triton_phase_{a,b}, triton_fadafactor_phase_{s,a,b},
+triton_nonfinite_check and triton_adafisher_update,
 registered with torch.library.triton_op in fadam_fused.triton_kernels; "reference" is the oracle
 of fadam_fused.reference behind the same contract, one tensor at a time. Under
 FADAM_CUDA_EMULATE=1 (tests), "cuda" is torch.ops.fadam_fused.cuda_emulated_phase_{a,b} (and
-cuda_emulated_fadafactor_phase_{s,a,b}): the CUDA kernels compiled for the CPU, on CPU tensors
+cuda_emulated_fadafactor_phase_{s,a,b}, cuda_emulated_nonfinite_check and
+cuda_emulated_adafisher_update): the CUDA kernels compiled for the CPU, on CPU tensors
 ([note: one CUDA source, two compilers] in csrc/cuda/launch.h).
 """
 
@@ -182,7 +185,8 @@ def adafisher(name: str) -> op_contract.AdaFisherOps:
         if name == "reference":
             _ADAFISHER[name] = reference.ADAFISHER_OPS
         elif name == "cuda" and _ext.CUDA_EMULATE:
-            _ADAFISHER[name] = op_contract.adafisher_ops(name, "cuda_emulated_")
+            _ADAFISHER[name] = op_contract.adafisher_ops(name,
+                                                         op_contract.EMULATED_CUDA_ADAFISHER)
         elif name in ("cpu", "cuda"):
             _ADAFISHER[name] = op_contract.adafisher_ops(name, "")
         elif name == "triton":

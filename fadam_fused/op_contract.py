@@ -249,6 +249,9 @@ def define_adafisher_ops(prefix: str) -> None:
 
 
 define_adafisher_ops("")
+# The prefix of the emulated CUDA build's AdaFisher ops (defined by fadam_fused._ext before it
+# loads that build; csrc/cuda/adafisher_cuda.cu registers them).
+EMULATED_CUDA_ADAFISHER = "cuda_emulated_"
 
 
 # ---- chunks and slots ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Checks of the CUDA build that run without a GPU.
 
-1. The built extension (fadam_fused/_C*.so) holds the FAdam and FAdafactor kernels for sm_80 and
+1. The built extension (fadam_fused/_C*.so) holds the FAdam, FAdafactor and AdaFisher kernels for sm_80 and
    sm_90, and none of them uses local memory: `cuobjdump -res-usage` reports STACK:0 and LOCAL:0
    (a register spill would show up as stack / local bytes), and at most 64 registers (the kernels'
    launch bounds ask for 2 resident blocks of 512 threads per SM: 65536 / 1024). The update
@@ -125,6 +125,24 @@ def test_fadafactor_kernel_built_without_local_memory(res_usage, arch, kernel):
     assert res["REG"] <= MAX_REGS, f"{name} ({arch}) uses {res['REG']} registers: {res}"
 
 
+# AdaFisher's kernels (csrc/cuda/adafisher_cuda.cu, namespace fadam::cuda::adafisher): the check
+# per dtype, the update per dtype and decoupled (AdaFisherW).
+ADAFISHER_KERNELS = ([f"check_kernelI{d}E" for d in DTYPES] +
+                     [f"update_kernelI{d}Lb{s}E" for d in DTYPES for s in (0, 1)])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", ADAFISHER_KERNELS)
+def test_adafisher_kernel_built_without_local_memory(res_usage, arch, kernel):
+    found = [(n, r) for (a, n), r in res_usage.items()
+             if a == arch and "adafisher" in n and re.search(rf"\d{re.escape(kernel)}", n)]
+    assert len(found) == 1, (f"{kernel} for {arch}: found {len(found)}: "
+                             f"{sorted(n for a, n in res_usage if a == arch and 'adafisher' in n)}")
+    name, res = found[0]
+    assert res["STACK"] == 0 and res["LOCAL"] == 0, f"{name} ({arch}) uses local memory: {res}"
+    assert res["REG"] <= MAX_REGS, f"{name} ({arch}) uses {res['REG']} registers: {res}"
+
+
 @pytest.fixture(scope="module")
 def sass_sm80():
     """{mangled kernel name: its sm_80 SASS} of the built .so."""
@@ -147,7 +165,8 @@ def sass_sm80():
 
 
 @pytest.mark.parametrize("kernel", ["fadam_phase_a_kernel", "fadam_phase_b_kernel",
-                                    "factored.*phase_a_kernel", "factored.*phase_b_kernel"])
+                                    "factored.*phase_a_kernel", "factored.*phase_b_kernel",
+                                    "adafisher.*update_kernel"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_update_kernels_use_128_bit_loads(sass_sm80, kernel, dtype):
     found = [s for n, s in sass_sm80.items() if re.search(rf"{kernel}I{re.escape(dtype)}Lb1E", n)]

@@ -28,9 +28,15 @@ from .launch import BLOCK, INTERPRET, NUM_WARPS, SLOT_BLOCK
 from ._fadafactor_ops import (triton_fadafactor_phase_a, triton_fadafactor_phase_b,
                               triton_fadafactor_phase_s)
 
+# AdaFisher's two ops ([note: the AdaFisher op contract] in fadam_fused/op_contract.py),
+# registered as torch.ops.fadam_fused.triton_nonfinite_check / triton_adafisher_update; their
+# presence here is what backends.adafisher_available("triton") looks for.
+from ._adafisher_ops import triton_adafisher_update, triton_nonfinite_check
+
 # The two ops under the names of the contract's wrappers (tests call them directly).
 phase_a, phase_b = triton_phase_a, triton_phase_b
 
 __all__ = ["phase_a", "phase_b", "triton_phase_a", "triton_phase_b", "BLOCK", "NUM_WARPS",
            "SLOT_BLOCK", "INTERPRET", "launch", "triton_fadafactor_phase_s",
-           "triton_fadafactor_phase_a", "triton_fadafactor_phase_b"]
+           "triton_fadafactor_phase_a", "triton_fadafactor_phase_b", "triton_nonfinite_check",
+           "triton_adafisher_update"]

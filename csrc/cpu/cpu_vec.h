@@ -354,6 +354,58 @@ struct UpdateConsts {
         weight_decay(s.weight_decay) {}
 };
 
+// Runs `body(offset, count)` over [begin, end) in vectors of kLanes, count = kLanes but for the
+// last, partial vector (count < kLanes), which `body` loads into zero-padded copies (Lanes::load):
+// it sees whole fVec lanes either way.
+template <typename Body>
+inline void for_each_vector(int64_t begin, int64_t end, Body body) {
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    body(i, kLanes);
+  }
+  if (i < end) {
+    body(i, end - i);
+  }
+}
+
+// The overflow check of [begin, end) of a gradient ([note: the overflow rule] in fadam_math.h):
+// FAdam's phase A of a fused one-chunk tensor, or of any chunk with clipping off, and
+// AdaFisher's nonfinite_check. Only the overflow check
+// (one multiply more per vector than a finiteness check: free, the loop waits on memory), so
+// only the gradient is read (4 B per float32 element; Lanes::load would read f and theta too).
+// The chunk is read as kStreams quarters walked side by side: one sequential stream per
+// thread left read bandwidth unused, and four streams took 5-8% less time (bench/NOTES.md). The
+// reduction and update loops read 3-4 streams already.
+template <typename scalar_t>
+inline bool check_chunk(const void* grad, int64_t begin, int64_t end, const Consts& c) {
+  constexpr int64_t kStreams = 4;
+  const auto* g = static_cast<const scalar_t*>(grad);
+  const auto add_check = [&](fVec& acc, fVec x) { acc = acc + overflow_probe(c.scale_grad(x)); };
+  const int64_t quarter = (end - begin) / (kStreams * kLanes) * kLanes;
+  std::array<fVec, kStreams> acc;
+  acc.fill(fVec(0.f));
+  for (int64_t i = begin; i < begin + quarter; i += kLanes) {
+    for (int64_t k = 0; k < kStreams; ++k) {
+      add_check(acc[k], load_float(g + i + k * quarter));
+    }
+  }
+  fVec overflow(0.f);
+  for (const fVec& a : acc) {
+    overflow = overflow + a;
+  }
+  // The rest: fewer than kStreams * kLanes elements.
+  for_each_vector(begin + kStreams * quarter, end, [&](int64_t i, int64_t count) {
+    if (count == kLanes) {
+      add_check(overflow, load_float(g + i));
+    } else {
+      alignas(64) scalar_t buf[kLanes] = {};
+      std::memcpy(buf, g + i, count * sizeof(scalar_t));
+      add_check(overflow, load_float(buf));
+    }
+  });
+  return all_zero(overflow);
+}
+
 struct Item {
   int32_t tensor;
   int64_t chunk;

@@ -1,0 +1,236 @@
+// CUDA kernels of AdaFisher's two ops (TORCH_LIBRARY_IMPL(fadam_fused, CUDA)): nonfinite_check and
+// adafisher_update ([note: the AdaFisher op contract] in fadam_fused/op_contract.py; the math is
+// [note: AdaFisher math] in csrc/fadam_math.h). Like fadam_cuda.cu, this source also compiles with
+// g++ and HIP-CPU into the emulated test build ([note: one CUDA source, two compilers] in
+// cuda/launch.h); the launchers read the op's LaunchDesc ([note: the op boundary] in
+// csrc/op_boundary.h) and launch through launch_plan() (kernel_common.cuh).
+//
+// Multi-tensor, no reduction: one launch per op per group for any number of tensors (unless the
+// tables fill, [note: CUDA multi-tensor plan]), a block per chunk of 65536 elements (a tensor of
+// more than 1024 chunks gives each block ceil(nchunks / 1024) consecutive chunks, as FAdam's
+// phase B). Threads take fragments of V = 16 / sizeof(scalar_t) elements with 128-bit loads where
+// every pointer is aligned, as in fadam_cuda.cu.
+//
+// - check_kernel: reads g (4 B/param in float32), stores 1 into skip where a scaled g * g is not
+//   finite ([note: the overflow rule]).
+// - update_kernel: unless skip != 0, reads g, m, theta and writes m, theta (20 B/param in
+//   float32). F = S[e / cols] H[e % cols] + damping comes from the two vectors (L1/L2 hits: a
+//   block's 64K elements touch at most 64K / cols + 1 S values and cols H values): the row and
+//   column of a fragment's first element are one 32-bit division, the next elements step the
+//   column and wrap it.
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "cuda/multi_tensor_plan.h"
+#include "fadam_math.h"
+#include "fadam_ops.h"
+// Last: the emulated build includes HIP-CPU's runtime here, after every torch header.
+#include "cuda/launch.h"
+#include "cuda/kernel_common.cuh"
+
+namespace fadam::cuda::adafisher {
+namespace {
+
+// The tables of one launch (structure of arrays, as fadam_cuda.cu's).
+struct Tables {
+  const void* grad[kMaxTensors];
+  void* param[kMaxTensors];    // nullptr in the check
+  float* mom[kMaxTensors];     // nullptr in the check
+  const float* step[kMaxTensors];
+  const float* s[kMaxTensors];  // S of the tensor (row values)
+  const float* h[kMaxTensors];  // H of the tensor (column values)
+  int64_t numel[kMaxTensors];
+  int64_t cols[kMaxTensors];    // 0: F = 1
+  int32_t nchunks[kMaxTensors];
+  int32_t per_block[kMaxTensors];
+  uint8_t flags[kMaxTensors];
+  uint16_t block_tensor[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];
+
+  void fill(const Launch& launch, const LaunchDesc& d) {
+    const bool update = !d.moms.empty();
+    const int64_t v = 16 / static_cast<int64_t>(d.params[0].element_size());
+    for (size_t k = 0; k < launch.tensors.size(); ++k) {
+      const PlanTensor& pt = launch.tensors[k];
+      const auto i = static_cast<size_t>(pt.tensor);
+      grad[k] = d.grads[i].const_data_ptr();
+      param[k] = update ? d.params[i].data_ptr() : nullptr;
+      mom[k] = update ? d.moms[i].data_ptr<float>() : nullptr;
+      step[k] = update ? d.steps[i].const_data_ptr<float>() : nullptr;
+      s[k] = update ? d.factors + d.ada[i].s_offset : nullptr;
+      h[k] = update ? d.factors + d.ada[i].h_offset : nullptr;
+      cols[k] = update ? d.ada[i].cols : 0;
+      numel[k] = d.params[i].numel();
+      nchunks[k] = static_cast<int32_t>(pt.nchunks);
+      per_block[k] = static_cast<int32_t>(pt.per_block);
+      const bool vec = d.chunk_size % v == 0 && aligned16(grad[k]) &&
+                       (!update || (aligned16(param[k]) && aligned16(mom[k])));
+      flags[k] = static_cast<uint8_t>(vec ? kFlagVector : 0);
+    }
+    for (size_t b = 0; b < launch.blocks.size(); ++b) {
+      block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
+      block_chunk[b] = launch.blocks[b].chunk;
+    }
+  }
+};
+
+using AdaArgs = Args<Tables>;
+
+// Blocks of both kernels: each tensor's chunks, at most kMaxPhaseBBlocksPerTensor blocks per
+// tensor (phase_b_blocks()), none for an empty tensor (nothing to read or write).
+std::vector<Launch> plan_of(const LaunchDesc& d) {
+  std::vector<Launch> launches;
+  for (size_t i = 0; i < d.params.size(); ++i) {
+    PlanTensor t{static_cast<int64_t>(i), d.nchunks(i), d.slots[i], 1, false};
+    append_blocks(launches, t, phase_b_blocks(t, d.params[i].numel()));
+  }
+  return trim_plan(std::move(launches));
+}
+
+// The chunk of block `chunk` of tensor `tensor`: its first element and element count.
+__device__ __forceinline__ int chunk_len(const Tables& t, int tensor, int64_t begin,
+                                         int64_t chunk_size) {
+  const int64_t left = t.numel[tensor] - begin;
+  return static_cast<int>(left < chunk_size ? (left > 0 ? left : 0) : chunk_size);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    check_kernel(const __grid_constant__ AdaArgs args) {
+  const Tables& t = args.t;
+  const int tensor = t.block_tensor[blockIdx.x];
+  const int64_t chunk0 = t.block_chunk[blockIdx.x];
+  const int64_t chunk_end = min(chunk0 + t.per_block[tensor],
+                                static_cast<int64_t>(t.nchunks[tensor]));
+  // grad_mul_of() per thread: one float64 division, once per block of 64K elements.
+  const float grad_mul = grad_mul_of(false, args.s.grad_scale);
+  const bool vec = (t.flags[tensor] & kFlagVector) != 0;
+  bool bad = false;
+  for (int64_t chunk = chunk0; chunk < chunk_end; ++chunk) {
+    const int64_t begin = chunk * args.s.chunk_size;
+    const auto* grad = static_cast<const scalar_t*>(t.grad[tensor]) + begin;
+    check_frags(grad, chunk_len(t, tensor, begin, args.s.chunk_size), vec, grad_mul, bad);
+  }
+  if (bad) {
+    *args.s.skip = 1.0f;  // every writer stores the same value; 0 is never stored
+  }
+}
+
+// The one store of the update's results: theta in the storage dtype (round to nearest even),
+// m in float32. [note: stochastic rounding] would round theta (and a bfloat16 m) here.
+template <bool kFull, int V, typename scalar_t>
+__device__ __forceinline__ void store_update(scalar_t* param, float* mom, const float (&theta)[V],
+                                             const float (&m)[V], int count) {
+  store_frag<kFull>(mom, m, count);
+  store_frag<kFull>(param, theta, count);
+}
+
+struct AdaBlock {
+  float grad_mul;
+  AdaCoeffs co;
+};
+
+template <typename scalar_t, bool kDecoupled>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    update_kernel(const __grid_constant__ AdaArgs args) {
+  // A gradient anywhere in the step whose square is not finite, or GradScaler's found_inf: the
+  // check (or the scaler) ran earlier on this stream, so *skip is final; uniform over the block.
+  if (*args.s.skip != 0.0f) {
+    return;
+  }
+  __shared__ AdaBlock ab;
+  const Tables& t = args.t;
+  const Scalars& s = args.s;
+  const int tensor = t.block_tensor[blockIdx.x];
+  const int64_t chunk0 = t.block_chunk[blockIdx.x];
+  if (threadIdx.x == 0) {  // two float64 operations and a pow, once per block
+    ab.grad_mul = grad_mul_of(s.maximize, s.grad_scale);
+    ab.co = ada_coeffs(s.beta, static_cast<double>(*t.step[tensor]),
+                       lr64_of(s.lr_ptr, s.lr_is_double, s.lr64), kDecoupled);
+  }
+  __syncthreads();
+  constexpr int V = 16 / sizeof(scalar_t);
+  const int64_t chunk_end = min(chunk0 + t.per_block[tensor],
+                                static_cast<int64_t>(t.nchunks[tensor]));
+  const bool vec = (t.flags[tensor] & kFlagVector) != 0;
+  const int64_t cols = t.cols[tensor];
+  const float* sv = t.s[tensor];
+  const float* hv = t.h[tensor];
+  for (int64_t chunk = chunk0; chunk < chunk_end; ++chunk) {
+    const int64_t begin = chunk * s.chunk_size;
+    const int n = chunk_len(t, tensor, begin, s.chunk_size);
+    auto* param = static_cast<scalar_t*>(t.param[tensor]) + begin;
+    const auto* grad = static_cast<const scalar_t*>(t.grad[tensor]) + begin;
+    float* mom = t.mom[tensor] + begin;
+    // The chunk's first element is row row0, column col0; col0 + i < 2^31 (cols < 2^30 and
+    // chunk_size <= 2^30, checked by describe()), so a fragment's row and column take one
+    // 32-bit division.
+    const int64_t row0 = cols > 0 ? begin / cols : 0;
+    const uint32_t col0 = cols > 0 ? static_cast<uint32_t>(begin % cols) : 0u;
+    const uint32_t ucols = static_cast<uint32_t>(cols);
+    for_each_frag<V>(n, vec, [&](int i, int count, auto full) {
+      constexpr bool kFull = decltype(full)::value;
+      float g[V], theta[V], m[V];
+      load_frag<kFull>(g, grad + i, count, 0.0f);
+      load_frag<kFull>(theta, param + i, count, 0.0f);
+      load_frag<kFull>(m, mom + i, count, 0.0f);
+      uint32_t col = 0;
+      int64_t row = 0;
+      if (cols > 0) {
+        const uint32_t q = col0 + static_cast<uint32_t>(i);
+        row = row0 + q / ucols;
+        col = q % ucols;
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        float fim = 1.0f;
+        if (cols > 0 && (kFull || j < count)) {  // padding lanes would read past S
+          fim = adafisher_fim(sv[row], hv[col], s.damping);
+          if (++col == ucols) {
+            col = 0;
+            ++row;
+          }
+        }
+        adafisher_update<kDecoupled>(theta[j], m[j], g[j] * ab.grad_mul, fim, s.beta_f,
+                                     s.one_minus_beta, s.weight_decay, ab.co.a, ab.co.bc);
+      }
+      store_update<kFull>(param + i, mom + i, theta, m, count);
+    });
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+void nonfinite_check(const LaunchDesc& d) {
+  launch_plan<Tables>(d, plan_of(d),
+                      []<typename K>(K) { return &check_kernel<typename K::type>; });
+}
+
+void update(const LaunchDesc& d) {
+  // describe() leaves p at 0.5: launch_plan's dispatch picks one Instance per dtype.
+  launch_plan<Tables>(d, plan_of(d), [&]<typename K>(K) {
+    return d.s.decoupled ? &update_kernel<typename K::type, true>
+                         : &update_kernel<typename K::type, false>;
+  });
+}
+
+}  // namespace
+}  // namespace fadam::cuda::adafisher
+
+// The emulated build registers its kernels under cuda_emulated_nonfinite_check /
+// cuda_emulated_adafisher_update (defined by fadam_fused._ext with op_contract.define_adafisher_ops
+// before it loads that build), so they never shadow the CPU kernels.
+TORCH_LIBRARY_IMPL(fadam_fused, FADAM_CUDA_DISPATCH_KEY, m) {
+  using fadam::cuda::kCudaLimits;
+  namespace a = fadam::cuda::adafisher;
+  m.impl(FADAM_CUDA_OP("nonfinite_check", "cuda_emulated_nonfinite_check"),
+         &fadam::nonfinite_check_op<kCudaLimits, &a::nonfinite_check>);
+  m.impl(FADAM_CUDA_OP("adafisher_update", "cuda_emulated_adafisher_update"),
+         &fadam::adafisher_update_op<kCudaLimits, &a::update>);
+}

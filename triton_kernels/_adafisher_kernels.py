@@ -1,0 +1,175 @@
+"""AdaFisher's Triton kernels: the gradient check and the update of [note: the AdaFisher op
+contract] (fadam_fused/op_contract.py), one program per (tensor, chunk), launched through
+launch.py with _adafisher_ops.py's tables.
+
+The element math mirrors [note: AdaFisher math] (csrc/fadam_math.h) step for step:
+    F = S[e / cols] H[e % cols] + damping   (1 where cols == 0)
+    AdaFisher:   m = beta m + (1 - beta) (g + wd theta);  theta = theta - float32(lr / bc) (m / F)
+    AdaFisherW:  m = beta m + (1 - beta) g;               theta = theta - lr (m / bc / F + wd theta)
+with bc = 1 - beta^t in float64, rounded to float32 once per program; divisions are IEEE
+(tl.div_rn), as FAdam's kernels (_kernels.py says why).
+
+F is never stored: a tile's rows and columns come from one int32 division of the element's
+offset past the chunk's first row start (col0 + o < 2^31: cols < 2^30 and chunk_size <= 2^30,
+checked on the host), and S and H are gathered (L1 / L2 hits: a program's chunk touches at most
+chunk / cols + 1 values of S and cols of H).
+
+Runtime arguments are ints and floats only (flags are constexprs): torch 2.11's interpreter path
+with Triton 3.6 refuses Python bools as runtime kernel arguments.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import _kernels as K
+
+# Rows of the update's table (row r, tensor t at meta[r * n_tensors + t]); the check's table has
+# CHECK_ROW_G and CHECK_ROW_NUMEL only. _adafisher_ops._Call.table writes them in this order.
+ROW_P, ROW_G, ROW_M, ROW_STEP, ROW_NUMEL, ROW_S, ROW_H, ROW_COLS = (tl.constexpr(i)
+                                                                    for i in range(8))
+N_ROWS = 8
+CHECK_ROW_G, CHECK_ROW_NUMEL = tl.constexpr(0), tl.constexpr(1)
+N_CHECK_ROWS = 2
+
+
+@triton.jit(do_not_specialize=["n_tensors", "numel_in"])
+def _check_kernel(meta, n_tensors, g_in, numel_in, blocks, skip, gscale, chunk_size,
+                  DTYPE: tl.constexpr, HAS_GSCALE: tl.constexpr, ALIGNED: tl.constexpr,
+                  TABLE: tl.constexpr, BLOCK: tl.constexpr):
+    """skip = 1 where a scaled g * g of this chunk is not finite ([note: the gradient overflow
+    rule] in _kernels.py). Reads g alone."""
+    pid = tl.program_id(0)
+    if TABLE:
+        blk = tl.load(meta + blocks + pid)
+        t = blk >> 32
+        c = blk & 0xFFFFFFFF
+        g_ptr = K._pointer(meta, CHECK_ROW_G, n_tensors, t, DTYPE, ALIGNED)
+        numel = tl.load(meta + CHECK_ROW_NUMEL * n_tensors + t)
+    else:
+        c = pid.to(tl.int64)
+        g_ptr = g_in
+        numel = numel_in.to(tl.int64)
+    start = c * chunk_size
+    n = tl.minimum(numel - start, chunk_size).to(tl.int32)
+    g_ptr += start
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+    bad = K._check_chunk(g_ptr, n, K._grad_mul(gscale, 1.0, HAS_GSCALE), BLOCK)
+    if bad != 0:
+        tl.store(skip, 1.0)  # only ever 1, from any number of programs: no atomics needed
+
+
+@triton.jit
+def _store(p_ptr, m_ptr, o, mask, theta, m, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """The one store of the update's results: theta in the storage dtype (round to nearest even),
+    m in float32. [note: stochastic rounding] would round theta (and a bfloat16 m) here."""
+    th = K._to_storage(theta, p_ptr.dtype.element_ty, INTERPRET)
+    if MASKED:
+        tl.store(m_ptr + o, m, mask=mask)
+        tl.store(p_ptr + o, th, mask=mask)
+    else:
+        tl.store(m_ptr + o, m)
+        tl.store(p_ptr + o, th)
+
+
+@triton.jit
+def _update_tile(p_ptr, g_ptr, m_ptr, s_ptr, h_ptr, o, n, nf, row0, col0, cols, gmul, a, bc,
+                 beta, omb, wd, damping, DECOUPLED: tl.constexpr, INTERPRET: tl.constexpr,
+                 MASKED: tl.constexpr):
+    mask = o < n
+    if MASKED:
+        g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + o, mask=mask, other=0.0)
+        th = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + o).to(tl.float32)
+        m = tl.load(m_ptr + o)
+        th = tl.load(p_ptr + o).to(tl.float32)
+    g = g * gmul
+    # F: nf is n, or 0 when cols == 0 (F = 1, S and H not read).
+    q = col0 + o
+    fmask = o < nf
+    s = tl.load(s_ptr + (row0 + q // cols), mask=fmask, other=1.0)
+    h = tl.load(h_ptr + q % cols, mask=fmask, other=1.0)
+    fim = tl.where(fmask, s * h + damping, 1.0)
+    if DECOUPLED:
+        m = beta * m + omb * g
+        th = th - a * (tl.div_rn(tl.div_rn(m, bc), fim) + wd * th)
+    else:
+        m = beta * m + omb * (g + wd * th)
+        th = th - a * tl.div_rn(m, fim)
+    _store(p_ptr, m_ptr, o, mask, th, m, MASKED, INTERPRET)
+
+
+@triton.jit(do_not_specialize=["n_tensors", "numel_in", "s_in", "h_in", "cols_in"])
+def _update_kernel(meta, n_tensors, p_in, g_in, m_in, step_in, numel_in, s_in, h_in, cols_in,
+                   blocks, factors, skip, gscale, lr_ptr, lr64: tl.float64, beta64: tl.float64,
+                   beta, omb, wd, damping, sign, chunk_size,
+                   DTYPE: tl.constexpr, HAS_GSCALE: tl.constexpr, HAS_LR: tl.constexpr,
+                   DECOUPLED: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr,
+                   INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+    # A gradient anywhere in the step whose square is not finite, or GradScaler's found_inf:
+    # change nothing.
+    if tl.load(skip) == 0.0:
+        pid = tl.program_id(0)
+        if TABLE:
+            blk = tl.load(meta + blocks + pid)
+            t = blk >> 32
+            c = blk & 0xFFFFFFFF
+            p_ptr = K._pointer(meta, ROW_P, n_tensors, t, DTYPE, ALIGNED)
+            g_ptr = K._pointer(meta, ROW_G, n_tensors, t, DTYPE, ALIGNED)
+            m_ptr = K._pointer(meta, ROW_M, n_tensors, t, tl.float32, ALIGNED)
+            step_ptr = K._pointer(meta, ROW_STEP, n_tensors, t, tl.float32, False)
+            numel = tl.load(meta + ROW_NUMEL * n_tensors + t)
+            s_off = tl.load(meta + ROW_S * n_tensors + t)
+            h_off = tl.load(meta + ROW_H * n_tensors + t)
+            cols = tl.load(meta + ROW_COLS * n_tensors + t)
+        else:
+            c = pid.to(tl.int64)
+            p_ptr = p_in
+            g_ptr = g_in
+            m_ptr = m_in
+            step_ptr = step_in
+            numel = numel_in.to(tl.int64)
+            s_off = s_in.to(tl.int64)
+            h_off = h_in.to(tl.int64)
+            cols = cols_in.to(tl.int64)
+        start = c * chunk_size  # int64: a tensor may hold more than 2^31 elements
+        n = tl.minimum(numel - start, chunk_size).to(tl.int32)
+        p_ptr += start
+        g_ptr += start
+        m_ptr += start
+        if ALIGNED:
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+        ncols = tl.maximum(cols, 1)
+        row0 = start // ncols
+        col0 = (start % ncols).to(tl.int32)
+        cols32 = ncols.to(tl.int32)
+        nf = tl.where(cols > 0, n, 0)
+        s_ptr = factors + s_off
+        h_ptr = factors + h_off
+        gmul = K._grad_mul(gscale, sign, HAS_GSCALE)
+        # bc and the step coefficient in float64, rounded once ([note: AdaFisher math]).
+        if HAS_LR:
+            lr_v = tl.load(lr_ptr).to(tl.float64)
+        else:
+            lr_v = tl.full([], lr64, tl.float64)
+        tstep = tl.load(step_ptr).to(tl.float64)
+        bc64 = 1.0 - K._pow64(tl.full([], beta64, tl.float64), tstep, INTERPRET)
+        if DECOUPLED:
+            a = lr_v.to(tl.float32)
+        else:
+            a = (lr_v / bc64).to(tl.float32)
+        bc = bc64.to(tl.float32)
+        offs = tl.arange(0, BLOCK)
+        n_full = (n // BLOCK) * BLOCK
+        for k in range(0, n_full, BLOCK):
+            _update_tile(p_ptr, g_ptr, m_ptr, s_ptr, h_ptr, k + offs, n, nf, row0, col0, cols32,
+                         gmul, a, bc, beta, omb, wd, damping, DECOUPLED, INTERPRET, False)
+        if n_full < n:
+            _update_tile(p_ptr, g_ptr, m_ptr, s_ptr, h_ptr, n_full + offs, n, nf, row0, col0,
+                         cols32, gmul, a, bc, beta, omb, wd, damping, DECOUPLED, INTERPRET, True)
