@@ -18,12 +18,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _triton_compile import (ARCHS, _chunk, _source, _tk, _tl_dtypes, has_v4_loads,  # noqa: E402
+                             rounding_args,
                              ptxas_report, use_this_checkout)
 from _triton_compile import describe as _describe  # noqa: E402
 
 
 def launch_args(kernel, dtype=torch.float32, aligned=True, sqrt=True, gscale=False, lr=None,
-                table=True):
+                table=True, sr=False):
     """The argument dict of one launch as _fadafactor_ops.py builds it (CPU tensors stand in for
     device tensors: only dtypes and 16-byte alignment matter to the specialization)."""
     tk = _tk()
@@ -59,7 +60,8 @@ def launch_args(kernel, dtype=torch.float32, aligned=True, sqrt=True, gscale=Fal
     return fk._phase_b_kernel, dict(
         **operands, **elem, skip=t32(1), lr_ptr=None if lr is None else torch.zeros(1, dtype=lr),
         lr=1e-3, beta1=0.9, omb1=0.1, clip=1.0, wd=1e-3, fuse_one_chunk=True,
-        HAS_LR=lr is not None, SLOT_BLOCK=launch.SLOT_BLOCK, **common)
+        HAS_LR=lr is not None, SLOT_BLOCK=launch.SLOT_BLOCK, **common,
+        **rounding_args(sr, table))
 
 
 def specializations():
@@ -77,6 +79,7 @@ def specializations():
         out.append(("B", dict(dtype=dt, sqrt=False, gscale=True, lr=torch.float64)))
         out.append(("B", dict(dtype=dt, aligned=False, gscale=True, lr=torch.float32,
                               table=False)))
+    out.append(("B", dict(dtype=torch.bfloat16, sr=True)))  # stochastic rounding
     out.append(("combine", dict()))
     out.append(("combine", dict(table=False)))
     return out

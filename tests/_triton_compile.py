@@ -57,8 +57,17 @@ def _tl_dtypes():
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def rounding_args(sr, table):
+    """Phase B's stochastic-rounding arguments ([note: stochastic rounding]): none, or a bfloat16
+    parameter and momentum both rounded stochastically (`sr`)."""
+    rnd = torch.zeros(8, dtype=torch.int64) if sr else None
+    return dict(rnd=rnd, rnd_in=None if table or not sr else rnd[:4],
+                MDTYPE=_tl_dtypes()[torch.bfloat16 if sr else torch.float32], SR=sr, SR_P=sr,
+                SR_M=sr)
+
+
 def launch_args(phase, dtype=torch.float32, aligned=True, sqrt=True, gscale=False, lr=None,
-                table=True):
+                table=True, sr=False):
     """The argument dict of one launch, as _ops.py builds it (CPU tensors stand in for device
     tensors: only their dtype and 16-byte alignment matter to the specialization)."""
     tk = _tk()
@@ -86,7 +95,8 @@ def launch_args(phase, dtype=torch.float32, aligned=True, sqrt=True, gscale=Fals
                    sign=1.0, chunk_size=_chunk(), fuse_one_chunk=True)
     lr_ptr = None if lr is None else torch.zeros(1, dtype=lr)
     return (dict(**operands, **common, lr_ptr=lr_ptr, **scalars, **consts, HAS_LR=lr is not None,
-                 SLOT_BLOCK=ops.SLOT_BLOCK), tk._kernels._phase_b_kernel)
+                 SLOT_BLOCK=ops.SLOT_BLOCK, **rounding_args(sr, table)),
+            tk._kernels._phase_b_kernel)
 
 
 def _source(kernel, args):
@@ -178,6 +188,7 @@ def specializations(full=False):
                 if phase == "B":
                     spec["lr"] = lr
                 out.append((phase, spec))
+        out.append(("B", dict(dtype=torch.bfloat16, aligned=True, sr=True)))
         return out
     for phase in "AB":
         for dt, al in itertools.product(dtypes, (True, False)):
@@ -186,6 +197,7 @@ def specializations(full=False):
         for dt in (torch.float32, torch.bfloat16):
             out.append((phase, dict(dtype=dt, aligned=True, **heavy)))
         out.append((phase, dict(dtype=torch.float32, aligned=False, table=False, **heavy)))
+    out.append(("B", dict(dtype=torch.bfloat16, aligned=True, sr=True)))  # stochastic rounding
     return out
 
 
@@ -205,6 +217,8 @@ def describe(kernel, spec, label=None):
         parts.append("lr_" + str(spec["lr"]).replace("torch.", ""))
     if not spec.get("table", True):
         parts.append("per-tensor")
+    if spec.get("sr"):
+        parts.append("stochastic-rounding")
     return " ".join(parts)
 
 

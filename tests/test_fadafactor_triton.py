@@ -100,7 +100,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
     of 96 leaves 5 CTAs of 128 threads per SM. The aligned float32 p = 0.5 phases A and B use
     128-bit loads. About a minute."""
     assert_compiles_without_spills(
-        _JOBS.compile_reports(), count=29, max_registers=96,
+        _JOBS.compile_reports(), count=30, max_registers=96,
         wants_v4_loads=lambda row: row["dtype"] == "float32" and row["aligned"])
 
 

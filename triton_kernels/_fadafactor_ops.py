@@ -58,7 +58,7 @@ class _Call(launch.Launch):
                  buffers: dict, skip: Optional[Tensor], grad_scale: Optional[Tensor],
                  lr_tensor: Optional[Tensor], scalars: op_contract.HostScalars, *,
                  p: float = 0.5, chunk_size: int, fuse: bool = False,
-                 rounding: Sequence[int] = ()):
+                 rounding: Optional[Sequence[int]] = None):
         self.device = launch.check_call(op, params, next(iter(buffers.values())), chunk_size,
                                         skip=skip, grad_scale=grad_scale, lr_tensor=lr_tensor,
                                         lengths=lists)
@@ -238,7 +238,7 @@ def triton_fadafactor_phase_b(
     momentums: list[Tensor], steps: list[Tensor], factors: Tensor, partials: Tensor,
     skip: Tensor, grad_scale: Optional[Tensor], lr_tensor: Optional[Tensor], *, lr: float,
     beta1: float, eps: float, p: float, clip: float, weight_decay: float, maximize: bool,
-    chunk_size: int, fuse_one_chunk: bool, rounding: Sequence[int] = (),
+    chunk_size: int, fuse_one_chunk: bool, rounding: Optional[Sequence[int]] = None,
 ) -> None:
     """Phase B: unless skip != 0, the FAdam update of momentums and params with f from
     ``factors`` (a bfloat16 one stochastically rounded with a `rounding` list), and the new R

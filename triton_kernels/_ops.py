@@ -46,7 +46,7 @@ class _Call(launch.Launch):
                  momentums: Optional[Sequence[Tensor]], partials: Tensor, skip: Tensor,
                  grad_scale: Optional[Tensor], lr_tensor: Optional[Tensor],
                  scalars: op_contract.HostScalars, *, p: float, chunk_size: int, fuse: bool,
-                 rounding: Sequence[int] = ()):
+                 rounding: Optional[Sequence[int]] = None):
         lists = dict(grads=grads, fims=fims, steps=steps)
         if momentums is not None:
             lists["momentums"] = momentums
@@ -149,7 +149,7 @@ def triton_phase_b(
     steps: list[Tensor], partials: Tensor, skip: Tensor, grad_scale: Optional[Tensor],
     lr_tensor: Optional[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, p: float,
     clip: float, weight_decay: float, maximize: bool, chunk_size: int, fuse_one_chunk: bool,
-    rounding: Sequence[int] = (),
+    rounding: Optional[Sequence[int]] = None,
 ) -> None:
     """Phase B: unless skip != 0, the FAdam update of fims, momentums and params; a bfloat16
     param or momentum stochastically rounded with a `rounding` list ([note: stochastic

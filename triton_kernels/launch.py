@@ -345,7 +345,9 @@ class Rounding:
     def __init__(self, op: str, params: Sequence[Tensor],
                  momentums: Optional[Sequence[Tensor]], rounding: Sequence[int],
                  device: torch.device):
-        rounding = [int(x) for x in rounding]
+        # None is an empty list: torch 2.11's triton_op infers its schema from the Python
+        # signature and takes no list default (2.14 uses op_contract's `int[] rounding=[]`).
+        rounding = [int(x) for x in rounding or ()]
         n = len(params)
         self.mdtype = momentums[0].dtype if momentums else torch.float32
         if self.mdtype not in (torch.float32, torch.bfloat16):
