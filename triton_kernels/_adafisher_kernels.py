@@ -40,53 +40,33 @@ def _check_kernel(meta, n_tensors, g_in, numel_in, blocks, skip, gscale, chunk_s
                   TABLE: tl.constexpr, BLOCK: tl.constexpr):
     """skip = 1 where a scaled g * g of this chunk is not finite ([note: the gradient overflow
     rule] in _kernels.py). Reads g alone."""
-    pid = tl.program_id(0)
-    if TABLE:
-        blk = tl.load(meta + blocks + pid)
-        t = blk >> 32
-        c = blk & 0xFFFFFFFF
-        g_ptr = K._pointer(meta, CHECK_ROW_G, n_tensors, t, DTYPE, ALIGNED)
-        numel = tl.load(meta + CHECK_ROW_NUMEL * n_tensors + t)
-    else:
-        c = pid.to(tl.int64)
-        g_ptr = g_in
-        numel = numel_in.to(tl.int64)
+    t, c = K._block(meta, blocks, TABLE)
+    g_ptr = K._operand(meta, CHECK_ROW_G, n_tensors, t, g_in, DTYPE, ALIGNED, TABLE)
+    numel = K._size(meta, CHECK_ROW_NUMEL, n_tensors, t, numel_in, TABLE)
     start = c * chunk_size
     n = tl.minimum(numel - start, chunk_size).to(tl.int32)
-    g_ptr += start
-    if ALIGNED:
-        g_ptr = tl.multiple_of(g_ptr, 16)
+    g_ptr = K._offset(g_ptr, start, ALIGNED)
     bad = K._check_chunk(g_ptr, n, K._grad_mul(gscale, 1.0, HAS_GSCALE), BLOCK)
     if bad != 0:
         tl.store(skip, 1.0)  # only ever 1, from any number of programs: no atomics needed
 
 
 @triton.jit
-def _store(p_ptr, m_ptr, o, mask, theta, m, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+def _store(p_ptr, m_ptr, o, n, theta, m, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
     """The one store of the update's results: theta in the storage dtype (round to nearest even),
     m in float32. [note: stochastic rounding] would round theta (and a bfloat16 m) here."""
     th = K._to_storage(theta, p_ptr.dtype.element_ty, INTERPRET)
-    if MASKED:
-        tl.store(m_ptr + o, m, mask=mask)
-        tl.store(p_ptr + o, th, mask=mask)
-    else:
-        tl.store(m_ptr + o, m)
-        tl.store(p_ptr + o, th)
+    K._store(m_ptr, o, n, m, MASKED)
+    K._store(p_ptr, o, n, th, MASKED)
 
 
 @triton.jit
 def _update_tile(p_ptr, g_ptr, m_ptr, s_ptr, h_ptr, o, n, nf, row0, col0, cols, gmul, a, bc,
                  beta, omb, wd, damping, DECOUPLED: tl.constexpr, INTERPRET: tl.constexpr,
                  MASKED: tl.constexpr):
-    mask = o < n
-    if MASKED:
-        g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + o, mask=mask, other=0.0)
-        th = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
-    else:
-        g = tl.load(g_ptr + o).to(tl.float32)
-        m = tl.load(m_ptr + o)
-        th = tl.load(p_ptr + o).to(tl.float32)
+    g = K._load(g_ptr, o, n, 0.0, MASKED).to(tl.float32)
+    m = K._load(m_ptr, o, n, 0.0, MASKED)
+    th = K._load(p_ptr, o, n, 0.0, MASKED).to(tl.float32)
     g = g * gmul
     # F: nf is n, or 0 when cols == 0 (F = 1, S and H not read).
     q = col0 + o
@@ -100,7 +80,7 @@ def _update_tile(p_ptr, g_ptr, m_ptr, s_ptr, h_ptr, o, n, nf, row0, col0, cols, 
     else:
         m = beta * m + omb * (g + wd * th)
         th = th - a * tl.div_rn(m, fim)
-    _store(p_ptr, m_ptr, o, mask, th, m, MASKED, INTERPRET)
+    _store(p_ptr, m_ptr, o, n, th, m, MASKED, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["n_tensors", "numel_in", "s_in", "h_in", "cols_in"])
@@ -113,45 +93,25 @@ def _update_kernel(meta, n_tensors, p_in, g_in, m_in, step_in, numel_in, s_in, h
     # A gradient anywhere in the step whose square is not finite, or GradScaler's found_inf:
     # change nothing.
     if tl.load(skip) == 0.0:
-        pid = tl.program_id(0)
-        if TABLE:
-            blk = tl.load(meta + blocks + pid)
-            t = blk >> 32
-            c = blk & 0xFFFFFFFF
-            p_ptr = K._pointer(meta, ROW_P, n_tensors, t, DTYPE, ALIGNED)
-            g_ptr = K._pointer(meta, ROW_G, n_tensors, t, DTYPE, ALIGNED)
-            m_ptr = K._pointer(meta, ROW_M, n_tensors, t, tl.float32, ALIGNED)
-            step_ptr = K._pointer(meta, ROW_STEP, n_tensors, t, tl.float32, False)
-            numel = tl.load(meta + ROW_NUMEL * n_tensors + t)
-            s_off = tl.load(meta + ROW_S * n_tensors + t)
-            h_off = tl.load(meta + ROW_H * n_tensors + t)
-            cols = tl.load(meta + ROW_COLS * n_tensors + t)
-        else:
-            c = pid.to(tl.int64)
-            p_ptr = p_in
-            g_ptr = g_in
-            m_ptr = m_in
-            step_ptr = step_in
-            numel = numel_in.to(tl.int64)
-            s_off = s_in.to(tl.int64)
-            h_off = h_in.to(tl.int64)
-            cols = cols_in.to(tl.int64)
+        t, c = K._block(meta, blocks, TABLE)
+        p_ptr = K._operand(meta, ROW_P, n_tensors, t, p_in, DTYPE, ALIGNED, TABLE)
+        g_ptr = K._operand(meta, ROW_G, n_tensors, t, g_in, DTYPE, ALIGNED, TABLE)
+        m_ptr = K._operand(meta, ROW_M, n_tensors, t, m_in, tl.float32, ALIGNED, TABLE)
+        step_ptr = K._operand(meta, ROW_STEP, n_tensors, t, step_in, tl.float32, False, TABLE)
+        numel = K._size(meta, ROW_NUMEL, n_tensors, t, numel_in, TABLE)
+        cols = K._size(meta, ROW_COLS, n_tensors, t, cols_in, TABLE)
+        s_ptr = factors + K._size(meta, ROW_S, n_tensors, t, s_in, TABLE)
+        h_ptr = factors + K._size(meta, ROW_H, n_tensors, t, h_in, TABLE)
         start = c * chunk_size  # int64: a tensor may hold more than 2^31 elements
         n = tl.minimum(numel - start, chunk_size).to(tl.int32)
-        p_ptr += start
-        g_ptr += start
-        m_ptr += start
-        if ALIGNED:
-            p_ptr = tl.multiple_of(p_ptr, 16)
-            g_ptr = tl.multiple_of(g_ptr, 16)
-            m_ptr = tl.multiple_of(m_ptr, 16)
+        p_ptr = K._offset(p_ptr, start, ALIGNED)
+        g_ptr = K._offset(g_ptr, start, ALIGNED)
+        m_ptr = K._offset(m_ptr, start, ALIGNED)
         ncols = tl.maximum(cols, 1)
         row0 = start // ncols
         col0 = (start % ncols).to(tl.int32)
         cols32 = ncols.to(tl.int32)
         nf = tl.where(cols > 0, n, 0)
-        s_ptr = factors + s_off
-        h_ptr = factors + h_off
         gmul = K._grad_mul(gscale, sign, HAS_GSCALE)
         # bc and the step coefficient in float64, rounded once ([note: AdaFisher math]).
         if HAS_LR:

@@ -92,44 +92,22 @@ def _operands(meta, n_tensors, blocks, p_in, g_in, m_in, rs_in, cs_in, step_in, 
     fac).
     Sizes are int64; fpart and fac are the tensor's first elements of factor_partials and
     factors."""
-    pid = tl.program_id(0)
-    if TABLE:
-        blk = tl.load(meta + blocks + pid)
-        t = blk >> 32
-        idx = blk & 0xFFFFFFFF
-        p_ptr = K._pointer(meta, ROW_P, n_tensors, t, DTYPE, False)
-        g_ptr = K._pointer(meta, ROW_G, n_tensors, t, DTYPE, False)
-        m_ptr = K._pointer(meta, ROW_M, n_tensors, t, MDTYPE, False)
-        rs_ptr = K._pointer(meta, ROW_RS, n_tensors, t, tl.float32, False)
-        cs_ptr = K._pointer(meta, ROW_CS, n_tensors, t, tl.float32, False)
-        step_ptr = K._pointer(meta, ROW_STEP, n_tensors, t, tl.float32, False)
-        numel = tl.load(meta + ROW_NUMEL * n_tensors + t)
-        batch = tl.load(meta + ROW_BATCH * n_tensors + t)
-        rows = tl.load(meta + ROW_ROWS * n_tensors + t)
-        cols = tl.load(meta + ROW_COLS * n_tensors + t)
-        tile_r = tl.load(meta + ROW_TILE_R * n_tensors + t)
-        tile_c = tl.load(meta + ROW_TILE_C * n_tensors + t)
-        slot = tl.load(meta + ROW_SLOT * n_tensors + t)
-        fpart = tl.load(meta + ROW_FPART * n_tensors + t)
-        fac = tl.load(meta + ROW_FAC * n_tensors + t)
-    else:
-        idx = pid.to(tl.int64)
-        p_ptr = p_in
-        g_ptr = g_in
-        m_ptr = m_in
-        rs_ptr = rs_in
-        cs_ptr = cs_in
-        step_ptr = step_in
-        # i32 below 2^31 (the arguments are not specialised): widen before any product.
-        numel = numel_in.to(tl.int64)
-        batch = batch_in.to(tl.int64)
-        rows = rows_in.to(tl.int64)
-        cols = cols_in.to(tl.int64)
-        tile_r = tile_r_in.to(tl.int64)
-        tile_c = tile_c_in.to(tl.int64)
-        slot = slot_in.to(tl.int64)
-        fpart = fpart_in.to(tl.int64)
-        fac = fac_in.to(tl.int64)
+    t, idx = K._block(meta, blocks, TABLE)
+    p_ptr = K._operand(meta, ROW_P, n_tensors, t, p_in, DTYPE, False, TABLE)
+    g_ptr = K._operand(meta, ROW_G, n_tensors, t, g_in, DTYPE, False, TABLE)
+    m_ptr = K._operand(meta, ROW_M, n_tensors, t, m_in, MDTYPE, False, TABLE)
+    rs_ptr = K._operand(meta, ROW_RS, n_tensors, t, rs_in, tl.float32, False, TABLE)
+    cs_ptr = K._operand(meta, ROW_CS, n_tensors, t, cs_in, tl.float32, False, TABLE)
+    step_ptr = K._operand(meta, ROW_STEP, n_tensors, t, step_in, tl.float32, False, TABLE)
+    numel = K._size(meta, ROW_NUMEL, n_tensors, t, numel_in, TABLE)
+    batch = K._size(meta, ROW_BATCH, n_tensors, t, batch_in, TABLE)
+    rows = K._size(meta, ROW_ROWS, n_tensors, t, rows_in, TABLE)
+    cols = K._size(meta, ROW_COLS, n_tensors, t, cols_in, TABLE)
+    tile_r = K._size(meta, ROW_TILE_R, n_tensors, t, tile_r_in, TABLE)
+    tile_c = K._size(meta, ROW_TILE_C, n_tensors, t, tile_c_in, TABLE)
+    slot = K._size(meta, ROW_SLOT, n_tensors, t, slot_in, TABLE)
+    fpart = K._size(meta, ROW_FPART, n_tensors, t, fpart_in, TABLE)
+    fac = K._size(meta, ROW_FAC, n_tensors, t, fac_in, TABLE)
     return (idx, p_ptr, g_ptr, m_ptr, rs_ptr, cs_ptr, step_ptr, numel, batch, rows, cols, tile_r,
             tile_c, slot, fpart, fac)
 
@@ -195,6 +173,21 @@ def _tiles_kernel(
         tl.store(skip, 1.0)
 
 
+@triton.jit
+def _combine_block(part, n_tiles, stride, old, new_ptr, o, count, b2hat, bad,
+                   C_BLOCK: tl.constexpr):
+    """One block of a matrix's new R (or C), lanes o < count: the tile partials (n_tiles of them,
+    `stride` apart) added in tile order, factor_update with the old value, stored at new_ptr.
+    Returns the new values (masked lanes 0) and `bad` with their non-finite lanes added."""
+    mask = o < count
+    s = tl.zeros([C_BLOCK], tl.float64)
+    for k in range(0, n_tiles):
+        s += tl.load(part + k * stride + o, mask=mask, other=0.0)
+    new = _factor_update(tl.load(old + o, mask=mask, other=0.0), s, b2hat)
+    tl.store(new_ptr + o, new, mask=mask)
+    return new, tl.maximum(bad, K._nonfinite(new))
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _combine_kernel(
     meta, n_tensors, blocks,
@@ -222,24 +215,13 @@ def _combine_kernel(
     bad = tl.zeros([C_BLOCK], tl.int32)
     for r in range(0, rows, C_BLOCK):
         o = r + offs
-        mask = o < rows
-        s = tl.zeros([C_BLOCK], tl.float64)
-        for k in range(0, col_tiles):
-            s += tl.load(row_part + k * rows + o, mask=mask, other=0.0)
-        new = _factor_update(tl.load(rs_ptr + b * rows + o, mask=mask, other=0.0), s, b2hat)
-        bad = tl.maximum(bad, K._nonfinite(new))
-        tl.store(new_r + o, new, mask=mask)
+        new, bad = _combine_block(row_part, col_tiles, rows, rs_ptr + b * rows, new_r, o, rows,
+                                  b2hat, bad, C_BLOCK)
         # sum R of the rounded new R, as the CPU kernel: blocks in row order, a fixed tree in each.
-        total += tl.sum(tl.where(mask, new.to(tl.float64), 0.0), axis=0)
+        total += tl.sum(tl.where(o < rows, new.to(tl.float64), 0.0), axis=0)
     for c in range(0, cols, C_BLOCK):
-        o = c + offs
-        mask = o < cols
-        s = tl.zeros([C_BLOCK], tl.float64)
-        for k in range(0, row_tiles):
-            s += tl.load(col_part + k * cols + o, mask=mask, other=0.0)
-        new = _factor_update(tl.load(cs_ptr + b * cols + o, mask=mask, other=0.0), s, b2hat)
-        bad = tl.maximum(bad, K._nonfinite(new))
-        tl.store(new_c + o, new, mask=mask)
+        _new, bad = _combine_block(col_part, row_tiles, cols, cs_ptr + b * cols, new_c, c + offs,
+                                   cols, b2hat, bad, C_BLOCK)
     # Only ever 1.0, from any number of programs: a benign race, no atomics needed.
     if tl.max(bad, axis=0) != 0:
         tl.store(skip, 1.0)
@@ -275,15 +257,13 @@ def _natural_tile(p_ptr, g_ptr, fac_ptr, o, n, j0, i0, rows, cols, p, eps_p, gmu
     db = i // rows
     i = i - db * rows
     mat = db * (2 * rows + cols) + rows
+    g = K._load(g_ptr, o, n, 0.0, MASKED).to(tl.float32)
+    th = K._load(p_ptr, o, n, 0.0, MASKED).to(tl.float32)
     if MASKED:
         mask = o < n
-        g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        th = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
         rn = tl.load(fac_ptr + (mat + cols + i), mask=mask, other=0.0)
         cj = tl.load(fac_ptr + (mat + j), mask=mask, other=0.0)
     else:
-        g = tl.load(g_ptr + o).to(tl.float32)
-        th = tl.load(p_ptr + o).to(tl.float32)
         rn = tl.load(fac_ptr + (mat + cols + i))
         cj = tl.load(fac_ptr + (mat + j))
     g = g * gmul
@@ -320,19 +300,11 @@ def _update_tile(p_ptr, g_ptr, m_ptr, fac_ptr, o, n, j0, i0, rows, cols, p, eps_
                  SR_P: tl.constexpr, SR_M: tl.constexpr):
     th, ghat, w = _natural_tile(p_ptr, g_ptr, fac_ptr, o, n, j0, i0, rows, cols, p, eps_p,
                                 gmul, SQRT, INTERPRET, MASKED)
-    if MASKED:
-        mask = o < n
-        m = tl.load(m_ptr + o, mask=mask, other=0.0).to(tl.float32)
-    else:
-        m = tl.load(m_ptr + o).to(tl.float32)
+    m = K._load(m_ptr, o, n, 0.0, MASKED).to(tl.float32)
     th, m = K._fadam_update(th, m, ghat, w, beta1, omb1, inv_s1, inv_s2, lr, wd)
     th, m = K._store_update(p_ptr, m_ptr, o, th, m, sr, SR_P, SR_M, INTERPRET)
-    if MASKED:
-        tl.store(m_ptr + o, m, mask=mask)
-        tl.store(p_ptr + o, th, mask=mask)
-    else:
-        tl.store(m_ptr + o, m)
-        tl.store(p_ptr + o, th)
+    K._store(m_ptr, o, n, m, MASKED)
+    K._store(p_ptr, o, n, th, MASKED)
 
 
 @triton.jit
@@ -346,13 +318,9 @@ def _chunk_start(idx, numel, rows, cols, chunk_size, p_ptr, g_ptr, m_ptr, fac_pt
     j0 = (start - q0 * cols).to(tl.int32)
     b0 = q0 // rows
     i0 = (q0 - b0 * rows).to(tl.int32)
-    p_ptr += start
-    g_ptr += start
-    m_ptr += start
-    if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
+    p_ptr = K._offset(p_ptr, start, ALIGNED)
+    g_ptr = K._offset(g_ptr, start, ALIGNED)
+    m_ptr = K._offset(m_ptr, start, ALIGNED)
     fac_ptr += b0 * (2 * rows + cols)
     return n, j0, i0, p_ptr, g_ptr, m_ptr, fac_ptr
 
@@ -421,10 +389,7 @@ def _phase_b_kernel(
          slot, _fpart, fac) = _operands(meta, n_tensors, blocks, p_in, g_in, m_in, rs_in, cs_in,
             step_in, numel_in, batch_in, rows_in, cols_in, tile_r_in, tile_c_in, slot_in, fpart_in,
             fac_in, DTYPE, TABLE, MDTYPE)
-        if TABLE:
-            t = tl.load(meta + blocks + tl.program_id(0)) >> 32
-        else:
-            t = c * 0
+        t, _c = K._block(meta, blocks, TABLE)
         sr = K._sr_row(rnd, rnd_in, t, step_ptr, c, chunk_size, SR, TABLE)
         # The new R and C become the state: program c of the tensor's nch copies its slice
         # (a tensor without elements, e.g. (0, 4), still has R or C and gets one program).

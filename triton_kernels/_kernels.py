@@ -164,19 +164,33 @@ def _grad_mul(gscale_ptr, sign, HAS_GSCALE: tl.constexpr):
 
 
 @triton.jit
+def _load(ptr, o, n, other, MASKED: tl.constexpr):
+    """ptr[o] of one tile: masked to o < n (`other` past the end) in the tail tile, unmasked in a
+    full one, so that an aligned full tile can load 128 bits at a time (module docstring)."""
+    if MASKED:
+        x = tl.load(ptr + o, mask=o < n, other=other)
+    else:
+        x = tl.load(ptr + o)
+    return x
+
+
+@triton.jit
+def _store(ptr, o, n, x, MASKED: tl.constexpr):
+    """ptr[o] = x for one tile, masked as _load."""
+    if MASKED:
+        tl.store(ptr + o, x, mask=o < n)
+    else:
+        tl.store(ptr + o, x)
+
+
+@triton.jit
 def _reduce_tile(p_ptr, g_ptr, f_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
                  SQRT: tl.constexpr, INTERPRET: tl.constexpr, MASKED: tl.constexpr):
     """Phase A on one tile: float64 ghat^2 and w^2 and the overflow flag per lane ([note: the
     gradient overflow rule])."""
-    if MASKED:
-        mask = o < n
-        g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        f = tl.load(f_ptr + o, mask=mask, other=1.0)
-        th = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
-    else:
-        g = tl.load(g_ptr + o).to(tl.float32)
-        f = tl.load(f_ptr + o)
-        th = tl.load(p_ptr + o).to(tl.float32)
+    g = _load(g_ptr, o, n, 0.0, MASKED).to(tl.float32)
+    f = _load(f_ptr, o, n, 1.0, MASKED)
+    th = _load(p_ptr, o, n, 0.0, MASKED).to(tl.float32)
     g = g * gmul
     f = _fim_update(f, g, b2hat, omb2)
     d = _fisher_denom(f, p, eps_p, SQRT, INTERPRET)
@@ -188,8 +202,8 @@ def _reduce_tile(p_ptr, g_ptr, f_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
     if MASKED:
         # Lanes past the end hold g = 0, f = 1, theta = 0: harmless, but zero them explicitly so
         # no choice of eps (eps^(2p) may round to 0 in float32) can leak a NaN into the sums.
-        g2 = tl.where(mask, g2, 0.0)
-        w2 = tl.where(mask, w2, 0.0)
+        g2 = tl.where(o < n, g2, 0.0)
+        w2 = tl.where(o < n, w2, 0.0)
     return g2, w2, bad
 
 
@@ -292,17 +306,10 @@ def _update_tile(p_ptr, g_ptr, f_ptr, m_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
                  SQRT: tl.constexpr, INTERPRET: tl.constexpr, MASKED: tl.constexpr,
                  SR_P: tl.constexpr, SR_M: tl.constexpr):
     """Phase B on one tile: the new f, m and theta, stored in their storage dtypes."""
-    if MASKED:
-        mask = o < n
-        g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        f = tl.load(f_ptr + o, mask=mask, other=1.0)
-        m = tl.load(m_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        th = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
-    else:
-        g = tl.load(g_ptr + o).to(tl.float32)
-        f = tl.load(f_ptr + o)
-        m = tl.load(m_ptr + o).to(tl.float32)
-        th = tl.load(p_ptr + o).to(tl.float32)
+    g = _load(g_ptr, o, n, 0.0, MASKED).to(tl.float32)
+    f = _load(f_ptr, o, n, 1.0, MASKED)
+    m = _load(m_ptr, o, n, 0.0, MASKED).to(tl.float32)
+    th = _load(p_ptr, o, n, 0.0, MASKED).to(tl.float32)
     g = g * gmul
     f = _fim_update(f, g, b2hat, omb2)
     d = _fisher_denom(f, p, eps_p, SQRT, INTERPRET)
@@ -310,14 +317,9 @@ def _update_tile(p_ptr, g_ptr, f_ptr, m_ptr, o, n, b2hat, omb2, p, eps_p, gmul,
     w = tl.div_rn(th, d)
     th, m = _fadam_update(th, m, ghat, w, beta1, omb1, inv_s1, inv_s2, lr, wd)
     th, m = _store_update(p_ptr, m_ptr, o, th, m, sr, SR_P, SR_M, INTERPRET)
-    if MASKED:
-        tl.store(f_ptr + o, f, mask=mask)
-        tl.store(m_ptr + o, m, mask=mask)
-        tl.store(p_ptr + o, th, mask=mask)
-    else:
-        tl.store(f_ptr + o, f)
-        tl.store(m_ptr + o, m)
-        tl.store(p_ptr + o, th)
+    _store(f_ptr, o, n, f, MASKED)
+    _store(m_ptr, o, n, m, MASKED)
+    _store(p_ptr, o, n, th, MASKED)
 
 
 @triton.jit
@@ -374,6 +376,55 @@ def _pointer(meta, row, n_tensors, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr
 
 
 @triton.jit
+def _block(meta, blocks, TABLE: tl.constexpr):
+    """This program's (tensor, index): with a table its entry of the block map at meta + blocks,
+    (tensor << 32) | index; on the traced path (one tensor) (0, program id). Both int64."""
+    pid = tl.program_id(0)
+    if TABLE:
+        blk = tl.load(meta + blocks + pid)
+        t = blk >> 32
+        idx = blk & 0xFFFFFFFF
+    else:
+        idx = pid.to(tl.int64)
+        t = idx * 0
+    return t, idx
+
+
+@triton.jit
+def _operand(meta, row, n_tensors, t, ptr_in, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+             TABLE: tl.constexpr):
+    """Tensor t's operand: with a table the address in `row` as a DTYPE pointer, on the traced
+    path the tensor argument ptr_in."""
+    if TABLE:
+        ptr = _pointer(meta, row, n_tensors, t, DTYPE, ALIGNED)
+    else:
+        ptr = ptr_in
+    return ptr
+
+
+@triton.jit
+def _size(meta, row, n_tensors, t, size_in, TABLE: tl.constexpr):
+    """Tensor t's size (numel, a slot, an offset, ...) as int64: with a table the value in `row`,
+    on the traced path the argument size_in, an int32 below 2^31 (not specialised), widened
+    before any product (numel + chunk_size - 1 would wrap in int32)."""
+    if TABLE:
+        v = tl.load(meta + row * n_tensors + t)
+    else:
+        v = size_in.to(tl.int64)
+    return v
+
+
+@triton.jit
+def _offset(ptr, start, ALIGNED: tl.constexpr):
+    """ptr + start, 16-byte aligned with ALIGNED (the host checked every address and
+    chunk_size * itemsize)."""
+    ptr += start
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
 def _program_operands(meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in, slot_in,
                       chunk_size, DTYPE: tl.constexpr, HAS_M: tl.constexpr,
                       ALIGNED: tl.constexpr, TABLE: tl.constexpr,
@@ -382,50 +433,28 @@ def _program_operands(meta, n_tensors, p_in, g_in, f_in, step_in, m_in, numel_in
     the chunk's first element, the tensor's numel and first slot, and the chunk's element count n
     (int32), and the tensor's index t (0 on the traced path). Without HAS_M the momentum pointer
     is the fim's (never dereferenced); MDTYPE is the momentum's dtype (momentum_dtype)."""
-    pid = tl.program_id(0)
-    if TABLE:
-        if HAS_M:
-            blocks = meta + (ROW_M + 1) * n_tensors
-        else:
-            blocks = meta + ROW_M * n_tensors
-        blk = tl.load(blocks + pid)
-        t = blk >> 32
-        c = blk & 0xFFFFFFFF
-        p_ptr = _pointer(meta, ROW_P, n_tensors, t, DTYPE, ALIGNED)
-        g_ptr = _pointer(meta, ROW_G, n_tensors, t, DTYPE, ALIGNED)
-        f_ptr = _pointer(meta, ROW_F, n_tensors, t, tl.float32, ALIGNED)
-        if HAS_M:
-            m_ptr = _pointer(meta, ROW_M, n_tensors, t, MDTYPE, ALIGNED)
-        else:
-            m_ptr = f_ptr
-        step_ptr = _pointer(meta, ROW_STEP, n_tensors, t, tl.float32, False)
-        numel = tl.load(meta + ROW_NUMEL * n_tensors + t)
-        slot = tl.load(meta + ROW_SLOT * n_tensors + t)
+    if HAS_M:
+        blocks = (ROW_M + 1) * n_tensors
     else:
-        c = pid.to(tl.int64)
-        t = c * 0
-        p_ptr = p_in
-        g_ptr = g_in
-        f_ptr = f_in
-        if HAS_M:
-            m_ptr = m_in
-        else:
-            m_ptr = f_in
-        step_ptr = step_in
-        numel = numel_in.to(tl.int64)  # i32 below 2^31: numel + chunk_size - 1 would wrap
-        slot = slot_in
+        blocks = ROW_M * n_tensors
+    t, c = _block(meta, blocks, TABLE)
+    p_ptr = _operand(meta, ROW_P, n_tensors, t, p_in, DTYPE, ALIGNED, TABLE)
+    g_ptr = _operand(meta, ROW_G, n_tensors, t, g_in, DTYPE, ALIGNED, TABLE)
+    f_ptr = _operand(meta, ROW_F, n_tensors, t, f_in, tl.float32, ALIGNED, TABLE)
+    if HAS_M:
+        m_ptr = _operand(meta, ROW_M, n_tensors, t, m_in, MDTYPE, ALIGNED, TABLE)
+    else:
+        m_ptr = f_ptr
+    step_ptr = _operand(meta, ROW_STEP, n_tensors, t, step_in, tl.float32, False, TABLE)
+    numel = _size(meta, ROW_NUMEL, n_tensors, t, numel_in, TABLE)
+    slot = _size(meta, ROW_SLOT, n_tensors, t, slot_in, TABLE)
     # 64-bit chunk start: a tensor may hold more than 2^31 elements.
     start = c * chunk_size
     n = tl.minimum(numel - start, chunk_size).to(tl.int32)
-    p_ptr += start
-    g_ptr += start
-    f_ptr += start
-    m_ptr += start
-    if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        f_ptr = tl.multiple_of(f_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
+    p_ptr = _offset(p_ptr, start, ALIGNED)
+    g_ptr = _offset(g_ptr, start, ALIGNED)
+    f_ptr = _offset(f_ptr, start, ALIGNED)
+    m_ptr = _offset(m_ptr, start, ALIGNED)
     return p_ptr, g_ptr, f_ptr, m_ptr, step_ptr, numel, slot, c, n, t
 
 
