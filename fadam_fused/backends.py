@@ -107,19 +107,29 @@ _FUSED: dict[str, op_contract.PhaseOps] = {}  # a plain dict: torch.compile read
 
 def fused(name: str) -> op_contract.PhaseOps:
     """FAdam's two ops on backend `name` (resolve() has checked that it can run)."""
-    if name not in _FUSED:
+    return _ops(_FUSED, name, reference.FADAM_OPS, op_contract.phase_ops,
+                emulated=op_contract.EMULATED_CUDA_OPS, native=("fadam_phase_a", "fadam_phase_b"),
+                triton=("triton_phase_a", "triton_phase_b"))
+
+
+def _ops(cache: dict, name: str, reference_ops, make, emulated: tuple, native: tuple,
+         triton: tuple):
+    """One op family on backend `name`, built once into `cache`: reference_ops for
+    "reference", else make(name, *names) with the op names of the emulated CUDA build, the C++
+    kernels (CPU and CUDA) or Triton (whose import registers its ops)."""
+    if name not in cache:
         if name == "reference":
-            _FUSED[name] = reference.FADAM_OPS
+            cache[name] = reference_ops
         elif name == "cuda" and _ext.CUDA_EMULATE:
-            _FUSED[name] = op_contract.phase_ops(name, *op_contract.EMULATED_CUDA_OPS)
+            cache[name] = make(name, *emulated)
         elif name in ("cpu", "cuda"):
-            _FUSED[name] = op_contract.phase_ops(name, "fadam_phase_a", "fadam_phase_b")
+            cache[name] = make(name, *native)
         elif name == "triton":
             _require_triton()
-            _FUSED[name] = op_contract.phase_ops(name, "triton_phase_a", "triton_phase_b")
+            cache[name] = make(name, *triton)
         else:
             raise ValueError(f"{name!r} is not a backend")
-    return _FUSED[name]
+    return cache[name]
 
 
 _FACTORED: dict[str, op_contract.FactoredOps] = {}  # a plain dict, as _FUSED
@@ -128,20 +138,9 @@ _FACTORED: dict[str, op_contract.FactoredOps] = {}  # a plain dict, as _FUSED
 def factored(name: str) -> op_contract.FactoredOps:
     """FAdafactor's three ops on backend `name` (resolve() has checked that it can run): the
     C++ kernels register "fadafactor" for CPU and CUDA, Triton its own prefix."""
-    if name not in _FACTORED:
-        if name == "reference":
-            _FACTORED[name] = reference.FADAFACTOR_OPS
-        elif name == "cuda" and _ext.CUDA_EMULATE:
-            _FACTORED[name] = op_contract.factored_ops(name,
-                                                       op_contract.EMULATED_CUDA_FADAFACTOR)
-        elif name in ("cpu", "cuda"):
-            _FACTORED[name] = op_contract.factored_ops(name, "fadafactor")
-        elif name == "triton":
-            _require_triton()  # importing the Triton kernels registers their ops
-            _FACTORED[name] = op_contract.factored_ops(name, "triton_fadafactor")
-        else:
-            raise ValueError(f"{name!r} is not a backend")
-    return _FACTORED[name]
+    return _ops(_FACTORED, name, reference.FADAFACTOR_OPS, op_contract.factored_ops,
+                emulated=(op_contract.EMULATED_CUDA_FADAFACTOR,), native=("fadafactor",),
+                triton=("triton_fadafactor",))
 
 
 def _require_triton() -> None:
@@ -181,17 +180,6 @@ def _adafisher_available(name: str) -> bool:
 
 def adafisher(name: str) -> op_contract.AdaFisherOps:
     """AdaFisher's two ops on backend `name`."""
-    if name not in _ADAFISHER:
-        if name == "reference":
-            _ADAFISHER[name] = reference.ADAFISHER_OPS
-        elif name == "cuda" and _ext.CUDA_EMULATE:
-            _ADAFISHER[name] = op_contract.adafisher_ops(name,
-                                                         op_contract.EMULATED_CUDA_ADAFISHER)
-        elif name in ("cpu", "cuda"):
-            _ADAFISHER[name] = op_contract.adafisher_ops(name, "")
-        elif name == "triton":
-            _require_triton()
-            _ADAFISHER[name] = op_contract.adafisher_ops(name, "triton_")
-        else:
-            raise ValueError(f"{name!r} is not a backend")
-    return _ADAFISHER[name]
+    return _ops(_ADAFISHER, name, reference.ADAFISHER_OPS, op_contract.adafisher_ops,
+                emulated=(op_contract.EMULATED_CUDA_ADAFISHER,), native=("",),
+                triton=("triton_",))
