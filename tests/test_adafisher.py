@@ -130,13 +130,19 @@ def test_a_layer_called_twice_counts_both_calls():
 
 # ---- the skip, GradScaler, checkpoints, hooks ---------------------------------------------------
 
-def test_a_nonfinite_gradient_skips_the_step_and_changes_no_factor():
+def _trained(steps, update_interval):
+    """make_model() and its AdaFisher after `steps` steps on batches 0, 1, ..."""
     model = make_model()
-    opt = AdaFisher(model, update_interval=1, **HYPER)
-    for k in range(2):
+    opt = AdaFisher(model, update_interval=update_interval, **HYPER)
+    for k in range(steps):
         opt.zero_grad()
         loss_of(model, *batch(k)).backward()
         opt.step()
+    return model, opt
+
+
+def test_a_nonfinite_gradient_skips_the_step_and_changes_no_factor():
+    model, opt = _trained(2, update_interval=1)
     before = snapshot(model, opt)
     opt.zero_grad()
     loss_of(model, *batch(2)).backward()
@@ -166,12 +172,7 @@ def test_gradscaler_scale_is_divided_out_of_the_gradient_factor():
 
 def test_state_dict_resume_is_exact_and_another_model_is_refused_by_name():
     full, _, _ = run(6, update_interval=2)
-    model = make_model()
-    opt = AdaFisher(model, update_interval=2, **HYPER)
-    for k in range(3):
-        opt.zero_grad()
-        loss_of(model, *batch(k)).backward()
-        opt.step()
+    model, opt = _trained(3, update_interval=2)
     saved = copy.deepcopy(opt.state_dict())
     weights = copy.deepcopy(model.state_dict())
     opt.remove_hooks()
