@@ -331,15 +331,23 @@ def test_small_workload_is_4096_tensors_of_256():
     assert workloads.count_sweep([4096])[0].numels[0] == 1024
 
 
+def _timed(name, medians, **more):
+    """A timed row's result: its round medians and their median, and `more` fields."""
+    return dict(row=name, median_ms=float(np.median(medians)), round_medians_ms=medians, **more)
+
+
+def _with_ratios(*results):
+    """The rows `results` by name, with step_bench's ratios added: (by name, the chosen rows)."""
+    by_name = {r["row"]: r for r in results}
+    chosen = rows.select(by_name)
+    step_bench.add_ratios(by_name, chosen)
+    return by_name, chosen
+
+
 def test_clip_off_rows_are_paired_with_their_clip_on_twin():
-    def timed(name, clip, medians):
-        return dict(row=name, clip=clip, median_ms=float(np.median(medians)),
-                    round_medians_ms=medians)
-    results = {"fadam-cpu": timed("fadam-cpu", 1.0, [10.0, 12.0, 20.0]),
-               "fadam-cpu-noclip": timed("fadam-cpu-noclip", None, [8.0, 9.0, 16.0]),
-               "torch-adam-fused": timed("torch-adam-fused", None, [5.0, 6.0, 10.0])}
-    chosen = rows.select(results)
-    step_bench.add_ratios(results, chosen)
+    results, chosen = _with_ratios(_timed("fadam-cpu", [10.0, 12.0, 20.0], clip=1.0),
+                                   _timed("fadam-cpu-noclip", [8.0, 9.0, 16.0], clip=None),
+                                   _timed("torch-adam-fused", [5.0, 6.0, 10.0], clip=None))
     off = results["fadam-cpu-noclip"]
     assert off["time_vs_clip_on"] == pytest.approx(9.0 / 12.0)
     assert off["paired_vs_clip_on"][1] == pytest.approx(0.8)  # rounds: 0.8, 0.75, 0.8
@@ -354,13 +362,10 @@ def test_clip_off_rows_are_paired_with_their_clip_on_twin():
 
 def test_fadafactor_rows_are_paired_with_the_fadam_row_of_their_backend():
     def timed(name, medians, reads):
-        return dict(row=name, workload="llm", clip=1.0, median_ms=float(np.median(medians)),
-                    round_medians_ms=medians, read_bytes_per_param=reads)
-    results = {"fadam-cpu": timed("fadam-cpu", [10.0, 12.0, 20.0], 22.0),
-               "fadafactor-cpu": timed("fadafactor-cpu", [8.0, 12.0, 14.0], 18.0),
-               "torch-adam-fused": timed("torch-adam-fused", [5.0, 6.0, 10.0], 16.0)}
-    chosen = rows.select(results)
-    step_bench.add_ratios(results, chosen)
+        return _timed(name, medians, workload="llm", clip=1.0, read_bytes_per_param=reads)
+    results, _ = _with_ratios(timed("fadam-cpu", [10.0, 12.0, 20.0], 22.0),
+                              timed("fadafactor-cpu", [8.0, 12.0, 14.0], 18.0),
+                              timed("torch-adam-fused", [5.0, 6.0, 10.0], 16.0))
     mine = results["fadafactor-cpu"]
     assert mine["time_vs_fadam"] == pytest.approx(12.0 / 12.0)
     assert mine["paired_vs_fadam"][1] == pytest.approx(0.8)  # rounds: 0.8, 1.0, 0.7
@@ -383,6 +388,16 @@ def test_plan_rounds_gives_slow_rows_fewer_rounds():
     assert plan["slow"][0] <= set(range(9))
 
 
+def _tiny_cli(tmp_path, capsys, wanted, more=()):
+    """step_bench's command line on the tiny workload at 2 % of the time budget, rows `wanted`,
+    writing r.csv and r.json in tmp_path: (stdout, the CSV's path, the JSON report)."""
+    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
+    step_bench.main(["--device", "cpu", "--quick", "--workloads", "tiny", "--rows", ",".join(wanted),
+                     "--budget-scale", "0.02", "--no-progress", "--csv", str(csv_path),
+                     "--json", str(json_path), *more])
+    return capsys.readouterr().out, csv_path, json.loads(json_path.read_text())
+
+
 def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
     try:
         import matplotlib  # noqa: F401  (requirements-bench.txt; without it, no plot to check)
@@ -390,15 +405,12 @@ def test_cli_on_tiny_workload_writes_csv_json_plot(tmp_path, capsys):
     except ImportError:
         plot = False
     wanted = ["torch-adam-fused", "torch-adam-foreach", "fadam-cpu", "fadam-cpu-noclip", "fadam-cuda"]
-    csv_path, json_path, png = tmp_path / "r.csv", tmp_path / "r.json", tmp_path / "r.png"
-    step_bench.main(["--device", "cpu", "--quick", "--workloads", "tiny", "--rows", ",".join(wanted),
-                     "--budget-scale", "0.02", "--no-progress", "--csv", str(csv_path),
-                     "--json", str(json_path)] + (["--plot", str(png)] if plot else []))
-    out = capsys.readouterr().out
+    png = tmp_path / "r.png"
+    out, csv_path, data = _tiny_cli(tmp_path, capsys, wanted,
+                                    ["--plot", str(png)] if plot else [])
     assert "torch-adam-fused" in out and "x adam-fused" in out
     assert "clip off on tiny: fadam-cpu-noclip takes" in out
 
-    data = json.loads(json_path.read_text())
     meta = data["meta"]
     for key in ("device", "device_name", "threads", "torch", "triton", "python", "date", "cpu_model"):
         assert key in meta
@@ -466,13 +478,9 @@ def _state_bytes(shapes, factored):
 
 def test_cli_writes_the_measured_state_bytes_per_param(tmp_path, capsys):
     wanted = ["fadam-cpu", "fadafactor-cpu", "torch-adam-fused", "fadafactor-cuda"]
-    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
-    step_bench.main(["--device", "cpu", "--quick", "--workloads", "tiny", "--rows", ",".join(wanted),
-                     "--budget-scale", "0.02", "--no-progress", "--csv", str(csv_path),
-                     "--json", str(json_path)])
-    out = capsys.readouterr().out
+    out, csv_path, data = _tiny_cli(tmp_path, capsys, wanted)
     w = workloads.tiny_workload()
-    res = {r["row"]: r for r in json.loads(json_path.read_text())["results"]}
+    res = {r["row"]: r for r in data["results"]}
     assert [r for r in res if res[r]["status"] == "ok"] == wanted[:3], res
     assert "GPU-only" in res["fadafactor-cuda"]["reason"]
     assert "state_bytes_per_param" not in res["fadafactor-cuda"]  # nothing ran, nothing measured
@@ -501,7 +509,7 @@ def test_cli_writes_the_measured_state_bytes_per_param(tmp_path, capsys):
         by_row = {line["row"]: line for line in csv.DictReader(f)}
     assert float(by_row["fadam-cpu"]["state_bytes_per_param"]) == pytest.approx(fadam)
     assert by_row["fadafactor-cuda"]["state_bytes_per_param"] == ""
-    md = report.markdown(json.loads(json_path.read_text())["meta"], list(res.values()))
+    md = report.markdown(data["meta"], list(res.values()))
     assert "| paired | state B/param |" in md
     assert re.search(r"^\| fadafactor-cpu \|.* \| 4\.06 \|$", md, re.M), md
     assert re.search(r"^\| fadam-cpu \|.* \| 8\.00 \|$", md, re.M), md
@@ -550,13 +558,8 @@ def test_training_example_runs_a_few_steps(tmp_path, capsys):
 def test_cli_times_the_adafisher_rows(tmp_path, capsys):
     from fadam_fused import backends
     wanted = ["adafisher-cpu", "adafisher-reference", "adafisher-cuda", "torch-adam-fused"]
-    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
-    step_bench.main(["--device", "cpu", "--quick", "--workloads", "tiny", "--rows", ",".join(wanted),
-                     "--budget-scale", "0.02", "--no-progress", "--csv", str(csv_path),
-                     "--json", str(json_path)])
-    out = capsys.readouterr().out
+    out, _, data = _tiny_cli(tmp_path, capsys, wanted)
     w = workloads.tiny_workload()
-    data = json.loads(json_path.read_text())
     res = {r["row"]: r for r in data["results"]}
     cpu_kernels = backends.adafisher_available("cpu")
     ran = [n for n in ("adafisher-cpu", "adafisher-reference") if n != "adafisher-cpu" or cpu_kernels]
