@@ -7,7 +7,6 @@ tests/test_adafisher_kernels.py in a subprocess without TRITON_INTERPRET.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _triton_compile import (ARCHS, _chunk, _source, _tk, _tl_dtypes, has_v4_loads,  # noqa: E402
-                             ptxas_report, use_this_checkout)
+from _triton_compile import (_chunk, _tk, _tl_dtypes, aligned_table, launch_ptx,  # noqa: E402
+                             report_main, report_rows)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -77,40 +76,15 @@ def describe(kernel, spec):
 
 
 def compile_ptx(kernel, arch, **spec):
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    fn, args = launch_args(kernel, **spec)
-    num_warps = args.pop("num_warps")
-    compiled = triton.compile(_source(fn, args), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps})
-    return compiled.asm["ptx"]
+    return launch_ptx(*launch_args(kernel, **spec), arch)
 
 
 def report(archs):
-    rows = []
-    for arch in archs:
-        for kernel, spec in specializations():
-            ptx = compile_ptx(kernel, arch, **spec)
-            regs, st, ld, _ = ptxas_report(ptx)
-            rows.append(dict(arch=arch, kernel=describe(kernel, spec), registers=regs,
-                             spill_stores=st, spill_loads=ld,
-                             dtype=str(spec.get("dtype", torch.float32)).replace("torch.", ""),
-                             aligned=spec.get("aligned", True) and spec.get("table", True),
-                             v4_loads=has_v4_loads(ptx)))
-    return rows
+    return report_rows(archs, specializations(), compile_ptx, describe, aligned_table)
 
 
 def _main(argv):
-    use_this_checkout()
-    archs = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--arch=")] or list(ARCHS)
-    rows = report(archs)
-    if "--json" in argv:
-        print(json.dumps(rows))
-        return
-    for r in rows:
-        print(f"sm_{r['arch']} {r['kernel']:45s} regs {r['registers']:3d} spill "
-              f"{r['spill_stores']}/{r['spill_loads']} v4 {r['v4_loads']}")
+    report_main(argv, report)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ tests/test_fadafactor_triton.py in a subprocess without TRITON_INTERPRET.
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -17,9 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _triton_compile import (ARCHS, _chunk, _source, _tk, _tl_dtypes, has_v4_loads,  # noqa: E402
-                             rounding_args,
-                             ptxas_report, use_this_checkout)
+from _triton_compile import (_chunk, _tk, _tl_dtypes, aligned_table, launch_ptx,  # noqa: E402
+                             report_main, report_rows, rounding_args)
 from _triton_compile import describe as _describe  # noqa: E402
 
 
@@ -90,29 +88,17 @@ def describe(kernel, spec):
 
 
 def compile_ptx(kernel, arch, **spec):
-    import triton
-    from triton.backends.compiler import GPUTarget
+    return launch_ptx(*launch_args(kernel, **spec), arch)
 
-    fn, args = launch_args(kernel, **spec)
-    num_warps = args.pop("num_warps")
-    compiled = triton.compile(_source(fn, args), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps})
-    return compiled.asm["ptx"]
+
+def _aligned(kernel, spec):
+    """The element kernels (A, B), aligned on the table path and on the sqrt path: the
+    specializations expected to load 128 bits at a time."""
+    return kernel in "AB" and aligned_table(kernel, spec) and spec.get("sqrt", True)
 
 
 def report(archs):
-    rows = []
-    for arch in archs:
-        for kernel, spec in specializations():
-            ptx = compile_ptx(kernel, arch, **spec)
-            regs, st, ld, _ = ptxas_report(ptx)
-            rows.append(dict(arch=arch, kernel=describe(kernel, spec), registers=regs,
-                             spill_stores=st, spill_loads=ld,
-                             dtype=str(spec.get("dtype", torch.float32)).replace("torch.", ""),
-                             aligned=kernel in "AB" and spec.get("aligned", True)
-                             and spec.get("table", True) and spec.get("sqrt", True),
-                             v4_loads=has_v4_loads(ptx)))
-    return rows
+    return report_rows(archs, specializations(), compile_ptx, describe, _aligned)
 
 
 def trace():
@@ -168,18 +154,7 @@ def trace():
 
 
 def _main(argv):
-    use_this_checkout()
-    if "--trace" in argv:
-        print(json.dumps(trace()))
-        return
-    archs = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--arch=")] or list(ARCHS)
-    rows = report(archs)
-    if "--json" in argv:
-        print(json.dumps(rows))
-        return
-    for r in rows:
-        print(f"sm_{r['arch']} {r['kernel']:45s} regs {r['registers']:3d} spill "
-              f"{r['spill_stores']}/{r['spill_loads']} v4 {r['v4_loads']}")
+    report_main(argv, report, trace)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,59 @@ def specializations(full=False):
     return out
 
 
+def launch_ptx(fn, args, arch):
+    """PTX for sm_<arch> of kernel `fn` with a launch's argument dict `args` (num_warps, the
+    launch option, among them), as the AdaFisher and FAdafactor scripts' launch_args give it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    args = dict(args)
+    num_warps = args.pop("num_warps")
+    compiled = triton.compile(_source(fn, args), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps})
+    return compiled.asm["ptx"]
+
+
+def report_rows(archs, specs, compile_ptx, describe, aligned):
+    """[{arch, kernel, registers, spill_stores, spill_loads, dtype, aligned, v4_loads}]: every
+    (kernel, spec) of `specs` on every arch compiled by compile_ptx(kernel, arch, **spec), with
+    ptxas -v's figures; aligned(kernel, spec) says whether the specialization should load 128 bits
+    at a time."""
+    rows = []
+    for arch in archs:
+        for kernel, spec in specs:
+            ptx = compile_ptx(kernel, arch, **spec)
+            regs, st, ld, _ = ptxas_report(ptx)
+            rows.append(dict(arch=arch, kernel=describe(kernel, spec), registers=regs,
+                             spill_stores=st, spill_loads=ld,
+                             dtype=str(spec.get("dtype", torch.float32)).replace("torch.", ""),
+                             aligned=aligned(kernel, spec), v4_loads=has_v4_loads(ptx)))
+    return rows
+
+
+def aligned_table(_kernel, spec):
+    """Whether a specialization asserts 16-byte alignment: aligned, on the table path (the
+    traced path leaves alignment to Triton's own specialization)."""
+    return spec.get("aligned", True) and spec.get("table", True)
+
+
+def report_main(argv, report, trace=None):
+    """The command line of the AdaFisher and FAdafactor scripts: `trace()` with --trace, else
+    report(archs) (--arch=80 ..., default ARCHS) as JSON with --json or one line per row."""
+    use_this_checkout()
+    if trace is not None and "--trace" in argv:
+        print(json.dumps(trace()))
+        return
+    archs = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--arch=")] or list(ARCHS)
+    rows = report(archs)
+    if "--json" in argv:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        print(f"sm_{r['arch']} {r['kernel']:45s} regs {r['registers']:3d} spill "
+              f"{r['spill_stores']}/{r['spill_loads']} v4 {r['v4_loads']}")
+
+
 def describe(kernel, spec, label=None):
     """One specialization in words: `label` (default phase_a / phase_b), the dtype, the alignment
     of the element kernels A and B, and its variants."""
@@ -346,15 +399,7 @@ def _main(argv):
     archs = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--arch=")] or list(ARCHS)
     specs = specializations(full)
     if "--json" in argv:
-        rows = []
-        for arch in archs:
-            for phase, spec in specs:
-                regs, st, ld, _ = ptxas_stats(phase, arch, **spec)
-                rows.append(dict(arch=arch, kernel=describe(phase, spec), registers=regs,
-                                 spill_stores=st, spill_loads=ld,
-                                 dtype=str(spec.get("dtype", torch.float32)).replace("torch.", ""),
-                                 aligned=spec.get("aligned", True) and spec.get("table", True),
-                                 v4_loads=has_v4_loads(compile_ptx(phase, arch, **spec))))
+        rows = report_rows(archs, specs, compile_ptx, describe, aligned_table)
         print(json.dumps(rows))
         return
     print("| kernel / specialization | " + " | ".join(f"sm_{a} regs | sm_{a} spill st/ld (B)"
