@@ -99,9 +99,9 @@ def _update_kernel(meta, n_tensors, p_in, g_in, m_in, step_in, numel_in, s_in, h
         m_ptr = K._operand(meta, ROW_M, n_tensors, t, m_in, tl.float32, ALIGNED, TABLE)
         step_ptr = K._operand(meta, ROW_STEP, n_tensors, t, step_in, tl.float32, False, TABLE)
         numel = K._size(meta, ROW_NUMEL, n_tensors, t, numel_in, TABLE)
-        cols = K._size(meta, ROW_COLS, n_tensors, t, cols_in, TABLE)
         s_ptr = factors + K._size(meta, ROW_S, n_tensors, t, s_in, TABLE)
         h_ptr = factors + K._size(meta, ROW_H, n_tensors, t, h_in, TABLE)
+        cols = K._size(meta, ROW_COLS, n_tensors, t, cols_in, TABLE)
         start = c * chunk_size  # int64: a tensor may hold more than 2^31 elements
         n = tl.minimum(numel - start, chunk_size).to(tl.int32)
         p_ptr = K._offset(p_ptr, start, ALIGNED)

@@ -184,8 +184,9 @@ def _combine_block(part, n_tiles, stride, old, new_ptr, o, count, b2hat, bad,
     for k in range(0, n_tiles):
         s += tl.load(part + k * stride + o, mask=mask, other=0.0)
     new = _factor_update(tl.load(old + o, mask=mask, other=0.0), s, b2hat)
+    bad = tl.maximum(bad, K._nonfinite(new))
     tl.store(new_ptr + o, new, mask=mask)
-    return new, tl.maximum(bad, K._nonfinite(new))
+    return new, bad
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
