@@ -64,7 +64,7 @@ $(BUILT): $(DEPS) $(SOURCES)
 GPU_TESTS := tests/test_cuda.py tests/test_cuda_build.py tests/test_triton_ops.py \
              tests/test_triton_optimizer.py tests/test_optimizer_api.py tests/test_sharded.py \
              tests/test_fadafactor_cuda.py tests/test_fadafactor_triton.py tests/test_scenarios.py \
-             tests/test_adafisher_kernels.py
+             tests/test_adafisher_kernels.py tests/test_stochastic_rounding.py
 GPU_OUT ?= bench/results/gpu-check
 # FADAM_GPU_CHECK_DRY_RUN=1 (tests only): no GPU needed; these CPU tests stand in for GPU_TESTS.
 GPU_DRY_RUN_TESTS ?= tests/test_gpu_check_summary.py
