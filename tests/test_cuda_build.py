@@ -116,10 +116,16 @@ FACTORED_KERNELS = ([(f"tiles_kernelI{d}E", None) for d in DTYPES] + [("combine_
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kernel", [k for k, _ in FACTORED_KERNELS])
 def test_fadafactor_kernel_built_without_local_memory(res_usage, arch, kernel):
+    _assert_one_kernel_without_local_memory(res_usage, arch, "factored", kernel)
+
+
+def _assert_one_kernel_without_local_memory(res_usage, arch, namespace, kernel):
+    """The kernel of `namespace` whose mangled name holds `kernel` is built once for `arch`, with
+    no stack or local memory and at most MAX_REGS registers."""
     found = [(n, r) for (a, n), r in res_usage.items()
-             if a == arch and "factored" in n and re.search(rf"\d{re.escape(kernel)}", n)]
+             if a == arch and namespace in n and re.search(rf"\d{re.escape(kernel)}", n)]
     assert len(found) == 1, (f"{kernel} for {arch}: found {len(found)}: "
-                             f"{sorted(n for a, n in res_usage if a == arch and 'factored' in n)}")
+                             f"{sorted(n for a, n in res_usage if a == arch and namespace in n)}")
     name, res = found[0]
     assert res["STACK"] == 0 and res["LOCAL"] == 0, f"{name} ({arch}) uses local memory: {res}"
     assert res["REG"] <= MAX_REGS, f"{name} ({arch}) uses {res['REG']} registers: {res}"
@@ -134,13 +140,7 @@ ADAFISHER_KERNELS = ([f"check_kernelI{d}E" for d in DTYPES] +
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kernel", ADAFISHER_KERNELS)
 def test_adafisher_kernel_built_without_local_memory(res_usage, arch, kernel):
-    found = [(n, r) for (a, n), r in res_usage.items()
-             if a == arch and "adafisher" in n and re.search(rf"\d{re.escape(kernel)}", n)]
-    assert len(found) == 1, (f"{kernel} for {arch}: found {len(found)}: "
-                             f"{sorted(n for a, n in res_usage if a == arch and 'adafisher' in n)}")
-    name, res = found[0]
-    assert res["STACK"] == 0 and res["LOCAL"] == 0, f"{name} ({arch}) uses local memory: {res}"
-    assert res["REG"] <= MAX_REGS, f"{name} ({arch}) uses {res['REG']} registers: {res}"
+    _assert_one_kernel_without_local_memory(res_usage, arch, "adafisher", kernel)
 
 
 @pytest.fixture(scope="module")
