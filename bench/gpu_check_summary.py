@@ -4,7 +4,7 @@
 
 TESTS.xml is pytest's --junitxml report, BENCH.json the --json output of bench/step_bench.py
 (--quick --device cuda). Prints tests passed / failed / skipped, then the default workload's step
-time of fadam-cuda, fadam-triton, fadafactor-cuda, fadafactor-triton and torch-adam-fused, their
+time of the cuda and triton rows of FAdam, FAdafactor and AdaFisher and of torch-adam-fused, their
 ratios, bytes per parameter of traffic and of optimizer state, and one line per reason for the
 other rows that did not run (pytorch_optimizer-fadam where that package is not installed).
 Exits 1 when a test failed or errored (or the report is missing), so `make gpu-check` fails too.
@@ -16,7 +16,8 @@ import json
 import sys
 import xml.etree.ElementTree as ET
 
-ROWS = ("fadam-cuda", "fadam-triton", "fadafactor-cuda", "fadafactor-triton", "torch-adam-fused")
+ROWS = ("fadam-cuda", "fadam-triton", "fadafactor-cuda", "fadafactor-triton", "adafisher-cuda",
+        "adafisher-triton", "torch-adam-fused")
 
 
 def test_counts(junit_path: str) -> dict[str, int]:
