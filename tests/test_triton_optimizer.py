@@ -34,8 +34,10 @@ def test_captured_tables_live_as_long_as_the_optimizer(monkeypatch):
     optimizer does, while the parameters live on. Capture is simulated: the interpreter has none."""
     from fadam_fused.triton_kernels import launch
 
-    cache = launch.TABLES
-    monkeypatch.setattr(cache, "entries", 4)
+    # A cache of its own: a table left by an earlier test may hold an address that a step tensor
+    # of this one reuses, which _tables_of would count as this optimizer's.
+    cache = launch.TableCache(4)
+    monkeypatch.setattr(launch, "TABLES", cache)
     capturing = [True]
     monkeypatch.setattr(launch, "capturing", lambda device: capturing[0])
     gen = torch.Generator().manual_seed(0)
