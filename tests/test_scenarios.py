@@ -486,17 +486,10 @@ def test_deterministic_bitwise(optimizer, backend):
                      run(optimizer, backend, problem, lr=1e-2)[0])
 
 
-def test_gradient_in_another_layout_gives_the_same_step(optimizer, backend, request):
+def test_gradient_in_another_layout_gives_the_same_step(optimizer, backend):
     """torch's .grad setter accepts a gradient whose strides differ from the parameter's; the
     fused kernels get a copy in the parameter's layout: the same bits. The step counter must not
     move on an error either (it used to be incremented before the kernel refused the strides)."""
-    if optimizer.factored and backend.name == "reference":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "library: the reference backend takes the gradient in its own layout (no copy, "
-            "optimizer.py's _Planner.emit), and FAdafactor's row and column sums of g^2 "
-            "(reference.factored_fim) then add in the gradient's memory order: a column-major "
-            "gradient of a 40 x 33 parameter moves fim_row by 7.6e-6 and the parameter by "
-            "1.5e-8, not the same bits")))
     gen = torch.Generator().manual_seed(0)
     init = torch.randn(40, 33, generator=gen).to(backend.device)
     grads = [torch.randn(40, 33, generator=gen).to(backend.device) for _ in range(3)]
