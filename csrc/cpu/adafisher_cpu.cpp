@@ -75,18 +75,12 @@ inline fVec load_storage(const scalar_t* p, int64_t count) {
   return load_float(buf);
 }
 
-// The one store of the update's results: theta in the storage dtype (round to nearest even),
-// m in float32. [note: stochastic rounding] would round theta (and a bfloat16 m) here.
+// The one store of the update's results: theta in the storage dtype through cpu_vec.h's
+// store_lanes (round to nearest even: a Rounder that is off), m in float32.
+// [note: stochastic rounding] would pass the tensor's Rounder here (and round a bfloat16 m).
 template <typename scalar_t>
 inline void store_update(const AdaTensor& t, int64_t i, int64_t count, fVec theta, fVec m) {
-  auto* pp = static_cast<scalar_t*>(t.param) + i;
-  if (count == kLanes) {
-    store_float(pp, theta);
-  } else {
-    alignas(64) scalar_t pb[kLanes];
-    store_float(pb, theta);
-    std::memcpy(pp, pb, count * sizeof(scalar_t));
-  }
+  store_lanes(static_cast<scalar_t*>(t.param) + i, theta, count, Rounder{}, i, /*stream=*/0);
   m.store(t.mom + i, count);
 }
 
