@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from . import op_contract, sharded
+from . import _ext, op_contract, sharded
 from .hyper import Hyper
 
 __all__ = ["Kind", "Bucket", "run_step", "lr_args", "on"]
@@ -188,7 +188,7 @@ def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
 
     for bucket in buckets:
         if bucket.steps:
-            torch._foreach_add_(bucket.steps, 1)
+            advance_steps(bucket.steps)
     for k in range(max(bucket.stages for bucket in buckets)):
         reductions = []
         for bucket in buckets:
@@ -209,6 +209,18 @@ def run_step(buckets: Sequence[Bucket], *, grad_scale: Tensor | None = None,
                              or bool(skip)):  # sync-ok: a CPU tensor
             torch._foreach_add_(bucket.steps, skip, alpha=-1)
     return next(iter(skips.values())), refused_elsewhere
+
+
+def advance_steps(steps: list[Tensor]) -> None:
+    """Adds 1 to every step counter of a bucket (all on one device). On the CPU, outside a
+    trace, through fadam_fused::advance_steps when the C++ kernels are loaded: torch's
+    _foreach_add_ costs ~2.2 us per CPU tensor, 9 ms per step for 4096 parameters; the op
+    ~0.1 ms, with the same bits."""
+    if (steps[0].device.type == "cpu" and "CPU" in _ext.KERNELS
+            and not torch.compiler.is_compiling()):
+        torch.ops.fadam_fused.advance_steps(steps)
+    else:
+        torch._foreach_add_(steps, 1)
 
 
 def _combine_devices(skips: dict[torch.device, Tensor]) -> None:

@@ -69,7 +69,7 @@ class FisherOptimizer(Optimizer):
         """torch.optim's constructor, after the defaults passed the member's checks."""
         self._check_group(defaults, read_lr=True)
         self._normalize(defaults)
-        self._checked: dict[Tensor, tuple] = {}
+        self._checked: dict[int, tuple] = {}
         self._sharded = False
         super().__init__(params, defaults)
         # Made here, not in the first step: a compiled first step must find it (an attribute

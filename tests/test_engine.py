@@ -436,3 +436,40 @@ def test_compiled_step_with_a_tensor_lr_on_the_reference(cls, backend, dtype):
     for p, q in zip(a, b):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
     assert math.isclose(float(oa.state[a[0]]["step"]), 3.0)
+
+
+def test_advance_steps_op_counts_like_foreach_add_and_refuses_before_writing():
+    """The CPU step counters' op (csrc/cpu/step_counters.cpp) gives _foreach_add_'s bits, on
+    counters at any value (2^24 - 1 steps: the last whole float32 before the spacing is 2) and
+    on views; a list with one bad counter changes none of them."""
+    from fadam_fused import _ext
+    if "CPU" not in _ext.KERNELS:
+        pytest.skip(f"the C++ CPU kernels are not built: {_ext.LOAD_ERROR}")
+    base = torch.tensor([0.0, 1.0, 41.0, 2.0**24 - 1, 2.0**24, 7.0])
+    ours = [base[i].clone() for i in range(4)] + [base.clone()[4], base.clone()[5:]]
+    theirs = [t.clone() for t in ours]
+    torch.ops.fadam_fused.advance_steps(ours)
+    torch._foreach_add_(theirs, 1)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert torch.equal(a, b), (a, b)
+    assert ours[3].item() == 2.0**24 and ours[4].item() == 2.0**24  # 2^24 + 1 rounds to 2^24
+
+    steps = [torch.tensor(3.0), torch.tensor(5.0), torch.tensor(1, dtype=torch.int64)]
+    with pytest.raises(RuntimeError, match=r"steps\[2\] must be a one-element float32"):
+        torch.ops.fadam_fused.advance_steps(steps)
+    assert steps[0].item() == 3.0 and steps[1].item() == 5.0
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_steps_count_through_the_cpu_op_and_a_skip_undoes_them(cls):
+    """The engine advances CPU counters through the op and subtracts a skipped step."""
+    params = _params()
+    opt = cls(params, lr=1e-2, backend="cpu")
+    for seed in range(3):
+        _grads(params, seed)
+        opt.step()
+    params[1].grad[4] = float("nan")
+    opt.step()
+    assert [opt.state[p]["step"].item() for p in params] == [3.0, 3.0, 3.0]
+    assert opt.skipped_steps.item() == 1
