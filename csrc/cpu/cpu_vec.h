@@ -542,9 +542,27 @@ inline std::vector<Item> make_items(const LaunchDesc& d, Cost cost) {
 // items, and items differ 100x in cost: one thread can get every large chunk, and 2 threads then
 // take as long as 1 (bench/NOTES.md). Each item writes only its own slot and elements, so which
 // thread runs it changes no bit of the result.
+//
+// A launch whose items move less than kSerialBytes in all runs on the calling thread: waking the
+// pool costs more than the work there, and with more runnable threads than cores (the shared VM)
+// its barrier waits out a time slice of a descheduled worker. FAdafactor's step calls FAdam's
+// two ops on its vectors (the default list's 29 norm weights, 15k elements, ~0.7 MB): they took
+// 10.7 and 10.9 ms (median, load average 8) of its 190 ms step on 2 threads (bench/NOTES.md).
+constexpr int64_t kSerialBytes = int64_t{1} << 20;
+
 template <typename Body>
 inline void for_each_item(const std::vector<Item>& items, Body body) {
   const auto n = static_cast<int64_t>(items.size());
+  int64_t total = 0;
+  for (const Item& it : items) {
+    total += it.cost;
+  }
+  if (total < kSerialBytes) {
+    for (const Item& it : items) {
+      body(it);
+    }
+    return;
+  }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < n;

@@ -185,13 +185,14 @@ void phase_s(const LaunchDesc& d) {
   double* partials = d.factor_partials;
   float* out = d.factors;
 
-  // Tiles: item.chunk is (b * row_tiles + tr) * col_tiles + tc.
+  // Tiles: item.chunk is (b * row_tiles + tr) * col_tiles + tc; the cost is the bytes of g read.
+  const int64_t esize = d.params[0].element_size();
   std::vector<Item> items;
   for (const auto i : c10::irange(d.params.size())) {
     const FactorTile& t = tiles[i];
     const int64_t n = t.batch * t.row_tiles() * t.col_tiles();
     for (int64_t k = 0; k < n; ++k) {
-      items.push_back({static_cast<int32_t>(i), k, t.tile_rows * t.tile_cols});
+      items.push_back({static_cast<int32_t>(i), k, t.tile_rows * t.tile_cols * esize});
     }
   }
   std::stable_sort(items.begin(), items.end(),
@@ -220,7 +221,8 @@ void phase_s(const LaunchDesc& d) {
   for (const auto i : c10::irange(d.params.size())) {
     const FactorTile& t = tiles[i];
     for (int64_t b = 0; b < t.batch; ++b) {
-      matrices.push_back({static_cast<int32_t>(i), b, t.partials_per_matrix()});
+      matrices.push_back({static_cast<int32_t>(i), b,
+                          t.partials_per_matrix() * static_cast<int64_t>(sizeof(double))});
     }
   }
   for_each_item(matrices, [&](const Item& it) {
