@@ -24,6 +24,12 @@
 
 namespace fadam {
 
+// The per-vector helpers of the element loops (loads and stores, the stochastic rounding hash).
+// GCC left Rounder::bits, store_lanes and load_mom as calls, one per 8 elements with the vectors
+// passed through the stack: the rounding step took 1.48x the time of round to nearest on one
+// thread, now 1.1x (bench/NOTES.md).
+#define FADAM_VEC_INLINE [[gnu::always_inline]] inline
+
 // The CPU kernels take every op call the contract allows ([note: the op boundary]).
 constexpr KernelLimits kCpuLimits{c10::DeviceType::CPU, "the CPU kernels"};
 
@@ -65,7 +71,7 @@ inline void store_float(scalar_t* ptr, fVec v) {
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // fmix32 of 8 uint32 lanes.
-inline __m256i fmix32_x8(__m256i h) {
+FADAM_VEC_INLINE __m256i fmix32_x8(__m256i h) {
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
   h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
@@ -77,7 +83,7 @@ inline __m256i fmix32_x8(__m256i h) {
 // indices whose low halves are lo0 + 0..7: fmix32(key ^ lo32(index)). The parameter's and the
 // momentum's bits of an element share it (rounding_bits_x8 below per stream), so a step rounding
 // both to bfloat16 pays 3 fmix32 per element instead of 4.
-inline __m256i rounding_inner_x8(uint32_t key, uint32_t lo0) {
+FADAM_VEC_INLINE __m256i rounding_inner_x8(uint32_t key, uint32_t lo0) {
   const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo0)),
                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   return fmix32_x8(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(key)), idx));
@@ -87,19 +93,25 @@ inline __m256i rounding_inner_x8(uint32_t key, uint32_t lo0) {
 // indices (rounding_inner_x8) and hi_salt = hi32(index) ^ the stream's salt: rounding_bits and
 // bf16_bits_stochastic of csrc/stochastic_round.h, 8 lanes at a time (the compiler left the
 // scalar loop of 8 hashes mostly unvectorised: 1.2-1.7x the step time of round to nearest).
-inline void stochastic_bf16_x8(__m256 x, __m256i inner, uint32_t hi_salt, uint16_t* out) {
-  const __m256i h = fmix32_x8(_mm256_xor_si256(inner, _mm256_set1_epi32(static_cast<int>(hi_salt))));
+FADAM_VEC_INLINE void stochastic_bf16_x8(__m256 x, __m256i inner, uint32_t hi_salt,
+                                         uint16_t* out) {
+  const __m256i h =
+      fmix32_x8(_mm256_xor_si256(inner, _mm256_set1_epi32(static_cast<int>(hi_salt))));
   const __m256i u = _mm256_castps_si256(x);
   const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_srli_epi32(h, 16)), 16);
-  // inf and NaN: to nearest (inf keeps its bits, a NaN becomes 0x7FC0).
+  // inf and NaN: to nearest (inf keeps its bits, a NaN becomes 0x7FC0). They are rare: one
+  // test of the 8 lanes skips the two blends otherwise (a quarter of the instructions here).
   const __m256i expo = _mm256_set1_epi32(0x7F800000);
   const __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(u, expo), expo);
-  const __m256i nan = _mm256_andnot_si256(
-      _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x007FFFFF)),
-                         _mm256_setzero_si256()),
-      special);
-  __m256i bits = _mm256_blendv_epi8(rounded, _mm256_srli_epi32(u, 16), special);
-  bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC0), nan);
+  __m256i bits = rounded;
+  if (!_mm256_testz_si256(special, special)) {
+    const __m256i nan = _mm256_andnot_si256(
+        _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x007FFFFF)),
+                           _mm256_setzero_si256()),
+        special);
+    bits = _mm256_blendv_epi8(rounded, _mm256_srli_epi32(u, 16), special);
+    bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC0), nan);
+  }
   // 8 x uint32 (< 2^16) -> 8 x uint16: packus works per 128-bit half, then the halves' low
   // quadwords are joined.
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
@@ -125,29 +137,28 @@ struct Rounder {
   }
 
   // kLanes lanes of v rounded stochastically to bfloat16 bits; lane j is local element e0 + j.
-  inline void bits(fVec v, int64_t e0, uint32_t stream, uint16_t* out) const {
+  FADAM_VEC_INLINE void bits(fVec v, int64_t e0, uint32_t stream, uint16_t* out) const {
     bits<1>({v}, e0, {stream}, {out});
   }
 
   // The bits of kStreams vectors of the same elements (lane j: local element e0 + j), vs[s] in
   // stream streams[s]: the parameter's and the momentum's share the first fmix32 of each index
   // (it does not depend on the stream). The contiguous case (a whole tensor, or a shard that is
-  // one run of the logical tensor) is the 8-lane hash (stochastic_bf16_x8) or, without AVX2, a
-  // fixed-length loop of uint32 multiplies, xors and shifts that the compiler vectorises; a run
-  // crossing 2^32 or a strided shard takes the general index.
+  // one run of the logical tensor) is the 8-lane hash (stochastic_bf16_x8), inlined; the rest
+  // (no AVX2, a run crossing 2^32, a strided shard) is bits_general's.
   template <int kStreams>
-  inline void bits(const std::array<fVec, kStreams>& vs, int64_t e0,
-                   const std::array<uint32_t, kStreams>& streams,
-                   const std::array<uint16_t*, kStreams>& outs) const {
-    alignas(64) float x[kStreams][kLanes];
-    for (int s = 0; s < kStreams; ++s) {
-      vs[s].store(x[s]);
-    }
+  FADAM_VEC_INLINE void bits(const std::array<fVec, kStreams>& vs, int64_t e0,
+                             const std::array<uint32_t, kStreams>& streams,
+                             const std::array<uint16_t*, kStreams>& outs) const {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     const uint64_t first = static_cast<uint64_t>(where.base + e0);
     const uint32_t lo0 = static_cast<uint32_t>(first);
     if (where.whole() && lo0 <= UINT32_MAX - kLanes) {
+      alignas(64) float x[kStreams][kLanes];
+      for (int s = 0; s < kStreams; ++s) {
+        vs[s].store(x[s]);
+      }
       const uint32_t hi = static_cast<uint32_t>(first >> 32);
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       for (int64_t q = 0; q < kLanes; q += 8) {
         const __m256i inner = rounding_inner_x8(key, lo0 + static_cast<uint32_t>(q));
         for (int s = 0; s < kStreams; ++s) {
@@ -156,7 +167,25 @@ struct Rounder {
         }
       }
       return;
+    }
 #endif
+    bits_general<kStreams>(vs, e0, streams, outs);
+  }
+
+  // bits() without the 8-lane hash: the contiguous case as a fixed-length loop of uint32
+  // multiplies, xors and shifts that the compiler vectorises, else the general index.
+  template <int kStreams>
+  [[gnu::noinline]] void bits_general(const std::array<fVec, kStreams>& vs, int64_t e0,
+                                      const std::array<uint32_t, kStreams>& streams,
+                                      const std::array<uint16_t*, kStreams>& outs) const {
+    alignas(64) float x[kStreams][kLanes];
+    for (int s = 0; s < kStreams; ++s) {
+      vs[s].store(x[s]);
+    }
+    const uint64_t first = static_cast<uint64_t>(where.base + e0);
+    const uint32_t lo0 = static_cast<uint32_t>(first);
+    if (where.whole() && lo0 <= UINT32_MAX - kLanes) {
+      const uint32_t hi = static_cast<uint32_t>(first >> 32);
       alignas(64) uint32_t inner[kLanes];
       for (int64_t j = 0; j < kLanes; ++j) {
         inner[j] = fmix32(key ^ (lo0 + static_cast<uint32_t>(j)));
@@ -188,8 +217,8 @@ struct Rounder {
 // Stores `count` lanes of v into dst (local element e0 onwards) in dtype T: stochastically
 // rounded when T is bfloat16 and `r` is on, else to nearest (store_float).
 template <typename T>
-inline void store_lanes(T* dst, fVec v, int64_t count, const Rounder& r, int64_t e0,
-                        uint32_t stream) {
+FADAM_VEC_INLINE void store_lanes(T* dst, fVec v, int64_t count, const Rounder& r, int64_t e0,
+                                  uint32_t stream) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (r.on) {
       // A whole vector's bits go straight to dst: a staging buffer and a memcpy of a runtime
@@ -215,7 +244,7 @@ inline void store_lanes(T* dst, fVec v, int64_t count, const Rounder& r, int64_t
 
 // A momentum of float32 or bfloat16 (momentum_dtype), loaded as float32 lanes (zero-padded past
 // `count`) and stored back (bfloat16: stochastically when `r` is on, stream 1).
-inline fVec load_mom(const void* m, bool bf16, int64_t i, int64_t count) {
+FADAM_VEC_INLINE fVec load_mom(const void* m, bool bf16, int64_t i, int64_t count) {
   if (bf16) {
     const auto* p = static_cast<const at::BFloat16*>(m) + i;
     if (count == kLanes) {
@@ -234,7 +263,8 @@ inline fVec load_mom(const void* m, bool bf16, int64_t i, int64_t count) {
   return fVec::loadu(buf);
 }
 
-inline void store_mom(void* m, bool bf16, fVec v, int64_t i, int64_t count, const Rounder& r) {
+FADAM_VEC_INLINE void store_mom(void* m, bool bf16, fVec v, int64_t i, int64_t count,
+                                const Rounder& r) {
   if (bf16) {
     store_lanes(static_cast<at::BFloat16*>(m) + i, v, count, r, i, kStreamMomentum);
   } else {
@@ -246,8 +276,8 @@ inline void store_mom(void* m, bool bf16, fVec v, int64_t i, int64_t count, cons
 // (kStreamMomentum), local elements e0 onwards, both stochastically rounded when `r` is on: the
 // two streams' bits of an element share the first fmix32 of its index (Rounder::bits), the same
 // bits as two store_lanes calls. Off: round to nearest, as store_lanes.
-inline void store_lanes(at::BFloat16* theta, fVec th, at::BFloat16* mom, fVec m, int64_t count,
-                        const Rounder& r, int64_t e0) {
+FADAM_VEC_INLINE void store_lanes(at::BFloat16* theta, fVec th, at::BFloat16* mom, fVec m,
+                                  int64_t count, const Rounder& r, int64_t e0) {
   if (!r.on) {
     store_lanes(theta, th, count, r, e0, kStreamParam);
     store_lanes(mom, m, count, r, e0, kStreamMomentum);
@@ -267,8 +297,8 @@ inline void store_lanes(at::BFloat16* theta, fVec th, at::BFloat16* mom, fVec m,
 // Phase B's stores of one vector of a parameter and its momentum (float32 or bfloat16): the
 // shared-hash store_lanes above when both are bfloat16.
 template <typename scalar_t>
-inline void store_param_mom(scalar_t* theta, fVec th, void* m, bool mom_bf16, fVec mv, int64_t i,
-                            int64_t count, const Rounder& r) {
+FADAM_VEC_INLINE void store_param_mom(scalar_t* theta, fVec th, void* m, bool mom_bf16, fVec mv,
+                                      int64_t i, int64_t count, const Rounder& r) {
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (mom_bf16) {
       store_lanes(theta + i, th, static_cast<at::BFloat16*>(m) + i, mv, count, r, i);
