@@ -26,8 +26,8 @@ namespace fadam {
 
 // The per-vector helpers of the element loops (loads and stores, the stochastic rounding hash).
 // GCC left Rounder::bits, store_lanes and load_mom as calls, one per 8 elements with the vectors
-// passed through the stack: the rounding step took 1.48x the time of round to nearest on one
-// thread, now 1.1x (bench/NOTES.md).
+// passed through the stack: FAdam's bfloat16 step with stochastic rounding took 1.38-1.69x the
+// time of round to nearest on one thread, 1.01-1.05x inlined (bench/NOTES.md).
 #define FADAM_VEC_INLINE [[gnu::always_inline]] inline
 
 // The CPU kernels take every op call the contract allows ([note: the op boundary]).
