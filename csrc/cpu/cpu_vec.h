@@ -24,6 +24,12 @@
 
 namespace fadam {
 
+// The per-vector helpers of the element loops (loads and stores, the stochastic rounding hash).
+// GCC left Rounder::bits, store_lanes and load_mom as calls, one per 8 elements with the vectors
+// passed through the stack: FAdam's bfloat16 step with stochastic rounding took 1.38-1.69x the
+// time of round to nearest on one thread, 1.01-1.05x inlined (bench/NOTES.md).
+#define FADAM_VEC_INLINE [[gnu::always_inline]] inline
+
 // The CPU kernels take every op call the contract allows ([note: the op boundary]).
 constexpr KernelLimits kCpuLimits{c10::DeviceType::CPU, "the CPU kernels"};
 
@@ -65,7 +71,7 @@ inline void store_float(scalar_t* ptr, fVec v) {
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // fmix32 of 8 uint32 lanes.
-inline __m256i fmix32_x8(__m256i h) {
+FADAM_VEC_INLINE __m256i fmix32_x8(__m256i h) {
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
   h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
@@ -73,27 +79,39 @@ inline __m256i fmix32_x8(__m256i h) {
   return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
 }
 
-// The bfloat16 bits of 8 float32 lanes x, stochastically rounded, lane j drawing the bits of
-// index lo0 + j (whose high half, xor the stream's salt, is hi_salt): bf16_bits_stochastic and
-// rounding_bits of csrc/stochastic_round.h, 8 lanes at a time (the compiler left the scalar loop
-// of 8 hashes mostly unvectorised: 1.2-1.7x the step time of round to nearest).
-inline void stochastic_bf16_x8(__m256 x, uint32_t key, uint32_t lo0, uint32_t hi_salt,
-                               uint16_t* out) {
+// The stream-independent first half of rounding_bits (csrc/stochastic_round.h) for the 8
+// indices whose low halves are lo0 + 0..7: fmix32(key ^ lo32(index)). The parameter's and the
+// momentum's bits of an element share it (rounding_bits_x8 below per stream), so a step rounding
+// both to bfloat16 pays 3 fmix32 per element instead of 4.
+FADAM_VEC_INLINE __m256i rounding_inner_x8(uint32_t key, uint32_t lo0) {
   const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo0)),
                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i h = fmix32_x8(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(key)), idx));
-  h = fmix32_x8(_mm256_xor_si256(h, _mm256_set1_epi32(static_cast<int>(hi_salt))));
+  return fmix32_x8(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(key)), idx));
+}
+
+// The bfloat16 bits of 8 float32 lanes x, stochastically rounded, from the inner hash of their
+// indices (rounding_inner_x8) and hi_salt = hi32(index) ^ the stream's salt: rounding_bits and
+// bf16_bits_stochastic of csrc/stochastic_round.h, 8 lanes at a time (the compiler left the
+// scalar loop of 8 hashes mostly unvectorised: 1.2-1.7x the step time of round to nearest).
+FADAM_VEC_INLINE void stochastic_bf16_x8(__m256 x, __m256i inner, uint32_t hi_salt,
+                                         uint16_t* out) {
+  const __m256i h =
+      fmix32_x8(_mm256_xor_si256(inner, _mm256_set1_epi32(static_cast<int>(hi_salt))));
   const __m256i u = _mm256_castps_si256(x);
   const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_srli_epi32(h, 16)), 16);
-  // inf and NaN: to nearest (inf keeps its bits, a NaN becomes 0x7FC0).
+  // inf and NaN: to nearest (inf keeps its bits, a NaN becomes 0x7FC0). They are rare: one
+  // test of the 8 lanes skips the two blends otherwise (a quarter of the instructions here).
   const __m256i expo = _mm256_set1_epi32(0x7F800000);
   const __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(u, expo), expo);
-  const __m256i nan = _mm256_andnot_si256(
-      _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x007FFFFF)),
-                         _mm256_setzero_si256()),
-      special);
-  __m256i bits = _mm256_blendv_epi8(rounded, _mm256_srli_epi32(u, 16), special);
-  bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC0), nan);
+  __m256i bits = rounded;
+  if (!_mm256_testz_si256(special, special)) {
+    const __m256i nan = _mm256_andnot_si256(
+        _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x007FFFFF)),
+                           _mm256_setzero_si256()),
+        special);
+    bits = _mm256_blendv_epi8(rounded, _mm256_srli_epi32(u, 16), special);
+    bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC0), nan);
+  }
   // 8 x uint32 (< 2^16) -> 8 x uint16: packus works per 128-bit half, then the halves' low
   // quadwords are joined.
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
@@ -119,40 +137,79 @@ struct Rounder {
   }
 
   // kLanes lanes of v rounded stochastically to bfloat16 bits; lane j is local element e0 + j.
-  // The contiguous case (a whole tensor, or a shard that is one run of the logical tensor) is a
-  // fixed-length loop of uint32 multiplies, xors and shifts that the compiler vectorises (two
-  // fmix32 per element: 4 vpmulld); a run crossing 2^32 or a strided shard takes the general
-  // index.
-  inline void bits(fVec v, int64_t e0, uint32_t stream, uint16_t* out) const {
-    alignas(64) float x[kLanes];
-    v.store(x);
-    const uint32_t salt = stream * kStreamMul;
+  FADAM_VEC_INLINE void bits(fVec v, int64_t e0, uint32_t stream, uint16_t* out) const {
+    bits<1>({v}, e0, {stream}, {out});
+  }
+
+  // The bits of kStreams vectors of the same elements (lane j: local element e0 + j), vs[s] in
+  // stream streams[s]: the parameter's and the momentum's share the first fmix32 of each index
+  // (it does not depend on the stream). The contiguous case (a whole tensor, or a shard that is
+  // one run of the logical tensor) is the 8-lane hash (stochastic_bf16_x8), inlined; the rest
+  // (no AVX2, a run crossing 2^32, a strided shard) is bits_general's.
+  template <int kStreams>
+  FADAM_VEC_INLINE void bits(const std::array<fVec, kStreams>& vs, int64_t e0,
+                             const std::array<uint32_t, kStreams>& streams,
+                             const std::array<uint16_t*, kStreams>& outs) const {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     const uint64_t first = static_cast<uint64_t>(where.base + e0);
     const uint32_t lo0 = static_cast<uint32_t>(first);
     if (where.whole() && lo0 <= UINT32_MAX - kLanes) {
-      const uint32_t hi = static_cast<uint32_t>(first >> 32) ^ salt;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-      for (int64_t q = 0; q < kLanes; q += 8) {
-        stochastic_bf16_x8(_mm256_load_ps(x + q), key, lo0 + static_cast<uint32_t>(q), hi,
-                           out + q);
+      alignas(64) float x[kStreams][kLanes];
+      for (int s = 0; s < kStreams; ++s) {
+        vs[s].store(x[s]);
       }
-      return;
-#endif
-      alignas(64) uint32_t u[kLanes];
-      std::memcpy(u, x, sizeof(u));
-      for (int64_t j = 0; j < kLanes; ++j) {
-        uint32_t h = fmix32(key ^ (lo0 + static_cast<uint32_t>(j)));
-        h = fmix32(h ^ hi) >> 16;
-        const bool special = (u[j] & 0x7F800000u) == 0x7F800000u;
-        const uint16_t rounded = static_cast<uint16_t>((u[j] + h) >> 16);
-        const uint16_t nearest =
-            (u[j] & 0x007FFFFFu) ? uint16_t{0x7FC0} : static_cast<uint16_t>(u[j] >> 16);
-        out[j] = special ? nearest : rounded;
+      const uint32_t hi = static_cast<uint32_t>(first >> 32);
+      for (int64_t q = 0; q < kLanes; q += 8) {
+        const __m256i inner = rounding_inner_x8(key, lo0 + static_cast<uint32_t>(q));
+        for (int s = 0; s < kStreams; ++s) {
+          stochastic_bf16_x8(_mm256_load_ps(x[s] + q), inner, hi ^ (streams[s] * kStreamMul),
+                             outs[s] + q);
+        }
       }
       return;
     }
-    for (int64_t j = 0; j < kLanes; ++j) {
-      out[j] = bf16_bits_stochastic(x[j], rounding_bits(key, where.index(e0 + j), stream));
+#endif
+    bits_general<kStreams>(vs, e0, streams, outs);
+  }
+
+  // bits() without the 8-lane hash: the contiguous case as a fixed-length loop of uint32
+  // multiplies, xors and shifts that the compiler vectorises, else the general index.
+  template <int kStreams>
+  [[gnu::noinline]] void bits_general(const std::array<fVec, kStreams>& vs, int64_t e0,
+                                      const std::array<uint32_t, kStreams>& streams,
+                                      const std::array<uint16_t*, kStreams>& outs) const {
+    alignas(64) float x[kStreams][kLanes];
+    for (int s = 0; s < kStreams; ++s) {
+      vs[s].store(x[s]);
+    }
+    const uint64_t first = static_cast<uint64_t>(where.base + e0);
+    const uint32_t lo0 = static_cast<uint32_t>(first);
+    if (where.whole() && lo0 <= UINT32_MAX - kLanes) {
+      const uint32_t hi = static_cast<uint32_t>(first >> 32);
+      alignas(64) uint32_t inner[kLanes];
+      for (int64_t j = 0; j < kLanes; ++j) {
+        inner[j] = fmix32(key ^ (lo0 + static_cast<uint32_t>(j)));
+      }
+      for (int s = 0; s < kStreams; ++s) {
+        alignas(64) uint32_t u[kLanes];
+        std::memcpy(u, x[s], sizeof(u));
+        const uint32_t salt = hi ^ (streams[s] * kStreamMul);
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const uint32_t h = fmix32(inner[j] ^ salt) >> 16;
+          const bool special = (u[j] & 0x7F800000u) == 0x7F800000u;
+          const uint16_t rounded = static_cast<uint16_t>((u[j] + h) >> 16);
+          const uint16_t nearest =
+              (u[j] & 0x007FFFFFu) ? uint16_t{0x7FC0} : static_cast<uint16_t>(u[j] >> 16);
+          outs[s][j] = special ? nearest : rounded;
+        }
+      }
+      return;
+    }
+    for (int s = 0; s < kStreams; ++s) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        outs[s][j] =
+            bf16_bits_stochastic(x[s][j], rounding_bits(key, where.index(e0 + j), streams[s]));
+      }
     }
   }
 };
@@ -160,10 +217,16 @@ struct Rounder {
 // Stores `count` lanes of v into dst (local element e0 onwards) in dtype T: stochastically
 // rounded when T is bfloat16 and `r` is on, else to nearest (store_float).
 template <typename T>
-inline void store_lanes(T* dst, fVec v, int64_t count, const Rounder& r, int64_t e0,
-                        uint32_t stream) {
+FADAM_VEC_INLINE void store_lanes(T* dst, fVec v, int64_t count, const Rounder& r, int64_t e0,
+                                  uint32_t stream) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (r.on) {
+      // A whole vector's bits go straight to dst: a staging buffer and a memcpy of a runtime
+      // size (a libc call per 8 elements) are for the ragged tail only.
+      if (count == kLanes) {
+        r.bits(v, e0, stream, reinterpret_cast<uint16_t*>(dst));
+        return;
+      }
       alignas(64) uint16_t out[kLanes];
       r.bits(v, e0, stream, out);
       std::memcpy(dst, out, count * sizeof(uint16_t));
@@ -181,7 +244,7 @@ inline void store_lanes(T* dst, fVec v, int64_t count, const Rounder& r, int64_t
 
 // A momentum of float32 or bfloat16 (momentum_dtype), loaded as float32 lanes (zero-padded past
 // `count`) and stored back (bfloat16: stochastically when `r` is on, stream 1).
-inline fVec load_mom(const void* m, bool bf16, int64_t i, int64_t count) {
+FADAM_VEC_INLINE fVec load_mom(const void* m, bool bf16, int64_t i, int64_t count) {
   if (bf16) {
     const auto* p = static_cast<const at::BFloat16*>(m) + i;
     if (count == kLanes) {
@@ -200,12 +263,50 @@ inline fVec load_mom(const void* m, bool bf16, int64_t i, int64_t count) {
   return fVec::loadu(buf);
 }
 
-inline void store_mom(void* m, bool bf16, fVec v, int64_t i, int64_t count, const Rounder& r) {
+FADAM_VEC_INLINE void store_mom(void* m, bool bf16, fVec v, int64_t i, int64_t count,
+                                const Rounder& r) {
   if (bf16) {
     store_lanes(static_cast<at::BFloat16*>(m) + i, v, count, r, i, kStreamMomentum);
   } else {
     v.store(static_cast<float*>(m) + i, count);
   }
+}
+
+// Stores `count` lanes of a bfloat16 parameter (stream kStreamParam) and of its bfloat16 momentum
+// (kStreamMomentum), local elements e0 onwards, both stochastically rounded when `r` is on: the
+// two streams' bits of an element share the first fmix32 of its index (Rounder::bits), the same
+// bits as two store_lanes calls. Off: round to nearest, as store_lanes.
+FADAM_VEC_INLINE void store_lanes(at::BFloat16* theta, fVec th, at::BFloat16* mom, fVec m,
+                                  int64_t count, const Rounder& r, int64_t e0) {
+  if (!r.on) {
+    store_lanes(theta, th, count, r, e0, kStreamParam);
+    store_lanes(mom, m, count, r, e0, kStreamMomentum);
+    return;
+  }
+  if (count == kLanes) {
+    r.bits<2>({th, m}, e0, {kStreamParam, kStreamMomentum},
+              {reinterpret_cast<uint16_t*>(theta), reinterpret_cast<uint16_t*>(mom)});
+    return;
+  }
+  alignas(64) uint16_t out[2][kLanes];
+  r.bits<2>({th, m}, e0, {kStreamParam, kStreamMomentum}, {out[0], out[1]});
+  std::memcpy(theta, out[0], count * sizeof(uint16_t));
+  std::memcpy(mom, out[1], count * sizeof(uint16_t));
+}
+
+// Phase B's stores of one vector of a parameter and its momentum (float32 or bfloat16): the
+// shared-hash store_lanes above when both are bfloat16.
+template <typename scalar_t>
+FADAM_VEC_INLINE void store_param_mom(scalar_t* theta, fVec th, void* m, bool mom_bf16, fVec mv,
+                                      int64_t i, int64_t count, const Rounder& r) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (mom_bf16) {
+      store_lanes(theta + i, th, static_cast<at::BFloat16*>(m) + i, mv, count, r, i);
+      return;
+    }
+  }
+  store_lanes(theta + i, th, count, r, i, kStreamParam);
+  store_mom(m, mom_bf16, mv, i, count, r);
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -322,6 +423,55 @@ struct SumSq {
   }
 };
 
+// Runs `body(offset, count)` over [begin, end) in vectors of kLanes, count = kLanes but for the
+// last, partial vector (count < kLanes), which `body` loads into zero-padded copies (Lanes::load):
+// it sees whole fVec lanes either way.
+template <typename Body>
+inline void for_each_vector(int64_t begin, int64_t end, Body body) {
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    body(i, kLanes);
+  }
+  if (i < end) {
+    body(i, end - i);
+  }
+}
+
+// The sums of squares of [begin, end) by blocks of kBlockVectors vectors, in element order:
+// first(i, count) adds a vector's ghat and w to s_ghat and s_w (SumSq::add), and a block whose
+// float32 partials are not finite is dropped and summed again in float64 by wide(i, count)
+// (SumSq::add_wide), from the same ghat and w. FAdam's reduce_chunk (fadam_cpu.cpp) and
+// FAdafactor's reduce_range (a row segment at a time, fadafactor_cpu.cpp) both sum this way.
+template <typename First, typename Wide>
+inline void sum_blocks(int64_t begin, int64_t end, SumSq& s_ghat, SumSq& s_w, First first,
+                       Wide wide) {
+  for (int64_t b = begin; b < end; b += kBlockVectors * kLanes) {
+    const int64_t e = std::min(end, b + kBlockVectors * kLanes);
+    for_each_vector(b, e, first);
+    if (s_ghat.block_is_finite() && s_w.block_is_finite()) {
+      s_ghat.flush();
+      s_w.flush();
+    } else {
+      s_ghat.discard();
+      s_w.discard();
+      for_each_vector(b, e, wide);
+    }
+  }
+}
+
+// Per-thread scratch of the CPU kernels' fused one-chunk tensors ([note: CPU fused one-chunk
+// tensors] in fadam_cpu.cpp): r = 1/d for up to one chunk (2^20 floats, 4 MiB) in whole vectors,
+// kept across steps so a step allocates nothing (thread_local: one per worker of the thread pool;
+// FAdam's and FAdafactor's phase B use it in turn, never at once).
+inline float* kept_buffer(int64_t numel) {
+  thread_local std::vector<float> buf;
+  const auto need = static_cast<size_t>((numel + kLanes - 1) / kLanes * kLanes);
+  if (buf.size() < need) {
+    buf.resize(need);
+  }
+  return buf.data();
+}
+
 // The launch's element constants as float32 lanes, from the LaunchDesc's host scalars.
 struct Consts {
   float grad_mul;  // grad_mul_of(): (maximize ? -1 : 1) / grad_scale, read here on the host
@@ -353,20 +503,6 @@ struct UpdateConsts {
         lr(lr_),
         weight_decay(s.weight_decay) {}
 };
-
-// Runs `body(offset, count)` over [begin, end) in vectors of kLanes, count = kLanes but for the
-// last, partial vector (count < kLanes), which `body` loads into zero-padded copies (Lanes::load):
-// it sees whole fVec lanes either way.
-template <typename Body>
-inline void for_each_vector(int64_t begin, int64_t end, Body body) {
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    body(i, kLanes);
-  }
-  if (i < end) {
-    body(i, end - i);
-  }
-}
 
 // The overflow check of [begin, end) of a gradient ([note: the overflow rule] in fadam_math.h):
 // FAdam's phase A of a fused one-chunk tensor, or of any chunk with clipping off, and
@@ -436,9 +572,27 @@ inline std::vector<Item> make_items(const LaunchDesc& d, Cost cost) {
 // items, and items differ 100x in cost: one thread can get every large chunk, and 2 threads then
 // take as long as 1 (bench/NOTES.md). Each item writes only its own slot and elements, so which
 // thread runs it changes no bit of the result.
+//
+// A launch whose items move less than kSerialBytes in all runs on the calling thread: waking the
+// pool costs more than the work there, and with more runnable threads than cores (the shared VM)
+// its barrier waits out a time slice of a descheduled worker. FAdafactor's step calls FAdam's
+// two ops on its vectors (the default list's 29 norm weights, 15k elements, ~0.7 MB): they took
+// 10.7 and 10.9 ms (median, load average 8) of its 190 ms step on 2 threads (bench/NOTES.md).
+constexpr int64_t kSerialBytes = int64_t{1} << 20;
+
 template <typename Body>
 inline void for_each_item(const std::vector<Item>& items, Body body) {
   const auto n = static_cast<int64_t>(items.size());
+  int64_t total = 0;
+  for (const Item& it : items) {
+    total += it.cost;
+  }
+  if (total < kSerialBytes) {
+    for (const Item& it : items) {
+      body(it);
+    }
+    return;
+  }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < n;

@@ -185,13 +185,14 @@ void phase_s(const LaunchDesc& d) {
   double* partials = d.factor_partials;
   float* out = d.factors;
 
-  // Tiles: item.chunk is (b * row_tiles + tr) * col_tiles + tc.
+  // Tiles: item.chunk is (b * row_tiles + tr) * col_tiles + tc; the cost is the bytes of g read.
+  const int64_t esize = d.params[0].element_size();
   std::vector<Item> items;
   for (const auto i : c10::irange(d.params.size())) {
     const FactorTile& t = tiles[i];
     const int64_t n = t.batch * t.row_tiles() * t.col_tiles();
     for (int64_t k = 0; k < n; ++k) {
-      items.push_back({static_cast<int32_t>(i), k, t.tile_rows * t.tile_cols});
+      items.push_back({static_cast<int32_t>(i), k, t.tile_rows * t.tile_cols * esize});
     }
   }
   std::stable_sort(items.begin(), items.end(),
@@ -220,7 +221,8 @@ void phase_s(const LaunchDesc& d) {
   for (const auto i : c10::irange(d.params.size())) {
     const FactorTile& t = tiles[i];
     for (int64_t b = 0; b < t.batch; ++b) {
-      matrices.push_back({static_cast<int32_t>(i), b, t.partials_per_matrix()});
+      matrices.push_back({static_cast<int32_t>(i), b,
+                          t.partials_per_matrix() * static_cast<int64_t>(sizeof(double))});
     }
   }
   for_each_item(matrices, [&](const Item& it) {
@@ -290,16 +292,17 @@ inline void for_each_row_vector(const FactorTile& t, const float* factors, int64
 }
 
 // (sum ghat^2, sum w^2) over [begin, end) of tensor `i`, each row segment by blocks of
-// kBlockVectors vectors in element order (SumSq, cpu_vec.h, as FAdam's reduce_chunk): float32
-// squares within a block, the block partials added in float64. Widening every square (two
-// conversions and two float64 FMAs per vector and sum) took phase A 2.0x its read floor on the
-// default list against FAdam's 1.0x (bench/NOTES.md). A block whose partial is not finite (w^2
-// overflows float32 for eps = 1e-30 and theta ~ 1) is summed again in float64 from the same ghat
-// and w.
-template <typename scalar_t, bool kSqrt>
+// kBlockVectors vectors in element order (sum_blocks and SumSq, cpu_vec.h, as FAdam's
+// reduce_chunk): float32 squares within a block, the block partials added in float64. Widening
+// every square (two conversions and two float64 FMAs per vector and sum) took phase A 2.0x its
+// read floor on the default list against FAdam's 1.0x (bench/NOTES.md). A block whose partial is
+// not finite (w^2 overflows float32 for eps = 1e-30 and theta ~ 1) is summed again in float64
+// from the same ghat and w. With kKeep (phase B of a fused tensor, begin = 0) it also stores
+// r = 1/d of element k into rbuf[k], for update_kept.
+template <typename scalar_t, bool kSqrt, bool kKeep = false>
 void reduce_range(const scalar_t* g, const scalar_t* theta, const FactorTile& t,
                   const float* factors, int64_t begin, int64_t end, const Consts& c,
-                  double* sums) {
+                  double* sums, float* rbuf = nullptr) {
   SumSq s_ghat, s_w;
   const fVec zero(0.f);
   for_each_row_segment(t, factors, begin, end,
@@ -314,6 +317,10 @@ void reduce_range(const scalar_t* g, const scalar_t* theta, const FactorTile& t,
       const fVec th = load_padded(pr + j, count);
       const fVec r = fisher_inv_denom<kSqrt>(factored_fim(rnorm, load_padded(col + j, count)),
                                              c.p, c.eps_p);
+      if constexpr (kKeep) {
+        // `count` lanes: a row's ragged end must not run past the buffer's last vector.
+        r.store(rbuf + (k - j0 - begin) + j, count);
+      }
       ghat = gv * r;
       w = th * r;
       if (count < kLanes) {
@@ -321,30 +328,42 @@ void reduce_range(const scalar_t* g, const scalar_t* theta, const FactorTile& t,
         w = fVec::set(zero, w, count);
       }
     };
-    for (int64_t jb = j0; jb < j1; jb += kBlockVectors * kLanes) {
-      const int64_t je = std::min(j1, jb + kBlockVectors * kLanes);
-      fVec ghat, w;
-      for (int64_t j = jb; j < je; j += kLanes) {
-        terms(j, std::min(kLanes, je - j), ghat, w);
-        s_ghat.add(ghat);
-        s_w.add(w);
-      }
-      if (s_ghat.block_is_finite() && s_w.block_is_finite()) {
-        s_ghat.flush();
-        s_w.flush();
-      } else {
-        s_ghat.discard();
-        s_w.discard();
-        for (int64_t j = jb; j < je; j += kLanes) {
-          terms(j, std::min(kLanes, je - j), ghat, w);
+    sum_blocks(
+        j0, j1, s_ghat, s_w,
+        [&](int64_t j, int64_t count) {
+          fVec ghat, w;
+          terms(j, count, ghat, w);
+          s_ghat.add(ghat);
+          s_w.add(w);
+        },
+        [&](int64_t j, int64_t count) {
+          fVec ghat, w;
+          terms(j, count, ghat, w);
           s_ghat.add_wide(ghat);
           s_w.add_wide(w);
-        }
-      }
-    }
+        });
   });
   sums[0] = s_ghat.total();
   sums[1] = s_w.total();
+}
+
+// Phase B's update of a fused one-chunk tensor after reduce_range<..., kKeep = true> over the
+// whole tensor: r = 1/d is read back from rbuf (from cache) instead of recomputing f, its square
+// root and the division, as FAdam's update_kept_chunk. r is elementwise, so walking the tensor by
+// flat vectors instead of row segments gives every element the same bits.
+template <typename scalar_t>
+inline void update_kept(scalar_t* theta, const scalar_t* g, void* m, bool mom_bf16,
+                        int64_t numel, const float* rbuf, const Consts& c, const UpdateConsts& u,
+                        const Rounder& round) {
+  for_each_vector(0, numel, [&](int64_t k, int64_t count) {
+    const fVec gv = c.scale_grad(load_padded(g + k, count));
+    fVec th = load_padded(theta + k, count);
+    fVec mv = load_mom(m, mom_bf16, k, count);
+    const fVec r = fVec::loadu(rbuf + k);  // whole vectors: lanes past numel are not stored
+    fadam_update(th, mv, gv * r, th * r, u.beta1, u.one_minus_beta1, u.inv_s1, u.inv_s2, u.lr,
+                 u.weight_decay);
+    store_param_mom(theta, th, m, mom_bf16, mv, k, count, round);
+  });
 }
 
 void phase_a(const LaunchDesc& d) {
@@ -397,10 +416,20 @@ void phase_b(const LaunchDesc& d) {
       const Rounder round(d, it.tensor,
                           static_cast<double>(*d.steps[it.tensor].const_data_ptr<float>()));
       double sums[2] = {0.0, 0.0};
+      const auto update_consts = [&] {
+        return UpdateConsts(d.s, lr, static_cast<float>(clip_inv_scale(sums[0], numel, d.s.clip)),
+                            static_cast<float>(clip_inv_scale(sums[1], numel, d.s.clip)));
+      };
       if (clipping) {
         if (d.fused(it.tensor)) {
-          // Both phases in this task, the second pass from cache.
-          reduce_range<scalar_t, kSqrt>(g, theta, t, tfac, 0, numel, c, sums);
+          // Both phases in this task, the second pass from cache, with r = 1/d kept from the
+          // first: the update recomputing f, its square root and the division took phase B
+          // FAdam's time per element although it reads 0.75x the bytes (bench/NOTES.md).
+          float* rbuf = kept_buffer(numel);
+          reduce_range<scalar_t, kSqrt, /*kKeep=*/true>(g, theta, t, tfac, 0, numel, c, sums,
+                                                         rbuf);
+          update_kept(theta, g, m, d.mom_bf16, numel, rbuf, c, update_consts(), round);
+          return;
         } else {
           for (int64_t s = d.slots[it.tensor]; s < d.slots[it.tensor + 1]; ++s) {
             sums[0] += d.partials[2 * s];
@@ -408,8 +437,7 @@ void phase_b(const LaunchDesc& d) {
           }
         }
       }
-      const UpdateConsts u(d.s, lr, static_cast<float>(clip_inv_scale(sums[0], numel, d.s.clip)),
-                           static_cast<float>(clip_inv_scale(sums[1], numel, d.s.clip)));
+      const UpdateConsts u = update_consts();
       const int64_t begin = it.chunk * d.chunk_size;
       for_each_row_vector(t, tfac, begin, std::min(numel, begin + d.chunk_size),
                           [&](int64_t k, int64_t count, fVec rnorm, const float* col) {
@@ -420,8 +448,7 @@ void phase_b(const LaunchDesc& d) {
         const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
         fadam_update(th, mv, gv * r, th * r, u.beta1, u.one_minus_beta1, u.inv_s1, u.inv_s2, u.lr,
                      u.weight_decay);
-        store_lanes(theta + k, th, count, round, k, kStreamParam);
-        store_mom(m, d.mom_bf16, mv, k, count, round);
+        store_param_mom(theta, th, m, d.mom_bf16, mv, k, count, round);
       });
     });
   });

@@ -89,12 +89,14 @@ struct Lanes {
   // Stores theta, and f and m where loaded (Vectorized::store(ptr, count) stores `count` lanes);
   // a bfloat16 theta or m stochastically rounded when the tensor's Rounder is on.
   inline void store(const TensorPtrs& t, int64_t i, int64_t count) const {
-    store_lanes(static_cast<scalar_t*>(t.param) + i, theta, count, t.round, i, kStreamParam);
+    if constexpr (kM) {
+      store_param_mom(static_cast<scalar_t*>(t.param), theta, t.mom, t.mom_bf16, m, i, count,
+                      t.round);
+    } else {
+      store_lanes(static_cast<scalar_t*>(t.param) + i, theta, count, t.round, i, kStreamParam);
+    }
     if constexpr (kF) {
       f.store(t.fim + i, count);
-    }
-    if constexpr (kM) {
-      store_mom(t.mom, t.mom_bf16, m, i, count, t.round);
     }
   }
 };
@@ -150,18 +152,7 @@ inline bool reduce_chunk(const TensorPtrs& t, int64_t begin, int64_t end, const 
     s_ghat.add_wide(valid(x.g * r, count));
     s_w.add_wide(valid(x.theta * r, count));
   };
-  for (int64_t b = begin; b < end; b += kBlockVectors * kLanes) {
-    const int64_t e = std::min(end, b + kBlockVectors * kLanes);
-    for_each_vector(b, e, first_pass);
-    if (s_ghat.block_is_finite() && s_w.block_is_finite()) {
-      s_ghat.flush();
-      s_w.flush();
-    } else {
-      s_ghat.discard();
-      s_w.discard();
-      for_each_vector(b, e, float64_pass);
-    }
-  }
+  sum_blocks(begin, end, s_ghat, s_w, first_pass, float64_pass);
   sums[0] = s_ghat.total();
   sums[1] = s_w.total();
   return all_zero(overflow);
@@ -199,18 +190,6 @@ inline void update_kept_chunk(const TensorPtrs& t, const float* rbuf, const Cons
                  u.inv_s2, u.lr, u.weight_decay);
     x.store(t, i, count);
   });
-}
-
-// Per-thread scratch of the fused tensors ([note: CPU fused one-chunk tensors]): r for up to one
-// chunk (2^20 floats, 4 MiB), kept across steps so a step allocates nothing (thread_local: one
-// per worker of the thread pool).
-float* kept_buffer(int64_t numel) {
-  thread_local std::vector<float> buf;
-  const auto need = static_cast<size_t>((numel + kLanes - 1) / kLanes * kLanes);
-  if (buf.size() < need) {
-    buf.resize(need);
-  }
-  return buf.data();
 }
 
 // The tensors' pointers and this step's FIM coefficients (the steps are read here, on the host).
