@@ -484,8 +484,8 @@ def test_triton_kernels_compile_for_sm80_sm90_without_spills():
     decoupled with grad_scale and a float64 lr, per-tensor; bfloat16 with stochastic rounding of
     theta and a bfloat16 momentum, table and per-tensor) compile for sm_80 and sm_90 without a
     GPU, and ptxas reports no spills. Registers (ptxas -v, Triton 3.8): check 29-32, update
-    34-40 on sm_80, 44-48 on sm_90. The aligned update uses 128-bit loads. About 12 s of
-    CPU per arch."""
+    34-40 on sm_80, 44-48 on sm_90, with stochastic rounding 64 and 70 (the two hashes per
+    stream). The aligned update uses 128-bit loads. About 12 s of CPU per arch."""
     with ThreadPoolExecutor(2) as pool:
         reports = list(pool.map(_compile_report, (80, 90)))
     for report in reports:
@@ -493,5 +493,9 @@ def test_triton_kernels_compile_for_sm80_sm90_without_spills():
         for row in report:
             assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
             assert row["registers"] <= 96, row
-            if row["kernel"].startswith("update") and row["aligned"]:
+            # The stochastic rows keep a bfloat16 momentum: a thread's 4 elements of every
+            # element operand are then 8 bytes (64-bit loads, as the bfloat16 parameter's in
+            # the other rows, whose 128-bit load is the float32 momentum's).
+            if (row["kernel"].startswith("update") and row["aligned"]
+                    and "stochastic" not in row["kernel"]):
                 assert row["v4_loads"], f"no 128-bit loads in the aligned update: {row}"
