@@ -8,10 +8,10 @@ Speed: two optimizers on two identical bfloat16 parameter lists (same gradients)
 nearest and one stochastically, stepped alternately (A B B A ...) so that both see the same
 machine state; the figure is the median of the per-round time ratios, with the median times. Run
 for a float32 and a bfloat16 momentum, for FAdam, FAdafactor and AdaFisher (its parameters the
-weights of Linear layers, so F = S H^T + damping is read from the factors). Memory: the state column is bench/step_bench.py's
-measured_state_bytes (every tensor of opt.state, each storage once); weights are the parameters'
-bytes, plus a float32 master copy for the AMP-style row (bfloat16 model, float32 weights in the
-optimizer).
+weights of Linear layers, so F = S H^T + damping is read from the factors). Memory: the state
+column is bench/step_bench.py's measured_state_bytes (every tensor of opt.state, each storage
+once; AdaFisher's layer factors added); weights are the parameters' bytes, plus a float32 master
+copy for the AMP-style row (bfloat16 model, float32 weights in the optimizer).
 """
 
 from __future__ import annotations
