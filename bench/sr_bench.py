@@ -7,10 +7,11 @@ process, and the bytes per parameter of weights and optimizer state per option.
 Speed: two optimizers on two identical bfloat16 parameter lists (same gradients), one rounding to
 nearest and one stochastically, stepped alternately (A B B A ...) so that both see the same
 machine state; the figure is the median of the per-round time ratios, with the median times. Run
-for a float32 and a bfloat16 momentum. Memory: the state column is bench/step_bench.py's
-measured_state_bytes (every tensor of opt.state, each storage once); weights are the parameters'
-bytes, plus a float32 master copy for the AMP-style row (bfloat16 model, float32 weights in the
-optimizer).
+for a float32 and a bfloat16 momentum, for FAdam, FAdafactor and AdaFisher (its parameters the
+weights of Linear layers, so F = S H^T + damping is read from the factors). Memory: the state
+column is bench/step_bench.py's measured_state_bytes (every tensor of opt.state, each storage
+once; AdaFisher's layer factors added); weights are the parameters' bytes, plus a float32 master
+copy for the AMP-style row (bfloat16 model, float32 weights in the optimizer).
 """
 
 from __future__ import annotations
@@ -26,13 +27,31 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.step_bench import measured_state_bytes  # noqa: E402
-from fadam_fused import FAdafactor, FAdam  # noqa: E402
+from fadam_fused import AdaFisher, FAdafactor, FAdam  # noqa: E402
+
+OPTIMIZERS = (FAdam, FAdafactor, AdaFisher)
 
 
 def _params(n_tensors: int, rows: int, cols: int, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(rows, cols, generator=gen).to(dtype).requires_grad_()
+    return [torch.nn.Parameter(torch.randn(rows, cols, generator=gen).to(dtype))
             for _ in range(n_tensors)]
+
+
+def _make(cls, params, **kw):
+    """`cls` over `params`; AdaFisher's with each matrix the weight of a Linear layer (and a
+    vector its bias), so that its update reads F from the layer's factors."""
+    if cls is not AdaFisher:
+        return cls(params, **kw)
+    layers = torch.nn.ModuleList()
+    for p in params:
+        if p.dim() == 2:
+            layer = torch.nn.Linear(p.shape[1], p.shape[0], bias=False)
+            layer.weight = p
+            layers.append(layer)
+        else:
+            layers[-1].bias = p
+    return AdaFisher(layers, params, **kw)
 
 
 def _step_time(opt) -> float:
@@ -49,8 +68,8 @@ def paired(cls, n_tensors, rows, cols, rounds, momentum_dtype) -> dict:
     for rounding, ps in params.items():
         for p, g in zip(ps, grads):
             p.grad = g
-        opts[rounding] = cls(ps, lr=1e-4, backend="cpu", bf16_rounding=rounding, rounding_seed=0,
-                             momentum_dtype=momentum_dtype)
+        opts[rounding] = _make(cls, ps, lr=1e-4, backend="cpu", bf16_rounding=rounding,
+                               rounding_seed=0, momentum_dtype=momentum_dtype)
         for _ in range(3):  # state, first-call warm-up
             opts[rounding].step()
     times = {r: [] for r in opts}
@@ -73,7 +92,7 @@ def memory_table(rows: int, cols: int) -> list[tuple[str, str, float, float]]:
     out = []
     shapes = [(rows, cols), (cols,)]
     n = sum(r * c for r, c in [(rows, cols)]) + cols
-    for cls in (FAdam, FAdafactor):
+    for cls in OPTIMIZERS:
         for option, dtype, kw, master in (
                 ("float32 weights", torch.float32, {}, 0),
                 ("bf16 model + fp32 master (AMP)", torch.float32, {}, 2),
@@ -82,13 +101,17 @@ def memory_table(rows: int, cols: int) -> list[tuple[str, str, float, float]]:
                 ("pure bf16 + SR + bf16 momentum", torch.bfloat16,
                  dict(bf16_rounding="stochastic", rounding_seed=0,
                       momentum_dtype=torch.bfloat16), 0)):
-            ps = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in shapes]
-            opt = cls(ps, backend="cpu", **kw)
+            ps = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+            opt = _make(cls, ps, backend="cpu", **kw)
             for p in ps:
                 p.grad = torch.ones_like(p)
             opt.step()
             weights = sum(p.nbytes for p in ps) / n + master  # AMP: the bf16 model besides
-            out.append((cls.__name__, option, weights, measured_state_bytes(opt) / n))
+            state = measured_state_bytes(opt)
+            if cls is AdaFisher:  # the layers' factors H and S (float32), kept beside opt.state
+                state += sum(layer.fisher_in.nbytes + layer.fisher_out.nbytes
+                             for layer in opt._factors.layers.values())
+            out.append((cls.__name__, option, weights, state / n))
     return out
 
 
@@ -101,7 +124,7 @@ def main(argv=None) -> int:
     n_tensors = max(1, args.params)
     print(f"threads {torch.get_num_threads()}; {n_tensors} bfloat16 tensors of {rows} x {cols}")
     print("optimizer   momentum   nearest ms  stochastic ms  ratio (median, q1..q3)")
-    for cls in (FAdam, FAdafactor):
+    for cls in OPTIMIZERS:
         for mdt in (torch.float32, torch.bfloat16):
             r = paired(cls, n_tensors, rows, cols, args.rounds, mdt)
             q1, q3 = r["ratio_q1_q3"]

@@ -35,8 +35,9 @@ struct KernelLimits {
   int64_t max_tile_cols = INT64_MAX;     // FAdafactor phase S
   bool int32_geometry = false;           // chunks, matrices, rows and columns fit 32-bit indices
   // Stochastic rounding and bfloat16 momentums ([note: stochastic rounding] in
-  // fadam_fused/op_contract.py): the CPU kernels take them; the CUDA kernels not yet (the
-  // optimizer then runs such a group on Triton or the reference).
+  // fadam_fused/op_contract.py): the CPU kernels take them, and AdaFisher's CUDA update; FAdam's
+  // and FAdafactor's CUDA kernels not yet (the optimizer then runs such a group on Triton or the
+  // reference).
   bool stochastic_rounding = true;
   int64_t check_chunk_size = int64_t{1} << 20;  // the chunk of nonfinite_check, which takes none
 };
@@ -387,15 +388,6 @@ inline LaunchDesc describe(const char* op, const KernelLimits& lim, const OpArgs
   s.one_minus_beta = static_cast<float>(1.0 - a.beta);
   s.damping = static_cast<float>(a.damping);
   s.decoupled = a.decoupled;
-  if (a.kind == OpKind::kAdaFisherUpdate) {
-    // [note: stochastic rounding] is not wired into the AdaFisher kernels yet: the argument
-    // exists so that the schema is final; every store of theta and m is in one place per
-    // backend (store_update() in csrc/cpu/adafisher_cpu.cpp and csrc/cuda/adafisher_cuda.cu,
-    // _store in triton_kernels/_adafisher_kernels.py).
-    TORCH_CHECK(a.rounding.empty(), op, ": stochastic rounding (a non-empty `rounding`, ",
-                a.rounding.size(), " integers) is not implemented by ", lim.kernels,
-                " yet; pass rounding=[] (round to nearest)");
-  }
   return d;
 }
 

@@ -349,7 +349,7 @@ class AdaFisherBucket(Bucket):
         ops.update(self.params, self.grads, self.momentums, self.steps, factors, layout, skip,
                    grad_scale, lr_tensor, lr=lr, beta=h.beta, weight_decay=h.weight_decay,
                    damping=h.damping, decoupled=self.kind.decoupled, maximize=h.maximize,
-                   chunk_size=ops.chunk_size, rounding=[])
+                   chunk_size=ops.chunk_size, rounding=list(h.rounding))
 
 
 class AdaFisherKind(Kind):
@@ -358,6 +358,7 @@ class AdaFisherKind(Kind):
 
     name = "adafisher"
     state_keys = ("momentum", "step")
+    cuda_rounding = True  # adafisher_cuda.cu's update rounds stochastically
 
     def __init__(self, factors: _Factors, decoupled: bool) -> None:
         super().__init__()
@@ -446,6 +447,12 @@ class AdaHyper:
     weight_decay: float
     damping: float
     maximize: bool
+    # bfloat16 storage, as FAdam's (hyper.Hyper): checked by hyper.check_storage, the bucket's
+    # ``rounding`` rows filled in by plan.make_buckets.
+    bf16_rounding: str = "nearest"
+    rounding_seed: int | None = None
+    momentum_dtype: torch.dtype = torch.float32
+    rounding: tuple[int, ...] = ()
 
 
 def _check_group(group: dict[str, Any], *, read_lr: bool) -> AdaHyper:
@@ -463,8 +470,10 @@ def _check_group(group: dict[str, Any], *, read_lr: bool) -> AdaHyper:
     maximize = group["maximize"]
     if not hyper.is_bool(maximize):
         raise ValueError(f"Invalid maximize value: {maximize!r}; expected True or False")
+    rounding, seed, momentum_dtype = hyper.check_storage(group)
     return AdaHyper(lr=group["lr"], beta=beta, weight_decay=weight_decay, damping=damping,
-                    maximize=bool(maximize))
+                    maximize=bool(maximize), bf16_rounding=rounding, rounding_seed=seed,
+                    momentum_dtype=momentum_dtype)
 
 
 class AdaFisher(FisherOptimizer):
@@ -499,6 +508,12 @@ class AdaFisher(FisherOptimizer):
         update_interval (int, default 100): factors are measured and updated every this many
             ``step()`` calls, the first one included (the published ``TCov``).
         maximize (bool, default False), backend (str or None, default None): as for FAdam.
+        bf16_rounding (str, default "nearest"), rounding_seed (int or None, default None),
+        momentum_dtype (torch.dtype, default torch.float32): as for FAdam: "stochastic" writes
+            a bfloat16 parameter (and a bfloat16 momentum) by stochastic rounding, unbiased, on
+            every backend with the same bits ([note: stochastic rounding] in op_contract.py);
+            the seed is saved with the group; torch.bfloat16 keeps the momentum in 2 B per
+            parameter (the factors stay float32).
         process_group: where the factors are averaged over data-parallel ranks (default: the
             default group when torch.distributed is initialized with more than one rank; False:
             nowhere, for a one-process model inside a distributed job). Each rank's output
@@ -529,6 +544,9 @@ class AdaFisher(FisherOptimizer):
         maximize: bool = False,
         backend: str | None = None,
         process_group: Any = None,
+        bf16_rounding: str = "nearest",
+        rounding_seed: int | None = None,
+        momentum_dtype: torch.dtype = torch.float32,
     ) -> None:
         if not isinstance(model, nn.Module):
             model = nn.ModuleList(list(model))
@@ -551,7 +569,9 @@ class AdaFisher(FisherOptimizer):
             self._init_optimizer(model.parameters() if params is None else params,
                                  dict(lr=lr, beta=beta, weight_decay=weight_decay,
                                       damping=damping, maximize=maximize, backend=backend,
-                                      factor_steps=0))
+                                      bf16_rounding=bf16_rounding,
+                                      rounding_seed=rounding_seed,
+                                      momentum_dtype=momentum_dtype, factor_steps=0))
         except BaseException:
             self._factors.remove_hooks()
             raise
@@ -569,6 +589,7 @@ class AdaFisher(FisherOptimizer):
         for key in ("beta", "weight_decay", "damping"):
             group[key] = hyper.number(key, group[key])
         group["maximize"] = bool(group["maximize"])
+        hyper.normalize_storage(group)
 
     def remove_hooks(self) -> None:
         """Removes the forward hooks on the model's layers: factors stop being measured."""

@@ -184,6 +184,12 @@ def normalize(group: dict[str, Any]) -> None:
     if group["clip"] is not None:
         group["clip"] = number("clip", group["clip"])
     group["maximize"] = bool(group["maximize"])
+    normalize_storage(group)
+
+
+def normalize_storage(group: dict[str, Any]) -> None:
+    """The storage keys of a checked group (check_storage): the defaults filled in, the seed an
+    int, drawn (draw_seed) for a stochastic group that has none. Every member's normalize."""
     for key, default in STORAGE_DEFAULTS.items():
         group.setdefault(key, default)
     _, seed, _ = check_storage(group)

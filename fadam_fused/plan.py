@@ -133,10 +133,10 @@ class Planner:
                         raise Refusal(ValueError,
                                       f"Tensor lr is on {lr_device} but {name(i)} is on "
                                       f"{device}; put lr on the CPU or on the parameters' device")
-                if chosen == "cuda" and (bf16_momentum or (
+                if chosen == "cuda" and not kind.cuda_rounding and (bf16_momentum or (
                         stochastic and dtype == torch.bfloat16)):
-                    # The CUDA kernels have no stochastic rounding or bfloat16 momentum yet
-                    # ([note: stochastic rounding]): Triton's kernels do it on the same device.
+                    # This kind's CUDA kernels have no stochastic rounding or bfloat16 momentum
+                    # yet ([note: stochastic rounding]): Triton's kernels do it on the same device.
                     if fused_only:
                         raise Refusal(RuntimeError,
                                       f"{self.who} backend='cuda' cannot update {name(i)}: the "

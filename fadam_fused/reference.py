@@ -494,14 +494,16 @@ def adafisher_fim(shape, factors: Tensor, s_offset: int, h_offset: int, cols: in
 def adafisher_update_tensor(param: Tensor, grad: Tensor, momentum: Tensor, step: Tensor,
                             skip: Tensor, fim: Tensor | float, *, lr: float | Tensor,
                             beta: float, weight_decay: float, decoupled: bool, maximize: bool,
-                            grad_scale: Tensor | None = None, upcast: bool = False) -> None:
+                            grad_scale: Tensor | None = None, upcast: bool = False,
+                            rounding: Sequence[int] | None = None) -> None:
     """One AdaFisher (or, `decoupled`, AdaFisherW) update of one tensor, in place, unless `skip`.
 
     `fim` is F flattened in the parameter's memory order (adafisher_fim), or 1; `step` is t after
     the increment. The order of operations is the published implementation's:
     AdaFisher   m = beta m + (1 - beta) (g + wd theta),  theta = theta - (lr / bc) (m / F)
     AdaFisherW  m = beta m + (1 - beta) g,               theta = theta - lr (m / bc / F + wd theta)
-    with bc = 1 - beta^t in float64.
+    with bc = 1 - beta^t in float64. `rounding`: this tensor's row of the op's rounding list, as
+    update_tensor's (a bfloat16 theta and a bfloat16 m stored by stochastic rounding).
     """
     compute, g, theta = _inputs(memory_order(param), memory_order(grad), maximize=maximize,
                                 grad_scale=grad_scale, upcast=upcast)
@@ -517,9 +519,9 @@ def adafisher_update_tensor(param: Tensor, grad: Tensor, momentum: Tensor, step:
         m = beta * m + (1 - beta) * (g + weight_decay * theta)
         theta = theta - (lr_t / bc).to(compute) * (m / fim)
     keep = skip.to(param.device).reshape(()) != 0
-    for dst, new in ((param, theta), (momentum, m)):
-        view = memory_order(dst)
-        view.copy_(torch.where(keep, view, new.to(dst.dtype).view(view.shape)))
+    for stream, (dst, new) in enumerate(((param, theta), (momentum, m))):
+        view = memory_order(dst)  # contiguous: its flat order is dst's memory order
+        store_rounded(view, new.view(view.shape), keep, rounding, step, stream)
 
 
 def _nonfinite_check(grads, skip, grad_scale) -> None:
@@ -536,7 +538,8 @@ def _adafisher_update(params, grads, momentums, steps, factors, factor_layout, s
         fim = adafisher_fim(param.shape, factors, s_offset, h_offset, cols, damping, compute)
         adafisher_update_tensor(param, grad, m, step, skip, fim, lr=lr, beta=beta,
                                 weight_decay=weight_decay, decoupled=decoupled,
-                                maximize=maximize, grad_scale=grad_scale)
+                                maximize=maximize, grad_scale=grad_scale,
+                                rounding=_rounding_row(rounding, i))
 
 
 ADAFISHER_OPS = op_contract.AdaFisherOps("reference", _nonfinite_check, _adafisher_update,

@@ -587,7 +587,8 @@ def stochastic(backend, rank, world):
     """bfloat16 parameters with stochastic rounding and bfloat16 momentums, sharded as FSDP2
     (Shard(0)) and tensor parallel (Shard(1)) do, unevenly: the same bits as one process, since
     each element draws the bits of its place in the logical tensor. Clipping is off, so every
-    element's float32 math is local (the RMS sums of a sharded tensor add up in another order)."""
+    element's float32 math is local (the RMS sums of a sharded tensor add up in another order).
+    AdaFisher's parameters belong to no layer (F = 1): its math is element-wise anyway."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     mesh = init_device_mesh(DEVICE, (world,))
@@ -598,8 +599,10 @@ def stochastic(backend, rank, world):
              for _ in range(4)]
 
     def run(params, place, rounding="stochastic"):
-        opt = FAdam(params, lr=1e-2, clip=None, backend=backend, bf16_rounding=rounding,
-                    rounding_seed=42, momentum_dtype=torch.bfloat16)
+        kw = dict(lr=1e-2, backend=backend, bf16_rounding=rounding, rounding_seed=42,
+                  momentum_dtype=torch.bfloat16)
+        opt = (AdaFisher(nn.Module(), params, **kw) if OPT is AdaFisher
+               else OPT(params, clip=None, **kw))
         for step in grads:
             for p, g in zip(params, step):
                 p.grad = place(g.to(DEVICE), p)
@@ -613,7 +616,7 @@ def stochastic(backend, rank, world):
     one = run(whole, lambda g, p: g)
     for a, b in zip(shards, whole):
         assert torch.equal(a.full_tensor(), b.detach()), a.placements
-        for key in ("momentum", "fim", "step"):
+        for key in opt.state[a]:
             assert torch.equal(full(opt.state[a][key]), one.state[b][key]), (key, a.placements)
     nearest = [nn.Parameter(f.clone().to(DEVICE)) for f in fulls]
     run(nearest, lambda g, p: g, rounding="nearest")

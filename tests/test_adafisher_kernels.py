@@ -132,14 +132,14 @@ def _problem(dtype, device, seed=0):
 
 
 def _update(ops, state, *, chunk_size, lr=1e-2, beta=0.9, damping=1e-3, skip=0.0,
-            grad_scale=None, lr_tensor=None, **hyper):
+            grad_scale=None, lr_tensor=None, rounding=(), **hyper):
     params, grads, moms, steps, factors, layout = state
     device = factors.device
     skip_t = torch.tensor([skip], device=device)
     scale = None if grad_scale is None else torch.tensor([grad_scale], device=device)
     lr_t = None if lr_tensor is None else torch.tensor([lr], dtype=lr_tensor, device=device)
     ops.update(params, grads, moms, steps, factors, layout, skip_t, scale, lr_t, lr=lr,
-               beta=beta, damping=damping, chunk_size=chunk_size, rounding=[],
+               beta=beta, damping=damping, chunk_size=chunk_size, rounding=list(rounding),
                **{"maximize": False, "weight_decay": 0.0, "decoupled": False, **hyper})
 
 
@@ -257,7 +257,7 @@ def test_triton_per_tensor_launches_match_the_table_launch(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_update_refuses_rounding_and_a_layout_past_factors(backend):
+def test_update_refuses_a_bad_rounding_list_and_a_layout_past_factors(backend):
     device = DEVICES[backend]
     ops = _ops(backend)
     state = _problem(torch.float32, device)
@@ -265,9 +265,14 @@ def test_update_refuses_rounding_and_a_layout_past_factors(backend):
     skip = torch.zeros(1, device=device)
     kw = dict(lr=1e-2, beta=0.9, weight_decay=0.0, damping=1e-3, decoupled=False,
               maximize=False, chunk_size=64)
-    with pytest.raises((RuntimeError, ValueError), match="stochastic rounding"):
+    with pytest.raises((RuntimeError, ValueError), match="rounding must be empty or hold 4"):
         ops.update(params, grads, moms, steps, factors, layout, skip, None, None,
-                   rounding=[1, 0, 1, 1] * len(params), **kw)
+                   rounding=[1, 0, 1, 1] * len(params) + [1], **kw)
+    bad = [1, 0, 1, 1] * len(params)
+    bad[4 * 2 + 2:4 * 2 + 4] = [13, 7]  # inner_local > inner_global
+    with pytest.raises((RuntimeError, ValueError), match="0 < inner_local <= inner_global"):
+        ops.update(params, grads, moms, steps, factors, layout, skip, None, None, rounding=bad,
+                   **kw)
     bad = list(layout)
     bad[3 * 3] = factors.numel() - 1  # S of the (37, 29) tensor past the end
     with pytest.raises((RuntimeError, ValueError), match="reaches past factors"):
@@ -277,6 +282,77 @@ def test_update_refuses_rounding_and_a_layout_past_factors(backend):
     with pytest.raises((RuntimeError, ValueError), match="whole number of rows"):
         ops.update(params, grads, moms, steps, factors, bad, skip, None, None, rounding=[], **kw)
     assert all(torch.equal(a, b) for a, b in zip(params, _problem(torch.float32, device)[0]))
+
+
+# ---- stochastic rounding ([note: stochastic rounding] in op_contract.py) ------------------------
+
+
+def _rounding_rows(params, seed=77):
+    """A rounding list for _problem's tensors: one seed per tensor; the (37, 29) tensor as columns
+    11 to 39 of a (37, 40) one (inner_local 29 != inner_global 40), the (4, 250) one as rows 2 to
+    5 of a (6, 250) one (base 500), the others whole."""
+    rows = []
+    for i, p in enumerate(params):
+        seed_i = op_contract.tensor_seed(seed, i)
+        if tuple(p.shape) == (37, 29):
+            rows += [seed_i, 11, 29, 40]
+        elif tuple(p.shape) == (4, 250):
+            rows += [seed_i, 500, 1000, 1000]
+        else:
+            rows += [seed_i, 0, max(1, p.numel()), max(1, p.numel())]
+    return rows
+
+
+def _assert_same_bits(fast, want, bitwise):
+    """Bit for bit where the backend rounds every operation as the reference op; elsewhere (the
+    GPU's FMAs) a bfloat16 value within one ulp (a float32 difference can flip a stochastic
+    rounding), a float32 one within the float32 tolerance."""
+    for a, b in zip(fast, want, strict=True):
+        a = a.cpu()
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        if bitwise:
+            assert torch.equal(a, b)
+        elif a.dtype == torch.bfloat16:
+            ulp = torch.maximum(a.abs(), b.abs()).float() * 2.0 ** -7
+            assert ((a.float() - b.float()).abs() <= ulp).all()
+        else:
+            assert ((a - b).abs() <= ATOL[a.dtype] + RTOL[a.dtype] * b.abs()).all()
+
+
+# (param dtype, momentum dtype): theta rounded stochastically, theta and m, m alone.
+SR_DTYPES = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+             (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,mdtype", SR_DTYPES, ids=lambda d: str(d)[6:])
+def test_stochastic_rounding_gives_the_reference_op_bits(backend, dtype, mdtype):
+    """Three calls (steps 1, 2, 3) on every shape with a rounding list (_rounding_rows: whole
+    tensors, a block of a wider tensor, a base past 0) and a small chunk (CHUNK: chunks start
+    mid-tensor): the reference op's bits. Round to nearest gives other bits; a call with skip
+    set then writes nothing."""
+    device, chunk = DEVICES[backend], CHUNK[backend]
+    state = _problem(dtype, device)
+    state[2][:] = [m.to(mdtype) for m in state[2]]
+    rounding = _rounding_rows(state[0])
+    want, near = _copy(state, device="cpu"), _copy(state, device="cpu")
+    case = dict(decoupled=False, weight_decay=1e-2, maximize=True, grad_scale=0.5)
+    for t in range(1, 4):
+        for run in (state, want, near):
+            for s in run[3]:
+                s.fill_(t)
+        _update(_ops(backend), state, chunk_size=chunk, rounding=rounding, **case)
+        _update(reference.ADAFISHER_OPS, want, chunk_size=chunk, rounding=rounding, **case)
+        _update(reference.ADAFISHER_OPS, near, chunk_size=chunk, **case)
+    _assert_same_bits(state[0] + state[2], want[0] + want[2], backend in BITWISE)
+    rounded = [k for k, dt in ((0, dtype), (2, mdtype)) if dt == torch.bfloat16]
+    for k in rounded:  # stochastic is not nearest: most bfloat16 tensors of 20+ elements differ
+        big = [(a, b) for a, b in zip(want[k], near[k]) if a.numel() >= 20]
+        assert sum(not torch.equal(a, b) for a, b in big) >= len(big) - 1
+    before = _copy(state)
+    _update(_ops(backend), state, chunk_size=chunk, rounding=rounding, skip=1.0, **case)
+    for a, b in zip(state[0] + state[2], before[0] + before[2]):
+        assert torch.equal(a, b)
 
 
 # ---- the gradient check -------------------------------------------------------------------------
@@ -404,17 +480,22 @@ def _compile_report(arch):
 
 @pytest.mark.skipif(REASONS["triton"] is not None, reason=str(REASONS["triton"]))
 def test_triton_kernels_compile_for_sm80_sm90_without_spills():
-    """The check and the update in 18 specializations (every dtype; aligned, unaligned,
-    decoupled with grad_scale and a float64 lr, per-tensor) compile for sm_80 and sm_90 without a
+    """The check and the update in 20 specializations (every dtype; aligned, unaligned,
+    decoupled with grad_scale and a float64 lr, per-tensor; bfloat16 with stochastic rounding of
+    theta and a bfloat16 momentum, table and per-tensor) compile for sm_80 and sm_90 without a
     GPU, and ptxas reports no spills. Registers (ptxas -v, Triton 3.8): check 29-32, update
-    34-40 on sm_80, 44-48 on sm_90. The aligned update uses 128-bit loads. About 12 s of
-    CPU per arch."""
+    34-40 on sm_80, 44-48 on sm_90, with stochastic rounding 64 and 70 (the two hashes per
+    stream). The aligned update uses 128-bit loads. About 12 s of CPU per arch."""
     with ThreadPoolExecutor(2) as pool:
         reports = list(pool.map(_compile_report, (80, 90)))
     for report in reports:
-        assert len(report) == 18, f"{len(report)} specializations compiled, expected 18"
+        assert len(report) == 20, f"{len(report)} specializations compiled, expected 20"
         for row in report:
             assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
             assert row["registers"] <= 96, row
-            if row["kernel"].startswith("update") and row["aligned"]:
+            # The stochastic rows keep a bfloat16 momentum: a thread's 4 elements of every
+            # element operand are then 8 bytes (64-bit loads, as the bfloat16 parameter's in
+            # the other rows, whose 128-bit load is the float32 momentum's).
+            if (row["kernel"].startswith("update") and row["aligned"]
+                    and "stochastic" not in row["kernel"]):
                 assert row["v4_loads"], f"no 128-bit loads in the aligned update: {row}"

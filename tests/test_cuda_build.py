@@ -132,9 +132,13 @@ def _assert_one_kernel_without_local_memory(res_usage, arch, namespace, kernel):
 
 
 # AdaFisher's kernels (csrc/cuda/adafisher_cuda.cu, namespace fadam::cuda::adafisher): the check
-# per dtype, the update per dtype and decoupled (AdaFisherW).
+# per dtype, the update per dtype, momentum dtype (float32, bfloat16) and decoupled (AdaFisherW).
+# A bfloat16 momentum's mangling refers back to names already in the kernel's: c10 (NS4_ after
+# Half) or c10::BFloat16 itself (S5_ after a bfloat16 parameter).
+BF16_MOMENTUM = {"f": "N3c108BFloat16E", "N3c108BFloat16E": "S5_", "N3c104HalfE": "NS4_8BFloat16E"}
 ADAFISHER_KERNELS = ([f"check_kernelI{d}E" for d in DTYPES] +
-                     [f"update_kernelI{d}Lb{s}E" for d in DTYPES for s in (0, 1)])
+                     [f"update_kernelI{d}{m}Lb{s}E" for d in DTYPES
+                      for m in ("f", BF16_MOMENTUM[d]) for s in (0, 1)])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -169,7 +173,10 @@ def sass_sm80():
                                     "adafisher.*update_kernel"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_update_kernels_use_128_bit_loads(sass_sm80, kernel, dtype):
-    found = [s for n, s in sass_sm80.items() if re.search(rf"{kernel}I{re.escape(dtype)}Lb1E", n)]
+    # AdaFisher's update is also templated on its momentum's dtype: the float32 one ("f").
+    mom = "f" if kernel.startswith("adafisher") else ""
+    found = [s for n, s in sass_sm80.items()
+             if re.search(rf"{kernel}I{re.escape(dtype)}{mom}Lb1E", n)]
     assert len(found) == 1, f"{kernel}<{dtype}>: found {len(found)} kernels"
     assert "LDG.E.128" in found[0], f"{kernel}<{dtype}> has no 128-bit global load"
 

@@ -1,11 +1,13 @@
 """bfloat16 stochastic rounding ([note: stochastic rounding] in fadam_fused/op_contract.py) and
 bfloat16 momentums, on every backend that runs here: the CPU kernels, the reference and Triton's
-kernels in the interpreter (the CUDA kernels, compiled Triton and graph capture: the GPU files).
+kernels in the interpreter, and for AdaFisher the CUDA kernels emulated on the CPU (the CUDA
+kernels on a GPU, compiled Triton and graph capture: the GPU files).
 
 The bit-exact cases use an update every backend computes with the same float32 operations: a zero
-gradient and no weight decay give m' = beta1 m and theta' = theta - lr m' (ghat = 0, and the weight
-decay term is 0 * w), so the stored bfloat16 bits differ only by the rounding, which the oracle
-(reference.rounding_bits / round_bf16_stochastic) predicts element by element.
+gradient and no weight decay give m' = beta1 m and theta' = theta - a m' (FAdam and FAdafactor:
+ghat = 0, the weight decay term 0 * w, a = lr; AdaFisher: F = 1 for parameters of no layer,
+a = float32(lr / (1 - beta^t))), so the stored bfloat16 bits differ only by the rounding, which
+the oracle (reference.rounding_bits / round_bf16_stochastic) predicts element by element.
 """
 
 from __future__ import annotations
@@ -20,53 +22,82 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
 
 import pytest  # noqa: E402
+from conftest import use_emulated_cuda  # noqa: E402
 
-from fadam_fused import FAdafactor, FAdam, backends, op_contract, reference  # noqa: E402
+from fadam_fused import AdaFisher, FAdafactor, FAdam, backends, op_contract, reference  # noqa: E402
 
 CPU = torch.device("cpu")
 BACKENDS = [b for b in ("cpu", "reference", "triton") if backends.unavailable_reason(b, CPU) is None]
+# "cuda_emulated": backend="cuda" on the emulated CUDA build (conftest.use_emulated_cuda, which
+# skips without it). Only AdaFisher's CUDA kernels round stochastically so far.
+EMULATED = "cuda_emulated"
 # Several chunks per tensor on the fused backends, so a chunk's first element (e0) counts.
-CHUNKS = {"cpu": 500, "triton": 512}
+CHUNKS = {"cpu": 500, "triton": 512, "cuda": 512}
 SHAPES = [(37,), (5, 300), (3,), (2, 3, 41)]
-OPTIMIZERS = {"fadam": FAdam, "fadafactor": FAdafactor}
+OPTIMIZERS = {"fadam": FAdam, "fadafactor": FAdafactor, "adafisher": AdaFisher}
 BETA1, LR = 0.9, 1e-3
 M32, M16 = torch.float32, torch.bfloat16
 # (backend, optimizer, momentum dtype). Triton's interpreter takes ~15-30 s per FAdafactor case:
-# it runs the two cases that cover its kernels' paths (SR of theta alone, of theta and m).
+# it runs the cases that cover its kernels' paths (SR of theta alone, of theta and m).
 BIT_CASES = ([(b, name, m) for b in BACKENDS if b != "triton" for name in OPTIMIZERS
               for m in (M32, M16)]
-             + ([("triton", "fadam", M32), ("triton", "fadafactor", M16)]
-                if "triton" in BACKENDS else []))
+             + [(EMULATED, "adafisher", m) for m in (M32, M16)]
+             + ([("triton", "fadam", M32), ("triton", "fadafactor", M16),
+                 ("triton", "adafisher", M16)] if "triton" in BACKENDS else []))
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
     for backend, chunk in CHUNKS.items():
         monkeypatch.setitem(op_contract.CHUNK_SIZE, backend, chunk)
-    monkeypatch.setattr(backends, "_FUSED", {})
-    monkeypatch.setattr(backends, "_FACTORED", {})
+    for cache in ("_FUSED", "_FACTORED", "_ADAFISHER", "_AVAILABLE"):
+        monkeypatch.setattr(backends, cache, {})
+
+
+def _use(monkeypatch, backend):
+    """The optimizer's backend name for test backend `backend` (EMULATED: "cuda", emulated)."""
+    if backend == EMULATED:
+        use_emulated_cuda(monkeypatch)
+        return "cuda"
+    return backend
+
+
+def _make(name, params, *, betas=(BETA1, 0.999), **kw):
+    """Optimizer `name` over `params`, with FAdam's argument names (AdaFisher takes betas[0] as
+    its beta, and a model without layers: F = 1 for every parameter)."""
+    if name == "adafisher":
+        return AdaFisher(torch.nn.Module(), params, beta=betas[0], **kw)
+    return OPTIMIZERS[name](params, betas=betas, **kw)
+
+
+def _coef(name, lr, t):
+    """a of the module doc, as a float32 value: the multiplier of m' in theta' = theta - a m'."""
+    if name != "adafisher":
+        return op_contract.f32(lr)
+    bc = 1 - BETA1 ** torch.tensor(float(t), dtype=torch.float64)  # as the kernels, in float64
+    return (lr / bc).float().item()
 
 
 def _preset(opt, params, momentums, step):
     """Gives every parameter the state of step `step` with the given momentums."""
     for p, m in zip(params, momentums):
-        state = type(opt).kind_of(p).new_state(p)
+        state = opt.kind_of(p).new_state(p)
         state["momentum"] = m.clone()
-        state["step"] = torch.tensor(float(step))
+        state["step"] = torch.tensor(float(step), device=p.device)
         opt.state[p] = state
 
 
-def _exact_step(cls, backend, rounding, momentum_dtype, *, shapes=SHAPES, step=3, seed=1234,
-                lr=LR, theta=None, momentum=None):
+def _exact_step(name, backend, rounding, momentum_dtype, *, shapes=SHAPES, step=3, seed=1234,
+                lr=LR, theta=None, momentum=None, device=CPU):
     """One step of the exact update (module doc); returns (params before, momentums before,
     params after, momentums after)."""
     gen = torch.Generator().manual_seed(0)
     params = [(torch.randn(s, generator=gen) if theta is None else torch.full(s, theta))
-              .bfloat16().requires_grad_() for s in shapes]
+              .bfloat16().to(device).requires_grad_() for s in shapes]
     moms = [(torch.randn(s, generator=gen) * 0.3 if momentum is None else torch.full(s, momentum))
-            .to(momentum_dtype) for s in shapes]
-    opt = cls(params, lr=lr, betas=(BETA1, 0.999), weight_decay=0.0, backend=backend,
-              bf16_rounding=rounding, rounding_seed=seed, momentum_dtype=momentum_dtype)
+            .to(device, momentum_dtype) for s in shapes]
+    opt = _make(name, params, lr=lr, weight_decay=0.0, backend=backend, bf16_rounding=rounding,
+                rounding_seed=seed, momentum_dtype=momentum_dtype)
     _preset(opt, params, moms, step)
     before = [p.detach().clone() for p in params]
     for p in params:
@@ -76,14 +107,15 @@ def _exact_step(cls, backend, rounding, momentum_dtype, *, shapes=SHAPES, step=3
                                                                 for p in params]
 
 
-def _oracle(before, moms, *, step=3, seed=1234, lr=LR, stochastic=True):
-    """The oracle's params and momentums after the exact step."""
+def _oracle(before, moms, *, name="fadam", step=3, seed=1234, lr=LR, stochastic=True):
+    """The oracle's params and momentums after the exact step of optimizer `name`."""
     f32 = op_contract.f32
     params, momentums = [], []
     t = torch.tensor(float(step + 1))
+    a = _coef(name, lr, step + 1)
     for position, (theta, m) in enumerate(zip(before, moms)):
         m_new = f32(BETA1) * m.float()
-        x = theta.float() - f32(lr) * m_new
+        x = theta.float() - a * m_new
         if not stochastic:
             params.append(x.bfloat16())
             momentums.append(m_new.to(m.dtype))
@@ -101,35 +133,41 @@ def _oracle(before, moms, *, step=3, seed=1234, lr=LR, stochastic=True):
 
 @pytest.mark.parametrize("backend,name,momentum_dtype", BIT_CASES,
                          ids=[f"{b}-{n}-{str(m)[-8:]}" for b, n, m in BIT_CASES])
-def test_same_bits_as_the_oracle_on_every_backend(small_chunks, backend, name, momentum_dtype):
-    cls = OPTIMIZERS[name]
-    before, moms, params, momentums = _exact_step(cls, backend, "stochastic", momentum_dtype)
-    want_p, want_m = _oracle(before, moms)
+def test_same_bits_as_the_oracle_on_every_backend(small_chunks, monkeypatch, backend, name,
+                                                  momentum_dtype):
+    backend = _use(monkeypatch, backend)
+    before, moms, params, momentums = _exact_step(name, backend, "stochastic", momentum_dtype)
+    want_p, want_m = _oracle(before, moms, name=name)
     for got, want in zip(params + momentums, want_p + want_m):
         assert got.dtype == want.dtype
         assert torch.equal(got, want)
     # Nearest gives the oracle's nearest bits, and differs from stochastic somewhere.
-    _, _, near_p, near_m = _exact_step(cls, backend, "nearest", momentum_dtype)
-    near_want_p, near_want_m = _oracle(before, moms, stochastic=False)
+    _, _, near_p, near_m = _exact_step(name, backend, "nearest", momentum_dtype)
+    near_want_p, near_want_m = _oracle(before, moms, name=name, stochastic=False)
     for got, want in zip(near_p + near_m, near_want_p + near_want_m):
         assert torch.equal(got, want)
     assert any(not torch.equal(a, b) for a, b in zip(params, near_p))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_stochastic_rounding_is_unbiased_where_nearest_stalls(backend):
+@pytest.mark.parametrize("backend,name", [(b, n) for n in ("fadam", "adafisher") for b in BACKENDS]
+                         + [(EMULATED, "adafisher")])
+def test_stochastic_rounding_is_unbiased_where_nearest_stalls(monkeypatch, backend, name):
     """theta = 1.5 (bfloat16 ulp 2^-7), an update of 0.01 ulp: round to nearest leaves every
     element at 1.5; stochastic rounding moves 1% of them down one ulp, so the mean over N
     elements is the float32 result within its standard error ulp sqrt(q (1 - q) / N)."""
     # 2^14 elements: 5 standard errors are 0.004 ulp; 2^12 in Triton's (slow) interpreter: 0.008.
     n, ulp = 1 << (12 if backend == "triton" else 14), 2.0 ** -7
-    lr = 0.01 * ulp / op_contract.f32(BETA1)  # m' = beta1 * 1
+    backend = _use(monkeypatch, backend)
+    f32 = op_contract.f32
+    lr = 0.01 * ulp / f32(BETA1) / _coef(name, 1.0, 4)  # m' = beta1 * 1; step 3 + 1
     shapes = [(n,)]
-    before, moms, sr, sr_m = _exact_step(FAdam, backend, "stochastic", torch.bfloat16,
+    before, moms, sr, sr_m = _exact_step(name, backend, "stochastic", torch.bfloat16,
                                          shapes=shapes, lr=lr, theta=1.5, momentum=1.0)
-    _, _, near, _ = _exact_step(FAdam, backend, "nearest", torch.bfloat16, shapes=shapes, lr=lr,
+    _, _, near, _ = _exact_step(name, backend, "nearest", torch.bfloat16, shapes=shapes, lr=lr,
                                 theta=1.5, momentum=1.0)
-    x = 1.5 - op_contract.f32(lr) * op_contract.f32(BETA1)  # the float32 result (exact here)
+    # The float32 result: 1.5 - a m' in float32 operations.
+    x = (torch.tensor(1.5) - torch.tensor(_coef(name, lr, 4)) * torch.tensor(f32(BETA1))).item()
+    assert 0.005 < (1.5 - x) / ulp < 0.02
     assert torch.equal(near[0], before[0])  # nearest: stalled
     q = (1.5 - x) / ulp
     sigma = ulp * math.sqrt(q * (1 - q) / n)
@@ -144,10 +182,37 @@ def test_stochastic_rounding_is_unbiased_where_nearest_stalls(backend):
     assert abs(sr_m[0].double().mean().item() - m_x) <= 5 * sigma_m
 
 
-def _random_run(cls, backend, steps, *, opt=None, params=None, grads, momentum_dtype, seed=None):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("momentum_dtype", [M32, M16], ids=str)
+def test_gpu_adafisher_draws_the_oracle_bits(backend, momentum_dtype):
+    """AdaFisher's CUDA update and compiled Triton kernel on CUDA tensors, a tensor of two GPU
+    chunks (70000 elements) among them: the oracle's bits but where the GPU's contracted
+    multiply-add (theta - a m' in one rounding) moves the float32 value, which can flip a
+    stochastic rounding by one bfloat16 ulp (about 2^-16 of the elements)."""
+    if backends.unavailable_reason(backend, torch.device("cuda")) is not None:
+        pytest.skip(backends.unavailable_reason(backend, torch.device("cuda")))
+    shapes = SHAPES + [(70000,)]
+    before, moms, params, momentums = _exact_step("adafisher", backend, "stochastic",
+                                                  momentum_dtype, shapes=shapes, device="cuda")
+    want_p, want_m = _oracle([b.cpu() for b in before], [m.cpu() for m in moms],
+                             name="adafisher")
+    same = total = 0
+    for got, want in zip(params + momentums, want_p + want_m):
+        got = got.cpu()
+        assert got.dtype == want.dtype
+        ulp = torch.maximum(got.abs(), want.abs()).float() * 2.0 ** -7
+        assert ((got.float() - want.float()).abs() <= ulp).all()
+        same += (got == want).sum().item()
+        total += got.numel()
+    assert same >= total - max(8, total >> 12), (same, total)
+
+
+def _random_run(name, backend, steps, *, opt=None, params=None, grads, momentum_dtype,
+                seed=None):
     if opt is None:
-        opt = cls(params, lr=1e-2, backend=backend, bf16_rounding="stochastic",
-                  rounding_seed=seed, momentum_dtype=momentum_dtype)
+        opt = _make(name, params, lr=1e-2, backend=backend, bf16_rounding="stochastic",
+                    rounding_seed=seed, momentum_dtype=momentum_dtype)
     for k in range(steps):
         for p, g in zip(opt.param_groups[0]["params"], grads[k]):
             p.grad = g.clone()
@@ -160,29 +225,29 @@ def _grads(shapes, steps, seed=1):
     return [[torch.randn(s, generator=gen).bfloat16() for s in shapes] for _ in range(steps)]
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_resume_from_a_state_dict_continues_the_same_bits(backend, name):
-    cls = OPTIMIZERS[name]
+@pytest.mark.parametrize("backend,name", [(b, n) for b in ("cpu", "reference") for n in OPTIMIZERS]
+                         + [(EMULATED, "adafisher")])
+def test_resume_from_a_state_dict_continues_the_same_bits(monkeypatch, backend, name):
+    backend = _use(monkeypatch, backend)
     grads = _grads(SHAPES, 6)
     torch.manual_seed(7)  # the seed is drawn from torch's default generator
     params = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
-    opt = _random_run(cls, backend, 3, params=params, grads=grads, momentum_dtype=torch.bfloat16)
+    opt = _random_run(name, backend, 3, params=params, grads=grads, momentum_dtype=torch.bfloat16)
     seed = opt.param_groups[0]["rounding_seed"]
     assert isinstance(seed, int)
     saved = copy.deepcopy(opt.state_dict())
     saved_params = [p.detach().clone() for p in params]
-    _random_run(cls, backend, 3, opt=opt, grads=grads[3:], momentum_dtype=torch.bfloat16)
+    _random_run(name, backend, 3, opt=opt, grads=grads[3:], momentum_dtype=torch.bfloat16)
 
     torch.manual_seed(99)  # another default seed: the checkpoint's must win
     resumed = [p.clone().requires_grad_() for p in saved_params]
-    opt2 = cls(resumed, lr=1e-2, backend=backend, bf16_rounding="stochastic",
-               momentum_dtype=torch.bfloat16)
+    opt2 = _make(name, resumed, lr=1e-2, backend=backend, bf16_rounding="stochastic",
+                 momentum_dtype=torch.bfloat16)
     assert opt2.param_groups[0]["rounding_seed"] != seed
     opt2.load_state_dict(saved)
     assert opt2.param_groups[0]["rounding_seed"] == seed
     assert all(opt2.state[p]["momentum"].dtype == torch.bfloat16 for p in resumed)
-    _random_run(cls, backend, 3, opt=opt2, grads=grads[3:], momentum_dtype=torch.bfloat16)
+    _random_run(name, backend, 3, opt=opt2, grads=grads[3:], momentum_dtype=torch.bfloat16)
     for a, b in zip(params, resumed):
         assert torch.equal(a, b)
         for key, value in opt.state[a].items():
@@ -204,17 +269,19 @@ def test_the_default_seed_is_reproducible_and_saved():
 
 
 @pytest.mark.parametrize("backend,name", [(b, n) for b in BACKENDS for n in OPTIMIZERS
-                                          if b != "triton" or n == "fadam"])
-def test_a_nonfinite_gradient_skips_the_step_bit_identically(small_chunks, backend, name):
-    cls = OPTIMIZERS[name]
+                                          if b != "triton" or n != "fadafactor"]
+                         + [(EMULATED, "adafisher")])
+def test_a_nonfinite_gradient_skips_the_step_bit_identically(small_chunks, monkeypatch, backend,
+                                                             name):
+    backend = _use(monkeypatch, backend)
     params = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
-    opt = _random_run(cls, backend, 2, params=params, grads=_grads(SHAPES, 2), seed=5,
+    opt = _random_run(name, backend, 2, params=params, grads=_grads(SHAPES, 2), seed=5,
                       momentum_dtype=torch.bfloat16)
     before = [p.detach().clone() for p in params]
     state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
     grads = _grads(SHAPES, 1, seed=2)
     grads[0][1][2, 3] = float("nan")
-    _random_run(cls, backend, 1, opt=opt, grads=grads, momentum_dtype=torch.bfloat16)
+    _random_run(name, backend, 1, opt=opt, grads=grads, momentum_dtype=torch.bfloat16)
     assert opt.skipped_steps.item() == 1
     for p, b in zip(params, before):
         assert torch.equal(p, b)
@@ -227,13 +294,12 @@ def test_bfloat16_momentum_follows_the_oracle(name):
     """Random gradients over 8 steps, the CPU kernels against the reference ops: the float32
     math agrees to ulps, which can flip a stochastic rounding of theta or m one bfloat16 ulp
     (both backends draw the same bits, so nearly every element is identical)."""
-    cls = OPTIMIZERS[name]
     grads = _grads(SHAPES, 8)
     runs = {}
     for backend in ("cpu", "reference"):
         torch.manual_seed(0)
         params = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
-        opt = _random_run(cls, backend, 8, params=params, grads=grads, seed=11,
+        opt = _random_run(name, backend, 8, params=params, grads=grads, seed=11,
                           momentum_dtype=torch.bfloat16)
         runs[backend] = (params, [opt.state[p]["momentum"] for p in params], opt)
     (cp, cm, copt), (rp, rm, _) = runs["cpu"], runs["reference"]
@@ -267,18 +333,19 @@ def test_stochastic_rounding_leaves_float32_parameters_as_nearest():
     assert all(torch.equal(a, b) for a, b in zip(*out))
 
 
-def test_refused_options_name_the_problem():
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_refused_options_name_the_problem(name):
     p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
     with pytest.raises(ValueError, match="Invalid bf16_rounding value: 'up'"):
-        FAdam([p], bf16_rounding="up")
+        _make(name, [p], bf16_rounding="up")
     with pytest.raises(ValueError, match="Invalid momentum_dtype value"):
-        FAdafactor([p], momentum_dtype=torch.float16)
+        _make(name, [p], momentum_dtype=torch.float16)
     with pytest.raises(ValueError, match="Invalid rounding_seed value"):
-        FAdam([p], rounding_seed=-1)
+        _make(name, [p], rounding_seed=-1)
     with pytest.raises(ValueError, match="Invalid rounding_seed value"):
-        FAdam([p], rounding_seed=1.5)
+        _make(name, [p], rounding_seed=1.5)
     # A group switched to stochastic between steps with no seed is refused before any write.
-    opt = FAdam([p])
+    opt = _make(name, [p])
     opt.param_groups[0]["bf16_rounding"] = "stochastic"
     p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match="rounding_seed None"):
@@ -300,7 +367,7 @@ def test_a_momentum_of_another_dtype_than_the_group_says_is_refused_by_name():
 
 def test_a_float32_momentum_checkpoint_loads_into_a_bfloat16_group_and_back():
     params = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
-    opt = _random_run(FAdam, "cpu", 2, params=params, grads=_grads(SHAPES, 2), seed=1,
+    opt = _random_run("fadam", "cpu", 2, params=params, grads=_grads(SHAPES, 2), seed=1,
                       momentum_dtype=torch.float32)
     saved = opt.state_dict()
     saved["param_groups"][0]["momentum_dtype"] = torch.bfloat16

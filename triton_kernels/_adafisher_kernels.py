@@ -7,7 +7,9 @@ The element math mirrors [note: AdaFisher math] (csrc/fadam_math.h) step for ste
     AdaFisher:   m = beta m + (1 - beta) (g + wd theta);  theta = theta - float32(lr / bc) (m / F)
     AdaFisherW:  m = beta m + (1 - beta) g;               theta = theta - lr (m / bc / F + wd theta)
 with bc = 1 - beta^t in float64, rounded to float32 once per program; divisions are IEEE
-(tl.div_rn), as FAdam's kernels (_kernels.py says why).
+(tl.div_rn), as FAdam's kernels (_kernels.py says why). theta and m (float32 or bfloat16) are
+stored as FAdam's phase B stores them: a bfloat16 one stochastically rounded with a rounding list
+([note: stochastic rounding]; _rounding.py), else to nearest even.
 
 F is never stored: a tile's rows and columns come from one int32 division of the element's
 offset past the chunk's first row start (col0 + o < 2^31: cols < 2^30 and chunk_size <= 2^30,
@@ -52,20 +54,22 @@ def _check_kernel(meta, n_tensors, g_in, numel_in, blocks, skip, gscale, chunk_s
 
 
 @triton.jit
-def _store(p_ptr, m_ptr, o, n, theta, m, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
-    """The one store of the update's results: theta in the storage dtype (round to nearest even),
-    m in float32. [note: stochastic rounding] would round theta (and a bfloat16 m) here."""
-    th = K._to_storage(theta, p_ptr.dtype.element_ty, INTERPRET)
+def _store(p_ptr, m_ptr, o, n, theta, m, sr, MASKED: tl.constexpr, INTERPRET: tl.constexpr,
+           SR_P: tl.constexpr, SR_M: tl.constexpr):
+    """The one store of the update's results: theta and m (float32 or bfloat16) in their storage
+    dtypes, a bfloat16 one stochastically rounded when SR_P / SR_M ([note: stochastic rounding];
+    `sr` from _kernels._sr_row), else to nearest even: FAdam's _store_update."""
+    th, m = K._store_update(p_ptr, m_ptr, o, theta, m, sr, SR_P, SR_M, INTERPRET)
     K._store(m_ptr, o, n, m, MASKED)
     K._store(p_ptr, o, n, th, MASKED)
 
 
 @triton.jit
 def _update_tile(p_ptr, g_ptr, m_ptr, s_ptr, h_ptr, o, n, nf, row0, col0, cols, gmul, a, bc,
-                 beta, omb, wd, damping, DECOUPLED: tl.constexpr, INTERPRET: tl.constexpr,
-                 MASKED: tl.constexpr):
+                 beta, omb, wd, damping, sr, DECOUPLED: tl.constexpr, INTERPRET: tl.constexpr,
+                 MASKED: tl.constexpr, SR_P: tl.constexpr, SR_M: tl.constexpr):
     g = K._load(g_ptr, o, n, 0.0, MASKED).to(tl.float32)
-    m = K._load(m_ptr, o, n, 0.0, MASKED)
+    m = K._load(m_ptr, o, n, 0.0, MASKED).to(tl.float32)
     th = K._load(p_ptr, o, n, 0.0, MASKED).to(tl.float32)
     g = g * gmul
     # F: nf is n, or 0 when cols == 0 (F = 1, S and H not read).
@@ -80,23 +84,24 @@ def _update_tile(p_ptr, g_ptr, m_ptr, s_ptr, h_ptr, o, n, nf, row0, col0, cols, 
     else:
         m = beta * m + omb * (g + wd * th)
         th = th - a * tl.div_rn(m, fim)
-    _store(p_ptr, m_ptr, o, n, th, m, MASKED, INTERPRET)
+    _store(p_ptr, m_ptr, o, n, th, m, sr, MASKED, INTERPRET, SR_P, SR_M)
 
 
 @triton.jit(do_not_specialize=["n_tensors", "numel_in", "s_in", "h_in", "cols_in"])
 def _update_kernel(meta, n_tensors, p_in, g_in, m_in, step_in, numel_in, s_in, h_in, cols_in,
-                   blocks, factors, skip, gscale, lr_ptr, lr64: tl.float64, beta64: tl.float64,
-                   beta, omb, wd, damping, sign, chunk_size,
+                   rnd_in, blocks, factors, skip, gscale, lr_ptr, rnd, lr64: tl.float64,
+                   beta64: tl.float64, beta, omb, wd, damping, sign, chunk_size,
                    DTYPE: tl.constexpr, HAS_GSCALE: tl.constexpr, HAS_LR: tl.constexpr,
                    DECOUPLED: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr,
-                   INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+                   INTERPRET: tl.constexpr, BLOCK: tl.constexpr, MDTYPE: tl.constexpr,
+                   SR: tl.constexpr, SR_P: tl.constexpr, SR_M: tl.constexpr):
     # A gradient anywhere in the step whose square is not finite, or GradScaler's found_inf:
     # change nothing.
     if tl.load(skip) == 0.0:
         t, c = K._block(meta, blocks, TABLE)
         p_ptr = K._operand(meta, ROW_P, n_tensors, t, p_in, DTYPE, ALIGNED, TABLE)
         g_ptr = K._operand(meta, ROW_G, n_tensors, t, g_in, DTYPE, ALIGNED, TABLE)
-        m_ptr = K._operand(meta, ROW_M, n_tensors, t, m_in, tl.float32, ALIGNED, TABLE)
+        m_ptr = K._operand(meta, ROW_M, n_tensors, t, m_in, MDTYPE, ALIGNED, TABLE)
         step_ptr = K._operand(meta, ROW_STEP, n_tensors, t, step_in, tl.float32, False, TABLE)
         numel = K._size(meta, ROW_NUMEL, n_tensors, t, numel_in, TABLE)
         s_ptr = factors + K._size(meta, ROW_S, n_tensors, t, s_in, TABLE)
@@ -113,6 +118,7 @@ def _update_kernel(meta, n_tensors, p_in, g_in, m_in, step_in, numel_in, s_in, h
         cols32 = ncols.to(tl.int32)
         nf = tl.where(cols > 0, n, 0)
         gmul = K._grad_mul(gscale, sign, HAS_GSCALE)
+        sr = K._sr_row(rnd, rnd_in, t, step_ptr, c, chunk_size, SR, TABLE)
         # bc and the step coefficient in float64, rounded once ([note: AdaFisher math]).
         if HAS_LR:
             lr_v = tl.load(lr_ptr).to(tl.float64)
@@ -129,7 +135,9 @@ def _update_kernel(meta, n_tensors, p_in, g_in, m_in, step_in, numel_in, s_in, h
         n_full = (n // BLOCK) * BLOCK
         for k in range(0, n_full, BLOCK):
             _update_tile(p_ptr, g_ptr, m_ptr, s_ptr, h_ptr, k + offs, n, nf, row0, col0, cols32,
-                         gmul, a, bc, beta, omb, wd, damping, DECOUPLED, INTERPRET, False)
+                         gmul, a, bc, beta, omb, wd, damping, sr, DECOUPLED, INTERPRET, False,
+                         SR_P, SR_M)
         if n_full < n:
             _update_tile(p_ptr, g_ptr, m_ptr, s_ptr, h_ptr, n_full + offs, n, nf, row0, col0,
-                         cols32, gmul, a, bc, beta, omb, wd, damping, DECOUPLED, INTERPRET, True)
+                         cols32, gmul, a, bc, beta, omb, wd, damping, sr, DECOUPLED, INTERPRET,
+                         True, SR_P, SR_M)

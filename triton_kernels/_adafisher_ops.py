@@ -65,7 +65,7 @@ class _Update(launch.Launch):
     """One call of triton_adafisher_update, checked per call."""
 
     no_operands = dict(p_in=None, g_in=None, m_in=None, step_in=None, numel_in=0, s_in=0,
-                       h_in=0, cols_in=0)
+                       h_in=0, cols_in=0, rnd_in=None)
 
     def __init__(self, op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                  momentums: Sequence[Tensor], steps: Sequence[Tensor], factors: Tensor,
@@ -75,12 +75,8 @@ class _Update(launch.Launch):
         self.device = launch.check_call(op, params, factors, chunk_size, skip=skip,
                                         grad_scale=grad_scale, lr_tensor=lr_tensor,
                                         lengths=lists)
-        if len(rounding):
-            # [note: stochastic rounding] is not wired into these kernels yet; every store of
-            # theta and m is _adafisher_kernels._store.
-            launch.fail(op, f"stochastic rounding (a non-empty `rounding`, {len(rounding)} "
-                            "integers) is not implemented by the Triton kernels yet; pass "
-                            "rounding=[] (round to nearest)")
+        # A bfloat16 theta or momentum stochastically rounded ([note: stochastic rounding]).
+        self.sr = launch.Rounding(op, params, momentums, rounding, self.device)
         if len(factor_layout) != 3 * len(params):
             launch.fail(op, f"factor_layout must hold 3 integers per param ({3 * len(params)}), "
                             f"got {len(factor_layout)}")
@@ -97,7 +93,7 @@ class _Update(launch.Launch):
     def check(self) -> None:
         op, device, params = self.op, self.device, self.params
         launch.check_params(op, params, op_contract.is_dense, "dense and non-overlapping")
-        wants = dict(grads=params[0].dtype, momentums=torch.float32)
+        wants = dict(grads=params[0].dtype, momentums=self.sr.mdtype)
         for i, p in enumerate(params):
             for name, want in wants.items():
                 launch.check_operand(op, name, i, self.lists[name][i], device, want, p.shape,
@@ -129,7 +125,8 @@ class _Update(launch.Launch):
         s_off, h_off, cols = self.layout[i]
         return dict(p_in=self.params[i], g_in=self.lists["grads"][i],
                     m_in=self.lists["momentums"][i], step_in=self.lists["steps"][i],
-                    numel_in=self.numels[i], s_in=s_off, h_in=h_off, cols_in=cols)
+                    numel_in=self.numels[i], s_in=s_off, h_in=h_off, cols_in=cols,
+                    rnd_in=self.sr.row(i))
 
     def table(self, addresses: list[list[int]]) -> launch.Rows:
         rows = addresses + [self.numels] + [[lay[k] for lay in self.layout] for k in range(3)]
@@ -164,7 +161,8 @@ def triton_adafisher_update(
     decoupled: bool, maximize: bool, chunk_size: int, rounding: list[int],
 ) -> None:
     """Unless skip != 0, AdaFisher's (decoupled: AdaFisherW's) update of momentums and params,
-    F from ``factors`` through ``factor_layout``."""
+    F from ``factors`` through ``factor_layout``; a bfloat16 param or momentum stochastically
+    rounded with a `rounding` list ([note: stochastic rounding])."""
     call = _Update("fadam_fused::triton_adafisher_update", params, grads, momentums, steps,
                    factors, factor_layout, skip, grad_scale, lr_tensor, chunk_size, rounding)
     if not params:
@@ -178,4 +176,4 @@ def triton_adafisher_update(
         damping=f32(damping), sign=-1.0 if maximize else 1.0, chunk_size=chunk_size,
         DTYPE=launch.tl_dtype(params[0].dtype), HAS_GSCALE=grad_scale is not None,
         HAS_LR=lr_tensor is not None, DECOUPLED=bool(decoupled), INTERPRET=launch.INTERPRET,
-        BLOCK=launch.BLOCK, num_warps=launch.NUM_WARPS), blocks=True)])
+        BLOCK=launch.BLOCK, num_warps=launch.NUM_WARPS, **call.sr.kernel_args()), blocks=True)])

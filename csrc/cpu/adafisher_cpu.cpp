@@ -36,12 +36,14 @@ namespace {
 struct AdaTensor {
   void* param;
   const void* grad;
-  float* mom;
+  void* mom;  // float32, or bfloat16 when mom_bf16 (momentum_dtype)
   int64_t numel;
   const float* s;  // S: one value per row
   const float* h;  // H: one value per column
   int64_t cols;    // 0: F = 1
   AdaCoeffs co;
+  bool mom_bf16;
+  Rounder round;  // stochastic rounding of a bfloat16 theta / m (off: to nearest)
 };
 
 // The launch's constants as lanes.
@@ -75,13 +77,13 @@ inline fVec load_storage(const scalar_t* p, int64_t count) {
   return load_float(buf);
 }
 
-// The one store of the update's results: theta in the storage dtype through cpu_vec.h's
-// store_lanes (round to nearest even: a Rounder that is off), m in float32.
-// [note: stochastic rounding] would pass the tensor's Rounder here (and round a bfloat16 m).
+// The one store of the update's results, through cpu_vec.h's store_lanes: theta in the storage
+// dtype, m in float32 or bfloat16; a bfloat16 one rounded stochastically when the tensor's
+// Rounder is on ([note: stochastic rounding]), else to nearest even.
 template <typename scalar_t>
 inline void store_update(const AdaTensor& t, int64_t i, int64_t count, fVec theta, fVec m) {
-  store_lanes(static_cast<scalar_t*>(t.param) + i, theta, count, Rounder{}, i, /*stream=*/0);
-  m.store(t.mom + i, count);
+  store_lanes(static_cast<scalar_t*>(t.param) + i, theta, count, t.round, i, kStreamParam);
+  store_mom(t.mom, t.mom_bf16, m, i, count, t.round);
 }
 
 // Calls body(i, count, F) for the vectors of [begin, end) of tensor t, F the lanes' Fisher.
@@ -123,7 +125,7 @@ void update_chunk(const AdaTensor& t, int64_t begin, int64_t end, const Consts& 
   for_each_fim(t, begin, end, c, [&](int64_t i, int64_t count, fVec fim) {
     const fVec g = cg.scale_grad(load_storage(gp + i, count));
     fVec theta = load_storage(pp + i, count);
-    fVec m = load_lanes(t.mom + i, count, 0.0f);
+    fVec m = load_mom(t.mom, t.mom_bf16, i, count);
     adafisher_update<kDecoupled>(theta, m, g, fim, c.beta, c.one_minus_beta, c.weight_decay, a,
                                  bc);
     store_update<scalar_t>(t, i, count, theta, m);
@@ -169,13 +171,16 @@ void adafisher_update(const LaunchDesc& d) {
   for (const auto i : c10::irange(d.params.size())) {
     const AdaLayout& l = d.ada[i];
     const double step = static_cast<double>(*d.steps[i].const_data_ptr<float>());
-    ts.push_back({d.params[i].data_ptr(), d.grads[i].const_data_ptr(),
-                  d.moms[i].data_ptr<float>(), d.params[i].numel(), d.factors + l.s_offset,
-                  d.factors + l.h_offset, l.cols, ada_coeffs(d.s.beta, step, lr, d.s.decoupled)});
+    ts.push_back({d.params[i].data_ptr(), d.grads[i].const_data_ptr(), d.moms[i].data_ptr(),
+                  d.params[i].numel(), d.factors + l.s_offset, d.factors + l.h_offset, l.cols,
+                  ada_coeffs(d.s.beta, step, lr, d.s.decoupled), d.mom_bf16,
+                  Rounder(d, i, step)});
   }
-  // Bytes per element: g and theta read, theta written (3 x the storage size), m read and written.
+  // Bytes per element: g and theta read, theta written (3 x the storage size), m read and written
+  // (float32 or bfloat16).
   const int64_t esize = d.params[0].element_size();
-  const auto items = make_items(d, [&](int64_t len, bool) { return len * (3 * esize + 8); });
+  const int64_t bytes = 3 * esize + 2 * (d.mom_bf16 ? 2 : 4);
+  const auto items = make_items(d, [&](int64_t len, bool) { return len * bytes; });
   const Consts cg(d.s);
   const AdaConsts c(d.s);
   dispatch_dtype(d.dtype, [&]<typename scalar_t>() {

@@ -17,7 +17,9 @@
 //   float32). F = S[e / cols] H[e % cols] + damping comes from the two vectors (L1/L2 hits: a
 //   block's 64K elements touch at most 64K / cols + 1 S values and cols H values): the row and
 //   column of a fragment's first element are one 32-bit division, the next elements step the
-//   column and wrap it.
+//   column and wrap it. A bfloat16 theta and a bfloat16 momentum (momentum_dtype) are stored by
+//   stochastic rounding when the op is given a rounding list ([note: stochastic rounding] in
+//   fadam_fused/op_contract.py): the bits of csrc/stochastic_round.h, as the CPU kernels draw.
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -25,6 +27,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/multi_tensor_plan.h"
@@ -41,7 +44,7 @@ namespace {
 struct Tables {
   const void* grad[kMaxTensors];
   void* param[kMaxTensors];    // nullptr in the check
-  float* mom[kMaxTensors];     // nullptr in the check
+  void* mom[kMaxTensors];      // nullptr in the check; float32, or bfloat16 (momentum_dtype)
   const float* step[kMaxTensors];
   const float* s[kMaxTensors];  // S of the tensor (row values)
   const float* h[kMaxTensors];  // H of the tensor (column values)
@@ -61,7 +64,7 @@ struct Tables {
       const auto i = static_cast<size_t>(pt.tensor);
       grad[k] = d.grads[i].const_data_ptr();
       param[k] = update ? d.params[i].data_ptr() : nullptr;
-      mom[k] = update ? d.moms[i].data_ptr<float>() : nullptr;
+      mom[k] = update ? d.moms[i].data_ptr() : nullptr;
       step[k] = update ? d.steps[i].const_data_ptr<float>() : nullptr;
       s[k] = update ? d.factors + d.ada[i].s_offset : nullptr;
       h[k] = update ? d.factors + d.ada[i].h_offset : nullptr;
@@ -122,37 +125,139 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
-// The one store of the update's results: theta in the storage dtype (round to nearest even),
-// m in float32. [note: stochastic rounding] would round theta (and a bfloat16 m) here.
-template <bool kFull, int V, typename scalar_t>
-__device__ __forceinline__ void store_update(scalar_t* param, float* mom, const float (&theta)[V],
-                                             const float (&m)[V], int count) {
-  store_frag<kFull>(mom, m, count);
-  store_frag<kFull>(param, theta, count);
+// ---- the update, and its stochastic rounding ([note: stochastic rounding] in
+// fadam_fused/op_contract.py; the bits are csrc/stochastic_round.h's, as the CPU kernels')
+
+// The update takes stochastic rounding and bfloat16 momentums; otherwise the CUDA kernels'
+// limits (kCudaLimits).
+constexpr KernelLimits kUpdateLimits = [] {
+  KernelLimits limits = kCudaLimits;
+  limits.stochastic_rounding = true;
+  return limits;
+}();
+
+// The update's tables: Tables and each tensor's rounding row (zeros when the op rounds to
+// nearest: never read then). 32 B per tensor: 4 KiB more kernel argument at 128 tensors.
+struct UpdateTables : Tables {
+  RoundingArgs round[kMaxTensors];
+  bool stochastic;  // the op was given a rounding list (and a bfloat16 param or momentum)
+
+  void fill(const Launch& launch, const LaunchDesc& d) {
+    Tables::fill(launch, d);
+    stochastic = !d.rounding.empty();
+    for (size_t k = 0; k < launch.tensors.size(); ++k) {
+      round[k] = stochastic ? d.rounding[static_cast<size_t>(launch.tensors[k].tensor)]
+                            : RoundingArgs{};
+    }
+  }
+};
+
+using UpdateArgs = Args<UpdateTables>;
+
+// A fragment of the momentum (float32 or bfloat16) as float32 lanes, zero past `count`: 128-bit
+// pieces where V fills them, else (a bfloat16 momentum of float32 parameters: V = 4, 8 bytes)
+// element by element.
+template <bool kFull, int V, typename T>
+__device__ __forceinline__ void load_mom_frag(float (&out)[V], const T* p, int count) {
+  if constexpr (V % (16 / sizeof(T)) == 0) {
+    load_frag<kFull>(out, p, count, 0.0f);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      out[j] = (kFull || j < count) ? static_cast<float>(p[j]) : 0.0f;
+    }
+  }
+}
+
+// Stores a fragment of float32 lanes in T: a bfloat16 one stochastically rounded when
+// `stochastic` (lane j draws the bits of logical element r.index(e0 + j) in `stream`), else to
+// nearest even (store_frag). The stochastic bits are stored as they are (a NaN as 0x7FC0, the
+// oracle's), not through a float32 -> bfloat16 conversion.
+template <bool kFull, int V, typename T>
+__device__ __forceinline__ void store_rounded(T* p, const float (&in)[V], int count,
+                                              bool stochastic, uint32_t key,
+                                              const RoundingArgs& r, int64_t e0,
+                                              uint32_t stream) {
+  constexpr int kPer = 16 / sizeof(T);
+  constexpr bool kPacked = kFull && V % kPer == 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (stochastic) {
+      T out[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        out[j] = T(bf16_bits_stochastic(in[j], rounding_bits(key, r.index(e0 + j), stream)),
+                   T::from_bits());
+      }
+      if constexpr (kPacked) {
+#pragma unroll
+        for (int q = 0; q < V / kPer; ++q) {
+          Pack<T, kPer> pk;
+#pragma unroll
+          for (int j = 0; j < kPer; ++j) {
+            pk.v[j] = out[q * kPer + j];
+          }
+          reinterpret_cast<Pack<T, kPer>*>(p)[q] = pk;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          if (kFull || j < count) {
+            p[j] = out[j];
+          }
+        }
+      }
+      return;
+    }
+  }
+  if constexpr (V % kPer == 0) {
+    store_frag<kFull>(p, in, count);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (kFull || j < count) {
+        p[j] = static_cast<T>(in[j]);
+      }
+    }
+  }
+}
+
+// The one store of the update's results: theta in the storage dtype, m in float32 or bfloat16;
+// a bfloat16 one stochastically rounded when the op was given a rounding list, else to nearest.
+// Element i of the chunk that begins at `begin`: local element begin + i of the tensor.
+template <bool kFull, int V, typename scalar_t, typename mom_t>
+__device__ __forceinline__ void store_update(scalar_t* param, mom_t* mom, const float (&theta)[V],
+                                             const float (&m)[V], int count, bool stochastic,
+                                             uint32_t key, const RoundingArgs& r, int64_t e0) {
+  store_rounded<kFull>(mom, m, count, stochastic, key, r, e0, kStreamMomentum);
+  store_rounded<kFull>(param, theta, count, stochastic, key, r, e0, kStreamParam);
 }
 
 struct AdaBlock {
   float grad_mul;
   AdaCoeffs co;
+  uint32_t key;  // tensor_key(seed, t) of the block's tensor when it rounds stochastically
 };
 
-template <typename scalar_t, bool kDecoupled>
+template <typename scalar_t, typename mom_t, bool kDecoupled>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    update_kernel(const __grid_constant__ AdaArgs args) {
+    update_kernel(const __grid_constant__ UpdateArgs args) {
   // A gradient anywhere in the step whose square is not finite, or GradScaler's found_inf: the
   // check (or the scaler) ran earlier on this stream, so *skip is final; uniform over the block.
   if (*args.s.skip != 0.0f) {
     return;
   }
   __shared__ AdaBlock ab;
-  const Tables& t = args.t;
+  const UpdateTables& t = args.t;
   const Scalars& s = args.s;
   const int tensor = t.block_tensor[blockIdx.x];
   const int64_t chunk0 = t.block_chunk[blockIdx.x];
+  const RoundingArgs& where = t.round[tensor];
   if (threadIdx.x == 0) {  // two float64 operations and a pow, once per block
+    const float step = *t.step[tensor];
     ab.grad_mul = grad_mul_of(s.maximize, s.grad_scale);
-    ab.co = ada_coeffs(s.beta, static_cast<double>(*t.step[tensor]),
+    ab.co = ada_coeffs(s.beta, static_cast<double>(step),
                        lr64_of(s.lr_ptr, s.lr_is_double, s.lr64), kDecoupled);
+    ab.key = tensor_key(where.seed, static_cast<uint32_t>(static_cast<int64_t>(step)));
   }
   __syncthreads();
   constexpr int V = 16 / sizeof(scalar_t);
@@ -167,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const int n = chunk_len(t, tensor, begin, s.chunk_size);
     auto* param = static_cast<scalar_t*>(t.param[tensor]) + begin;
     const auto* grad = static_cast<const scalar_t*>(t.grad[tensor]) + begin;
-    float* mom = t.mom[tensor] + begin;
+    auto* mom = static_cast<mom_t*>(t.mom[tensor]) + begin;
     // The chunk's first element is row row0, column col0; col0 + i < 2^31 (cols < 2^30 and
     // chunk_size <= 2^30, checked by describe()), so a fragment's row and column take one
     // 32-bit division.
@@ -179,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       float g[V], theta[V], m[V];
       load_frag<kFull>(g, grad + i, count, 0.0f);
       load_frag<kFull>(theta, param + i, count, 0.0f);
-      load_frag<kFull>(m, mom + i, count, 0.0f);
+      load_mom_frag<kFull>(m, mom + i, count);
       uint32_t col = 0;
       int64_t row = 0;
       if (cols > 0) {
@@ -200,7 +305,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         adafisher_update<kDecoupled>(theta[j], m[j], g[j] * ab.grad_mul, fim, s.beta_f,
                                      s.one_minus_beta, s.weight_decay, ab.co.a, ab.co.bc);
       }
-      store_update<kFull>(param + i, mom + i, theta, m, count);
+      store_update<kFull>(param + i, mom + i, theta, m, count, t.stochastic, ab.key, where,
+                          begin + i);
     });
   }
 }
@@ -213,10 +319,15 @@ void nonfinite_check(const LaunchDesc& d) {
 }
 
 void update(const LaunchDesc& d) {
-  // describe() leaves p at 0.5: launch_plan's dispatch picks one Instance per dtype.
-  launch_plan<Tables>(d, plan_of(d), [&]<typename K>(K) {
-    return d.s.decoupled ? &update_kernel<typename K::type, true>
-                         : &update_kernel<typename K::type, false>;
+  // describe() leaves p at 0.5: launch_plan's dispatch picks one Instance per dtype; the
+  // momentum's dtype and the decoupling pick among four kernels.
+  launch_plan<UpdateTables>(d, plan_of(d), [&]<typename K>(K) {
+    using T = typename K::type;
+    if (d.mom_bf16) {
+      return d.s.decoupled ? &update_kernel<T, c10::BFloat16, true>
+                           : &update_kernel<T, c10::BFloat16, false>;
+    }
+    return d.s.decoupled ? &update_kernel<T, float, true> : &update_kernel<T, float, false>;
   });
 }
 
@@ -232,5 +343,5 @@ TORCH_LIBRARY_IMPL(fadam_fused, FADAM_CUDA_DISPATCH_KEY, m) {
   m.impl(FADAM_CUDA_OP("nonfinite_check", "cuda_emulated_nonfinite_check"),
          &fadam::nonfinite_check_op<kCudaLimits, &a::nonfinite_check>);
   m.impl(FADAM_CUDA_OP("adafisher_update", "cuda_emulated_adafisher_update"),
-         &fadam::adafisher_update_op<kCudaLimits, &a::update>);
+         &fadam::adafisher_update_op<a::kUpdateLimits, &a::update>);
 }
