@@ -55,10 +55,7 @@ struct Tables {
 
   void fill(const Launch& launch, const LaunchDesc& d) {
     const bool update = !d.moms.empty();
-    const int64_t v = 16 / static_cast<int64_t>(d.params[0].element_size());
-    for (size_t k = 0; k < launch.tensors.size(); ++k) {
-      const PlanTensor& pt = launch.tensors[k];
-      const auto i = static_cast<size_t>(pt.tensor);
+    fill_tables(*this, launch, d, [&](size_t k, size_t i, const PlanTensor&) {
       grad[k] = d.grads[i].const_data_ptr();
       param[k] = update ? d.params[i].data_ptr() : nullptr;
       mom[k] = update ? d.moms[i].data_ptr<float>() : nullptr;
@@ -66,17 +63,8 @@ struct Tables {
       s[k] = update ? d.factors + d.ada[i].s_offset : nullptr;
       h[k] = update ? d.factors + d.ada[i].h_offset : nullptr;
       cols[k] = update ? d.ada[i].cols : 0;
-      numel[k] = d.params[i].numel();
-      nchunks[k] = static_cast<int32_t>(pt.nchunks);
-      per_block[k] = static_cast<int32_t>(pt.per_block);
-      const bool vec = d.chunk_size % v == 0 && aligned16(grad[k]) &&
-                       (!update || (aligned16(param[k]) && aligned16(mom[k])));
-      flags[k] = static_cast<uint8_t>(vec ? kFlagVector : 0);
-    }
-    for (size_t b = 0; b < launch.blocks.size(); ++b) {
-      block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
-      block_chunk[b] = launch.blocks[b].chunk;
-    }
+      return vector_ok(d, grad[k], param[k], mom[k]);  // the check's param and mom: nullptr
+    });
   }
 };
 
