@@ -135,11 +135,11 @@ FADAFACTOR_PHASE_B_SCHEMA = (
 # sharded bucket's rows come from sharded.Layout.rounding_row: the local block's place in the
 # logical tensor, so one process and N ranks draw the same bits.
 #
-# Where it runs: csrc/stochastic_round.h (the CPU kernels; host+device, for the CUDA kernels to
-# come), triton_kernels/_rounding.py (Triton's phase B kernels) and the reference. The CUDA
-# kernels refuse a non-empty rounding list and bfloat16 momentums (KernelLimits in
-# csrc/op_boundary.h): the planner runs such a group on Triton's kernels (same device), else on
-# the reference, and refuses backend="cuda" for it by name.
+# Where it runs: csrc/stochastic_round.h (host+device: the CPU kernels, and FAdam's and
+# FAdafactor's CUDA phase-B kernels, [note: stochastic rounding on CUDA] in
+# csrc/cuda/kernel_common.cuh), triton_kernels/_rounding.py (Triton's phase B kernels) and the
+# reference. AdaFisher's CUDA kernels refuse a non-empty rounding list and bfloat16 momentums
+# (KernelLimits in csrc/op_boundary.h).
 
 _MASK32 = 0xFFFFFFFF
 

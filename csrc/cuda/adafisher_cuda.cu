@@ -38,20 +38,14 @@ namespace fadam::cuda::adafisher {
 namespace {
 
 // The tables of one launch (structure of arrays, as fadam_cuda.cu's).
-struct Tables {
+struct Tables : CommonTables {
   const void* grad[kMaxTensors];
   void* param[kMaxTensors];    // nullptr in the check
   float* mom[kMaxTensors];     // nullptr in the check
   const float* step[kMaxTensors];
   const float* s[kMaxTensors];  // S of the tensor (row values)
   const float* h[kMaxTensors];  // H of the tensor (column values)
-  int64_t numel[kMaxTensors];
   int64_t cols[kMaxTensors];    // 0: F = 1
-  int32_t nchunks[kMaxTensors];
-  int32_t per_block[kMaxTensors];
-  uint8_t flags[kMaxTensors];
-  uint16_t block_tensor[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
 
   void fill(const Launch& launch, const LaunchDesc& d) {
     const bool update = !d.moms.empty();

@@ -49,8 +49,10 @@ namespace {
 // Tile columns per lane (kMaxTileCols in kernel_common.cuh: the widest tile the op accepts).
 constexpr int kColsPerLane = kMaxTileCols / 32;
 
-// The tables of one launch (structure of arrays). Operands a kernel does not use are nullptr.
-struct Tables {
+// The tables of one launch (structure of arrays), after the columns of every kernel's tables
+// (CommonTables: its `block_chunk` is a tile, a matrix or a first chunk, by kernel). Operands a
+// kernel does not use are nullptr.
+struct Tables : CommonTables {
   const void* grad[kMaxTensors];
   void* param[kMaxTensors];
   void* mom[kMaxTensors];        // float32, or bfloat16 (Scalars::mom_bf16)
@@ -59,18 +61,12 @@ struct Tables {
   const float* step[kMaxTensors];
   float* factors[kMaxTensors];   // the tensor's region of `factors`
   double* fpart[kMaxTensors];    // the tensor's region of `factor_partials`
-  int64_t numel[kMaxTensors];
   int64_t slot0[kMaxTensors];
   int32_t batch[kMaxTensors];
   int32_t rows[kMaxTensors];
   int32_t cols[kMaxTensors];
   int32_t tile_rows[kMaxTensors];
   int32_t tile_cols[kMaxTensors];
-  int32_t nchunks[kMaxTensors];
-  int32_t per_block[kMaxTensors];
-  uint8_t flags[kMaxTensors];
-  uint16_t block_tensor[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];  // tile, matrix or first chunk, by kernel
 
   // Fills the tables of one launch of the plan (host side).
   void fill(const Launch& launch, const LaunchDesc& d) {
@@ -289,7 +285,9 @@ struct Chunk {
   bool vec;  // 128-bit path allowed
   FactoredFim factored;
 
-  __device__ __forceinline__ FactoredFim fim(const BlockScalars&) const {
+  // A reference: phase B's fragment loop on a copy spilled 24 bytes in the bf16 / fp16 kernels
+  // with p != 0.5 on sm_90.
+  __device__ __forceinline__ const FactoredFim& fim(const BlockScalars&) const {
     return factored;
   }
 };
@@ -346,13 +344,12 @@ template <typename scalar_t, bool kSqrt, bool kRound>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) phase_b_kernel(const __grid_constant__ FactoredArgs<kRound> args) {
   __shared__ BlockScalars bs;
   __shared__ double scratch[2 * kWarps];
-  const auto& t = args.t;
   phase_b_block<kSqrt, kRound, /*kFimUpdate=*/false>(
       args, bs, scratch,
-      [&](int tensor, int64_t chunk) {
-        return chunk_of<scalar_t>(t, tensor, chunk, args.s.chunk_size, kRound && args.s.mom_bf16);
+      [](const auto& t, const Scalars& s, int tensor, int64_t chunk) {
+        return chunk_of<scalar_t>(t, tensor, chunk, s.chunk_size, kRound && s.mom_bf16);
       },
-      [&](int tensor) {  // the tensor's first block: the new R and C become the state
+      [](const auto& t, int tensor) {  // the tensor's first block: the new R and C become the state
         // Matrix by matrix, without 64-bit divisions: a flat loop over batch * rows with k / rows
         // made its bf16 / fp16 kernels spill 20 bytes on sm_90.
         const int rows = t.rows[tensor], cols = t.cols[tensor];

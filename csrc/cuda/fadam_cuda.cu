@@ -65,20 +65,15 @@
 namespace fadam::cuda {
 namespace {
 
-// The tables of one launch (structure of arrays: no padding between fields).
-struct Tables {
+// The tables of one launch (structure of arrays: no padding between fields), after the columns
+// of every kernel's tables.
+struct Tables : CommonTables {
   const void* grad[kMaxTensors];
   void* param[kMaxTensors];
   float* fim[kMaxTensors];
   void* mom[kMaxTensors];  // nullptr in phase A; float32, or bfloat16 (Scalars::mom_bf16)
   const float* step[kMaxTensors];
-  int64_t numel[kMaxTensors];
   int64_t slot0[kMaxTensors];
-  int32_t nchunks[kMaxTensors];
-  int32_t per_block[kMaxTensors];
-  uint8_t flags[kMaxTensors];
-  uint16_t block_tensor[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
 
   // Fills the tables of one launch of the plan (host side).
   void fill(const Launch& launch, const LaunchDesc& d) {
@@ -199,11 +194,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(con
   __shared__ double scratch[2 * kWarps];
   phase_b_block<kSqrt, kRound, /*kFimUpdate=*/true>(
       args, bs, scratch,
-      [&](int tensor, int64_t chunk) {
-        return chunk_ptrs<scalar_t>(args.t, tensor, chunk, args.s.chunk_size,
-                                    kRound && args.s.mom_bf16);
+      [](const auto& t, const Scalars& s, int tensor, int64_t chunk) {
+        return chunk_ptrs<scalar_t>(t, tensor, chunk, s.chunk_size, kRound && s.mom_bf16);
       },
-      [](int) {});
+      [](const auto&, int) {});
 }
 
 // ---- host side --------------------------------------------------------------------------------

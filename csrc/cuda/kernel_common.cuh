@@ -64,6 +64,18 @@ struct Scalars : HostScalars {
   bool rounding;     // the op's rounding list is non-empty: each tensor's row is in its tables
 };
 
+// The columns of every kernel's tables (the tensor and block tables of [note: CUDA multi-tensor
+// plan]); each kernel's Tables derives from it and adds its own (structure of arrays: 8320 bytes
+// with no padding, so the derived columns start 8-byte aligned).
+struct CommonTables {
+  int64_t numel[kMaxTensors];
+  int32_t nchunks[kMaxTensors];
+  int32_t per_block[kMaxTensors];
+  uint8_t flags[kMaxTensors];
+  uint16_t block_tensor[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];  // the block's chunk (or tile, or matrix)
+};
+
 // The one argument of every kernel, passed by value in the kernel parameter space with the
 // launch's tables (one Tables struct per optimizer: the tensor and block tables of [note: CUDA
 // multi-tensor plan]), as PyTorch's MultiTensorApply passes its TensorListMetadata.
@@ -268,78 +280,87 @@ __device__ __forceinline__ void load_mom(float (&out)[V], const void* mom, int c
 }
 
 // The bfloat16 bits of a fragment's theta (stream 0, when scalar_t is bfloat16) and of its m
-// (stream 1, when `mom_bf16`), lane j being local element e + j. The logical index is walked
-// lane by lane: one 64-bit division per fragment for a strided shard, none for a whole tensor.
+// (stream 1, when `mom_bf16`), lane j being local element e + j. A fragment that is one run of
+// logical indices (a whole tensor, or inside a run of a strided shard) not crossing a multiple of
+// 2^32 hashes lo + j; another (a fragment across the end of a run, or 2^32) takes
+// RoundingArgs::index lane by lane.
 template <typename scalar_t, bool kFull, int V>
-__device__ __forceinline__ void rounding_bits_of(uint16_t (&theta_bits)[V], uint16_t (&m_bits)[V],
+__device__ __forceinline__ void rounding_bits_of(uint32_t (&theta_bits)[V / 2],
+                                                 uint32_t (&m_bits)[V / 2],
                                                  const float (&theta)[V], const float (&m)[V],
                                                  int count, bool mom_bf16,
                                                  const ChunkRounding& cr, int64_t e) {
   const RoundingArgs& w = *cr.where;
-  int64_t rem = e;  // e % inner_local (whole: e itself, which never reaches inner_local = numel)
-  uint64_t index = static_cast<uint64_t>(w.base + e);
+  uint64_t first = static_cast<uint64_t>(w.base + e);
+  bool run = true;
   if (!w.whole()) {
     const int64_t q = e / w.inner_local;
-    rem = e - q * w.inner_local;
-    index = static_cast<uint64_t>(w.base + q * w.inner_global + rem);
+    const int64_t rem = e - q * w.inner_local;
+    first = static_cast<uint64_t>(w.base + q * w.inner_global + rem);
+    run = rem <= w.inner_local - V;
   }
-  const uint64_t jump = static_cast<uint64_t>(w.inner_global - w.inner_local);
+  const uint32_t lo = static_cast<uint32_t>(first);
+  const uint32_t hi = static_cast<uint32_t>(first >> 32);
+  run = run && lo <= UINT32_MAX - (V - 1);
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     if (kFull || j < count) {
-      const uint32_t h = fmix32(cr.key ^ static_cast<uint32_t>(index));
-      const uint32_t hi = static_cast<uint32_t>(index >> 32);
+      uint32_t lo_j = lo + static_cast<uint32_t>(j), hi_j = hi;
+      if (!run) {
+        const uint64_t index = w.index(e + j);
+        lo_j = static_cast<uint32_t>(index);
+        hi_j = static_cast<uint32_t>(index >> 32);
+      }
+      const uint32_t h = fmix32(cr.key ^ lo_j);
+      const int shift = 16 * (j % 2);  // two lanes per word, the even one low
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        theta_bits[j] = bf16_bits_stochastic(theta[j], fmix32(h ^ hi) >> 16);
+        const uint32_t b = bf16_bits_stochastic(theta[j], fmix32(h ^ hi_j) >> 16);
+        theta_bits[j / 2] = shift == 0 ? b : theta_bits[j / 2] | (b << shift);
       }
       if (mom_bf16) {
-        m_bits[j] = bf16_bits_stochastic(m[j], fmix32(h ^ hi ^ kStreamMul) >> 16);
-      }
-      ++index;
-      if (++rem == w.inner_local) {  // the next element starts the next run of a strided shard
-        rem = 0;
-        index += jump;
+        const uint32_t b = bf16_bits_stochastic(m[j], fmix32(h ^ hi_j ^ kStreamMul) >> 16);
+        m_bits[j / 2] = shift == 0 ? b : m_bits[j / 2] | (b << shift);
       }
     }
   }
 }
 
 template <bool kFull, int V>
-__device__ __forceinline__ void store_bits(c10::BFloat16* p, const uint16_t (&bits)[V], int count) {
-  store_lanes<kFull, V>(p, count,
-                        [&](int j) { return c10::BFloat16(bits[j], c10::BFloat16::from_bits()); });
+__device__ __forceinline__ void store_bits(c10::BFloat16* p, const uint32_t (&bits)[V / 2],
+                                           int count) {
+  store_lanes<kFull, V>(p, count, [&](int j) {
+    return c10::BFloat16(static_cast<uint16_t>(bits[j / 2] >> (16 * (j % 2))),
+                         c10::BFloat16::from_bits());
+  });
 }
 
-// Phase B's stores of a fragment (local elements e, e + 1, ...): theta in its dtype and m.
-// kRound false: theta to nearest, m float32. kRound true: m float32 or bfloat16 (s.mom_bf16), and
-// with s.rounding a bfloat16 theta and a bfloat16 m rounded stochastically, else to nearest.
-template <bool kRound, bool kFull, int V, typename scalar_t>
+// The rounding kernels' stores of a fragment (local elements e, e + 1, ...): m float32 or
+// bfloat16 (s.mom_bf16), and with s.rounding a bfloat16 theta and a bfloat16 m rounded
+// stochastically, else to nearest. (The other kernels store theta to nearest and m float32.)
+template <bool kFull, int V, typename scalar_t>
 __device__ __forceinline__ void store_update(scalar_t* param, void* mom, const float (&theta)[V],
                                              const float (&m)[V], int count, const Scalars& s,
                                              const ChunkRounding& cr, int64_t e) {
-  if constexpr (kRound) {
-    if (s.rounding) {
-      uint16_t theta_bits[V], m_bits[V];
-      rounding_bits_of<scalar_t, kFull>(theta_bits, m_bits, theta, m, count, s.mom_bf16, cr, e);
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        store_bits<kFull>(param, theta_bits, count);
-      } else {
-        store_frag<kFull>(param, theta, count);
-      }
-      if (s.mom_bf16) {
-        store_bits<kFull>(static_cast<c10::BFloat16*>(mom), m_bits, count);
-      } else {
-        store_frag<kFull>(static_cast<float*>(mom), m, count);
-      }
-      return;
-    }
-    if (s.mom_bf16) {  // bfloat16 momentums to nearest
-      store_frag<kFull>(static_cast<c10::BFloat16*>(mom), m, count);
+  if (s.rounding) {
+    uint32_t theta_bits[V / 2], m_bits[V / 2];
+    rounding_bits_of<scalar_t, kFull>(theta_bits, m_bits, theta, m, count, s.mom_bf16, cr, e);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      store_bits<kFull, V>(param, theta_bits, count);
+    } else {
       store_frag<kFull>(param, theta, count);
-      return;
     }
+    if (s.mom_bf16) {
+      store_bits<kFull, V>(static_cast<c10::BFloat16*>(mom), m_bits, count);
+    } else {
+      store_frag<kFull>(static_cast<float*>(mom), m, count);
+    }
+    return;
   }
-  store_frag<kFull>(static_cast<float*>(mom), m, count);
+  if (s.mom_bf16) {  // bfloat16 momentums to nearest
+    store_frag<kFull>(static_cast<c10::BFloat16*>(mom), m, count);
+  } else {
+    store_frag<kFull>(static_cast<float*>(mom), m, count);
+  }
   store_frag<kFull>(param, theta, count);
 }
 
@@ -399,12 +420,15 @@ __device__ __forceinline__ void check_frags(const scalar_t* grad, int n, bool ve
 }
 
 // Phase-B work on n elements: f (the same ff.at() calls as reduce_frags), the momentum and the
-// parameter, stored in place (store_update(): `cr` is the chunk's rounding in the kRound kernels).
+// parameter, stored in place. The kRound kernels pass their chunk's rounding `cr` (store_update());
+// the others pass nullptr and store theta to nearest and a float32 m, as before the rounding
+// kernels existed (naming `cr` in their fragment loop spilled 24 bytes in FAdafactor's bf16 / fp16
+// phase B on sm_90).
 template <bool kSqrt, bool kRound, typename scalar_t, typename Fim>
 __device__ __forceinline__ void update_frags(scalar_t* param, const scalar_t* grad, void* mom,
                                              int n, bool vec, const Fim& fim,
                                              const BlockScalars& bs, const Scalars& s,
-                                             const ChunkRounding& cr) {
+                                             const ChunkRounding* cr) {
   constexpr int V = 16 / sizeof(scalar_t);
   for_each_frag<V>(n, vec, [&](int i, int count, auto full) {
     constexpr bool kFull = decltype(full)::value;
@@ -422,7 +446,12 @@ __device__ __forceinline__ void update_frags(scalar_t* param, const scalar_t* gr
                    bs.inv_s2, bs.lr, s.weight_decay);
     }
     ff.store();
-    store_update<kRound, kFull>(param + i, mi, theta, m, count, s, cr, cr.e0 + i);
+    if constexpr (kRound) {
+      store_update<kFull>(param + i, mi, theta, m, count, s, *cr, cr->e0 + i);
+    } else {
+      store_frag<kFull>(static_cast<float*>(mi), m, count);
+      store_frag<kFull>(param + i, theta, count);
+    }
   });
 }
 
@@ -488,10 +517,10 @@ __device__ __forceinline__ void clip_scales(const HostScalars& s, bool fused,
 
 // What a phase-B block of FAdam or FAdafactor does, after its kernel has declared the block's
 // shared scalars and scratch: the skip check, the block scalars (b2hat from the tensor's step when
-// kFimUpdate: FAdam's f update), first_block(tensor) in a tensor's first block (FAdafactor's copy
-// of its new factors), the clip scales and the update of the block's chunks. chunk_of(tensor,
-// chunk) gives a chunk's operands (param, grad, mom, n, vec) and its source of f, c.fim(bs) (the
-// Fim of the per-chunk loops above).
+// kFimUpdate: FAdam's f update), first_block(t, tensor) in a tensor's first block (FAdafactor's
+// copy of its new factors), the clip scales and the update of the block's chunks. chunk_of(t, s,
+// tensor, chunk) gives a chunk's operands (param, grad, mom, n, vec) and its source of f,
+// c.fim(bs) (the Fim of the per-chunk loops above).
 template <bool kSqrt, bool kRound, bool kFimUpdate, typename Tables, typename ChunkOf,
           typename FirstBlock>
 __device__ __forceinline__ void phase_b_block(const Args<Tables>& args, BlockScalars& bs,
@@ -517,24 +546,25 @@ __device__ __forceinline__ void phase_b_block(const Args<Tables>& args, BlockSca
   }
   __syncthreads();
   if (chunk0 == 0) {
-    first_block(tensor);
+    first_block(t, tensor);
   }
   // A fused tensor does both phases in this block ([note: fused one-chunk tensors]).
   clip_scales(s, (t.flags[tensor] & kFlagFused) != 0, s.partials, t.slot0[tensor],
               t.nchunks[tensor], t.numel[tensor], bs, scratch, [&](double& s1, double& s2) {
-    const auto c = chunk_of(tensor, int64_t{0});
+    const auto c = chunk_of(t, s, tensor, int64_t{0});
     bool unused = false;
     reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim(bs), bs.grad_mul, s.p, s.eps_p, s1,
                         s2, unused);
   });
   const int64_t chunk_end = min(chunk0 + t.per_block[tensor], static_cast<int64_t>(t.nchunks[tensor]));
   for (int64_t chunk = chunk0; chunk < chunk_end; ++chunk) {
-    const auto c = chunk_of(tensor, chunk);
-    ChunkRounding cr{};
+    const auto c = chunk_of(t, s, tensor, chunk);
     if constexpr (kRound) {
-      cr = {&t.round[tensor], bs.key, chunk * s.chunk_size};
+      const ChunkRounding cr{&t.round[tensor], bs.key, chunk * s.chunk_size};
+      update_frags<kSqrt, true>(c.param, c.grad, c.mom, c.n, c.vec, c.fim(bs), bs, s, &cr);
+    } else {
+      update_frags<kSqrt, false>(c.param, c.grad, c.mom, c.n, c.vec, c.fim(bs), bs, s, nullptr);
     }
-    update_frags<kSqrt, kRound>(c.param, c.grad, c.mom, c.n, c.vec, c.fim(bs), bs, s, cr);
   }
 }
 
@@ -552,12 +582,13 @@ bool vector_ok(const LaunchDesc& d, const Ptrs*... ptrs) {
          (aligned16(ptrs) && ...);
 }
 
-// Fills the columns every kernel's tables share, for one launch (host side): per tensor its
-// numel, chunks and flags, `vec = tensor(k, i, pt)` having filled the kernel's own columns of
-// local tensor k (the op's tensor i, its plan entry pt) and said whether its fragments may be
-// vectors; per block its local tensor and chunk (or tile, or matrix: the plan entry's `chunk`).
-template <typename Tables, typename Tensor>
-void fill_tables(Tables& t, const Launch& launch, const LaunchDesc& d, Tensor&& tensor) {
+// Fills the columns every kernel's tables share (CommonTables), for one launch (host side): per
+// tensor its numel, chunks and flags, `vec = tensor(k, i, pt)` having filled the kernel's own
+// columns of local tensor k (the op's tensor i, its plan entry pt) and said whether its
+// fragments may be vectors; per block its local tensor and chunk (or tile, or matrix: the plan
+// entry's `chunk`).
+template <typename Tensor>
+void fill_tables(CommonTables& t, const Launch& launch, const LaunchDesc& d, Tensor&& tensor) {
   for (size_t k = 0; k < launch.tensors.size(); ++k) {
     const PlanTensor& pt = launch.tensors[k];
     const auto i = static_cast<size_t>(pt.tensor);
