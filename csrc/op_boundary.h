@@ -35,9 +35,7 @@ struct KernelLimits {
   int64_t max_tile_cols = INT64_MAX;     // FAdafactor phase S
   bool int32_geometry = false;           // chunks, matrices, rows and columns fit 32-bit indices
   // Stochastic rounding and bfloat16 momentums ([note: stochastic rounding] in
-  // fadam_fused/op_contract.py): the CPU kernels take them, and AdaFisher's CUDA update; FAdam's
-  // and FAdafactor's CUDA kernels not yet (the optimizer then runs such a group on Triton or the
-  // reference).
+  // fadam_fused/op_contract.py): the CPU and CUDA kernels of every optimizer take them.
   bool stochastic_rounding = true;
   int64_t check_chunk_size = int64_t{1} << 20;  // the chunk of nonfinite_check, which takes none
 };

@@ -358,7 +358,6 @@ class AdaFisherKind(Kind):
 
     name = "adafisher"
     state_keys = ("momentum", "step")
-    cuda_rounding = True  # adafisher_cuda.cu's update rounds stochastically
 
     def __init__(self, factors: _Factors, decoupled: bool) -> None:
         super().__init__()

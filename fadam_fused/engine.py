@@ -71,10 +71,6 @@ class Kind(abc.ABC):
     name: ClassVar[str]
     # The parameter's state tensors in the order ``bucket`` takes them; "step" is always last.
     state_keys: ClassVar[tuple[str, ...]]
-    # Whether this kind's CUDA kernels take stochastic rounding and bfloat16 momentums
-    # ([note: stochastic rounding] in op_contract.py); where not, the planner runs such a group
-    # on Triton's kernels (same device) or the reference.
-    cuda_rounding: ClassVar[bool] = False
 
     def __init__(self) -> None:
         # state -> its tensors in state_keys order (KeyError if one is missing), in C.

@@ -122,8 +122,8 @@ class FAdam(FisherOptimizer):
             up with probability equal to the fraction of an ulp the float32 result lies above
             the truncation, so the expected stored value is the float32 one and updates below
             half an ulp are not lost: bfloat16 training without a float32 master copy
-            ([note: stochastic rounding] in op_contract.py). Other dtypes ignore it. The CUDA
-            kernels have none yet: such a group runs on Triton's kernels on a GPU.
+            ([note: stochastic rounding] in op_contract.py). Other dtypes ignore it. Every
+            backend draws the same bits.
         rounding_seed (int or None, default None): the group's seed of the rounding bits, mixed
             with each parameter's position in the optimizer; None draws one from torch's
             default CPU generator when the group rounds stochastically (torch.manual_seed makes

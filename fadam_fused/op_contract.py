@@ -135,12 +135,10 @@ FADAFACTOR_PHASE_B_SCHEMA = (
 # sharded bucket's rows come from sharded.Layout.rounding_row: the local block's place in the
 # logical tensor, so one process and N ranks draw the same bits.
 #
-# Where it runs: csrc/stochastic_round.h (the CPU kernels and AdaFisher's CUDA update; host+device),
-# triton_kernels/_rounding.py (Triton's phase B and AdaFisher update kernels) and the reference.
-# FAdam's and FAdafactor's CUDA kernels refuse a non-empty rounding list and bfloat16 momentums
-# (KernelLimits in csrc/op_boundary.h; engine.Kind.cuda_rounding in Python): the planner runs such
-# a group on Triton's kernels (same device), else on the reference, and refuses backend="cuda"
-# for it by name.
+# Where it runs: csrc/stochastic_round.h (host+device: the CPU kernels, FAdam's and FAdafactor's
+# CUDA phase-B kernels, [note: stochastic rounding on CUDA] in csrc/cuda/kernel_common.cuh, and
+# AdaFisher's CUDA update), triton_kernels/_rounding.py (Triton's phase B and AdaFisher update
+# kernels) and the reference.
 
 _MASK32 = 0xFFFFFFFF
 

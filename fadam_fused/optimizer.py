@@ -186,8 +186,7 @@ class FisherOptimizer(Optimizer):
             planner.group(index, group["params"], [p.grad for p in group["params"]],
                           backend=group["backend"], lr=group["lr"], name=_namer(group),
                           momentum_dtype=group.get("momentum_dtype", torch.float32),
-                          first_position=position,
-                          stochastic=group.get("bf16_rounding") == "stochastic")
+                          first_position=position)
             position += len(group["params"])
         if not planner.refusals:
             planner.commit()

@@ -95,14 +95,12 @@ class Planner:
     def group(self, index: int, params: Sequence[Tensor], grads: Sequence[Tensor | None], *,
               backend: str | None, lr: float | Tensor, name: Callable[[int], str],
               momentum_dtype: torch.dtype | None = torch.float32,
-              first_position: int = 0, stochastic: bool = False) -> None:
+              first_position: int = 0) -> None:
         """Checks the tensors of param group `index` (or of the functional form's lists):
         `grads` parallel to `params`, `backend` the group's request, `name(i)` how errors name
         parameter i, `momentum_dtype` the group's (None: float32 or bfloat16, the functional
-        form's lists as given), `first_position` the optimizer's index of params[0],
-        `stochastic` whether the group rounds bfloat16 stochastically."""
+        form's lists as given), `first_position` the optimizer's index of params[0]."""
         self.momentum_dtype = momentum_dtype
-        bf16_momentum = momentum_dtype == torch.bfloat16
         fused_only = backend not in (None, "reference")
         lr_device = lr.device if isinstance(lr, Tensor) else None
         resolved: dict[torch.device, str] = {}
@@ -133,17 +131,6 @@ class Planner:
                         raise Refusal(ValueError,
                                       f"Tensor lr is on {lr_device} but {name(i)} is on "
                                       f"{device}; put lr on the CPU or on the parameters' device")
-                if chosen == "cuda" and not kind.cuda_rounding and (bf16_momentum or (
-                        stochastic and dtype == torch.bfloat16)):
-                    # This kind's CUDA kernels have no stochastic rounding or bfloat16 momentum
-                    # yet ([note: stochastic rounding]): Triton's kernels do it on the same device.
-                    if fused_only:
-                        raise Refusal(RuntimeError,
-                                      f"{self.who} backend='cuda' cannot update {name(i)}: the "
-                                      "CUDA kernels have no stochastic rounding or bfloat16 "
-                                      "momentum yet; use backend=None, 'triton' or 'reference'")
-                    chosen = ("triton" if backends.unavailable_reason("triton", device) is None
-                              else "reference")
                 if not fusable or (chosen != "reference"
                                    and kind.unfused_reason(param) is not None):
                     chosen = "reference"

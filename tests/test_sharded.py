@@ -62,7 +62,7 @@ TWO_RANKS = ([f"{s}:{b}" for s in ("fsdp_shard0", "fsdp_shard1", "tp", "ddp", "z
                 "fsdp_mixed_dtypes::fadafactor"]
              + (["triton_fsdp", "triton_fsdp::fadafactor"] if _triton_importable() else [])
              + ([f"{s}:cuda:{o}" for s in ("fsdp_shard0", "tp") for o in OPTIMIZERS]
-                + ["stochastic:cuda:adafisher"] if _emulated_cuda_built() else []))
+                + ["stochastic:cuda", "stochastic:cuda:adafisher"] if _emulated_cuda_built() else []))
 FOUR_RANKS = [f"{s}:{b}:{o}" for s in ("hsdp", "fsdp_tp") for b in BACKENDS for o in OPTIMIZERS]
 
 

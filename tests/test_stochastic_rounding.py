@@ -1,7 +1,8 @@
 """bfloat16 stochastic rounding ([note: stochastic rounding] in fadam_fused/op_contract.py) and
-bfloat16 momentums, on every backend that runs here: the CPU kernels, the reference and Triton's
-kernels in the interpreter, and for AdaFisher the CUDA kernels emulated on the CPU (the CUDA
-kernels on a GPU, compiled Triton and graph capture: the GPU files).
+bfloat16 momentums, on every backend that runs here: the CPU kernels, the reference, Triton's
+kernels in the interpreter and the CUDA kernels compiled for the CPU ("cuda-emulated",
+tests/test_cuda_emulated.py); "cuda" runs the same tests on a GPU (compiled Triton and graph
+capture: tests/test_triton_optimizer.py).
 
 The bit-exact cases use an update every backend computes with the same float32 operations: a zero
 gradient and no weight decay give m' = beta1 m and theta' = theta - a m' (FAdam and FAdafactor:
@@ -27,10 +28,10 @@ from conftest import use_emulated_cuda  # noqa: E402
 from fadam_fused import AdaFisher, FAdafactor, FAdam, backends, op_contract, reference  # noqa: E402
 
 CPU = torch.device("cpu")
-BACKENDS = [b for b in ("cpu", "reference", "triton") if backends.unavailable_reason(b, CPU) is None]
-# "cuda_emulated": backend="cuda" on the emulated CUDA build (conftest.use_emulated_cuda, which
-# skips without it). Only AdaFisher's CUDA kernels round stochastically so far.
-EMULATED = "cuda_emulated"
+EMULATED = "cuda-emulated"  # backend="cuda" on CPU tensors: the CUDA kernels under HIP-CPU
+# "cuda": backend="cuda" on a GPU; it and EMULATED skip where they cannot run (_backend).
+BACKENDS = ([b for b in ("cpu", "reference", "triton") if backends.unavailable_reason(b, CPU) is None]
+            + [EMULATED, "cuda"])
 # Several chunks per tensor on the fused backends, so a chunk's first element (e0) counts.
 CHUNKS = {"cpu": 500, "triton": 512, "cuda": 512}
 SHAPES = [(37,), (5, 300), (3,), (2, 3, 41)]
@@ -41,7 +42,6 @@ M32, M16 = torch.float32, torch.bfloat16
 # it runs the cases that cover its kernels' paths (SR of theta alone, of theta and m).
 BIT_CASES = ([(b, name, m) for b in BACKENDS if b != "triton" for name in OPTIMIZERS
               for m in (M32, M16)]
-             + [(EMULATED, "adafisher", m) for m in (M32, M16)]
              + ([("triton", "fadam", M32), ("triton", "fadafactor", M16),
                  ("triton", "adafisher", M16)] if "triton" in BACKENDS else []))
 
@@ -54,12 +54,17 @@ def small_chunks(monkeypatch):
         monkeypatch.setattr(backends, cache, {})
 
 
-def _use(monkeypatch, backend):
-    """The optimizer's backend name for test backend `backend` (EMULATED: "cuda", emulated)."""
-    if backend == EMULATED:
+def _backend(name, monkeypatch):
+    """(backend=, device) of parametrized backend `name`: EMULATED switches the emulated CUDA
+    kernels on for this test (skipping without that build), "cuda" needs a GPU."""
+    if name == EMULATED:
         use_emulated_cuda(monkeypatch)
-        return "cuda"
-    return backend
+        return "cuda", CPU
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        return "cuda", torch.device("cuda")
+    return name, CPU
 
 
 def _make(name, params, *, betas=(BETA1, 0.999), **kw):
@@ -88,9 +93,9 @@ def _preset(opt, params, momentums, step):
 
 
 def _exact_step(name, backend, rounding, momentum_dtype, *, shapes=SHAPES, step=3, seed=1234,
-                lr=LR, theta=None, momentum=None, device=CPU):
-    """One step of the exact update (module doc); returns (params before, momentums before,
-    params after, momentums after)."""
+                lr=LR, theta=None, momentum=None, device=CPU, steps=1):
+    """`steps` steps of the exact update (module doc) from step `step`; returns (params before,
+    momentums before, params after, momentums after), as CPU tensors."""
     gen = torch.Generator().manual_seed(0)
     params = [(torch.randn(s, generator=gen) if theta is None else torch.full(s, theta))
               .bfloat16().to(device).requires_grad_() for s in shapes]
@@ -99,12 +104,16 @@ def _exact_step(name, backend, rounding, momentum_dtype, *, shapes=SHAPES, step=
     opt = _make(name, params, lr=lr, weight_decay=0.0, backend=backend, bf16_rounding=rounding,
                 rounding_seed=seed, momentum_dtype=momentum_dtype)
     _preset(opt, params, moms, step)
-    before = [p.detach().clone() for p in params]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    return before, moms, [p.detach().clone() for p in params], [opt.state[p]["momentum"]
-                                                                for p in params]
+
+    def host(tensors):
+        return [x.detach().to(CPU, copy=True) for x in tensors]
+
+    before = host(params)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    return before, host(moms), host(params), host(opt.state[p]["momentum"] for p in params)
 
 
 def _oracle(before, moms, *, name="fadam", step=3, seed=1234, lr=LR, stochastic=True):
@@ -135,36 +144,52 @@ def _oracle(before, moms, *, name="fadam", step=3, seed=1234, lr=LR, stochastic=
                          ids=[f"{b}-{n}-{str(m)[-8:]}" for b, n, m in BIT_CASES])
 def test_same_bits_as_the_oracle_on_every_backend(small_chunks, monkeypatch, backend, name,
                                                   momentum_dtype):
-    backend = _use(monkeypatch, backend)
-    before, moms, params, momentums = _exact_step(name, backend, "stochastic", momentum_dtype)
+    backend, device = _backend(backend, monkeypatch)
+    before, moms, params, momentums = _exact_step(name, backend, "stochastic", momentum_dtype,
+                                                  device=device)
     want_p, want_m = _oracle(before, moms, name=name)
     for got, want in zip(params + momentums, want_p + want_m):
         assert got.dtype == want.dtype
         assert torch.equal(got, want)
     # Nearest gives the oracle's nearest bits, and differs from stochastic somewhere.
-    _, _, near_p, near_m = _exact_step(name, backend, "nearest", momentum_dtype)
+    _, _, near_p, near_m = _exact_step(name, backend, "nearest", momentum_dtype, device=device)
     near_want_p, near_want_m = _oracle(before, moms, name=name, stochastic=False)
     for got, want in zip(near_p + near_m, near_want_p + near_want_m):
         assert torch.equal(got, want)
     assert any(not torch.equal(a, b) for a, b in zip(params, near_p))
 
 
-@pytest.mark.parametrize("backend,name", [(b, n) for n in ("fadam", "adafisher") for b in BACKENDS]
-                         + [(EMULATED, "adafisher")])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_several_steps_give_the_oracles_bits(small_chunks, monkeypatch, backend, name):
+    """Three steps in a row (t = 4, 5, 6: each its own key), bfloat16 momentums rounded and read
+    back: every step's bits are the oracle's."""
+    backend, device = _backend(backend, monkeypatch)
+    before, moms, params, momentums = _exact_step(name, backend, "stochastic", torch.bfloat16,
+                                                  device=device, steps=3)
+    want_p, want_m = before, moms
+    for step in (3, 4, 5):
+        want_p, want_m = _oracle(want_p, want_m, name=name, step=step)
+    for got, want in zip(params + momentums, want_p + want_m):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend,name", [(b, n) for n in ("fadam", "adafisher") for b in BACKENDS])
 def test_stochastic_rounding_is_unbiased_where_nearest_stalls(monkeypatch, backend, name):
     """theta = 1.5 (bfloat16 ulp 2^-7), an update of 0.01 ulp: round to nearest leaves every
     element at 1.5; stochastic rounding moves 1% of them down one ulp, so the mean over N
     elements is the float32 result within its standard error ulp sqrt(q (1 - q) / N)."""
     # 2^14 elements: 5 standard errors are 0.004 ulp; 2^12 in Triton's (slow) interpreter: 0.008.
     n, ulp = 1 << (12 if backend == "triton" else 14), 2.0 ** -7
-    backend = _use(monkeypatch, backend)
+    backend, device = _backend(backend, monkeypatch)
     f32 = op_contract.f32
     lr = 0.01 * ulp / f32(BETA1) / _coef(name, 1.0, 4)  # m' = beta1 * 1; step 3 + 1
     shapes = [(n,)]
     before, moms, sr, sr_m = _exact_step(name, backend, "stochastic", torch.bfloat16,
-                                         shapes=shapes, lr=lr, theta=1.5, momentum=1.0)
+                                         shapes=shapes, lr=lr, theta=1.5, momentum=1.0,
+                                         device=device)
     _, _, near, _ = _exact_step(name, backend, "nearest", torch.bfloat16, shapes=shapes, lr=lr,
-                                theta=1.5, momentum=1.0)
+                                theta=1.5, momentum=1.0, device=device)
     # The float32 result: 1.5 - a m' in float32 operations.
     x = (torch.tensor(1.5) - torch.tensor(_coef(name, lr, 4)) * torch.tensor(f32(BETA1))).item()
     assert 0.005 < (1.5 - x) / ulp < 0.02
@@ -215,7 +240,7 @@ def _random_run(name, backend, steps, *, opt=None, params=None, grads, momentum_
                     rounding_seed=seed, momentum_dtype=momentum_dtype)
     for k in range(steps):
         for p, g in zip(opt.param_groups[0]["params"], grads[k]):
-            p.grad = g.clone()
+            p.grad = g.to(p.device, copy=True)
         opt.step()
     return opt
 
@@ -225,10 +250,10 @@ def _grads(shapes, steps, seed=1):
     return [[torch.randn(s, generator=gen).bfloat16() for s in shapes] for _ in range(steps)]
 
 
-@pytest.mark.parametrize("backend,name", [(b, n) for b in ("cpu", "reference") for n in OPTIMIZERS]
-                         + [(EMULATED, "adafisher")])
+@pytest.mark.parametrize("backend,name", [(b, n) for b in ("cpu", "reference", EMULATED)
+                                          for n in OPTIMIZERS])
 def test_resume_from_a_state_dict_continues_the_same_bits(monkeypatch, backend, name):
-    backend = _use(monkeypatch, backend)
+    backend, _ = _backend(backend, monkeypatch)
     grads = _grads(SHAPES, 6)
     torch.manual_seed(7)  # the seed is drawn from torch's default generator
     params = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
@@ -269,12 +294,11 @@ def test_the_default_seed_is_reproducible_and_saved():
 
 
 @pytest.mark.parametrize("backend,name", [(b, n) for b in BACKENDS for n in OPTIMIZERS
-                                          if b != "triton" or n != "fadafactor"]
-                         + [(EMULATED, "adafisher")])
+                                          if b != "triton" or n != "fadafactor"])
 def test_a_nonfinite_gradient_skips_the_step_bit_identically(small_chunks, monkeypatch, backend,
                                                              name):
-    backend = _use(monkeypatch, backend)
-    params = [torch.randn(s).bfloat16().requires_grad_() for s in SHAPES]
+    backend, device = _backend(backend, monkeypatch)
+    params = [torch.randn(s).bfloat16().to(device).requires_grad_() for s in SHAPES]
     opt = _random_run(name, backend, 2, params=params, grads=_grads(SHAPES, 2), seed=5,
                       momentum_dtype=torch.bfloat16)
     before = [p.detach().clone() for p in params]
@@ -400,3 +424,58 @@ def test_the_ops_refuse_a_rounding_list_of_the_wrong_length(backend):
                     beta2=0.999, eps=1e-8, p=0.5, clip=1.0, weight_decay=0.0, maximize=False,
                     chunk_size=ops.chunk_size, fuse_one_chunk=True, rounding=[1, 0, 4])
     assert torch.equal(params[0], torch.zeros(4, dtype=torch.bfloat16))
+
+
+# A sharded-style row per tensor at op level: local block (7, 13) at column 5 of a logical
+# (7, 40) tensor, a whole (37,) run at element 100 of a logical flat tensor, and (3, 5, 9) at
+# column 11 of a logical (3, 5, 20): local element e is logical base + (e // il) * ig + e % il.
+OP_SHARDS = [((7, 13), 5, 40), ((37,), 100, 37), ((3, 5, 9), 11, 20)]
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("backend", ["cpu", EMULATED, "cuda"])
+def test_op_level_sharded_rows_draw_the_logical_bits(monkeypatch, backend, param_dtype):
+    """FAdam's ops with a rounding row of inner_local != inner_global per tensor, bfloat16
+    momentums, the exact update (g = 0), chunks of 64 (tails, and chunks that start mid-run): the
+    parameter (when bfloat16) and the momentum are the oracle's bits for the logical indices. A
+    float32 parameter is stored as is, only its bfloat16 momentum rounds."""
+    if backend != "cpu":
+        monkeypatch.setitem(op_contract.CHUNK_SIZE, "cuda", 64)
+    backend, device = _backend(backend, monkeypatch)
+    monkeypatch.setitem(op_contract.CHUNK_SIZE, "cpu", 64)
+    monkeypatch.setattr(backends, "_FUSED", {})
+    ops = backends.fused(backend)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [shape for shape, _, _ in OP_SHARDS]
+    params = [torch.randn(s, generator=gen).to(param_dtype) for s in shapes]
+    moms = [(torch.randn(s, generator=gen) * 0.3).bfloat16() for s in shapes]
+    seeds = [op_contract.tensor_seed(77, k) for k in range(len(shapes))]
+    rows = [[seed, base, shape[-1], inner_global]
+            for seed, (shape, base, inner_global) in zip(seeds, OP_SHARDS)]
+    t = 9.0
+    on = {"device": device}
+    dev_params = [p.to(**on, copy=True) for p in params]
+    dev_moms = [m.to(**on, copy=True) for m in moms]
+    grads = [torch.zeros_like(p) for p in dev_params]
+    fims = [torch.rand(s, generator=gen).add(0.5).to(**on) for s in shapes]
+    steps = [torch.tensor(t, **on) for _ in shapes]
+    skip = torch.zeros((), **on)
+    partials = op_contract.new_partials(dev_params, ops.chunk_size)
+    ops.phase_a(dev_params, grads, fims, steps, partials, skip, None, beta2=0.999, eps=1e-8,
+                p=0.5, clip=1.0, maximize=False, chunk_size=ops.chunk_size, fuse_one_chunk=False)
+    ops.phase_b(dev_params, grads, fims, dev_moms, steps, partials, skip, None, None, lr=LR,
+                beta1=BETA1, beta2=0.999, eps=1e-8, p=0.5, clip=1.0, weight_decay=0.0,
+                maximize=False, chunk_size=ops.chunk_size, fuse_one_chunk=False,
+                rounding=[x for row in rows for x in row])
+    f32, step = op_contract.f32, torch.tensor(t)
+    for k, (theta, m, row) in enumerate(zip(params, moms, rows)):
+        seed, base, inner_local, inner_global = row
+        index = reference.logical_index(theta.numel(), base, inner_local, inner_global, CPU)
+        m_new = f32(BETA1) * m.float().reshape(-1)
+        x = theta.float().reshape(-1) - f32(LR) * m_new
+        want_m = reference.round_bf16_stochastic(m_new, reference.rounding_bits(seed, step, index,
+                                                                                1))
+        want_p = (reference.round_bf16_stochastic(x, reference.rounding_bits(seed, step, index, 0))
+                  if param_dtype == torch.bfloat16 else x)
+        assert torch.equal(dev_moms[k].cpu().reshape(-1), want_m), k
+        assert torch.equal(dev_params[k].cpu().reshape(-1), want_p), k

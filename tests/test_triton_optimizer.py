@@ -110,10 +110,10 @@ def _sr_opt(params, moms, backend):
 
 
 @needs_gpu
-@pytest.mark.parametrize("backend", [None, "triton"])
+@pytest.mark.parametrize("backend", [None, "triton", "cuda"])
 def test_gpu_stochastic_rounding_matches_the_oracle(backend):
-    """The compiled Triton kernels draw the oracle's bits (backend=None: the CUDA kernels have no
-    stochastic rounding yet, so the group runs on Triton's)."""
+    """The compiled Triton kernels and the CUDA kernels (backend=None picks them on a GPU) draw
+    the oracle's bits."""
     from test_stochastic_rounding import _oracle
     params, moms = _sr_problem("cuda")
     before = [p.detach().cpu() for p in params]
@@ -124,14 +124,6 @@ def test_gpu_stochastic_rounding_matches_the_oracle(backend):
         assert torch.equal(p.detach().cpu(), w)
     for p, w in zip(params, want_m):
         assert torch.equal(opt.state[p]["momentum"].cpu(), w)
-
-
-@needs_gpu
-def test_gpu_cuda_backend_refuses_stochastic_rounding_by_name():
-    params, moms = _sr_problem("cuda")
-    opt = _sr_opt(params, moms, "cuda")
-    with pytest.raises(RuntimeError, match="CUDA kernels have no stochastic rounding"):
-        opt.step()
 
 
 @needs_gpu

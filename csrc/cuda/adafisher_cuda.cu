@@ -41,27 +41,18 @@ namespace fadam::cuda::adafisher {
 namespace {
 
 // The tables of one launch (structure of arrays, as fadam_cuda.cu's).
-struct Tables {
+struct Tables : CommonTables {
   const void* grad[kMaxTensors];
   void* param[kMaxTensors];    // nullptr in the check
   void* mom[kMaxTensors];      // nullptr in the check; float32, or bfloat16 (momentum_dtype)
   const float* step[kMaxTensors];
   const float* s[kMaxTensors];  // S of the tensor (row values)
   const float* h[kMaxTensors];  // H of the tensor (column values)
-  int64_t numel[kMaxTensors];
   int64_t cols[kMaxTensors];    // 0: F = 1
-  int32_t nchunks[kMaxTensors];
-  int32_t per_block[kMaxTensors];
-  uint8_t flags[kMaxTensors];
-  uint16_t block_tensor[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
 
   void fill(const Launch& launch, const LaunchDesc& d) {
     const bool update = !d.moms.empty();
-    const int64_t v = 16 / static_cast<int64_t>(d.params[0].element_size());
-    for (size_t k = 0; k < launch.tensors.size(); ++k) {
-      const PlanTensor& pt = launch.tensors[k];
-      const auto i = static_cast<size_t>(pt.tensor);
+    fill_tables(*this, launch, d, [&](size_t k, size_t i, const PlanTensor&) {
       grad[k] = d.grads[i].const_data_ptr();
       param[k] = update ? d.params[i].data_ptr() : nullptr;
       mom[k] = update ? d.moms[i].data_ptr() : nullptr;
@@ -69,17 +60,8 @@ struct Tables {
       s[k] = update ? d.factors + d.ada[i].s_offset : nullptr;
       h[k] = update ? d.factors + d.ada[i].h_offset : nullptr;
       cols[k] = update ? d.ada[i].cols : 0;
-      numel[k] = d.params[i].numel();
-      nchunks[k] = static_cast<int32_t>(pt.nchunks);
-      per_block[k] = static_cast<int32_t>(pt.per_block);
-      const bool vec = d.chunk_size % v == 0 && aligned16(grad[k]) &&
-                       (!update || (aligned16(param[k]) && aligned16(mom[k])));
-      flags[k] = static_cast<uint8_t>(vec ? kFlagVector : 0);
-    }
-    for (size_t b = 0; b < launch.blocks.size(); ++b) {
-      block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
-      block_chunk[b] = launch.blocks[b].chunk;
-    }
+      return vector_ok(d, grad[k], param[k], mom[k]);  // the check's param and mom: nullptr
+    });
   }
 };
 
@@ -128,13 +110,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // ---- the update, and its stochastic rounding ([note: stochastic rounding] in
 // fadam_fused/op_contract.py; the bits are csrc/stochastic_round.h's, as the CPU kernels')
 
-// The update takes stochastic rounding and bfloat16 momentums; otherwise the CUDA kernels'
-// limits (kCudaLimits).
-constexpr KernelLimits kUpdateLimits = [] {
-  KernelLimits limits = kCudaLimits;
-  limits.stochastic_rounding = true;
-  return limits;
-}();
 
 // The update's tables: Tables and each tensor's rounding row (zeros when the op rounds to
 // nearest: never read then). 32 B per tensor: 4 KiB more kernel argument at 128 tensors.
@@ -343,5 +318,5 @@ TORCH_LIBRARY_IMPL(fadam_fused, FADAM_CUDA_DISPATCH_KEY, m) {
   m.impl(FADAM_CUDA_OP("nonfinite_check", "cuda_emulated_nonfinite_check"),
          &fadam::nonfinite_check_op<kCudaLimits, &a::nonfinite_check>);
   m.impl(FADAM_CUDA_OP("adafisher_update", "cuda_emulated_adafisher_update"),
-         &fadam::adafisher_update_op<a::kUpdateLimits, &a::update>);
+         &fadam::adafisher_update_op<kCudaLimits, &a::update>);
 }

@@ -49,66 +49,52 @@ namespace {
 // Tile columns per lane (kMaxTileCols in kernel_common.cuh: the widest tile the op accepts).
 constexpr int kColsPerLane = kMaxTileCols / 32;
 
-// The tables of one launch (structure of arrays). Operands a kernel does not use are nullptr.
-struct Tables {
+// The tables of one launch (structure of arrays), after the columns of every kernel's tables
+// (CommonTables: its `block_chunk` is a tile, a matrix or a first chunk, by kernel). Operands a
+// kernel does not use are nullptr.
+struct Tables : CommonTables {
   const void* grad[kMaxTensors];
   void* param[kMaxTensors];
-  float* mom[kMaxTensors];
+  void* mom[kMaxTensors];        // float32, or bfloat16 (Scalars::mom_bf16)
   float* fim_row[kMaxTensors];   // old R (phase S), new R (phase B)
   float* fim_col[kMaxTensors];
   const float* step[kMaxTensors];
   float* factors[kMaxTensors];   // the tensor's region of `factors`
   double* fpart[kMaxTensors];    // the tensor's region of `factor_partials`
-  int64_t numel[kMaxTensors];
   int64_t slot0[kMaxTensors];
   int32_t batch[kMaxTensors];
   int32_t rows[kMaxTensors];
   int32_t cols[kMaxTensors];
   int32_t tile_rows[kMaxTensors];
   int32_t tile_cols[kMaxTensors];
-  int32_t nchunks[kMaxTensors];
-  int32_t per_block[kMaxTensors];
-  uint8_t flags[kMaxTensors];
-  uint16_t block_tensor[kMaxBlocks];
-  int32_t block_index[kMaxBlocks];  // tile, matrix or first chunk, by kernel
 
   // Fills the tables of one launch of the plan (host side).
   void fill(const Launch& launch, const LaunchDesc& d) {
-    const int64_t v = 16 / static_cast<int64_t>(d.params[0].element_size());
-    for (size_t k = 0; k < launch.tensors.size(); ++k) {
-      const PlanTensor& pt = launch.tensors[k];
-      const auto i = static_cast<size_t>(pt.tensor);
+    fill_tables(*this, launch, d, [&](size_t k, size_t i, const PlanTensor& pt) {
       const FactorTile& ft = d.tiles[i];
       param[k] = d.params[i].data_ptr();
       grad[k] = d.grads[i].const_data_ptr();
-      mom[k] = d.moms.empty() ? nullptr : d.moms[i].data_ptr<float>();
+      mom[k] = d.moms.empty() ? nullptr : d.moms[i].data_ptr();
       fim_row[k] = d.fim_rows.empty() ? nullptr : d.fim_rows[i].data_ptr<float>();
       fim_col[k] = d.fim_cols.empty() ? nullptr : d.fim_cols[i].data_ptr<float>();
       step[k] = d.steps.empty() ? nullptr : d.steps[i].const_data_ptr<float>();
       factors[k] = d.factors + d.factor_off.factors[i];
       fpart[k] = d.factor_partials == nullptr ? nullptr
                                               : d.factor_partials + d.factor_off.partials[i];
-      numel[k] = d.params[i].numel();
       slot0[k] = pt.slot0;
       batch[k] = static_cast<int32_t>(ft.batch);
       rows[k] = static_cast<int32_t>(ft.rows);
       cols[k] = static_cast<int32_t>(ft.cols);
       tile_rows[k] = static_cast<int32_t>(ft.tile_rows);
       tile_cols[k] = static_cast<int32_t>(ft.tile_cols);
-      nchunks[k] = static_cast<int32_t>(pt.nchunks);
-      per_block[k] = static_cast<int32_t>(pt.per_block);
-      const bool vec = d.chunk_size % v == 0 && aligned16(param[k]) && aligned16(grad[k]) &&
-                       (mom[k] == nullptr || aligned16(mom[k]));
-      flags[k] = static_cast<uint8_t>((pt.fused ? kFlagFused : 0) | (vec ? kFlagVector : 0));
-    }
-    for (size_t b = 0; b < launch.blocks.size(); ++b) {
-      block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
-      block_index[b] = launch.blocks[b].chunk;
-    }
+      return vector_ok(d, param[k], grad[k], mom[k]);
+    });
   }
 };
 
-using FactoredArgs = Args<Tables>;
+// The kernels' argument: the rounding kernels' tables add the rounding rows (WithRounding).
+template <bool kRound = false>
+using FactoredArgs = Args<std::conditional_t<kRound, WithRounding<Tables>, Tables>>;
 
 // A matrix's geometry, from the tables.
 struct Matrix {
@@ -132,12 +118,12 @@ __device__ __forceinline__ Matrix matrix_of(const Tables& t, int tensor) {
 // ---- phase S ------------------------------------------------------------------------------------
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) tiles_kernel(const __grid_constant__ FactoredArgs args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) tiles_kernel(const __grid_constant__ FactoredArgs<> args) {
   __shared__ float grad_mul;
   __shared__ double col_sums[kWarps][kMaxTileCols];  // 32 KB
   const Tables& t = args.t;
   const int tensor = t.block_tensor[blockIdx.x];
-  const int64_t tile = t.block_index[blockIdx.x];
+  const int64_t tile = t.block_chunk[blockIdx.x];
   if (threadIdx.x == 0) {
     grad_mul = grad_mul_of(args.s.maximize, args.s.grad_scale);
   }
@@ -200,13 +186,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tiles_kernel(const __gri
   }
 }
 
-__global__ void __launch_bounds__(kThreads, kMinBlocks) combine_kernel(const __grid_constant__ FactoredArgs args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) combine_kernel(const __grid_constant__ FactoredArgs<> args) {
   __shared__ double b2hat;
   __shared__ double total_rows;
   __shared__ double scratch[2 * kWarps];
   const Tables& t = args.t;
   const int tensor = t.block_tensor[blockIdx.x];
-  const int64_t b = t.block_index[blockIdx.x];
+  const int64_t b = t.block_chunk[blockIdx.x];
   if (threadIdx.x == 0) {
     b2hat = b2hat_of(args.s.beta2, static_cast<double>(*t.step[tensor]));
   }
@@ -294,101 +280,90 @@ template <typename scalar_t>
 struct Chunk {
   scalar_t* param;
   const scalar_t* grad;
-  float* mom;
+  void* mom;
   int n;     // elements in the chunk
   bool vec;  // 128-bit path allowed
-  FactoredFim fim;
+  FactoredFim factored;
+
+  // A reference: phase B's fragment loop on a copy spilled 24 bytes in the bf16 / fp16 kernels
+  // with p != 0.5 on sm_90.
+  __device__ __forceinline__ const FactoredFim& fim(const BlockScalars&) const {
+    return factored;
+  }
 };
 
-template <typename scalar_t>
+// A chunk's operands; `mom_bf16`: the rounding kernels' bfloat16 momentums.
+template <typename scalar_t, typename Tables>
 __device__ __forceinline__ Chunk<scalar_t> chunk_of(const Tables& t, int tensor, int64_t chunk,
-                                                    int64_t chunk_size) {
+                                                    int64_t chunk_size, bool mom_bf16) {
   const int64_t begin = chunk * chunk_size;
   const int64_t left = t.numel[tensor] - begin;
   Chunk<scalar_t> c;
   c.param = static_cast<scalar_t*>(t.param[tensor]) + begin;
   c.grad = static_cast<const scalar_t*>(t.grad[tensor]) + begin;
-  c.mom = t.mom[tensor] == nullptr ? nullptr : t.mom[tensor] + begin;
+  c.mom = t.mom[tensor] == nullptr ? nullptr : mom_at<true>(t.mom[tensor], begin, mom_bf16);
   c.n = static_cast<int>(left < chunk_size ? (left > 0 ? left : 0) : chunk_size);
   c.vec = (t.flags[tensor] & kFlagVector) != 0;
   const int64_t rows = t.rows[tensor], cols = t.cols[tensor];
-  c.fim.stride = static_cast<uint32_t>(2 * rows + cols);
-  c.fim.rows = static_cast<uint32_t>(rows);
-  c.fim.cols = static_cast<uint32_t>(cols);
+  FactoredFim& f = c.factored;
+  f.stride = static_cast<uint32_t>(2 * rows + cols);
+  f.rows = static_cast<uint32_t>(rows);
+  f.cols = static_cast<uint32_t>(cols);
   int64_t b0 = 0;
-  c.fim.r0 = c.fim.j0 = 0;
+  f.r0 = f.j0 = 0;
   if (c.n > 0) {  // 64-bit divisions once per chunk; rows, cols > 0 when there are elements
     const int64_t q = begin / cols;
     b0 = q / rows;
-    c.fim.r0 = static_cast<uint32_t>(q - b0 * rows);
-    c.fim.j0 = static_cast<uint32_t>(begin - q * cols);
+    f.r0 = static_cast<uint32_t>(q - b0 * rows);
+    f.j0 = static_cast<uint32_t>(begin - q * cols);
   }
-  c.fim.col = t.factors[tensor] + b0 * c.fim.stride + rows;
+  f.col = t.factors[tensor] + b0 * f.stride + rows;
   return c;
 }
 
 template <typename scalar_t, bool kSqrt>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) phase_a_kernel(const __grid_constant__ FactoredArgs args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) phase_a_kernel(const __grid_constant__ FactoredArgs<> args) {
   __shared__ BlockScalars bs;
   __shared__ double scratch[2 * kWarps];
   const int tensor = args.t.block_tensor[blockIdx.x];
-  const int64_t chunk = args.t.block_index[blockIdx.x];
+  const int64_t chunk = args.t.block_chunk[blockIdx.x];
   if (threadIdx.x == 0) {
     bs = block_scalars(args.s, nullptr);
   }
   __syncthreads();
-  const auto c = chunk_of<scalar_t>(args.t, tensor, chunk, args.s.chunk_size);
+  const auto c = chunk_of<scalar_t>(args.t, tensor, chunk, args.s.chunk_size, false);
   double s1 = 0.0, s2 = 0.0;
   bool unused = false;  // phase S has checked the gradients (the overflow rule)
-  reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim, bs.grad_mul, args.s.p, args.s.eps_p, s1,
+  reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.factored, bs.grad_mul, args.s.p, args.s.eps_p, s1,
                       s2, unused);
   store_slot(s1, s2, args.s.partials + 2 * (args.t.slot0[tensor] + chunk), scratch);
 }
 
-template <typename scalar_t, bool kSqrt>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) phase_b_kernel(const __grid_constant__ FactoredArgs args) {
-  // An overflow anywhere in the group skips the whole step ([note: the overflow rule]).
-  if (*args.s.skip != 0.0f) {
-    return;
-  }
+// kRound: the rounding instantiation ([note: stochastic rounding on CUDA] in kernel_common.cuh).
+template <typename scalar_t, bool kSqrt, bool kRound>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) phase_b_kernel(const __grid_constant__ FactoredArgs<kRound> args) {
   __shared__ BlockScalars bs;
   __shared__ double scratch[2 * kWarps];
-  const Tables& t = args.t;
-  const Scalars& s = args.s;
-  const int tensor = t.block_tensor[blockIdx.x];
-  const int64_t chunk0 = t.block_index[blockIdx.x];
-  if (threadIdx.x == 0) {
-    bs = block_scalars(s, nullptr);
-  }
-  __syncthreads();
-  if (chunk0 == 0) {  // the tensor's first block: the new R and C become the state
-    // Matrix by matrix, without 64-bit divisions: a flat loop over batch * rows with k / rows
-    // made its bf16 / fp16 kernels spill 20 bytes on sm_90.
-    const int rows = t.rows[tensor], cols = t.cols[tensor];
-    const int64_t stride = 2 * static_cast<int64_t>(rows) + cols;
-    for (int64_t b = 0; b < t.batch[tensor]; ++b) {
-      const float* src = t.factors[tensor] + b * stride;
-      for (int r = threadIdx.x; r < rows; r += kThreads) {
-        t.fim_row[tensor][b * rows + r] = src[r];
-      }
-      for (int c = threadIdx.x; c < cols; c += kThreads) {
-        t.fim_col[tensor][b * cols + c] = src[rows + c];
-      }
-    }
-  }
-  // A fused tensor does both phases in this block ([note: fused one-chunk tensors]).
-  clip_scales(s, (t.flags[tensor] & kFlagFused) != 0, s.partials, t.slot0[tensor],
-              t.nchunks[tensor], t.numel[tensor], bs, scratch, [&](double& s1, double& s2) {
-    const auto c = chunk_of<scalar_t>(t, tensor, 0, s.chunk_size);
-    bool unused = false;
-    reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim, bs.grad_mul, s.p, s.eps_p, s1, s2,
-                        unused);
-  });
-  const int64_t chunk_end = min(chunk0 + t.per_block[tensor], static_cast<int64_t>(t.nchunks[tensor]));
-  for (int64_t chunk = chunk0; chunk < chunk_end; ++chunk) {
-    const auto c = chunk_of<scalar_t>(t, tensor, chunk, s.chunk_size);
-    update_frags<kSqrt>(c.param, c.grad, c.mom, c.n, c.vec, c.fim, bs, s);
-  }
+  phase_b_block<kSqrt, kRound, /*kFimUpdate=*/false>(
+      args, bs, scratch,
+      [](const auto& t, const Scalars& s, int tensor, int64_t chunk) {
+        return chunk_of<scalar_t>(t, tensor, chunk, s.chunk_size, kRound && s.mom_bf16);
+      },
+      [](const auto& t, int tensor) {  // the tensor's first block: the new R and C become the state
+        // Matrix by matrix, without 64-bit divisions: a flat loop over batch * rows with k / rows
+        // made its bf16 / fp16 kernels spill 20 bytes on sm_90.
+        const int rows = t.rows[tensor], cols = t.cols[tensor];
+        const int64_t stride = 2 * static_cast<int64_t>(rows) + cols;
+        for (int64_t b = 0; b < t.batch[tensor]; ++b) {
+          const float* src = t.factors[tensor] + b * stride;
+          for (int r = threadIdx.x; r < rows; r += kThreads) {
+            t.fim_row[tensor][b * rows + r] = src[r];
+          }
+          for (int c = threadIdx.x; c < cols; c += kThreads) {
+            t.fim_col[tensor][b * cols + c] = src[rows + c];
+          }
+        }
+      });
 }
 
 // ---- host side ----------------------------------------------------------------------------------
@@ -445,8 +420,9 @@ void phase_a(const LaunchDesc& d) {
 }
 
 void phase_b(const LaunchDesc& d) {
-  launch_plan<Tables>(d, plan(Kernel::kPhaseB, d),
-                      []<typename K>(K) { return &phase_b_kernel<typename K::type, K::sqrt>; });
+  launch_phase_b<Tables>(d, plan(Kernel::kPhaseB, d), []<typename K, typename R>(K, R) {
+    return &phase_b_kernel<typename K::type, K::sqrt, R::value>;
+  });
 }
 
 }  // namespace

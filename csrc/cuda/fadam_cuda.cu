@@ -65,83 +65,35 @@
 namespace fadam::cuda {
 namespace {
 
-// The tables of one launch (structure of arrays: no padding between fields).
-struct Tables {
+// The tables of one launch (structure of arrays: no padding between fields), after the columns
+// of every kernel's tables.
+struct Tables : CommonTables {
   const void* grad[kMaxTensors];
   void* param[kMaxTensors];
   float* fim[kMaxTensors];
-  float* mom[kMaxTensors];  // nullptr in phase A
+  void* mom[kMaxTensors];  // nullptr in phase A; float32, or bfloat16 (Scalars::mom_bf16)
   const float* step[kMaxTensors];
-  int64_t numel[kMaxTensors];
   int64_t slot0[kMaxTensors];
-  int32_t nchunks[kMaxTensors];
-  int32_t per_block[kMaxTensors];
-  uint8_t flags[kMaxTensors];
-  uint16_t block_tensor[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
 
   // Fills the tables of one launch of the plan (host side).
   void fill(const Launch& launch, const LaunchDesc& d) {
-    const int64_t v = 16 / static_cast<int64_t>(d.params[0].element_size());
-    for (size_t k = 0; k < launch.tensors.size(); ++k) {
-      const PlanTensor& pt = launch.tensors[k];
-      const auto i = static_cast<size_t>(pt.tensor);
+    fill_tables(*this, launch, d, [&](size_t k, size_t i, const PlanTensor& pt) {
       param[k] = d.params[i].data_ptr();
       grad[k] = d.grads[i].const_data_ptr();
       fim[k] = d.fims[i].data_ptr<float>();
-      mom[k] = d.moms.empty() ? nullptr : d.moms[i].data_ptr<float>();
+      mom[k] = d.moms.empty() ? nullptr : d.moms[i].data_ptr();
       step[k] = d.steps[i].const_data_ptr<float>();
-      numel[k] = d.params[i].numel();
       slot0[k] = pt.slot0;
-      nchunks[k] = static_cast<int32_t>(pt.nchunks);
-      per_block[k] = static_cast<int32_t>(pt.per_block);
-      const bool vec = d.chunk_size % v == 0 && aligned16(param[k]) && aligned16(grad[k]) &&
-                       aligned16(fim[k]) && (mom[k] == nullptr || aligned16(mom[k]));
-      flags[k] = static_cast<uint8_t>((pt.fused ? kFlagFused : 0) | (vec ? kFlagVector : 0));
-    }
-    for (size_t b = 0; b < launch.blocks.size(); ++b) {
-      block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
-      block_chunk[b] = launch.blocks[b].chunk;
-    }
+      return vector_ok(d, param[k], grad[k], fim[k], mom[k]);
+    });
   }
 };
 
-using FAdamArgs = Args<Tables>;
+// The kernels' argument: the rounding kernels' tables add the rounding rows (WithRounding).
+template <bool kRound>
+using FAdamArgs = Args<std::conditional_t<kRound, WithRounding<Tables>, Tables>>;
 
-// ---- per-block scalars ------------------------------------------------------------------------
-
-// Thread 0 only: block_scalars() with this tensor's step.
-__device__ __forceinline__ void block_prologue(const FAdamArgs& args, int tensor,
-                                               BlockScalars& bs) {
-  bs = block_scalars(args.s, args.t.step[tensor]);
-}
-
-// ---- per-chunk loops --------------------------------------------------------------------------
-
-template <typename scalar_t>
-struct ChunkPtrs {
-  scalar_t* param;
-  const scalar_t* grad;
-  float* fim;
-  float* mom;
-  int n;     // elements in the chunk
-  bool vec;  // 128-bit path allowed
-};
-
-template <typename scalar_t>
-__device__ __forceinline__ ChunkPtrs<scalar_t> chunk_ptrs(const Tables& t, int tensor,
-                                                          int64_t chunk, int64_t chunk_size) {
-  const int64_t begin = chunk * chunk_size;  // int64: tensors over 2^31 elements
-  const int64_t left = t.numel[tensor] - begin;
-  ChunkPtrs<scalar_t> c;
-  c.param = static_cast<scalar_t*>(t.param[tensor]) + begin;
-  c.grad = static_cast<const scalar_t*>(t.grad[tensor]) + begin;
-  c.fim = t.fim[tensor] + begin;
-  c.mom = t.mom[tensor] == nullptr ? nullptr : t.mom[tensor] + begin;
-  c.n = static_cast<int>(left < chunk_size ? (left > 0 ? left : 0) : chunk_size);
-  c.vec = (t.flags[tensor] & kFlagVector) != 0;
-  return c;
-}
+// ---- per-chunk operands -----------------------------------------------------------------------
 
 // FAdam's f: the stored f of the fragment, updated with this step's g (fim_update), and stored
 // back by phase B (the Fim interface of kernel_common.cuh).
@@ -174,9 +126,34 @@ struct StoredFim {
 };
 
 template <typename scalar_t>
-__device__ __forceinline__ StoredFim stored_fim(const ChunkPtrs<scalar_t>& c,
-                                                const BlockScalars& bs) {
-  return {c.fim, bs.b2hat, bs.one_minus_b2hat};
+struct ChunkPtrs {
+  scalar_t* param;
+  const scalar_t* grad;
+  float* f;
+  void* mom;
+  int n;     // elements in the chunk
+  bool vec;  // 128-bit path allowed
+
+  __device__ __forceinline__ StoredFim fim(const BlockScalars& bs) const {
+    return {f, bs.b2hat, bs.one_minus_b2hat};
+  }
+};
+
+// A chunk's operands; `mom_bf16`: the rounding kernels' bfloat16 momentums.
+template <typename scalar_t, typename Tables>
+__device__ __forceinline__ ChunkPtrs<scalar_t> chunk_ptrs(const Tables& t, int tensor,
+                                                          int64_t chunk, int64_t chunk_size,
+                                                          bool mom_bf16) {
+  const int64_t begin = chunk * chunk_size;  // int64: tensors over 2^31 elements
+  const int64_t left = t.numel[tensor] - begin;
+  ChunkPtrs<scalar_t> c;
+  c.param = static_cast<scalar_t*>(t.param[tensor]) + begin;
+  c.grad = static_cast<const scalar_t*>(t.grad[tensor]) + begin;
+  c.f = t.fim[tensor] + begin;
+  c.mom = t.mom[tensor] == nullptr ? nullptr : mom_at<true>(t.mom[tensor], begin, mom_bf16);
+  c.n = static_cast<int>(left < chunk_size ? (left > 0 ? left : 0) : chunk_size);
+  c.vec = (t.flags[tensor] & kFlagVector) != 0;
+  return c;
 }
 
 // ---- kernels ----------------------------------------------------------------------------------
@@ -184,16 +161,16 @@ __device__ __forceinline__ StoredFim stored_fim(const ChunkPtrs<scalar_t>& c,
 // __grid_constant__: the tables stay in the kernel parameter bank (indexed constant loads with a
 // block-uniform index) instead of being copied to local memory.
 template <typename scalar_t, bool kSqrt>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(const __grid_constant__ FAdamArgs args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(const __grid_constant__ FAdamArgs<false> args) {
   __shared__ BlockScalars bs;
   __shared__ double scratch[2 * kWarps];
   const int tensor = args.t.block_tensor[blockIdx.x];
   const int64_t chunk = args.t.block_chunk[blockIdx.x];
   if (threadIdx.x == 0) {
-    block_prologue(args, tensor, bs);
+    bs = block_scalars(args.s, args.t.step[tensor]);
   }
   __syncthreads();
-  const auto c = chunk_ptrs<scalar_t>(args.t, tensor, chunk, args.s.chunk_size);
+  const auto c = chunk_ptrs<scalar_t>(args.t, tensor, chunk, args.s.chunk_size, false);
   bool bad = false;
   if (!args.s.clipping || (args.t.flags[tensor] & kFlagFused)) {
     // Only the overflow check: phase B reduces a fused tensor, and without clipping nothing
@@ -201,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(con
     check_frags(c.grad, c.n, c.vec, bs.grad_mul, bad);
   } else {
     double s1 = 0.0, s2 = 0.0;
-    reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, stored_fim(c, bs), bs.grad_mul, args.s.p,
+    reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim(bs), bs.grad_mul, args.s.p,
                         args.s.eps_p, s1, s2, bad);
     store_slot(s1, s2, args.s.partials + 2 * (args.t.slot0[tensor] + chunk), scratch);
   }
@@ -210,36 +187,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_a_kernel(con
   }
 }
 
-template <typename scalar_t, bool kSqrt>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(const __grid_constant__ FAdamArgs args) {
-  // An overflow anywhere in the group skips the whole step ([note: the overflow rule]). Phase A
-  // ran earlier on this stream, so *skip is final; the branch is uniform over the block.
-  if (*args.s.skip != 0.0f) {
-    return;
-  }
+// kRound: the rounding instantiation ([note: stochastic rounding on CUDA] in kernel_common.cuh).
+template <typename scalar_t, bool kSqrt, bool kRound>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) fadam_phase_b_kernel(const __grid_constant__ FAdamArgs<kRound> args) {
   __shared__ BlockScalars bs;
   __shared__ double scratch[2 * kWarps];
-  const Tables& t = args.t;
-  const Scalars& s = args.s;
-  const int tensor = t.block_tensor[blockIdx.x];
-  const int64_t chunk0 = t.block_chunk[blockIdx.x];
-  if (threadIdx.x == 0) {
-    block_prologue(args, tensor, bs);
-  }
-  __syncthreads();
-  // A fused tensor does both phases in this block ([note: fused one-chunk tensors]).
-  clip_scales(s, (t.flags[tensor] & kFlagFused) != 0, s.partials, t.slot0[tensor],
-              t.nchunks[tensor], t.numel[tensor], bs, scratch, [&](double& s1, double& s2) {
-    const auto c = chunk_ptrs<scalar_t>(t, tensor, 0, s.chunk_size);
-    bool unused = false;
-    reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, stored_fim(c, bs), bs.grad_mul, s.p, s.eps_p,
-                        s1, s2, unused);
-  });
-  const int64_t chunk_end = min(chunk0 + t.per_block[tensor], static_cast<int64_t>(t.nchunks[tensor]));
-  for (int64_t chunk = chunk0; chunk < chunk_end; ++chunk) {
-    const auto c = chunk_ptrs<scalar_t>(t, tensor, chunk, s.chunk_size);
-    update_frags<kSqrt>(c.param, c.grad, c.mom, c.n, c.vec, stored_fim(c, bs), bs, s);
-  }
+  phase_b_block<kSqrt, kRound, /*kFimUpdate=*/true>(
+      args, bs, scratch,
+      [](const auto& t, const Scalars& s, int tensor, int64_t chunk) {
+        return chunk_ptrs<scalar_t>(t, tensor, chunk, s.chunk_size, kRound && s.mom_bf16);
+      },
+      [](const auto&, int) {});
 }
 
 // ---- host side --------------------------------------------------------------------------------
@@ -251,9 +209,11 @@ void phase_a(const LaunchDesc& d) {
 }
 
 void phase_b(const LaunchDesc& d) {
-  launch_plan<Tables>(
+  launch_phase_b<Tables>(
       d, make_plan(numels_of(d.params), d.chunk_size, d.fuse_one_chunk, Phase::B),
-      []<typename K>(K) { return &fadam_phase_b_kernel<typename K::type, K::sqrt>; });
+      []<typename K, typename R>(K, R) {
+        return &fadam_phase_b_kernel<typename K::type, K::sqrt, R::value>;
+      });
 }
 
 // ---- the plan as an op, for tests (tests/test_cuda_build.py) -----------------------------------

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -16,6 +17,7 @@
 #include "fadam_math.h"
 #include "fadam_ops.h"
 #include "op_boundary.h"
+#include "stochastic_round.h"
 
 namespace fadam::cuda {
 
@@ -40,7 +42,7 @@ constexpr int kMaxTileCols = 256;
 constexpr KernelLimits kCudaLimits{kDeviceType, "the CUDA kernels", int64_t{1} << 30,
                                           /*aligned_partials=*/true, kMaxTileCols,
                                           /*int32_geometry=*/true,
-                                          /*stochastic_rounding=*/false,
+                                          /*stochastic_rounding=*/true,
                                           /*check_chunk_size=*/65536};
 
 // ---- the kernels' argument ------------------------------------------------------------------------
@@ -50,6 +52,20 @@ struct Scalars : HostScalars {
   double* partials;  // [n_slots, 2]
   float* skip;       // one element
   int64_t chunk_size;
+  bool mom_bf16;     // the momentums are bfloat16 (only the rounding kernels take them)
+  bool rounding;     // the op's rounding list is non-empty: each tensor's row is in its tables
+};
+
+// The columns of every kernel's tables (the tensor and block tables of [note: CUDA multi-tensor
+// plan]); each kernel's Tables derives from it and adds its own (structure of arrays: 8320 bytes
+// with no padding, so the derived columns start 8-byte aligned).
+struct CommonTables {
+  int64_t numel[kMaxTensors];
+  int32_t nchunks[kMaxTensors];
+  int32_t per_block[kMaxTensors];
+  uint8_t flags[kMaxTensors];
+  uint16_t block_tensor[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];  // the block's chunk (or tile, or matrix)
 };
 
 // The one argument of every kernel, passed by value in the kernel parameter space with the
@@ -63,18 +79,25 @@ struct Args {
 
 // ---- loads and stores of one fragment ---------------------------------------------------------
 
+// One vector load or store: 16 bytes, or 8 (the 4-element bfloat16 momentum of a float32
+// fragment).
 template <typename T, int N>
-struct alignas(16) Pack {
+struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
+
+// Elements of T per vector piece of a V-element fragment: 16 bytes, or the whole fragment when
+// it is smaller.
+template <typename T, int V>
+constexpr int kPieceOf = 16 / sizeof(T) < V ? 16 / sizeof(T) : V;
 
 // Loads a fragment into float32 lanes. kFull: all V elements, with one 128-bit load per 16 bytes
 // (LDG.E.128); otherwise `count` (< V, or V on the unaligned path) element loads, the remaining
 // lanes set to `pad`.
 template <bool kFull, int V, typename T>
 __device__ __forceinline__ void load_frag(float (&out)[V], const T* p, int count, float pad) {
-  constexpr int kPer = 16 / sizeof(T);  // elements per 128-bit piece
-  static_assert(V % kPer == 0, "a fragment is whole 128-bit pieces");
+  constexpr int kPer = kPieceOf<T, V>;  // elements per vector piece
+  static_assert(V % kPer == 0, "a fragment is whole vector pieces");
   if constexpr (kFull) {
 #pragma unroll
     for (int q = 0; q < V / kPer; ++q) {
@@ -92,17 +115,18 @@ __device__ __forceinline__ void load_frag(float (&out)[V], const T* p, int count
   }
 }
 
-// Stores a fragment, rounding float32 to T (round to nearest even for bf16 / fp16).
-template <bool kFull, int V, typename T>
-__device__ __forceinline__ void store_frag(T* p, const float (&in)[V], int count) {
-  constexpr int kPer = 16 / sizeof(T);
+// Stores a fragment, lane j's value lane(j) (of type T): with kFull one vector store per piece,
+// otherwise `count` element stores.
+template <bool kFull, int V, typename T, typename Lane>
+__device__ __forceinline__ void store_lanes(T* p, int count, Lane&& lane) {
+  constexpr int kPer = kPieceOf<T, V>;
   if constexpr (kFull) {
 #pragma unroll
     for (int q = 0; q < V / kPer; ++q) {
       Pack<T, kPer> pk;
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
-        pk.v[j] = static_cast<T>(in[q * kPer + j]);
+        pk.v[j] = lane(q * kPer + j);
       }
       reinterpret_cast<Pack<T, kPer>*>(p)[q] = pk;
     }
@@ -110,10 +134,16 @@ __device__ __forceinline__ void store_frag(T* p, const float (&in)[V], int count
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       if (j < count) {
-        p[j] = static_cast<T>(in[j]);
+        p[j] = lane(j);
       }
     }
   }
+}
+
+// Stores a fragment, rounding float32 to T (round to nearest even for bf16 / fp16).
+template <bool kFull, int V, typename T>
+__device__ __forceinline__ void store_frag(T* p, const float (&in)[V], int count) {
+  store_lanes<kFull, V>(p, count, [&](int j) { return static_cast<T>(in[j]); });
 }
 
 // Calls body(i, count, kFull) for the fragments of this thread in a chunk of n elements, in
@@ -175,6 +205,7 @@ struct BlockScalars {
   float lr;
   float inv_s1;
   float inv_s2;
+  uint32_t key;    // the rounding kernels: tensor_key(seed, t) of the block's tensor
 };
 
 // For thread 0, into shared memory: fim_coeffs() runs two float64 pow()s, once per block, not per
@@ -191,6 +222,138 @@ __device__ __forceinline__ BlockScalars block_scalars(const HostScalars& s, cons
   bs.inv_s1 = 1.0f;
   bs.inv_s2 = 1.0f;
   return bs;
+}
+
+// ---- stochastic rounding of phase B's stores ---------------------------------------------------
+//
+// [note: stochastic rounding on CUDA]
+// Each phase-B kernel has two instantiations per dtype and p. kRound false stores theta to
+// nearest and a float32 m, with the tables of round to nearest: nothing of the rounding reaches
+// it. kRound true runs when the op has a rounding list or bfloat16 momentums
+// (launch_phase_b()); its tables add each tensor's row of the rounding list (WithRounding: 32 B
+// per tensor that the other launches do not copy), and it branches on the launch-wide
+// s.rounding and s.mom_bf16 (uniform over the grid). The bits are csrc/stochastic_round.h's, drawn
+// as the CPU kernels draw them (cpu_vec.h's Rounder): key = tensor_key(seed, t) once per block,
+// t the tensor's step read on the device (no host sync; graph capturable), and for element
+// `index` of the logical tensor (RoundingArgs::index) h = fmix32(key ^ lo32(index)), which does
+// not depend on the stream, then fmix32(h ^ hi32(index) ^ stream * kStreamMul) >> 16 for theta
+// (stream 0) and for a bfloat16 m (stream 1): 3 fmix32 per element instead of 4 when both round.
+
+// A chunk's rounding: its tensor's row of the rounding list (in the kernel parameter space), the
+// tensor's key, and the chunk's first local element.
+struct ChunkRounding {
+  const RoundingArgs* where;
+  uint32_t key;
+  int64_t e0;
+};
+
+// tensor_key of a tensor's seed and step (steps[i] as an integer, as the CPU kernels read it).
+__device__ __forceinline__ uint32_t step_key(const RoundingArgs& where, const float* step) {
+  return tensor_key(where.seed, static_cast<uint32_t>(static_cast<int64_t>(*step)));
+}
+
+// The momentum from element `i` of a chunk's: float32, or bfloat16 in the rounding kernels when
+// the launch's momentums are.
+template <bool kRound>
+__device__ __forceinline__ void* mom_at(void* mom, int64_t i, bool bf16) {
+  if (kRound && bf16) {
+    return static_cast<c10::BFloat16*>(mom) + i;
+  }
+  return static_cast<float*>(mom) + i;
+}
+
+template <bool kRound, bool kFull, int V>
+__device__ __forceinline__ void load_mom(float (&out)[V], const void* mom, int count, bool bf16) {
+  if (kRound && bf16) {
+    load_frag<kFull>(out, static_cast<const c10::BFloat16*>(mom), count, 0.0f);
+  } else {
+    load_frag<kFull>(out, static_cast<const float*>(mom), count, 0.0f);
+  }
+}
+
+// The bfloat16 bits of a fragment's theta (stream 0, when scalar_t is bfloat16) and of its m
+// (stream 1, when `mom_bf16`), lane j being local element e + j. A fragment that is one run of
+// logical indices (a whole tensor, or inside a run of a strided shard) not crossing a multiple of
+// 2^32 hashes lo + j; another (a fragment across the end of a run, or 2^32) takes
+// RoundingArgs::index lane by lane.
+template <typename scalar_t, bool kFull, int V>
+__device__ __forceinline__ void rounding_bits_of(uint32_t (&theta_bits)[V / 2],
+                                                 uint32_t (&m_bits)[V / 2],
+                                                 const float (&theta)[V], const float (&m)[V],
+                                                 int count, bool mom_bf16,
+                                                 const ChunkRounding& cr, int64_t e) {
+  const RoundingArgs& w = *cr.where;
+  uint64_t first = static_cast<uint64_t>(w.base + e);
+  bool run = true;
+  if (!w.whole()) {
+    const int64_t q = e / w.inner_local;
+    const int64_t rem = e - q * w.inner_local;
+    first = static_cast<uint64_t>(w.base + q * w.inner_global + rem);
+    run = rem <= w.inner_local - V;
+  }
+  const uint32_t lo = static_cast<uint32_t>(first);
+  const uint32_t hi = static_cast<uint32_t>(first >> 32);
+  run = run && lo <= UINT32_MAX - (V - 1);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if (kFull || j < count) {
+      uint32_t lo_j = lo + static_cast<uint32_t>(j), hi_j = hi;
+      if (!run) {
+        const uint64_t index = w.index(e + j);
+        lo_j = static_cast<uint32_t>(index);
+        hi_j = static_cast<uint32_t>(index >> 32);
+      }
+      const uint32_t h = fmix32(cr.key ^ lo_j);
+      const int shift = 16 * (j % 2);  // two lanes per word, the even one low
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        const uint32_t b = bf16_bits_stochastic(theta[j], fmix32(h ^ hi_j) >> 16);
+        theta_bits[j / 2] = shift == 0 ? b : theta_bits[j / 2] | (b << shift);
+      }
+      if (mom_bf16) {
+        const uint32_t b = bf16_bits_stochastic(m[j], fmix32(h ^ hi_j ^ kStreamMul) >> 16);
+        m_bits[j / 2] = shift == 0 ? b : m_bits[j / 2] | (b << shift);
+      }
+    }
+  }
+}
+
+template <bool kFull, int V>
+__device__ __forceinline__ void store_bits(c10::BFloat16* p, const uint32_t (&bits)[V / 2],
+                                           int count) {
+  store_lanes<kFull, V>(p, count, [&](int j) {
+    return c10::BFloat16(static_cast<uint16_t>(bits[j / 2] >> (16 * (j % 2))),
+                         c10::BFloat16::from_bits());
+  });
+}
+
+// The rounding kernels' stores of a fragment (local elements e, e + 1, ...): m float32 or
+// bfloat16 (s.mom_bf16), and with s.rounding a bfloat16 theta and a bfloat16 m rounded
+// stochastically, else to nearest. (The other kernels store theta to nearest and m float32.)
+template <bool kFull, int V, typename scalar_t>
+__device__ __forceinline__ void store_update(scalar_t* param, void* mom, const float (&theta)[V],
+                                             const float (&m)[V], int count, const Scalars& s,
+                                             const ChunkRounding& cr, int64_t e) {
+  if (s.rounding) {
+    uint32_t theta_bits[V / 2], m_bits[V / 2];
+    rounding_bits_of<scalar_t, kFull>(theta_bits, m_bits, theta, m, count, s.mom_bf16, cr, e);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      store_bits<kFull, V>(param, theta_bits, count);
+    } else {
+      store_frag<kFull>(param, theta, count);
+    }
+    if (s.mom_bf16) {
+      store_bits<kFull, V>(static_cast<c10::BFloat16*>(mom), m_bits, count);
+    } else {
+      store_frag<kFull>(static_cast<float*>(mom), m, count);
+    }
+    return;
+  }
+  if (s.mom_bf16) {  // bfloat16 momentums to nearest
+    store_frag<kFull>(static_cast<c10::BFloat16*>(mom), m, count);
+  } else {
+    store_frag<kFull>(static_cast<float*>(mom), m, count);
+  }
+  store_frag<kFull>(param, theta, count);
 }
 
 // ---- per-chunk loops, for any source of f --------------------------------------------------------
@@ -249,11 +412,15 @@ __device__ __forceinline__ void check_frags(const scalar_t* grad, int n, bool ve
 }
 
 // Phase-B work on n elements: f (the same ff.at() calls as reduce_frags), the momentum and the
-// parameter, stored in place.
-template <bool kSqrt, typename scalar_t, typename Fim>
-__device__ __forceinline__ void update_frags(scalar_t* param, const scalar_t* grad, float* mom,
+// parameter, stored in place. The kRound kernels pass their chunk's rounding `cr` (store_update());
+// the others pass nullptr and store theta to nearest and a float32 m, as before the rounding
+// kernels existed (naming `cr` in their fragment loop spilled 24 bytes in FAdafactor's bf16 / fp16
+// phase B on sm_90).
+template <bool kSqrt, bool kRound, typename scalar_t, typename Fim>
+__device__ __forceinline__ void update_frags(scalar_t* param, const scalar_t* grad, void* mom,
                                              int n, bool vec, const Fim& fim,
-                                             const BlockScalars& bs, const HostScalars& s) {
+                                             const BlockScalars& bs, const Scalars& s,
+                                             const ChunkRounding* cr) {
   constexpr int V = 16 / sizeof(scalar_t);
   for_each_frag<V>(n, vec, [&](int i, int count, auto full) {
     constexpr bool kFull = decltype(full)::value;
@@ -261,7 +428,8 @@ __device__ __forceinline__ void update_frags(scalar_t* param, const scalar_t* gr
     load_frag<kFull>(g, grad + i, count, 0.0f);
     load_frag<kFull>(theta, param + i, count, 0.0f);
     auto ff = fim.template frag<kFull, V>(i, count);
-    load_frag<kFull>(m, mom + i, count, 0.0f);
+    void* mi = mom_at<kRound>(mom, i, s.mom_bf16);
+    load_mom<kRound, kFull>(m, mi, count, s.mom_bf16);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const float gj = g[j] * bs.grad_mul;
@@ -270,8 +438,12 @@ __device__ __forceinline__ void update_frags(scalar_t* param, const scalar_t* gr
                    bs.inv_s2, bs.lr, s.weight_decay);
     }
     ff.store();
-    store_frag<kFull>(mom + i, m, count);
-    store_frag<kFull>(param + i, theta, count);
+    if constexpr (kRound) {
+      store_update<kFull>(param + i, mi, theta, m, count, s, *cr, cr->e0 + i);
+    } else {
+      store_frag<kFull>(static_cast<float*>(mi), m, count);
+      store_frag<kFull>(param + i, theta, count);
+    }
   });
 }
 
@@ -333,11 +505,112 @@ __device__ __forceinline__ void clip_scales(const HostScalars& s, bool fused,
   __syncthreads();
 }
 
+// ---- phase B's block ------------------------------------------------------------------------------
+
+// What a phase-B block of FAdam or FAdafactor does, after its kernel has declared the block's
+// shared scalars and scratch: the skip check, the block scalars (b2hat from the tensor's step when
+// kFimUpdate: FAdam's f update), first_block(t, tensor) in a tensor's first block (FAdafactor's
+// copy of its new factors), the clip scales and the update of the block's chunks. chunk_of(t, s,
+// tensor, chunk) gives a chunk's operands (param, grad, mom, n, vec) and its source of f,
+// c.fim(bs) (the Fim of the per-chunk loops above).
+template <bool kSqrt, bool kRound, bool kFimUpdate, typename Tables, typename ChunkOf,
+          typename FirstBlock>
+__device__ __forceinline__ void phase_b_block(const Args<Tables>& args, BlockScalars& bs,
+                                              double* scratch, ChunkOf&& chunk_of,
+                                              FirstBlock&& first_block) {
+  // An overflow anywhere in the group skips the whole step ([note: the overflow rule]). The
+  // phases before ran earlier on this stream, so *skip is final; the branch is uniform over the
+  // block.
+  if (*args.s.skip != 0.0f) {
+    return;
+  }
+  const Tables& t = args.t;
+  const Scalars& s = args.s;
+  const int tensor = t.block_tensor[blockIdx.x];
+  const int64_t chunk0 = t.block_chunk[blockIdx.x];
+  if (threadIdx.x == 0) {
+    bs = block_scalars(s, kFimUpdate ? t.step[tensor] : nullptr);
+    if constexpr (kRound) {
+      if (s.rounding) {
+        bs.key = step_key(t.round[tensor], t.step[tensor]);
+      }
+    }
+  }
+  __syncthreads();
+  if (chunk0 == 0) {
+    first_block(t, tensor);
+  }
+  // A fused tensor does both phases in this block ([note: fused one-chunk tensors]).
+  clip_scales(s, (t.flags[tensor] & kFlagFused) != 0, s.partials, t.slot0[tensor],
+              t.nchunks[tensor], t.numel[tensor], bs, scratch, [&](double& s1, double& s2) {
+    const auto c = chunk_of(t, s, tensor, int64_t{0});
+    bool unused = false;
+    reduce_frags<kSqrt>(c.grad, c.param, c.n, c.vec, c.fim(bs), bs.grad_mul, s.p, s.eps_p, s1,
+                        s2, unused);
+  });
+  const int64_t chunk_end = min(chunk0 + t.per_block[tensor], static_cast<int64_t>(t.nchunks[tensor]));
+  for (int64_t chunk = chunk0; chunk < chunk_end; ++chunk) {
+    const auto c = chunk_of(t, s, tensor, chunk);
+    if constexpr (kRound) {
+      const ChunkRounding cr{&t.round[tensor], bs.key, chunk * s.chunk_size};
+      update_frags<kSqrt, true>(c.param, c.grad, c.mom, c.n, c.vec, c.fim(bs), bs, s, &cr);
+    } else {
+      update_frags<kSqrt, false>(c.param, c.grad, c.mom, c.n, c.vec, c.fim(bs), bs, s, nullptr);
+    }
+  }
+}
+
 // ---- host side ----------------------------------------------------------------------------------
 
 inline bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
+
+// Whether a tensor's full fragments may take vector loads and stores: every pointer 16-byte
+// aligned (nullptr, an operand the kernel does not take, is) and chunks of whole fragments.
+template <typename... Ptrs>
+bool vector_ok(const LaunchDesc& d, const Ptrs*... ptrs) {
+  return d.chunk_size % (16 / static_cast<int64_t>(d.params[0].element_size())) == 0 &&
+         (aligned16(ptrs) && ...);
+}
+
+// Fills the columns every kernel's tables share (CommonTables), for one launch (host side): per
+// tensor its numel, chunks and flags, `vec = tensor(k, i, pt)` having filled the kernel's own
+// columns of local tensor k (the op's tensor i, its plan entry pt) and said whether its
+// fragments may be vectors; per block its local tensor and chunk (or tile, or matrix: the plan
+// entry's `chunk`).
+template <typename Tensor>
+void fill_tables(CommonTables& t, const Launch& launch, const LaunchDesc& d, Tensor&& tensor) {
+  for (size_t k = 0; k < launch.tensors.size(); ++k) {
+    const PlanTensor& pt = launch.tensors[k];
+    const auto i = static_cast<size_t>(pt.tensor);
+    const bool vec = tensor(k, i, pt);
+    t.numel[k] = d.params[i].numel();
+    t.nchunks[k] = static_cast<int32_t>(pt.nchunks);
+    t.per_block[k] = static_cast<int32_t>(pt.per_block);
+    t.flags[k] = static_cast<uint8_t>((pt.fused ? kFlagFused : 0) | (vec ? kFlagVector : 0));
+  }
+  for (size_t b = 0; b < launch.blocks.size(); ++b) {
+    t.block_tensor[b] = static_cast<uint16_t>(launch.blocks[b].local);
+    t.block_chunk[b] = launch.blocks[b].chunk;
+  }
+}
+
+// The tables of a rounding kernel ([note: stochastic rounding on CUDA]): the optimizer's, plus
+// each tensor's row of the op's rounding list (a default row when the list is empty: bfloat16
+// momentums to nearest).
+template <typename Base>
+struct WithRounding : Base {
+  RoundingArgs round[kMaxTensors];
+
+  void fill(const Launch& launch, const LaunchDesc& d) {
+    Base::fill(launch, d);
+    for (size_t k = 0; k < launch.tensors.size(); ++k) {
+      round[k] = d.rounding.empty() ? RoundingArgs{}
+                                    : d.rounding[static_cast<size_t>(launch.tensors[k].tensor)];
+    }
+  }
+};
 
 inline std::vector<int64_t> numels_of(at::TensorList params) {
   std::vector<int64_t> out;
@@ -371,6 +644,8 @@ void launch_plan(const LaunchDesc& d, const std::vector<Launch>& plan, KernelOf&
   args.s.partials = d.partials;
   args.s.skip = d.skip;
   args.s.chunk_size = d.chunk_size;
+  args.s.mom_bf16 = d.mom_bf16;
+  args.s.rounding = !d.rounding.empty();
   const LaunchScope scope(d.device);
   dispatch(d.dtype, d.p, [&]<typename scalar_t, bool kSqrt>() {
     const auto kernel = kernel_of(Instance<scalar_t, kSqrt>{});
@@ -379,6 +654,19 @@ void launch_plan(const LaunchDesc& d, const std::vector<Launch>& plan, KernelOf&
       scope.launch(kernel, static_cast<unsigned>(launch.blocks.size()), kThreads, args);
     }
   });
+}
+
+// The launches of a phase-B kernel: `kernel_of(Instance<scalar_t, kSqrt>{}, round)` is its
+// kRound = decltype(round)::value instantiation, the rounding one (with WithRounding tables) when
+// the op has a rounding list or bfloat16 momentums ([note: stochastic rounding on CUDA]).
+template <typename Tables, typename KernelOf>
+void launch_phase_b(const LaunchDesc& d, const std::vector<Launch>& plan, KernelOf&& kernel_of) {
+  if (d.mom_bf16 || !d.rounding.empty()) {
+    launch_plan<WithRounding<Tables>>(
+        d, plan, [&]<typename K>(K k) { return kernel_of(k, std::true_type{}); });
+  } else {
+    launch_plan<Tables>(d, plan, [&]<typename K>(K k) { return kernel_of(k, std::false_type{}); });
+  }
 }
 
 }  // namespace fadam::cuda

@@ -44,7 +44,9 @@ namespace fadam::cuda {
 // block entry 6 bytes, so 128 tensors and 1024 blocks make a 14552-byte argument (sizeof(Args)):
 // a model of 1000 tensors needs 8 launches per phase instead of ~28 with 4 KB tables, while every
 // launch copies half of what a full 32 KB table would cost (the whole struct is copied into the
-// command buffer per launch, filled or not, and most groups have a few dozen tensors). 1024 blocks
+// command buffer per launch, filled or not, and most groups have a few dozen tensors; the
+// stochastic-rounding kernels' tables add a 32-byte rounding row per tensor, 4096 bytes, that
+// the other launches do not copy: WithRounding in kernel_common.cuh). 1024 blocks
 // of 512 threads are ~4 waves on a 132-SM H100 at 2 resident blocks per SM (the kernels' launch
 // bounds).
 constexpr int kMaxTensors = 128;
