@@ -438,20 +438,15 @@ class AdaFisherKind(Kind):
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaHyper:
-    """One param group's AdaFisher hyperparameters as the kernels take them."""
+class AdaHyper(hyper.Storage):
+    """One param group's AdaFisher hyperparameters as the kernels take them (bfloat16 storage
+    as FAdam's: hyper.Storage)."""
 
     lr: float | Tensor
     beta: float
     weight_decay: float
     damping: float
     maximize: bool
-    # bfloat16 storage, as FAdam's (hyper.Hyper): checked by hyper.check_storage, the bucket's
-    # ``rounding`` rows filled in by plan.make_buckets.
-    bf16_rounding: str = "nearest"
-    rounding_seed: int | None = None
-    momentum_dtype: torch.dtype = torch.float32
-    rounding: tuple[int, ...] = ()
 
 
 def _check_group(group: dict[str, Any], *, read_lr: bool) -> AdaHyper:

@@ -36,8 +36,21 @@ STORAGE_DEFAULTS = {"bf16_rounding": "nearest", "rounding_seed": None,
                     "momentum_dtype": torch.float32}
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Storage:
+    """How a param group stores bfloat16 (STORAGE_DEFAULTS, checked by check_storage): the fields
+    every member's hyperparameters share (Hyper, adafisher.AdaHyper)."""
+
+    bf16_rounding: str = "nearest"
+    rounding_seed: int | None = None
+    momentum_dtype: torch.dtype = torch.float32
+    # One bucket's ``int[] rounding`` argument (4 int64 per tensor), filled in by
+    # plan.make_buckets for a stochastic bucket of bfloat16 tensors; empty: round to nearest.
+    rounding: tuple[int, ...] = ()
+
+
 @dataclasses.dataclass(frozen=True)
-class Hyper:
+class Hyper(Storage):
     """One param group's hyperparameters as the kernels take them (clip 0 = off)."""
 
     lr: float | Tensor
@@ -48,12 +61,6 @@ class Hyper:
     weight_decay: float
     p: float
     maximize: bool
-    bf16_rounding: str = "nearest"
-    rounding_seed: int | None = None
-    momentum_dtype: torch.dtype = torch.float32
-    # One bucket's ``int[] rounding`` argument (4 int64 per tensor), filled in by
-    # plan.make_buckets for a stochastic bucket of bfloat16 tensors; empty: round to nearest.
-    rounding: tuple[int, ...] = ()
 
 
 def check_storage(group: dict[str, Any]) -> tuple[str, int | None, torch.dtype]:

@@ -104,7 +104,7 @@ def test_kernel_built_without_local_memory(res_usage, arch, phase, dtype, sqrt):
     assert len(found) == 1, (f"{phase}<{dtype}, {sqrt}> for {arch}: found {len(found)}; kernels in "
                              f"the .so: {sorted(n for a, n in res_usage if a == arch)[:20]}")
     name, res = found[0]
-    assert res["STACK"] == stack and res["LOCAL"] == 0, f"{name} ({arch}) uses local memory: {res}"
+    assert res["STACK"] == 0 and res["LOCAL"] == 0, f"{name} ({arch}) uses local memory: {res}"
     assert res["REG"] <= MAX_REGS, f"{name} ({arch}) uses {res['REG']} registers: {res}"
 
 

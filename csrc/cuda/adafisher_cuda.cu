@@ -154,33 +154,14 @@ __device__ __forceinline__ void store_rounded(T* p, const float (&in)[V], int co
                                               const RoundingArgs& r, int64_t e0,
                                               uint32_t stream) {
   constexpr int kPer = 16 / sizeof(T);
-  constexpr bool kPacked = kFull && V % kPer == 0;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (stochastic) {
-      T out[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        out[j] = T(bf16_bits_stochastic(in[j], rounding_bits(key, r.index(e0 + j), stream)),
-                   T::from_bits());
-      }
-      if constexpr (kPacked) {
-#pragma unroll
-        for (int q = 0; q < V / kPer; ++q) {
-          Pack<T, kPer> pk;
-#pragma unroll
-          for (int j = 0; j < kPer; ++j) {
-            pk.v[j] = out[q * kPer + j];
-          }
-          reinterpret_cast<Pack<T, kPer>*>(p)[q] = pk;
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          if (kFull || j < count) {
-            p[j] = out[j];
-          }
-        }
-      }
+      // kernel_common.cuh's store: whole vector pieces on the aligned path (a bfloat16 momentum
+      // of float32 parameters: 4 elements, one 64-bit store), else `count` element stores.
+      store_lanes<kFull, V>(p, count, [&](int j) {
+        return T(bf16_bits_stochastic(in[j], rounding_bits(key, r.index(e0 + j), stream)),
+                 T::from_bits());
+      });
       return;
     }
   }
