@@ -77,13 +77,14 @@ inline fVec load_storage(const scalar_t* p, int64_t count) {
   return load_float(buf);
 }
 
-// The one store of the update's results, through cpu_vec.h's store_lanes: theta in the storage
-// dtype, m in float32 or bfloat16; a bfloat16 one rounded stochastically when the tensor's
-// Rounder is on ([note: stochastic rounding]), else to nearest even.
+// The one store of the update's results, through cpu_vec.h's store_param_mom: theta in the
+// storage dtype, m in float32 or bfloat16; a bfloat16 one rounded stochastically when the
+// tensor's Rounder is on ([note: stochastic rounding]), else to nearest even (a bfloat16 theta
+// and m share the first hash of each index, as FAdam's phase B).
 template <typename scalar_t>
-inline void store_update(const AdaTensor& t, int64_t i, int64_t count, fVec theta, fVec m) {
-  store_lanes(static_cast<scalar_t*>(t.param) + i, theta, count, t.round, i, kStreamParam);
-  store_mom(t.mom, t.mom_bf16, m, i, count, t.round);
+FADAM_VEC_INLINE void store_update(const AdaTensor& t, int64_t i, int64_t count, fVec theta,
+                                   fVec m) {
+  store_param_mom(static_cast<scalar_t*>(t.param), theta, t.mom, t.mom_bf16, m, i, count, t.round);
 }
 
 // Calls body(i, count, F) for the vectors of [begin, end) of tensor t, F the lanes' Fisher.
