@@ -34,9 +34,6 @@ struct KernelLimits {
   bool aligned_partials = false;         // the slots are read as 128-bit loads
   int64_t max_tile_cols = INT64_MAX;     // FAdafactor phase S
   bool int32_geometry = false;           // chunks, matrices, rows and columns fit 32-bit indices
-  // Stochastic rounding and bfloat16 momentums ([note: stochastic rounding] in
-  // fadam_fused/op_contract.py): the CPU and CUDA kernels of every optimizer take them.
-  bool stochastic_rounding = true;
   int64_t check_chunk_size = int64_t{1} << 20;  // the chunk of nonfinite_check, which takes none
 };
 
@@ -211,13 +208,6 @@ inline LaunchDesc describe(const char* op, const KernelLimits& lim, const OpArgs
     }
   }
 
-  TORCH_CHECK(lim.stochastic_rounding || (a.rounding.empty() && (a.moms == std::nullopt ||
-                                                                  a.moms->empty() ||
-                                                                  (*a.moms)[0].scalar_type() ==
-                                                                      at::kFloat)),
-              op, ": ", lim.kernels, " do not implement stochastic rounding or bfloat16 "
-              "momentums yet: pass an empty rounding list and float32 momentums (the optimizer "
-              "runs such a group on backend='triton' or 'reference')");
   if (!d.moms.empty()) {
     const at::ScalarType m = d.moms[0].scalar_type();
     TORCH_CHECK(m == at::kFloat || m == at::kBFloat16, op,

@@ -42,7 +42,6 @@ constexpr int kMaxTileCols = 256;
 constexpr KernelLimits kCudaLimits{kDeviceType, "the CUDA kernels", int64_t{1} << 30,
                                           /*aligned_partials=*/true, kMaxTileCols,
                                           /*int32_geometry=*/true,
-                                          /*stochastic_rounding=*/true,
                                           /*check_chunk_size=*/65536};
 
 // ---- the kernels' argument ------------------------------------------------------------------------
