@@ -164,8 +164,10 @@ struct Rounder {
     if (where.whole() && (first & 1) == 0 && p0 <= UINT32_MAX - kLanes / 2) {
       const uint32_t hi = static_cast<uint32_t>(pair >> 32);
       alignas(64) float x[kStreams][kLanes];
-      for (int s = 0; s < kStreams; ++s) {
-        vs[s].store(x[s]);
+      if constexpr (kLanes != 8) {  // AVX-512: 16 lanes, hashed as two halves
+        for (int s = 0; s < kStreams; ++s) {
+          vs[s].store(x[s]);
+        }
       }
       for (int64_t q = 0; q < kLanes; q += 8) {
         const uint32_t pq = p0 + static_cast<uint32_t>(q / 2);
@@ -182,7 +184,13 @@ struct Rounder {
           h[1] = _mm256_extracti128_si256(both, 1);
         }
         for (int s = 0; s < kStreams; ++s) {
-          stochastic_bf16_x8(_mm256_load_ps(x[s] + q), pair_halves(h[s]), outs[s] + q);
+          __m256 xs;
+          if constexpr (kLanes == 8) {
+            xs = vs[s];
+          } else {
+            xs = _mm256_load_ps(x[s] + q);
+          }
+          stochastic_bf16_x8(xs, pair_halves(h[s]), outs[s] + q);
         }
       }
       return;
