@@ -4,12 +4,15 @@
 // fadam_fused/reference.py's rounding_bits / round_bf16_stochastic, the Triton twin
 // triton_kernels/_rounding.py).
 //
-//   h = fmix32(seed ^ t); h = fmix32(h ^ lo32(index)); h = fmix32(h ^ hi32(index) ^ stream * C)
-//   r = h >> 16;  bf16 = upper 16 bits of (bits(x) + r) mod 2^32  (finite x; else x to nearest)
+//   k = fmix32(seed ^ t);  k = fmix32(k ^ hi32(index >> 1) ^ stream * C)     (stream_key)
+//   h = fmix32(k ^ lo32(index >> 1));  r = index even ? h & 0xFFFF : h >> 16  (rounding_bits)
+//   bf16 = upper 16 bits of (bits(x) + r) mod 2^32  (finite x; else x to nearest)
 //
-// The first fmix32 depends on (seed, t) only: a kernel computes it once per tensor
-// (tensor_key) and each element pays two fmix32 (4 multiplies) per stream. No state, no host
-// read: a step draws the same bits on every backend and is CUDA-graph capturable.
+// The first fmix32 depends on (seed, t) only and the second also on the stream (and on index >>
+// 33): a kernel computes them once per tensor and stream. Each fmix32 of an element pair gives
+// both elements' 16 bits, so a vector of whole pairs pays half an fmix32 (one 32-bit multiply)
+// per element and stream. No state, no host read: a step draws the same bits on every backend
+// and is CUDA-graph capturable.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -39,11 +42,24 @@ C10_HOST_DEVICE inline uint32_t tensor_key(int64_t seed, uint32_t t) {
   return fmix32(static_cast<uint32_t>(seed) ^ t);
 }
 
+// The key of stream `stream` of a tensor (key: tensor_key) for the element pairs whose index
+// >> 1 has the high half `pair_hi` (every pair of a tensor below 2^33 elements: 0).
+C10_HOST_DEVICE inline uint32_t stream_key(uint32_t key, uint32_t pair_hi, uint32_t stream) {
+  return fmix32(key ^ pair_hi ^ (stream * kStreamMul));
+}
+
+// The 16 random bits of the two elements of pair `pair_lo` (lo32(index >> 1)): the even
+// element's in the low half, the odd one's in the high half.
+C10_HOST_DEVICE inline uint32_t pair_bits(uint32_t skey, uint32_t pair_lo) {
+  return fmix32(skey ^ pair_lo);
+}
+
 // 16 random bits (in the low half) for logical element `index` of stream `stream`.
 C10_HOST_DEVICE inline uint32_t rounding_bits(uint32_t key, uint64_t index, uint32_t stream) {
-  uint32_t h = fmix32(key ^ static_cast<uint32_t>(index));
-  h = fmix32(h ^ static_cast<uint32_t>(index >> 32) ^ (stream * kStreamMul));
-  return h >> 16;
+  const uint64_t pair = index >> 1;
+  const uint32_t h = pair_bits(stream_key(key, static_cast<uint32_t>(pair >> 32), stream),
+                               static_cast<uint32_t>(pair));
+  return (index & 1) ? h >> 16 : h & 0xFFFFu;
 }
 
 // The bfloat16 bits of float32 `x` rounded stochastically with the 16 random bits `r`: the

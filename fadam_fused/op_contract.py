@@ -116,13 +116,18 @@ FADAFACTOR_PHASE_B_SCHEMA = (
 # truncation with probability equal to the fraction of a bfloat16 ulp that x lies above it, so
 # E[result] = x. The bits come from a counter-based hash, so a step is the same on every backend,
 # needs no host sync and no generator state, and is CUDA-graph capturable:
-#     h = fmix32(seed ^ t); h = fmix32(h ^ lo32(index)); h = fmix32(h ^ hi32(index) ^ stream * 0x9E3779B9)
-#     r = h >> 16
+#     k = fmix32(seed ^ t); k = fmix32(k ^ hi32(index >> 1) ^ stream * 0x9E3779B9)
+#     h = fmix32(k ^ lo32(index >> 1));  r = index even ? h & 0xFFFF : h >> 16
 # where fmix32 is MurmurHash3's 32-bit finaliser (all arithmetic mod 2^32), t the tensor's step
 # after the increment (steps[i] as an integer), stream 0 for the parameter and 1 for the
 # momentum, and index the element's index in the LOGICAL tensor, so that sharding does not change
 # the bits: for local element e (memory order) of a block, index = base + (e / inner_local) *
 # inner_global + e % inner_local (a whole tensor: base 0, inner_local = inner_global = numel).
+# k is fixed per tensor and stream (hi32(index >> 1) changes every 2^33 elements), so a kernel
+# hashes it once; each fmix32 of an element pair gives both elements' 16 bits (its two halves).
+# Per element and stream that is half an fmix32 (one 32-bit multiply) where whole vectors of
+# pairs are hashed: the CPU's 8-lane hash of a bfloat16 parameter and its bfloat16 momentum is
+# one 8-lane fmix32 per 8 elements (an index-per-element hash took 3).
 # The ops take ``int[] rounding``: empty for round-to-nearest (today's behaviour), else 4 int64
 # per tensor, [seed, base, inner_local, inner_global]; seed is the group's ``rounding_seed`` mixed
 # with the parameter's position in the optimizer (so two tensors of one shape draw different

@@ -715,10 +715,11 @@ def rounding_bits(seed: int, step: Tensor, index: Tensor, stream: int) -> Tensor
     the logical tensor, stream: 0 the parameter, 1 the momentum), as every backend draws them."""
     h = torch.full_like(index, seed & _MASK32)
     t = step.to(device=index.device, dtype=torch.int64).reshape(()) & _MASK32
+    pair = index >> 1
     h = _fmix32(h ^ t)
-    h = _fmix32(h ^ (index & _MASK32))
-    h = _fmix32(h ^ (index >> 32) ^ ((stream * 0x9E3779B9) & _MASK32))
-    return h >> 16
+    h = _fmix32(h ^ (pair >> 32) ^ ((stream * 0x9E3779B9) & _MASK32))
+    h = _fmix32(h ^ (pair & _MASK32))
+    return torch.where((index & 1) == 0, h & 0xFFFF, h >> 16)
 
 
 def logical_index(numel: int, base: int, inner_local: int, inner_global: int,

@@ -5,7 +5,8 @@ B, AdaFisher's update) stores a bfloat16 parameter or momentum through `store_va
 
 The hash is uint32 arithmetic (multiplies wrap mod 2^32, shifts are logical), the same in the
 interpreter (numpy uint32) and on the GPU. The per-tensor part, fmix32(seed ^ t), is computed once
-per program (`tensor_key`); each element then pays two fmix32 per stream.
+per program (`tensor_key`); each element then pays two fmix32 per stream (the stream's key and
+its pair's hash: memory-bound kernels, so no lane shares them).
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ def round_bf16(x, key, index, STREAM: tl.constexpr):
     """float32 `x` to bfloat16 by stochastic rounding with the bits of (key, index, STREAM):
     the upper 16 bits of bits(x) + r for finite x; inf and NaN to nearest (NaN -> 0x7FC0, as
     torch's cast)."""
-    lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi = (index >> 32).to(tl.uint32)
-    h = _fmix32(key ^ lo)
+    pair = index >> 1
+    lo = (pair & 0xFFFFFFFF).to(tl.uint32)
+    hi = (pair >> 32).to(tl.uint32)
     if STREAM == 0:
-        h = _fmix32(h ^ hi)
+        k = _fmix32(key ^ hi)
     else:
-        h = _fmix32(h ^ hi ^ tl.full([], 0x9E3779B9, tl.uint32))
-    r = h >> 16
+        k = _fmix32(key ^ hi ^ tl.full([], 0x9E3779B9, tl.uint32))
+    h = _fmix32(k ^ lo)
+    r = tl.where((index & 1) == 0, h & 0xFFFF, h >> 16)
     u = x.to(tl.uint32, bitcast=True)
     rounded = (u + r) >> 16
     special = (u & 0x7F800000) == 0x7F800000

@@ -80,7 +80,7 @@ inline fVec load_storage(const scalar_t* p, int64_t count) {
 // The one store of the update's results, through cpu_vec.h's store_param_mom: theta in the
 // storage dtype, m in float32 or bfloat16; a bfloat16 one rounded stochastically when the
 // tensor's Rounder is on ([note: stochastic rounding]), else to nearest even (a bfloat16 theta
-// and m share the first hash of each index, as FAdam's phase B).
+// and m share one 8-lane pair hash, as FAdam's phase B).
 template <typename scalar_t>
 FADAM_VEC_INLINE void store_update(const AdaTensor& t, int64_t i, int64_t count, fVec theta,
                                    fVec m) {

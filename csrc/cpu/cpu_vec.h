@@ -70,6 +70,15 @@ inline void store_float(scalar_t* ptr, fVec v) {
 // ---- stochastic rounding ([note: stochastic rounding] in fadam_fused/op_contract.py) --------
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// fmix32 of 4 uint32 lanes.
+FADAM_VEC_INLINE __m128i fmix32_x4(__m128i h) {
+  h = _mm_xor_si128(h, _mm_srli_epi32(h, 16));
+  h = _mm_mullo_epi32(h, _mm_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  h = _mm_xor_si128(h, _mm_srli_epi32(h, 13));
+  h = _mm_mullo_epi32(h, _mm_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  return _mm_xor_si128(h, _mm_srli_epi32(h, 16));
+}
+
 // fmix32 of 8 uint32 lanes.
 FADAM_VEC_INLINE __m256i fmix32_x8(__m256i h) {
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
@@ -79,26 +88,11 @@ FADAM_VEC_INLINE __m256i fmix32_x8(__m256i h) {
   return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
 }
 
-// The stream-independent first half of rounding_bits (csrc/stochastic_round.h) for the 8
-// indices whose low halves are lo0 + 0..7: fmix32(key ^ lo32(index)). The parameter's and the
-// momentum's bits of an element share it (rounding_bits_x8 below per stream), so a step rounding
-// both to bfloat16 pays 3 fmix32 per element instead of 4.
-FADAM_VEC_INLINE __m256i rounding_inner_x8(uint32_t key, uint32_t lo0) {
-  const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo0)),
-                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  return fmix32_x8(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(key)), idx));
-}
-
-// The bfloat16 bits of 8 float32 lanes x, stochastically rounded, from the inner hash of their
-// indices (rounding_inner_x8) and hi_salt = hi32(index) ^ the stream's salt: rounding_bits and
-// bf16_bits_stochastic of csrc/stochastic_round.h, 8 lanes at a time (the compiler left the
-// scalar loop of 8 hashes mostly unvectorised: 1.2-1.7x the step time of round to nearest).
-FADAM_VEC_INLINE void stochastic_bf16_x8(__m256 x, __m256i inner, uint32_t hi_salt,
-                                         uint16_t* out) {
-  const __m256i h =
-      fmix32_x8(_mm256_xor_si256(inner, _mm256_set1_epi32(static_cast<int>(hi_salt))));
+// The bfloat16 bits of 8 float32 lanes x, stochastically rounded with the 16 random bits of each
+// lane in r (< 2^16): bf16_bits_stochastic of csrc/stochastic_round.h, 8 lanes at a time.
+FADAM_VEC_INLINE void stochastic_bf16_x8(__m256 x, __m256i r, uint16_t* out) {
   const __m256i u = _mm256_castps_si256(x);
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_srli_epi32(h, 16)), 16);
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, r), 16);
   // inf and NaN: to nearest (inf keeps its bits, a NaN becomes 0x7FC0). They are rare: one
   // test of the 8 lanes skips the two blends otherwise (a quarter of the instructions here).
   const __m256i expo = _mm256_set1_epi32(0x7F800000);
@@ -117,14 +111,21 @@ FADAM_VEC_INLINE void stochastic_bf16_x8(__m256 x, __m256i inner, uint32_t hi_sa
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
 }
+
+// The 16-bit halves of 4 pair hashes as 8 lanes: lane 2j the low half of h_j (the even element
+// of pair j), lane 2j + 1 its high half: exactly the zero extension of 8 uint16 (vpmovzxwd).
+FADAM_VEC_INLINE __m256i pair_halves(__m128i h) {
+  return _mm256_cvtepu16_epi32(h);
+}
 #endif
 
 // One tensor's stochastic rounding in a CPU kernel: its row of the op's rounding list and the
-// per-tensor part of the hash (tensor_key, from the step read on the host). `on` is false for
-// round to nearest (an empty rounding list).
+// stream keys of its pairs below 2^32 (csrc/stochastic_round.h: tensor_key from the step read on
+// the host, then stream_key). `on` is false for round to nearest (an empty rounding list).
 struct Rounder {
   bool on = false;
   uint32_t key = 0;
+  std::array<uint32_t, 2> skeys{};  // stream_key(key, 0, stream) for streams 0 and 1
   RoundingArgs where{};
 
   Rounder() = default;
@@ -133,7 +134,12 @@ struct Rounder {
       on = true;
       where = d.rounding[i];
       key = tensor_key(where.seed, static_cast<uint32_t>(static_cast<int64_t>(step)));
+      skeys = {stream_key(key, 0, kStreamParam), stream_key(key, 0, kStreamMomentum)};
     }
+  }
+
+  uint32_t skey(uint32_t pair_hi, uint32_t stream) const {
+    return pair_hi == 0 ? skeys[stream] : stream_key(key, pair_hi, stream);
   }
 
   // kLanes lanes of v rounded stochastically to bfloat16 bits; lane j is local element e0 + j.
@@ -142,28 +148,49 @@ struct Rounder {
   }
 
   // The bits of kStreams vectors of the same elements (lane j: local element e0 + j), vs[s] in
-  // stream streams[s]: the parameter's and the momentum's share the first fmix32 of each index
-  // (it does not depend on the stream). The contiguous case (a whole tensor, or a shard that is
-  // one run of the logical tensor) is the 8-lane hash (stochastic_bf16_x8), inlined; the rest
-  // (no AVX2, a run crossing 2^32, a strided shard) is bits_general's.
+  // stream streams[s]. A run of the logical tensor (a whole tensor, or a shard that is one run)
+  // that starts on an even index is whole pairs: per 8 elements one 4-lane fmix32 per stream,
+  // and the two streams of FAdam's bfloat16 theta and m share one 8-lane fmix32. Inlined; the
+  // rest (no AVX2, an odd start, a strided shard, pairs crossing 2^32) is bits_general's.
   template <int kStreams>
   FADAM_VEC_INLINE void bits(const std::array<fVec, kStreams>& vs, int64_t e0,
                              const std::array<uint32_t, kStreams>& streams,
                              const std::array<uint16_t*, kStreams>& outs) const {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    static_assert(kStreams == 1 || kStreams == 2);
     const uint64_t first = static_cast<uint64_t>(where.base + e0);
-    const uint32_t lo0 = static_cast<uint32_t>(first);
-    if (where.whole() && lo0 <= UINT32_MAX - kLanes) {
+    const uint64_t pair = first >> 1;
+    const uint32_t p0 = static_cast<uint32_t>(pair);
+    if (where.whole() && (first & 1) == 0 && p0 <= UINT32_MAX - kLanes / 2) {
+      const uint32_t hi = static_cast<uint32_t>(pair >> 32);
       alignas(64) float x[kStreams][kLanes];
-      for (int s = 0; s < kStreams; ++s) {
-        vs[s].store(x[s]);
-      }
-      const uint32_t hi = static_cast<uint32_t>(first >> 32);
-      for (int64_t q = 0; q < kLanes; q += 8) {
-        const __m256i inner = rounding_inner_x8(key, lo0 + static_cast<uint32_t>(q));
+      if constexpr (kLanes != 8) {  // AVX-512: 16 lanes, hashed as two halves
         for (int s = 0; s < kStreams; ++s) {
-          stochastic_bf16_x8(_mm256_load_ps(x[s] + q), inner, hi ^ (streams[s] * kStreamMul),
-                             outs[s] + q);
+          vs[s].store(x[s]);
+        }
+      }
+      for (int64_t q = 0; q < kLanes; q += 8) {
+        const uint32_t pq = p0 + static_cast<uint32_t>(q / 2);
+        const __m128i pairs = _mm_add_epi32(_mm_set1_epi32(static_cast<int>(pq)),
+                                            _mm_setr_epi32(0, 1, 2, 3));
+        __m128i h[kStreams];
+        if constexpr (kStreams == 1) {
+          h[0] = fmix32_x4(_mm_xor_si128(pairs, _mm_set1_epi32(static_cast<int>(skey(hi, streams[0])))));
+        } else {
+          const __m256i k = _mm256_setr_m128i(_mm_set1_epi32(static_cast<int>(skey(hi, streams[0]))),
+                                              _mm_set1_epi32(static_cast<int>(skey(hi, streams[1]))));
+          const __m256i both = fmix32_x8(_mm256_xor_si256(k, _mm256_setr_m128i(pairs, pairs)));
+          h[0] = _mm256_castsi256_si128(both);
+          h[1] = _mm256_extracti128_si256(both, 1);
+        }
+        for (int s = 0; s < kStreams; ++s) {
+          __m256 xs;
+          if constexpr (kLanes == 8) {
+            xs = vs[s];
+          } else {
+            xs = _mm256_load_ps(x[s] + q);
+          }
+          stochastic_bf16_x8(xs, pair_halves(h[s]), outs[s] + q);
         }
       }
       return;
@@ -172,8 +199,7 @@ struct Rounder {
     bits_general<kStreams>(vs, e0, streams, outs);
   }
 
-  // bits() without the 8-lane hash: the contiguous case as a fixed-length loop of uint32
-  // multiplies, xors and shifts that the compiler vectorises, else the general index.
+  // bits() element by element, for any index (rounding_bits).
   template <int kStreams>
   [[gnu::noinline]] void bits_general(const std::array<fVec, kStreams>& vs, int64_t e0,
                                       const std::array<uint32_t, kStreams>& streams,
@@ -182,33 +208,13 @@ struct Rounder {
     for (int s = 0; s < kStreams; ++s) {
       vs[s].store(x[s]);
     }
-    const uint64_t first = static_cast<uint64_t>(where.base + e0);
-    const uint32_t lo0 = static_cast<uint32_t>(first);
-    if (where.whole() && lo0 <= UINT32_MAX - kLanes) {
-      const uint32_t hi = static_cast<uint32_t>(first >> 32);
-      alignas(64) uint32_t inner[kLanes];
-      for (int64_t j = 0; j < kLanes; ++j) {
-        inner[j] = fmix32(key ^ (lo0 + static_cast<uint32_t>(j)));
-      }
-      for (int s = 0; s < kStreams; ++s) {
-        alignas(64) uint32_t u[kLanes];
-        std::memcpy(u, x[s], sizeof(u));
-        const uint32_t salt = hi ^ (streams[s] * kStreamMul);
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const uint32_t h = fmix32(inner[j] ^ salt) >> 16;
-          const bool special = (u[j] & 0x7F800000u) == 0x7F800000u;
-          const uint16_t rounded = static_cast<uint16_t>((u[j] + h) >> 16);
-          const uint16_t nearest =
-              (u[j] & 0x007FFFFFu) ? uint16_t{0x7FC0} : static_cast<uint16_t>(u[j] >> 16);
-          outs[s][j] = special ? nearest : rounded;
-        }
-      }
-      return;
-    }
     for (int s = 0; s < kStreams; ++s) {
       for (int64_t j = 0; j < kLanes; ++j) {
-        outs[s][j] =
-            bf16_bits_stochastic(x[s][j], rounding_bits(key, where.index(e0 + j), streams[s]));
+        const uint64_t index = where.index(e0 + j);
+        const uint64_t pair = index >> 1;
+        const uint32_t h = pair_bits(skey(static_cast<uint32_t>(pair >> 32), streams[s]),
+                                     static_cast<uint32_t>(pair));
+        outs[s][j] = bf16_bits_stochastic(x[s][j], (index & 1) ? h >> 16 : h & 0xFFFFu);
       }
     }
   }
@@ -274,8 +280,8 @@ FADAM_VEC_INLINE void store_mom(void* m, bool bf16, fVec v, int64_t i, int64_t c
 
 // Stores `count` lanes of a bfloat16 parameter (stream kStreamParam) and of its bfloat16 momentum
 // (kStreamMomentum), local elements e0 onwards, both stochastically rounded when `r` is on: the
-// two streams' bits of an element share the first fmix32 of its index (Rounder::bits), the same
-// bits as two store_lanes calls. Off: round to nearest, as store_lanes.
+// two streams' pair hashes are one 8-lane fmix32 (Rounder::bits), the same bits as two
+// store_lanes calls. Off: round to nearest, as store_lanes.
 FADAM_VEC_INLINE void store_lanes(at::BFloat16* theta, fVec th, at::BFloat16* mom, fVec m,
                                   int64_t count, const Rounder& r, int64_t e0) {
   if (!r.on) {
@@ -295,7 +301,7 @@ FADAM_VEC_INLINE void store_lanes(at::BFloat16* theta, fVec th, at::BFloat16* mo
 }
 
 // Phase B's stores of one vector of a parameter and its momentum (float32 or bfloat16): the
-// shared-hash store_lanes above when both are bfloat16.
+// two-stream store_lanes above when both are bfloat16.
 template <typename scalar_t>
 FADAM_VEC_INLINE void store_param_mom(scalar_t* theta, fVec th, void* m, bool mom_bf16, fVec mv,
                                       int64_t i, int64_t count, const Rounder& r) {

@@ -233,10 +233,10 @@ __device__ __forceinline__ BlockScalars block_scalars(const HostScalars& s, cons
 // per tensor that the other launches do not copy), and it branches on the launch-wide
 // s.rounding and s.mom_bf16 (uniform over the grid). The bits are csrc/stochastic_round.h's, drawn
 // as the CPU kernels draw them (cpu_vec.h's Rounder): key = tensor_key(seed, t) once per block,
-// t the tensor's step read on the device (no host sync; graph capturable), and for element
-// `index` of the logical tensor (RoundingArgs::index) h = fmix32(key ^ lo32(index)), which does
-// not depend on the stream, then fmix32(h ^ hi32(index) ^ stream * kStreamMul) >> 16 for theta
-// (stream 0) and for a bfloat16 m (stream 1): 3 fmix32 per element instead of 4 when both round.
+// t the tensor's step read on the device (no host sync; graph capturable), the stream keys once
+// per fragment, and one fmix32 per element and stream (pair_bits of the element's pair, of which
+// it takes its half; the CPU's vectors use each pair hash twice, a thread here would keep both
+// halves live across its fragment for little: the kernel is memory-bound).
 
 // A chunk's rounding: its tensor's row of the rounding list (in the kernel parameter space), the
 // tensor's key, and the chunk's first local element.
@@ -272,9 +272,9 @@ __device__ __forceinline__ void load_mom(float (&out)[V], const void* mom, int c
 
 // The bfloat16 bits of a fragment's theta (stream 0, when scalar_t is bfloat16) and of its m
 // (stream 1, when `mom_bf16`), lane j being local element e + j. A fragment that is one run of
-// logical indices (a whole tensor, or inside a run of a strided shard) not crossing a multiple of
-// 2^32 hashes lo + j; another (a fragment across the end of a run, or 2^32) takes
-// RoundingArgs::index lane by lane.
+// logical indices (a whole tensor, or inside a run of a strided shard) whose pairs do not cross a
+// multiple of 2^32 takes the stream keys of its first pair; another (a fragment across the end of
+// a run, or 2^32) takes RoundingArgs::index and the stream keys lane by lane.
 template <typename scalar_t, bool kFull, int V>
 __device__ __forceinline__ void rounding_bits_of(uint32_t (&theta_bits)[V / 2],
                                                  uint32_t (&m_bits)[V / 2],
@@ -290,26 +290,27 @@ __device__ __forceinline__ void rounding_bits_of(uint32_t (&theta_bits)[V / 2],
     first = static_cast<uint64_t>(w.base + q * w.inner_global + rem);
     run = rem <= w.inner_local - V;
   }
-  const uint32_t lo = static_cast<uint32_t>(first);
-  const uint32_t hi = static_cast<uint32_t>(first >> 32);
-  run = run && lo <= UINT32_MAX - (V - 1);
+  const uint32_t pair_hi = static_cast<uint32_t>(first >> 33);
+  run = run && static_cast<uint32_t>(first >> 1) <= UINT32_MAX - V / 2;
+  const uint32_t theta_key = stream_key(cr.key, pair_hi, kStreamParam);
+  const uint32_t m_key = stream_key(cr.key, pair_hi, kStreamMomentum);
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     if (kFull || j < count) {
-      uint32_t lo_j = lo + static_cast<uint32_t>(j), hi_j = hi;
-      if (!run) {
-        const uint64_t index = w.index(e + j);
-        lo_j = static_cast<uint32_t>(index);
-        hi_j = static_cast<uint32_t>(index >> 32);
-      }
-      const uint32_t h = fmix32(cr.key ^ lo_j);
+      const uint64_t index = run ? first + j : w.index(e + j);
+      const uint32_t lo = static_cast<uint32_t>(index >> 1);
+      const int half = 16 * static_cast<int>(index & 1);
       const int shift = 16 * (j % 2);  // two lanes per word, the even one low
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        const uint32_t b = bf16_bits_stochastic(theta[j], fmix32(h ^ hi_j) >> 16);
+        const uint32_t k = run ? theta_key : stream_key(cr.key, static_cast<uint32_t>(index >> 33),
+                                                        kStreamParam);
+        const uint32_t b = bf16_bits_stochastic(theta[j], (pair_bits(k, lo) >> half) & 0xFFFFu);
         theta_bits[j / 2] = shift == 0 ? b : theta_bits[j / 2] | (b << shift);
       }
       if (mom_bf16) {
-        const uint32_t b = bf16_bits_stochastic(m[j], fmix32(h ^ hi_j ^ kStreamMul) >> 16);
+        const uint32_t k = run ? m_key : stream_key(cr.key, static_cast<uint32_t>(index >> 33),
+                                                    kStreamMomentum);
+        const uint32_t b = bf16_bits_stochastic(m[j], (pair_bits(k, lo) >> half) & 0xFFFFu);
         m_bits[j / 2] = shift == 0 ? b : m_bits[j / 2] | (b << shift);
       }
     }
