@@ -216,25 +216,19 @@ void phase_s(const LaunchDesc& d) {
     });
   });
 
-  // The combine: one item per matrix, its partials added in tile order.
-  std::vector<Item> matrices;
-  for (const auto i : c10::irange(d.params.size())) {
-    const FactorTile& t = tiles[i];
-    for (int64_t b = 0; b < t.batch; ++b) {
-      matrices.push_back({static_cast<int32_t>(i), b,
-                          t.partials_per_matrix() * static_cast<int64_t>(sizeof(double))});
-    }
-  }
-  for_each_item(matrices, [&](const Item& it) {
-    const FactorTile& t = tiles[it.tensor];
-    const int64_t b = it.chunk;
+  // The combine, one matrix at a time, its partials added in tile order, on the calling thread:
+  // it is O(n + m) per matrix (on the default list ~1.4 MB of partials and 111k row norms), and
+  // as a second parallel region (one item per matrix) it made phase S 1.15-1.20x as long, paired
+  // per step at load 3.3-3.8 on the 2 vCPUs (37.6 against 34.1 ms, bench/NOTES.md).
+  const auto combine = [&](int32_t tensor, int64_t b) {
+    const FactorTile& t = tiles[tensor];
     const double b2hat =
-        b2hat_of(d.s.beta2, static_cast<double>(*d.steps[it.tensor].const_data_ptr<float>()));
-    const double* rows_p = partials + off.partials[it.tensor] + b * t.partials_per_matrix();
+        b2hat_of(d.s.beta2, static_cast<double>(*d.steps[tensor].const_data_ptr<float>()));
+    const double* rows_p = partials + off.partials[tensor] + b * t.partials_per_matrix();
     const double* cols_p = rows_p + t.col_tiles() * t.rows;
-    const float* old_r = d.fim_rows[it.tensor].const_data_ptr<float>() + b * t.rows;
-    const float* old_c = d.fim_cols[it.tensor].const_data_ptr<float>() + b * t.cols;
-    float* new_r = out + off.factors[it.tensor] + b * t.factors_per_matrix();
+    const float* old_r = d.fim_rows[tensor].const_data_ptr<float>() + b * t.rows;
+    const float* old_c = d.fim_cols[tensor].const_data_ptr<float>() + b * t.cols;
+    float* new_r = out + off.factors[tensor] + b * t.factors_per_matrix();
     float* new_c = new_r + t.rows;
     float* norm = new_c + t.cols;
     const bool rows_ok =
@@ -251,7 +245,12 @@ void phase_s(const LaunchDesc& d) {
     for (int64_t r = 0; r < t.rows; ++r) {
       norm[r] = row_norm(new_r[r], total);
     }
-  });
+  };
+  for (const auto i : c10::irange(d.params.size())) {
+    for (int64_t b = 0; b < tiles[i].batch; ++b) {
+      combine(static_cast<int32_t>(i), b);
+    }
+  }
   if (overflow.load()) {
     *d.skip = 1.0f;
   }
