@@ -216,25 +216,19 @@ void phase_s(const LaunchDesc& d) {
     });
   });
 
-  // The combine: one item per matrix, its partials added in tile order.
-  std::vector<Item> matrices;
-  for (const auto i : c10::irange(d.params.size())) {
-    const FactorTile& t = tiles[i];
-    for (int64_t b = 0; b < t.batch; ++b) {
-      matrices.push_back({static_cast<int32_t>(i), b,
-                          t.partials_per_matrix() * static_cast<int64_t>(sizeof(double))});
-    }
-  }
-  for_each_item(matrices, [&](const Item& it) {
-    const FactorTile& t = tiles[it.tensor];
-    const int64_t b = it.chunk;
+  // The combine, one matrix at a time, its partials added in tile order, on the calling thread:
+  // it is O(n + m) per matrix (on the default list ~1.4 MB of partials and 111k row norms), and
+  // as a second parallel region (one item per matrix) it made phase S 1.15-1.20x as long, paired
+  // per step at load 3.3-3.8 on the 2 vCPUs (37.6 against 34.1 ms, bench/NOTES.md).
+  const auto combine = [&](int32_t tensor, int64_t b) {
+    const FactorTile& t = tiles[tensor];
     const double b2hat =
-        b2hat_of(d.s.beta2, static_cast<double>(*d.steps[it.tensor].const_data_ptr<float>()));
-    const double* rows_p = partials + off.partials[it.tensor] + b * t.partials_per_matrix();
+        b2hat_of(d.s.beta2, static_cast<double>(*d.steps[tensor].const_data_ptr<float>()));
+    const double* rows_p = partials + off.partials[tensor] + b * t.partials_per_matrix();
     const double* cols_p = rows_p + t.col_tiles() * t.rows;
-    const float* old_r = d.fim_rows[it.tensor].const_data_ptr<float>() + b * t.rows;
-    const float* old_c = d.fim_cols[it.tensor].const_data_ptr<float>() + b * t.cols;
-    float* new_r = out + off.factors[it.tensor] + b * t.factors_per_matrix();
+    const float* old_r = d.fim_rows[tensor].const_data_ptr<float>() + b * t.rows;
+    const float* old_c = d.fim_cols[tensor].const_data_ptr<float>() + b * t.cols;
+    float* new_r = out + off.factors[tensor] + b * t.factors_per_matrix();
     float* new_c = new_r + t.rows;
     float* norm = new_c + t.cols;
     const bool rows_ok =
@@ -251,7 +245,12 @@ void phase_s(const LaunchDesc& d) {
     for (int64_t r = 0; r < t.rows; ++r) {
       norm[r] = row_norm(new_r[r], total);
     }
-  });
+  };
+  for (const auto i : c10::irange(d.params.size())) {
+    for (int64_t b = 0; b < tiles[i].batch; ++b) {
+      combine(static_cast<int32_t>(i), b);
+    }
+  }
   if (overflow.load()) {
     *d.skip = 1.0f;
   }
@@ -265,29 +264,41 @@ void phase_s(const LaunchDesc& d) {
 template <typename Seg>
 inline void for_each_row_segment(const FactorTile& t, const float* factors, int64_t begin,
                                  int64_t end, Seg seg) {
-  int64_t k = begin;
-  while (k < end) {
-    const int64_t q = k / t.cols;  // row index over all matrices
-    const int64_t b = q / t.rows;
-    const int64_t j0 = k - q * t.cols;
+  if (begin >= end) {
+    return;
+  }
+  // Two 64-bit integer divisions for the first segment only, then row by row (the next matrix
+  // after a last row): a pair of them per row costs some 80 cycles per 512-element row.
+  int64_t q = begin / t.cols;  // row index over all matrices
+  int64_t b = q / t.rows;
+  int64_t i = q - b * t.rows;  // row within matrix b
+  int64_t j0 = begin - q * t.cols;
+  const float* mat = factors + b * t.factors_per_matrix();
+  for (int64_t k = begin; k < end;) {
     const int64_t j1 = std::min(t.cols, j0 + (end - k));
-    const float* mat = factors + b * t.factors_per_matrix();
-    const fVec rnorm(mat[t.rows + t.cols + (q - b * t.rows)]);  // R / sum R after R and C
+    const fVec rnorm(mat[t.rows + t.cols + i]);  // R / sum R after R and C
     seg(k, j0, j1, rnorm, mat + t.rows);
     k += j1 - j0;
+    j0 = 0;
+    if (++i == t.rows) {
+      i = 0;
+      mat += t.factors_per_matrix();
+    }
   }
 }
 
 // Runs body(row_ptr_offset k, count, rnorm, col ptr) over the elements [begin, end) of a factored
-// tensor, by row segments and vectors of kLanes (the last one of a segment partial).
+// tensor, by row segments and vectors of kLanes (the last one of a segment partial). The whole
+// vectors get count = kLanes as a constant (for_each_vector), so their loads and stores have no
+// ragged-tail branch or memcpy path.
 template <typename Body>
 inline void for_each_row_vector(const FactorTile& t, const float* factors, int64_t begin,
                                 int64_t end, Body body) {
   for_each_row_segment(t, factors, begin, end,
                        [&](int64_t k, int64_t j0, int64_t j1, fVec rnorm, const float* cols) {
-    for (int64_t j = j0; j < j1; j += kLanes) {
-      body(k + (j - j0), std::min(kLanes, j1 - j), rnorm, cols + j);
-    }
+    for_each_vector(j0, j1, [&](int64_t j, int64_t count) {
+      body(k + (j - j0), count, rnorm, cols + j);
+    });
   });
 }
 
@@ -351,18 +362,18 @@ void reduce_range(const scalar_t* g, const scalar_t* theta, const FactorTile& t,
 // whole tensor: r = 1/d is read back from rbuf (from cache) instead of recomputing f, its square
 // root and the division, as FAdam's update_kept_chunk. r is elementwise, so walking the tensor by
 // flat vectors instead of row segments gives every element the same bits.
-template <typename scalar_t>
-inline void update_kept(scalar_t* theta, const scalar_t* g, void* m, bool mom_bf16,
-                        int64_t numel, const float* rbuf, const Consts& c, const UpdateConsts& u,
+template <typename scalar_t, bool kMomBf16>
+inline void update_kept(scalar_t* theta, const scalar_t* g, void* m, int64_t numel,
+                        const float* rbuf, const Consts& c, const UpdateConsts& u,
                         const Rounder& round) {
   for_each_vector(0, numel, [&](int64_t k, int64_t count) {
     const fVec gv = c.scale_grad(load_padded(g + k, count));
     fVec th = load_padded(theta + k, count);
-    fVec mv = load_mom(m, mom_bf16, k, count);
+    fVec mv = load_mom(m, kMomBf16, k, count);
     const fVec r = fVec::loadu(rbuf + k);  // whole vectors: lanes past numel are not stored
     fadam_update(th, mv, gv * r, th * r, u.beta1, u.one_minus_beta1, u.inv_s1, u.inv_s2, u.lr,
                  u.weight_decay);
-    store_param_mom(theta, th, m, mom_bf16, mv, k, count, round);
+    store_param_mom(theta, th, m, kMomBf16, mv, k, count, round);
   });
 }
 
@@ -406,7 +417,9 @@ void phase_b(const LaunchDesc& d) {
     return len * (4 * esize + 8 + (f && clipping ? 2 * esize : 0));
   });
   dispatch(d.dtype, d.p, [&]<typename scalar_t, bool kSqrt>() {
-    for_each_item(items, [&](const Item& it) {
+    // The momentum's dtype is a constant of each loop (kMomBf16): a runtime flag left both
+    // momentum paths, the bfloat16 one with its rounding hash, inline in every float32 loop.
+    const auto item = [&]<bool kMomBf16>(const Item& it) {
       const FactorTile& t = d.tiles[it.tensor];
       const float* tfac = d.factors + d.factor_off.factors[it.tensor];
       auto* theta = static_cast<scalar_t*>(d.params[it.tensor].data_ptr());
@@ -428,7 +441,7 @@ void phase_b(const LaunchDesc& d) {
           float* rbuf = kept_buffer(numel);
           reduce_range<scalar_t, kSqrt, /*kKeep=*/true>(g, theta, t, tfac, 0, numel, c, sums,
                                                          rbuf);
-          update_kept(theta, g, m, d.mom_bf16, numel, rbuf, c, update_consts(), round);
+          update_kept<scalar_t, kMomBf16>(theta, g, m, numel, rbuf, c, update_consts(), round);
           return;
         } else {
           for (int64_t s = d.slots[it.tensor]; s < d.slots[it.tensor + 1]; ++s) {
@@ -443,13 +456,20 @@ void phase_b(const LaunchDesc& d) {
                           [&](int64_t k, int64_t count, fVec rnorm, const float* col) {
         const fVec gv = c.scale_grad(load_padded(g + k, count));
         fVec th = load_padded(theta + k, count);
-        fVec mv = load_mom(m, d.mom_bf16, k, count);
+        fVec mv = load_mom(m, kMomBf16, k, count);
         const fVec f = factored_fim(rnorm, load_padded(col, count));
         const fVec r = fisher_inv_denom<kSqrt>(f, c.p, c.eps_p);
         fadam_update(th, mv, gv * r, th * r, u.beta1, u.one_minus_beta1, u.inv_s1, u.inv_s2, u.lr,
                      u.weight_decay);
-        store_param_mom(theta, th, m, d.mom_bf16, mv, k, count, round);
+        store_param_mom(theta, th, m, kMomBf16, mv, k, count, round);
       });
+    };
+    for_each_item(items, [&](const Item& it) {
+      if (d.mom_bf16) {
+        item.template operator()<true>(it);
+      } else {
+        item.template operator()<false>(it);
+      }
     });
   });
   // The new R and C become the state (O(n + m) per matrix).
