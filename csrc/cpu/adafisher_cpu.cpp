@@ -67,16 +67,6 @@ inline fVec load_lanes(const float* p, int64_t count, float pad) {
   return fVec::loadu(buf);
 }
 
-template <typename scalar_t>
-inline fVec load_storage(const scalar_t* p, int64_t count) {
-  if (count == kLanes) {
-    return load_float(p);
-  }
-  alignas(64) scalar_t buf[kLanes] = {};
-  std::memcpy(buf, p, count * sizeof(scalar_t));
-  return load_float(buf);
-}
-
 // The one store of the update's results, through cpu_vec.h's store_param_mom: theta in the
 // storage dtype, m in float32 or bfloat16; a bfloat16 one rounded stochastically when the
 // tensor's Rounder is on ([note: stochastic rounding]), else to nearest even (a bfloat16 theta
@@ -124,8 +114,8 @@ void update_chunk(const AdaTensor& t, int64_t begin, int64_t end, const Consts& 
   const auto* gp = static_cast<const scalar_t*>(t.grad);
   const auto* pp = static_cast<const scalar_t*>(t.param);
   for_each_fim(t, begin, end, c, [&](int64_t i, int64_t count, fVec fim) {
-    const fVec g = cg.scale_grad(load_storage(gp + i, count));
-    fVec theta = load_storage(pp + i, count);
+    const fVec g = cg.scale_grad(load_padded(gp + i, count));
+    fVec theta = load_padded(pp + i, count);
     fVec m = load_mom(t.mom, t.mom_bf16, i, count);
     adafisher_update<kDecoupled>(theta, m, g, fim, c.beta, c.one_minus_beta, c.weight_decay, a,
                                  bc);

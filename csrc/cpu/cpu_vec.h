@@ -67,18 +67,20 @@ inline void store_float(scalar_t* ptr, fVec v) {
   }
 }
 
+// `count` <= kLanes elements at `ptr` as float32 lanes; the missing lanes are 0.
+template <typename scalar_t>
+inline fVec load_padded(const scalar_t* ptr, int64_t count) {
+  if (count == kLanes) {
+    return load_float(ptr);
+  }
+  alignas(64) scalar_t buf[kLanes] = {};
+  std::memcpy(buf, ptr, count * sizeof(scalar_t));
+  return load_float(buf);
+}
+
 // ---- stochastic rounding ([note: stochastic rounding] in fadam_fused/op_contract.py) --------
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// fmix32 of 4 uint32 lanes.
-FADAM_VEC_INLINE __m128i fmix32_x4(__m128i h) {
-  h = _mm_xor_si128(h, _mm_srli_epi32(h, 16));
-  h = _mm_mullo_epi32(h, _mm_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
-  h = _mm_xor_si128(h, _mm_srli_epi32(h, 13));
-  h = _mm_mullo_epi32(h, _mm_set1_epi32(static_cast<int>(0xC2B2AE35u)));
-  return _mm_xor_si128(h, _mm_srli_epi32(h, 16));
-}
-
 // fmix32 of 8 uint32 lanes.
 FADAM_VEC_INLINE __m256i fmix32_x8(__m256i h) {
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
@@ -86,6 +88,12 @@ FADAM_VEC_INLINE __m256i fmix32_x8(__m256i h) {
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
   h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
   return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+// fmix32 of 4 uint32 lanes: the 8-lane one on the low half (the high lanes are don't-care; a
+// 256-bit vpmulld costs what a 128-bit one does on Zen 2 and later).
+FADAM_VEC_INLINE __m128i fmix32_x4(__m128i h) {
+  return _mm256_castsi256_si128(fmix32_x8(_mm256_castsi128_si256(h)));
 }
 
 // The bfloat16 bits of 8 float32 lanes x, stochastically rounded with the 16 random bits of each

@@ -30,17 +30,6 @@
 namespace fadam {
 namespace {
 
-// `count` <= kLanes elements at `ptr` as float32 lanes; the missing lanes are 0.
-template <typename scalar_t>
-inline fVec load_padded(const scalar_t* ptr, int64_t count) {
-  if (count == kLanes) {
-    return load_float(ptr);
-  }
-  alignas(64) scalar_t buf[kLanes] = {};
-  std::memcpy(buf, ptr, count * sizeof(scalar_t));
-  return load_float(buf);
-}
-
 template <typename scalar_t>
 inline void store_padded(scalar_t* ptr, fVec v, int64_t count) {
   if (count == kLanes) {
