@@ -343,13 +343,28 @@ def plan_rounds(estimates: dict[str, float], budget: float, rounds: int) -> dict
     every round takes part in fewer, evenly spread rounds (at least MIN_ROUNDS); the others fill
     their share with more samples per round."""
     share = budget / max(1, len(estimates))
+    order = spread_order(rounds)
     plan = {}
     for name, t in estimates.items():
         cost = t if t >= CpuTimer.SLOW_STEP_S else 2 * t
         k = rounds if cost * rounds <= share else max(MIN_ROUNDS, min(rounds, int(share // cost)))
         min_run_time = max(0.0, share / k - t)
-        plan[name] = ({round(i * rounds / k) for i in range(k)}, min_run_time)
+        plan[name] = (set(order[:k]), min_run_time)
     return plan
+
+
+def spread_order(rounds: int) -> list[int]:
+    """0..rounds-1 ordered so that every prefix is spread evenly over the run: each next round is
+    the one farthest from those already taken (the earliest on a tie). A row taking part in k
+    rounds takes the first k, so two rows of different speeds share min(k1, k2) >= MIN_ROUNDS
+    rounds, and the paired ratios always have their samples. (Spreading each row's rounds on its
+    own, 3 rounds of 10 as {0, 3, 7} against 4 as {0, 2, 5, 8}, shared one round.)"""
+    order = [0] if rounds else []
+    while len(order) < rounds:
+        taken = set(order)
+        order.append(max((r for r in range(rounds) if r not in taken),
+                         key=lambda r: (min(abs(r - t) for t in order), -r)))
+    return order
 
 
 def run_workload(workload: workloads.Workload, rows: list[rows_mod.Row], device: torch.device,

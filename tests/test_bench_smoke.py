@@ -388,6 +388,20 @@ def test_plan_rounds_gives_slow_rows_fewer_rounds():
     assert plan["slow"][0] <= set(range(9))
 
 
+@pytest.mark.parametrize("rounds", [3, 4, 10, 24])
+def test_plan_rounds_lets_rows_of_any_speeds_share_their_rounds(rounds):
+    # A clip-off row slightly faster than its clip-on twin may take one round more; the paired
+    # ratio needs MIN_ROUNDS rounds the two have in common, whatever their counts.
+    step = 1.0
+    plans = [step_bench.plan_rounds({"a": step / ka, "b": step / kb}, budget=2 * step, rounds=rounds)
+             for ka in range(1, rounds + 1) for kb in range(1, rounds + 1)]
+    for plan in plans:
+        a, b = plan["a"][0], plan["b"][0]
+        assert len(a & b) == min(len(a), len(b)) >= min(rounds, step_bench.MIN_ROUNDS)
+    # and the rounds stay spread over the run: the first three are its start, end and middle
+    assert sorted(step_bench.spread_order(rounds)[:3]) == [0, (rounds - 1) // 2, rounds - 1]
+
+
 def _tiny_cli(tmp_path, capsys, wanted, more=()):
     """step_bench's command line on the tiny workload at 2 % of the time budget, rows `wanted`,
     writing r.csv and r.json in tmp_path: (stdout, the CSV's path, the JSON report)."""
