@@ -54,12 +54,18 @@ C10_HOST_DEVICE inline uint32_t pair_bits(uint32_t skey, uint32_t pair_lo) {
   return fmix32(skey ^ pair_lo);
 }
 
+// Element `index`'s 16 bits of its pair's hash h (pair_bits): the low half for an even index,
+// the high half for an odd one.
+C10_HOST_DEVICE inline uint32_t pair_half(uint32_t h, uint64_t index) {
+  return (h >> (16 * static_cast<uint32_t>(index & 1))) & 0xFFFFu;
+}
+
 // 16 random bits (in the low half) for logical element `index` of stream `stream`.
 C10_HOST_DEVICE inline uint32_t rounding_bits(uint32_t key, uint64_t index, uint32_t stream) {
   const uint64_t pair = index >> 1;
-  const uint32_t h = pair_bits(stream_key(key, static_cast<uint32_t>(pair >> 32), stream),
-                               static_cast<uint32_t>(pair));
-  return (index & 1) ? h >> 16 : h & 0xFFFFu;
+  return pair_half(pair_bits(stream_key(key, static_cast<uint32_t>(pair >> 32), stream),
+                             static_cast<uint32_t>(pair)),
+                   index);
 }
 
 // The bfloat16 bits of float32 `x` rounded stochastically with the 16 random bits `r`: the

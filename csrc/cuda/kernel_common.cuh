@@ -299,18 +299,17 @@ __device__ __forceinline__ void rounding_bits_of(uint32_t (&theta_bits)[V / 2],
     if (kFull || j < count) {
       const uint64_t index = run ? first + j : w.index(e + j);
       const uint32_t lo = static_cast<uint32_t>(index >> 1);
-      const int half = 16 * static_cast<int>(index & 1);
       const int shift = 16 * (j % 2);  // two lanes per word, the even one low
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         const uint32_t k = run ? theta_key : stream_key(cr.key, static_cast<uint32_t>(index >> 33),
                                                         kStreamParam);
-        const uint32_t b = bf16_bits_stochastic(theta[j], (pair_bits(k, lo) >> half) & 0xFFFFu);
+        const uint32_t b = bf16_bits_stochastic(theta[j], pair_half(pair_bits(k, lo), index));
         theta_bits[j / 2] = shift == 0 ? b : theta_bits[j / 2] | (b << shift);
       }
       if (mom_bf16) {
         const uint32_t k = run ? m_key : stream_key(cr.key, static_cast<uint32_t>(index >> 33),
                                                     kStreamMomentum);
-        const uint32_t b = bf16_bits_stochastic(m[j], (pair_bits(k, lo) >> half) & 0xFFFFu);
+        const uint32_t b = bf16_bits_stochastic(m[j], pair_half(pair_bits(k, lo), index));
         m_bits[j / 2] = shift == 0 ? b : m_bits[j / 2] | (b << shift);
       }
     }
