@@ -222,7 +222,7 @@ struct Rounder {
         const uint64_t pair = index >> 1;
         const uint32_t h = pair_bits(skey(static_cast<uint32_t>(pair >> 32), streams[s]),
                                      static_cast<uint32_t>(pair));
-        outs[s][j] = bf16_bits_stochastic(x[s][j], (index & 1) ? h >> 16 : h & 0xFFFFu);
+        outs[s][j] = bf16_bits_stochastic(x[s][j], pair_half(h, index));
       }
     }
   }
@@ -440,8 +440,12 @@ struct SumSq {
 // Runs `body(offset, count)` over [begin, end) in vectors of kLanes, count = kLanes but for the
 // last, partial vector (count < kLanes), which `body` loads into zero-padded copies (Lanes::load):
 // it sees whole fVec lanes either way.
+//
+// Flattened: GCC kept some bodies out of line, one call per 8 elements with the vectors passed
+// through the stack (AdaFisher's update along a row of the factors, FAdam's bfloat16-momentum
+// update of a fused one-chunk tensor), and at::vec's float32 -> bfloat16 conversion a call too.
 template <typename Body>
-inline void for_each_vector(int64_t begin, int64_t end, Body body) {
+[[gnu::flatten]] inline void for_each_vector(int64_t begin, int64_t end, Body body) {
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
     body(i, kLanes);
