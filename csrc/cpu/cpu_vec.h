@@ -67,6 +67,23 @@ inline void store_float(scalar_t* ptr, fVec v) {
   }
 }
 
+// Software prefetch, once per 64-byte line of a stream walked by vectors: the line
+// kPrefetchBytes past element k of p, when element k starts a vector in the line's first
+// kLanes elements. FAdafactor's loops convert, divide and take square roots per element, and
+// from DRAM that work does not overlap the hardware prefetcher's misses: 4 KB ahead took its
+// phase B 0.88-0.93x as long on the default list (2 threads; 1-16 KB gave 0.88-0.94x), a row
+// below in phase S 0.84x (bench/NOTES.md). Past the end of a tensor it fetches a line that is
+// not used: a prefetch never faults.
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <typename T>
+FADAM_VEC_INLINE void prefetch_ahead(const T* p, int64_t k) {
+  constexpr auto kLine = static_cast<int64_t>(64 / sizeof(T));  // elements per line
+  if (k % kLine < kLanes) {
+    __builtin_prefetch(reinterpret_cast<const char*>(p + k) + kPrefetchBytes);
+  }
+}
+
 // `count` <= kLanes elements at `ptr` as float32 lanes; the missing lanes are 0.
 template <typename scalar_t>
 inline fVec load_padded(const scalar_t* ptr, int64_t count) {
@@ -255,6 +272,10 @@ FADAM_VEC_INLINE void store_lanes(T* dst, fVec v, int64_t count, const Rounder& 
     std::memcpy(dst, buf, count * sizeof(T));
   }
 }
+
+// The element type of a momentum: bfloat16 or float32.
+template <bool kBf16>
+using Mom = std::conditional_t<kBf16, at::BFloat16, float>;
 
 // A momentum of float32 or bfloat16 (momentum_dtype), loaded as float32 lanes (zero-padded past
 // `count`) and stored back (bfloat16: stochastically when `r` is on, stream 1).

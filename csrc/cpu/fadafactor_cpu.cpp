@@ -129,6 +129,15 @@ inline __m256d load4_wide(const scalar_t* p, __m128 mul, bool unit) {
 // vectors (lanes 0-3 and 4-7) and two column vectors in L1. One row at a time, in memory order:
 // walking 2 or 4 rows side by side (their lane chains then overlap: 0.11 ns per element in L2
 // against 0.15) read the default list 1.1-1.2x slower from DRAM on this VM (bench/NOTES.md).
+//
+// Each cache line of the row kPrefetchRows rows below is prefetched as the walk reaches its
+// column: from DRAM this loop's conversions and FMAs do not overlap the hardware prefetcher's
+// misses (one thread: 0.45 ns per element against 0.36 for a float32 sum and 0.15-0.2 in cache),
+// and the prefetch took phase S on the default list from 18.6 to 15.9 ms (2 threads, paired,
+// 0.84x; 1 to 4 rows ahead gave 0.82-0.86x, bench/NOTES.md). A tile's last rows prefetch their
+// own lines again (in cache: no traffic).
+constexpr int64_t kPrefetchRows = 2;
+
 template <typename scalar_t>
 bool tile_sums(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                float mul, double* row_out, double* col_out) {
@@ -141,7 +150,11 @@ bool tile_sums(const scalar_t* g, int64_t cols, int64_t r0, int64_t r1, int64_t 
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* row = g + r * cols;
     __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    const scalar_t* ahead = r + kPrefetchRows < r1 ? row + kPrefetchRows * cols : row;
     for (int64_t c = c0; c < cv; c += kAcc) {
+      if ((c - c0) % (64 / sizeof(scalar_t)) == 0) {  // once per 64-byte line
+        __builtin_prefetch(ahead + c);
+      }
       const __m256d x = load4_wide(row + c, vmul, unit);
       const __m256d y = load4_wide(row + c + 4, vmul, unit);
       lo = _mm256_fmadd_pd(x, x, lo);
@@ -313,6 +326,8 @@ void reduce_range(const scalar_t* g, const scalar_t* theta, const FactorTile& t,
     const scalar_t* gr = g + (k - j0);
     const scalar_t* pr = theta + (k - j0);
     const auto terms = [&](int64_t j, int64_t count, fVec& ghat, fVec& w) {
+      prefetch_ahead(gr, j);
+      prefetch_ahead(pr, j);
       const fVec gv = c.scale_grad(load_padded(gr + j, count));
       const fVec th = load_padded(pr + j, count);
       const fVec r = fisher_inv_denom<kSqrt>(factored_fim(rnorm, load_padded(col + j, count)),
@@ -356,6 +371,7 @@ inline void update_kept(scalar_t* theta, const scalar_t* g, void* m, int64_t num
                         const float* rbuf, const Consts& c, const UpdateConsts& u,
                         const Rounder& round) {
   for_each_vector(0, numel, [&](int64_t k, int64_t count) {
+    prefetch_ahead(static_cast<const Mom<kMomBf16>*>(m), k);  // g and theta: in cache
     const fVec gv = c.scale_grad(load_padded(g + k, count));
     fVec th = load_padded(theta + k, count);
     fVec mv = load_mom(m, kMomBf16, k, count);
@@ -443,6 +459,9 @@ void phase_b(const LaunchDesc& d) {
       const int64_t begin = it.chunk * d.chunk_size;
       for_each_row_vector(t, tfac, begin, std::min(numel, begin + d.chunk_size),
                           [&](int64_t k, int64_t count, fVec rnorm, const float* col) {
+        prefetch_ahead(g, k);
+        prefetch_ahead(static_cast<const scalar_t*>(theta), k);
+        prefetch_ahead(static_cast<const Mom<kMomBf16>*>(m), k);
         const fVec gv = c.scale_grad(load_padded(g + k, count));
         fVec th = load_padded(theta + k, count);
         fVec mv = load_mom(m, kMomBf16, k, count);
