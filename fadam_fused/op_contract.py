@@ -345,15 +345,35 @@ def factor_tile(shape: Sequence[int], chunk_size: int) -> FactorTile:
     return FactorTile(batch, rows, cols, tile_rows, tile_cols)
 
 
-def factor_offsets(params: Sequence[Tensor], chunk_size: int) -> tuple[list[int], list[int]]:
+def factor_offsets(params: Sequence[Tensor],
+                   chunk_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(partial offsets, factor offsets): tensor i's first element of factor_partials and of
     factors; the last entries are the sizes."""
+    shapes = tuple(t.shape for t in params)
+    if torch.compiler.is_compiling():  # traced once per graph: no cache to guard on
+        return _factor_offsets(shapes, chunk_size)
+    # Every FAdafactor step asks, for the same shapes: 0.6 ms for the default list's 99
+    # matrices, against 0.04 ms for the key.
+    key = (chunk_size, shapes)
+    offsets = _FACTOR_OFFSETS.get(key)
+    if offsets is None:
+        if len(_FACTOR_OFFSETS) >= 64:
+            _FACTOR_OFFSETS.clear()
+        offsets = _FACTOR_OFFSETS[key] = _factor_offsets(shapes, chunk_size)
+    return offsets
+
+
+_FACTOR_OFFSETS: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+
+def _factor_offsets(shapes: Sequence[Sequence[int]],
+                    chunk_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     partials, factors = [0], [0]
-    for t in params:
-        tile = factor_tile(t.shape, chunk_size)
+    for shape in shapes:
+        tile = factor_tile(shape, chunk_size)
         partials.append(partials[-1] + tile.n_partials)
         factors.append(factors[-1] + tile.n_factors)
-    return partials, factors
+    return tuple(partials), tuple(factors)
 
 
 def factor_sums(factor_partials: Tensor, params: Sequence[Tensor],
