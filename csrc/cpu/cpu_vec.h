@@ -98,12 +98,29 @@ inline fVec load_padded(const scalar_t* ptr, int64_t count) {
 // ---- stochastic rounding ([note: stochastic rounding] in fadam_fused/op_contract.py) --------
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The vector constants of the hash and of the rounding, 8 lanes each, defined in sr_consts.cpp.
+// Written as _mm256_set1_epi32(constant) in the loops, GCC rebuilt each one on every vector of
+// 8 elements (mov, vmovd, vpbroadcastd: 12 of the stochastic store's ~40 instructions); read
+// from an object whose values it cannot see, each is a memory operand of the instruction that
+// uses it (vpmulld, vpand, vpcmpeqd).
+struct alignas(32) SrConsts {
+  uint32_t fmix_mul1[8];  // fmix32's multipliers
+  uint32_t fmix_mul2[8];
+  uint32_t exponent[8];   // float32's exponent field (inf and NaN: all ones)
+};
+// (Hidden: one library's symbol, addressed relative to the code, not through the GOT.)
+extern const SrConsts kSrConsts __attribute__((visibility("hidden")));
+
+FADAM_VEC_INLINE __m256i lanes_of(const uint32_t (&v)[8]) {
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(v));
+}
+
 // fmix32 of 8 uint32 lanes.
 FADAM_VEC_INLINE __m256i fmix32_x8(__m256i h) {
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  h = _mm256_mullo_epi32(h, lanes_of(kSrConsts.fmix_mul1));
   h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  h = _mm256_mullo_epi32(h, lanes_of(kSrConsts.fmix_mul2));
   return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
 }
 
@@ -120,7 +137,7 @@ FADAM_VEC_INLINE void stochastic_bf16_x8(__m256 x, __m256i r, uint16_t* out) {
   const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, r), 16);
   // inf and NaN: to nearest (inf keeps its bits, a NaN becomes 0x7FC0). They are rare: one
   // test of the 8 lanes skips the two blends otherwise (a quarter of the instructions here).
-  const __m256i expo = _mm256_set1_epi32(0x7F800000);
+  const __m256i expo = lanes_of(kSrConsts.exponent);
   const __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(u, expo), expo);
   __m256i bits = rounded;
   if (!_mm256_testz_si256(special, special)) {
@@ -151,6 +168,9 @@ struct Rounder {
   bool on = false;
   uint32_t key = 0;
   std::array<uint32_t, 2> skeys{};  // stream_key(key, 0, stream) for streams 0 and 1
+  // skeys[s] in 4 lanes, the operand of the pair hash's first xor (a memory operand; built
+  // from skeys in the loop it took a load, a vmovd and a vpshufd per vector).
+  alignas(16) std::array<std::array<uint32_t, 4>, 2> skey_lanes{};
   RoundingArgs where{};
 
   Rounder() = default;
@@ -160,6 +180,9 @@ struct Rounder {
       where = d.rounding[i];
       key = tensor_key(where.seed, static_cast<uint32_t>(static_cast<int64_t>(step)));
       skeys = {stream_key(key, 0, kStreamParam), stream_key(key, 0, kStreamMomentum)};
+      for (int s = 0; s < 2; ++s) {
+        skey_lanes[s].fill(skeys[s]);
+      }
     }
   }
 
@@ -198,12 +221,16 @@ struct Rounder {
         const uint32_t pq = p0 + static_cast<uint32_t>(q / 2);
         const __m128i pairs = _mm_add_epi32(_mm_set1_epi32(static_cast<int>(pq)),
                                             _mm_setr_epi32(0, 1, 2, 3));
+        // Stream s's key in 4 lanes (skey_lanes for the pairs below 2^32).
+        const auto skey_x4 = [&](uint32_t stream) {
+          return hi == 0 ? _mm_load_si128(reinterpret_cast<const __m128i*>(skey_lanes[stream].data()))
+                         : _mm_set1_epi32(static_cast<int>(stream_key(key, hi, stream)));
+        };
         __m128i h[kStreams];
         if constexpr (kStreams == 1) {
-          h[0] = fmix32_x4(_mm_xor_si128(pairs, _mm_set1_epi32(static_cast<int>(skey(hi, streams[0])))));
+          h[0] = fmix32_x4(_mm_xor_si128(pairs, skey_x4(streams[0])));
         } else {
-          const __m256i k = _mm256_setr_m128i(_mm_set1_epi32(static_cast<int>(skey(hi, streams[0]))),
-                                              _mm_set1_epi32(static_cast<int>(skey(hi, streams[1]))));
+          const __m256i k = _mm256_setr_m128i(skey_x4(streams[0]), skey_x4(streams[1]));
           const __m256i both = fmix32_x8(_mm256_xor_si256(k, _mm256_setr_m128i(pairs, pairs)));
           h[0] = _mm256_castsi256_si128(both);
           h[1] = _mm256_extracti128_si256(both, 1);
