@@ -100,7 +100,7 @@ inline fVec load_padded(const scalar_t* ptr, int64_t count) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // The vector constants of the hash and of the rounding, 8 lanes each, defined in sr_consts.cpp.
 // Written as _mm256_set1_epi32(constant) in the loops, GCC rebuilt each one on every vector of
-// 8 elements (mov, vmovd, vpbroadcastd: 12 of the stochastic store's ~40 instructions); read
+// 8 elements (mov, vmovd, vpbroadcastd: 12 of the stochastic store's ~35 instructions); read
 // from an object whose values it cannot see, each is a memory operand of the instruction that
 // uses it (vpmulld, vpand, vpcmpeqd).
 struct alignas(32) SrConsts {
