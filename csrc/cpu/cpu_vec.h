@@ -98,15 +98,14 @@ inline fVec load_padded(const scalar_t* ptr, int64_t count) {
 // ---- stochastic rounding ([note: stochastic rounding] in fadam_fused/op_contract.py) --------
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// The vector constants of the hash and of the rounding, 8 lanes each, defined in sr_consts.cpp.
+// The vector constants of the hash, 8 lanes each, defined in sr_consts.cpp.
 // Written as _mm256_set1_epi32(constant) in the loops, GCC rebuilt each one on every vector of
-// 8 elements (mov, vmovd, vpbroadcastd: 12 of the stochastic store's ~35 instructions); read
-// from an object whose values it cannot see, each is a memory operand of the instruction that
-// uses it (vpmulld, vpand, vpcmpeqd).
+// 8 elements (mov, vmovd, vpbroadcastd: 12 of the stochastic store's ~35 instructions with the
+// stream key's); read from an object whose values it cannot see, each is a memory operand of
+// the vpmulld that uses it.
 struct alignas(32) SrConsts {
   uint32_t fmix_mul1[8];  // fmix32's multipliers
   uint32_t fmix_mul2[8];
-  uint32_t exponent[8];   // float32's exponent field (inf and NaN: all ones)
 };
 // (Hidden: one library's symbol, addressed relative to the code, not through the GOT.)
 extern const SrConsts kSrConsts __attribute__((visibility("hidden")));
@@ -130,28 +129,53 @@ FADAM_VEC_INLINE __m128i fmix32_x4(__m128i h) {
   return _mm256_castsi256_si128(fmix32_x8(_mm256_castsi128_si256(h)));
 }
 
-// The bfloat16 bits of 8 float32 lanes x, stochastically rounded with the 16 random bits of each
-// lane in r (< 2^16): bf16_bits_stochastic of csrc/stochastic_round.h, 8 lanes at a time.
+// bf16_bits_stochastic of csrc/stochastic_round.h, 8 lanes at a time: the bfloat16 bits (in
+// each lane's low half) of float32 lanes x rounded stochastically with the 16 random bits of
+// each lane in r (< 2^16). An infinity's low 16 bits are 0, so (bits(x) + r) >> 16 keeps it as
+// round to nearest does: only a NaN needs its own case (0x7FC0, as torch's .to(bfloat16)), and
+// NaNs are rare, so one test of the lanes skips the blend otherwise.
+FADAM_VEC_INLINE __m256i stochastic_lanes(__m256 x, __m256i r) {
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x), r), 16);
+}
+
+FADAM_VEC_INLINE __m256 nan_lanes(__m256 x) {
+  return _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+}
+
+FADAM_VEC_INLINE __m256i with_nan(__m256i bits, __m256 nan) {
+  return _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+}
+
+// 8 lanes of x into 8 bfloat16 at out.
 FADAM_VEC_INLINE void stochastic_bf16_x8(__m256 x, __m256i r, uint16_t* out) {
-  const __m256i u = _mm256_castps_si256(x);
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, r), 16);
-  // inf and NaN: to nearest (inf keeps its bits, a NaN becomes 0x7FC0). They are rare: one
-  // test of the 8 lanes skips the two blends otherwise (a quarter of the instructions here).
-  const __m256i expo = lanes_of(kSrConsts.exponent);
-  const __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(u, expo), expo);
-  __m256i bits = rounded;
-  if (!_mm256_testz_si256(special, special)) {
-    const __m256i nan = _mm256_andnot_si256(
-        _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x007FFFFF)),
-                           _mm256_setzero_si256()),
-        special);
-    bits = _mm256_blendv_epi8(rounded, _mm256_srli_epi32(u, 16), special);
-    bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC0), nan);
+  __m256i bits = stochastic_lanes(x, r);
+  const __m256 nan = nan_lanes(x);
+  if (!_mm256_testz_ps(nan, nan)) {
+    bits = with_nan(bits, nan);
   }
   // 8 x uint32 (< 2^16) -> 8 x uint16: packus works per 128-bit half, then the halves' low
   // quadwords are joined.
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+}
+
+// The same for two operands of 8 lanes (a parameter and its momentum), with one NaN test and
+// one pack for both: 16 of the ~37 instructions per 8 elements of the two-stream store were the
+// two single-operand stores' tests, packs and permutes.
+FADAM_VEC_INLINE void stochastic_bf16_x8x2(__m256 x0, __m256i r0, uint16_t* out0, __m256 x1,
+                                           __m256i r1, uint16_t* out1) {
+  __m256i b0 = stochastic_lanes(x0, r0), b1 = stochastic_lanes(x1, r1);
+  const __m256 nan0 = nan_lanes(x0), nan1 = nan_lanes(x1);
+  const __m256 either = _mm256_or_ps(nan0, nan1);
+  if (!_mm256_testz_ps(either, either)) {
+    b0 = with_nan(b0, nan0);
+    b1 = with_nan(b1, nan1);
+  }
+  // packus interleaves the halves' quadwords (b0 0-3, b1 0-3 | b0 4-7, b1 4-7); 0xD8 orders
+  // them (b0 0-7 | b1 0-7).
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(b0, b1), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out0), _mm256_castsi256_si128(packed));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out1), _mm256_extracti128_si256(packed, 1));
 }
 
 // The 16-bit halves of 4 pair hashes as 8 lanes: lane 2j the low half of h_j (the even element
@@ -235,14 +259,19 @@ struct Rounder {
           h[0] = _mm256_castsi256_si128(both);
           h[1] = _mm256_extracti128_si256(both, 1);
         }
+        __m256 xs[kStreams];
         for (int s = 0; s < kStreams; ++s) {
-          __m256 xs;
           if constexpr (kLanes == 8) {
-            xs = vs[s];
+            xs[s] = vs[s];
           } else {
-            xs = _mm256_load_ps(x[s] + q);
+            xs[s] = _mm256_load_ps(x[s] + q);
           }
-          stochastic_bf16_x8(xs, pair_halves(h[s]), outs[s] + q);
+        }
+        if constexpr (kStreams == 1) {
+          stochastic_bf16_x8(xs[0], pair_halves(h[0]), outs[0] + q);
+        } else {
+          stochastic_bf16_x8x2(xs[0], pair_halves(h[0]), outs[0] + q, xs[1], pair_halves(h[1]),
+                               outs[1] + q);
         }
       }
       return;

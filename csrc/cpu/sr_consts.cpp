@@ -1,4 +1,4 @@
-// The vector constants of the CPU's stochastic rounding (SrConsts in cpu_vec.h), in their own
+// The vector constants of the CPU's stochastic rounding hash (SrConsts in cpu_vec.h), in their own
 // translation unit so that the element loops read them from memory instead of rebuilding them.
 #include "cpu/cpu_vec.h"
 
@@ -11,7 +11,6 @@ constexpr SrConsts make_sr_consts() {
   for (int j = 0; j < 8; ++j) {
     c.fmix_mul1[j] = 0x85EBCA6Bu;  // fmix32 in csrc/stochastic_round.h
     c.fmix_mul2[j] = 0xC2B2AE35u;
-    c.exponent[j] = 0x7F800000u;
   }
   return c;
 }
