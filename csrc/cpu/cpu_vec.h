@@ -191,9 +191,9 @@ FADAM_VEC_INLINE __m256i pair_halves(__m128i h) {
 struct Rounder {
   bool on = false;
   uint32_t key = 0;
-  std::array<uint32_t, 2> skeys{};  // stream_key(key, 0, stream) for streams 0 and 1
-  // skeys[s] in 4 lanes, the operand of the pair hash's first xor (a memory operand; built
-  // from skeys in the loop it took a load, a vmovd and a vpshufd per vector).
+  // stream_key(key, 0, stream) for streams 0 and 1, each in 4 lanes: the operand of the pair
+  // hash's first xor (a memory operand; built from one key in the loop it took a load, a vmovd
+  // and a vpshufd per vector).
   alignas(16) std::array<std::array<uint32_t, 4>, 2> skey_lanes{};
   RoundingArgs where{};
 
@@ -203,15 +203,14 @@ struct Rounder {
       on = true;
       where = d.rounding[i];
       key = tensor_key(where.seed, static_cast<uint32_t>(static_cast<int64_t>(step)));
-      skeys = {stream_key(key, 0, kStreamParam), stream_key(key, 0, kStreamMomentum)};
-      for (int s = 0; s < 2; ++s) {
-        skey_lanes[s].fill(skeys[s]);
+      for (const uint32_t stream : {kStreamParam, kStreamMomentum}) {
+        skey_lanes[stream].fill(stream_key(key, 0, stream));
       }
     }
   }
 
   uint32_t skey(uint32_t pair_hi, uint32_t stream) const {
-    return pair_hi == 0 ? skeys[stream] : stream_key(key, pair_hi, stream);
+    return pair_hi == 0 ? skey_lanes[stream][0] : stream_key(key, pair_hi, stream);
   }
 
   // kLanes lanes of v rounded stochastically to bfloat16 bits; lane j is local element e0 + j.
@@ -248,7 +247,7 @@ struct Rounder {
         // Stream s's key in 4 lanes (skey_lanes for the pairs below 2^32).
         const auto skey_x4 = [&](uint32_t stream) {
           return hi == 0 ? _mm_load_si128(reinterpret_cast<const __m128i*>(skey_lanes[stream].data()))
-                         : _mm_set1_epi32(static_cast<int>(stream_key(key, hi, stream)));
+                         : _mm_set1_epi32(static_cast<int>(skey(hi, stream)));
         };
         __m128i h[kStreams];
         if constexpr (kStreams == 1) {
