@@ -106,6 +106,7 @@ inline fVec load_padded(const scalar_t* ptr, int64_t count) {
 struct alignas(32) SrConsts {
   uint32_t fmix_mul1[8];  // fmix32's multipliers
   uint32_t fmix_mul2[8];
+  uint32_t pair_step[8];  // 0, 1, 2, 3, 0, 1, 2, 3: a vector's 4 pairs, once per stream
 };
 // (Hidden: one library's symbol, addressed relative to the code, not through the GOT.)
 extern const SrConsts kSrConsts __attribute__((visibility("hidden")));
@@ -150,7 +151,7 @@ FADAM_VEC_INLINE __m256i with_nan(__m256i bits, __m256 nan) {
 FADAM_VEC_INLINE void stochastic_bf16_x8(__m256 x, __m256i r, uint16_t* out) {
   __m256i bits = stochastic_lanes(x, r);
   const __m256 nan = nan_lanes(x);
-  if (!_mm256_testz_ps(nan, nan)) {
+  if (!_mm256_testz_ps(nan, nan)) [[unlikely]] {
     bits = with_nan(bits, nan);
   }
   // 8 x uint32 (< 2^16) -> 8 x uint16: packus works per 128-bit half, then the halves' low
@@ -161,15 +162,15 @@ FADAM_VEC_INLINE void stochastic_bf16_x8(__m256 x, __m256i r, uint16_t* out) {
 
 // The same for two operands of 8 lanes (a parameter and its momentum), with one NaN test and
 // one pack for both: 16 of the ~37 instructions per 8 elements of the two-stream store were the
-// two single-operand stores' tests, packs and permutes.
+// two single-operand stores' tests, packs and permutes. (One vcmpps finds a NaN in either
+// operand: unordered is true when x0 or x1 is a NaN.)
 FADAM_VEC_INLINE void stochastic_bf16_x8x2(__m256 x0, __m256i r0, uint16_t* out0, __m256 x1,
                                            __m256i r1, uint16_t* out1) {
   __m256i b0 = stochastic_lanes(x0, r0), b1 = stochastic_lanes(x1, r1);
-  const __m256 nan0 = nan_lanes(x0), nan1 = nan_lanes(x1);
-  const __m256 either = _mm256_or_ps(nan0, nan1);
-  if (!_mm256_testz_ps(either, either)) {
-    b0 = with_nan(b0, nan0);
-    b1 = with_nan(b1, nan1);
+  const __m256 either = _mm256_cmp_ps(x0, x1, _CMP_UNORD_Q);
+  if (!_mm256_testz_ps(either, either)) [[unlikely]] {
+    b0 = with_nan(b0, nan_lanes(x0));
+    b1 = with_nan(b1, nan_lanes(x1));
   }
   // packus interleaves the halves' quadwords (b0 0-3, b1 0-3 | b0 4-7, b1 4-7); 0xD8 orders
   // them (b0 0-7 | b1 0-7).
@@ -190,11 +191,18 @@ FADAM_VEC_INLINE __m256i pair_halves(__m128i h) {
 // the host, then stream_key). `on` is false for round to nearest (an empty rounding list).
 struct Rounder {
   bool on = false;
+  // Whether a vector that starts on an even logical index takes the vector path (bits): the
+  // tensor (or shard) is one run of the logical tensor whose pairs, and a vector's worth past
+  // its end (a ragged tail is hashed as a whole vector), all lie below 2^32, so their stream
+  // keys are skeys'. Decided once here, so the loops test only the parity per vector. Tested
+  // per vector (the run, the 2^32 bound, the pair's high half), those checks and the fallback
+  // call's operands, spilled to the stack before them, were 21 of the two-stream store's ~60
+  // instructions per 8 elements (objdump); it is ~39 now, round to nearest's two stores ~28.
+  bool fast = false;
   uint32_t key = 0;
-  // stream_key(key, 0, stream) for streams 0 and 1, each in 4 lanes: the operand of the pair
-  // hash's first xor (a memory operand; built from one key in the loop it took a load, a vmovd
-  // and a vpshufd per vector).
-  alignas(16) std::array<std::array<uint32_t, 4>, 2> skey_lanes{};
+  // stream_key(key, 0, s): lanes 0-3 stream 0 (the parameter's), lanes 4-7 stream 1 (the
+  // momentum's), so that a vector's two streams take their keys in one memory operand.
+  alignas(32) std::array<uint32_t, 8> skeys{};
   RoundingArgs where{};
 
   Rounder() = default;
@@ -204,86 +212,96 @@ struct Rounder {
       where = d.rounding[i];
       key = tensor_key(where.seed, static_cast<uint32_t>(static_cast<int64_t>(step)));
       for (const uint32_t stream : {kStreamParam, kStreamMomentum}) {
-        skey_lanes[stream].fill(stream_key(key, 0, stream));
+        std::fill_n(skeys.begin() + 4 * stream, 4, stream_key(key, 0, stream));
       }
+      const auto last = static_cast<uint64_t>(where.base + d.params[i].numel() + kLanes);
+      fast = where.whole() && where.base >= 0 && (last >> 1) < UINT32_MAX;
     }
   }
 
   uint32_t skey(uint32_t pair_hi, uint32_t stream) const {
-    return pair_hi == 0 ? skey_lanes[stream][0] : stream_key(key, pair_hi, stream);
+    return pair_hi == 0 ? skeys[4 * stream] : stream_key(key, pair_hi, stream);
   }
 
   // kLanes lanes of v rounded stochastically to bfloat16 bits; lane j is local element e0 + j.
   FADAM_VEC_INLINE void bits(fVec v, int64_t e0, uint32_t stream, uint16_t* out) const {
-    bits<1>({v}, e0, {stream}, {out});
-  }
-
-  // The bits of kStreams vectors of the same elements (lane j: local element e0 + j), vs[s] in
-  // stream streams[s]. A run of the logical tensor (a whole tensor, or a shard that is one run)
-  // that starts on an even index is whole pairs: per 8 elements one 4-lane fmix32 per stream,
-  // and the two streams of FAdam's bfloat16 theta and m share one 8-lane fmix32. Inlined; the
-  // rest (no AVX2, an odd start, a strided shard, pairs crossing 2^32) is bits_general's.
-  template <int kStreams>
-  FADAM_VEC_INLINE void bits(const std::array<fVec, kStreams>& vs, int64_t e0,
-                             const std::array<uint32_t, kStreams>& streams,
-                             const std::array<uint16_t*, kStreams>& outs) const {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    static_assert(kStreams == 1 || kStreams == 2);
     const uint64_t first = static_cast<uint64_t>(where.base + e0);
-    const uint64_t pair = first >> 1;
-    const uint32_t p0 = static_cast<uint32_t>(pair);
-    if (where.whole() && (first & 1) == 0 && p0 <= UINT32_MAX - kLanes / 2) {
-      const uint32_t hi = static_cast<uint32_t>(pair >> 32);
-      alignas(64) float x[kStreams][kLanes];
-      if constexpr (kLanes != 8) {  // AVX-512: 16 lanes, hashed as two halves
-        for (int s = 0; s < kStreams; ++s) {
-          vs[s].store(x[s]);
-        }
-      }
-      for (int64_t q = 0; q < kLanes; q += 8) {
-        const uint32_t pq = p0 + static_cast<uint32_t>(q / 2);
-        const __m128i pairs = _mm_add_epi32(_mm_set1_epi32(static_cast<int>(pq)),
-                                            _mm_setr_epi32(0, 1, 2, 3));
-        // Stream s's key in 4 lanes (skey_lanes for the pairs below 2^32).
-        const auto skey_x4 = [&](uint32_t stream) {
-          return hi == 0 ? _mm_load_si128(reinterpret_cast<const __m128i*>(skey_lanes[stream].data()))
-                         : _mm_set1_epi32(static_cast<int>(skey(hi, stream)));
-        };
-        __m128i h[kStreams];
-        if constexpr (kStreams == 1) {
-          h[0] = fmix32_x4(_mm_xor_si128(pairs, skey_x4(streams[0])));
-        } else {
-          const __m256i k = _mm256_setr_m128i(skey_x4(streams[0]), skey_x4(streams[1]));
-          const __m256i both = fmix32_x8(_mm256_xor_si256(k, _mm256_setr_m128i(pairs, pairs)));
-          h[0] = _mm256_castsi256_si128(both);
-          h[1] = _mm256_extracti128_si256(both, 1);
-        }
-        __m256 xs[kStreams];
-        for (int s = 0; s < kStreams; ++s) {
-          if constexpr (kLanes == 8) {
-            xs[s] = vs[s];
-          } else {
-            xs[s] = _mm256_load_ps(x[s] + q);
-          }
-        }
-        if constexpr (kStreams == 1) {
-          stochastic_bf16_x8(xs[0], pair_halves(h[0]), outs[0] + q);
-        } else {
-          stochastic_bf16_x8x2(xs[0], pair_halves(h[0]), outs[0] + q, xs[1], pair_halves(h[1]),
-                               outs[1] + q);
-        }
-      }
+    if (fast && (first & 1) == 0) [[likely]] {
+      const __m128i key4 = _mm_load_si128(reinterpret_cast<const __m128i*>(&skeys[4 * stream]));
+      for_each_x8<1>({v}, first, [&](__m256i pairs, const __m256* x, int64_t q) {
+        const __m128i h = fmix32_x4(_mm_xor_si128(_mm256_castsi256_si128(pairs), key4));
+        stochastic_bf16_x8(x[0], pair_halves(h), out + q);
+      });
       return;
     }
 #endif
-    bits_general<kStreams>(vs, e0, streams, outs);
+    bits_general<1>({v}, e0, {stream}, {out});
   }
 
-  // bits() element by element, for any index (rounding_bits).
+  // The bits of a parameter's vector th (stream kStreamParam) and of its momentum's m
+  // (kStreamMomentum), the same elements: one 8-lane fmix32 hashes 8 elements' pairs of both
+  // streams, and the two share one NaN test and one pack (stochastic_bf16_x8x2).
+  FADAM_VEC_INLINE void bits(fVec th, fVec m, int64_t e0, uint16_t* out_th,
+                             uint16_t* out_m) const {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    const uint64_t first = static_cast<uint64_t>(where.base + e0);
+    if (fast && (first & 1) == 0) [[likely]] {
+      const __m256i keys = _mm256_load_si256(reinterpret_cast<const __m256i*>(skeys.data()));
+      for_each_x8<2>({th, m}, first, [&](__m256i pairs, const __m256* x, int64_t q) {
+        const __m256i h = fmix32_x8(_mm256_xor_si256(pairs, keys));
+        stochastic_bf16_x8x2(x[0], pair_halves(_mm256_castsi256_si128(h)), out_th + q, x[1],
+                             pair_halves(_mm256_extracti128_si256(h, 1)), out_m + q);
+      });
+      return;
+    }
+#endif
+    bits_general<2>({th, m}, e0, {kStreamParam, kStreamMomentum}, {out_th, out_m});
+  }
+
+ private:
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // body(pairs, x, q) for each 8 lanes q, q + 8, ... of the kStreams vectors vs whose lane 0 is
+  // the even logical element `first`: pairs holds the lanes' 4 pair indices twice (lanes 0-3 and
+  // 4-7), x[s] the 8 float32 lanes of vs[s]. AVX-512's 16 lanes are two such halves.
+  template <int kStreams, typename Body>
+  FADAM_VEC_INLINE static void for_each_x8(const std::array<fVec, kStreams>& vs, uint64_t first,
+                                           Body body) {
+    const uint32_t p0 = static_cast<uint32_t>(first >> 1);
+    if constexpr (kLanes == 8) {
+      __m256 x[kStreams];
+      for (int s = 0; s < kStreams; ++s) {
+        x[s] = vs[s];
+      }
+      body(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(p0)),
+                            lanes_of(kSrConsts.pair_step)),
+           x, 0);
+    } else {
+      alignas(64) float x[kStreams][kLanes];
+      for (int s = 0; s < kStreams; ++s) {
+        vs[s].store(x[s]);
+      }
+      for (int64_t q = 0; q < kLanes; q += 8) {
+        __m256 xq[kStreams];
+        for (int s = 0; s < kStreams; ++s) {
+          xq[s] = _mm256_load_ps(x[s] + q);
+        }
+        body(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(p0 + q / 2)),
+                              lanes_of(kSrConsts.pair_step)),
+             xq, q);
+      }
+    }
+  }
+#endif
+
+  // bits() element by element, for any index (rounding_bits): a strided shard, an odd start,
+  // pairs at or past 2^32, or a build without AVX2. Out of line and cold: the vector path keeps
+  // its registers.
   template <int kStreams>
-  [[gnu::noinline]] void bits_general(const std::array<fVec, kStreams>& vs, int64_t e0,
-                                      const std::array<uint32_t, kStreams>& streams,
-                                      const std::array<uint16_t*, kStreams>& outs) const {
+  [[gnu::noinline, gnu::cold]] void bits_general(
+      const std::array<fVec, kStreams>& vs, int64_t e0,
+      const std::array<uint32_t, kStreams>& streams,
+      const std::array<uint16_t*, kStreams>& outs) const {
     alignas(64) float x[kStreams][kLanes];
     for (int s = 0; s < kStreams; ++s) {
       vs[s].store(x[s]);
@@ -374,12 +392,11 @@ FADAM_VEC_INLINE void store_lanes(at::BFloat16* theta, fVec th, at::BFloat16* mo
     return;
   }
   if (count == kLanes) {
-    r.bits<2>({th, m}, e0, {kStreamParam, kStreamMomentum},
-              {reinterpret_cast<uint16_t*>(theta), reinterpret_cast<uint16_t*>(mom)});
+    r.bits(th, m, e0, reinterpret_cast<uint16_t*>(theta), reinterpret_cast<uint16_t*>(mom));
     return;
   }
   alignas(64) uint16_t out[2][kLanes];
-  r.bits<2>({th, m}, e0, {kStreamParam, kStreamMomentum}, {out[0], out[1]});
+  r.bits(th, m, e0, out[0], out[1]);
   std::memcpy(theta, out[0], count * sizeof(uint16_t));
   std::memcpy(mom, out[1], count * sizeof(uint16_t));
 }
@@ -483,8 +500,9 @@ inline bool all_zero(fVec v) {
 // partial is not finite is summed again in float64 from its ghat and w, which the caller
 // recomputes with the same instructions (fadam_cpu.cpp's reduce_chunk, fadafactor_cpu.cpp's
 // reduce_range); the result is what float64 throughout would give, up to the float32 rounding of
-// 8 squares per lane (relative 5e-7, on an RMS that is itself rounded to float32 as 1 / s). Squares below 1.2e-38 lose precision in float32; they
-// reach the RMS only when the whole tensor's RMS is < 1e-19, where s = max(1, RMS / clip) = 1.
+// 8 squares per lane (relative 5e-7, on an RMS that is itself rounded to float32 as 1 / s).
+// Squares below 1.2e-38 lose precision in float32; they reach the RMS only when the whole
+// tensor's RMS is < 1e-19, where s = max(1, RMS / clip) = 1.
 constexpr int64_t kBlockVectors = 8;
 
 struct SumSq {

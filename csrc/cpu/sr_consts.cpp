@@ -11,6 +11,7 @@ constexpr SrConsts make_sr_consts() {
   for (int j = 0; j < 8; ++j) {
     c.fmix_mul1[j] = 0x85EBCA6Bu;  // fmix32 in csrc/stochastic_round.h
     c.fmix_mul2[j] = 0xC2B2AE35u;
+    c.pair_step[j] = static_cast<uint32_t>(j % 4);
   }
   return c;
 }
