@@ -78,8 +78,8 @@ constexpr int64_t kPrefetchBytes = 4096;
 
 template <typename T>
 FADAM_VEC_INLINE void prefetch_ahead(const T* p, int64_t k) {
-  constexpr auto kLine = static_cast<int64_t>(64 / sizeof(T));  // elements per line
-  if (k % kLine < kLanes) {
+  constexpr auto kLine = static_cast<uint64_t>(64 / sizeof(T));  // elements per line
+  if (static_cast<uint64_t>(k) % kLine < kLanes) {  // unsigned: an and, not a signed remainder
     __builtin_prefetch(reinterpret_cast<const char*>(p + k) + kPrefetchBytes);
   }
 }
