@@ -118,7 +118,7 @@ def memory_table(rows: int, cols: int) -> list[tuple[str, str, float, float]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=int, default=8, help="bfloat16 parameters, millions")
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=40)
     args = ap.parse_args(argv)
     rows = cols = 1024
     n_tensors = max(1, args.params)
