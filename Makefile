@@ -30,8 +30,9 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -na
 .PHONY: test bench bench-quick build clean gpu-check test-torch211
 
 # The bench requirements too: tests/test_bench_smoke.py runs the benchmark and the example.
+# --durations: the slowest tests, where CI's time goes (the suite is ~27 min of CI's ~33).
 test: $(BUILT) $(BENCH_DEPS)
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=25 tests
 
 bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) bench/step_bench.py --csv bench/results/step_bench.csv --json bench/results/step_bench.json --plot bench/results/step_bench.png
